@@ -1,0 +1,135 @@
+"""The RL loop: batches are response-aligned, log-probs ignore padding, the data order is a function of the step,
+a killed run resumes to exactly the uninterrupted result, and divergence aborts with a clear error."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kalmanrl.config import validate_config, stage_settings
+from kalmanrl.rollout import Completion
+from kalmanrl.trainer import NonFiniteLossError, _step_problems, build_batch, token_logprobs, train
+
+TIMING = {"wall_time", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward", "time_score",
+          "time_update"}
+
+
+def settings_for(algorithm: str, **train) -> dict:
+    config = validate_config({
+        "train": {"steps": 3, "prompts_per_step": 4, "group_size": 4, "mini_batches": 2, "max_tokens": 12,
+                  "checkpoint_every": 1, "lr": 1e-3, **train},
+        "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": "krpo_arithmetic",
+                               "reward_params": {"num_workers": 1}}},
+        "tasks": ["arith"], "benchmarks": ["arith"]})
+    return stage_settings(config, "train", model="tiny", task="arith", algorithm=algorithm, seed="0")
+
+
+def completion(ids):
+    return Completion(token_ids=ids, logprobs=[0.0] * len(ids), text="", finish_reason="stop")
+
+
+def test_batch_is_left_padded_prompts_then_aligned_completions():
+    batch = build_batch([[5, 6, 7], [8]], [[completion([1, 2]), completion([3])], [completion([4, 4, 4])] * 2],
+                        torch.arange(4.0).view(2, 2), pad_id=0)
+    assert batch.prompt_len == 3
+    assert batch.input_ids.tolist()[1] == [5, 6, 7, 3, 0, 0]
+    assert batch.input_ids.tolist()[2] == [0, 0, 8, 4, 4, 4]
+    assert batch.completion_mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]]
+    assert batch.position_ids.tolist()[2][2:] == [0, 1, 2, 3]
+    assert batch.advantages.tolist() == [0, 1, 2, 3]
+
+
+def test_token_logprobs_do_not_depend_on_padding(tiny_model_dir):
+    from kalmanrl.model import load_policy
+
+    model, _ = load_policy(tiny_model_dir)
+    prompts, outs = [[11, 12, 13, 14], [15]], [[completion([20, 21, 22])], [completion([23])]]
+    together = token_logprobs(model, build_batch(prompts, outs, torch.zeros(2, 1), pad_id=0))
+    for i in range(2):
+        alone = token_logprobs(model, build_batch([prompts[i]], [outs[i]], torch.zeros(1, 1), pad_id=0))
+        n = len(outs[i][0].token_ids)
+        torch.testing.assert_close(together[i, :n], alone[0, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_order_is_a_function_of_the_step():
+    first = [_step_problems(10, step, 4, seed=3) for step in range(5)]
+    assert first == [_step_problems(10, step, 4, seed=3) for step in range(5)]
+    epoch0 = sum(first[:2], []) + first[2][:2]
+    assert sorted(epoch0) == list(range(10))
+    assert first != [_step_problems(10, step, 4, seed=4) for step in range(5)]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "krpo", "kpo"])
+def test_training_writes_metrics_and_a_loadable_policy(tmp_path, tiny_model_dir, arithmetic_parquet, algorithm):
+    metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for(algorithm))
+    assert list(metrics["step"]) == [1, 2, 3]
+    assert metrics["grad_norm"].notna().all()
+    assert (metrics["ratio_max"] >= metrics["ratio_min"]).all()
+    assert pd.read_parquet(tmp_path / "metrics.parquet").equals(metrics)
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "final", use_safetensors=True)
+
+
+def test_policy_moves_off_policy_within_a_rollout_batch(tmp_path, tiny_model_dir, arithmetic_parquet):
+    metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for("grpo"))
+    assert (metrics["ratio_max"] > metrics["ratio_min"]).any(), "ratios never left 1: updates were not off-policy"
+
+
+def _run_cli(out: Path, model: Path, data: Path, settings: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kalmanrl.cli", "train", "--settings", json.dumps(settings),
+                             "--model", str(model), "--dataset", str(data), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir, arithmetic_parquet):
+    settings = settings_for("kpo", steps=5)
+    whole = tmp_path / "whole"
+    assert _run_cli(whole, tiny_model_dir, arithmetic_parquet, settings).wait() == 0
+
+    cut = tmp_path / "cut"
+    proc = _run_cli(cut, tiny_model_dir, arithmetic_parquet, settings)
+    deadline = time.time() + 300
+    while not list((cut / "checkpoints").glob("step_000002")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "metrics.parquet").exists(), "the run finished before it could be killed"
+    assert _run_cli(cut, tiny_model_dir, arithmetic_parquet, settings).wait() == 0
+
+    expected, got = (pd.read_parquet(d / "metrics.parquet").drop(columns=list(TIMING)) for d in (whole, cut))
+    pd.testing.assert_frame_equal(expected, got)
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (whole, cut))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, tiny_model_dir, arithmetic_parquet):
+    train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for("grpo", steps=2))
+    metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for("grpo", steps=2, lr=5e-4))
+    assert list(metrics["step"]) == [1, 2] and (metrics["lr"] == 5e-4).all()
+
+
+def test_non_finite_losses_skip_updates_then_abort(tmp_path, tiny_model_dir, arithmetic_parquet):
+    settings = settings_for("grpo", max_nonfinite=1, steps=3)
+    settings["algorithm"]["advantage_params"] = {"eps": 0.0}  # an all-equal group divides 0 by 0
+    settings["task"]["reward"] = "krpo_arithmetic"
+    with pytest.raises(NonFiniteLossError, match="non-finite losses"):
+        train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings)
+
+
+def test_kpo_with_one_optimiser_step_per_batch_is_refused(tmp_path, tiny_model_dir, arithmetic_parquet):
+    settings = settings_for("kpo")
+    settings["train"]["mini_batches"] = 1
+    with pytest.raises(ValueError, match="identically 1"):
+        train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings)
