@@ -1,0 +1,211 @@
+"""`kalmanrl <stage>`: every workflow stage as a command that runs without Snakemake, so a stage can be run or
+debugged by hand and containers can call it. Settings arrive as one JSON/YAML value (`--settings`), validated against
+the config schema; `snakemake -n -p` prints the exact command of every job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+from kalmanrl import __version__
+from kalmanrl.config import ConfigError, load_config, load_schema, parse_settings, stage_settings
+
+log = logging.getLogger("kalmanrl")
+
+# The schema definitions each stage's settings are made of (shown in `--help`).
+STAGE_PARTS = {
+    "data": ["dataset", "data"],
+    "model": ["model"],
+    "sft": ["sft"],
+    "train": ["train", "algorithm", "rollout", "dataset"],
+    "evaluate": ["evaluate", "rollout", "dataset"],
+    "report": ["report"],
+}
+
+
+def schema_reference(def_name: str) -> str:
+    """Plain-text reference of one schema definition: key, default, description."""
+    definition = load_schema()["$defs"][def_name]
+    lines = [f"{def_name}:"]
+    for key, sub in definition.get("properties", {}).items():
+        if "$ref" in sub:
+            sub = load_schema()["$defs"][sub["$ref"].rsplit("/", 1)[1]]
+        default = json.dumps(sub.get("default")) if "default" in sub else "required"
+        text = " ".join(str(sub.get("description", "")).split())
+        lines.append(f"  {key} (default {default})")
+        if text:
+            lines.extend(textwrap.wrap(text, 100, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _settings_help(stage: str) -> str:
+    parts = "\n\n".join(schema_reference(p) for p in STAGE_PARTS[stage])
+    return (f"Settings (--settings, JSON or @file; print them for a config with `kalmanrl settings {stage} ...`):\n\n"
+            f"{parts}")
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from kalmanrl.data import build_dataset, write_dataset
+
+    s = args.settings
+    table, stats = build_dataset(s["dataset"], offline=s["data"]["offline"], local_dir=Path(s["data"]["local_dir"]),
+                                 seed=s["data"]["seed"], arithmetic_presets=s["data"]["arithmetic_presets"])
+    write_dataset(table, args.out)
+    log.info("dataset %s: %s -> %s", s["name"], json.dumps(stats), args.out)
+
+
+def cmd_decontaminate(args: argparse.Namespace) -> None:
+    from kalmanrl.data import decontaminate, read_dataset, write_dataset
+
+    benchmarks = [read_dataset(path, split="test") for path in args.exclude]
+    table, dropped = decontaminate(read_dataset(args.dataset, split="train"), benchmarks)
+    write_dataset(table, args.out)
+    log.info("%s: kept %d training problems, dropped %d that appear in %s", args.dataset, table.num_rows, dropped,
+             ", ".join(map(str, args.exclude)) or "no benchmark")
+
+
+def cmd_model(args: argparse.Namespace) -> None:
+    from kalmanrl.data import read_dataset
+    from kalmanrl.model import build_tiny_model, fetch_pretrained
+
+    model = args.settings["model"]
+    if model["source"] == "tiny":
+        texts = [text for path in args.texts for row in read_dataset(path).select(["problem", "answer"]).to_pylist()
+                 for text in row.values()]
+        build_tiny_model(args.out, texts, spec=model["tiny"], seed=0)
+    else:
+        source = model["id"] if model["source"] == "hub" else model["path"]
+        fetch_pretrained(source, args.out, revision=model["revision"], dtype=model["dtype"])
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from kalmanrl.sft import run_sft
+
+    s = args.settings
+    _threads(args.threads)
+    metrics = run_sft(args.model, args.dataset, args.out, template=s["template"], settings=s["sft"], seed=s["seed"])
+    log.info("sft done: %s", json.dumps(metrics))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from kalmanrl.trainer import train
+
+    _threads(args.threads)
+    train(args.model, args.dataset, args.out, settings=args.settings, threads=args.threads)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from kalmanrl.evaluate import evaluate
+
+    _threads(args.threads)
+    evaluate(args.model, args.dataset, settings=args.settings, out_details=args.details, out_summary=args.summary)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from kalmanrl.report import build_report
+
+    build_report(args.summaries, args.metrics, args.out, settings=args.settings)
+
+
+def cmd_settings(args: argparse.Namespace) -> None:
+    config = load_config(args.config)
+    wildcards = dict(item.split("=", 1) for item in args.select)
+    print(json.dumps(stage_settings(config, args.stage, **wildcards), indent=2))
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    if args.config is None:
+        print(load_schema()["description"].strip(), end="\n\n")
+        print("\n\n".join(schema_reference(name) for name in load_schema()["$defs"]))
+        return
+    print(json.dumps(load_config(args.config), indent=2))
+
+
+def _threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _stage(sub, name: str, help_text: str, func: Callable, paths: list[tuple[str, dict]]) -> None:
+    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=_settings_help(name),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", required=True,
+                        help="stage settings as JSON/YAML text or @path (see below)")
+    for flag, kwargs in paths:
+        parser.add_argument(flag, **kwargs)
+    parser.set_defaults(func=func)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kalmanrl", description="GRPO, KRPO and KPO for language-model reasoning: each workflow stage by hand.")
+    parser.add_argument("--version", action="version", version=f"kalmanrl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+    path = lambda h, **kw: {"type": Path, "required": True, "help": h, **kw}  # noqa: E731
+    threads = ("--threads", {"type": int, "default": 1, "help": "CPU threads for torch (default 1)"})
+    _stage(sub, "data", "Build one dataset as Parquet (hub or local files; synthetic arithmetic).", cmd_data, [
+        ("--out", path("output Parquet file")),
+        ("--exclude", {"type": Path, "nargs": "*", "default": [],
+                       "help": "dataset Parquet files whose problems are dropped (decontamination)"})])
+    decon = sub.add_parser("decontaminate", help="A dataset's train split without the problems of benchmarks.",
+                           description="Write the train split of --dataset, dropping every problem whose normalised "
+                                       "text appears in the test split of an --exclude dataset; logs the count.")
+    decon.add_argument("--dataset", **path("dataset Parquet (all splits)"))
+    decon.add_argument("--exclude", type=Path, nargs="*", default=[], help="benchmark Parquet files")
+    decon.add_argument("--out", **path("output Parquet (train split)"))
+    decon.set_defaults(func=cmd_decontaminate)
+    _stage(sub, "model", "Build the tiny model (tokenizer + random Qwen2) or copy a hub/local model.", cmd_model, [
+        ("--out", path("output save_pretrained directory")),
+        ("--texts", {"type": Path, "nargs": "*", "default": [], "help": "dataset Parquet files to train the tokenizer on"})])
+    _stage(sub, "sft", "Supervised warm start on a dataset's train split.", cmd_sft, [
+        ("--model", path("base model directory")), ("--dataset", path("dataset Parquet")),
+        ("--out", path("output directory")), threads])
+    _stage(sub, "train", "RL training (GRPO / KRPO / KPO / GSPO); resumes from out/checkpoints.", cmd_train, [
+        ("--model", path("start policy directory (the warm start)")), ("--dataset", path("dataset Parquet")),
+        ("--out", path("run directory (final/, checkpoints/, metrics.parquet)")), threads])
+    _stage(sub, "evaluate", "Evaluate a model on a benchmark: avg@k, pass@k, maj@k, per-sample details.", cmd_evaluate, [
+        ("--model", path("model directory")), ("--dataset", path("benchmark Parquet")),
+        ("--details", path("per-sample Parquet")), ("--summary", path("summary Parquet")), threads])
+    _stage(sub, "report", "Aggregate summaries and training metrics into Parquet, HTML and Markdown.", cmd_report, [
+        ("--summaries", {"type": Path, "nargs": "*", "default": [], "help": "evaluation summary Parquet files"}),
+        ("--metrics", {"type": Path, "nargs": "*", "default": [], "help": "training metrics Parquet files"}),
+        ("--out", path("report directory"))])
+
+    settings = sub.add_parser("settings", help="Print the settings one job of a config gets.",
+                              description="Print the --settings value the workflow passes to one stage job.")
+    settings.add_argument("stage", choices=list(STAGE_PARTS))
+    settings.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    settings.add_argument("select", nargs="*", metavar="KEY=VALUE",
+                          help="wildcards of the job, e.g. model=tiny task=arithmetic_easy algorithm=krpo seed=0")
+    settings.set_defaults(func=cmd_settings)
+    config = sub.add_parser("config", help="Validate a config file, or print the reference of every key.",
+                            description="With a file: validate it and print it with defaults filled in. Without: "
+                                        "print every config key with its default and description.")
+    config.add_argument("config", type=Path, nargs="?")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if hasattr(args, "settings"):
+            args.settings = parse_settings(args.settings)
+        args.func(args)
+    except ConfigError as err:
+        print(f"kalmanrl: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

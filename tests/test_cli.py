@@ -1,0 +1,47 @@
+"""`kalmanrl <stage> --help` documents every setting from the schema; bad settings fail with the key named."""
+
+import subprocess
+import sys
+
+import pytest
+
+from kalmanrl.cli import build_parser, main
+from kalmanrl.config import load_schema
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "kalmanrl.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("stage,part", [("train", "train"), ("train", "algorithm"), ("evaluate", "evaluate"),
+                                        ("sft", "sft"), ("data", "data")])
+def test_stage_help_lists_every_key_of_its_settings(stage, part):
+    result = run(stage, "--help")
+    assert result.returncode == 0
+    for key in load_schema()["$defs"][part]["properties"]:
+        assert f"  {key} (default" in result.stdout, key
+
+
+def test_config_reference_and_validation(repo_root):
+    assert "checkpoint_every" in run("config").stdout
+    result = run("config", str(repo_root / "config" / "smoke.yaml"))
+    assert result.returncode == 0 and '"group_size": 4' in result.stdout
+
+
+def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
+    code = main(["train", "--settings", '{"train": {"lr": -1}}', "--model", "m", "--dataset", "d",
+                 "--out", str(tmp_path)])
+    assert code == 2
+    assert "train.lr" in capsys.readouterr().err
+
+
+def test_settings_command_prints_a_jobs_settings(repo_root):
+    result = run("settings", "train", "--config", str(repo_root / "config" / "smoke.yaml"),
+                 "model=tiny", "task=arithmetic_easy", "algorithm=kpo", "seed=0")
+    assert result.returncode == 0, result.stderr
+    assert '"ratio": "kpo"' in result.stdout
+
+
+def test_every_stage_is_a_subcommand():
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert {"data", "decontaminate", "model", "sft", "train", "evaluate", "report"} <= set(choices)

@@ -1,0 +1,119 @@
+"""The real Snakemake DAG on config/smoke.yaml: every stage runs, outputs have the promised schemas and row counts,
+a finished run is up to date, and a changed training setting reruns exactly train, evaluate and report."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+JOB_LINE = re.compile(r"^(\w+)\s+(\d+)$", re.M)
+
+
+def snakemake(workdir: Path, repo: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(["snakemake", "-s", str(repo / "Snakefile"), "-d", str(workdir), *args],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> Counter:
+    """Rule -> job count from the job-stats table of a dry run."""
+    table = result.stdout.split("Job stats:", 1)[1].split("total", 1)[0] if "Job stats:" in result.stdout else ""
+    return Counter({rule: int(n) for rule, n in JOB_LINE.findall(table)})
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, repo_root, shared_data):
+    """A working directory whose config/config.yaml is the smoke config, run to completion once."""
+    workdir = tmp_path_factory.mktemp("smoke")
+    config = yaml.safe_load((repo_root / "config" / "smoke.yaml").read_text())
+    config["results_dir"] = "results"
+    config.setdefault("data", {})["local_dir"] = str(shared_data)
+    (workdir / "config").mkdir()
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(workdir, repo_root, "--cores", "2")
+    return workdir, config
+
+
+def test_lint_is_clean(repo_root):
+    result = subprocess.run(["snakemake", "--lint"], cwd=repo_root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_dry_run_prints_the_job_grid(repo_root, tmp_path, shared_data):
+    result = subprocess.run(["snakemake", "-n", "--config", f"results_dir={tmp_path}"], cwd=repo_root,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    jobs = planned_jobs(result)
+    runs = 3 * 3  # algorithms x seeds of the default config
+    assert jobs["train"] == runs
+    assert jobs["evaluate"] == runs + 1  # plus the warm start
+    assert jobs["sft"] == jobs["model"] == jobs["report"] == jobs["all"] == 1
+
+
+def test_every_stage_writes_its_parquet(smoke):
+    workdir, config = smoke
+    results = workdir / "results"
+    data = pq.read_table(results / "data" / "arithmetic_easy.parquet").to_pandas()
+    params = config["datasets"]["arithmetic_easy"]["params"]
+    assert Counter(data["split"]) == {"train": params["train_size"], "test": params["test_size"]}
+    assert {"id", "source", "split", "problem", "answer"} <= set(data.columns)
+    assert pq.read_table(results / "data" / "math500.parquet").num_rows == 500
+    train_split = pq.read_table(results / "data" / "arithmetic_easy.train.parquet")
+    assert train_split.num_rows == params["train_size"]
+    assert (results / "models" / "tiny" / "arithmetic_easy" / "sft" / "model.safetensors").exists()
+
+    for algorithm in config["algorithms"]:
+        run = results / "runs" / "tiny" / "arithmetic_easy" / algorithm / "seed0"
+        metrics = pq.read_table(run / "metrics.parquet").to_pandas()
+        assert list(metrics["step"]) == list(range(1, config["train"]["steps"] + 1))
+        assert {"reward_mean", "accuracy", "clip_frac", "entropy", "grad_norm", "response_length",
+                "sign_switch_rate_raw", "rollout_tokens_per_s"} <= set(metrics.columns)
+        assert (run / "final" / "model.safetensors").exists()
+
+    evaluate = config["evaluate"]
+    for run in ["sft", *(f"{a}/seed0" for a in config["algorithms"])]:
+        for benchmark in config["benchmarks"]:
+            base = results / "eval" / "tiny" / "arithmetic_easy" / run / benchmark
+            details = pq.read_table(f"{base}.details.parquet").to_pandas()
+            assert len(details) == evaluate["max_problems"] * evaluate["k"]
+            assert {"problem_id", "sample_index", "completion", "reward", "correct", "finish_reason"} <= \
+                set(details.columns)
+            assert pq.read_table(f"{base}.summary.parquet").num_rows == 1
+
+    summary = pq.read_table(results / "report" / "summary.parquet").to_pandas()
+    assert len(summary) == (1 + len(config["algorithms"])) * len(config["benchmarks"])
+    assert (results / "report" / "report.html").stat().st_size > 0
+    assert "arithmetic_easy" in (results / "report" / "report.md").read_text()
+
+
+def test_a_finished_run_is_up_to_date(smoke, repo_root):
+    workdir, _ = smoke
+    result = snakemake(workdir, repo_root, "-n")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_changing_a_training_setting_reruns_train_evaluate_and_report_only(smoke, repo_root):
+    workdir, config = smoke
+    changed = {**config, "train": {**config["train"], "lr": config["train"].get("lr", 1e-4) * 2}}
+    (workdir / "changed.yaml").write_text(yaml.safe_dump(changed))
+    jobs = planned_jobs(snakemake(workdir, repo_root, "-n", "--configfile", "changed.yaml"))
+    runs = len(config["algorithms"])
+    assert jobs == Counter({"train": runs, "evaluate": runs * len(config["benchmarks"]), "report": 1, "all": 1})
+
+
+def test_forced_rerun_of_one_rule_reruns_its_dependents(smoke, repo_root):
+    workdir, config = smoke
+    jobs = planned_jobs(snakemake(workdir, repo_root, "-n", "-R", "sft"))
+    runs = len(config["algorithms"])
+    assert jobs["sft"] == 1 and jobs["train"] == runs and jobs["model"] == 0 and jobs["data"] == 0

@@ -1,0 +1,76 @@
+# Config -> target lists. All validation and every default come from kalmanrl.config and the schema.
+import json
+
+from kalmanrl.config import stage_settings, validate_config
+
+_validated = validate_config(config)
+config.clear()
+config.update(_validated)
+
+R = config["results_dir"]
+LOGS = f"{R}/logs"
+BENCH = f"{R}/benchmarks"
+
+
+wildcard_constraints:
+    model="[^/]+",
+    task="[^/]+",
+    benchmark="[^/.]+",
+    dataset="[^/.]+",
+    algorithm="[^/]+",
+    seed=r"\d+",
+    run=r"sft|[^/]+/seed\d+",
+
+
+def settings(stage, **wildcards):
+    """The stage's settings as JSON: a Snakemake param, so changing a value reruns exactly the affected jobs."""
+    return json.dumps(stage_settings(config, stage, **wildcards), sort_keys=True)
+
+
+def res(stage, key):
+    return config["resources"][stage][key]
+
+
+def dataset_file(name):
+    return f"{R}/data/{name}.parquet"
+
+
+def train_split_file(task):
+    return f"{R}/data/{task}.train.parquet"
+
+
+def run_dir(model, task, algorithm, seed):
+    return f"{R}/runs/{model}/{task}/{algorithm}/seed{seed}"
+
+
+def runs():
+    """Every (model, task, run) evaluated: the warm start ("sft") and each algorithm x seed."""
+    for model in config["models"]:
+        for task in config["tasks"]:
+            yield model, task, "sft"
+            for algorithm in config["algorithms"]:
+                for seed in config["seeds"]:
+                    yield model, task, f"{algorithm}/seed{seed}"
+
+
+def run_ident(wildcards):
+    ident = {"model": wildcards.model, "task": wildcards.task, "benchmark": wildcards.benchmark}
+    if wildcards.run == "sft":
+        return {**ident, "algorithm": "sft"}
+    algorithm, seed = wildcards.run.split("/seed")
+    return {**ident, "algorithm": algorithm, "seed": seed}
+
+
+SUMMARIES = [
+    f"{R}/eval/{model}/{task}/{run}/{benchmark}.summary.parquet"
+    for model, task, run in runs()
+    for benchmark in config["benchmarks"]
+]
+METRICS = [
+    f"{run_dir(model, task, algorithm, seed)}/metrics.parquet"
+    for model in config["models"]
+    for task in config["tasks"]
+    for algorithm in config["algorithms"]
+    for seed in config["seeds"]
+]
+REPORT_OUTPUTS = [f"{R}/report/report.html", f"{R}/report/report.md", f"{R}/report/summary.parquet"]

@@ -1,0 +1,28 @@
+def eval_model(wildcards):
+    if wildcards.run == "sft":
+        return f"{R}/models/{wildcards.model}/{wildcards.task}/sft"
+    return f"{R}/runs/{wildcards.model}/{wildcards.task}/{wildcards.run}/final"
+
+
+rule evaluate:
+    """k samples per benchmark problem from the warm start ("sft") or a trained policy ("<algorithm>/seed<n>")."""
+    input:
+        model=eval_model,
+        dataset=dataset_file("{benchmark}"),
+    output:
+        details=f"{R}/eval/{{model}}/{{task}}/{{run}}/{{benchmark}}.details.parquet",
+        summary=f"{R}/eval/{{model}}/{{task}}/{{run}}/{{benchmark}}.summary.parquet",
+    params:
+        settings=lambda wc: settings("evaluate", **run_ident(wc)),
+    log:
+        f"{LOGS}/evaluate/{{model}}/{{task}}/{{run}}/{{benchmark}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{{model}}/{{task}}/{{run}}/{{benchmark}}.tsv"
+    threads: res("evaluate", "threads")
+    resources:
+        mem_mb=res("evaluate", "mem_mb"),
+        runtime=res("evaluate", "runtime"),
+        gpu=res("evaluate", "gpus"),
+    shell:
+        "kalmanrl evaluate --settings {params.settings:q} --model {input.model:q} --dataset {input.dataset:q}"
+        " --details {output.details:q} --summary {output.summary:q} --threads {threads} > {log:q} 2>&1"
