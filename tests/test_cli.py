@@ -36,8 +36,8 @@ def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
 
 
 def test_settings_command_prints_a_jobs_settings(repo_root):
-    result = run("settings", "train", "--config", str(repo_root / "config" / "smoke.yaml"),
-                 "model=tiny", "task=arithmetic_easy", "algorithm=kpo", "seed=0")
+    result = run("settings", "train", "model=tiny", "task=arithmetic_easy", "algorithm=kpo", "seed=0",
+                 "--config", str(repo_root / "config" / "smoke.yaml"))
     assert result.returncode == 0, result.stderr
     assert '"ratio": "kpo"' in result.stdout
 

@@ -167,12 +167,17 @@ _SETTINGS_PARTS = {"dataset": "dataset", "data": "data", "model": "model", "sft"
 def parse_settings(text: str) -> dict:
     """Stage settings from the command line: JSON, or @path to a JSON/YAML file. Each part is validated against its
     schema definition and completed with defaults, so a hand-written settings file only states what differs."""
+    source = "--settings"
     if text.startswith("@"):
-        text = Path(text[1:]).read_text()
-    try:
-        settings = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--settings is not valid JSON/YAML: {err}") from None
+        source = text[1:]
+        text = Path(source).read_text()
+    try:  # JSON first: YAML 1.1 would read 1e-06 as a string
+        settings = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            settings = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source} is neither JSON nor YAML: {err}") from None
     if not isinstance(settings, dict):
         raise ConfigError("--settings must be a mapping")
     defs = load_schema()["$defs"]

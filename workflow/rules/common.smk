@@ -1,5 +1,6 @@
 # Config -> target lists. All validation and every default come from kalmanrl.config and the schema.
 import json
+import os
 
 from kalmanrl.config import stage_settings, validate_config
 
@@ -57,8 +58,15 @@ def run_ident(wildcards):
     ident = {"model": wildcards.model, "task": wildcards.task, "benchmark": wildcards.benchmark}
     if wildcards.run == "sft":
         return {**ident, "algorithm": "sft"}
-    algorithm, seed = wildcards.run.split("/seed")
-    return {**ident, "algorithm": algorithm, "seed": seed}
+    algorithm, seed = wildcards.run.rsplit("/", 1)
+    return {**ident, "algorithm": algorithm, "seed": seed.removeprefix("seed")}
+
+
+def eval_model(wildcards):
+    """The warm start for run "sft", else the trained policy of "<algorithm>/seed<n>"."""
+    if wildcards.run == "sft":
+        return f"{R}/models/{wildcards.model}/{wildcards.task}/sft"
+    return f"{R}/runs/{wildcards.model}/{wildcards.task}/{wildcards.run}/final"
 
 
 SUMMARIES = [

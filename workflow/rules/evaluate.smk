@@ -1,9 +1,3 @@
-def eval_model(wildcards):
-    if wildcards.run == "sft":
-        return f"{R}/models/{wildcards.model}/{wildcards.task}/sft"
-    return f"{R}/runs/{wildcards.model}/{wildcards.task}/{wildcards.run}/final"
-
-
 rule evaluate:
     """k samples per benchmark problem from the warm start ("sft") or a trained policy ("<algorithm>/seed<n>")."""
     input:

@@ -13,7 +13,7 @@ rule report:
         summary=f"{R}/report/summary.parquet",
     params:
         settings=lambda wc: settings("report"),
-        out_dir=f"{R}/report",
+        out_dir=lambda wc, output: os.path.dirname(output.html),
     log:
         f"{LOGS}/report.log",
     shell:

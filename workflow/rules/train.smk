@@ -8,7 +8,7 @@ rule train:
         metrics=f"{R}/runs/{{model}}/{{task}}/{{algorithm}}/seed{{seed}}/metrics.parquet",
     params:
         settings=lambda wc: settings("train", **wc),
-        run_dir=lambda wc: run_dir(wc.model, wc.task, wc.algorithm, wc.seed),
+        run_dir=lambda wc, output: os.path.dirname(output.metrics),
     log:
         f"{LOGS}/train/{{model}}/{{task}}/{{algorithm}}/seed{{seed}}.log",
     benchmark:
