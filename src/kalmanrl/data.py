@@ -1,0 +1,496 @@
+"""Datasets as one Parquet schema: loaders (hub or local copies), gold-answer normalisation, decontamination.
+
+Every loader returns rows of `DATASET_SCHEMA`; `build_dataset` checks them, drops contaminated training problems and
+makes the table that `write_dataset` stores and `read_dataset` checks again on the way back in. The same row mapping
+runs on hub rows and on local JSON Lines copies (`data.offline`), so the offline tests exercise the online code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from kalmanrl import arithmetic
+from kalmanrl.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("id", "source", "split", "problem", "answer")
+DATASET_SCHEMA = pa.schema(
+    [pa.field(name, pa.string(), nullable=False) for name in REQUIRED_COLUMNS]
+    + [pa.field("solution", pa.string()), pa.field("subject", pa.string()), pa.field("level", pa.int64()),
+       pa.field("num_terms", pa.int64()), pa.field("num_digits", pa.int64())])
+SPLITS = ("train", "test")
+
+# MATH subjects: hub config name -> the `type` / `subject` field's value.
+MATH_SUBJECTS = {"algebra": "Algebra", "counting_and_probability": "Counting & Probability", "geometry": "Geometry",
+                 "intermediate_algebra": "Intermediate Algebra", "number_theory": "Number Theory",
+                 "prealgebra": "Prealgebra", "precalculus": "Precalculus"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be built or read; the message names the file (and line) or the hub row."""
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """The `data` settings every loader sees (hub or local copies, where they are, the seed, the presets)."""
+
+    offline: bool
+    local_dir: Path
+    seed: int
+    arithmetic_presets: Mapping[str, Any]
+
+
+Loader = Callable[..., list[dict]]
+LOADERS: dict[str, Loader] = {}
+
+
+def register_loader(name: str) -> Callable[[Loader], Loader]:
+    """Register `fn(ctx: LoadContext, **params) -> rows` under `name` (the config's `loader`)."""
+    def decorator(fn: Loader) -> Loader:
+        LOADERS[name] = fn
+        return fn
+    return decorator
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gold answers and problem text, normalised the way the field does.
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`) in `text`, with nested braces;
+    None when there is none or it is unbalanced. MATH's gold answer is this of its solution."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start + len("\\boxed" if text.startswith("\\boxed", start) else "\\fbox"):]
+    if rest.startswith(" "):
+        return rest.split("$")[0].strip() or None
+    if not rest.startswith("{"):
+        return None
+    depth = 0
+    for i, char in enumerate(rest):
+        depth += (char == "{") - (char == "}")
+        if depth == 0:
+            return rest[1:i].strip()
+    return None
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """GSM8K's gold: the text after the last `####`, thousands separators removed."""
+    if "####" not in text:
+        return None
+    return text.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def number_text(value: Any) -> str:
+    """A numeric field as answer text: 27.0 -> "27" (AMC stores floats), "025" -> "25" (AIME pads with zeros);
+    other text is returned stripped."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return str(int(text)) if re.fullmatch(r"[+-]?\d+", text) else text
+
+
+ANSWER_RULES: dict[str, Callable[[str], str | None]] = {"field": str.strip, "boxed": last_boxed,
+                                                         "gsm8k": gsm8k_answer}
+
+
+def normalize_problem(text: str) -> str:
+    """A problem's text for duplicate detection: Unicode-normalised, lower case, without whitespace, `$` signs or
+    trailing punctuation, so copies that differ only in spacing or math-mode delimiters compare equal."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("$", "")
+    return re.sub(r"\s+", "", text).rstrip(".?!:;,")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Raw rows: from the hub when online, from local JSON Lines copies when offline.
+
+def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, row) for every non-blank line; invalid JSON or a non-object fails naming the file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (set data.local_dir, or data.offline: false to use the hub)")
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def _load_hub(hub_id: str, *, config: str | None = None, split: str) -> Iterable[dict]:
+    """One split of a hub dataset, as an iterable of row dicts (the only place that touches the hub)."""
+    import datasets
+
+    return datasets.load_dataset(hub_id, config, split=split)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One split of a dataset: on the hub (id, split, and the configs that together make it) and as a local JSON
+    Lines copy relative to `data.local_dir`."""
+
+    hub_id: str
+    hub_split: str
+    local_file: str
+    hub_configs: tuple[str | None, ...] = (None,)
+
+
+def iter_rows(ctx: LoadContext, source: Source) -> Iterator[tuple[str, dict]]:
+    """(where, row) pairs of one source; `where` names the file and line, or the hub id, config, split and row."""
+    if ctx.offline:
+        yield from read_jsonl(ctx.local_dir / source.local_file)
+        return
+    for config in source.hub_configs:
+        name = source.hub_id + (f"/{config}" if config else "")
+        for index, row in enumerate(_load_hub(source.hub_id, config=config, split=source.hub_split)):
+            yield f"{name} (split {source.hub_split}, row {index})", row
+
+
+def field(row: Mapping[str, Any], path: str, where: str) -> Any:
+    """A row's field by dotted path (`reward_model.ground_truth`, `prompt.0.content`); missing fails naming it."""
+    value: Any = row
+    for key in path.split("."):
+        try:
+            value = value[int(key)] if isinstance(value, list) else value[key]
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise DataError(f"{where}: missing field {path!r}") from None
+    if value is None:
+        raise DataError(f"{where}: field {path!r} is null")
+    return value
+
+
+def text_field(row: Mapping[str, Any], path: str, where: str) -> str:
+    """A scalar field (text or number) as text; anything else fails naming the row and field."""
+    value = field(row, path, where)
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise DataError(f"{where}: field {path!r} is not text: {value!r}")
+    return str(value)
+
+
+def _gold(value: str | None, rule: str, where: str) -> str:
+    if not value:
+        raise DataError(f"{where}: no gold answer (answer rule {rule!r})")
+    return value
+
+
+def _level(value: Any) -> int | None:
+    """MATH levels: "Level 3" -> 3; the two "Level ?" training rows -> None."""
+    match = re.fullmatch(r"(?:Level )?(\d+)", str(value).strip())
+    return int(match.group(1)) if match else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaders. Each returns rows of DATASET_SCHEMA (missing optional columns are filled with nulls later).
+
+@register_loader("arithmetic")
+def load_arithmetic(ctx: LoadContext, *, difficulty: str | None = None, max_terms: int | None = None,
+                    max_digits: int | None = None, train_size: int = 20000, test_size: int = 500) -> list[dict]:
+    """The KRPO Arithmetic task, generated: `difficulty` names a preset [max_terms, max_digits] of
+    `data.arithmetic_presets`, or both limits are given explicitly."""
+    if difficulty is not None:
+        if max_terms is not None or max_digits is not None:
+            raise DataError("arithmetic: give either difficulty or max_terms/max_digits, not both")
+        if difficulty not in ctx.arithmetic_presets:
+            raise DataError(f"arithmetic: unknown difficulty {difficulty!r}; known: "
+                            f"{', '.join(sorted(ctx.arithmetic_presets))}")
+        max_terms, max_digits = ctx.arithmetic_presets[difficulty]
+    if max_terms is None or max_digits is None:
+        raise DataError("arithmetic: needs difficulty, or both max_terms and max_digits")
+    splits = arithmetic.generate(train_size, test_size, max_terms=max_terms, max_digits=max_digits, seed=ctx.seed)
+    return [_arithmetic_row(row, split, "arithmetic") for split, rows in splits.items() for row in rows]
+
+
+@register_loader("arithmetic_file")
+def load_arithmetic_file(ctx: LoadContext, *, file: str = "arithmetic/MathTasks_test.jsonl", split: str = "test",
+                         authors_filter: bool = False) -> list[dict]:
+    """A file in the KRPO authors' schema (by default their 20,000-row test set; it has no hub copy). With
+    `authors_filter`, keep only what their train.py keeps: len(question) < 128, num_terms <= 5, num_digits <= 5."""
+    rows = []
+    for where, raw in read_jsonl(ctx.local_dir / file):
+        for name in ("id", "question", "answer", "num_terms", "num_digits"):
+            text_field(raw, name, where)
+        if not re.fullmatch(r"-?\d+", str(raw["answer"]).strip()):
+            raise DataError(f"{where}: arithmetic answer is not an integer: {raw['answer']!r}")
+        if not all(isinstance(raw[k], int) and not isinstance(raw[k], bool) for k in ("num_terms", "num_digits")):
+            raise DataError(f"{where}: num_terms and num_digits must be integers")
+        row = _arithmetic_row(raw, split, "arithmetic_file")
+        if not authors_filter or (len(row["problem"]) < 128 and row["num_terms"] <= 5 and row["num_digits"] <= 5):
+            rows.append(row)
+    return rows
+
+
+def _arithmetic_row(row: Mapping[str, Any], split: str, source: str) -> dict:
+    return {"id": str(row["id"]), "source": source, "split": split, "problem": row["question"],
+            "answer": str(row["answer"]).strip(), "num_terms": row["num_terms"], "num_digits": row["num_digits"]}
+
+
+def _benchmark_rows(ctx: LoadContext, name: str, source: Source, *, answer: str, solution: str | None,
+                    integer: bool) -> list[dict]:
+    """The test split of a benchmark whose rows carry `problem` and a gold answer field (MATH-500, AIME, AMC)."""
+    rows = []
+    for index, (where, raw) in enumerate(iter_rows(ctx, source)):
+        gold = number_text(field(raw, answer, where)) if integer else text_field(raw, answer, where).strip()
+        if integer and not re.fullmatch(r"-?\d+", gold):
+            raise DataError(f"{where}: {name} answer is not an integer: {gold!r}")
+        rows.append({"id": str(raw.get("unique_id", raw.get("id", index))), "source": name, "split": "test",
+                     "problem": text_field(raw, "problem", where), "answer": _gold(gold, "field", where),
+                     "solution": raw.get(solution) if solution else None, "subject": raw.get("subject"),
+                     "level": _level(raw["level"]) if "level" in raw else None})
+    return rows
+
+
+@register_loader("math500")
+def load_math500(ctx: LoadContext) -> list[dict]:
+    """MATH-500 (PRM800K's held-out 500 MATH test problems); gold = its `answer` field (= the solution's last box)."""
+    return _benchmark_rows(ctx, "math500", Source("HuggingFaceH4/MATH-500", "test", "math500/test.jsonl"),
+                           answer="answer", solution="solution", integer=False)
+
+
+@register_loader("aime24")
+def load_aime24(ctx: LoadContext) -> list[dict]:
+    """AIME 2024 I+II; answers are integers ("025" -> "25")."""
+    return _benchmark_rows(ctx, "aime24", Source("HuggingFaceH4/aime_2024", "train", "aime24/test.jsonl"),
+                           answer="answer", solution="solution", integer=True)
+
+
+@register_loader("aime25")
+def load_aime25(ctx: LoadContext) -> list[dict]:
+    """AIME 2025 I+II: lighteval's hub copy names its fields problem / answer / solution; the local copy is
+    NeMo-Skills' (problem / expected_answer / reference_solution)."""
+    answer, solution = ("expected_answer", "reference_solution") if ctx.offline else ("answer", "solution")
+    return _benchmark_rows(ctx, "aime25", Source("yentinglin/aime_2025", "train", "aime25/test.jsonl"),
+                           answer=answer, solution=solution, integer=True)
+
+
+@register_loader("amc23")
+def load_amc23(ctx: LoadContext) -> list[dict]:
+    """AMC 2023 (40 problems of AMC 12A/12B); answers are stored as floats (27.0 -> "27")."""
+    return _benchmark_rows(ctx, "amc23", Source("math-ai/amc23", "test", "amc23/test.jsonl"),
+                           answer="answer", solution=None, integer=True)
+
+
+@register_loader("math")
+def load_math(ctx: LoadContext, *, splits: Iterable[str] = SPLITS, subjects: Iterable[str] | None = None,
+              levels: Iterable[int] | None = None) -> list[dict]:
+    """Hendrycks MATH (`EleutherAI/hendrycks_math`, one hub config per subject); gold = last box of the solution.
+    `subjects` takes subject names ("Number Theory") or config names ("number_theory"); `levels` 1-5."""
+    wanted_subjects = None if subjects is None else {_math_subject(s) for s in subjects}
+    wanted_levels = None if levels is None else set(levels)
+    rows = []
+    for split in splits:
+        source = Source("EleutherAI/hendrycks_math", split, f"math/{split}.jsonl", hub_configs=tuple(MATH_SUBJECTS))
+        for index, (where, raw) in enumerate(iter_rows(ctx, source)):
+            solution = text_field(raw, "solution", where)
+            answer = last_boxed(solution)
+            if answer == "":
+                log.warning("%s: skipped, the solution's last box is empty (a quirk of the original MATH)", where)
+                continue
+            row = {"id": str(raw.get("unique_id", f"{split}-{index}")), "source": "math", "split": split,
+                   "problem": text_field(raw, "problem", where),
+                   "answer": _gold(answer, "boxed", where), "solution": solution,
+                   "subject": text_field(raw, "type", where), "level": _level(field(raw, "level", where))}
+            if ((wanted_subjects is None or row["subject"] in wanted_subjects)
+                    and (wanted_levels is None or row["level"] in wanted_levels)):
+                rows.append(row)
+    return rows
+
+
+def _math_subject(name: str) -> str:
+    """A MATH subject from its name or config name; "Probability" (the KRPO paper's label) is accepted too."""
+    aliases = {**MATH_SUBJECTS, **{s.lower(): s for s in MATH_SUBJECTS.values()},
+               "probability": "Counting & Probability"}
+    subject = aliases.get(name) or aliases.get(name.lower())
+    if subject is None:
+        raise DataError(f"unknown MATH subject {name!r}; known: {', '.join(MATH_SUBJECTS.values())}")
+    return subject
+
+
+@register_loader("gsm8k")
+def load_gsm8k(ctx: LoadContext, *, splits: Iterable[str] = SPLITS) -> list[dict]:
+    """GSM8K (`openai/gsm8k`, config main): gold after `####`; the solution keeps the worked text without the
+    `<<48/2=24>>` calculator annotations."""
+    rows = []
+    for split in splits:
+        source = Source("openai/gsm8k", split, f"gsm8k/{split}.jsonl", hub_configs=("main",))
+        for index, (where, raw) in enumerate(iter_rows(ctx, source)):
+            text = text_field(raw, "answer", where)
+            rows.append({"id": f"{split}-{index}", "source": "gsm8k", "split": split,
+                         "problem": text_field(raw, "question", where),
+                         "answer": _gold(gsm8k_answer(text), "gsm8k", where),
+                         "solution": re.sub(r"<<[^>]*>>", "", text.rsplit("####", 1)[0]).strip()})
+    return rows
+
+
+@register_loader("openmath")
+def load_openmath(ctx: LoadContext, *, split: str = "train_1M", categories: Iterable[str] | None = None,
+                  problem_sources: Iterable[str] | None = None, max_problems: int | None = None,
+                  test_size: int = 0) -> list[dict]:
+    """nvidia/OpenMathInstruct-2 (local copy: `openmath/<split>.jsonl` in the hub's format), one row per distinct
+    problem with its first solution; gold = `expected_answer` (a majority vote for augmented problems).
+
+    The hub rows carry no subject, so a problem's category is the MATH subject of the MATH train/test problem with
+    the same normalised text (in practice the `problem_source == "math"` rows); other rows have no subject and are
+    dropped by a `categories` filter ("Algebra", ..., "Probability" = Counting & Probability). A seeded shuffle then
+    keeps `max_problems` and holds out `test_size` of them as the test split.
+    """
+    wanted = None if categories is None else {_math_subject(c) for c in categories}
+    sources = None if problem_sources is None else set(problem_sources)
+    subject_of = {normalize_problem(row["problem"]): row["subject"] for row in load_math(ctx)}
+    rows, seen = [], set()
+    for index, (where, raw) in enumerate(iter_rows(ctx, Source("nvidia/OpenMathInstruct-2", split,
+                                                               f"openmath/{split}.jsonl"))):
+        problem, origin = text_field(raw, "problem", where), text_field(raw, "problem_source", where)
+        key = normalize_problem(problem)
+        subject = subject_of.get(key)
+        if key in seen or (sources is not None and origin not in sources) or (wanted is not None
+                                                                            and subject not in wanted):
+            continue
+        seen.add(key)
+        rows.append({"id": f"openmath-{index}", "source": f"openmath/{origin}", "problem": problem,
+                     "answer": _gold(text_field(raw, "expected_answer", where).strip(), "field", where),
+                     "solution": text_field(raw, "generated_solution", where), "subject": subject})
+    random.Random(ctx.seed).shuffle(rows)
+    rows = rows[:max_problems]
+    return [{**row, "split": "test" if i < test_size else "train"} for i, row in enumerate(rows)]
+
+
+@register_loader("hub")
+def load_hub_dataset(ctx: LoadContext, *, hub_id: str, fields: Mapping[str, str], answer_rule: str = "field",
+                     config: str | None = None, splits: Mapping[str, str] | None = None,
+                     local_files: Mapping[str, str] | None = None, source: str | None = None) -> list[dict]:
+    """Any hub dataset through a field mapping, e.g. the KPO paper's DAPO-Math-17k.
+
+    `fields` maps `problem`, `answer` (and optionally `solution`, `id`) to the dataset's field paths; dotted paths
+    reach into nested fields (`reward_model.ground_truth`, `prompt.0.content`). `answer_rule` turns the answer
+    field into the gold: `field` (as is), `boxed` (its last `\\boxed{}`), `gsm8k` (after `####`). `splits` maps our
+    split names to the hub's (default {train: train}); offline, `local_files` gives each split's JSON Lines copy in
+    the hub's format, relative to `data.local_dir`.
+    """
+    if answer_rule not in ANSWER_RULES:
+        raise DataError(f"hub: unknown answer_rule {answer_rule!r}; known: {', '.join(ANSWER_RULES)}")
+    missing = {"problem", "answer"} - set(fields)
+    if missing:
+        raise DataError(f"hub {hub_id}: fields must map {', '.join(sorted(missing))}")
+    splits = dict(splits or {"train": "train"})
+    if ctx.offline and not set(splits) <= set(local_files or {}):
+        raise DataError(f"hub {hub_id}: offline needs local_files for splits {', '.join(splits)}")
+    rows = []
+    for split, hub_split in splits.items():
+        where_from = Source(hub_id, hub_split, (local_files or {}).get(split, ""), hub_configs=(config,))
+        for index, (where, raw) in enumerate(iter_rows(ctx, where_from)):
+            gold = ANSWER_RULES[answer_rule](text_field(raw, fields["answer"], where))
+            rows.append({"id": text_field(raw, fields["id"], where) if "id" in fields else f"{split}-{index}",
+                         "source": source or hub_id, "split": split,
+                         "problem": text_field(raw, fields["problem"], where),
+                         "answer": _gold(gold, answer_rule, where),
+                         "solution": text_field(raw, fields["solution"], where) if "solution" in fields else None})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables: build, decontaminate, write, read.
+
+def build_dataset(spec: Mapping[str, Any], *, offline: bool, local_dir: Path, seed: int,
+                  arithmetic_presets: Mapping[str, Any], exclude: Iterable[str] = ()) -> tuple[pa.Table, dict]:
+    """One config dataset entry (`{loader, params}`) as a checked table, training problems found in `exclude`
+    (benchmark problem texts) dropped; also returns stats (rows per split, the number decontaminated)."""
+    name = spec["loader"]
+    if name not in LOADERS:
+        raise DataError(f"unknown dataset loader {name!r}; known: {', '.join(sorted(LOADERS))}")
+    params = dict(spec.get("params") or {})
+    rows = LOADERS[name](LoadContext(offline, Path(local_dir), seed, arithmetic_presets), **params)
+    table = check_table(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA), f"loader {name!r}")
+    table, dropped = drop_problems(table, exclude)
+    if table.num_rows == 0:
+        raise DataError(f"loader {name!r} with params {params}: no rows left after filtering"
+                        f"{f' and decontamination ({dropped} dropped)' if dropped else ''}")
+    splits = pc.value_counts(table["split"]).to_pylist()
+    stats = {"loader": name, "rows": table.num_rows, "decontaminated": dropped,
+             "splits": {item["values"]: item["counts"] for item in splits}}
+    log.info("loader %s: %s", name, stats)
+    return table, stats
+
+
+def drop_problems(table: pa.Table, problems: Iterable[str]) -> tuple[pa.Table, int]:
+    """Drop the training rows whose normalised problem text is among `problems`; returns the table and the count."""
+    keys = {normalize_problem(p) for p in problems}
+    if not keys:
+        return table, 0
+    keep = [split != "train" or normalize_problem(problem) not in keys
+            for split, problem in zip(table["split"].to_pylist(), table["problem"].to_pylist())]
+    kept = table.filter(pa.array(keep))
+    return kept, table.num_rows - kept.num_rows
+
+
+def decontaminate(table: pa.Table, benchmarks: Iterable[pa.Table]) -> tuple[pa.Table, int]:
+    """`table` without the training problems that appear in any of the benchmark tables; returns the drop count."""
+    return drop_problems(table, (p for b in benchmarks for p in b["problem"].to_pylist()))
+
+
+def check_table(table: pa.Table, where: str) -> pa.Table:
+    """`table` with DATASET_SCHEMA's columns in order (absent optional ones as nulls), after checking names, types,
+    required values and split names; errors name `where` and the column."""
+    unknown = set(table.column_names) - set(DATASET_SCHEMA.names)
+    if unknown:
+        raise DataError(f"{where}: unknown column(s) {', '.join(sorted(unknown))}; schema: {DATASET_SCHEMA.names}")
+    columns = []
+    for spec in DATASET_SCHEMA:
+        if spec.name not in table.column_names:
+            if not spec.nullable:
+                raise DataError(f"{where}: missing required column {spec.name!r}")
+            columns.append(pa.nulls(table.num_rows, spec.type))
+            continue
+        column = table[spec.name]
+        if column.type != spec.type and not pa.types.is_null(column.type):
+            raise DataError(f"{where}: column {spec.name!r} has type {column.type}, expected {spec.type}")
+        if not spec.nullable and column.null_count:
+            raise DataError(f"{where}: column {spec.name!r} has {column.null_count} null value(s)")
+        columns.append(column.cast(spec.type))
+    table = pa.Table.from_arrays(columns, schema=DATASET_SCHEMA)
+    bad_splits = set(table["split"].to_pylist()) - set(SPLITS)
+    if bad_splits:
+        raise DataError(f"{where}: column 'split' has {sorted(bad_splits)}; allowed: {', '.join(SPLITS)}")
+    if len(set(zip(table["split"].to_pylist(), table["id"].to_pylist()))) != table.num_rows:
+        raise DataError(f"{where}: column 'id' is not unique within a split")
+    return table
+
+
+def write_dataset(table: pa.Table, path: str | Path) -> None:
+    """Check and write atomically (a temporary sibling, then one rename); an empty table is refused."""
+    table = check_table(table, str(path))
+    if table.num_rows == 0:
+        raise DataError(f"{path}: refusing to write an empty dataset")
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_dataset(path: str | Path, split: str | None = None) -> pa.Table:
+    """A dataset Parquet file, checked against DATASET_SCHEMA; with `split`, only that split's rows (which must
+    exist)."""
+    table = check_table(pq.read_table(path), str(path))
+    if split is None:
+        return table
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    table = table.filter(pc.equal(table["split"], split))
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no rows in split {split!r}")
+    return table

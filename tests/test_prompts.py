@@ -1,0 +1,71 @@
+"""Prompt templates: the exact system prompts of the papers, rendered by the tokenizer's chat template, and SFT
+targets in the answer format the rewards read."""
+
+import re
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from kalmanrl.data import last_boxed
+from kalmanrl.prompts import get_template
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", chat_template=CHATML)
+
+
+def test_krpo_system_prompt_is_the_authors_deepseek_r1_zero_text():
+    system = get_template("krpo").system
+    assert system.startswith("A conversation between User and Assistant. The user asks a question, and the "
+                             "Assistant solves it.\nThe assistant first thinks")
+    assert system.endswith("i.e., <think> reasoning process here </think>\n<answer> answer here </answer>\n")
+
+
+def test_boxed_system_prompt_asks_for_a_boxed_answer():
+    assert get_template("boxed").system == "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@pytest.mark.parametrize("name", ["krpo", "boxed"])
+def test_messages_are_system_then_the_problem_verbatim(name):
+    messages = get_template(name).messages("What is 2 + 3?")
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[1]["content"] == "What is 2 + 3?"
+
+
+@pytest.mark.parametrize("name", ["krpo", "boxed"])
+def test_render_goes_through_the_chat_template_and_opens_the_assistant_turn(tokenizer, name):
+    template = get_template(name)
+    text = template.render(tokenizer, "What is 2 + 3?")
+    assert text == (f"<|im_start|>system\n{template.system}<|im_end|>\n"
+                    "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("solution", [None, "2 + 3 is 5."])
+def test_krpo_target_gets_full_credit_under_the_authors_answer_tag_rule(solution):
+    target = get_template("krpo").target("5", solution)
+    assert re.search(r"<answer>(.*?)</answer>", target, flags=re.DOTALL).group(1) == "5"
+    assert re.fullmatch(r"<think>.*</think>\n<answer>5</answer>", target, flags=re.DOTALL)
+
+
+def test_boxed_target_keeps_a_math_solution_that_boxes_its_answer():
+    solution = "We have $x = 2 \\cdot 3$, so $x = \\boxed{6}$."
+    assert get_template("boxed").target("6", solution) == solution
+
+
+@pytest.mark.parametrize("solution", [None, "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips."])
+def test_boxed_target_ends_in_the_gold_answer_boxed(solution):
+    target = get_template("boxed").target("72", solution)
+    assert last_boxed(target) == "72"
+    assert solution is None or target.startswith(solution)
+
+
+def test_unknown_template_fails_listing_the_known_ones():
+    with pytest.raises(KeyError, match="unknown prompt template 'r1'; known: boxed, krpo"):
+        get_template("r1")
