@@ -1,0 +1,428 @@
+"""Verifiable rewards: score completions against gold answers, safely and within a hard time limit.
+
+`get_reward(name, **params)` returns a `RewardFunction`; `reward_fn(completions, golds)` gives one float per
+completion and `reward_fn.judge(completions, golds)` one `Verdict` (reward, correct, extracted answer) per completion.
+
+Every reward works in two stages. `screen` runs in this process and must be linear-time string work: it extracts the
+answer, applies the length limit and settles the cheap cases (exact match, literal numbers). Whatever it cannot settle
+becomes a check that runs in a persistent pool of worker processes: each check gets `timeout_s` of wall time, after
+which its worker is killed and replaced and the completion scores 0. Completion text is never evaluated: the only
+parser it reaches is math-verify's (ANTLR LaTeX grammar, and sympy's `parse_expr` on strings its regex restricts to
+digits, `.` and arithmetic operators), and that runs inside the sandboxed workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import re
+import resource
+import signal
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+from multiprocessing.connection import Connection, wait
+
+__all__ = ["Verdict", "RewardFunction", "register_reward", "get_reward", "list_rewards", "last_boxed"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The score of one completion: `reward` (what the trainer optimises, format bonus included), `correct`
+    (the answer is right, whatever its format) and `extracted` (the answer string taken from the completion, the
+    unit of maj@k voting; None when the completion holds no answer)."""
+
+    reward: float
+    correct: bool
+    extracted: str | None
+
+
+@dataclass(frozen=True)
+class Check:
+    """A verification `screen` could not settle: `args` for the reward's worker-side `check`, plus what is already
+    known about the completion."""
+
+    args: tuple[str, ...]
+    extracted: str | None
+    formatted: bool
+
+
+_REWARDS: dict[str, type[RewardFunction]] = {}
+
+
+def register_reward(name: str) -> Callable[[type[RewardFunction]], type[RewardFunction]]:
+    """Class decorator: make a `RewardFunction` subclass available to `get_reward` under `name`."""
+
+    def register(cls: type[RewardFunction]) -> type[RewardFunction]:
+        if name in _REWARDS:
+            raise ValueError(f"reward {name!r} is already registered")
+        _REWARDS[name] = cls
+        return cls
+
+    return register
+
+
+def list_rewards() -> list[str]:
+    return sorted(_REWARDS)
+
+
+def get_reward(name: str, **params) -> RewardFunction:
+    """The reward registered as `name`, built with `params` (see each reward's docstring)."""
+    if name not in _REWARDS:
+        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(list_rewards())}")
+    return _REWARDS[name](**params)
+
+
+class RewardFunction:
+    """Base of all rewards. Subclasses implement `screen` and, if it can return a `Check`, a module-level `check`
+    function (run in the workers) returning `(correct, extracted)`.
+
+    Args:
+        timeout_s: hard wall-time limit of one worker-side verification; past it the completion scores 0.
+        max_chars: longest answer handed to the parser; longer answers score 0 without being parsed.
+        num_workers: worker processes (default: the CPUs this process may use). They are started on the first
+            check that needs them, sleep between calls, and are shut down by `close()` or at interpreter exit.
+        max_memory_mb: address-space limit of each worker, so one huge expression cannot exhaust the machine.
+        format_weight: bonus added to the reward of a completion in the required format (0, the papers' setting,
+            turns it off; a negative value makes it a penalty for well-formatted output, which is rarely wanted).
+    """
+
+    check: Callable[..., tuple[bool, str | None]] | None = None
+
+    def __init__(self, *, timeout_s: float = 3.0, max_chars: int = 1000, num_workers: int | None = None,
+                 max_memory_mb: int = 2048, format_weight: float = 0.0):
+        if timeout_s <= 0 or max_chars <= 0 or max_memory_mb <= 0:
+            raise ValueError("timeout_s, max_chars and max_memory_mb must be positive")
+        num_workers = len(os.sched_getaffinity(0)) if num_workers is None else num_workers
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1 (got {num_workers}): checks only run in worker processes")
+        self.timeout_s, self.max_chars, self.format_weight = timeout_s, max_chars, format_weight
+        self._pool = WorkerPool(type(self).check, num_workers, timeout_s, max_memory_mb) if self.check else None
+
+    def screen(self, completion: str, gold: str) -> Verdict | Check:
+        """Settle the verdict here (linear-time string work only) or return the `Check` the workers must run."""
+        raise NotImplementedError
+
+    def judge(self, completions: list[str], golds: list[str]) -> list[Verdict]:
+        """One `Verdict` per completion, in order. completions, golds: [N]."""
+        if len(completions) != len(golds):
+            raise ValueError(f"{len(completions)} completions but {len(golds)} golds")
+        screened = [self.screen(_clean(c), _clean(g)) for c, g in zip(completions, golds)]
+        pending = [i for i, s in enumerate(screened) if isinstance(s, Check)]
+        outcomes = self._pool.run([screened[i].args for i in pending]) if pending else []
+        for i, outcome in zip(pending, outcomes):
+            check = screened[i]
+            if outcome is None:  # timed out or crashed
+                screened[i] = Verdict(0.0, False, check.extracted)
+            else:
+                correct, extracted = outcome
+                screened[i] = self.verdict(correct, check.extracted or extracted, check.formatted)
+        return screened
+
+    def __call__(self, completions: list[str], golds: list[str]) -> list[float]:
+        """One reward per completion, in order. completions, golds: [N]."""
+        return [v.reward for v in self.judge(completions, golds)]
+
+    def verdict(self, correct: bool, extracted: str | None, formatted: bool) -> Verdict:
+        """The binary reward (1 right / 0 wrong) plus the format bonus."""
+        return Verdict(float(correct) + self.format_weight * formatted, correct, extracted)
+
+    def close(self) -> None:
+        """Stop the worker processes (also done at interpreter exit); the reward restarts them if called again."""
+        if self._pool is not None:
+            self._pool.close()
+
+    def __enter__(self) -> RewardFunction:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _clean(text: str) -> str:
+    """Replace what is not valid UTF-8 (lone surrogates, e.g. from decoding with surrogateescape) by '?'."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# math_verify: the MATH family, AIME, AMC, GSM8K
+
+
+_SPACE = re.compile(r"\s+|\\[,;:! ]|\\(?:left|right)(?![a-zA-Z])")
+_FRAC_ALIASES = re.compile(r"\\[dt]frac")
+_EXACT_NUMBER = re.compile(r"(-?)(?:\\frac\{(\d{1,30})\}\{(\d{1,30})\}|(\d{1,30})/(\d{1,30})|(\d{1,30}))")
+_DECIMAL = re.compile(r"-?(?:\d{1,30}\.\d{0,30}|\.\d{1,30})")
+_DELIMITED = re.compile(r"(?<!\\)\$|\\boxed")  # gold already in math mode: an unescaped $ or a box
+
+
+def last_boxed(text: str) -> str | None:
+    r"""The content of the last `\boxed{...}` in `text` (braces balanced), or None when there is none or the last one
+    is not closed (a truncated completion). Linear in len(text), as the field's `last_boxed_only_string` is."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = start + len("\\boxed")
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i == len(text) or text[i] != "{":
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:j]
+    return None
+
+
+def _normalise(answer: str) -> str:
+    r"""Spacing removed and \dfrac/\tfrac spelled \frac: forms that are equal as written."""
+    return _FRAC_ALIASES.sub(r"\\frac", _SPACE.sub("", answer))
+
+
+def _number(answer: str) -> tuple[Fraction, bool] | None:
+    """The value of a literal number (integer, a/b, \\frac{a}{b}, decimal) and whether it is exact (not a decimal,
+    which math-verify compares after rounding); None for anything else. Built from regex groups, never evaluated."""
+    if (m := _EXACT_NUMBER.fullmatch(answer)) is not None:
+        sign, *parts = m.groups()
+        num, den = next((a, b) for a, b in ((parts[0], parts[1]), (parts[2], parts[3]), (parts[4], "1")) if a)
+        if int(den) == 0:
+            return None
+        return Fraction(int(num), int(den)) * (-1 if sign else 1), True
+    if _DECIMAL.fullmatch(answer):
+        return Fraction(answer), False
+    return None
+
+
+def _quick_verdict(gold: str, answer: str) -> bool | None:
+    """Correctness when it is certain without parsing: equal as written, or both literal numbers (unequal decimals
+    are left to math-verify, whose float comparison rounds); None when math-verify must decide."""
+    gold, answer = _normalise(gold), _normalise(answer)
+    if gold == answer:
+        return True
+    g, a = _number(gold), _number(answer)
+    if g is None or a is None:
+        return None
+    if g[0] == a[0]:
+        return True
+    return False if g[1] and a[1] else None
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(gold: str) -> list:
+    from math_verify import parse
+
+    wrapped = gold if _DELIMITED.search(gold) else f"\\boxed{{{gold}}}"
+    return parse(wrapped, parsing_timeout=None)
+
+
+def math_verify_check(gold: str, answer: str) -> tuple[bool, str | None]:
+    """math-verify's parse of both sides and `verify(gold, answer)` (it is asymmetric: gold first), with its
+    signal-based timeouts off (the worker pool enforces the limit). Runs in a worker process."""
+    from math_verify import parse, verify
+
+    parsed = parse(answer, parsing_timeout=None)
+    extracted = next((p for p in parsed if isinstance(p, str)), None)
+    return verify(_parse_gold(gold), parsed, timeout_seconds=None), extracted
+
+
+@register_reward("math_verify")
+class MathVerify(RewardFunction):
+    r"""1 if the completion's answer equals the gold under math-verify (huggingface/Math-Verify), else 0.
+
+    The answer is the content of the last `\boxed{}` (the MATH convention); when the last `max_chars` characters
+    hold several boxes, math-verify sees all of them (it reads `\boxed{1} and \boxed{2}` as one answer). A
+    completion without a box is handed to math-verify's own extraction (final-answer phrases, LaTeX environments,
+    plain numbers) on its last `max_chars` characters, which covers GSM8K-style endings. Golds are parsed as
+    `\boxed{gold}` unless they hold an unescaped `$` or `\boxed`. Answers equal up to spacing and \dfrac/\tfrac, or
+    literal numbers (integers, fractions, decimals) with the same value, are settled without parsing. The format
+    bonus goes to completions with a closed `\boxed{}`.
+    """
+
+    check = staticmethod(math_verify_check)
+
+    def screen(self, completion: str, gold: str) -> Verdict | Check:
+        window = completion[-self.max_chars:]
+        answer = last_boxed(completion)
+        if answer is None:
+            return Check((gold, window), None, False)
+        answer = answer.strip()
+        if len(answer) > self.max_chars:
+            return self.verdict(False, answer[:self.max_chars], True)
+        if (correct := _quick_verdict(gold, answer)) is not None:
+            return self.verdict(correct, answer, True)
+        # One box: parse it alone (half the cost of the window). Several boxes in the window: math-verify joins
+        # "\boxed{1} and \boxed{2}" into one answer, so it gets the window.
+        boxed = window if window.count("\\boxed") > 1 else f"\\boxed{{{answer}}}"
+        return Check((gold, boxed), answer, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# krpo_arithmetic: the KRPO authors' reward (billhhh/KRPO_LLMs_RL, train.py, after open-thought/tiny-grpo)
+
+
+@register_reward("krpo_arithmetic")
+class KrpoArithmetic(RewardFunction):
+    """The KRPO authors' arithmetic reward, on the first `<answer>...</answer>` of the completion: none -> 0;
+    equal to the gold -> 1.0; gold a substring of it -> 0.5; otherwise 0.01.
+
+    As in the authors' code the comparison is on the raw tag content, so `<answer> 42 </answer>` earns 0.5 (the
+    gold is a substring); `strip=True` strips both sides first. `correct` is always the stripped comparison.
+    The format bonus goes to completions with `<think>...</think>` before the answer tags. Only string search and
+    comparison happen here, linear in the completion length, so no worker process is ever started.
+    """
+
+    def __init__(self, *, strip: bool = False, **params):
+        super().__init__(**params)
+        self.strip = strip
+
+    def screen(self, completion: str, gold: str) -> Verdict:
+        answer = _between(completion, "<answer>", "</answer>")
+        if answer is None:
+            return Verdict(0.0, False, None)
+        formatted = _between(completion[:completion.find("<answer>")], "<think>", "</think>") is not None
+        candidate, target = (answer.strip(), gold.strip()) if self.strip else (answer, gold)
+        reward = 1.0 if candidate == target else 0.5 if target in candidate else 0.01
+        return Verdict(reward + self.format_weight * formatted, answer.strip() == gold.strip(), answer.strip())
+
+
+def _between(text: str, opening: str, closing: str) -> str | None:
+    """The text between the first `opening` and the first `closing` after it, as `re.search(f"{opening}(.*?)
+    {closing}", text, re.DOTALL)` finds it, but in linear time."""
+    start = text.find(opening)
+    if start < 0:
+        return None
+    end = text.find(closing, start + len(opening))
+    return None if end < 0 else text[start + len(opening):end]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The worker pool: persistent processes, one hard deadline per item
+
+
+class WorkerPool:
+    """`num_workers` processes that run `check(*args)` for a list of items. Items go out in chunks and results
+    come back one by one; a worker that takes longer than `timeout_s` on one item (or dies) is killed and replaced,
+    that item's result is None and the rest of its chunk is handed out again. So a batch of N items takes at most
+    about N * timeout_s / num_workers, whatever the items hold."""
+
+    def __init__(self, check: Callable, num_workers: int, timeout_s: float, max_memory_mb: int):
+        self.check, self.num_workers, self.timeout_s, self.max_memory_mb = check, num_workers, timeout_s, max_memory_mb
+        self._workers: list[_Worker] = []
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
+
+    def run(self, items: list[tuple]) -> list[object | None]:
+        """Results in the order of `items`; None where the check timed out or crashed."""
+        self._workers[:] = [w if w.process.is_alive() else self._restart(w) for w in self._workers]
+        self._workers.extend(self._start() for _ in range(self.num_workers - len(self._workers)))
+        results: list[object | None] = [None] * len(items)
+        queue = deque(range(len(items)))
+        chunk = max(1, min(32, math.ceil(len(items) / (4 * self.num_workers))))
+        for worker in self._workers:
+            self._assign(worker, queue, items, chunk)
+        while busy := [w for w in self._workers if w.inflight]:
+            timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            ready = set(wait([w.conn for w in busy], timeout))
+            now = time.monotonic()
+            for worker in busy:
+                if worker.conn in ready:
+                    try:
+                        results[worker.inflight.popleft()] = worker.conn.recv()
+                        worker.deadline = now + self.timeout_s
+                    except (EOFError, OSError):  # the worker died: its current item failed
+                        worker = self._replace(worker, queue)
+                elif now >= worker.deadline:
+                    worker = self._replace(worker, queue)
+                else:
+                    continue
+                if not worker.inflight:
+                    self._assign(worker, queue, items, chunk)
+        return results
+
+    def close(self) -> None:
+        _stop_all(self._workers)
+
+    def _start(self) -> _Worker:
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        if ctx.get_start_method() == "forkserver":
+            ctx.set_forkserver_preload([__name__, "math_verify"])  # forked workers start with sympy loaded
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_serve, args=(child, self.check, self.max_memory_mb), daemon=True,
+                              name="kalmanrl-reward")
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def _assign(self, worker: _Worker, queue: deque, items: list[tuple], chunk: int) -> None:
+        if not queue:
+            return
+        worker.inflight.extend(queue.popleft() for _ in range(min(chunk, len(queue))))
+        try:
+            worker.conn.send([items[i] for i in worker.inflight])
+        except OSError:  # the worker is gone; `run` sees the closed pipe and replaces it
+            pass
+        worker.deadline = time.monotonic() + self.timeout_s
+
+    def _replace(self, worker: _Worker, queue: deque) -> _Worker:
+        """Kill `worker` (its current item stays None), requeue the rest of its chunk, start a fresh worker."""
+        worker.inflight.popleft()
+        queue.extendleft(reversed(worker.inflight))
+        fresh = self._restart(worker)
+        self._workers[self._workers.index(worker)] = fresh
+        return fresh
+
+    def _restart(self, worker: _Worker) -> _Worker:
+        worker.stop(kill=True)
+        return self._start()
+
+
+class _Worker:
+    def __init__(self, process: mp.Process, conn: Connection):
+        self.process, self.conn, self.inflight, self.deadline = process, conn, deque(), math.inf
+
+    def stop(self, kill: bool = False) -> None:
+        if not kill:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.process.join(1.0)
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+def _stop_all(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.stop()
+    workers.clear()
+
+
+def _serve(conn: Connection, check: Callable, max_memory_mb: int) -> None:
+    """Worker loop: receive a chunk, send one result per item; exit on None or when the parent goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    limit = max_memory_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": the pool enforces it
+    while True:
+        try:
+            chunk = conn.recv()
+        except EOFError:
+            return
+        if chunk is None:
+            return
+        for args in chunk:
+            try:
+                result = check(*args)
+            except Exception:  # parse failures, RecursionError, MemoryError under the limit
+                result = (False, None)
+            conn.send(result)
