@@ -21,7 +21,6 @@ from kalmanrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
 from kalmanrl.io import atomic_path, write_parquet
-from kalmanrl.kalman import kalman_filter
 from kalmanrl.model import load_policy
 from kalmanrl.prompts import get_template
 from kalmanrl.rewards import get_reward
@@ -117,6 +116,7 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
     reward_fn = get_reward(settings["task"]["reward"], **settings["task"]["reward_params"])
     advantage_fn = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])
     ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
+    # The token-noise diagnostic filters z the way KPO would, for every algorithm, so runs are comparable.
     kpo_params = alg["ratio_params"] if alg["ratio"] == "kpo" else {}
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -229,8 +229,10 @@ def _update(policy, optimizer, scheduler, batch: RolloutBatch, ratio_fn, alg: di
                 loss, metrics = algorithms.policy_loss(
                     rho, part.advantages.unsqueeze(-1).expand_as(logp), part.completion_mask,
                     eps_low=alg["eps_low"], eps_high=alg["eps_high"], clip=alg["clip"], beta=alg["beta"], logp=logp,
-                    ref_logp=part.ref_logp, aggregate=alg["aggregate"], num_active_tokens=active)
-                (loss / cfg["grad_accum"]).backward()
+                    ref_logp=part.ref_logp, aggregate=alg["aggregate"], num_active_tokens=active,
+                    max_length=cfg["max_tokens"])
+                # dapo already divides by the whole mini-batch's tokens; the other aggregates average micro-batches.
+                (loss if alg["aggregate"] == "dapo" else loss / cfg["grad_accum"]).backward()
                 losses.append(loss.detach())
                 _record(sums, metrics, logp.detach() - part.old_logp, entropy.detach(), part.completion_mask,
                         kpo_params)
@@ -251,16 +253,10 @@ def _record(sums, metrics: dict, z: torch.Tensor, entropy: torch.Tensor, mask: t
     for key, value in metrics.items():
         sums[key].append(float(value))
     sums["entropy"].append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
-    for prefix, series in (("raw", z), ("filtered", _kpo_filtered(z, mask, kpo_params))):
+    filtered = algorithms.filtered_log_ratio(z, mask, **{k: v for k, v in kpo_params.items() if k != "clamp"})
+    for prefix, series in (("raw", z), ("filtered", filtered)):
         for key, value in algorithms.token_noise_stats(series, mask).items():
             sums[f"{key}_{prefix}"].append(float(value))
-
-
-def _kpo_filtered(z: torch.Tensor, mask: torch.Tensor, kpo_params: dict) -> torch.Tensor:
-    """The KPO filter's view of z (the diagnostic compares raw and filtered noise for every algorithm)."""
-    defaults = algorithms.KPO_DEFAULTS
-    params = {k: kpo_params.get(k, defaults[k]) for k in ("q", "r", "x0", "p0")}
-    return kalman_filter(z, mask, **params)
 
 
 def _summarise(sums: dict[str, list[float]]) -> dict[str, float]:

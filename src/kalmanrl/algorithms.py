@@ -1,0 +1,288 @@
+"""GRPO, KRPO, KPO and GSPO as one clipped loss with two pluggable pieces (algorithms.md): an advantage estimator
+(rewards of each prompt's group -> one advantage per completion) and a ratio transform (token log-probs -> the
+importance ratio rho the surrogate uses). Both are registries filled by decorators, looked up by the config's name.
+
+    z   = logp - old_logp                                              # [B, T] token log-ratio
+    rho = ratio_transform(logp, old_logp, mask)                        # [B, T] differentiable in logp only
+    L   = max(-rho A, -clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3
+    loss = aggregate(L, mask)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from kalmanrl.kalman import kalman_filter, kalman_gains
+
+AdvantageEstimator = Callable[[torch.Tensor], torch.Tensor]
+RatioTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {}
+_RATIO_TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {}
+_OFF_POLICY_RATIOS: set[str] = set()
+AGGREGATES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _register(registry: dict, kind: str, name: str) -> Callable:
+    def decorator(fn: Callable) -> Callable:
+        if name in registry:
+            raise ValueError(f"{kind} {name!r} is already registered")
+        registry[name] = fn
+        return fn
+    return decorator
+
+
+def _lookup(registry: dict, kind: str, name: str) -> Callable:
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def _bind(fn: Callable, kind: str, name: str, params: dict) -> Callable:
+    """fn with its keyword parameters fixed; an unknown parameter fails now, not at the first training step."""
+    known = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    if unknown := sorted(set(params) - set(known)):
+        raise ValueError(f"{kind} {name!r} got unknown parameters {unknown}; known: {known}")
+    return functools.partial(fn, **params)
+
+
+def register_advantage_estimator(name: str) -> Callable:
+    """Register `fn(rewards: [N, G], *, **params) -> advantages [N, G]` under `name`."""
+    return _register(_ADVANTAGE_ESTIMATORS, "advantage estimator", name)
+
+
+def register_ratio_transform(name: str, *, needs_off_policy: bool = False) -> Callable:
+    """Register `fn(logp, old_logp, mask: [B, T], *, **params) -> rho [B, T]` under `name`. `needs_off_policy`:
+    the transform equals the token ratio when old_logp == logp, so it is pointless with one optimiser step per
+    rollout batch (see `check_off_policy`)."""
+    if needs_off_policy:
+        _OFF_POLICY_RATIOS.add(name)
+    return _register(_RATIO_TRANSFORMS, "ratio transform", name)
+
+
+def get_advantage_estimator(name: str, **params) -> AdvantageEstimator:
+    """The estimator `name` with `params` bound: `(rewards: [N, G]) -> advantages [N, G]` (detached)."""
+    return _bind(_lookup(_ADVANTAGE_ESTIMATORS, "advantage estimator", name), "advantage estimator", name, params)
+
+
+def get_ratio_transform(name: str, **params) -> RatioTransform:
+    """The ratio transform `name` with `params` bound: `(logp, old_logp, mask: [B, T]) -> rho [B, T]`."""
+    return _bind(_lookup(_RATIO_TRANSFORMS, "ratio transform", name), "ratio transform", name, params)
+
+
+def ratio_needs_off_policy(name: str) -> bool:
+    """True when the ratio transform `name` only differs from GRPO's token ratio off-policy (sequence, kpo)."""
+    _lookup(_RATIO_TRANSFORMS, "ratio transform", name)
+    return name in _OFF_POLICY_RATIOS
+
+
+def check_off_policy(ratio_name: str, optimizer_steps_per_batch: int) -> None:
+    """Refuse a ratio transform that needs several optimiser steps per rollout batch when there is only one."""
+    if ratio_needs_off_policy(ratio_name) and optimizer_steps_per_batch < 2:
+        raise ValueError(
+            f"ratio transform {ratio_name!r} needs several optimiser steps per rollout batch (ppo_epochs x "
+            f"mini_batches), got {optimizer_steps_per_batch}: with one step old_logp equals logp, the ratio is "
+            f"identically 1 and clipping never acts, so the algorithm would equal GRPO. The papers take 4 (KPO) "
+            f"and 24 (KRPO) steps per batch.")
+
+
+# ---------------------------------------------------------------------------------------------- advantage estimators
+
+@register_advantage_estimator("grpo")
+def grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, scale: str = "group") -> torch.Tensor:
+    """GRPO (arXiv 2402.03300): A_i = (r_i - mean_group r) / (std r + eps), std Bessel-corrected.
+
+    rewards: [N, G] (N prompts, G completions each). scale: "group" (std of the group), "batch" (std of all N*G
+    rewards, TRL's scale_rewards="batch") or "none" (Dr. GRPO, arXiv 2503.20783: mean-centring only).
+    eps: verl 1e-6 (default; the KPO code), KRPO's GRPO baseline 1e-8, TRL 1e-4.
+    """
+    if rewards.shape[-1] < 2:
+        raise ValueError(f"GRPO needs at least 2 completions per prompt, got {rewards.shape[-1]}")
+    rewards = rewards.detach()
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if scale == "group":
+        return centred / (rewards.std(-1, keepdim=True) + eps)
+    if scale == "batch":
+        return centred / (rewards.std() + eps)
+    if scale == "none":
+        return centred
+    raise ValueError(f"unknown GRPO scale {scale!r}; known: batch, group, none")
+
+
+@register_advantage_estimator("krpo")
+def krpo_advantages(rewards: torch.Tensor, *, q: float = 1e-5, r: float = 1e-2, x0: float = 0.0, p0: float = 1.0,
+                    eps: float = 1e-8) -> torch.Tensor:
+    """KRPO (arXiv 2505.07527, authors' code billhhh/KRPO_LLMs_RL): a fresh scalar Kalman filter per group, fed the
+    rewards in rollout order; A_i = (r_i - xhat_i) / (sqrt(P_i) + eps) with the posterior mean and variance that
+    already include r_i, as the authors' code does. rewards: [N, G] -> [N, G]."""
+    rewards = rewards.detach()
+    means = kalman_filter(rewards, q=q, r=r, x0=x0, p0=p0)
+    variances = kalman_gains(q, r, p0, rewards.shape[-1])[1].to(rewards.device, rewards.dtype)
+    return (rewards - means) / (variances.sqrt() + eps)
+
+
+# -------------------------------------------------------------------------------------------------- ratio transforms
+
+class _StopGradientRatio(torch.autograd.Function):
+    """rho = exp(min(logp - sg(logp) + sg(log_ratio), clamp)) as one autograd op: value exp(min(log_ratio, clamp)),
+    gradient rho * d logp, zero where the clamp acts. Autograd through the written-out formula costs four tensor ops
+    forward and three backward, as much as KPO's filter; this is two and one."""
+
+    @staticmethod
+    def forward(ctx, logp: torch.Tensor, log_ratio: torch.Tensor, clamp: float) -> torch.Tensor:
+        rho = log_ratio.clamp(max=clamp).exp().to(logp.dtype)
+        ctx.save_for_backward(rho, log_ratio)
+        ctx.clamp = clamp
+        return rho
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        rho, log_ratio = ctx.saved_tensors
+        grad_logp = grad * rho
+        if ctx.clamp < log_ratio.max():  # torch.clamp's gradient passes at the bound itself
+            grad_logp = grad_logp.masked_fill(log_ratio > ctx.clamp, 0.0)
+        return grad_logp, None, None
+
+
+def _stop_gradient_ratio(logp: torch.Tensor, log_ratio: torch.Tensor, clamp: float) -> torch.Tensor:
+    """log_ratio: [B, T] or [B, 1] (one value per sequence)."""
+    return _StopGradientRatio.apply(logp, log_ratio.detach().expand_as(logp), clamp)
+
+
+@register_ratio_transform("token")
+def token_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *,
+                clamp: float = 20.0) -> torch.Tensor:
+    """GRPO/PPO's token ratio rho = exp(clamp(logp - old_logp, -clamp, clamp)) (verl clamps at 20). [B, T]."""
+    return (logp - old_logp.detach()).clamp(-clamp, clamp).exp()
+
+
+@register_ratio_transform("sequence", needs_off_policy=True)
+def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *,
+                   clamp: float = 10.0) -> torch.Tensor:
+    """GSPO (arXiv 2507.18071), as in verl: s_i = exp(masked mean_t z[i, t]) applied to every token through the
+    stop-gradient form, so each token's gradient is s_i * d logp[i, t]. [B, T]."""
+    mask = mask.to(logp.dtype)
+    z = (logp - old_logp).detach()
+    mean = (z * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return _stop_gradient_ratio(logp, mean, clamp)
+
+
+KPO_DEFAULTS = {"q": 1e-6, "r": 1.0, "x0": 0.0, "p0": 0.0}
+
+
+def filtered_log_ratio(z: torch.Tensor, mask: torch.Tensor, *, q: float = KPO_DEFAULTS["q"],
+                       r: float = KPO_DEFAULTS["r"], x0: float = KPO_DEFAULTS["x0"],
+                       p0: float = KPO_DEFAULTS["p0"]) -> torch.Tensor:
+    """KPO's filtered log-ratio xhat [B, T]: a causal Kalman filter over each sequence's token log-ratios z [B, T],
+    restarted at the first response token, padding skipped (0 there). Detached. Also the trainer's diagnostic."""
+    return kalman_filter(z.detach(), mask, q=q, r=r, x0=x0, p0=p0)
+
+
+@register_ratio_transform("kpo", needs_off_policy=True)
+def kpo_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *, q: float = KPO_DEFAULTS["q"],
+              r: float = KPO_DEFAULTS["r"], x0: float = KPO_DEFAULTS["x0"], p0: float = KPO_DEFAULTS["p0"],
+              clamp: float = 10.0) -> torch.Tensor:
+    """KPO (arXiv 2602.10609, authors' code shuohe1995/verl-kpo): rho = exp(min(logp - sg(logp) + sg(xhat), clamp))
+    with xhat = filtered_log_ratio(logp - old_logp): value exp(xhat), gradient exp(xhat) * d logp. [B, T]."""
+    xhat = filtered_log_ratio(logp - old_logp, mask, q=q, r=r, x0=x0, p0=p0)
+    return _stop_gradient_ratio(logp, xhat, clamp)
+
+
+# ------------------------------------------------------------------------------------------------------------ loss
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "grpo", *,
+                   num_active_tokens: int | None = None, max_length: int | None = None) -> torch.Tensor:
+    """Reduce a per-token loss [B, T] to a scalar (names as in TRL).
+
+    grpo: mean over sequences of each sequence's masked token mean; bnpo: masked token mean of this micro-batch;
+    dr_grpo: masked sum / (B * max_length), max_length = the configured maximum completion length (default T);
+    dapo: masked sum / num_active_tokens, the active-token count of the whole accumulated batch (default: this
+    micro-batch's), so that summing the micro-batch losses gives the token mean of the whole batch.
+    """
+    mask = mask.to(per_token.dtype)
+    masked = per_token * mask
+    if mode == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    total = masked.sum()
+    if mode == "bnpo":
+        return total / mask.sum().clamp(min=1)
+    if mode == "dr_grpo":
+        return total / (per_token.shape[0] * (max_length or per_token.shape[-1]))
+    if mode == "dapo":
+        return total / max(1, num_active_tokens if num_active_tokens is not None else int(mask.sum()))
+    raise ValueError(f"unknown aggregate {mode!r}; known: {', '.join(AGGREGATES)}")
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) per token: exp(d) - d - 1 >= 0 with d = ref_logp - logp, written as
+    expm1(d) - d so rounding cannot make it negative. [B, T]."""
+    d = ref_logp.detach() - logp
+    return torch.expm1(d) - d
+
+
+def _ratio_stats(rho: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    valid = mask.bool()
+    if not valid.any():
+        return dict.fromkeys(("ratio_mean", "ratio_min", "ratio_max"), rho.new_tensor(torch.nan))
+    return {"ratio_mean": _masked_mean(rho, mask), "ratio_min": rho.masked_fill(~valid, torch.inf).amin(),
+            "ratio_max": rho.masked_fill(~valid, -torch.inf).amax()}
+
+
+def policy_loss(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float,
+                eps_high: float, clip: bool = True, beta: float = 0.0, logp: torch.Tensor | None = None,
+                ref_logp: torch.Tensor | None = None, aggregate: str = "grpo", num_active_tokens: int | None = None,
+                max_length: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO clipped surrogate plus beta * k3, aggregated (see `aggregate_loss`).
+
+    rho, advantages, mask, logp, ref_logp: [B, T] (advantages already broadcast over tokens). clip=False gives the
+    unclipped -A * rho (KPO-unclipped). The KL term needs logp and ref_logp when beta > 0.
+    Returns (loss, metrics); metrics are detached 0-dim tensors: pg_loss, clip_frac (share of valid tokens whose
+    clipped term is the active one), ratio_mean / ratio_min / ratio_max over valid tokens, and kl (masked mean of
+    k3) when ref_logp is given.
+    """
+    mask = mask.to(rho.dtype)
+    advantages = advantages.detach()
+    unclipped = -advantages * rho
+    if clip:
+        clipped = -advantages * rho.clamp(1 - eps_low, 1 + eps_high)
+        surrogate = torch.maximum(unclipped, clipped)
+        clip_frac = _masked_mean((clipped > unclipped).to(rho.dtype), mask)
+    else:
+        surrogate, clip_frac = unclipped, rho.new_zeros(())
+    pg_loss = aggregate_loss(surrogate, mask, aggregate, num_active_tokens=num_active_tokens, max_length=max_length)
+    loss = pg_loss
+    metrics = {"pg_loss": pg_loss.detach(), "clip_frac": clip_frac.detach(), **_ratio_stats(rho.detach(), mask)}
+    if beta > 0 and (logp is None or ref_logp is None):
+        raise ValueError("policy_loss with beta > 0 needs logp and ref_logp for the k3 KL term")
+    if ref_logp is not None and logp is not None:
+        kl = k3_kl(logp, ref_logp)
+        metrics["kl"] = _masked_mean(kl.detach(), mask)
+        if beta > 0:
+            loss = loss + beta * aggregate_loss(kl, mask, aggregate, num_active_tokens=num_active_tokens,
+                                                max_length=max_length)
+    return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------------------ diagnostics
+
+def token_noise_stats(z: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The KPO paper's token-level noise diagnostic on a log-ratio series z [B, T]: how often sign(z) switches
+    between adjacent valid tokens (sign_switch_rate) and the mean length of same-sign runs (sign_run_length).
+    Adjacent = neighbouring positions that are both valid (the same as consecutive valid tokens for right padding).
+    NaN when there is no adjacent pair / no valid token."""
+    valid = mask.bool()
+    sign = torch.sign(z.detach())
+    pairs = valid[..., 1:] & valid[..., :-1]
+    switches = ((sign[..., 1:] != sign[..., :-1]) & pairs).sum().item()
+    num_pairs, tokens = pairs.sum().item(), valid.sum().item()
+    runs = tokens - (num_pairs - switches)  # a valid token starts a run unless it continues its neighbour's sign
+    return {"sign_switch_rate": switches / num_pairs if num_pairs else float("nan"),
+            "sign_run_length": tokens / runs if runs else float("nan")}

@@ -1,0 +1,155 @@
+"""The scalar random-walk Kalman filter as a fixed linear recurrence (algorithms.md, "The Kalman filter is a fixed
+linear recurrence"); KRPO filters the rewards of a group with it, KPO the token log-ratios of a sequence.
+
+Model: x_t = x_{t-1} + w (var q), z_t = x_t + v (var r). With constant q and r the gains K_t do not depend on the
+observations, so the filtered means are a fixed linear map of z:
+
+    xhat_t = (1 - K_t) xhat_{t-1} + K_t z_t  =  x0 prod_{j<=t} (1 - K_j) + sum_{i<=t} W[t, i] z_i,
+    W[t, i] = K_i prod_{i<j<=t} (1 - K_j)
+
+The gains are a cached float64 scalar loop. The means take one of two exact paths, both O(T) memory:
+- rescaled cumulative sum, xhat_t = D_t (x0 + cumsum_i (K_i / D_i) z_i) with D_t = prod_{j<=t} (1 - K_j), when
+  the whole decay fits the dtype (-log D_T <= RESCALE_RANGE): the case of KPO's small q/r (about 3 for q=1e-6, r=1,
+  T=4096) and the fast path. (The authors' code uses this form unguarded, clamping D; for long T or large q/r D
+  underflows and 1/D overflows, which is why it is guarded here.)
+- otherwise a chunked scan: inside blocks of BLOCK tokens a small triangular matrix product, across blocks a second
+  one over the block-end states. Every weight is exp of a sum of log(1 - K) <= 0, so nothing overflows for any q, r
+  or length, and memory is O(T * BLOCK) instead of the O(T^2) of one dense W.
+
+Masked positions are skipped, not treated as observations: the n-th valid token of a row uses gain K_n whatever the
+padding before it, so a row filters exactly like its valid tokens packed to the left (and a prompt before the
+response does not count as time). Their output is 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+BLOCK = 64  # tokens per block of the chunked scan: B*T*BLOCK multiply-adds inside blocks, B*(T/BLOCK)^2 across
+# Largest -log D_T for the rescaled path: 1/D_T <= e^range leaves |z| up to ~1e25 (float32) / ~1e178 (float64) before
+# (K/D) z could overflow.
+RESCALE_RANGE = {torch.float32: 30.0, torch.float64: 300.0}
+
+
+@functools.lru_cache(maxsize=128)
+def _gains(q: float, r: float, p0: float, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """K_1..K_T, P_1..P_T and log(1 - K_t) in float64 (read-only: shared by every caller through the cache)."""
+    gains, variances, log_keep = np.empty(steps), np.empty(steps), np.empty(steps)
+    p = p0
+    for t in range(steps):
+        prior = p + q
+        gains[t] = prior / (prior + r)
+        keep = r / (prior + r)  # 1 - K_t without cancellation when K_t is close to 1
+        p = keep * prior
+        variances[t], log_keep[t] = p, math.log(keep)
+    for array in (gains, variances, log_keep):
+        array.flags.writeable = False
+    return gains, variances, log_keep
+
+
+def _check(q: float, r: float, p0: float) -> tuple[float, float, float]:
+    q, r, p0 = float(q), float(r), float(p0)
+    if not (math.isfinite(q) and q >= 0 and math.isfinite(r) and r > 0 and math.isfinite(p0) and p0 >= 0):
+        raise ValueError(f"Kalman filter needs finite q >= 0, r > 0, p0 >= 0; got q={q}, r={r}, p0={p0}")
+    return q, r, p0
+
+
+def kalman_gains(q: float, r: float, p0: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gains K_1..K_T and posterior variances P_1..P_T ([steps] float64 each) of the filter started at variance p0:
+    P_prior = P + q; K = P_prior / (P_prior + r); P = (1 - K) P_prior."""
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    gains, variances, _ = _gains(*_check(q, r, p0), int(steps))
+    return torch.tensor(gains), torch.tensor(variances)
+
+
+class _BlockScan(NamedTuple):
+    """The filter's linear map for `blocks` blocks of BLOCK tokens (the first k blocks' map is its [:k] slice)."""
+
+    local: torch.Tensor    # [blocks, BLOCK, BLOCK]  W restricted to each diagonal block (lower triangular)
+    carry: torch.Tensor    # [blocks, blocks]        decay between block ends (lower triangular)
+    enter: torch.Tensor    # [blocks, BLOCK]         decay from the previous block's end to each token
+    initial: torch.Tensor  # [blocks]                decay from x0 to each block end
+
+
+def _decay(log_to: torch.Tensor, log_from: torch.Tensor) -> torch.Tensor:
+    """exp(log_to[..., :, None] - log_from[..., None, :]) below and on the diagonal, 0 above (never exp of > 0)."""
+    diff = log_to.unsqueeze(-1) - log_from.unsqueeze(-2)
+    upper = torch.ones(diff.shape[-2:], dtype=torch.bool).triu(1)
+    return diff.masked_fill(upper, -math.inf).exp()
+
+
+@functools.lru_cache(maxsize=32)
+def _block_scan(q: float, r: float, p0: float, blocks: int, dtype: torch.dtype, device: torch.device) -> _BlockScan:
+    gains, _, log_keep = _gains(q, r, p0, blocks * BLOCK)
+    cum = torch.from_numpy(np.cumsum(log_keep)).view(blocks, BLOCK)  # log prod_{j<=t} (1 - K_j)
+    ends = cum[:, -1]
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    local = _decay(cum, cum) * torch.tensor(gains).view(blocks, 1, BLOCK)
+    scan = _BlockScan(local, _decay(ends, ends), (cum - starts[:, None]).exp(), ends.exp())
+    return _BlockScan(*(x.to(dtype=dtype, device=device) for x in scan))
+
+
+@functools.lru_cache(maxsize=32)
+def _rescaled(q: float, r: float, p0: float, steps: int, dtype: torch.dtype,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """D_t and K_t / D_t ([steps] each) for the rescaled cumulative sum, or None when D_T is out of range (then
+    it is also out of range for every longer T)."""
+    gains, _, log_keep = _gains(q, r, p0, steps)
+    cum = torch.from_numpy(np.cumsum(log_keep))
+    if -cum[-1] > RESCALE_RANGE[dtype]:
+        return None
+    return cum.exp().to(dtype=dtype, device=device), (torch.tensor(gains) * (-cum).exp()).to(dtype=dtype, device=device)
+
+
+def _scan(z: torch.Tensor, q: float, r: float, p0: float, x0: float) -> torch.Tensor:
+    """Filtered means of every row of z [B, T] (no mask), computed in z's dtype. Overwrites z (in-place ops: at
+    B x T = 64 x 4096 a fresh tensor costs as much as the arithmetic)."""
+    rows, steps = z.shape
+    capacity = max(BLOCK, 1 << (steps - 1).bit_length())  # tables cached per power of two: T changes every batch
+    if (rescaled := _rescaled(q, r, p0, capacity, z.dtype, z.device)) is not None:
+        decay, weight = rescaled
+        return z.mul_(weight[:steps]).cumsum_(-1).add_(x0).mul_(decay[:steps])
+    blocks = -(-steps // BLOCK)
+    scan = _block_scan(q, r, p0, capacity // BLOCK, z.dtype, z.device)
+    scan = _BlockScan(scan.local[:blocks], scan.carry[:blocks, :blocks], scan.enter[:blocks], scan.initial[:blocks])
+    chunks = torch.nn.functional.pad(z, (0, blocks * BLOCK - steps)).reshape(rows, blocks, BLOCK)
+    inside = torch.einsum("bki,kti->bkt", chunks, scan.local)  # each block filtered from state 0
+    ends = inside[:, :, -1] @ scan.carry.T + x0 * scan.initial  # [B, blocks] exact state at each block end
+    entering = torch.cat([ends.new_full((rows, 1), x0), ends[:, :-1]], dim=1)
+    return (inside + scan.enter * entering.unsqueeze(-1)).reshape(rows, -1)[:, :steps]
+
+
+def kalman_filter(z: torch.Tensor, mask: torch.Tensor | None = None, *, q: float, r: float, x0: float = 0.0,
+                  p0: float = 1.0) -> torch.Tensor:
+    """Causal filtered means xhat [..., T] of observations z [..., T], one independent filter per leading index.
+
+    mask [..., T] (bool or 0/1): masked positions are skipped (state carried over, gain index not advanced) and
+    output 0; their z is never read, so it may be anything. Runs in z's dtype (float32 or float64; lower precisions
+    in float32) with no Python loop over rows or tokens; not differentiable (filter z.detach()).
+    """
+    q, r, p0 = _check(q, r, p0)
+    shape = z.shape
+    dtype = z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32
+    flat = z.detach().reshape(-1, shape[-1]).to(dtype)
+    if flat.numel() == 0:
+        return torch.zeros(shape, dtype=z.dtype, device=z.device)
+    if mask is None:
+        return _scan(flat.clone(), q, r, p0, float(x0)).view(shape).to(z.dtype)
+    if mask.shape != shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from z shape {tuple(shape)}")
+    keep = mask.reshape(flat.shape).to(dtype)
+    valid = keep.bool()
+    if torch.count_nonzero(valid[:, 1:] > valid[:, :-1]) == 0:  # right padding only: rows are already left-packed
+        out = _scan(torch.where(valid, flat, 0.0), q, r, p0, float(x0))
+        return out.mul_(keep).view(shape).to(z.dtype)
+    rank = valid.cumsum(-1) - 1  # position of each valid token among its row's valid tokens
+    packed = flat.new_zeros(flat.shape[0], flat.shape[1] + 1)
+    packed.scatter_(-1, torch.where(valid, rank, flat.shape[1]), flat)  # masked tokens go to a spare column
+    filtered = _scan(packed[:, :-1], q, r, p0, float(x0))  # causal: the zeros after a row's tokens cannot leak back
+    return filtered.gather(-1, rank.clamp(min=0)).mul_(keep).view(shape).to(z.dtype)

@@ -1,0 +1,295 @@
+"""GRPO, KRPO, KPO and GSPO as algorithms.md specifies them: the advantage estimators, the ratio transforms (values
+and gradients), the clipped loss and its aggregates, the off-policy guard, the registries and the noise diagnostic."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kalmanrl import algorithms
+from kalmanrl.algorithms import (
+    check_off_policy,
+    filtered_log_ratio,
+    get_advantage_estimator,
+    get_ratio_transform,
+    k3_kl,
+    policy_loss,
+    ratio_needs_off_policy,
+    register_advantage_estimator,
+    token_noise_stats,
+)
+from kalmanrl.kalman import kalman_gains
+
+
+def log_probs(rows: int = 4, steps: int = 30, seed: int = 0, spread: float = 0.3):
+    gen = torch.Generator().manual_seed(seed)
+    old = -3 * torch.rand(rows, steps, generator=gen, dtype=torch.float64)
+    logp = (old + spread * torch.randn(rows, steps, generator=gen, dtype=torch.float64)).requires_grad_()
+    mask = torch.arange(steps) < torch.randint(1, steps + 1, (rows, 1), generator=gen)
+    return logp, old, mask.double()
+
+
+def grad_of(rho: torch.Tensor, logp: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    (grad,) = torch.autograd.grad((rho * upstream).sum(), logp)
+    return grad
+
+
+# ---------------------------------------------------------------------------------------------------------- GRPO
+
+def test_grpo_gives_zero_advantage_to_an_all_equal_group():
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    advantages = get_advantage_estimator("grpo")(rewards)
+    assert (advantages[0] == 0).all()
+    std = math.sqrt(1 / 3)  # Bessel-corrected std of [0, 1, 0, 1]
+    torch.testing.assert_close(advantages[1], torch.tensor([-0.5, 0.5, -0.5, 0.5], dtype=torch.float64) / (std + 1e-6))
+
+
+def test_grpo_scales_by_group_batch_or_not_at_all():
+    rewards = torch.tensor([[0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+    centred = torch.tensor([[-1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(get_advantage_estimator("grpo", scale="none")(rewards), centred)
+    torch.testing.assert_close(get_advantage_estimator("grpo", scale="batch", eps=0.0)(rewards),
+                               centred / rewards.std())
+    torch.testing.assert_close(get_advantage_estimator("grpo", scale="group", eps=0.0)(rewards)[0],
+                               centred[0] / math.sqrt(2))
+    with pytest.raises(ValueError, match="batch, group, none"):
+        get_advantage_estimator("grpo", scale="global")(rewards)
+    with pytest.raises(ValueError, match="at least 2"):
+        get_advantage_estimator("grpo")(rewards[:, :1])
+
+
+# ---------------------------------------------------------------------------------------------------------- KRPO
+
+def krpo_reference(rewards: list[float], q=1e-5, r=1e-2, x=0.0, p=1.0, eps=1e-8) -> list[float]:
+    """algorithms.md's KRPO loop for one group."""
+    out = []
+    for reward in rewards:
+        prior = p + q
+        gain = prior / (prior + r)
+        x = x + gain * (reward - x)
+        p = (1 - gain) * prior
+        out.append((reward - x) / (math.sqrt(p) + eps))
+    return out
+
+
+def test_krpo_equals_the_authors_loop_group_by_group():
+    rewards = torch.rand(6, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64).round(decimals=1)
+    advantages = get_advantage_estimator("krpo")(rewards)
+    expected = torch.tensor([krpo_reference(row) for row in rewards.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(advantages, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_krpo_all_zero_group_gets_zero_and_the_first_sample_gets_a_tenth_of_its_reward():
+    rewards = torch.tensor([[0.0] * 12, [1.0] + [0.0] * 11, [0.5] * 12], dtype=torch.float64)
+    advantages = get_advantage_estimator("krpo")(rewards)
+    assert (advantages[0] == 0).all()
+    assert advantages[1, 0].item() == pytest.approx(0.0995, abs=1e-4)  # (1 - K_1) / sqrt(P_1) = 0.0099 / 0.0995
+    # an all-equal non-zero group is not zero: the filter starts at x0 = 0 and approaches the rewards
+    gains, variances = kalman_gains(1e-5, 1e-2, 1.0, 12)
+    torch.testing.assert_close(advantages[2], 0.5 * torch.cumprod(1 - gains, 0) / (variances.sqrt() + 1e-8))
+
+
+def test_krpo_advantages_are_about_ten_to_twenty_times_grpos():
+    rewards = torch.rand(256, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64).round()
+    krpo, grpo = (get_advantage_estimator(name)(rewards).abs().mean() for name in ("krpo", "grpo"))
+    assert 5 < krpo / grpo < 25
+
+
+# ------------------------------------------------------------------------------------------------ ratio transforms
+
+def test_token_ratio_is_exp_of_the_log_ratio_with_gradient_through_logp_only():
+    logp, old, mask = log_probs()
+    old.requires_grad_()
+    rho = get_ratio_transform("token")(logp, old, mask)
+    torch.testing.assert_close(rho, (logp - old).exp())
+    upstream = torch.rand_like(rho)
+    torch.testing.assert_close(grad_of(rho, logp, upstream), upstream * rho.detach())
+    assert old.grad is None
+    assert get_ratio_transform("token", clamp=0.1)(logp, old, mask).max().item() <= math.exp(0.1) + 1e-12
+
+
+def test_kpo_ratio_value_is_exp_xhat_and_gradient_exp_xhat_times_dlogp():
+    logp, old, mask = log_probs(spread=1.0)
+    rho = get_ratio_transform("kpo", q=1e-2)(logp, old, mask)
+    xhat = filtered_log_ratio(logp - old, mask, q=1e-2)
+    torch.testing.assert_close(rho, xhat.exp(), rtol=1e-12, atol=0)
+    upstream = torch.rand_like(rho)
+    torch.testing.assert_close(grad_of(rho, logp, upstream), upstream * xhat.exp(), rtol=1e-12, atol=0)
+
+
+def test_kpo_equals_the_stop_gradient_formula_of_the_spec_including_its_clamp():
+    logp, old, mask = log_probs(spread=1.0)
+    for clamp in (10.0, 0.05):
+        xhat = filtered_log_ratio(logp - old, mask, q=1e-2, p0=1.0)
+        spec = (logp - logp.detach() + xhat).clamp(max=clamp).exp()
+        rho = get_ratio_transform("kpo", q=1e-2, p0=1.0, clamp=clamp)(logp, old, mask)
+        torch.testing.assert_close(rho, spec, rtol=1e-12, atol=0)
+        upstream = torch.rand_like(rho)
+        torch.testing.assert_close(grad_of(rho, logp, upstream), grad_of(spec, logp, upstream), rtol=1e-12, atol=0)
+
+
+def test_kpo_with_q_to_infinity_reduces_to_the_token_ratio():
+    logp, old, mask = log_probs()
+    kpo = get_ratio_transform("kpo", q=1e12)(logp, old, mask)
+    token = get_ratio_transform("token")(logp, old, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(kpo[valid], token[valid], rtol=1e-9, atol=0)
+    upstream = torch.rand_like(kpo) * mask
+    torch.testing.assert_close(grad_of(kpo, logp, upstream), grad_of(token, logp, upstream), rtol=1e-9, atol=0)
+
+
+def test_kpo_defaults_are_the_authors():
+    assert algorithms.KPO_DEFAULTS == {"q": 1e-6, "r": 1.0, "x0": 0.0, "p0": 0.0}
+    logp, old, mask = log_probs()
+    torch.testing.assert_close(get_ratio_transform("kpo")(logp, old, mask),
+                               filtered_log_ratio(logp - old, mask, **algorithms.KPO_DEFAULTS).exp())
+
+
+def test_sequence_ratio_is_gspo_exp_of_the_masked_mean_log_ratio_on_every_token():
+    logp, old, mask = log_probs()
+    rho = get_ratio_transform("sequence")(logp, old, mask)
+    z = (logp - old).detach()
+    s = ((z * mask).sum(-1) / mask.sum(-1)).exp().unsqueeze(-1)
+    torch.testing.assert_close(rho, s.expand_as(rho))
+    upstream = torch.rand_like(rho)
+    torch.testing.assert_close(grad_of(rho, logp, upstream), upstream * s)
+
+
+@pytest.mark.parametrize("name", ["token", "sequence", "kpo"])
+def test_every_ratio_is_exactly_one_on_policy(name):
+    logp, _, mask = log_probs()
+    assert (get_ratio_transform(name)(logp, logp.detach(), mask) == 1).all()
+
+
+# --------------------------------------------------------------------------------------------------- the loss
+
+RHO = torch.tensor([[1.0, 1.5, 0.5], [0.9, 1.1, 2.0]])
+ADV = torch.tensor([[1.0], [-1.0]]).expand(2, 3)
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+# per-token clipped surrogate by hand: row 0 (A=1) -1, max(-1.5, -1.2) = -1.2; row 1 (A=-1) 0.9, 1.1, max(2.0, 1.2)
+
+
+@pytest.mark.parametrize("aggregate, kwargs, expected", [
+    ("grpo", {}, ((-1 - 1.2) / 2 + (0.9 + 1.1 + 2.0) / 3) / 2),
+    ("bnpo", {}, 1.8 / 5),
+    ("dr_grpo", {}, 1.8 / (2 * 3)),
+    ("dr_grpo", {"max_length": 10}, 1.8 / (2 * 10)),
+    ("dapo", {}, 1.8 / 5),
+    ("dapo", {"num_active_tokens": 12}, 1.8 / 12),
+])
+def test_clipped_surrogate_and_every_aggregate_against_hand_computed_values(aggregate, kwargs, expected):
+    loss, metrics = policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2, aggregate=aggregate, **kwargs)
+    assert loss.item() == pytest.approx(expected)
+    assert metrics["pg_loss"].item() == pytest.approx(expected)
+
+
+def test_loss_metrics_count_valid_tokens_only():
+    _, metrics = policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2)
+    assert metrics["clip_frac"].item() == pytest.approx(1 / 5)  # only row 0's 1.5 is clipped
+    assert metrics["ratio_mean"].item() == pytest.approx(6.5 / 5)
+    assert (metrics["ratio_min"].item(), metrics["ratio_max"].item()) == pytest.approx((0.9, 2.0))
+    assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
+
+
+def test_unclipped_loss_is_minus_advantage_times_ratio_and_asymmetric_clip_ranges_apply():
+    loss, metrics = policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2, clip=False)
+    assert loss.item() == pytest.approx(((-1 - 1.5) / 2 + (0.9 + 1.1 + 2.0) / 3) / 2)
+    assert metrics["clip_frac"].item() == 0
+    loss, _ = policy_loss(RHO, ADV, MASK, eps_low=0.05, eps_high=0.4, aggregate="bnpo")
+    # row 0: -1, max(-1.5, -1.4) = -1.4; row 1: max(0.9, 0.95) = 0.95, 1.1, max(2.0, 1.4) = 2.0
+    assert loss.item() == pytest.approx((-1 - 1.4 + 0.95 + 1.1 + 2.0) / 5)
+
+
+def test_kl_term_adds_beta_times_aggregated_k3_and_needs_a_reference():
+    logp = torch.zeros(2, 3, requires_grad=True)
+    ref = torch.full((2, 3), math.log(2.0))
+    loss, metrics = policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2, beta=0.1, logp=logp, ref_logp=ref)
+    k3 = 2 - math.log(2.0) - 1
+    assert metrics["kl"].item() == pytest.approx(k3)
+    assert loss.item() == pytest.approx(metrics["pg_loss"].item() + 0.1 * k3)
+    with pytest.raises(ValueError, match="ref_logp"):
+        policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2, beta=0.1, logp=logp)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-30, 30), min_size=1, max_size=20), st.lists(st.floats(-30, 30), min_size=1, max_size=20),
+       st.sampled_from([torch.float32, torch.float64]))
+def test_k3_kl_is_never_negative(logp, ref, dtype):
+    size = min(len(logp), len(ref))
+    kl = k3_kl(torch.tensor(logp[:size], dtype=dtype), torch.tensor(ref[:size], dtype=dtype))
+    assert (kl >= 0).all()
+
+
+def test_unknown_aggregate_lists_the_known_ones():
+    with pytest.raises(ValueError, match="grpo, bnpo, dr_grpo, dapo"):
+        policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2, aggregate="sum")
+
+
+# ------------------------------------------------------------------------------------------- off-policy guard
+
+@pytest.mark.parametrize("ratio", ["kpo", "sequence"])
+def test_training_config_refuses_kpo_or_gspo_with_one_optimiser_step_per_rollout_batch(ratio):
+    assert ratio_needs_off_policy(ratio)
+    with pytest.raises(ValueError, match="identically 1.*would equal GRPO"):
+        check_off_policy(ratio, 1)
+    check_off_policy(ratio, 4)
+
+
+def test_token_ratio_is_allowed_on_policy():
+    assert not ratio_needs_off_policy("token")
+    check_off_policy("token", 1)
+
+
+# --------------------------------------------------------------------------------------------------- registries
+
+def test_unknown_names_fail_listing_the_known_ones():
+    with pytest.raises(ValueError, match="grpo, krpo"):
+        get_advantage_estimator("ppo")
+    with pytest.raises(ValueError, match="kpo, sequence, token"):
+        get_ratio_transform("gmpo")
+    with pytest.raises(ValueError, match="kpo, sequence, token"):
+        ratio_needs_off_policy("gmpo")
+
+
+def test_unknown_parameters_fail_at_lookup_listing_the_known_ones():
+    with pytest.raises(ValueError, match=r"\['q', 'r', 'x0', 'p0', 'clamp'\]"):
+        get_ratio_transform("kpo", Q=1.0)
+
+
+@register_advantage_estimator("test_leave_one_out")
+def leave_one_out(rewards: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+    group = rewards.shape[-1]
+    return scale * (rewards - (rewards.sum(-1, keepdim=True) - rewards) / (group - 1))
+
+
+def test_registering_an_estimator_is_one_decorated_function_and_names_are_unique():
+    rewards = torch.tensor([[1.0, 0.0, 0.0]])
+    torch.testing.assert_close(get_advantage_estimator("test_leave_one_out", scale=2.0)(rewards),
+                               torch.tensor([[2.0, -1.0, -1.0]]))
+    with pytest.raises(ValueError, match="already registered"):
+        register_advantage_estimator("grpo")(leave_one_out)
+
+
+# -------------------------------------------------------------------------------------------- noise diagnostic
+
+def test_noise_stats_count_sign_switches_and_runs_over_valid_neighbours():
+    z = torch.tensor([[1.0, -1.0, -2.0, 3.0, 5.0], [4.0, 4.0, 4.0, 4.0, 4.0], [-1.0, 1.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
+    stats = token_noise_stats(z, mask)
+    # valid pairs: row 0: (+,-) (-,-) (-,+); row 2: (-,+) -> 3 switches of 4; runs: row 0 three, row 2 two
+    assert stats == {"sign_switch_rate": pytest.approx(3 / 4), "sign_run_length": pytest.approx(6 / 5)}
+
+
+def test_noise_stats_of_the_kpo_filtered_series_are_smoother_than_raw_noise():
+    z = 0.3 * torch.randn(16, 500, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mask = torch.ones_like(z)
+    raw, filtered = token_noise_stats(z, mask), token_noise_stats(filtered_log_ratio(z, mask), mask)
+    assert raw["sign_switch_rate"] == pytest.approx(0.5, abs=0.03)
+    assert filtered["sign_switch_rate"] < 0.1 < 10 < filtered["sign_run_length"]
+
+
+def test_noise_stats_without_valid_tokens_are_nan():
+    stats = token_noise_stats(torch.zeros(2, 3), torch.zeros(2, 3))
+    assert all(math.isnan(v) for v in stats.values())

@@ -1,0 +1,145 @@
+"""The vectorised Kalman filter equals the plain sequential filter of algorithms.md, masks included, for any shape,
+dtype, length and q/r; and its gains are the table the KRPO spec quotes."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kalmanrl.kalman import kalman_filter, kalman_gains
+
+
+def sequential_filter(z: torch.Tensor, mask: torch.Tensor | None, q: float, r: float, x0: float,
+                      p0: float) -> torch.Tensor:
+    """The reference: algorithms.md's loop, one row and one token at a time, in float64; masked tokens skipped."""
+    rows = z.detach().double().reshape(-1, z.shape[-1])
+    valid = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask.reshape(rows.shape).bool()
+    out = torch.zeros_like(rows)
+    for i in range(rows.shape[0]):
+        x, p = x0, p0
+        for t in range(rows.shape[1]):
+            if valid[i, t]:
+                prior = p + q
+                gain = prior / (prior + r)
+                x = x + gain * (rows[i, t].item() - x)
+                p = (1 - gain) * prior
+                out[i, t] = x
+    return out.reshape(z.shape)
+
+
+def assert_matches_reference(z, mask, q, r, x0, p0):
+    fast = kalman_filter(z, mask, q=q, r=r, x0=x0, p0=p0)
+    assert fast.dtype == z.dtype and fast.shape == z.shape
+    assert torch.isfinite(fast).all()
+    reference = sequential_filter(z, mask, q, r, x0, p0)
+    scale = max(1.0, abs(x0), z.abs().max().item() if z.numel() else 0.0)
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-6, atol=1e-6 * scale)
+
+
+log_uniform = st.floats(-8, 2).map(lambda e: 10.0 ** e)
+
+
+@st.composite
+def filter_inputs(draw, max_steps: int = 200):
+    lead = draw(st.lists(st.integers(1, 4), min_size=0, max_size=2))
+    steps = draw(st.integers(1, max_steps))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    z = (draw(st.sampled_from([0.01, 1.0, 30.0])) * torch.randn(*lead, steps, generator=gen)).to(dtype)
+    density = draw(st.sampled_from([None, 0.0, 0.3, 0.9, 1.0]))
+    mask = None if density is None else torch.rand(*lead, steps, generator=gen) < density
+    if mask is not None and draw(st.booleans()):  # right padding, the trainer's layout
+        lengths = torch.randint(0, steps + 1, lead, generator=gen)
+        mask = torch.arange(steps) < lengths.unsqueeze(-1)
+    return z, mask, draw(log_uniform), draw(log_uniform), draw(st.floats(-1, 1)), draw(st.floats(0, 10))
+
+
+@settings(max_examples=150, deadline=None)
+@given(filter_inputs())
+def test_vectorised_filter_equals_sequential_loop_on_random_shapes_masks_dtypes_and_q_r(inputs):
+    assert_matches_reference(*inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("q, r", [(1e-6, 1.0), (1e-5, 1e-2), (1e-8, 1e2), (1e2, 1e-8), (1e-8, 1e-8), (1e2, 1e2)])
+def test_long_sequences_with_extreme_q_r_neither_overflow_nor_underflow(q, r, dtype):
+    gen = torch.Generator().manual_seed(0)
+    z = (0.1 * torch.randn(2, 8192, generator=gen)).to(dtype)
+    mask = torch.ones(2, 8192, dtype=torch.bool)
+    mask[1, 6000:] = False
+    mask[1, 100:300] = False  # an interior gap: the general (packing) path
+    for p0 in (0.0, 1.0):
+        assert_matches_reference(z, mask, q, r, 0.5, p0)
+
+
+def test_masked_positions_are_skipped_so_a_row_filters_like_its_valid_tokens_packed_left():
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 50, generator=gen, dtype=torch.float64)
+    mask = torch.rand(3, 50, generator=gen) < 0.5
+    out = kalman_filter(z, mask, q=1e-3, r=0.5, p0=0.2)
+    for row in range(3):
+        packed = kalman_filter(z[row, mask[row]], q=1e-3, r=0.5, p0=0.2)
+        torch.testing.assert_close(out[row, mask[row]], packed, rtol=1e-12, atol=1e-12)
+        assert (out[row, ~mask[row]] == 0).all()
+
+
+def test_masked_observations_are_never_read():
+    z = torch.randn(4, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mask = torch.rand(4, 100, generator=torch.Generator().manual_seed(3)) < 0.7
+    mask[0, 60:] = False
+    for m in (mask, torch.arange(100) < torch.tensor([[10], [50], [100], [0]])):
+        garbage = z.masked_fill(~m, math.nan)
+        torch.testing.assert_close(kalman_filter(garbage, m, q=1e-2, r=1.0), kalman_filter(z, m, q=1e-2, r=1.0))
+
+
+def test_filter_is_causal_and_restarts_per_row():
+    z = torch.randn(2, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    changed = z.clone()
+    changed[0, 200:] += 5.0
+    a, b = kalman_filter(z, q=1e-4, r=1.0, p0=0.0), kalman_filter(changed, q=1e-4, r=1.0, p0=0.0)
+    torch.testing.assert_close(a[0, :200], b[0, :200], rtol=0, atol=0)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+
+
+def test_all_masked_rows_empty_batches_and_length_one_sequences():
+    z = torch.randn(3, 1)
+    assert (kalman_filter(z, torch.zeros(3, 1), q=1.0, r=1.0) == 0).all()
+    assert kalman_filter(torch.zeros(0, 7), q=1.0, r=1.0).shape == (0, 7)
+    # one observation from P0: K_1 = (p0 + q) / (p0 + q + r)
+    torch.testing.assert_close(kalman_filter(torch.tensor([2.0]), q=1.0, r=2.0, x0=0.0, p0=1.0), torch.tensor([1.0]))
+
+
+def test_filter_detaches_and_keeps_low_precision_dtypes():
+    z = torch.randn(2, 10, requires_grad=True)
+    assert not kalman_filter(z, q=1.0, r=1.0).requires_grad
+    assert kalman_filter(z.detach().bfloat16(), q=1.0, r=1.0).dtype == torch.bfloat16
+
+
+def test_gains_for_krpo_defaults_and_g12_are_the_spec_table():
+    gains, variances = kalman_gains(1e-5, 1e-2, 1.0, 12)
+    assert gains.dtype == variances.dtype == torch.float64
+    expected_gains = [0.9901, 0.4978, 0.3328, 0.2503]
+    torch.testing.assert_close(gains[:4], torch.tensor(expected_gains, dtype=torch.float64), atol=5e-5, rtol=0)
+    assert round(gains[-1].item(), 4) == 0.0867
+    std = variances.sqrt()
+    assert [round(std[0].item(), 4), round(std[1].item(), 4), round(std[-1].item(), 4)] == [0.0995, 0.0706, 0.0295]
+
+
+def test_posterior_variance_equals_r_times_gain_and_cached_results_cannot_be_corrupted():
+    gains, variances = kalman_gains(1e-6, 1.0, 0.0, 1000)
+    torch.testing.assert_close(variances, 1.0 * gains, rtol=1e-12, atol=0)
+    gains.zero_()
+    assert kalman_gains(1e-6, 1.0, 0.0, 1000)[0][-1] > 0
+
+
+@pytest.mark.parametrize("q, r, p0", [(-1.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 1.0, -1.0), (math.inf, 1.0, 0.0)])
+def test_invalid_noise_parameters_are_refused(q, r, p0):
+    with pytest.raises(ValueError, match="q >= 0, r > 0, p0 >= 0"):
+        kalman_filter(torch.zeros(1, 3), q=q, r=r, p0=p0)
+
+
+def test_mask_of_another_shape_is_refused():
+    with pytest.raises(ValueError, match="mask shape"):
+        kalman_filter(torch.zeros(2, 3), torch.ones(2, 4), q=1.0, r=1.0)
