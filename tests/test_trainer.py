@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kalmanrl.config import validate_config, stage_settings
+import digit_share  # noqa: F401  (registers the "digit_share" reward)
+from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.rollout import Completion
 from kalmanrl.trainer import NonFiniteLossError, _step_problems, build_batch, token_logprobs, train
 
@@ -27,8 +28,7 @@ def settings_for(algorithm: str, **train) -> dict:
     config = validate_config({
         "train": {"steps": 3, "prompts_per_step": 4, "group_size": 4, "mini_batches": 2, "max_tokens": 12,
                   "checkpoint_every": 1, "lr": 1e-3, **train},
-        "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": "krpo_arithmetic",
-                               "reward_params": {"num_workers": 1}}},
+        "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": "digit_share"}},
         "tasks": ["arith"], "benchmarks": ["arith"]})
     return stage_settings(config, "train", model="tiny", task="arith", algorithm=algorithm, seed="0")
 
@@ -85,14 +85,16 @@ def test_policy_moves_off_policy_within_a_rollout_batch(tmp_path, tiny_model_dir
 
 
 def _run_cli(out: Path, model: Path, data: Path, settings: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kalmanrl.cli", "train", "--settings", json.dumps(settings),
+    """`kalmanrl train` in a subprocess that also registers the test reward."""
+    code = "import sys, digit_share; from kalmanrl.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, "train", "--settings", json.dumps(settings),
                              "--model", str(model), "--dataset", str(data), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=Path(__file__).parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir, arithmetic_parquet):
-    settings = settings_for("kpo", steps=5)
+    settings = settings_for("kpo", steps=8)
     whole = tmp_path / "whole"
     assert _run_cli(whole, tiny_model_dir, arithmetic_parquet, settings).wait() == 0
 
@@ -123,7 +125,7 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, tiny_model_dir,
 def test_non_finite_losses_skip_updates_then_abort(tmp_path, tiny_model_dir, arithmetic_parquet):
     settings = settings_for("grpo", max_nonfinite=1, steps=3)
     settings["algorithm"]["advantage_params"] = {"eps": 0.0}  # an all-equal group divides 0 by 0
-    settings["task"]["reward"] = "krpo_arithmetic"
+    settings["task"]["reward"] = "krpo_arithmetic"  # 0 for every completion of the untrained model
     with pytest.raises(NonFiniteLossError, match="non-finite losses"):
         train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings)
 

@@ -6,7 +6,6 @@ ppo_epochs x mini_batches optimiser steps over the rollout batch, so ratios and 
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, fields, replace
@@ -22,6 +21,7 @@ from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
 from kalmanrl.io import atomic_path, write_parquet
 from kalmanrl.model import load_policy
+from kalmanrl.optim import make_optimizer
 from kalmanrl.prompts import get_template
 from kalmanrl.rewards import get_reward
 from kalmanrl.rollout import Completion, SamplingConfig, make_engine
@@ -83,17 +83,6 @@ def token_logprobs(model, batch: RolloutBatch, *, with_entropy: bool = False):
     return taken, entropy
 
 
-def lr_lambda(warmup: int, total: int, schedule: str):
-    """Linear warm-up, then constant or cosine decay to zero over `total` optimiser steps."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-        return 1.0
-    return factor
-
-
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses: the run diverged."""
 
@@ -119,9 +108,7 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
     # The token-noise diagnostic filters z the way KPO would, for every algorithm, so runs are comparable.
     kpo_params = alg["ratio_params"] if alg["ratio"] == "kpo" else {}
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg["warmup_steps"], cfg["steps"] * optimizer_steps, cfg["schedule"]))
+    optimizer, scheduler = make_optimizer(policy.parameters(), cfg, cfg["steps"] * optimizer_steps)
 
     settings_hash = config_hash(settings)
     checkpoints = out_dir / "checkpoints"

@@ -1,0 +1,82 @@
+"""Policies: a tiny Qwen2 built offline for CPU runs and CI (tokenizer trained here, random weights), copies of hub or
+local models, and loading for training — always through safetensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from kalmanrl.io import atomic_path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2's pre-tokenizer split (single digits, so arithmetic is tokenised digit by digit). transformers 5 reloads any
+# tokenizer saved next to a qwen2 config as Qwen2Tokenizer, which re-installs exactly this normalizer/pre-tokenizer;
+# training with anything else would change token ids on reload (and in vLLM, which uses the same class).
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+               r"""|\s+(?!\S)|\s+""")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 256)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Qwen2's normalizer and pre-tokenizer, ChatML special tokens and template."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
+
+
+def tiny_config(spec: dict, vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
+    head_dim, rest = divmod(spec["hidden_size"], spec["num_heads"])
+    if rest or head_dim not in VLLM_CPU_HEAD_DIMS:
+        raise ValueError(f"hidden_size / num_heads = {spec['hidden_size'] / spec['num_heads']:g}: vLLM's CPU "
+                         f"attention supports head sizes {VLLM_CPU_HEAD_DIMS}")
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_layers"],
+        num_attention_heads=spec["num_heads"], num_key_value_heads=spec["num_kv_heads"],
+        intermediate_size=spec["intermediate_size"], max_position_embeddings=spec["max_position_embeddings"],
+        tie_word_embeddings=spec["tie_word_embeddings"], eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, torch_dtype="float32")
+
+
+def build_tiny_model(out_dir: str | Path, texts: Iterable[str], *, spec: dict, seed: int) -> None:
+    """Train a tokenizer on `texts` and save it with a randomly initialised Qwen2 (same seed -> same weights)."""
+    tokenizer = train_tokenizer(texts, spec["vocab_size"])
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(tiny_config(spec, len(tokenizer), tokenizer))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with atomic_path(out_dir, directory=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def fetch_pretrained(source: str, out_dir: str | Path, *, revision: str | None = None, dtype: str = "auto") -> None:
+    """Copy a hub model (by id) or a local save_pretrained directory into `out_dir`, as safetensors."""
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, use_safetensors=True)
+    with atomic_path(out_dir, directory=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def load_policy(model_dir: str | Path, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """Model and tokenizer from a save_pretrained directory (safetensors only); left padding for generation."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True).to(device)
+    return model, tokenizer
