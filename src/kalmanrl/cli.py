@@ -71,12 +71,12 @@ def cmd_decontaminate(args: argparse.Namespace) -> None:
 
 def cmd_model(args: argparse.Namespace) -> None:
     from kalmanrl.data import read_dataset
-    from kalmanrl.model import build_tiny_model, fetch_pretrained
+    from kalmanrl.model import build_tiny_model, fetch_pretrained, tokenizer_corpus
 
     model = args.settings["model"]
     if model["source"] == "tiny":
-        texts = [text for path in args.texts for row in read_dataset(path).select(["problem", "answer"]).to_pylist()
-                 for text in row.values()]
+        texts = [text for path in args.texts
+                 for text in tokenizer_corpus(read_dataset(path), args.settings["templates"])]
         build_tiny_model(args.out, texts, spec=model["tiny"], seed=0)
     else:
         source = model["id"] if model["source"] == "hub" else model["path"]

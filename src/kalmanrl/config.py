@@ -142,7 +142,9 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
         name = wildcards["dataset"]
         return {"name": name, "dataset": datasets[name], "data": config["data"]}
     if stage == "model":
-        return {"model": config["models"][wildcards["model"]]}
+        model = config["models"][wildcards["model"]]
+        return {"model": model, **({"templates": sorted({datasets[t]["template"] for t in config["tasks"]})}
+                                   if model["source"] == "tiny" else {})}
     if stage == "sft":
         return {"sft": config["sft"], "template": datasets[wildcards["task"]]["template"], "seed": config["data"]["seed"]}
     ident = {k: wildcards[k] for k in ("model", "task", "algorithm", "benchmark") if k in wildcards}

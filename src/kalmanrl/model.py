@@ -3,7 +3,7 @@ local models, and loading for training — always through safetensors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -11,6 +11,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from kalmanrl.io import atomic_path
+from kalmanrl.prompts import get_template
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2's pre-tokenizer split (single digits, so arithmetic is tokenised digit by digit). transformers 5 reloads any
@@ -23,6 +24,17 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 256)
+
+
+def tokenizer_corpus(table, template_names: Iterable[str]) -> Iterator[str]:
+    """What the tiny tokenizer should compress: the problems, the targets in each template's answer format, and the
+    system prompts (once per problem, so their words get merged and prompts stay short)."""
+    templates = [get_template(name) for name in template_names]
+    for problem, answer, solution in zip(*(table.column(c).to_pylist() for c in ("problem", "answer", "solution"))):
+        yield problem
+        for template in templates:
+            yield template.system
+            yield template.target(answer, solution)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
