@@ -154,6 +154,7 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
         return {"train": config["train"], "algorithm": config["algorithms"][wildcards["algorithm"]],
                 "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident}
     if stage == "evaluate":
+        ident["step"] = 0 if ident["algorithm"] == "sft" else config["train"]["steps"]
         return {"evaluate": config["evaluate"], "rollout": config["rollout"],
                 "benchmark": datasets[wildcards["benchmark"]], "ident": ident}
     if stage == "report":

@@ -1,0 +1,65 @@
+"""Evaluation: the unbiased pass@k estimator, maj@k, and a real run of a tiny model through the hf engine."""
+
+from __future__ import annotations
+
+import itertools
+
+import pandas as pd
+import pytest
+
+from kalmanrl.config import stage_settings, validate_config
+from kalmanrl.evaluate import evaluate, majority_correct, pass_at_k
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 3), (6, 3, 6), (8, 1, 4), (4, 4, 2)])
+def test_pass_at_k_equals_enumerating_every_subset(n, c, k):
+    outcomes = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(outcomes, k))
+    assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+
+
+def test_pass_at_k_needs_k_samples():
+    with pytest.raises(ValueError, match="needs at least 4 samples"):
+        pass_at_k(3, 1, 4)
+
+
+def test_majority_vote_ignores_missing_answers_and_breaks_ties_by_first_seen():
+    assert majority_correct(["1", "2", "2", None], [False, True, True, False])
+    assert not majority_correct(["3", "2", "3", "2"], [False, True, False, True])
+    assert not majority_correct([None, None], [False, False])
+
+
+def _settings(algorithm="sft", **evaluate_cfg):
+    config = validate_config({"evaluate": {"k": 3, "pass_k": [1, 3], "max_problems": 5, "max_tokens": 8,
+                                           **evaluate_cfg},
+                              "datasets": {"arith": {"loader": "arithmetic", "template": "krpo",
+                                                     "reward": "krpo_arithmetic"}},
+                              "tasks": ["arith"], "benchmarks": ["arith"]})
+    wildcards = {"model": "tiny", "task": "arith", "benchmark": "arith", "algorithm": algorithm}
+    return stage_settings(config, "evaluate", **wildcards, **({} if algorithm == "sft" else {"seed": "1"}))
+
+
+def test_evaluation_writes_details_and_a_summary_with_provenance(tmp_path, tiny_model_dir, arithmetic_parquet):
+    summary = evaluate(tiny_model_dir, arithmetic_parquet, settings=_settings(), out_details=tmp_path / "d.parquet",
+                       out_summary=tmp_path / "s.parquet")
+    details = pd.read_parquet(tmp_path / "d.parquet")
+    assert len(details) == 5 * 3
+    assert list(details["sample_index"][:3]) == [0, 1, 2]
+    assert details["problem_id"].nunique() == 5
+    assert set(details["finish_reason"]) <= {"stop", "length"}
+    row = pd.read_parquet(tmp_path / "s.parquet").iloc[0]
+    assert row["algorithm"] == "sft" and row["step"] == 0 and pd.isna(row["seed"])
+    assert row["avg_at_k"] == pytest.approx(details["correct"].mean())
+    assert 0 <= row["pass_at_1"] <= row["pass_at_3"] <= 1
+    assert row["version_torch"] and len(row["sha256_data"]) == 64
+    assert summary["n_problems"] == 5
+
+
+def test_evaluation_is_deterministic_given_its_seed(tmp_path, tiny_model_dir, arithmetic_parquet):
+    runs = []
+    for name in ("a", "b"):
+        evaluate(tiny_model_dir, arithmetic_parquet, settings=_settings("grpo"),
+                 out_details=tmp_path / f"{name}.parquet", out_summary=tmp_path / f"{name}.s.parquet")
+        runs.append(pd.read_parquet(tmp_path / f"{name}.parquet"))
+    pd.testing.assert_frame_equal(*runs)
+    assert (runs[0]["seed"] == 1).all()
