@@ -147,19 +147,22 @@ def plot_curves(metrics: pd.DataFrame, figures: Path) -> list[Path]:
 
 
 def _format_table(table: pd.DataFrame, percent: list[str]) -> pd.DataFrame:
+    """Percentages with one decimal, missing cells spelled out, metric columns named for readers."""
     shown = table.copy()
     for column in percent:
         if column in shown:
             shown[column] = shown[column].map(lambda v: "missing" if pd.isna(v) else f"{100 * v:.1f}")
-    return shown.fillna("missing")
+    names = {c: c.replace("pass_at_", "pass@").replace("maj_at_k", "maj@k") + (" (%)" if c in percent else "")
+             for c in shown.columns}
+    return shown.fillna("missing").rename(columns={**names, "mean_length": "mean length (tokens)"})
 
 
 def _accuracy_display(table: pd.DataFrame, published: pd.DataFrame, paper_model: str) -> pd.DataFrame:
     shown = table.copy()
-    shown["avg@k, 95% CI"] = [str(Interval(m, lo, hi)) for m, lo, hi in
+    shown["avg@k (%), CI"] = [str(Interval(m, lo, hi)) for m, lo, hi in
                               zip(table["avg_at_k"], table["avg_at_k_low"], table["avg_at_k_high"])]
     paper = {(r.benchmark, r.algorithm): r.avg_at_k for r in published.itertuples()}
-    shown["paper avg@k (published)"] = [
+    shown["paper avg@k (%), published"] = [
         f"{paper[(b, a)]:.2f}" if m.lower() == paper_model and (b, a) in paper else ""
         for m, b, a in zip(table["model"], table["benchmark"], table["algorithm"])]
     keep = [c for c in shown.columns if c not in ("avg_at_k", "avg_at_k_low", "avg_at_k_high")]
