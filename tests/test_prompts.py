@@ -67,5 +67,14 @@ def test_boxed_target_ends_in_the_gold_answer_boxed(solution):
 
 
 def test_unknown_template_fails_listing_the_known_ones():
-    with pytest.raises(KeyError, match="unknown prompt template 'r1'; known: boxed, krpo"):
+    with pytest.raises(KeyError, match="unknown prompt template 'r1'; known: answer_tag, boxed, krpo"):
         get_template("r1")
+
+
+def test_answer_tag_template_has_no_system_turn_and_scores_like_krpo():
+    from kalmanrl.rewards import get_reward
+
+    template = get_template("answer_tag")
+    assert template.messages("1 + 2") == [{"role": "user", "content": "1 + 2"}]
+    with get_reward("krpo_arithmetic") as reward:
+        assert reward([template.target("3", None), get_template("krpo").target("3", None)], ["3", "3"]) == [1.0, 1.0]

@@ -33,8 +33,7 @@ def tokenizer_corpus(table, template_names: Iterable[str]) -> Iterator[str]:
     for problem, answer, solution in zip(*(table.column(c).to_pylist() for c in ("problem", "answer", "solution"))):
         yield problem
         for template in templates:
-            yield template.system
-            yield template.target(answer, solution)
+            yield from (template.system, template.target(answer, solution))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:

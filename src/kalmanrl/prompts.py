@@ -36,8 +36,9 @@ class PromptTemplate:
     format_target: Callable[[str, str | None], str]
 
     def messages(self, problem: str) -> list[dict[str, str]]:
-        """The chat messages of one prompt (system, then the problem as the user turn)."""
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": problem}]
+        """The chat messages of one prompt (system, when there is one, then the problem as the user turn)."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": problem}]
 
     def render(self, tokenizer: Any, problem: str) -> str:
         """The prompt text the policy continues: the tokenizer's chat template with the generation prompt added."""
@@ -65,8 +66,16 @@ def _boxed_target(answer: str, solution: str | None) -> str:
     return f"{reasoning}\n\n{final}" if reasoning else final
 
 
+def _answer_target(answer: str, solution: str | None) -> str:
+    """Just the tagged answer: what a tiny CPU model can learn in minutes."""
+    return f"<answer>{answer}</answer>"
+
+
 TEMPLATES: dict[str, PromptTemplate] = {
     "krpo": PromptTemplate("krpo", KRPO_SYSTEM_PROMPT, _think_answer_target),
+    # The KRPO answer format without the system prompt: for tiny models on a laptop, where a 100-token system prompt
+    # would be most of every sequence. The krpo_arithmetic reward scores it exactly as it scores `krpo`.
+    "answer_tag": PromptTemplate("answer_tag", "", _answer_target),
     "boxed": PromptTemplate("boxed", BOXED_SYSTEM_PROMPT, _boxed_target),
 }
 
