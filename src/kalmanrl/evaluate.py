@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
 from kalmanrl.io import write_parquet
 from kalmanrl.model import load_policy
+from kalmanrl.progress import progress
 from kalmanrl.prompts import get_template
 from kalmanrl.provenance import provenance
 from kalmanrl.rewards import get_reward
@@ -75,7 +75,7 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
     completions = []
     with make_engine(rollout["backend"], policy=policy, tokenizer=tokenizer, model_dir=model_dir,
                      **{k: v for k, v in rollout.items() if k != "backend"}) as engine:
-        for start in tqdm(range(0, len(prompt_ids), cfg["batch_size"]), desc=f"evaluate {ident['benchmark']}",
+        for start in progress(range(0, len(prompt_ids), cfg["batch_size"]), desc=f"evaluate {ident['benchmark']}",
                           unit="batch"):
             batch = prompt_ids[start:start + cfg["batch_size"]]
             completions += engine.generate(batch, SamplingConfig(**sampling, seed=cfg["seed"] + start))

@@ -7,12 +7,12 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from kalmanrl.data import read_dataset
 from kalmanrl.io import atomic_path
 from kalmanrl.model import load_policy
 from kalmanrl.optim import make_optimizer
+from kalmanrl.progress import progress
 from kalmanrl.prompts import get_template
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Pat
     generator = torch.Generator().manual_seed(seed)
     order, position, loss_ema = torch.randperm(len(examples), generator=generator), 0, None
     model.train()
-    with tqdm(range(settings["steps"]), desc="sft", unit="step") as bar:
+    with progress(range(settings["steps"]), desc="sft", unit="step") as bar:
         for step in bar:
             if position + settings["batch_size"] > len(order):
                 order, position = torch.randperm(len(examples), generator=generator), 0

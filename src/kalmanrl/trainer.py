@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from kalmanrl import algorithms
 from kalmanrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -22,6 +21,7 @@ from kalmanrl.data import read_dataset
 from kalmanrl.io import atomic_path, write_parquet
 from kalmanrl.model import load_policy
 from kalmanrl.optim import make_optimizer
+from kalmanrl.progress import progress
 from kalmanrl.prompts import get_template
 from kalmanrl.rewards import get_reward
 from kalmanrl.rollout import Completion, SamplingConfig, make_engine
@@ -122,7 +122,7 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
         k: v for k, v in rollout.items() if k != "backend"})
     writer = _tensorboard(out_dir) if cfg["tensorboard"] else None
     nonfinite = int(rows[-1]["nonfinite_total"]) if rows else 0
-    with engine, tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"],
+    with engine, progress(range(start, cfg["steps"]), initial=start, total=cfg["steps"],
                       desc=f"{ident['algorithm']} seed {seed}", unit="step") as bar:
         if start:
             engine.sync_weights(policy)
