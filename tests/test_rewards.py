@@ -25,12 +25,20 @@ def math_reward():
         yield reward
 
 
+@pytest.fixture(scope="module")
+def patient_reward():
+    """For accuracy checks: a limit no legitimate verification reaches even on a loaded CI machine, so a verdict is
+    never a timeout's 0."""
+    with get_reward("math_verify", timeout_s=30.0, num_workers=2) as reward:
+        yield reward
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # registry
 
 
 def test_unknown_reward_fails_listing_the_known_ones():
-    with pytest.raises(KeyError, match="known rewards: krpo_arithmetic, math_verify"):
+    with pytest.raises(KeyError, match=r"known rewards: (\w+, )*krpo_arithmetic, math_verify"):
         get_reward("exact_match")
 
 
@@ -206,17 +214,17 @@ CASES = [
 
 
 @pytest.mark.parametrize("gold, completion, expected", CASES)
-def test_math_verify_accepts_equivalent_forms_and_rejects_others(math_reward, gold, completion, expected):
-    (verdict,) = math_reward.judge(["Let me think step by step. " + completion], [gold])
+def test_math_verify_accepts_equivalent_forms_and_rejects_others(patient_reward, gold, completion, expected):
+    (verdict,) = patient_reward.judge(["Let me think step by step. " + completion], [gold])
     assert verdict.correct is expected
     assert verdict.reward == float(expected)
 
 
-def test_math_verify_agrees_with_math_verify_regression_cases(math_reward, shared_data):
+def test_math_verify_agrees_with_math_verify_regression_cases(patient_reward, shared_data):
     """Math-Verify's own test tables (254 cases, each test with its own settings; math-verify's defaults agree
     with 248). Our gold wrapping and default settings must agree with at least 95%."""
     rows = [json.loads(line) for line in (shared_data / "math_verify_cases" / "cases.jsonl").open()]
-    verdicts = math_reward.judge([r["pred"] for r in rows], [r["gold"] for r in rows])
+    verdicts = patient_reward.judge([r["pred"] for r in rows], [r["gold"] for r in rows])
     agreement = sum(v.correct == bool(r["expected"]) for v, r in zip(verdicts, rows)) / len(rows)
     print(f"agreement with Math-Verify's regression cases: {agreement:.1%} of {len(rows)}")
     assert agreement >= 0.95

@@ -107,7 +107,7 @@ def test_changing_a_training_setting_reruns_train_evaluate_and_report_only(smoke
     workdir, config = smoke
     changed = {**config, "train": {**config["train"], "lr": config["train"].get("lr", 1e-4) * 2}}
     (workdir / "changed.yaml").write_text(yaml.safe_dump(changed))
-    jobs = planned_jobs(snakemake(workdir, repo_root, "-n", "--configfile", "changed.yaml"))
+    jobs = planned_jobs(snakemake(workdir, repo_root, "-n", "--configfile", str(workdir / "changed.yaml")))
     runs = len(config["algorithms"])
     assert jobs == Counter({"train": runs, "evaluate": runs * len(config["benchmarks"]), "report": 1, "all": 1})
 
