@@ -122,8 +122,8 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
         k: v for k, v in rollout.items() if k != "backend"})
     writer = _tensorboard(out_dir) if cfg["tensorboard"] else None
     nonfinite = int(rows[-1]["nonfinite_total"]) if rows else 0
-    with engine, progress(range(start, cfg["steps"]), initial=start, total=cfg["steps"],
-                      desc=f"{ident['algorithm']} seed {seed}", unit="step") as bar:
+    with engine, reward_fn, progress(range(start, cfg["steps"]), initial=start, total=cfg["steps"],
+                                     desc=f"{ident['algorithm']} seed {seed}", unit="step") as bar:
         if start:
             engine.sync_weights(policy)
         for step in bar:
@@ -186,6 +186,8 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
                 save_checkpoint(checkpoints, step + 1, policy=policy, tokenizer=tokenizer, optimizer=optimizer,
                                 scheduler=scheduler, metrics=pd.DataFrame(rows), settings_hash=settings_hash)
 
+    if writer is not None:
+        writer.close()
     metrics = pd.DataFrame(rows)
     with atomic_path(out_dir / "final", directory=True) as tmp:
         policy.save_pretrained(tmp, safe_serialization=True)
