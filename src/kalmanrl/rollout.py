@@ -2,22 +2,31 @@
 sampling log-probs and finish reasons. `vllm` keeps one offline engine alive and receives the policy's new weights in
 place after each update; `hf` is transformers `generate` on the policy itself, the fallback without vLLM.
 
-Both return *raw* log-probs (log-softmax of the model's logits before temperature / top-p), which is what vLLM
-returns by default; the trainer recomputes old log-probs itself, these are for diagnostics and engine checks."""
+Log-probs are *raw* in both engines: the log-softmax of the model's logits before temperature and top-p, i.e. vLLM's
+`logprobs_mode="raw_logprobs"` (its default in 0.32, set explicitly here) and what the trainer recomputes, so they are
+comparable with the trainer's old log-probs at any temperature. Randomness is a pure function of `SamplingConfig.seed`
+(the trainer derives it from its seed and the step), so engines hold no RNG state to checkpoint and a resumed run
+samples exactly what an uninterrupted one would."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """One generate call's sampling; the same seed gives the same completions (per engine and device)."""
+
     n: int = 1
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -31,6 +40,12 @@ class Completion:
     logprobs: list[float]     # raw log-prob of each sampled token
     text: str                 # decoded completion, special tokens removed
     finish_reason: str        # "stop" (end of sequence) or "length" (max_tokens reached)
+
+
+def make_completion(token_ids: list[int], logprobs: list[float], tokenizer, *, stopped: bool) -> Completion:
+    """Both engines decode the text the same way, from the token ids."""
+    return Completion(token_ids, logprobs, tokenizer.decode(token_ids, skip_special_tokens=True),
+                      "stop" if stopped else "length")
 
 
 class RolloutEngine(Protocol):
@@ -89,9 +104,7 @@ class HFEngine(_ContextManaged):
         result = []
         for ids, lps in zip(tokens.tolist(), taken.tolist()):
             stop = ids.index(eos) + 1 if eos in ids else len(ids)
-            result.append(Completion(token_ids=ids[:stop], logprobs=lps[:stop],
-                                     text=self.tokenizer.decode(ids[:stop], skip_special_tokens=True),
-                                     finish_reason="stop" if eos in ids else "length"))
+            result.append(make_completion(ids[:stop], lps[:stop], self.tokenizer, stopped=eos in ids))
         return result
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
@@ -101,41 +114,68 @@ class HFEngine(_ContextManaged):
 
 class VLLMEngine(_ContextManaged):
     """vLLM's offline engine, in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so new policy weights can be pushed into
-    its model runner with `reload_weights` — no save-and-reload per step, as TRL's colocate mode."""
+    its model with `push_weights`: no save-and-reload per step, as TRL's colocate mode. One live engine per process:
+    closing one tears down vLLM's process-global parallel state."""
 
-    def __init__(self, model_dir: str | Path, *, dtype: str = "float32", max_model_len: int = 512,
+    def __init__(self, model_dir: str | Path, tokenizer, *, dtype: str = "float32", max_model_len: int = 512,
                  gpu_memory_utilization: float = 0.3, kv_cache_gib: float = 1, enforce_eager: bool = True) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
         from vllm import LLM
+        from vllm.platforms import current_platform
 
-        self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
-                       gpu_memory_utilization=gpu_memory_utilization, seed=0)
+        self.tokenizer = tokenizer
+        # On the CPU the KV cache is a fixed size (the legacy VLLM_CPU_KVCACHE_SPACE, when set, overrides it); on a
+        # GPU it is the given share of memory.
+        kv_cache = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if current_platform.is_cpu() else {}
+        with _caller_state_kept():
+            self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
+                           enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
+                           logprobs_mode="raw_logprobs", seed=0, **kv_cache)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt
 
+        # With n > 1, vLLM gives the i-th sample of a request the seed `seed + i`. Text is decoded here, as in the hf
+        # engine (vLLM's incremental detokenizer would hold back a trailing partial UTF-8 character).
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_tokens, seed=sampling.seed, logprobs=0)
+                                max_tokens=sampling.max_tokens, seed=sampling.seed, logprobs=0, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=False)
-        return [[Completion(token_ids=list(o.token_ids),
-                            logprobs=[step[token].logprob for step, token in zip(o.logprobs, o.token_ids)],
-                            text=o.text, finish_reason="length" if o.finish_reason == "length" else "stop")
+        return [[make_completion(list(o.token_ids), [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)],
+                                 self.tokenizer, stopped=o.finish_reason != "length")
                  for o in request.outputs] for request in outputs]
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
-        model_runner(self.llm).reload_weights(weights_iterator=iter(policy.state_dict().items()))
-        self.llm.reset_prefix_cache()
+        push_weights(self.llm, policy.state_dict().items())
 
     def close(self) -> None:
         del self.llm
 
 
-def model_runner(llm):
-    """The in-process model runner of a vLLM engine. Internal path, checked for vLLM 0.32; tested, since it moves
-    between releases."""
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+def push_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Load new weights (checkpoint names, e.g. a transformers state_dict) into a live in-process vLLM engine, then
+    drop its prefix cache, whose KV entries were computed with the old weights.
+
+    The worker's `reload_weights` (vLLM 0.32) reloads in place and re-runs the backend's post-load processing (the CPU
+    backend repacks linear weights, so the model's own `load_weights` alone fails there). It is reached through
+    `collective_rpc`, a public method; in-process the iterator is passed by reference, nothing is serialised."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+    llm.reset_prefix_cache()
+
+
+@contextlib.contextmanager
+def _caller_state_kept() -> Iterator[None]:
+    """Undo what an in-process vLLM engine does to the caller at start-up: it reseeds the global torch / numpy /
+    random generators (which would break the trainer's RNG stream) and replaces `torch.set_num_threads` with a no-op
+    (which would silently ignore the trainer's thread setting)."""
+    set_num_threads, py_state, np_state = torch.set_num_threads, random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def vllm_available() -> bool:
@@ -152,7 +192,7 @@ def make_engine(backend: str, *, policy: torch.nn.Module, tokenizer, model_dir: 
         return HFEngine(policy, tokenizer)
     if backend == "vllm":
         dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
-        return VLLMEngine(model_dir, dtype=dtype, max_model_len=options.get("max_model_len", 512),
+        return VLLMEngine(model_dir, tokenizer, dtype=dtype, max_model_len=options.get("max_model_len", 512),
                           gpu_memory_utilization=options.get("gpu_memory_utilization", 0.3),
                           kv_cache_gib=options.get("kv_cache_gib", 1), enforce_eager=options.get("enforce_eager", True))
     raise ValueError(f"unknown rollout backend {backend!r}; known: auto, hf, vllm")

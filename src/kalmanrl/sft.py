@@ -78,7 +78,7 @@ def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Pat
             optimizer.step()
             scheduler.step()
             loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-            bar.set_postfix(loss=f"{loss_ema:.4f}")
+            bar.set_postfix(loss=f"{loss_ema:.4f}", refresh=False)
             if (step + 1) % settings["log_every"] == 0:
                 log.info("sft step %d: loss %.4f", step + 1, loss_ema)
 

@@ -177,7 +177,7 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
                    "lr": scheduler.get_last_lr()[0], "nonfinite_skipped": skipped, "nonfinite_total": nonfinite,
                    **stats}
             rows.append(row)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}")
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
             if writer is not None:
                 for key, value in row.items():
                     if isinstance(value, float):

@@ -1,0 +1,84 @@
+"""Supervised warm start: loss on the completion (and end-of-turn) tokens only, seeded, saved loadable, and it
+actually teaches a tiny model the task's answer format."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kalmanrl.data import read_dataset
+from kalmanrl.model import load_policy
+from kalmanrl.prompts import get_template
+from kalmanrl.rollout import SamplingConfig, make_engine
+from kalmanrl.sft import IGNORE, collate, run_sft, tokenize_examples
+
+SETTINGS = {"steps": 8, "batch_size": 8, "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 2, "schedule": "cosine",
+            "max_length": 64, "max_grad_norm": 1.0, "log_every": 4}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_policy(tiny_model_dir)[1]
+
+
+def test_only_the_target_and_the_end_of_turn_token_are_labelled(tokenizer):
+    template = get_template("answer_tag")
+    [(ids, labels)] = tokenize_examples(tokenizer, ["What is 2 + 3?"], ["5"], [None], template="answer_tag",
+                                        max_length=64)
+    prompt = tokenizer(template.render(tokenizer, "What is 2 + 3?"), add_special_tokens=False)["input_ids"]
+    assert ids[:len(prompt)] == prompt
+    assert labels[:len(prompt)] == [IGNORE] * len(prompt)
+    assert labels[len(prompt):] == ids[len(prompt):]
+    assert tokenizer.decode(ids[len(prompt):]) == "<answer>5</answer><|im_end|>"
+
+
+def test_examples_longer_than_max_length_are_dropped(tokenizer):
+    [(short, _)] = tokenize_examples(tokenizer, ["1 + 1"], ["2"], [None], template="answer_tag", max_length=256)
+    examples = tokenize_examples(tokenizer, ["1 + 1", "1 + 1 " * 40], ["2", "40"], [None, None], template="answer_tag",
+                                 max_length=len(short))
+    assert [ids for ids, _ in examples] == [short]
+
+
+def test_collate_right_pads_and_masks_the_padding_out_of_the_loss():
+    batch = collate([([5, 6, 7], [IGNORE, 6, 7]), ([8], [8])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+
+
+def test_no_example_fitting_max_length_is_an_error(tiny_model_dir, arithmetic_parquet, tmp_path):
+    with pytest.raises(ValueError, match="max_length"):
+        run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template="krpo",
+                settings={**SETTINGS, "max_length": 8}, seed=0)
+
+
+def test_same_seed_gives_the_same_weights_and_another_seed_others(tiny_model_dir, arithmetic_parquet, tmp_path):
+    runs = {name: run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / name, template="answer_tag",
+                          settings=SETTINGS, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1))}
+    a, b, c = (load_file(tmp_path / name / "model.safetensors") for name in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert runs["a"] == runs["b"]
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert not all(torch.equal(a[k], base[k]) for k in a), "training did not change the weights"
+
+
+def test_warm_start_teaches_the_answer_format(tiny_model_dir, arithmetic_parquet, tmp_path):
+    """About 15 s on 2 cores: the CI-size model learns to answer `<answer>integer</answer>` and stop."""
+    settings = {**SETTINGS, "steps": 120, "batch_size": 32, "lr": 5e-3, "warmup_steps": 10}
+    metrics = run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template="answer_tag", settings=settings,
+                      seed=0)
+    assert metrics["steps"] == 120 and metrics["loss"] < 1.5
+    policy, tokenizer = load_policy(tmp_path / "sft")
+    policy.eval()
+    template = get_template("answer_tag")
+    problems = read_dataset(arithmetic_parquet, split="test").column("problem").to_pylist()
+    prompts = [tokenizer(template.render(tokenizer, p), add_special_tokens=False)["input_ids"] for p in problems]
+    with make_engine("hf", policy=policy, tokenizer=tokenizer, model_dir=tmp_path / "sft") as engine:
+        completions = [g[0] for g in engine.generate(prompts, SamplingConfig(temperature=0.0, max_tokens=32))]
+    well_formed = [re.fullmatch(r"<answer>-?\d+</answer>", c.text) is not None and c.finish_reason == "stop"
+                   for c in completions]
+    assert sum(well_formed) >= 0.8 * len(completions), [c.text for c in completions]
