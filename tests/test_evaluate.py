@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.evaluate import evaluate, majority_correct, pass_at_k
+from kalmanrl.evaluate import evaluate, majority_correct, pass_at_k, summarise
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 3), (6, 3, 6), (8, 1, 4), (4, 4, 2)])
@@ -27,6 +27,21 @@ def test_majority_vote_ignores_missing_answers_and_breaks_ties_by_first_seen():
     assert majority_correct(["1", "2", "2", None], [False, True, True, False])
     assert not majority_correct(["3", "2", "3", "2"], [False, True, False, True])
     assert not majority_correct([None, None], [False, False])
+
+
+def test_summary_metrics_average_per_problem_estimates():
+    details = pd.DataFrame({"problem_id": ["a"] * 4 + ["b"] * 4,
+                            "correct": [True, False, False, False] + [False] * 4,
+                            "extracted": ["1", "2", "2", None] + ["3", "3", None, None],
+                            "num_tokens": [4, 6, 8, 10] + [2] * 4,
+                            "finish_reason": ["stop", "stop", "length", "stop"] + ["stop"] * 4})
+    metrics = summarise(details, [1, 2, 4])
+    assert metrics["avg_at_k"] == metrics["pass_at_1"] == pytest.approx(1 / 8)
+    assert metrics["pass_at_2"] == pytest.approx((1 - 3 / 6) / 2)  # problem a: 1 - C(3,2)/C(4,2); b: 0
+    assert metrics["pass_at_4"] == pytest.approx(0.5)
+    assert metrics["maj_at_k"] == 0  # a's majority is the wrong "2"
+    assert metrics["truncation_rate"] == pytest.approx(1 / 8) and metrics["mean_length"] == pytest.approx(4.5)
+    assert (metrics["n_problems"], metrics["k"], metrics["n_samples"]) == (2, 4, 8)
 
 
 def _settings(algorithm="sft", **evaluate_cfg):
@@ -51,7 +66,8 @@ def test_evaluation_writes_details_and_a_summary_with_provenance(tmp_path, tiny_
     assert row["algorithm"] == "sft" and row["step"] == 0 and pd.isna(row["seed"])
     assert row["avg_at_k"] == pytest.approx(details["correct"].mean())
     assert 0 <= row["pass_at_1"] <= row["pass_at_3"] <= 1
-    assert row["version_torch"] and len(row["sha256_data"]) == 64
+    assert row["version_torch"] and len(row["sha256_data"]) == len(row["sha256_model"]) == 64
+    assert row["command"].startswith("kalmanrl evaluate --settings ") and str(arithmetic_parquet) in row["command"]
     assert summary["n_problems"] == 5
 
 

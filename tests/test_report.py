@@ -1,27 +1,51 @@
-"""The report: bootstrap intervals behave, paired differences are paired, partial grids are marked, and the HTML
-renders in a real headless Chromium with its tables and figures."""
+"""The report: bootstrap intervals cover and behave, differences are paired, published numbers appear only where the
+setting matches, partial grids are marked, and the HTML renders in a real headless Chromium with tables and figures."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from kalmanrl.io import write_parquet
-from kalmanrl.report import bootstrap, build_report, paired_differences
+from kalmanrl.report import bootstrap, build_report, final_steps, paired_differences, summary_ident
 
-SETTINGS = {"report": {"bootstrap_samples": 500, "confidence": 0.95}}
+SETTINGS = {"report": {"bootstrap_samples": 400, "confidence": 0.95},
+            "reproduce": {"configfiles": ["config/config.yaml"], "config": {"seeds": [0, 1]}}}
+
+
+@pytest.mark.parametrize("seed_sd,min_coverage", [(0.0, 0.93), (0.1, 0.78)])
+def test_bootstrap_interval_covers_the_population_accuracy(seed_sd, min_coverage):
+    """Problems of varying difficulty (mean 0.3), 3 seeds (optionally each shifted: a seed effect), 4 samples each:
+    the interval over seeds and problems covers 0.3 about as often as it claims (somewhat less with a seed effect:
+    three seeds are few to resample), and is not uselessly wide."""
+    rng = np.random.default_rng(0)
+    hits, widths = [], []
+    for replicate in range(150):
+        p = rng.beta(1.5, 3.5, size=(1, 60)) + seed_sd * rng.standard_normal((3, 1))
+        matrix = (rng.random((3, 60, 4)) < p[..., None]).mean(axis=-1)
+        interval = bootstrap([matrix], samples=300, confidence=0.95, seed=replicate)
+        hits.append(interval.low <= 0.3 <= interval.high)
+        widths.append(interval.high - interval.low)
+    assert np.mean(hits) >= min_coverage and np.mean(widths) < 0.25
 
 
 def test_bootstrap_interval_contains_the_mean_and_shrinks_with_more_problems():
     rng = np.random.default_rng(0)
-    small, large = (rng.random((3, n)) < 0.4 for n in (20, 2000))
-    a, b = (bootstrap([m.astype(float)], samples=500, confidence=0.95) for m in (small, large))
-    assert a.low <= a.mean <= a.high and b.low <= b.mean <= b.high
-    assert b.high - b.low < a.high - a.low
+    small, large = (bootstrap([(rng.random((3, n)) < 0.4).astype(float)], samples=500, confidence=0.95)
+                    for n in (20, 2000))
+    assert small.low <= small.mean <= small.high and large.low <= large.mean <= large.high
+    assert large.high - large.low < (small.high - small.low) / 3
+
+
+def test_bootstrap_is_deterministic_given_its_seed():
+    m = (np.random.default_rng(2).random((3, 40)) < 0.5).astype(float)
+    assert bootstrap([m], samples=300, confidence=0.9, seed=7) == bootstrap([m], samples=300, confidence=0.9, seed=7)
 
 
 def test_difference_of_identical_results_is_exactly_zero():
@@ -30,66 +54,154 @@ def test_difference_of_identical_results_is_exactly_zero():
     assert interval.mean == interval.low == interval.high == 0
 
 
-def _details(algorithm: str, seed: int | None, accuracy: float, problems: int = 30) -> pd.DataFrame:
-    rng = np.random.default_rng(hash((algorithm, seed)) % 2**32)
-    return pd.DataFrame({"model": "tiny", "task": "arith", "benchmark": "arith", "algorithm": algorithm,
-                         "seed": pd.array([seed] * problems * 2, dtype="Int64"), "step": 0,
-                         "problem_id": [f"p{i}" for i in range(problems) for _ in range(2)],
+def _details(algorithm: str, seed: int, accuracy: float, *, problems: int = 30, benchmark: str = "arith",
+             model: str = "tiny", task: str = "arith", step: int = 10) -> pd.DataFrame:
+    rng = np.random.default_rng([seed + 1, len(algorithm), problems, int(1000 * accuracy)])
+    return pd.DataFrame({"model": model, "task": task, "benchmark": benchmark, "algorithm": algorithm,
+                         "seed": seed, "step": step, "problem_id": [f"p{i}" for i in range(problems) for _ in range(2)],
                          "sample_index": [j for _ in range(problems) for j in range(2)],
                          "correct": rng.random(problems * 2) < accuracy})
 
 
-def _write_run(root, algorithm, seed, accuracy):
-    details = _details(algorithm, seed, accuracy)
-    base = root / f"{algorithm}-{seed}"
-    write_parquet(details, f"{base}.details.parquet")
-    summary = details.groupby(["model", "task", "benchmark", "algorithm"]).agg(
-        avg_at_k=("correct", "mean")).reset_index().assign(seed=pd.array([seed], dtype="Int64"), pass_at_1=0.1,
-                                                          git_commit="abc", version_torch="2.13.0")
-    write_parquet(summary, f"{base}.summary.parquet")
-    metrics = pd.DataFrame({"model": "tiny", "task": "arith", "algorithm": algorithm, "seed": seed,
-                            "step": [1, 2, 3], "reward_mean": [0.1, 0.2, accuracy], "accuracy": [0.1, 0.2, 0.3]})
-    write_parquet(metrics, root / f"{algorithm}-{seed}.metrics.parquet")
-    return f"{base}.summary.parquet", root / f"{algorithm}-{seed}.metrics.parquet"
-
-
 def test_paired_difference_is_positive_when_an_algorithm_is_better():
-    details = pd.concat([_details("grpo", s, 0.2, 400) for s in (0, 1)] + [_details("kpo", s, 0.6, 400) for s in (0, 1)])
-    table = paired_differences(details, samples=300, confidence=0.95)
-    row = table.iloc[0]
-    assert row["comparison"] == "kpo - grpo" and row["low"] > 0.3 and row["seeds"] == 2
+    details = pd.concat([_details("grpo", s, 0.2, problems=400) for s in (0, 1)]
+                        + [_details("kpo", s, 0.6, problems=400) for s in (0, 1)])
+    row = paired_differences(details, samples=300, confidence=0.95).iloc[0]
+    assert row["comparison"] == "kpo - grpo" and row["seeds"] == 2 and 0.3 < row["low"] <= row["high"] < 0.5
 
 
-@pytest.fixture
-def report_dir(tmp_path):
-    runs = [_write_run(tmp_path, a, s, acc) for a, s, acc in
-            [("grpo", 0, 0.3), ("grpo", 1, 0.35), ("krpo", 0, 0.5), ("krpo", 1, 0.45)]]
-    summaries = [s for s, _ in runs] + [str(tmp_path / "kpo-0.summary.parquet")]  # still running
-    out = tmp_path / "report"
-    build_report(summaries, [m for _, m in runs], out, settings=SETTINGS)
+def test_pairing_cancels_problem_difficulty_that_an_unpaired_interval_would_carry():
+    # Problems are either always solved or never: the algorithms agree everywhere but on 10 of 200 problems.
+    easy = np.arange(200) < 100
+    base = pd.DataFrame({"model": "m", "task": "t", "benchmark": "b", "seed": 0, "step": 1,
+                         "problem_id": np.arange(200), "correct": easy})
+    better = base.assign(correct=easy | (np.arange(200) >= 190))
+    row = paired_differences(pd.concat([base.assign(algorithm="grpo"), better.assign(algorithm="krpo")]),
+                             samples=500, confidence=0.95).iloc[0]
+    assert row["difference"] == pytest.approx(0.05) and row["low"] > 0.02
+
+
+def test_warm_start_is_the_common_baseline_of_every_seed():
+    details = pd.concat([_details("sft", -1, 0.2, problems=200)] + [_details("grpo", s, 0.5, problems=200)
+                                                                       for s in (0, 1, 2)])
+    table = paired_differences(details, samples=200, confidence=0.95)
+    row = table[table["comparison"] == "grpo - sft"].iloc[0]
+    assert row["seeds"] == 3 and row["low"] > 0.15
+
+
+def test_summary_paths_of_the_workflow_layout_name_their_run():
+    assert summary_ident("results/eval/tiny/arith/krpo/seed2/math500.summary.parquet") == {
+        "model": "tiny", "task": "arith", "algorithm": "krpo", "seed": 2, "benchmark": "math500"}
+    assert summary_ident("results/eval/tiny/arith/sft/gsm8k.summary.parquet")["algorithm"] == "sft"
+    assert summary_ident("elsewhere/x.parquet") is None
+
+
+def test_tables_use_the_last_evaluated_step_of_each_run():
+    frame = pd.concat([_details("grpo", 0, 0.5, step=s) for s in (10, 20)] + [_details("grpo", 1, 0.5, step=10)])
+    kept = final_steps(frame)
+    assert set(zip(kept["seed"], kept["step"])) == {(0, 20), (1, 10)}
+
+
+def _write_run(root, algorithm, seed, accuracy, *, model="tiny", task="arith", benchmark="arith", steps=(10,)):
+    run = root / "eval" / model / task / ("sft" if algorithm == "sft" else f"{algorithm}/seed{seed}")
+    frames = [_details(algorithm, seed, accuracy, model=model, task=task, benchmark=benchmark, step=0 if
+                       algorithm == "sft" else step) for step in steps]
+    details = pd.concat(frames).assign(seed=pd.array([None if algorithm == "sft" else seed] * sum(map(len, frames)),
+                                                     dtype="Int64"))
+    write_parquet(details, run / f"{benchmark}.details.parquet")
+    summary = details.groupby(["model", "task", "benchmark", "algorithm", "step"]).agg(
+        avg_at_k=("correct", "mean")).reset_index().assign(
+        seed=pd.array([details["seed"].iloc[0]] * len(steps), dtype="Int64"), pass_at_1=0.1, pass_at_16=0.2,
+        git_commit="abc", version_torch="2.13.0", settings_hash="h", command="kalmanrl evaluate ...")
+    write_parquet(summary, run / f"{benchmark}.summary.parquet")
+    metrics = None
+    if algorithm != "sft":
+        metrics = root / "runs" / model / task / algorithm / f"seed{seed}" / "metrics.parquet"
+        write_parquet(pd.DataFrame({"model": model, "task": task, "algorithm": algorithm, "seed": seed,
+                                    "step": [1, 2, 3], "reward_mean": [0.1, 0.2, accuracy], "kl": [0, 0.01, 0.02]}),
+                      metrics)
+    return run / f"{benchmark}.summary.parquet", metrics
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    """A grid with the warm start, GRPO and KRPO on two seeds (GRPO with an intermediate checkpoint), one KPO seed
+    still running, and a paper setting (qwen3-4b on aime24) that has published numbers."""
+    root = tmp_path_factory.mktemp("results")
+    runs = [_write_run(root, "sft", -1, 0.2), _write_run(root, "grpo", 0, 0.3, steps=(5, 10)),
+            _write_run(root, "grpo", 1, 0.35, steps=(5, 10)), _write_run(root, "krpo", 0, 0.5),
+            _write_run(root, "krpo", 1, 0.45),
+            _write_run(root, "grpo", 0, 0.3, model="qwen3-4b", task="dapo_math_17k", benchmark="aime24")]
+    summaries = [s for s, _ in runs] + [root / "eval/tiny/arith/kpo/seed0/arith.summary.parquet"]  # still running
+    metrics = [m for _, m in runs if m] + [root / "runs/tiny/arith/kpo/seed0/metrics.parquet"]
+    out = root / "report"
+    build_report(summaries, metrics, out, settings=SETTINGS)
     return out
 
 
-def test_report_aggregates_and_marks_missing_cells(report_dir):
+def test_summary_parquet_holds_every_finished_row_for_pandas_and_arrow(report_dir):
     summary = pd.read_parquet(report_dir / "summary.parquet")
-    assert len(summary) == 4
+    assert len(summary) == 1 + 2 * 2 + 2 + 1  # GRPO's intermediate step is a row too
+    assert summary.loc[summary["algorithm"] == "sft", "seed"].isna().all()
+    assert pq.read_table(report_dir / "summary.parquet").num_rows == len(summary)
+
+
+def _row(markdown: str, *first_cells: str) -> list[str]:
+    """The first Markdown table row whose leading cells are `first_cells`, as a list of stripped cells."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("|")]
+    return next(r for r in rows if r[:len(first_cells)] == list(first_cells))
+
+
+def test_report_marks_missing_cells_and_lists_missing_inputs(report_dir):
     markdown = (report_dir / "report.md").read_text()
-    assert "Partial results" in markdown and "krpo - grpo" in markdown
-    assert "How to reproduce this" in markdown and "Published numbers" in markdown
-    assert (report_dir / "figures" / "reward_mean.png").stat().st_size > 1000
+    assert "Partial results**: 2 expected inputs are missing" in markdown
+    assert "kpo/seed0/arith.summary.parquet" in markdown
+    kpo = _row(markdown, "tiny", "arith", "arith", "kpo")
+    assert kpo[5] == "0/1" and kpo.count("missing") == 4  # step, avg@k, pass@1, pass@16
 
 
-def test_html_report_renders_in_headless_chromium(report_dir, tmp_path):
+def test_report_has_intervals_differences_published_numbers_and_how_to_reproduce(report_dir):
+    markdown = (report_dir / "report.md").read_text()
+    assert _row(markdown, "tiny", "arith", "arith", "krpo - grpo") and _row(markdown, "tiny", "arith", "arith",
+                                                                             "krpo - sft")
+    paper = _row(markdown, "qwen3-4b", "dapo_math_17k", "aime24", "grpo")
+    assert paper[-2:] == ["27.29", "53.33"]  # published avg@16 and pass@16 beside ours
+    grpo = _row(markdown, "tiny", "arith", "arith", "grpo")
+    assert grpo[4] == "10" and grpo[5] == "2/2" and grpo[-2:] == ["", ""]  # last step; no paper for this setting
+    assert re.fullmatch(r"\d+\.\d \[\d+\.\d, \d+\.\d\]", grpo[6])
+    assert "NOT reproduced" in markdown and "snakemake --cores all --configfile config/config.yaml" in markdown
+
+
+def test_report_writes_one_figure_per_kind_and_model_task(report_dir):
+    for kind in ("differences", "accuracy_vs_step", "curves"):
+        assert (report_dir / "figures" / kind / "tiny__arith.png").stat().st_size > 5000
+    assert (report_dir / "figures" / "accuracy_vs_step" / "qwen3-4b__dapo_math_17k.png").exists()
+
+
+def test_html_report_renders_in_headless_chromium_with_tables_and_figures(report_dir, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    screenshot = tmp_path / "page.png"
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}"]
     page = f"file://{report_dir / 'report.html'}"
     dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("<table") >= 3 and "data:image/png;base64" in dom and "Differences to GRPO" in dom
-    subprocess.run([chromium, *flags, f"--screenshot={screenshot}", "--window-size=1280,1600", page],
+    figures = list((report_dir / "figures").rglob("*.png"))
+    assert dom.count("<table") == 4 and dom.count("src=\"data:image/png;base64,") == len(figures) == 5
+    assert "Differences to GRPO" in dom and "How to reproduce this" in dom
+    screenshot = tmp_path / "page.png"
+    subprocess.run([chromium, *flags, f"--screenshot={screenshot}", "--window-size=1280,2000", page],
                    capture_output=True, timeout=120)
-    assert screenshot.stat().st_size > 10_000
+    pixels = pytest.importorskip("matplotlib.image").imread(screenshot)
+    assert pixels.shape[:2] == (2000, 1280) and pixels[..., :3].std() > 0.05  # drawn, not a blank page
+
+
+def test_report_over_nothing_finished_marks_every_cell_missing(tmp_path):
+    summaries = [tmp_path / f"eval/tiny/arith/{run}/arith.summary.parquet" for run in ("sft", "grpo/seed0")]
+    build_report(summaries, [tmp_path / "runs/tiny/arith/grpo/seed0/metrics.parquet"], tmp_path / "report",
+                 settings=SETTINGS)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "3 expected inputs are missing" in markdown
+    assert _row(markdown, "tiny", "arith", "arith", "grpo")[4:7] == ["missing", "0/1", "missing"]
+    assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "report" / "summary.parquet").exists()

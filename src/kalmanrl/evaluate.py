@@ -3,11 +3,14 @@ reward; avg@k, unbiased pass@k, maj@k, lengths and truncation; per-sample detail
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shlex
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -47,14 +50,21 @@ def summarise(details: pd.DataFrame, pass_k: list[int]) -> dict[str, float]:
     per_problem = details.groupby("problem_id", sort=False)
     n = int(per_problem.size().iloc[0])
     counts = per_problem["correct"].sum()
-    metrics = {"n_problems": len(counts), "k": n, "avg_at_k": float(details["correct"].mean()),
+    majority = [majority_correct(list(g["extracted"]), list(g["correct"])) for _, g in per_problem]
+    metrics = {"n_problems": len(counts), "k": n, "n_samples": len(details),
+               "avg_at_k": float(details["correct"].mean()), "maj_at_k": float(np.mean(majority)),
                "mean_length": float(details["num_tokens"].mean()),
-               "truncation_rate": float((details["finish_reason"] == "length").mean()),
-               "maj_at_k": float(per_problem[["extracted", "correct"]].apply(lambda g: majority_correct(list(g["extracted"]),
-                                                                              list(g["correct"]))).mean())}
+               "truncation_rate": float((details["finish_reason"] == "length").mean())}
     for k in pass_k:
         metrics[f"pass_at_{k}"] = float(sum(pass_at_k(n, int(c), k) for c in counts) / len(counts))
     return metrics
+
+
+def command_line(model_dir: str | Path, dataset: str | Path, settings: dict) -> str:
+    """The `kalmanrl evaluate` call that reproduces one summary row, shell-quoted (outputs to the working directory)."""
+    return shlex.join(["kalmanrl", "evaluate", "--settings", json.dumps(settings, sort_keys=True), "--model",
+                       str(model_dir), "--dataset", str(dataset), "--details", "details.parquet", "--summary",
+                       "summary.parquet"])
 
 
 def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_details: str | Path,
@@ -97,7 +107,9 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
     summary = {**{key: ident.get(key) for key in ("model", "task", "algorithm", "seed", "benchmark")}, "step": step,
                **summarise(details, cfg["pass_k"]), **{f"sampling_{k}": v for k, v in sampling.items()},
                "rollout_backend": rollout["backend"],
-               **provenance(config_hash(settings), {"data": dataset, "model": Path(model_dir) / "model.safetensors"})}
+               **provenance(config_hash(settings), {"data": [dataset],
+                                                    "model": sorted(Path(model_dir).glob("*.safetensors"))}),
+               "command": command_line(model_dir, dataset, settings)}
     summary_frame = pd.DataFrame([summary]).astype({"seed": "Int64", "step": "Int64"})
     write_parquet(details, out_details)
     write_parquet(summary_frame, out_summary)

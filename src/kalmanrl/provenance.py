@@ -37,16 +37,18 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def file_sha256(path: str | Path) -> str:
+def files_sha256(paths: list[str | Path]) -> str:
+    """One sha256 over the bytes of `paths` in the given order (a sharded checkpoint is several files)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
-def provenance(settings_hash: str, inputs: dict[str, str | Path]) -> dict[str, str]:
-    """Flat provenance columns: versions, commit, settings hash, and a sha256 per input file."""
+def provenance(settings_hash: str, inputs: dict[str, list[str | Path]]) -> dict[str, str]:
+    """Flat provenance columns: versions, commit, settings hash, and a sha256 per named group of input files."""
     return {**{f"version_{k.replace('-', '_')}": v for k, v in package_versions().items()},
             "git_commit": git_commit(), "settings_hash": settings_hash,
-            **{f"sha256_{name}": file_sha256(path) for name, path in inputs.items()}}
+            **{f"sha256_{name}": files_sha256(paths) for name, paths in inputs.items()}}
