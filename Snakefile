@@ -5,7 +5,11 @@ from snakemake.utils import min_version
 min_version("9.19")
 
 
-configfile: "config/config.yaml"
+# The default study, unless --configfile names another: Snakemake would otherwise merge the two, and a paper grid
+# would inherit the laptop study's models and datasets.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kalmanrl import __version__
 from kalmanrl.config import ConfigError, load_config, load_schema, parse_settings, stage_settings
+from kalmanrl.devices import gpu_placement
 
 log = logging.getLogger("kalmanrl")
 
@@ -150,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
     path = lambda h, **kw: {"type": Path, "required": True, "help": h, **kw}  # noqa: E731
     threads = ("--threads", {"type": int, "default": 1, "help": "CPU threads for torch (default 1)"})
+    gpus = ("--gpus", {"type": int, "default": None,
+                       "help": "GPUs this job was granted: claims that many free devices and sets CUDA_VISIBLE_DEVICES "
+                               "(0 hides every GPU; default: leave CUDA_VISIBLE_DEVICES as it is)"})
     _stage(sub, "data", "Build one dataset as Parquet (hub or local files; synthetic arithmetic).", cmd_data, [
         ("--out", path("output Parquet file")),
         ("--exclude", {"type": Path, "nargs": "*", "default": [],
@@ -166,13 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("--texts", {"type": Path, "nargs": "*", "default": [], "help": "dataset Parquet files to train the tokenizer on"})])
     _stage(sub, "sft", "Supervised warm start on a dataset's train split.", cmd_sft, [
         ("--model", path("base model directory")), ("--dataset", path("dataset Parquet")),
-        ("--out", path("output directory")), threads])
+        ("--out", path("output directory")), threads, gpus])
     _stage(sub, "train", "RL training (GRPO / KRPO / KPO / GSPO); resumes from out/checkpoints.", cmd_train, [
         ("--model", path("start policy directory (the warm start)")), ("--dataset", path("dataset Parquet")),
-        ("--out", path("run directory (final/, checkpoints/, metrics.parquet)")), threads])
+        ("--out", path("run directory (final/, checkpoints/, metrics.parquet)")), threads, gpus])
     _stage(sub, "evaluate", "Evaluate a model on a benchmark: avg@k, pass@k, maj@k, per-sample details.", cmd_evaluate, [
         ("--model", path("model directory")), ("--dataset", path("benchmark Parquet")),
-        ("--details", path("per-sample Parquet")), ("--summary", path("summary Parquet")), threads])
+        ("--details", path("per-sample Parquet")), ("--summary", path("summary Parquet")), threads, gpus])
     _stage(sub, "report", "Aggregate summaries and training metrics into Parquet, HTML and Markdown.", cmd_report, [
         ("--summaries", {"type": Path, "nargs": "*", "default": [], "help": "evaluation summary Parquet files"}),
         ("--metrics", {"type": Path, "nargs": "*", "default": [], "help": "training metrics Parquet files"}),
@@ -200,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "settings"):
             args.settings = parse_settings(args.settings)
-        args.func(args)
+        with gpu_placement(getattr(args, "gpus", None)):
+            args.func(args)
     except ConfigError as err:
         print(f"kalmanrl: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ import json
 import os
 
 from kalmanrl.config import stage_settings, validate_config
+from kalmanrl.report import FIGURES
 
 _validated = validate_config(config)
 config.clear()
@@ -28,8 +29,31 @@ def settings(stage, **wildcards):
     return json.dumps(stage_settings(config, stage, **wildcards), sort_keys=True)
 
 
+def report_settings():
+    """The report's settings and what it prints under "How to reproduce this": the config files, the merged config."""
+    return json.dumps({**stage_settings(config, "report"),
+                       "reproduce": {"configfiles": list(map(str, workflow.configfiles)), "config": config}},
+                      sort_keys=True)
+
+
 def res(stage, key):
     return config["resources"][stage][key]
+
+
+def scaled(stage, key):
+    """mem_mb or runtime times the attempt number: a job retried after running out of memory or time asks for more."""
+    base = res(stage, key)
+    return lambda wildcards, attempt: base * attempt
+
+
+def image(stage):
+    """The container of a stage (`--sdm apptainer`): the GPU image where the config gives the stage GPUs."""
+    return config["containers"]["gpu" if res(stage, "gpus") else "cpu"]
+
+
+def conda_env(stage):
+    """The conda environment of a stage (`--sdm conda`), chosen as its container is; relative to workflow/rules."""
+    return "../../envs/{}.yaml".format("gpu" if res(stage, "gpus") else "cpu")
 
 
 def dataset_file(name):

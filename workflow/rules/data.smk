@@ -9,6 +9,10 @@ rule data:
         dataset_file("{dataset}"),
     params:
         settings=lambda wc: settings("data", dataset=wc.dataset),
+    container:
+        image("data")
+    conda:
+        conda_env("data")
     log:
         f"{LOGS}/data/{{dataset}}.log",
     shell:
@@ -22,6 +26,10 @@ rule decontaminate:
         benchmarks=lambda wc: [dataset_file(b) for b in config["benchmarks"]] if config["data"]["decontaminate"] else [],
     output:
         train_split_file("{task}"),
+    container:
+        image("data")
+    conda:
+        conda_env("data")
     log:
         f"{LOGS}/data/{{task}}.train.log",
     shell:

@@ -8,15 +8,19 @@ rule evaluate:
         summary=f"{R}/eval/{{model}}/{{task}}/{{run}}/{{benchmark}}.summary.parquet",
     params:
         settings=lambda wc: settings("evaluate", **run_ident(wc)),
+    container:
+        image("evaluate")
+    conda:
+        conda_env("evaluate")
     log:
         f"{LOGS}/evaluate/{{model}}/{{task}}/{{run}}/{{benchmark}}.log",
     benchmark:
         f"{BENCH}/evaluate/{{model}}/{{task}}/{{run}}/{{benchmark}}.tsv"
     threads: res("evaluate", "threads")
     resources:
-        mem_mb=res("evaluate", "mem_mb"),
-        runtime=res("evaluate", "runtime"),
+        mem_mb=scaled("evaluate", "mem_mb"),
+        runtime=scaled("evaluate", "runtime"),
         gpu=res("evaluate", "gpus"),
     shell:
         "kalmanrl evaluate --settings {params.settings:q} --model {input.model:q} --dataset {input.dataset:q}"
-        " --details {output.details:q} --summary {output.summary:q} --threads {threads} > {log:q} 2>&1"
+        " --details {output.details:q} --summary {output.summary:q} --threads {threads} --gpus {resources.gpu} > {log:q} 2>&1"

@@ -6,12 +6,16 @@ rule model:
         directory(f"{R}/models/{{model}}/base"),
     params:
         settings=lambda wc: settings("model", model=wc.model),
+    container:
+        image("model")
+    conda:
+        conda_env("model")
     log:
         f"{LOGS}/model/{{model}}.log",
     threads: res("model", "threads")
     resources:
-        mem_mb=res("model", "mem_mb"),
-        runtime=res("model", "runtime"),
+        mem_mb=scaled("model", "mem_mb"),
+        runtime=scaled("model", "runtime"),
     shell:
         "kalmanrl model --settings {params.settings:q} --texts {input.texts:q} --out {output:q} > {log:q} 2>&1"
 
@@ -25,15 +29,19 @@ rule sft:
         directory(f"{R}/models/{{model}}/{{task}}/sft"),
     params:
         settings=lambda wc: settings("sft", model=wc.model, task=wc.task),
+    container:
+        image("sft")
+    conda:
+        conda_env("sft")
     log:
         f"{LOGS}/sft/{{model}}/{{task}}.log",
     benchmark:
         f"{BENCH}/sft/{{model}}/{{task}}.tsv"
     threads: res("sft", "threads")
     resources:
-        mem_mb=res("sft", "mem_mb"),
-        runtime=res("sft", "runtime"),
+        mem_mb=scaled("sft", "mem_mb"),
+        runtime=scaled("sft", "runtime"),
         gpu=res("sft", "gpus"),
     shell:
         "kalmanrl sft --settings {params.settings:q} --model {input.model:q} --dataset {input.dataset:q}"
-        " --out {output:q} --threads {threads} > {log:q} 2>&1"
+        " --out {output:q} --threads {threads} --gpus {resources.gpu} > {log:q} 2>&1"

@@ -3,17 +3,27 @@ localrules:
 
 
 rule report:
-    """Every summary and training curve in one Parquet, an HTML and a Markdown report with figures."""
+    """Every summary and training curve in one Parquet, an HTML and a Markdown report with figures
+    (also collected by `snakemake --report`)."""
     input:
         summaries=SUMMARIES,
         metrics=METRICS,
     output:
-        html=f"{R}/report/report.html",
+        html=report(f"{R}/report/report.html", caption="../report/report.rst", category="Report"),
         markdown=f"{R}/report/report.md",
         summary=f"{R}/report/summary.parquet",
+        **{
+            kind: report(directory(f"{R}/report/figures/{kind}"), patterns=["{name}.png"],
+                         caption=f"../report/{kind}.rst", category="Figures", subcategory=title)
+            for kind, title in FIGURES.items()
+        },
     params:
-        settings=lambda wc: settings("report"),
+        settings=lambda wc: report_settings(),
         out_dir=lambda wc, output: os.path.dirname(output.html),
+    container:
+        image("report")
+    conda:
+        conda_env("report")
     log:
         f"{LOGS}/report.log",
     shell:

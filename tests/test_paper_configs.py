@@ -1,0 +1,69 @@
+"""The paper-scale grids validate against the schema, state the papers' hyper-parameters, and plan their whole DAG
+(`snakemake -n`), so launching one on a cluster is one command."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kalmanrl.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_LINE = re.compile(r"^(\w+)\s+(\d+)$", re.M)
+
+
+def planned_jobs(config: str, tmp_path: Path) -> dict[str, int]:
+    result = subprocess.run(["snakemake", "-n", "--configfile", config, "--config", f"results_dir={tmp_path}"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = result.stdout.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {rule: int(n) for rule, n in JOB_LINE.findall(table)}
+
+
+def test_krpo_grid_has_the_papers_models_tasks_and_hyper_parameters():
+    config = load_config(REPO / "config" / "paper-krpo.yaml")
+    assert {m["id"] for m in config["models"].values()} == {
+        "meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"}
+    assert {"arithmetic_easy", "arithmetic_normal", "arithmetic_hard"} <= set(config["tasks"])
+    assert sum(config["datasets"][t]["loader"] == "openmath" for t in config["tasks"]) == 7
+    train = config["train"]
+    assert (train["group_size"], train["prompts_per_step"], train["ppo_epochs"] * train["mini_batches"],
+            train["lr"], train["max_grad_norm"]) == (12, 32, 24, 5e-6, 1.0)
+    krpo = config["algorithms"]["krpo"]
+    assert krpo["advantage"] == "krpo" and krpo["beta"] == 0.01
+    assert {k: krpo["advantage_params"][k] for k in ("q", "r", "x0", "p0")} == {"q": 1e-5, "r": 1e-2, "x0": 0.0,
+                                                                               "p0": 1.0}
+
+
+def test_kpo_grid_has_the_papers_recipe():
+    config = load_config(REPO / "config" / "paper-kpo.yaml")
+    assert [m["id"] for m in config["models"].values()] == ["Qwen/Qwen3-4B"]
+    assert set(config["algorithms"]) == {"grpo", "gspo", "kpo"}
+    assert config["algorithms"]["kpo"]["ratio"] == "kpo" and config["algorithms"]["gspo"]["ratio"] == "sequence"
+    assert config["datasets"][config["tasks"][0]]["loader"] == "hub"
+    train, evaluate = config["train"], config["evaluate"]
+    assert (train["group_size"], train["prompts_per_step"], train["ppo_epochs"] * train["mini_batches"],
+            train["lr"]) == (8, 32, 4, 1e-6)
+    assert (evaluate["k"], max(evaluate["pass_k"]), evaluate["top_p"]) == (16, 16, 0.7)
+    assert config["benchmarks"] == ["math500", "aime24", "aime25", "amc23"]
+
+
+@pytest.mark.parametrize("name", ["paper-krpo", "paper-kpo"])
+def test_paper_grid_asks_for_a_gpu_per_training_and_evaluation_job(name):
+    resources = load_config(REPO / "config" / f"{name}.yaml")["resources"]
+    assert resources["train"]["gpus"] == resources["evaluate"]["gpus"] == 1
+    assert resources["data"]["gpus"] == resources["report"]["gpus"] == 0
+
+
+@pytest.mark.parametrize("name, runs, benchmarks", [("paper-krpo", 3 * 10 * 2 * 3, 10), ("paper-kpo", 1 * 1 * 3 * 3, 4)])
+def test_paper_grid_plans_every_job(name, runs, benchmarks, tmp_path):
+    """models x tasks x algorithms x seeds train jobs; each run and each warm start evaluated on every benchmark."""
+    jobs = planned_jobs(f"config/{name}.yaml", tmp_path)
+    config = load_config(REPO / "config" / f"{name}.yaml")
+    warm_starts = len(config["models"]) * len(config["tasks"])
+    assert jobs["train"] == runs
+    assert jobs["evaluate"] == (runs + warm_starts) * benchmarks
+    assert jobs["sft"] == warm_starts and jobs["report"] == 1
