@@ -35,11 +35,18 @@ def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
     assert "train.lr" in capsys.readouterr().err
 
 
-def test_settings_command_prints_a_jobs_settings(repo_root):
-    result = run("settings", "train", "model=tiny", "task=arithmetic_easy", "algorithm=kpo", "seed=0",
-                 "--config", str(repo_root / "config" / "smoke.yaml"))
+@pytest.mark.parametrize("config_first", [False, True])
+def test_settings_command_prints_a_jobs_settings(repo_root, config_first):
+    config = ["--config", str(repo_root / "config" / "smoke.yaml")]
+    select = ["model=tiny", "task=arithmetic_easy", "algorithm=kpo", "seed=0"]
+    result = run("settings", "train", *(config + select if config_first else select + config))
     assert result.returncode == 0, result.stderr
     assert '"ratio": "kpo"' in result.stdout
+
+
+def test_unknown_arguments_are_still_refused():
+    result = run("settings", "train", "--config", "config/smoke.yaml", "--bogus")
+    assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr
 
 
 def test_every_stage_is_a_subcommand():

@@ -197,8 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, except that `kalmanrl settings` takes its KEY=VALUE selectors before or after its options (argparse
+    stops filling a positional list at the first option)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command == "settings" and all("=" in item and not item.startswith("-") for item in rest):
+        args.select += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
