@@ -89,6 +89,12 @@ def test_krpo_strip_option_compares_stripped_answers():
     assert reward(["<answer> 12 </answer>", "<answer> 13 </answer>"], ["12", "12"]) == [1.0, 0.01]
 
 
+def test_krpo_partial_credit_option_replaces_the_substring_reward():
+    completions, golds = ["<answer>-10</answer>", "<answer>1</answer>", "<answer>7</answer>"], ["1"] * 3
+    assert get_reward("krpo_arithmetic")(completions, golds) == [0.5, 1.0, 0.01]
+    assert get_reward("krpo_arithmetic", partial_credit=0.0)(completions, golds) == [0.0, 1.0, 0.01]
+
+
 def test_krpo_extracted_is_the_stripped_tag_content():
     verdicts = get_reward("krpo_arithmetic").judge(["<answer> -3 </answer>", "none"], ["-3", "-3"])
     assert [v.extracted for v in verdicts] == ["-3", None]

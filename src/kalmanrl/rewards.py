@@ -276,13 +276,15 @@ class KrpoArithmetic(RewardFunction):
 
     As in the authors' code the comparison is on the raw tag content, so `<answer> 42 </answer>` earns 0.5 (the
     gold is a substring); `strip=True` strips both sides first. `correct` is always the stripped comparison.
+    `partial_credit` replaces the 0.5: with single-digit answers the substring credit pays a hedge such as `-10` for
+    the gold `1`, which a small policy learns instead of the answer (0 turns it off).
     The format bonus goes to completions with `<think>...</think>` before the answer tags. Only string search and
     comparison happen here, linear in the completion length, so no worker process is ever started.
     """
 
-    def __init__(self, *, strip: bool = False, **params):
+    def __init__(self, *, strip: bool = False, partial_credit: float = 0.5, **params):
         super().__init__(**params)
-        self.strip = strip
+        self.strip, self.partial_credit = strip, partial_credit
 
     def screen(self, completion: str, gold: str) -> Verdict:
         answer = _between(completion, "<answer>", "</answer>")
@@ -290,7 +292,7 @@ class KrpoArithmetic(RewardFunction):
             return Verdict(0.0, False, None)
         formatted = _between(completion[:completion.find("<answer>")], "<think>", "</think>") is not None
         candidate, target = (answer.strip(), gold.strip()) if self.strip else (answer, gold)
-        reward = 1.0 if candidate == target else 0.5 if target in candidate else 0.01
+        reward = 1.0 if candidate == target else self.partial_credit if target in candidate else 0.01
         return Verdict(reward + self.format_weight * formatted, answer.strip() == gold.strip(), answer.strip())
 
 
