@@ -56,7 +56,7 @@ def test_conda_environment_pins_the_versions_of_pyproject(image):
     torch = makefile_torch() + ("+cpu" if image == "cpu" else "")
     assert f"torch=={torch}" in pip
     assert f"{vllm}=={pyproject_pins()[vllm]}" in pip
-    assert f"..[{vllm}]" in pip  # the package itself, with the same extra, from the checkout
+    assert f"../..[{vllm}]" in pip  # the package itself, with the same extra, from the working directory
 
 
 def test_dockerfiles_pass_hadolint():
