@@ -226,7 +226,7 @@ def test_a_cancelled_train_job_is_reported_and_the_rerun_resumes_from_its_checkp
     workdir = tmp_path / "cancel"
     shutil.copytree(cluster_run[0], workdir, symlinks=True)
     shutil.rmtree(workdir / "config")
-    smoke_workdir(workdir, train={"steps": 30, "checkpoint_every": 2})
+    smoke_workdir(workdir, train={"steps": 30, "checkpoint_every": 2, "keep_every": 0})
     run = workdir / "results" / "runs" / "tiny" / "arithmetic_easy" / "krpo" / "seed0"
     shutil.rmtree(run / "checkpoints")  # those of the short run; wait for the new run's own
     target = str((run / "metrics.parquet").relative_to(workdir))

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import digit_share  # noqa: F401  (registers the "digit_share" reward)
 from kalmanrl.config import stage_settings, validate_config
+from kalmanrl.model import load_policy
 from kalmanrl.rollout import Completion
 from kalmanrl.trainer import NonFiniteLossError, _step_problems, build_batch, token_logprobs, train
 
@@ -120,6 +121,14 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, tiny_model_dir,
     train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for("grpo", steps=2))
     metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for("grpo", steps=2, lr=5e-4))
     assert list(metrics["step"]) == [1, 2] and (metrics["lr"] == 5e-4).all()
+
+
+def test_keep_every_keeps_those_checkpoints_loadable_and_drops_the_others(tmp_path, tiny_model_dir,
+                                                                          arithmetic_parquet):
+    train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for("grpo", steps=5, keep_every=2))
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step_000002", "step_000004", "step_000005"]  # every 2nd step, and the newest for a resume
+    assert load_policy(tmp_path / "checkpoints" / "step_000002")[0].config.model_type == "qwen2"
 
 
 def test_non_finite_losses_skip_updates_then_abort(tmp_path, tiny_model_dir, arithmetic_parquet):

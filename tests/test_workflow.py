@@ -57,7 +57,7 @@ def test_dry_run_prints_the_job_grid(repo_root, tmp_path, shared_data):
     jobs = planned_jobs(result)
     runs = 3 * 3  # algorithms x seeds of the default config
     assert jobs["train"] == runs
-    assert jobs["evaluate"] == runs + 1  # plus the warm start
+    assert jobs["evaluate"] == 1 + runs * 4  # the warm start; each run's final policy and steps 20, 40, 60
     assert jobs["sft"] == jobs["model"] == jobs["report"] == jobs["all"] == 1
 
 
@@ -82,7 +82,8 @@ def test_every_stage_writes_its_parquet(smoke):
         assert (run / "final" / "model.safetensors").exists()
 
     evaluate = config["evaluate"]
-    for run in ["sft", *(f"{a}/seed0" for a in config["algorithms"])]:
+    intermediate = [f"{a}/seed0/step1" for a in config["algorithms"]]  # train.keep_every: 1 of 2 steps
+    for run in ["sft", *(f"{a}/seed0" for a in config["algorithms"]), *intermediate]:
         for benchmark in config["benchmarks"]:
             base = results / "eval" / "tiny" / "arithmetic_easy" / run / benchmark
             details = pq.read_table(f"{base}.details.parquet").to_pandas()
@@ -92,9 +93,27 @@ def test_every_stage_writes_its_parquet(smoke):
             assert pq.read_table(f"{base}.summary.parquet").num_rows == 1
 
     summary = pq.read_table(results / "report" / "summary.parquet").to_pandas()
-    assert len(summary) == (1 + len(config["algorithms"])) * len(config["benchmarks"])
+    assert len(summary) == (1 + 2 * len(config["algorithms"])) * len(config["benchmarks"])
+    assert sorted(summary["step"].dropna().unique()) == [0, 1, 2]
     assert (results / "report" / "report.html").stat().st_size > 0
     assert "arithmetic_easy" in (results / "report" / "report.md").read_text()
+
+
+def test_intermediate_checkpoints_are_kept_and_evaluated_at_their_step(smoke):
+    workdir, config = smoke
+    run = workdir / "results" / "runs" / "tiny" / "arithmetic_easy" / "krpo" / "seed0"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    summary = pq.read_table(workdir / "results" / "eval" / "tiny" / "arithmetic_easy" / "krpo" / "seed0" / "step1" /
+                            "arithmetic_easy.summary.parquet").to_pandas()
+    assert summary.loc[0, "step"] == 1 and summary.loc[0, "algorithm"] == "krpo"
+    assert "checkpoints/step_000001" in summary.loc[0, "command"]
+
+
+def test_keep_every_must_be_a_multiple_of_checkpoint_every():
+    from kalmanrl.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="config.train.keep_every: 3 is not a multiple of train.checkpoint_every = 2"):
+        validate_config({"train": {"checkpoint_every": 2, "keep_every": 3}})
 
 
 def test_a_finished_run_is_up_to_date(smoke, repo_root):
@@ -109,7 +128,8 @@ def test_changing_a_training_setting_reruns_train_evaluate_and_report_only(smoke
     (workdir / "changed.yaml").write_text(yaml.safe_dump(changed))
     jobs = planned_jobs(snakemake(workdir, repo_root, "-n", "--configfile", str(workdir / "changed.yaml")))
     runs = len(config["algorithms"])
-    assert jobs == Counter({"train": runs, "evaluate": runs * len(config["benchmarks"]), "report": 1, "all": 1})
+    evaluated = 2 * runs  # the final policy and the kept step-1 checkpoint of each run
+    assert jobs == Counter({"train": runs, "evaluate": evaluated * len(config["benchmarks"]), "report": 1, "all": 1})
 
 
 def test_forced_rerun_of_one_rule_reruns_its_dependents(smoke, repo_root):

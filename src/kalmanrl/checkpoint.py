@@ -50,10 +50,15 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
             **({"torch_cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
 
 
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:06d}"
+
+
 def save_checkpoint(root: Path, step: int, *, policy, tokenizer, optimizer, scheduler, metrics: pd.DataFrame,
-                    settings_hash: str) -> Path:
-    """Write checkpoints/step_{step} atomically and drop older ones (the newest is all a resume needs)."""
-    target = root / f"step_{step:06d}"
+                    settings_hash: str, keep_every: int = 0) -> Path:
+    """Write checkpoints/step_{step} atomically and drop older ones (the newest is all a resume needs), except those
+    of every `keep_every`-th step, which are kept for evaluation."""
+    target = checkpoint_dir(root, step)
     with atomic_path(target, directory=True) as tmp:
         policy.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -66,7 +71,8 @@ def save_checkpoint(root: Path, step: int, *, policy, tokenizer, optimizer, sche
                     "numpy_random": _jsonable(np.random.get_state())}
         (tmp / MANIFEST).write_text(json.dumps(manifest))
     for old in root.glob("step_*"):
-        if old != target:
+        kept = keep_every and int(old.name.removeprefix("step_")) % keep_every == 0
+        if old != target and not kept:
             shutil.rmtree(old, ignore_errors=True)
     return target
 

@@ -112,6 +112,9 @@ def _check_references(config: dict) -> None:
                     f"config.models.{name}.tiny: hidden_size / num_heads = {tiny['hidden_size'] / tiny['num_heads']:g}"
                     " must be 32 or 64 (head sizes vLLM's CPU attention supports)")
     train = config["train"]
+    if train["keep_every"] % train["checkpoint_every"]:
+        raise ConfigError(f"config.train.keep_every: {train['keep_every']} is not a multiple of "
+                          f"train.checkpoint_every = {train['checkpoint_every']}")
     steps = train["ppo_epochs"] * train["mini_batches"]
     for name, algorithm in config["algorithms"].items():
         try:
@@ -136,7 +139,7 @@ def config_hash(value: Any) -> str:
 
 def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
     """Everything one stage needs from the config, and nothing else: the rule passes it as a Snakemake param, so a
-    change reruns exactly the jobs it affects."""
+    change reruns exactly the jobs it affects. Evaluation takes an optional `step` (an intermediate checkpoint)."""
     datasets = config["datasets"]
     if stage == "data":
         name = wildcards["dataset"]
@@ -154,7 +157,8 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
         return {"train": config["train"], "algorithm": config["algorithms"][wildcards["algorithm"]],
                 "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident}
     if stage == "evaluate":
-        ident["step"] = 0 if ident["algorithm"] == "sft" else config["train"]["steps"]
+        final = 0 if ident["algorithm"] == "sft" else config["train"]["steps"]
+        ident["step"] = int(wildcards.get("step") or final)
         return {"evaluate": config["evaluate"], "rollout": config["rollout"],
                 "benchmark": datasets[wildcards["benchmark"]], "ident": ident}
     if stage == "report":

@@ -108,7 +108,7 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
                **summarise(details, cfg["pass_k"]), **{f"sampling_{k}": v for k, v in sampling.items()},
                "rollout_backend": rollout["backend"],
                **provenance(config_hash(settings), {"data": [dataset],
-                                                    "model": sorted(Path(model_dir).glob("*.safetensors"))}),
+                                                    "model": sorted(Path(model_dir).glob("model*.safetensors"))}),
                "command": command_line(model_dir, dataset, settings)}
     summary_frame = pd.DataFrame([summary]).astype({"seed": "Int64", "step": "Int64"})
     write_parquet(details, out_details)

@@ -153,7 +153,8 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
             t_score = time.perf_counter()
 
             policy.train()
-            stats, skipped = _update(policy, optimizer, scheduler, batch, ratio_fn, alg, cfg, seed, step, kpo_params)
+            stats, skipped = update_policy(policy, optimizer, scheduler, batch, ratio_fn, alg, cfg, seed, step,
+                                           kpo_params)
             nonfinite += skipped
             if nonfinite > cfg["max_nonfinite"]:
                 raise NonFiniteLossError(
@@ -184,7 +185,8 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
                         writer.add_scalar(key, value, step + 1)
             if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
                 save_checkpoint(checkpoints, step + 1, policy=policy, tokenizer=tokenizer, optimizer=optimizer,
-                                scheduler=scheduler, metrics=pd.DataFrame(rows), settings_hash=settings_hash)
+                                scheduler=scheduler, metrics=pd.DataFrame(rows), settings_hash=settings_hash,
+                                keep_every=cfg["keep_every"])
 
     if writer is not None:
         writer.close()
@@ -196,8 +198,8 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
     return metrics
 
 
-def _update(policy, optimizer, scheduler, batch: RolloutBatch, ratio_fn, alg: dict, cfg: dict, seed: int, step: int,
-            kpo_params: dict) -> tuple[dict[str, float], int]:
+def update_policy(policy, optimizer, scheduler, batch: RolloutBatch, ratio_fn, alg: dict, cfg: dict, seed: int,
+                  step: int, kpo_params: dict) -> tuple[dict[str, float], int]:
     """ppo_epochs x mini_batches optimiser steps over one rollout batch; returns step metrics and skipped updates."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     size = batch.input_ids.shape[0]

@@ -1,7 +1,9 @@
 # Config -> target lists. All validation and every default come from kalmanrl.config and the schema.
 import json
 import os
+from pathlib import Path
 
+from kalmanrl.checkpoint import checkpoint_dir
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.report import FIGURES
 
@@ -21,7 +23,7 @@ wildcard_constraints:
     dataset="[^/.]+",
     algorithm="[^/]+",
     seed=r"\d+",
-    run=r"sft|[^/]+/seed\d+",
+    run=r"sft|[^/]+/seed\d+(/step\d+)?",
 
 
 def settings(stage, **wildcards):
@@ -68,29 +70,51 @@ def run_dir(model, task, algorithm, seed):
     return f"{R}/runs/{model}/{task}/{algorithm}/seed{seed}"
 
 
+def kept_steps():
+    """The intermediate steps whose checkpoints are kept and evaluated (train.keep_every; the final step is the run)."""
+    every, steps = config["train"]["keep_every"], config["train"]["steps"]
+    return range(every, steps, every) if every else range(0)
+
+
 def runs():
-    """Every (model, task, run) evaluated: the warm start ("sft") and each algorithm x seed."""
+    """Every (model, task, run) evaluated: the warm start ("sft"), each algorithm x seed, and each kept intermediate
+    checkpoint of those ("<algorithm>/seed<n>/step<k>")."""
     for model in config["models"]:
         for task in config["tasks"]:
             yield model, task, "sft"
             for algorithm in config["algorithms"]:
                 for seed in config["seeds"]:
                     yield model, task, f"{algorithm}/seed{seed}"
+                    for step in kept_steps():
+                        yield model, task, f"{algorithm}/seed{seed}/step{step}"
 
 
 def run_ident(wildcards):
     ident = {"model": wildcards.model, "task": wildcards.task, "benchmark": wildcards.benchmark}
     if wildcards.run == "sft":
         return {**ident, "algorithm": "sft"}
-    algorithm, seed = wildcards.run.rsplit("/", 1)
-    return {**ident, "algorithm": algorithm, "seed": seed.removeprefix("seed")}
+    algorithm, seed, *step = wildcards.run.split("/")
+    return {**ident, "algorithm": algorithm, "seed": seed.removeprefix("seed"),
+            **({"step": step[0].removeprefix("step")} if step else {})}
 
 
 def eval_model(wildcards):
-    """The warm start for run "sft", else the trained policy of "<algorithm>/seed<n>"."""
+    """What an evaluation waits for: the warm start for run "sft", the trained policy of "<algorithm>/seed<n>", and
+    for an intermediate step the finished run (its kept checkpoints are not outputs of their own)."""
     if wildcards.run == "sft":
         return f"{R}/models/{wildcards.model}/{wildcards.task}/sft"
-    return f"{R}/runs/{wildcards.model}/{wildcards.task}/{wildcards.run}/final"
+    ident = run_ident(wildcards)
+    run = run_dir(wildcards.model, wildcards.task, ident["algorithm"], ident["seed"])
+    return f"{run}/metrics.parquet" if "step" in ident else f"{run}/final"
+
+
+def eval_model_dir(wildcards):
+    """The model directory an evaluation loads (an intermediate step's is its kept checkpoint)."""
+    ident = run_ident(wildcards)
+    if "step" not in ident:
+        return eval_model(wildcards)
+    run = run_dir(wildcards.model, wildcards.task, ident["algorithm"], ident["seed"])
+    return str(checkpoint_dir(Path(run) / "checkpoints", int(ident["step"])))
 
 
 SUMMARIES = [

@@ -1,5 +1,6 @@
 rule evaluate:
-    """k samples per benchmark problem from the warm start ("sft") or a trained policy ("<algorithm>/seed<n>")."""
+    """k samples per benchmark problem from the warm start ("sft"), a trained policy ("<algorithm>/seed<n>") or one
+    of its kept checkpoints ("<algorithm>/seed<n>/step<k>", train.keep_every)."""
     input:
         model=eval_model,
         dataset=dataset_file("{benchmark}"),
@@ -8,6 +9,7 @@ rule evaluate:
         summary=f"{R}/eval/{{model}}/{{task}}/{{run}}/{{benchmark}}.summary.parquet",
     params:
         settings=lambda wc: settings("evaluate", **run_ident(wc)),
+        model=eval_model_dir,
     container:
         image("evaluate")
     conda:
@@ -22,5 +24,5 @@ rule evaluate:
         runtime=scaled("evaluate", "runtime"),
         gpu=res("evaluate", "gpus"),
     shell:
-        "kalmanrl evaluate --settings {params.settings:q} --model {input.model:q} --dataset {input.dataset:q}"
+        "kalmanrl evaluate --settings {params.settings:q} --model {params.model:q} --dataset {input.dataset:q}"
         " --details {output.details:q} --summary {output.summary:q} --threads {threads} --gpus {resources.gpu} > {log:q} 2>&1"
