@@ -1,27 +1,35 @@
 """One RL step split into rollout / reward / scoring / update, and the per-step overhead of KRPO and KPO over GRPO.
 
-    python benchmarks/bench_train_step.py [--steps 6] [--hidden 128] [--layers 2] [--threads 2]
+    python benchmarks/bench_train_step.py [--steps 6] [--repeats 15] [--hidden 128] [--layers 2] [--threads 2]
 
-Builds a tiny model and an Arithmetic dataset in a temporary directory, trains each algorithm for --steps steps from
-the same weights with the same seed, and prints the median time of each phase (the first step is dropped as warm-up).
-The algorithms differ only in the advantage estimator and the ratio transform, so the update phase is where their
-overhead shows; rollouts differ because the policies drift apart, so the overhead is reported on the update phase
-per trained token as well as on the whole step.
+Builds a tiny model and an Arithmetic dataset in a temporary directory, then
+1. trains each algorithm for --steps steps from the same weights with the same seed and prints the median time of
+   each phase (the first step is dropped as warm-up);
+2. times the update phase of each algorithm on one and the same rollout batch, from the same weights, --repeats
+   times with the algorithms interleaved, and prints the medians. The algorithms differ only in the advantage
+   estimator and the ratio transform, so this is their overhead; in (1) the policies drift apart and sample batches
+   of other lengths, which changes the update time more than the algorithm does.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
+from kalmanrl import algorithms
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.data import build_dataset, read_dataset, write_dataset
-from kalmanrl.model import build_tiny_model
-from kalmanrl.trainer import train
+from kalmanrl.model import build_tiny_model, load_policy
+from kalmanrl.optim import make_optimizer
+from kalmanrl.prompts import get_template
+from kalmanrl.rollout import SamplingConfig, make_engine
+from kalmanrl.trainer import build_batch, token_logprobs, train, update_policy
 
 PHASES = ["time_rollout", "time_reward", "time_score", "time_update"]
 
@@ -29,6 +37,7 @@ PHASES = ["time_rollout", "time_reward", "time_score", "time_update"]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
@@ -58,15 +67,53 @@ def main() -> None:
             rows[algorithm] = {**{p: metrics[p].median() for p in PHASES}, "step": metrics["wall_time"].median(),
                                "update_s_per_1k_tokens": 1000 * metrics["time_update"].sum() / per_token}
 
+        same_batch = update_times(tmp / "model", tmp / "data.parquet", config, args.repeats)
+
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; model hidden {args.hidden} x {args.layers} layers; {args.steps - 1} timed steps")
-    print(f"| algorithm | rollout s | reward s | scoring s | update s | step s | update s / 1k tokens | vs grpo |")
-    print("|---|---|---|---|---|---|---|---|")
-    base = rows["grpo"]["update_s_per_1k_tokens"]
+    print("| algorithm | rollout s | reward s | scoring s | update s | step s | update s / 1k tokens |")
+    print("|---|---|---|---|---|---|---|")
     for name, row in rows.items():
-        overhead = 100 * (row["update_s_per_1k_tokens"] / base - 1)
         print(f"| {name} | " + " | ".join(f"{row[p]:.3f}" for p in PHASES) +
-              f" | {row['step']:.3f} | {row['update_s_per_1k_tokens']:.4f} | {overhead:+.1f}% |")
+              f" | {row['step']:.3f} | {row['update_s_per_1k_tokens']:.4f} |")
+    print(f"\nupdate phase on one rollout batch, median of {args.repeats} interleaved repeats:")
+    print("| algorithm | update s | vs grpo |")
+    print("|---|---|---|")
+    for name, seconds in same_batch.items():
+        print(f"| {name} | {seconds:.3f} | {100 * (seconds / same_batch['grpo'] - 1):+.1f}% |")
+
+
+def update_times(model_dir: Path, data: Path, config: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of `update_policy` per algorithm on one fixed rollout batch, each run from the same weights."""
+    cfg = config["train"]
+    policy, tokenizer = load_policy(model_dir)
+    initial = {k: v.clone() for k, v in policy.state_dict().items()}
+    template = get_template("krpo")
+    problems = read_dataset(data, split="train").column("problem").to_pylist()[:cfg["prompts_per_step"]]
+    prompt_ids = [tokenizer(template.render(tokenizer, p), add_special_tokens=False)["input_ids"] for p in problems]
+    with make_engine("hf", policy=policy, tokenizer=tokenizer, model_dir=model_dir) as engine:
+        completions = engine.generate(prompt_ids, SamplingConfig(n=cfg["group_size"], max_tokens=cfg["max_tokens"],
+                                                                 seed=0))
+    rewards = torch.rand(len(prompt_ids), cfg["group_size"], generator=torch.Generator().manual_seed(0),
+                         dtype=torch.float64)
+    runs = {}
+    for name, alg in config["algorithms"].items():
+        advantages = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])(rewards)
+        batch = build_batch(prompt_ids, completions, advantages, tokenizer.pad_token_id)
+        with torch.no_grad():
+            batch.old_logp = token_logprobs(policy, batch)
+        ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
+        runs[name] = (batch, ratio_fn, alg, alg["ratio_params"] if alg["ratio"] == "kpo" else {})
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (batch, ratio_fn, alg, kpo_params) in runs.items():
+            policy.load_state_dict(initial)
+            optimizer, scheduler = make_optimizer(policy.parameters(), cfg, cfg["mini_batches"])
+            policy.train()
+            start = time.perf_counter()
+            update_policy(policy, optimizer, scheduler, batch, ratio_fn, alg, cfg, 0, 0, kpo_params)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 if __name__ == "__main__":
