@@ -64,6 +64,41 @@ def fill_defaults(value: Any, schema: dict) -> Any:
     return out
 
 
+def _accepts_string(schema: dict) -> bool:
+    types = schema.get("type")
+    if types is None:
+        return "enum" not in schema or any(isinstance(v, str) for v in schema["enum"])
+    return "string" in ([types] if isinstance(types, str) else types)
+
+
+def _parse_text(text: str) -> Any:
+    """JSON first (YAML 1.1 reads 1e-06 as a string), then YAML; the text itself when neither parses."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def coerce_strings(value: Any, schema: dict) -> Any:
+    """Read strings as JSON/YAML values wherever the schema does not take a string: `snakemake --config` passes
+    `seeds='[0,1]'` as ['0', '1'] and `train={lr: 1e-4}` with '1e-4', and YAML 1.1 files read 1e-4 as a string.
+    What still does not fit is left for validation to name."""
+    schema = _resolve(schema)
+    if isinstance(value, str) and not _accepts_string(schema):
+        value = _parse_text(value)
+    if isinstance(value, dict):
+        properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        return {key: coerce_strings(item, properties.get(key, extra if isinstance(extra, dict) else {}))
+                for key, item in value.items()}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [coerce_strings(item, schema["items"]) for item in value]
+    return value
+
+
 def _describe(error: jsonschema.ValidationError, root: str) -> str:
     path = ".".join(str(p) for p in error.absolute_path)
     where = f"{root}.{path}" if path else root
@@ -83,8 +118,10 @@ def check(value: Any, schema: dict, root: str) -> None:
 
 
 def validate_config(config: dict) -> dict:
-    """Fill defaults, validate, merge the dataset catalogue and check cross-references. Returns a new dict."""
+    """Read command-line strings, fill defaults, validate, merge the dataset catalogue and check cross-references.
+    Returns a new dict."""
     schema = load_schema()
+    config = coerce_strings(config, schema)
     check(config, schema, "config")
     config = fill_defaults(config, schema)
     config["datasets"] = {**fill_defaults(builtin_datasets(), schema["properties"]["datasets"]), **config["datasets"]}
