@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kalmanrl.io import atomic_path, read_parquet, write_parquet
+from kalmanrl.layout import checkpoint_dir
 
 MANIFEST = "trainer_state.json"
 
@@ -48,10 +49,6 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 def _rng_tensors() -> dict[str, torch.Tensor]:
     return {"torch_cpu": torch.get_rng_state(),
             **({"torch_cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-
-
-def checkpoint_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:06d}"
 
 
 def save_checkpoint(root: Path, step: int, *, policy, tokenizer, optimizer, scheduler, metrics: pd.DataFrame,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,6 +22,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from kalmanrl.io import atomic_path, read_parquet, write_parquet  # noqa: E402
+from kalmanrl.layout import FIGURES  # noqa: E402
 
 log = logging.getLogger(__name__)
 CURVES = {"reward_mean": "reward", "accuracy": "training accuracy", "kl": "KL to the reference (k3)",
@@ -198,12 +200,6 @@ def _paper_column(table: pd.DataFrame, published: pd.DataFrame, keys: list[str],
 
 
 # ---------------------------------------------------------------------------------------------------------- figures
-# Figure kinds: out_dir/figures/<kind>/{model}__{task}.png, one directory each (Snakemake outputs, with a caption in
-# workflow/report/<kind>.rst), and their titles.
-FIGURES = {"differences": "Paired differences", "accuracy_vs_step": "Accuracy vs checkpoint step",
-           "curves": "Training curves"}
-
-
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -229,47 +225,51 @@ def _band(ax, frame: pd.DataFrame, column: str, label: str) -> None:
                     color=line.get_color())
 
 
-def plot_curves(metrics: pd.DataFrame, out: Path) -> list[Path]:
-    """figures/curves/{model}__{task}.png: one panel per training metric present, one line per algorithm."""
+def _figure_per_run(frame: pd.DataFrame, panels: Callable, draw: Callable, out: Path) -> list[Path]:
+    """out/{model}__{task}.png for each (model, task) of `frame`: one panel per item of `panels(run)`, drawn by
+    `draw(ax, run, item)`, with a grid and the legend in the first panel."""
     written = []
-    columns = [c for c in CURVES if c in metrics and metrics[c].notna().any()]
-    for (model, task), runs in metrics.groupby(["model", "task"]) if columns else []:
-        fig, axes = _panels(len(columns))
-        for ax, column in zip(axes, columns):
-            for algorithm, frame in runs.groupby("algorithm"):
-                _band(ax, frame, column, algorithm)
-            ax.set(xlabel="RL step", ylabel=CURVES[column])
+    for (model, task), run in frame.groupby(["model", "task"]) if len(frame) else []:
+        items = panels(run)
+        fig, axes = _panels(len(items))
+        for ax, item in zip(axes, items):
+            draw(ax, run, item)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{model}, {task}", fontsize=10)
         fig.tight_layout()
         written.append(_save(fig, out / f"{model}__{task}.png"))
     return written
+
+
+def plot_curves(metrics: pd.DataFrame, out: Path) -> list[Path]:
+    """figures/curves/{model}__{task}.png: one panel per training metric present, one line per algorithm."""
+    columns = [c for c in CURVES if c in metrics and metrics[c].notna().any()]
+
+    def draw(ax, runs: pd.DataFrame, column: str) -> None:
+        for algorithm, frame in runs.groupby("algorithm"):
+            _band(ax, frame, column, algorithm)
+        ax.set(xlabel="RL step", ylabel=CURVES[column])
+
+    return _figure_per_run(metrics, lambda runs: columns, draw, out) if columns else []
 
 
 def plot_accuracy_vs_step(summary: pd.DataFrame, out: Path) -> list[Path]:
     """figures/accuracy_vs_step/{model}__{task}.png: avg@k against the checkpoint step, one panel per benchmark;
     every algorithm starts from the warm start at step 0."""
-    written = []
-    for (model, task), frame in summary.groupby(["model", "task"]) if len(summary) else []:
-        benchmarks = sorted(frame["benchmark"].unique())
-        fig, axes = _panels(len(benchmarks))
-        for ax, benchmark in zip(axes, benchmarks):
-            part = frame[frame["benchmark"] == benchmark]
-            start = part[part["algorithm"] == WARM_START]
-            for algorithm, runs in part[part["algorithm"] != WARM_START].groupby("algorithm"):
-                seeds = runs["seed"].unique()
-                anchored = pd.concat([runs] + [start.assign(seed=s) for s in seeds])
-                _band(ax, anchored.assign(avg=100 * anchored["avg_at_k"]), "avg", algorithm)
-            if len(start):
-                ax.scatter([0], [100 * start["avg_at_k"].mean()], color="black", zorder=3, label=WARM_START)
-            ax.set(title=benchmark, xlabel="checkpoint step", ylabel="avg@k (%)")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{model}, {task}", fontsize=10)
-        fig.tight_layout()
-        written.append(_save(fig, out / f"{model}__{task}.png"))
-    return written
+
+    def draw(ax, frame: pd.DataFrame, benchmark: str) -> None:
+        part = frame[frame["benchmark"] == benchmark]
+        start = part[part["algorithm"] == WARM_START]
+        for algorithm, runs in part[part["algorithm"] != WARM_START].groupby("algorithm"):
+            seeds = runs["seed"].unique()
+            anchored = pd.concat([runs] + [start.assign(seed=s) for s in seeds])
+            _band(ax, anchored.assign(avg=100 * anchored["avg_at_k"]), "avg", algorithm)
+        if len(start):
+            ax.scatter([0], [100 * start["avg_at_k"].mean()], color="black", zorder=3, label=WARM_START)
+        ax.set(title=benchmark, xlabel="checkpoint step", ylabel="avg@k (%)")
+
+    return _figure_per_run(summary, lambda frame: sorted(frame["benchmark"].unique()), draw, out)
 
 
 def plot_differences(differences: pd.DataFrame, published: pd.DataFrame, out: Path) -> list[Path]:

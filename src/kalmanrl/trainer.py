@@ -19,6 +19,7 @@ from kalmanrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
 from kalmanrl.io import atomic_path, write_parquet
+from kalmanrl.layout import checkpoints_root
 from kalmanrl.model import load_policy
 from kalmanrl.optim import make_optimizer
 from kalmanrl.progress import progress
@@ -111,7 +112,7 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg, cfg["steps"] * optimizer_steps)
 
     settings_hash = config_hash(settings)
-    checkpoints = out_dir / "checkpoints"
+    checkpoints = checkpoints_root(out_dir)
     start, rows = 0, []
     if (found := latest_checkpoint(checkpoints, settings_hash)) is not None:
         resumed = load_checkpoint(found, policy=policy, optimizer=optimizer, scheduler=scheduler)

@@ -1,11 +1,9 @@
 # Config -> target lists. All validation and every default come from kalmanrl.config and the schema.
 import json
 import os
-from pathlib import Path
 
-from kalmanrl.checkpoint import checkpoint_dir
 from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.report import FIGURES
+from kalmanrl.layout import FIGURES, checkpoint_dir, checkpoints_root
 
 _validated = validate_config(config)
 config.clear()
@@ -48,14 +46,19 @@ def scaled(stage, key):
     return lambda wildcards, attempt: base * attempt
 
 
+def flavour(stage):
+    """"gpu" where the config gives the stage GPUs, else "cpu": which image and conda environment it runs in."""
+    return "gpu" if res(stage, "gpus") else "cpu"
+
+
 def image(stage):
-    """The container of a stage (`--sdm apptainer`): the GPU image where the config gives the stage GPUs."""
-    return config["containers"]["gpu" if res(stage, "gpus") else "cpu"]
+    """The container of a stage (`--sdm apptainer`)."""
+    return config["containers"][flavour(stage)]
 
 
 def conda_env(stage):
-    """The conda environment of a stage (`--sdm conda`), chosen as its container is; relative to workflow/rules."""
-    return "../../envs/{}.yaml".format("gpu" if res(stage, "gpus") else "cpu")
+    """The conda environment of a stage (`--sdm conda`), relative to workflow/rules."""
+    return f"../../envs/{flavour(stage)}.yaml"
 
 
 def dataset_file(name):
@@ -109,12 +112,12 @@ def eval_model(wildcards):
 
 
 def eval_model_dir(wildcards):
-    """The model directory an evaluation loads (an intermediate step's is its kept checkpoint)."""
-    ident = run_ident(wildcards)
+    """The model directory an evaluation loads (an intermediate step's is its kept checkpoint, in the run that
+    eval_model waits for)."""
+    model, ident = eval_model(wildcards), run_ident(wildcards)
     if "step" not in ident:
-        return eval_model(wildcards)
-    run = run_dir(wildcards.model, wildcards.task, ident["algorithm"], ident["seed"])
-    return str(checkpoint_dir(Path(run) / "checkpoints", int(ident["step"])))
+        return model
+    return str(checkpoint_dir(checkpoints_root(os.path.dirname(model)), int(ident["step"])))
 
 
 SUMMARIES = [

@@ -1,0 +1,21 @@
+"""Names in the results tree that both the package and the workflow use. Kept free of heavy imports: every Snakemake
+start (and every cluster job) reads it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Report figure kinds: <report>/figures/<kind>/{model}__{task}.png, one directory each (Snakemake outputs, with a
+# caption in workflow/report/<kind>.rst), and their titles.
+FIGURES = {"differences": "Paired differences", "accuracy_vs_step": "Accuracy vs checkpoint step",
+           "curves": "Training curves"}
+
+
+def checkpoints_root(run_dir: str | Path) -> Path:
+    """A training run's checkpoints (not a workflow output, so Snakemake keeps them when a job fails)."""
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    """The checkpoint of one training step under a run's checkpoints/ directory."""
+    return root / f"step_{step:06d}"
