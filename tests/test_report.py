@@ -1,4 +1,4 @@
-"""The report: bootstrap intervals cover and behave, differences are paired, published numbers appear only where the
+"""The report: differences are paired, published numbers appear only where the
 setting matches, partial grids are marked, and the HTML renders in a real headless Chromium with tables and figures."""
 
 from __future__ import annotations
@@ -13,45 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from kalmanrl.io import write_parquet
-from kalmanrl.report import bootstrap, build_report, final_steps, paired_differences, summary_ident
+from kalmanrl.comparisons import paired_differences
+from kalmanrl.report import build_report
+from kalmanrl.results import final_steps, summary_ident
 
 SETTINGS = {"report": {"bootstrap_samples": 400, "confidence": 0.95},
-            "reproduce": {"configfiles": ["config/config.yaml"], "config": {"seeds": [0, 1]}}}
-
-
-@pytest.mark.parametrize("seed_sd,min_coverage", [(0.0, 0.93), (0.1, 0.78)])
-def test_bootstrap_interval_covers_the_population_accuracy(seed_sd, min_coverage):
-    """Problems of varying difficulty (mean 0.3), 3 seeds (optionally each shifted: a seed effect), 4 samples each:
-    the interval over seeds and problems covers 0.3 about as often as it claims (somewhat less with a seed effect:
-    three seeds are few to resample), and is not uselessly wide."""
-    rng = np.random.default_rng(0)
-    hits, widths = [], []
-    for replicate in range(150):
-        p = rng.beta(1.5, 3.5, size=(1, 60)) + seed_sd * rng.standard_normal((3, 1))
-        matrix = (rng.random((3, 60, 4)) < p[..., None]).mean(axis=-1)
-        interval = bootstrap([matrix], samples=300, confidence=0.95, seed=replicate)
-        hits.append(interval.low <= 0.3 <= interval.high)
-        widths.append(interval.high - interval.low)
-    assert np.mean(hits) >= min_coverage and np.mean(widths) < 0.25
-
-
-def test_bootstrap_interval_contains_the_mean_and_shrinks_with_more_problems():
-    rng = np.random.default_rng(0)
-    small, large = (bootstrap([(rng.random((3, n)) < 0.4).astype(float)], samples=500, confidence=0.95)
-                    for n in (20, 2000))
-    assert small.low <= small.mean <= small.high and large.low <= large.mean <= large.high
-    assert large.high - large.low < (small.high - small.low) / 3
-
-
-def test_bootstrap_is_deterministic_given_its_seed():
-    m = (np.random.default_rng(2).random((3, 40)) < 0.5).astype(float)
-    assert bootstrap([m], samples=300, confidence=0.9, seed=7) == bootstrap([m], samples=300, confidence=0.9, seed=7)
-
-
-def test_difference_of_identical_results_is_exactly_zero():
-    m = (np.random.default_rng(1).random((3, 50)) < 0.5).astype(float)
-    interval = bootstrap([m, m.copy()], samples=200, confidence=0.95)
-    assert interval.mean == interval.low == interval.high == 0
+            "reproduce": {"configfiles": ["config/config.yaml"], "config": {"seeds": [0, 1], "results_dir": "results/study"}}}
 
 
 def _details(algorithm: str, seed: int, accuracy: float, *, problems: int = 30, benchmark: str = "arith",
@@ -170,6 +137,7 @@ def test_report_has_intervals_differences_published_numbers_and_how_to_reproduce
     assert grpo[4] == "10" and grpo[5] == "2/2" and grpo[-2:] == ["", ""]  # last step; no paper for this setting
     assert re.fullmatch(r"\d+\.\d \[\d+\.\d, \d+\.\d\]", grpo[6])
     assert "NOT reproduced" in markdown and "snakemake --cores all --configfile config/config.yaml" in markdown
+    assert "results/study/eval/<model>/<task>/<algorithm>/seed<seed>/<benchmark>.summary.parquet" in markdown
 
 
 def test_report_writes_one_figure_per_kind_and_model_task(report_dir):

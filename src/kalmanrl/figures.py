@@ -1,0 +1,117 @@
+"""The report's figures, one PNG per (model, task) and kind: training curves, avg@k against the checkpoint step,
+and the paired differences with their intervals beside the published ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from kalmanrl.io import atomic_path  # noqa: E402
+from kalmanrl.published import paper_column  # noqa: E402
+from kalmanrl.results import CELL, WARM_START  # noqa: E402
+
+CURVES = {"reward_mean": "reward", "accuracy": "training accuracy", "kl": "KL to the reference (k3)",
+          "clip_frac": "clip fraction", "response_length": "response length (tokens)", "entropy": "entropy"}
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _panels(n: int, *, columns: int = 3, size: tuple[float, float] = (4.5, 3.2)) -> tuple[plt.Figure, list]:
+    rows = -(-n // columns)
+    cols = min(n, columns)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
+
+
+def _band(ax, frame: pd.DataFrame, column: str, label: str) -> None:
+    """Mean over seeds with a +-1 std band (no band for a single seed)."""
+    stats = frame.groupby("step")[column].agg(["mean", "std"]).fillna({"std": 0})
+    line, = ax.plot(stats.index, stats["mean"], label=label, marker="o" if len(stats) < 8 else None, markersize=3)
+    ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2,
+                    color=line.get_color())
+
+
+def _figure_per_run(frame: pd.DataFrame, panels: Callable, draw: Callable, out: Path) -> list[Path]:
+    """out/{model}__{task}.png for each (model, task) of `frame`: one panel per item of `panels(run)`, drawn by
+    `draw(ax, run, item)`, with a grid and the legend in the first panel."""
+    written = []
+    for (model, task), run in frame.groupby(["model", "task"]) if len(frame) else []:
+        items = panels(run)
+        fig, axes = _panels(len(items))
+        for ax, item in zip(axes, items):
+            draw(ax, run, item)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{model}, {task}", fontsize=10)
+        fig.tight_layout()
+        written.append(_save(fig, out / f"{model}__{task}.png"))
+    return written
+
+
+def plot_curves(metrics: pd.DataFrame, out: Path) -> list[Path]:
+    """figures/curves/{model}__{task}.png: one panel per training metric present, one line per algorithm."""
+    columns = [c for c in CURVES if c in metrics and metrics[c].notna().any()]
+
+    def draw(ax, runs: pd.DataFrame, column: str) -> None:
+        for algorithm, frame in runs.groupby("algorithm"):
+            _band(ax, frame, column, algorithm)
+        ax.set(xlabel="RL step", ylabel=CURVES[column])
+
+    return _figure_per_run(metrics, lambda runs: columns, draw, out) if columns else []
+
+
+def plot_accuracy_vs_step(summary: pd.DataFrame, out: Path) -> list[Path]:
+    """figures/accuracy_vs_step/{model}__{task}.png: avg@k against the checkpoint step, one panel per benchmark;
+    every algorithm starts from the warm start at step 0."""
+
+    def draw(ax, frame: pd.DataFrame, benchmark: str) -> None:
+        part = frame[frame["benchmark"] == benchmark]
+        start = part[part["algorithm"] == WARM_START]
+        for algorithm, runs in part[part["algorithm"] != WARM_START].groupby("algorithm"):
+            seeds = runs["seed"].unique()
+            anchored = pd.concat([runs] + [start.assign(seed=s) for s in seeds])
+            _band(ax, anchored.assign(avg=100 * anchored["avg_at_k"]), "avg", algorithm)
+        if len(start):
+            ax.scatter([0], [100 * start["avg_at_k"].mean()], color="black", zorder=3, label=WARM_START)
+        ax.set(title=benchmark, xlabel="checkpoint step", ylabel="avg@k (%)")
+
+    return _figure_per_run(summary, lambda frame: sorted(frame["benchmark"].unique()), draw, out)
+
+
+def plot_differences(differences: pd.DataFrame, published: pd.DataFrame, out: Path) -> list[Path]:
+    """figures/differences/{model}__{task}.png: each paired difference with its interval, in points; a cross marks
+    the published difference where the setting matches."""
+    written = []
+    for (model, task), frame in differences.groupby(["model", "task"]) if len(differences) else []:
+        frame = frame.iloc[::-1]
+        labels = [f"{b}: {c}" for b, c in zip(frame["benchmark"], frame["comparison"])]
+        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.4 * len(frame)))
+        y = np.arange(len(frame))
+        mean, low, high = (100 * frame[c].to_numpy(float) for c in ("difference", "low", "high"))
+        ax.errorbar(mean, y, xerr=[mean - low, high - mean], fmt="o", capsize=3, label="ours (CI)")
+        paper = paper_column(frame, published, [*CELL, "comparison"], "difference")
+        marked = [(float(p), i) for i, p in enumerate(paper) if p]
+        if marked:
+            ax.scatter(*zip(*marked), marker="x", color="red", zorder=3, label="published (not reproduced)")
+        ax.axvline(0, color="gray", lw=1)
+        ax.set(yticks=y, yticklabels=labels, xlabel="avg@k difference (percentage points)",
+               title=f"{model}, {task}")
+        ax.legend(fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        written.append(_save(fig, out / f"{model}__{task}.png"))
+    return written
