@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from kalmanrl.io import write_parquet
-from kalmanrl.comparisons import paired_differences
+from kalmanrl.comparisons import family_tests, paired_differences
 from kalmanrl.report import build_report
 from kalmanrl.results import final_steps, summary_ident
 
-SETTINGS = {"report": {"bootstrap_samples": 400, "confidence": 0.95},
-            "reproduce": {"configfiles": ["config/config.yaml"], "config": {"seeds": [0, 1], "results_dir": "results/study"}}}
+SETTINGS = {"report": {"bootstrap_samples": 400, "confidence": 0.95, "alpha": 0.05, "power": 0.8, "detect": [5]},
+            "reproduce": {"configfiles": ["config/config.yaml"],
+                          "config": {"seeds": [0, 1], "results_dir": "results/study"}}}
 
 
 def _details(algorithm: str, seed: int, accuracy: float, *, problems: int = 30, benchmark: str = "arith",
@@ -35,6 +36,36 @@ def test_paired_difference_is_positive_when_an_algorithm_is_better():
                         + [_details("kpo", s, 0.6, problems=400) for s in (0, 1)])
     row = paired_differences(details, samples=300, confidence=0.95).iloc[0]
     assert row["comparison"] == "kpo - grpo" and row["seeds"] == 2 and 0.3 < row["low"] <= row["high"] < 0.5
+    assert row["p_value"] < 0.05 and row["tested_problems"] == 400
+
+
+def test_comparisons_are_one_holm_family_with_their_detectable_difference():
+    details = pd.concat([_details("sft", -1, 0.3, problems=200)]
+                        + [_details(a, s, acc, problems=200) for a, acc in (("grpo", 0.3), ("krpo", 0.32), ("kpo", 0.6))
+                           for s in (0, 1, 2)])
+    table = family_tests(paired_differences(details, samples=200, confidence=0.95), alpha=0.05, power=0.8)
+    assert len(table) == 5 and (table["level"] == 0.05 / 5).all()
+    assert (table["p_holm"] >= table["p_value"]).all() and table["p_holm"].max() <= 1
+    kpo = table.set_index("comparison").loc["kpo - grpo"]
+    assert kpo["p_holm"] < 0.05 and 0 < kpo["detectable"] < kpo["difference"] and kpo["seeds_for_observed"] <= 3
+
+
+def test_published_difference_gets_the_seeds_it_would_need(tmp_path):
+    """A published difference for the grid's setting shows beside ours with the seeds that would detect it."""
+    published = tmp_path / "published.yaml"
+    published.write_text("- paper: X\n  source: arXiv 0000.00000, Table 9\n  model: tiny\n  task: arith\n"
+                         "  differences:\n    - {benchmark: arith, comparison: krpo - grpo, difference: 5.0}\n")
+    runs = [_write_run(tmp_path, a, s, acc) for a, acc in (("grpo", 0.3), ("krpo", 0.4)) for s in (0, 1, 2)]
+    build_report([s for s, _ in runs], [m for _, m in runs], tmp_path / "report", settings=SETTINGS,
+                 published=published)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| model") and "comparison" in line)
+    row = _row(markdown, "tiny", "arith", "arith", "krpo - grpo")
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], row))
+    assert cells["paper difference (points), published"] == "5.00"
+    seeds = cells["seeds for the published difference"]
+    assert seeds == "> 100" or int(seeds) > 3
+    assert "arXiv 0000.00000, Table 9" in markdown
 
 
 def test_pairing_cancels_problem_difficulty_that_an_unpaired_interval_would_carry():
@@ -85,7 +116,9 @@ def _write_run(root, algorithm, seed, accuracy, *, model="tiny", task="arith", b
     if algorithm != "sft":
         metrics = root / "runs" / model / task / algorithm / f"seed{seed}" / "metrics.parquet"
         write_parquet(pd.DataFrame({"model": model, "task": task, "algorithm": algorithm, "seed": seed,
-                                    "step": [1, 2, 3], "reward_mean": [0.1, 0.2, accuracy], "kl": [0, 0.01, 0.02]}),
+                                    "step": [1, 2, 3], "reward_mean": [0.1, 0.2, accuracy], "kl": [0, 0.01, 0.02],
+                                    "sign_switch_rate_raw": [0.5, 0.45, 0.4], "sign_switch_rate_filtered": [0.1] * 3,
+                                    "sign_run_length_raw": [2.0, 2.2, 2.5], "sign_run_length_filtered": [9.0] * 3}),
                       metrics)
     return run / f"{benchmark}.summary.parquet", metrics
 
@@ -136,12 +169,16 @@ def test_report_has_intervals_differences_published_numbers_and_how_to_reproduce
     grpo = _row(markdown, "tiny", "arith", "arith", "grpo")
     assert grpo[4] == "10" and grpo[5] == "2/2" and grpo[-2:] == ["", ""]  # last step; no paper for this setting
     assert re.fullmatch(r"\d+\.\d \[\d+\.\d, \d+\.\d\]", grpo[6])
+    differences_header = next(line for line in markdown.splitlines()
+                              if line.startswith("| model") and "p (Holm)" in line)
+    assert "paper difference" not in differences_header  # no published difference for this grid: no empty column
+    assert "seeds to detect 5 points" in differences_header and "detects (points, 80% power)" in differences_header
     assert "NOT reproduced" in markdown and "snakemake --cores all --configfile config/config.yaml" in markdown
     assert "results/study/eval/<model>/<task>/<algorithm>/seed<seed>/<benchmark>.summary.parquet" in markdown
 
 
 def test_report_writes_one_figure_per_kind_and_model_task(report_dir):
-    for kind in ("differences", "accuracy_vs_step", "curves"):
+    for kind in ("differences", "accuracy_vs_step", "curves", "token_noise"):
         assert (report_dir / "figures" / kind / "tiny__arith.png").stat().st_size > 5000
     assert (report_dir / "figures" / "accuracy_vs_step" / "qwen3-4b__dapo_math_17k.png").exists()
 
@@ -156,7 +193,7 @@ def test_html_report_renders_in_headless_chromium_with_tables_and_figures(report
     page = f"file://{report_dir / 'report.html'}"
     dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
     figures = list((report_dir / "figures").rglob("*.png"))
-    assert dom.count("<table") == 4 and dom.count("src=\"data:image/png;base64,") == len(figures) == 5
+    assert dom.count("<table") == 4 and dom.count("src=\"data:image/png;base64,") == len(figures) == 7
     assert "Differences to GRPO" in dom and "How to reproduce this" in dom
     screenshot = tmp_path / "page.png"
     subprocess.run([chromium, *flags, f"--screenshot={screenshot}", "--window-size=1280,2000", page],
@@ -172,4 +209,5 @@ def test_report_over_nothing_finished_marks_every_cell_missing(tmp_path):
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "3 expected inputs are missing" in markdown
     assert _row(markdown, "tiny", "arith", "arith", "grpo")[4:7] == ["missing", "0/1", "missing"]
+    assert "paper avg@k" not in markdown.split("## Published numbers")[0]  # no published value: no column
     assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "report" / "summary.parquet").exists()

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 
 from kalmanrl.results import BASELINE, CELL, RUN, WARM_START, correctness_matrix, select
-from kalmanrl.stats import Interval, bootstrap
+from kalmanrl.stats import (GridVariance, Interval, bootstrap, detectable_difference, holm, paired_test,
+                            seeds_needed)
 
 
 def accuracy_table(summary: pd.DataFrame, details: pd.DataFrame, expected: pd.DataFrame, *, samples: int,
@@ -41,8 +42,9 @@ def comparisons(algorithms: set[str]) -> list[tuple[str, str]]:
 
 def paired_differences(details: pd.DataFrame, *, samples: int, confidence: float) -> pd.DataFrame:
     """avg@k(algorithm) - avg@k(reference) per cell, paired by seed and problem, with a hierarchical bootstrap
-    interval. The warm start has one row (no seed): against it the pairing is by problem, its row shared by all
-    seeds."""
+    interval and the paired test (stats.paired_test: seeds and problems both random) with its mean squares. The warm
+    start has one row (no seed): against it the pairing is by problem, its row shared by all seeds. The test uses
+    the problems every seed of both runs evaluated."""
     rows = []
     if details.empty:
         return pd.DataFrame(rows)
@@ -57,9 +59,39 @@ def paired_differences(details: pd.DataFrame, *, samples: int, confidence: float
             problems = other.columns.intersection(base.columns)
             if seeds.empty or problems.empty:
                 continue
-            interval = bootstrap([frame.loc[seeds, problems].to_numpy(float) for frame in (other, base)],
-                                 samples=samples, confidence=confidence)
-            rows.append({**dict(zip(CELL, cell)), "comparison": f"{algorithm} - {reference}", "seeds": len(seeds),
+            matrices = [frame.loc[seeds, problems].to_numpy(float) for frame in (other, base)]
+            interval = bootstrap(matrices, samples=samples, confidence=confidence)
+            name = f"{algorithm} - {reference}"
+            differences = matrices[0] - matrices[1]
+            try:
+                test = paired_test(differences[:, ~np.isnan(differences).any(axis=0)])
+            except ValueError as err:
+                raise ValueError(f"{'/'.join(map(str, cell))} {name}: {err}") from err
+            rows.append({**dict(zip(CELL, cell)), "comparison": name, "seeds": len(seeds),
                          "problems": len(problems), "difference": interval.mean, "low": interval.low,
-                         "high": interval.high})
+                         "high": interval.high, "p_value": test.p_value, "tested_problems": test.variance.problems,
+                         "ms_seed": test.variance.ms_seed, "ms_problem": test.variance.ms_problem,
+                         "ms_residual": test.variance.ms_residual})
     return pd.DataFrame(rows)
+
+
+def grid_variance(row: pd.Series) -> GridVariance:
+    """The paired test's mean squares of one row of paired_differences."""
+    return GridVariance(int(row["seeds"]), int(row["tested_problems"]), row["ms_seed"], row["ms_problem"],
+                        row["ms_residual"])
+
+
+def family_tests(table: pd.DataFrame, *, alpha: float, power: float) -> pd.DataFrame:
+    """The report's comparisons as one family: Holm-adjusted p-values (significant where at most alpha), and for each
+    grid the smallest difference it detects with `power` at the Bonferroni level alpha / m (Holm never asks for
+    less, so each comparison has at least that power under Holm), and the seeds a grid would need to detect the
+    observed difference (same problems and k)."""
+    if table.empty:
+        return table
+    level = alpha / len(table)
+    variances = [grid_variance(row) for _, row in table.iterrows()]
+    return table.assign(
+        p_holm=holm(table["p_value"].to_numpy(float)), level=level,
+        detectable=[detectable_difference(v, alpha=level, power=power) for v in variances],
+        seeds_for_observed=[seeds_needed(v, d, alpha=level, power=power)
+                            for v, d in zip(variances, table["difference"])])

@@ -37,12 +37,14 @@ def _panels(n: int, *, columns: int = 3, size: tuple[float, float] = (4.5, 3.2))
     return fig, list(axes.flat[:n])
 
 
-def _band(ax, frame: pd.DataFrame, column: str, label: str) -> None:
-    """Mean over seeds with a +-1 std band (no band for a single seed)."""
+def _band(ax, frame: pd.DataFrame, column: str, label: str, **line_style) -> str:
+    """Mean over seeds with a +-1 std band (no band for a single seed); returns the line's colour."""
     stats = frame.groupby("step")[column].agg(["mean", "std"]).fillna({"std": 0})
-    line, = ax.plot(stats.index, stats["mean"], label=label, marker="o" if len(stats) < 8 else None, markersize=3)
+    line, = ax.plot(stats.index, stats["mean"], label=label, marker="o" if len(stats) < 8 else None, markersize=3,
+                    **line_style)
     ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2,
                     color=line.get_color())
+    return line.get_color()
 
 
 def _figure_per_run(frame: pd.DataFrame, panels: Callable, draw: Callable, out: Path) -> list[Path]:
@@ -74,6 +76,31 @@ def plot_curves(metrics: pd.DataFrame, out: Path) -> list[Path]:
     return _figure_per_run(metrics, lambda runs: columns, draw, out) if columns else []
 
 
+# The KPO paper's token-level noise diagnostic, as the trainer records it (algorithms.token_noise_stats on the
+# token log-ratios z = logp - old_logp of each mini-batch, raw and after KPO's filter): column stem -> axis label.
+TOKEN_NOISE = {"sign_switch_rate": "sign-switch rate of z", "sign_run_length": "same-sign run length (tokens)"}
+TOKEN_NOISE_NOTE = ("The KPO paper's token-level noise diagnostic, per RL step (mean and ±1 std over seeds): how often "
+                    "the sign of the token log-ratio z = log pi - log pi_old switches between adjacent tokens, and the "
+                    "mean length of same-sign runs, on the raw z (solid) and on z after KPO's causal Kalman filter "
+                    "(dashed), whatever the algorithm trained with. A filter that removes token noise switches less "
+                    "and runs longer.")
+
+
+def plot_token_noise(metrics: pd.DataFrame, out: Path) -> list[Path]:
+    """figures/token_noise/{model}__{task}.png: one panel per diagnostic, raw (solid) and filtered (dashed) per
+    algorithm; nothing when the runs did not record it."""
+    stems = [s for s in TOKEN_NOISE if {f"{s}_raw", f"{s}_filtered"} <= set(metrics)
+             and metrics[f"{s}_raw"].notna().any()]
+
+    def draw(ax, runs: pd.DataFrame, stem: str) -> None:
+        for algorithm, frame in runs.groupby("algorithm"):
+            color = _band(ax, frame, f"{stem}_raw", f"{algorithm}, raw")
+            _band(ax, frame, f"{stem}_filtered", f"{algorithm}, filtered", color=color, linestyle="--")
+        ax.set(xlabel="RL step", ylabel=TOKEN_NOISE[stem])
+
+    return _figure_per_run(metrics, lambda runs: stems, draw, out) if stems else []
+
+
 def plot_accuracy_vs_step(summary: pd.DataFrame, out: Path) -> list[Path]:
     """figures/accuracy_vs_step/{model}__{task}.png: avg@k against the checkpoint step, one panel per benchmark;
     every algorithm starts from the warm start at step 0."""
@@ -102,7 +129,7 @@ def plot_differences(differences: pd.DataFrame, published: pd.DataFrame, out: Pa
         fig, ax = plt.subplots(figsize=(7, 1.2 + 0.4 * len(frame)))
         y = np.arange(len(frame))
         mean, low, high = (100 * frame[c].to_numpy(float) for c in ("difference", "low", "high"))
-        ax.errorbar(mean, y, xerr=[mean - low, high - mean], fmt="o", capsize=3, label="ours (CI)")
+        ax.errorbar(mean, y, xerr=np.stack([mean - low, high - mean]), fmt="o", capsize=3, label="ours (CI)")
         paper = paper_column(frame, published, [*CELL, "comparison"], "difference")
         marked = [(float(p), i) for i, p in enumerate(paper) if p]
         if marked:

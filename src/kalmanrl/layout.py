@@ -8,7 +8,7 @@ from pathlib import Path
 # Report figure kinds: <report>/figures/<kind>/{model}__{task}.png, one directory each (Snakemake outputs, with a
 # caption in workflow/report/<kind>.rst), and their titles.
 FIGURES = {"differences": "Paired differences", "accuracy_vs_step": "Accuracy vs checkpoint step",
-           "curves": "Training curves"}
+           "curves": "Training curves", "token_noise": "Token log-ratio noise"}
 
 
 def checkpoints_root(run_dir: str | Path) -> Path:

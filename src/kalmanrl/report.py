@@ -14,13 +14,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from kalmanrl.comparisons import accuracy_table, paired_differences
-from kalmanrl.figures import plot_accuracy_vs_step, plot_curves, plot_differences
+from kalmanrl.comparisons import accuracy_table, family_tests, grid_variance, paired_differences
+from kalmanrl.figures import (TOKEN_NOISE_NOTE, plot_accuracy_vs_step, plot_curves, plot_differences,
+                              plot_token_noise)
 from kalmanrl.io import atomic_path, write_parquet
 from kalmanrl.layout import FIGURES
 from kalmanrl.published import paper_column, published_display, published_numbers, published_sources
 from kalmanrl.results import CELL, NO_SEED, RUN, final_steps, load_frames, summary_ident, with_seed_label
-from kalmanrl.stats import SEED_EFFECT_COVERAGE, Interval
+from kalmanrl.stats import SEED_EFFECT_COVERAGE, Interval, seeds_needed
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,65 @@ def accuracy_display(table: pd.DataFrame, published: pd.DataFrame, confidence: f
     for column in [c for c in published.columns if c.startswith("pass_at_")]:
         shown[f"paper {column.replace('pass_at_', 'pass@')} (%), published"] = paper_column(table, published, keys,
                                                                                            column)
-    return shown
+    return without_empty_paper_columns(shown)
 
 
-def differences_display(table: pd.DataFrame, published: pd.DataFrame, confidence: float) -> pd.DataFrame:
+def without_empty_paper_columns(shown: pd.DataFrame) -> pd.DataFrame:
+    """A published-value column no row of this table has a value in says nothing: leave it out."""
+    empty = [c for c in shown.columns if c.startswith("paper ") and not any(shown[c])]
+    return shown.drop(columns=empty)
+
+
+def differences_display(table: pd.DataFrame, published: pd.DataFrame, *, confidence: float, alpha: float,
+                        power: float, detect: list[float]) -> pd.DataFrame:
+    """The comparisons as readers see them: the difference with its interval, the Holm-adjusted p-value, the
+    smallest difference this grid detects, the seeds a grid would need for the observed and the published
+    difference and for each `detect` difference (points), and the published difference."""
     shown = table[[*CELL, "comparison", "seeds", "problems"]].copy()
     shown[f"difference (points) [{round(100 * confidence)}% CI]"] = [
         str(Interval(*v)) for v in zip(table["difference"], table["low"], table["high"])]
+    shown["p (Holm)"] = [f"{p:.3g}" + (" *" if p <= alpha else "") for p in table["p_holm"]]
+    shown[f"detects (points, {round(100 * power)}% power)"] = [f"{100 * d:.1f}" if d <= 1 else "nothing (> 100)"
+                                                                for d in table["detectable"]]
+    shown["seeds for the observed difference"] = [_seeds(n, seeds) if d != 0 else "" for n, seeds, d in
+                                                  zip(table["seeds_for_observed"], table["seeds"], table["difference"])]
     shown["paper difference (points), published"] = paper_column(table, published, [*CELL, "comparison"],
                                                                   "difference")
-    return shown
+    level = float(table["level"].iloc[0])
+    variances = [grid_variance(row) for _, row in table.iterrows()]
+    shown["seeds for the published difference"] = [
+        _seeds(seeds_needed(v, float(p) / 100, alpha=level, power=power), v.seeds) if p else ""
+        for v, p in zip(variances, shown["paper difference (points), published"])]
+    for points in detect:
+        shown[f"seeds to detect {points:g} points"] = [
+            _seeds(seeds_needed(v, points / 100, alpha=level, power=power), v.seeds) for v in variances]
+    empty = [c for c in ("seeds for the published difference",) if not any(shown[c])]
+    return without_empty_paper_columns(shown.drop(columns=empty))
+
+
+def _seeds(needed: float | None, seeds: int) -> str:
+    """Seeds needed as shown: a number, "> 100", or unknown when the grid has one seed (no run-to-run variance)."""
+    if seeds == 1:
+        return "unknown (1 seed)"
+    return "> 100" if needed is None or pd.isna(needed) else str(int(needed))
+
+
+def tests_note(differences: pd.DataFrame, alpha: float, power: float) -> str:
+    """How the comparisons were tested, in the report's words."""
+    if differences.empty:
+        return ""
+    m = len(differences)
+    one_seed = " Comparisons with one seed hold the run fixed: their run-to-run variance is unknown." \
+        if (differences["seeds"] == 1).any() else ""
+    return (f"p (Holm): a paired test over problems with seeds as blocks, seeds and problems both random (the mean "
+            f"difference over its crossed random-effects standard error, Clark's quasi-F with Satterthwaite's degrees "
+            f"of freedom; stats.paired_test), Holm-adjusted over the report's {m} comparisons; * marks p <= {alpha:g}. "
+            f"'detects' is the smallest true difference this grid (its seeds, problems and k samples per problem) "
+            f"finds with {power:.0%} probability at the Bonferroni level {alpha:g}/{m} (Holm never asks for less), "
+            f"from the observed variance of the paired differences, on simulated grids; a published difference "
+            f"below it could not have been confirmed here. 'Seeds for ...': the fewest seeds (same problems and k) "
+            f"whose grid would detect that difference with the same power; with few seeds they rest on a rough "
+            f"estimate of the run-to-run variance.{one_seed}")
 
 
 def provenance_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -83,10 +133,11 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
                  published: Path | None = None) -> None:
     """Write out_dir/summary.parquet, report.md, report.html and figures/{kind}/*.png from the inputs that exist.
 
-    settings: {"report": {"bootstrap_samples", "confidence"}, optional "reproduce": {"configfiles", "config"}}.
+    settings: {"report": {"bootstrap_samples", "confidence", "alpha", "power", "detect"}, optional "reproduce":
+    {"configfiles", "config"}}.
     published: a published-numbers YAML in the package's format (default: the package's own)."""
     cfg = settings["report"]
-    samples, confidence = cfg["bootstrap_samples"], cfg["confidence"]
+    samples, confidence, alpha, power = cfg["bootstrap_samples"], cfg["confidence"], cfg["alpha"], cfg["power"]
     out_dir = Path(out_dir)
     summary = with_seed_label(load_frames(summaries))
     if summary.empty:  # nothing finished yet: still one (missing) row per expected cell
@@ -105,7 +156,8 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
     paper_accuracy, paper_differences = published_numbers(published)
     accuracy = accuracy_table(final, final_details, expected, samples=samples, confidence=confidence) \
         if len(final) or len(expected) else pd.DataFrame()
-    differences = paired_differences(final_details, samples=samples, confidence=confidence)
+    differences = family_tests(paired_differences(final_details, samples=samples, confidence=confidence),
+                               alpha=alpha, power=power)
     ci = (f"{round(100 * confidence)}% intervals: hierarchical percentile bootstrap over seeds, then over problems "
           f"({samples} resamples); each problem's correctness is first averaged over its samples. Differences are "
           f"paired by seed and problem (against the warm start, by problem). With few seeds the seed part of the "
@@ -115,14 +167,17 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
     sections = [
         Section("Accuracy per benchmark and algorithm", ci,
                 accuracy_display(accuracy, paper_accuracy, confidence) if len(accuracy) else None),
-        Section("Differences to GRPO and to the warm start", ci,
-                differences_display(differences, paper_differences, confidence) if len(differences) else None),
+        Section("Differences to GRPO and to the warm start", f"{ci} {tests_note(differences, alpha, power)}",
+                differences_display(differences, paper_differences, confidence=confidence, alpha=alpha, power=power,
+                                    detect=cfg["detect"]) if len(differences) else None),
         Section(FIGURES["differences"], "Each difference with its interval; a red cross marks the published one.",
                 figures=plot_differences(differences, paper_differences, out_dir / "figures" / "differences")),
         Section(FIGURES["accuracy_vs_step"], "avg@k of every evaluated checkpoint; step 0 is the warm start.",
                 figures=plot_accuracy_vs_step(summary, out_dir / "figures" / "accuracy_vs_step")),
         Section(FIGURES["curves"], "Per RL step, mean and ±1 std over seeds.",
                 figures=plot_curves(curves, out_dir / "figures" / "curves") if len(curves) else []),
+        Section(FIGURES["token_noise"], TOKEN_NOISE_NOTE,
+                figures=plot_token_noise(curves, out_dir / "figures" / "token_noise") if len(curves) else []),
         Section("Published numbers (not reproduced here)",
                 f"Published by the papers, NOT reproduced by this pipeline; shown beside ours only where model, "
                 f"task, benchmark and algorithm match. Sources: {sources}.",
