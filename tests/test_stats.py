@@ -94,9 +94,10 @@ def test_paired_test_holds_its_level(name):
 @pytest.mark.parametrize("name,alpha", [(n, 0.05) for n in SETTINGS] + [("300 problems, k=4", 0.05 / 8)])
 def test_grid_detects_its_minimum_detectable_difference_80_percent_of_the_time(name, alpha):
     """Simulated Bernoulli grids whose true difference is the minimum detectable difference (computed from the
-    population's variance at alpha, e.g. the Bonferroni level of 8 comparisons) are detected 80% +- 6% of the time:
-    600 grids give a standard error of 1.6%, and a wrong power formula (the t-quantile shortcut with Satterthwaite's
-    degrees of freedom) is off by 7 to 9 points here."""
+    population's variance at alpha, e.g. the Bonferroni level of 8 comparisons) are detected 80% +- 6% of the time
+    (78% to 82% here): 600 grids give a standard error of 1.6%, and the usual noncentral-t shortcut with
+    Satterthwaite's degrees of freedom gave 71% in the first setting (with three seeds the test's denominator is
+    noisier than a scaled chi-square), which this tolerance refuses."""
     rng = np.random.default_rng(3)
     truth = population_variance(rng, **SETTINGS[name])
     difference = detectable_difference(truth, alpha=alpha, power=0.8)
