@@ -78,14 +78,17 @@ class GridVariance:
         return cls(s, p, float(ms_seed), float(ms_problem), float(ms_residual))
 
     def components(self) -> tuple[float, float, float]:
-        """(var(u), var(v), var(e)): the method-of-moments estimates, each floored at 0."""
+        """(var(u), var(v), var(e)): the method-of-moments estimates, each floored at 0 (two or more seeds)."""
         s, p = self.seeds, self.problems
         residual = max(0.0, self.ms_residual)
         return (max(0.0, (self.ms_seed - residual) / p), max(0.0, (self.ms_problem - residual) / s), residual)
 
     def at(self, seeds: int) -> GridVariance:
-        """The expected mean squares of a grid with `seeds` seeds and the same problems and k (NaN when this grid
-        has one seed: its run-to-run variance is unknown)."""
+        """The expected mean squares of a grid with `seeds` seeds and the same problems and k, from this grid's
+        variance components (so every effect's mean square is at least the residual's)."""
+        if self.seeds == 1:
+            raise ValueError("a grid of one seed cannot say what more seeds would give: its run-to-run variance is "
+                             "unknown")
         seed, problem, residual = self.components()
         return GridVariance(seeds, self.problems, residual + self.problems * seed, residual + seeds * problem,
                             residual)
@@ -120,6 +123,8 @@ def _combine(ms_seed, ms_problem, ms_residual, seeds: int, problems: int) -> tup
 
 @dataclass(frozen=True)
 class PairedTest:
+    """The outcome of paired_test: the mean difference, its standard error and degrees of freedom, the two-sided
+    p-value, and the grid's variance (for its detectable difference)."""
     difference: float
     standard_error: float
     degrees_of_freedom: float
@@ -184,14 +189,21 @@ class NullDraws:
 
 def rejection_probability(difference: float, variance: GridVariance, *, alpha: float) -> float:
     """Probability that the two-sided paired test at level `alpha` rejects when the true difference is `difference`,
-    on grids of this variance (simulated: NullDraws)."""
-    return NullDraws.of(variance, alpha=alpha).rejection_rate(difference)
+    on grids of this variance (simulated: NullDraws; the truth is the variance components' expected mean
+    squares)."""
+    return NullDraws.of(_expected(variance), alpha=alpha).rejection_rate(difference)
+
+
+def _expected(variance: GridVariance) -> GridVariance:
+    """The mean squares a grid's variance components predict for its own shape (itself for one seed)."""
+    return variance if variance.seeds == 1 else variance.at(variance.seeds)
 
 
 def detectable_difference(variance: GridVariance, *, alpha: float, power: float) -> float:
     """The smallest true difference the two-sided paired test at level `alpha` detects with probability `power` on
     grids of this variance (its seeds, problems and k), found on simulated grids (NullDraws). NaN when the
     variance is unknown."""
+    variance = _expected(variance)
     se = variance.standard_error()
     if not np.isfinite(se):
         return float("nan")
