@@ -89,9 +89,14 @@ def family_tests(table: pd.DataFrame, *, alpha: float, power: float) -> pd.DataF
     if table.empty:
         return table
     level = alpha / len(table)
-    variances = [grid_variance(row) for _, row in table.iterrows()]
-    return table.assign(
-        p_holm=holm(table["p_value"].to_numpy(float)), level=level,
-        detectable=[detectable_difference(v, alpha=level, power=power) for v in variances],
-        seeds_for_observed=[seeds_needed(v, d, alpha=level, power=power)
-                            for v, d in zip(variances, table["difference"])])
+    table = table.assign(p_holm=holm(table["p_value"].to_numpy(float)), level=level)
+    return table.assign(detectable=[detectable_difference(grid_variance(row), alpha=level, power=power)
+                                    for _, row in table.iterrows()],
+                        seeds_for_observed=seeds_for(table, table["difference"], power=power))
+
+
+def seeds_for(table: pd.DataFrame, differences, *, power: float) -> list[int | None]:
+    """Per row of family_tests' table, the seeds its grid would need to detect that row's entry of `differences`
+    (None or NaN: nothing to detect) with `power` at the row's level."""
+    return [seeds_needed(grid_variance(row), float(d), alpha=row["level"], power=power)
+            if d is not None and pd.notna(d) else None for (_, row), d in zip(table.iterrows(), differences)]

@@ -121,7 +121,8 @@ def plot_accuracy_vs_step(summary: pd.DataFrame, out: Path) -> list[Path]:
 
 def plot_differences(differences: pd.DataFrame, published: pd.DataFrame, out: Path) -> list[Path]:
     """figures/differences/{model}__{task}.png: each paired difference with its interval, in points; a cross marks
-    the published difference where the setting matches."""
+    the published difference where the setting matches; a grey bar spans the differences the grid cannot detect
+    (within +-`detectable`, when the table has it: comparisons.family_tests)."""
     written = []
     for (model, task), frame in differences.groupby(["model", "task"]) if len(differences) else []:
         frame = frame.iloc[::-1]
@@ -129,6 +130,10 @@ def plot_differences(differences: pd.DataFrame, published: pd.DataFrame, out: Pa
         fig, ax = plt.subplots(figsize=(7, 1.2 + 0.4 * len(frame)))
         y = np.arange(len(frame))
         mean, low, high = (100 * frame[c].to_numpy(float) for c in ("difference", "low", "high"))
+        if "detectable" in frame:
+            reach = np.minimum(100 * frame["detectable"].to_numpy(float), 100)
+            ax.barh(y, 2 * reach, left=-reach, height=0.6, color="gray", alpha=0.2,
+                    label="too small for this grid to detect")
         ax.errorbar(mean, y, xerr=np.stack([mean - low, high - mean]), fmt="o", capsize=3, label="ours (CI)")
         paper = paper_column(frame, published, [*CELL, "comparison"], "difference")
         marked = [(float(p), i) for i, p in enumerate(paper) if p]

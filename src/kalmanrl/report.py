@@ -14,16 +14,17 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from kalmanrl.comparisons import accuracy_table, family_tests, grid_variance, paired_differences
+from kalmanrl.comparisons import accuracy_table, family_tests, paired_differences, seeds_for
 from kalmanrl.figures import (TOKEN_NOISE_NOTE, plot_accuracy_vs_step, plot_curves, plot_differences,
                               plot_token_noise)
 from kalmanrl.io import atomic_path, write_parquet
 from kalmanrl.layout import FIGURES
 from kalmanrl.published import paper_column, published_display, published_numbers, published_sources
 from kalmanrl.results import CELL, NO_SEED, RUN, final_steps, load_frames, summary_ident, with_seed_label
-from kalmanrl.stats import SEED_EFFECT_COVERAGE, Interval, seeds_needed
+from kalmanrl.stats import SEED_EFFECT_COVERAGE, Interval
 
 log = logging.getLogger(__name__)
+
 
 # ----------------------------------------------------------------------------------------------------------- tables
 def accuracy_display(table: pd.DataFrame, published: pd.DataFrame, confidence: float) -> pd.DataFrame:
@@ -67,14 +68,13 @@ def differences_display(table: pd.DataFrame, published: pd.DataFrame, *, confide
                                                   zip(table["seeds_for_observed"], table["seeds"], table["difference"])]
     shown["paper difference (points), published"] = paper_column(table, published, [*CELL, "comparison"],
                                                                   "difference")
-    level = float(table["level"].iloc[0])
-    variances = [grid_variance(row) for _, row in table.iterrows()]
-    shown["seeds for the published difference"] = [
-        _seeds(seeds_needed(v, float(p) / 100, alpha=level, power=power), v.seeds) if p else ""
-        for v, p in zip(variances, shown["paper difference (points), published"])]
+    paper = [float(p) / 100 if p else None for p in shown["paper difference (points), published"]]
+    shown["seeds for the published difference"] = [_seeds(n, seeds) if p is not None else "" for n, seeds, p in
+                                                    zip(seeds_for(table, paper, power=power), table["seeds"], paper)]
     for points in detect:
         shown[f"seeds to detect {points:g} points"] = [
-            _seeds(seeds_needed(v, points / 100, alpha=level, power=power), v.seeds) for v in variances]
+            _seeds(n, seeds) for n, seeds in zip(seeds_for(table, [points / 100] * len(table), power=power),
+                                                 table["seeds"])]
     empty = [c for c in ("seeds for the published difference",) if not any(shown[c])]
     return without_empty_paper_columns(shown.drop(columns=empty))
 
@@ -170,7 +170,8 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
         Section("Differences to GRPO and to the warm start", f"{ci} {tests_note(differences, alpha, power)}",
                 differences_display(differences, paper_differences, confidence=confidence, alpha=alpha, power=power,
                                     detect=cfg["detect"]) if len(differences) else None),
-        Section(FIGURES["differences"], "Each difference with its interval; a red cross marks the published one.",
+        Section(FIGURES["differences"], "Each difference with its interval; a red cross marks the published one; a "
+                "grey bar spans the differences too small for the grid to detect ('detects' in the table).",
                 figures=plot_differences(differences, paper_differences, out_dir / "figures" / "differences")),
         Section(FIGURES["accuracy_vs_step"], "avg@k of every evaluated checkpoint; step 0 is the warm start.",
                 figures=plot_accuracy_vs_step(summary, out_dir / "figures" / "accuracy_vs_step")),
