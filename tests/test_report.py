@@ -14,6 +14,7 @@ import pytest
 
 from kalmanrl.io import write_parquet
 from kalmanrl.comparisons import family_tests, paired_differences
+from kalmanrl.figures import plot_token_noise
 from kalmanrl.report import build_report
 from kalmanrl.results import final_steps, summary_ident
 
@@ -211,3 +212,20 @@ def test_report_over_nothing_finished_marks_every_cell_missing(tmp_path):
     assert _row(markdown, "tiny", "arith", "arith", "grpo")[4:7] == ["missing", "0/1", "missing"]
     assert "paper avg@k" not in markdown.split("## Published numbers")[0]  # no published value: no column
     assert (tmp_path / "report" / "report.html").exists() and (tmp_path / "report" / "summary.parquet").exists()
+
+
+def test_one_seed_comparisons_say_their_run_variance_is_unknown(tmp_path):
+    runs = [_write_run(tmp_path, "grpo", 0, 0.3), _write_run(tmp_path, "krpo", 0, 0.5)]
+    build_report([s for s, _ in runs], [m for _, m in runs], tmp_path / "report", settings=SETTINGS)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    row = _row(markdown, "tiny", "arith", "arith", "krpo - grpo")
+    assert row[4] == "1" and row.count("unknown (1 seed)") == 2  # observed difference, 5 points
+    assert "Comparisons with one seed hold the run fixed" in markdown
+
+
+def test_token_noise_figure_needs_both_raw_and_filtered_columns(tmp_path):
+    metrics = pd.DataFrame({"model": "m", "task": "t", "algorithm": "grpo", "seed": 0, "step": [1, 2],
+                            "sign_switch_rate_raw": [0.5, 0.4]})
+    assert plot_token_noise(metrics, tmp_path) == []
+    written = plot_token_noise(metrics.assign(sign_switch_rate_filtered=[0.1, 0.1]), tmp_path)
+    assert [p.name for p in written] == ["m__t.png"]
