@@ -1,5 +1,6 @@
-"""Statistics of evaluation grids: bootstrap intervals cover and behave, the paired test holds its level, Holm
-controls the family, and the minimum detectable difference is detected 80% of the time (checked by simulation)."""
+"""Statistics of evaluation grids: bootstrap intervals cover and behave, the paired test holds its level on
+simulated grids, Holm and the ANOVA match hand computation, the minimum detectable difference is detected 80% of the
+time and the seeds needed reach the power (both checked on simulated Bernoulli grids)."""
 
 from __future__ import annotations
 
