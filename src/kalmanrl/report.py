@@ -56,21 +56,22 @@ def without_empty_paper_columns(shown: pd.DataFrame) -> pd.DataFrame:
 def differences_display(table: pd.DataFrame, published: pd.DataFrame, *, confidence: float, alpha: float,
                         power: float, detect: list[float]) -> pd.DataFrame:
     """The comparisons as readers see them: the difference with its interval, the Holm-adjusted p-value, the
-    smallest difference this grid detects, the seeds a grid would need for the observed and the published
-    difference and for each `detect` difference (points), and the published difference."""
+    smallest difference this grid detects beside the published difference, and the seeds a grid would need for the
+    published and the observed difference and for each `detect` difference (points). Columns no row fills are left
+    out."""
     shown = table[[*CELL, "comparison", "seeds", "problems"]].copy()
     shown[f"difference (points) [{round(100 * confidence)}% CI]"] = [
         str(Interval(*v)) for v in zip(table["difference"], table["low"], table["high"])]
     shown["p (Holm)"] = [f"{p:.3g}" + (" *" if p <= alpha else "") for p in table["p_holm"]]
     shown[f"detects (points, {round(100 * power)}% power)"] = [f"{100 * d:.1f}" if d <= 1 else "nothing (> 100)"
                                                                 for d in table["detectable"]]
-    shown["seeds for the observed difference"] = [_seeds(n, seeds) if d != 0 else "" for n, seeds, d in
-                                                  zip(table["seeds_for_observed"], table["seeds"], table["difference"])]
     shown["paper difference (points), published"] = paper_column(table, published, [*CELL, "comparison"],
                                                                   "difference")
     paper = [float(p) / 100 if p else None for p in shown["paper difference (points), published"]]
     shown["seeds for the published difference"] = [_seeds(n, seeds) if p is not None else "" for n, seeds, p in
                                                     zip(seeds_for(table, paper, power=power), table["seeds"], paper)]
+    shown["seeds for the observed difference"] = [_seeds(n, seeds) if d != 0 else "" for n, seeds, d in
+                                                  zip(table["seeds_for_observed"], table["seeds"], table["difference"])]
     for points in detect:
         shown[f"seeds to detect {points:g} points"] = [
             _seeds(n, seeds) for n, seeds in zip(seeds_for(table, [points / 100] * len(table), power=power),
