@@ -222,7 +222,7 @@ def update_policy(policy, optimizer, scheduler, batch: RolloutBatch, ratio_fn, a
                     rho, part.advantages.unsqueeze(-1).expand_as(logp), part.completion_mask,
                     eps_low=alg["eps_low"], eps_high=alg["eps_high"], clip=alg["clip"], beta=alg["beta"], logp=logp,
                     ref_logp=part.ref_logp, aggregate=alg["aggregate"], num_active_tokens=active,
-                    max_length=cfg["max_tokens"])
+                    max_length=cfg["max_tokens"], surrogate=alg["surrogate"], clip_ratio_c=alg["clip_ratio_c"])
                 # dapo already divides by the whole mini-batch's tokens; the other aggregates average micro-batches.
                 (loss if alg["aggregate"] == "dapo" else loss / cfg["grad_accum"]).backward()
                 losses.append(loss.detach())
