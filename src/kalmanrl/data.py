@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from kalmanrl import arithmetic
 from kalmanrl.io import atomic_path
+from kalmanrl.rewards import last_boxed
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +68,6 @@ def register_loader(name: str) -> Callable[[Loader], Loader]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Gold answers and problem text, normalised the way the field does.
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`) in `text`, with nested braces;
-    None when there is none or it is unbalanced. MATH's gold answer is this of its solution."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    rest = text[start + len("\\boxed" if text.startswith("\\boxed", start) else "\\fbox"):]
-    if rest.startswith(" "):
-        return rest.split("$")[0].strip() or None
-    if not rest.startswith("{"):
-        return None
-    depth = 0
-    for i, char in enumerate(rest):
-        depth += (char == "{") - (char == "}")
-        if depth == 0:
-            return rest[1:i].strip()
-    return None
-
 
 def gsm8k_answer(text: str) -> str | None:
     """GSM8K's gold: the text after the last `####`, thousands separators removed."""
