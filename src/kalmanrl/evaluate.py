@@ -77,7 +77,7 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
     problems = read_dataset(dataset, split="test").to_pandas()
     if cfg["max_problems"]:
         problems = problems.iloc[:cfg["max_problems"]]
-    template = get_template(benchmark["template"])
+    template = get_template(benchmark["template"], benchmark["chat_template_kwargs"])
     prompt_ids = [tokenizer(template.render(tokenizer, p), add_special_tokens=False)["input_ids"]
                   for p in problems["problem"]]
     sampling = dict(n=cfg["k"], temperature=cfg["temperature"], top_p=cfg["top_p"], max_tokens=cfg["max_tokens"])

@@ -102,7 +102,7 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
     policy, tokenizer = load_policy(policy_dir, device=device)
     reference = load_policy(policy_dir, device=device)[0].eval().requires_grad_(False) if alg["beta"] > 0 else None
     problems = read_dataset(dataset, split="train").to_pandas()
-    template = get_template(settings["task"]["template"])
+    template = get_template(settings["task"]["template"], settings["task"]["chat_template_kwargs"])
     reward_fn = get_reward(settings["task"]["reward"], **settings["task"]["reward_params"])
     advantage_fn = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])
     ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
