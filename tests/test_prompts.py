@@ -67,7 +67,8 @@ def test_boxed_target_ends_in_the_gold_answer_boxed(solution):
 
 
 def test_unknown_template_fails_listing_the_known_ones():
-    with pytest.raises(KeyError, match="unknown prompt template 'r1'; known: answer_tag, boxed, kpo_eval, kpo_train, krpo"):
+    with pytest.raises(KeyError, match="unknown prompt template 'r1'; known: answer_tag, boxed, kpo_eval, kpo_train, "
+                                      "krpo"):
         get_template("r1")
 
 
@@ -138,7 +139,8 @@ def test_dataset_chat_arguments_extend_and_override_the_templates(qwen3_like):
 CLOCK_TEMPLATES = [
     ("{%- if not date_string is defined %}{%- if strftime_now is defined %}"
      "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}"
-     "{%- endif %}{%- endif %}Today Date: {{ date_string }}\n{{ messages[-1]['content'] }}", "Today Date: 26 Jul 2024\nQ"),
+     "{%- endif %}{%- endif %}Today Date: {{ date_string }}\n{{ messages[-1]['content'] }}",
+     "Today Date: 26 Jul 2024\nQ"),
     ("Now: {{ strftime_now('%Y-%m-%d') }}\n{{ messages[-1]['content'] }}", "Now: 2024-07-26\nQ"),
 ]
 

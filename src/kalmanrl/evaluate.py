@@ -70,7 +70,8 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
     details["seed"] = details["seed"].astype("Int64")
     details["step"] = details["step"].astype("Int64")
     summary = {**{key: ident.get(key) for key in ("model", "task", "algorithm", "seed", "benchmark")}, "step": step,
-               **summarise(details, cfg["pass_k"], extra_metrics=cfg["extra_metrics"]), **{f"sampling_{k}": v for k, v in sampling.items()},
+               **summarise(details, cfg["pass_k"], extra_metrics=cfg["extra_metrics"]),
+               **{f"sampling_{k}": v for k, v in sampling.items()},
                "rollout_backend": rollout["backend"],
                **provenance(config_hash(settings), {"data": [dataset],
                                                     "model": sorted(Path(model_dir).glob("model*.safetensors"))}),
