@@ -514,7 +514,8 @@ def test_kpo_benchmark_with_a_non_text_answer_fails_naming_the_row(tmp_path):
 
 
 KPO_DAPO_ROWS = [
-    {"data_source": "math_dapo", "ability": "MATH", "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"},
+    {"data_source": "math_dapo", "ability": "MATH",
+     "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"},
      "prompt": [{"role": "user", "content": "Solve $x+1=35$. Let's think step by step and output the final answer "
                                             "within \\boxed{}."}]},
     {"data_source": "math_dapo", "ability": "MATH", "reward_model": {"ground_truth": "2", "style": "rule"},
