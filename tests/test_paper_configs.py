@@ -96,7 +96,8 @@ def test_paper_grid_asks_for_a_gpu_per_training_and_evaluation_job(name):
     assert resources["data"]["gpus"] == resources["report"]["gpus"] == 0
 
 
-@pytest.mark.parametrize("name, runs, benchmarks", [("paper-krpo", 3 * 10 * 2 * 3, 10), ("paper-kpo", 1 * 1 * 4 * 3, 6)])
+@pytest.mark.parametrize("name, runs, benchmarks", [("paper-krpo", 3 * 10 * 2 * 3, 10),
+                                                     ("paper-kpo", 1 * 1 * 4 * 3, 6)])
 def test_paper_grid_plans_every_job(name, runs, benchmarks, tmp_path):
     """models x tasks x algorithms x seeds train jobs; each run and each warm start evaluated on every benchmark."""
     jobs = planned_jobs(f"config/{name}.yaml", tmp_path)
