@@ -297,6 +297,24 @@ def test_gmpo_refuses_token_aggregates_and_dual_clip():
         policy_loss(RHO, ADV, MASK, eps_low=0.4, eps_high=0.4, surrogate="arithmetic")
 
 
+def test_surrogates_are_a_registry_and_sequence_level_ones_average_over_sequences():
+    with pytest.raises(ValueError, match="already registered"):
+        algorithms.register_surrogate("clipped")(lambda *a, **k: None)
+
+    @algorithms.register_surrogate("test_sequence_sum", per_sequence=True)
+    def sequence_sum(rho, advantages, mask, **_):
+        return (-advantages * rho * mask).sum(-1), {}
+
+    try:
+        loss, _ = policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2, surrogate="test_sequence_sum")
+        assert loss.item() == pytest.approx((-(RHO * ADV * MASK).sum(-1)).mean().item())
+        with pytest.raises(ValueError, match="aggregate 'grpo'"):
+            algorithms.check_algorithm({"ratio": "token", "surrogate": "test_sequence_sum", "aggregate": "bnpo"}, 1)
+    finally:
+        algorithms._SURROGATES.pop("test_sequence_sum")
+        algorithms._SEQUENCE_SURROGATES.discard("test_sequence_sum")
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ({"ratio": "token", "surrogate": "geometric_mean", "aggregate": "dapo"}, "aggregate 'grpo'"),
     ({"ratio": "token", "surrogate": "geometric_mean", "clip_ratio_c": 3.0}, "surrogate 'clipped'"),

@@ -33,8 +33,9 @@ RatioTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
 _ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {}
 _RATIO_TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {}
 _OFF_POLICY_RATIOS: set[str] = set()
+_SURROGATES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
+_SEQUENCE_SURROGATES: set[str] = set()
 AGGREGATES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SURROGATES = ("clipped", "geometric_mean")
 
 
 def _register(registry: dict, kind: str, name: str) -> Callable:
@@ -74,6 +75,15 @@ def register_ratio_transform(name: str, *, needs_off_policy: bool = False) -> Ca
     return _register(_RATIO_TRANSFORMS, "ratio transform", name)
 
 
+def register_surrogate(name: str, *, per_sequence: bool = False) -> Callable:
+    """Register `fn(rho, advantages, mask: [B, T], *, eps_low, eps_high, clip, clip_ratio_c) -> (loss, metrics)`
+    under `name`: loss [B, T] per token, aggregated by the algorithm's `aggregate`, or with `per_sequence` [B] per
+    sequence, averaged over sequences (which only aggregate "grpo" describes)."""
+    if per_sequence:
+        _SEQUENCE_SURROGATES.add(name)
+    return _register(_SURROGATES, "surrogate", name)
+
+
 def get_advantage_estimator(name: str, **params) -> AdvantageEstimator:
     """The estimator `name` with `params` bound: `(rewards: [N, G]) -> advantages [N, G]` (detached)."""
     return _bind(_lookup(_ADVANTAGE_ESTIMATORS, "advantage estimator", name), "advantage estimator", name, params)
@@ -106,10 +116,9 @@ def check_algorithm(spec: dict, optimizer_steps_per_batch: int) -> None:
     GMPO's sequence-level surrogate with a token aggregate, dual-clip without the clipped surrogate."""
     check_off_policy(spec["ratio"], optimizer_steps_per_batch)
     surrogate, dual = spec.get("surrogate", "clipped"), spec.get("clip_ratio_c")
-    if surrogate not in SURROGATES:
-        raise ValueError(f"unknown surrogate {surrogate!r}; known: {', '.join(SURROGATES)}")
-    if surrogate == "geometric_mean" and spec.get("aggregate", "grpo") != "grpo":
-        raise ValueError(f"surrogate 'geometric_mean' is one value per sequence, averaged over sequences (aggregate "
+    _lookup(_SURROGATES, "surrogate", surrogate)
+    if surrogate in _SEQUENCE_SURROGATES and spec.get("aggregate", "grpo") != "grpo":
+        raise ValueError(f"surrogate {surrogate!r} is one value per sequence, averaged over sequences (aggregate "
                          f"'grpo'); got aggregate {spec['aggregate']!r}")
     if dual is not None and (surrogate != "clipped" or not spec.get("clip", True)):
         raise ValueError("clip_ratio_c (dual-clip) bounds the clipped surrogate: it needs surrogate 'clipped' and "
@@ -264,9 +273,10 @@ def _ratio_stats(rho: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tenso
             "ratio_max": rho.masked_fill(~valid, -torch.inf).amax()}
 
 
-def _clipped_surrogate(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float,
-                       eps_high: float, clip: bool, clip_ratio_c: float | None
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+@register_surrogate("clipped")
+def clipped_surrogate(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float,
+                      eps_high: float, clip: bool = True, clip_ratio_c: float | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's per-token loss [B, T] max(-A rho, -A clip(rho)); with clip_ratio_c = c also min(., -c A) where A < 0
     (dual-clip, arXiv 1912.09729, as verl's vanilla loss)."""
     unclipped = -advantages * rho
@@ -287,11 +297,17 @@ def _clipped_surrogate(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.
     return surrogate, metrics
 
 
-def _geometric_mean_surrogate(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float,
-                              eps_high: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+@register_surrogate("geometric_mean", per_sequence=True)
+def geometric_mean_surrogate(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float,
+                             eps_high: float, clip: bool = True, clip_ratio_c: float | None = None
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GMPO's loss per sequence [B] (see the module docstring): the token log-ratios log rho, clipped in log space to
     [-eps_low, eps_high] on the side the advantage's sign makes pessimistic, geometric-mean ratio per sequence,
-    times the sequence's mean advantage. verl's `geo_mean` denominators (sum of the mask + 1e-8) are kept."""
+    times the sequence's mean advantage. verl's `geo_mean` denominators (sum of the mask + 1e-8) are kept. GMPO is
+    always clipped and has no dual-clip."""
+    if not clip or clip_ratio_c is not None:
+        raise ValueError(f"surrogate 'geometric_mean' takes clip=True and no clip_ratio_c; got clip={clip}, "
+                         f"clip_ratio_c={clip_ratio_c}")
     log_rho = torch.log(rho)
     sign = torch.sign(advantages)
     pessimistic = sign * torch.minimum(sign * log_rho, sign * log_rho.clamp(-eps_low, eps_high))
@@ -312,26 +328,24 @@ def policy_loss(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     rho, advantages, mask, logp, ref_logp: [B, T] (advantages already broadcast over tokens). surrogate "clipped":
     PPO's clipped token loss (clip=False gives the unclipped -A * rho, KPO-unclipped; clip_ratio_c = c adds verl's
     dual-clip for A < 0); "geometric_mean": GMPO's sequence loss, eps_low / eps_high bounding the log-ratio, averaged
-    over sequences (aggregate must be "grpo"). The KL term needs logp and ref_logp when beta > 0.
+    over sequences (aggregate must be "grpo"); others via `register_surrogate`. The KL term needs logp and ref_logp
+    when beta > 0.
     Returns (loss, metrics); metrics are detached 0-dim tensors: pg_loss, clip_frac (share of valid tokens whose
     clip is the active term), dual_clip_frac (with clip_ratio_c: share of valid tokens capped at -c A),
     ratio_mean / ratio_min / ratio_max over valid tokens, and kl (masked mean of k3) when ref_logp is given.
     """
     mask = mask.to(rho.dtype)
     advantages = advantages.detach()
-    if surrogate == "clipped":
-        per_token, metrics = _clipped_surrogate(rho, advantages, mask, eps_low=eps_low, eps_high=eps_high, clip=clip,
-                                                clip_ratio_c=clip_ratio_c)
-        pg_loss = aggregate_loss(per_token, mask, aggregate, num_active_tokens=num_active_tokens,
-                                 max_length=max_length)
-    elif surrogate == "geometric_mean":
-        if aggregate != "grpo" or not clip or clip_ratio_c is not None:
-            raise ValueError("surrogate 'geometric_mean' takes aggregate 'grpo', clip=True and no clip_ratio_c; got "
-                             f"aggregate={aggregate!r}, clip={clip}, clip_ratio_c={clip_ratio_c}")
-        per_sequence, metrics = _geometric_mean_surrogate(rho, advantages, mask, eps_low=eps_low, eps_high=eps_high)
-        pg_loss = per_sequence.mean()
+    fn = _lookup(_SURROGATES, "surrogate", surrogate)
+    losses, metrics = fn(rho, advantages, mask, eps_low=eps_low, eps_high=eps_high, clip=clip,
+                         clip_ratio_c=clip_ratio_c)
+    if surrogate in _SEQUENCE_SURROGATES:
+        if aggregate != "grpo":
+            raise ValueError(f"surrogate {surrogate!r} is one value per sequence, averaged over sequences: it takes "
+                             f"aggregate 'grpo', got {aggregate!r}")
+        pg_loss = losses.mean()
     else:
-        raise ValueError(f"unknown surrogate {surrogate!r}; known: {', '.join(SURROGATES)}")
+        pg_loss = aggregate_loss(losses, mask, aggregate, num_active_tokens=num_active_tokens, max_length=max_length)
     loss = pg_loss
     metrics = {"pg_loss": pg_loss.detach(), **{k: v.detach() for k, v in metrics.items()},
                **_ratio_stats(rho.detach(), mask)}
