@@ -227,6 +227,107 @@ def test_unknown_aggregate_lists_the_known_ones():
         policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2, aggregate="sum")
 
 
+def test_token_ratio_clamps_the_log_ratio_at_20_as_verl_does():
+    logp = torch.tensor([[25.0, -25.0, 3.0]], dtype=torch.float64)
+    rho = get_ratio_transform("token")(logp, torch.zeros_like(logp), torch.ones_like(logp))
+    torch.testing.assert_close(rho, torch.tensor([[math.exp(20), math.exp(-20), math.exp(3)]], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------- dual-clip
+
+def test_dual_clip_caps_the_loss_of_negative_advantages_at_c_times_minus_a():
+    # eps 0.2, c 3. A = -1: rho 5 -> max(5, 1.2) = 5 -> min(5, 3) = 3; rho 2 -> 2; rho 0.5 -> max(0.5, 0.8) = 0.8.
+    # A = +1: rho 5 -> max(-5, -1.2) = -1.2, untouched by the cap.
+    logp = torch.log(torch.tensor([[5.0, 2.0, 0.5, 5.0]], dtype=torch.float64)).requires_grad_()
+    rho = get_ratio_transform("token")(logp, torch.zeros_like(logp), torch.ones_like(logp))
+    adv = torch.tensor([[-1.0, -1.0, -1.0, 1.0]], dtype=torch.float64)
+    mask = torch.ones_like(adv)
+    loss, metrics = policy_loss(rho, adv, mask, eps_low=0.2, eps_high=0.2, aggregate="bnpo", clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx((3 + 2 + 0.8 - 1.2) / 4)
+    assert metrics["dual_clip_frac"].item() == pytest.approx(1 / 4)
+    plain, _ = policy_loss(rho, adv, mask, eps_low=0.2, eps_high=0.2, aggregate="bnpo")
+    assert plain.item() == pytest.approx((5 + 2 + 0.8 - 1.2) / 4)
+    (grad,) = torch.autograd.grad(loss, logp)
+    # capped and clipped tokens get no gradient; rho = 2 with A = -1 gets -A * rho / 4 = 0.5
+    torch.testing.assert_close(grad, torch.tensor([[0.0, 0.5, 0.0, 0.0]], dtype=torch.float64))
+
+
+def test_dual_clip_needs_c_above_one_and_the_clipped_loss():
+    with pytest.raises(ValueError, match="> 1"):
+        policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2, clip_ratio_c=1.0)
+    with pytest.raises(ValueError, match="clip=True"):
+        policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2, clip=False, clip_ratio_c=3.0)
+
+
+# --------------------------------------------------------------------------------------------------------- GMPO
+
+def test_gmpo_clips_log_ratios_with_the_advantage_sign_then_takes_the_geometric_mean():
+    # Row 0, A = +1, z = [0.5, -0.5, 0.2]: z* = min(z, clamp(z, -0.4, 0.4)) = [0.4, -0.5, 0.2], mean 0.1/3.
+    # Row 1, A = -1, z = [0.5, -0.5, pad]: z* = max(z, clamp(z)) = [0.5, -0.4], mean 0.05.
+    z = torch.tensor([[0.5, -0.5, 0.2], [0.5, -0.5, 7.0]], dtype=torch.float64)
+    old = torch.full_like(z, -2.0)
+    logp = (old + z).requires_grad_()
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0], [-1.0]], dtype=torch.float64).expand_as(z)
+    rho = get_ratio_transform("token")(logp, old, mask)
+    loss, metrics = policy_loss(rho, adv, mask, eps_low=0.4, eps_high=0.4, surrogate="geometric_mean")
+    r0, r1 = math.exp(0.1 / 3), math.exp(0.05)
+    assert loss.item() == pytest.approx((-1 * r0 + 1 * r1) / 2, abs=1e-8)  # verl adds 1e-8 to each length
+    assert metrics["clip_frac"].item() == pytest.approx(2 / 5)
+    (grad,) = torch.autograd.grad(loss, logp)
+    # d/dz_t of -A exp(mean z*) / 2 = -A r / (2 L) where the token is not clipped, 0 where it is (and on padding)
+    expected = torch.tensor([[0.0, -r0 / 6, -r0 / 6], [r1 / 4, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_gmpo_on_policy_is_minus_the_mean_sequence_advantage():
+    logp, old, mask = log_probs()
+    adv = torch.tensor([[0.5], [-1.0], [2.0], [0.0]], dtype=torch.float64).expand_as(logp)
+    rho = get_ratio_transform("token")(logp.detach(), logp.detach(), mask)
+    loss, metrics = policy_loss(rho, adv, mask, eps_low=0.4, eps_high=0.4, surrogate="geometric_mean")
+    assert loss.item() == pytest.approx(-(0.5 - 1.0 + 2.0 + 0.0) / 4)
+    assert metrics["clip_frac"].item() == 0
+
+
+def test_gmpo_refuses_token_aggregates_and_dual_clip():
+    for kwargs in ({"aggregate": "dapo"}, {"clip_ratio_c": 3.0}, {"clip": False}):
+        with pytest.raises(ValueError, match="geometric_mean"):
+            policy_loss(RHO, ADV, MASK, eps_low=0.4, eps_high=0.4, surrogate="geometric_mean", **kwargs)
+    with pytest.raises(ValueError, match="clipped, geometric_mean"):
+        policy_loss(RHO, ADV, MASK, eps_low=0.4, eps_high=0.4, surrogate="arithmetic")
+
+
+def test_surrogates_are_a_registry_and_sequence_level_ones_average_over_sequences():
+    with pytest.raises(ValueError, match="already registered"):
+        algorithms.register_surrogate("clipped")(lambda *a, **k: None)
+
+    @algorithms.register_surrogate("test_sequence_sum", per_sequence=True)
+    def sequence_sum(rho, advantages, mask, **_):
+        return (-advantages * rho * mask).sum(-1), {}
+
+    try:
+        loss, _ = policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2, surrogate="test_sequence_sum")
+        assert loss.item() == pytest.approx((-(RHO * ADV * MASK).sum(-1)).mean().item())
+        with pytest.raises(ValueError, match="aggregate 'grpo'"):
+            algorithms.check_algorithm({"ratio": "token", "surrogate": "test_sequence_sum", "aggregate": "bnpo"}, 1)
+    finally:
+        algorithms._SURROGATES.pop("test_sequence_sum")
+        algorithms._SEQUENCE_SURROGATES.discard("test_sequence_sum")
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"ratio": "token", "surrogate": "geometric_mean", "aggregate": "dapo"}, "aggregate 'grpo'"),
+    ({"ratio": "token", "surrogate": "geometric_mean", "clip_ratio_c": 3.0}, "surrogate 'clipped'"),
+    ({"ratio": "token", "clip": False, "clip_ratio_c": 3.0}, "clip: true"),
+    ({"ratio": "token", "clip_ratio_c": 0.5}, "> 1"),
+    ({"ratio": "token", "surrogate": "harmonic"}, "unknown surrogate"),
+])
+def test_check_algorithm_refuses_specs_that_would_fail_at_the_first_step(spec, message):
+    with pytest.raises(ValueError, match=message):
+        algorithms.check_algorithm(spec, 4)
+    algorithms.check_algorithm({"ratio": "token", "surrogate": "geometric_mean", "aggregate": "grpo"}, 1)
+
+
 # ------------------------------------------------------------------------------------------- off-policy guard
 
 @pytest.mark.parametrize("ratio", ["kpo", "sequence"])

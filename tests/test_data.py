@@ -481,3 +481,70 @@ def test_optional_columns_may_be_absent_from_a_file(tmp_path, shared_data):
     path = tmp_path / "lean.parquet"
     pq.write_table(table.select(["id", "source", "split", "problem", "answer"]), path)
     assert read_dataset(path).schema == DATASET_SCHEMA
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The KPO authors' data (shuohe1995/verl-kpo, examples/data_preprocess/kpo_math.py): rows in each hub dataset's format.
+
+MINERVA_ROWS = [{"problem": "Compute the escape velocity.", "answer": "11.2", "solution": "v = ..."},
+                {"problem": "Give the answer in $\\mathrm{nm}$.", "answer": "500"}]
+OLYMPIAD_ROWS = [{"problem": "Find all $n$.", "answer": "$n=3$", "unique_id": "ob-1"},
+                 {"problem": "Compute $x$.", "answer": "\\frac{1}{2}"}]
+
+
+@pytest.mark.parametrize("loader, hub_id, hub_rows, ids, answers", [
+    ("minerva_math", "zwhe99/simplerl-minerva-math", MINERVA_ROWS, ["0", "1"], ["11.2", "500"]),
+    ("olympiadbench", "realtreetune/olympiadbench", OLYMPIAD_ROWS, ["ob-1", "1"], ["$n=3$", "\\frac{1}{2}"]),
+])
+def test_kpo_benchmarks_from_the_hub_and_from_local_files_in_the_hubs_format(tmp_path, fake_hub, loader, hub_id,
+                                                                              hub_rows, ids, answers):
+    fake_hub(hub_id, None, "test", hub_rows)
+    online, stats = build({"loader": loader}, tmp_path, offline=False)
+    assert online["id"].to_pylist() == ids and online["answer"].to_pylist() == answers
+    assert online["problem"].to_pylist() == [r["problem"] for r in hub_rows]
+    assert stats["splits"] == {"test": 2} and online["source"].unique().to_pylist() == [loader]
+    write_jsonl(tmp_path / loader / "test.jsonl", hub_rows)
+    assert build({"loader": loader}, tmp_path)[0].equals(online)
+
+
+def test_kpo_benchmark_with_a_non_text_answer_fails_naming_the_row(tmp_path):
+    write_jsonl(tmp_path / "olympiadbench" / "test.jsonl", [{"problem": "P", "answer": ["$1$", "$2$"]}])
+    with pytest.raises(DataError, match=r"olympiadbench/test.jsonl:1: field 'answer' is not text"):
+        build({"loader": "olympiadbench"}, tmp_path)
+
+
+KPO_DAPO_ROWS = [
+    {"data_source": "math_dapo", "ability": "MATH",
+     "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"},
+     "prompt": [{"role": "user", "content": "Solve $x+1=35$. Let's think step by step and output the final answer "
+                                            "within \\boxed{}."}]},
+    {"data_source": "math_dapo", "ability": "MATH", "reward_model": {"ground_truth": "2", "style": "rule"},
+     "prompt": [{"role": "user", "content": "How many primes are even?"}]},
+]
+
+
+def test_dapo_filter_strips_the_boxed_instruction_and_keeps_the_gold(tmp_path, fake_hub):
+    fake_hub("aaabiao/dapo_filter", None, "train", KPO_DAPO_ROWS)
+    online, stats = build({"loader": "dapo_filter"}, tmp_path, offline=False)
+    assert online["problem"].to_pylist() == ["Solve $x+1=35$.", "How many primes are even?"]
+    assert online["answer"].to_pylist() == ["34", "2"] and online["id"].to_pylist() == ["0", "1"]
+    assert stats["splits"] == {"train": 2}
+    write_jsonl(tmp_path / "dapo_filter" / "train.jsonl", KPO_DAPO_ROWS)
+    assert build({"loader": "dapo_filter"}, tmp_path)[0].equals(online)
+
+
+@pytest.mark.parametrize("name, hub_id, answer, gold", [
+    ("aime25_matharena", "MathArena/aime_2025", 70, "70"),
+    ("amc23_knoveleng", "knoveleng/AMC-23", "27", "27"),
+])
+def test_the_kpo_authors_aime25_and_amc23_copies_are_catalogue_entries(tmp_path, fake_hub, name, hub_id, answer,
+                                                                        gold):
+    from kalmanrl.config import builtin_datasets
+
+    spec = builtin_datasets()[name]
+    assert spec["params"]["hub_id"] == hub_id
+    fake_hub(hub_id, None, "train", [{"problem": "P", "answer": answer}])
+    online, _ = build(spec, tmp_path, offline=False)
+    assert online["answer"].to_pylist() == [gold] and online["split"].to_pylist() == ["test"]
+    write_jsonl(tmp_path / name / "test.jsonl", [{"problem": "P", "answer": answer}])
+    assert build(spec, tmp_path)[0].equals(online)

@@ -8,7 +8,11 @@ import pandas as pd
 import pytest
 
 from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.evaluate import evaluate, majority_correct, pass_at_k, summarise
+import numpy as np
+
+from kalmanrl.evaluate import evaluate
+from kalmanrl.metrics import (krpo_summed_reward, majority_correct, pass_at_k, summarise,
+                              verl_best_at_k)
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 3), (6, 3, 6), (8, 1, 4), (4, 4, 2)])
@@ -42,6 +46,54 @@ def test_summary_metrics_average_per_problem_estimates():
     assert metrics["maj_at_k"] == 0  # a's majority is the wrong "2"
     assert metrics["truncation_rate"] == pytest.approx(1 / 8) and metrics["mean_length"] == pytest.approx(4.5)
     assert (metrics["n_problems"], metrics["k"], metrics["n_samples"]) == (2, 4, 8)
+
+
+def verl_bootstrap_best(scores: list[float], k: int) -> float:
+    """verl's best@k/mean of one problem as metric_utils.py computes it: global seed 42, 1000 draws of k with
+    replacement, the mean of the maxima."""
+    np.random.seed(42)
+    draws = np.random.choice(len(scores), size=(1000, k), replace=True)
+    return float(np.mean([np.max(np.array(scores)[row]) for row in draws]))
+
+
+def test_verl_best_at_k_is_the_seeded_bootstrap_with_replacement_averaged_over_problems():
+    table = [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 1.0]]
+    expected = np.mean([verl_bootstrap_best(row, 2) for row in table])
+    assert verl_best_at_k(np.array(table), 2) == pytest.approx(expected, abs=1e-12)
+    # all-right and all-wrong problems give 1 and 0 whatever the draws; one right of two is 1 - (1/2)^2 in expectation
+    assert verl_best_at_k(np.array([[1.0, 1.0], [0.0, 0.0]]), 2) == 0.5
+    assert verl_best_at_k(np.array([[1.0, 0.0]]), 2) == pytest.approx(0.75, abs=3 * np.sqrt(0.75 * 0.25 / 1000))
+
+
+def test_verl_best_at_k_falls_below_the_unbiased_pass_at_k():
+    # one right of four: pass@4 = 1, but four draws with replacement miss it with probability (3/4)^4
+    best = verl_best_at_k(np.array([[1.0, 0.0, 0.0, 0.0]]), 4)
+    assert pass_at_k(4, 1, 4) == 1.0
+    assert best == pytest.approx(1 - 0.75 ** 4, abs=3 * np.sqrt(0.68 * 0.32 / 1000))
+    assert verl_best_at_k(np.array([[1.0, 0.0, 0.0, 0.0]]), 4) == best  # seeded: the same every time
+
+
+def test_krpo_summed_reward_is_32_prompts_times_k_samples_of_mean_reward_with_partial_credit():
+    # 2 problems x 2 samples: rewards 1.0, 0.5 (gold a substring), 0.01 (wrong answer in tags), 0 (no tags)
+    assert krpo_summed_reward([1.0, 0.5, 0.01, 0.0], k=2) == pytest.approx(32 * 2 * (1.51 / 4))
+
+
+def test_summary_adds_the_papers_metrics_as_labelled_columns():
+    details = pd.DataFrame({"problem_id": ["a"] * 4 + ["b"] * 4,
+                            "correct": [True, False, False, False] + [False] * 4,
+                            "reward": [1.0, 0.5, 0.01, 0.0] + [0.01] * 4,
+                            "extracted": ["1", "2", "2", None] + ["3", "3", None, None],
+                            "num_tokens": [4] * 8, "finish_reason": ["stop"] * 8})
+    plain = summarise(details, [1, 4])
+    assert not {"verl_best_at_4", "krpo_summed_reward"} & set(plain)
+    metrics = summarise(details, [1, 4], extra_metrics=["verl_best_at_k", "krpo_summed_reward"])
+    assert "verl_best_at_1" not in metrics  # verl reports no best@1
+    assert metrics["verl_best_at_4"] == pytest.approx(np.mean([verl_bootstrap_best([1, 0, 0, 0], 4), 0.0]))
+    assert metrics["krpo_summed_reward"] == pytest.approx(32 * 4 * (1.51 + 0.04) / 8)
+    with pytest.raises(ValueError, match="unknown extra metrics"):
+        summarise(details, [1], extra_metrics=["pass_at_k_verl"])
+    with pytest.raises(ValueError, match="same number of samples"):
+        summarise(details.iloc[:7], [1])
 
 
 def _settings(algorithm="sft", **evaluate_cfg):

@@ -38,17 +38,55 @@ def test_krpo_grid_has_the_papers_models_tasks_and_hyper_parameters():
                                                                                "p0": 1.0}
 
 
+def test_krpo_grid_runs_the_authors_optimiser_and_evaluation():
+    config = load_config(REPO / "config" / "paper-krpo.yaml")
+    train, evaluate = config["train"], config["evaluate"]
+    assert (train["weight_decay"], train["warmup_steps"], train["schedule"], train["top_p"]) == (0.0, 0, "constant",
+                                                                                                 1.0)
+    assert (evaluate["k"], evaluate["temperature"], evaluate["top_p"]) == (12, 1.0, 1.0)
+    assert evaluate["extra_metrics"] == ["krpo_summed_reward"]
+    assert config["algorithms"]["grpo"]["advantage_params"]["eps"] == 1e-8
+    arithmetic = config["datasets"]["arithmetic_easy"]
+    assert (arithmetic["template"], arithmetic["reward"]) == ("krpo", "krpo_arithmetic")
+    assert arithmetic["reward_params"].get("partial_credit", 0.5) == 0.5
+
+
 def test_kpo_grid_has_the_papers_recipe():
     config = load_config(REPO / "config" / "paper-kpo.yaml")
     assert [m["id"] for m in config["models"].values()] == ["Qwen/Qwen3-4B"]
-    assert set(config["algorithms"]) == {"grpo", "gspo", "kpo"}
+    assert set(config["algorithms"]) == {"grpo", "gspo", "gmpo", "kpo"}
     assert config["algorithms"]["kpo"]["ratio"] == "kpo" and config["algorithms"]["gspo"]["ratio"] == "sequence"
-    assert config["datasets"][config["tasks"][0]]["loader"] == "hub"
     train, evaluate = config["train"], config["evaluate"]
     assert (train["group_size"], train["prompts_per_step"], train["ppo_epochs"] * train["mini_batches"],
-            train["lr"]) == (8, 32, 4, 1e-6)
+            train["lr"], train["weight_decay"], train["max_tokens"]) == (8, 32, 4, 1e-6, 0.1, 4096)
     assert (evaluate["k"], max(evaluate["pass_k"]), evaluate["top_p"]) == (16, 16, 0.7)
-    assert config["benchmarks"] == ["math500", "aime24", "aime25", "amc23"]
+    assert evaluate["extra_metrics"] == ["verl_best_at_k"]
+    assert config["benchmarks"] == ["math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench"]
+
+
+def test_kpo_baselines_are_verls_losses():
+    algorithms = load_config(REPO / "config" / "paper-kpo.yaml")["algorithms"]
+    grpo, gmpo = algorithms["grpo"], algorithms["gmpo"]
+    assert (grpo["ratio"], grpo["surrogate"], grpo["clip_ratio_c"], grpo["eps_low"]) == ("token", "clipped", 3.0, 0.2)
+    assert (gmpo["ratio"], gmpo["surrogate"], gmpo["eps_low"], gmpo["eps_high"]) == ("token", "geometric_mean", 0.4,
+                                                                                      0.4)
+    for name, algorithm in algorithms.items():
+        assert algorithm["beta"] == 0 and algorithm["aggregate"] == "grpo", name
+        assert algorithm["advantage_params"]["eps"] == 1e-6, name
+        assert name == "grpo" or algorithm["clip_ratio_c"] is None
+
+
+def test_kpo_data_prompts_and_reward_are_the_authors():
+    config = load_config(REPO / "config" / "paper-kpo.yaml")
+    datasets = config["datasets"]
+    assert datasets["dapo_filter"]["loader"] == "dapo_filter" and datasets["dapo_filter"]["template"] == "kpo_train"
+    assert datasets["aime25"]["params"]["hub_id"] == "MathArena/aime_2025"
+    assert datasets["amc23"]["params"]["hub_id"] == "knoveleng/AMC-23"
+    for name in [*config["tasks"], *config["benchmarks"]]:
+        spec = datasets[name]
+        assert spec["template"] == ("kpo_train" if name in config["tasks"] else "kpo_eval"), name
+        assert spec["reward"] == "math_verify", name
+        assert spec["reward_params"] == {"after_think": True, "require_box": True}, name
 
 
 @pytest.mark.parametrize("name", ["paper-krpo", "paper-kpo"])
@@ -58,7 +96,8 @@ def test_paper_grid_asks_for_a_gpu_per_training_and_evaluation_job(name):
     assert resources["data"]["gpus"] == resources["report"]["gpus"] == 0
 
 
-@pytest.mark.parametrize("name, runs, benchmarks", [("paper-krpo", 3 * 10 * 2 * 3, 10), ("paper-kpo", 1 * 1 * 3 * 3, 4)])
+@pytest.mark.parametrize("name, runs, benchmarks", [("paper-krpo", 3 * 10 * 2 * 3, 10),
+                                                     ("paper-kpo", 1 * 1 * 4 * 3, 6)])
 def test_paper_grid_plans_every_job(name, runs, benchmarks, tmp_path):
     """models x tasks x algorithms x seeds train jobs; each run and each warm start evaluated on every benchmark."""
     jobs = planned_jobs(f"config/{name}.yaml", tmp_path)

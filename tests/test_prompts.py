@@ -67,7 +67,8 @@ def test_boxed_target_ends_in_the_gold_answer_boxed(solution):
 
 
 def test_unknown_template_fails_listing_the_known_ones():
-    with pytest.raises(KeyError, match="unknown prompt template 'r1'; known: answer_tag, boxed, krpo"):
+    with pytest.raises(KeyError, match="unknown prompt template 'r1'; known: answer_tag, boxed, kpo_eval, kpo_train, "
+                                      "krpo"):
         get_template("r1")
 
 
@@ -78,3 +79,78 @@ def test_answer_tag_template_has_no_system_turn_and_scores_like_krpo():
     assert template.messages("1 + 2") == [{"role": "user", "content": "1 + 2"}]
     with get_reward("krpo_arithmetic") as reward:
         assert reward([template.target("3", None), get_template("krpo").target("3", None)], ["3", "3"]) == [1.0, 1.0]
+
+
+# ------------------------------------------------------------------------------------------- the papers' prompts
+
+# The generation prompt of Qwen3's chat template (its last lines): thinking off closes an empty think block.
+QWEN3_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+              "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}"
+              "{%- endif %}{%- endif %}")
+
+
+@pytest.fixture(scope="module")
+def qwen3_like() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", chat_template=QWEN3_LIKE)
+
+
+def test_kpo_training_prompt_is_the_authors_user_turn_with_thinking_off(qwen3_like):
+    # kpo_math.py:40-41 on a DAPO row whose prompt ends in the boxed instruction
+    problem = "Find $x$ if $2x = 6$. Let's think step by step and output the final answer within \\boxed{}."
+    text = get_template("kpo_train").render(qwen3_like, problem)
+    assert text == ("<|im_start|>user\nFind $x$ if $2x = 6$. Let's think step by step and output the final answer "
+                    "after \"####\".<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("problem, stripped", [
+    ("Q?\\nLet's think step by step and output the final answer within \\boxed{}.", "Q?"),   # backslash-n text
+    ("Q?\n\nlets think step by step and output the final answer within\\boxed{}.  ", "Q?"),
+    ("Q? Let's think step by step and output the final answer within \\boxed{}. More.",
+     "Q? Let's think step by step and output the final answer within \\boxed{}. More."),     # not at the end
+    ("Q?", "Q?"),
+])
+def test_kpo_training_prompt_removes_only_a_trailing_boxed_instruction(problem, stripped):
+    assert get_template("kpo_train").messages(problem) == [
+        {"role": "user", "content": stripped + ' Let\'s think step by step and output the final answer after "####".'}]
+
+
+def test_kpo_evaluation_prompt_is_the_bare_problem_with_thinking_off(qwen3_like):
+    text = get_template("kpo_eval").render(qwen3_like, "What is $1+1$?")
+    assert text == "<|im_start|>user\nWhat is $1+1$?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_krpo_prompt_is_their_system_prompt_and_the_bare_question(tokenizer):
+    # train.py:68-80: system_prompt, then the question (the `question_prefix` line is commented out, train.py:342)
+    assert get_template("krpo").messages("12 + 3 * 4") == [
+        {"role": "system", "content": get_template("krpo").system}, {"role": "user", "content": "12 + 3 * 4"}]
+
+
+def test_dataset_chat_arguments_extend_and_override_the_templates(qwen3_like):
+    thinking = get_template("kpo_eval", {"enable_thinking": True}).render(qwen3_like, "Q")
+    assert thinking == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    assert get_template("boxed", {"enable_thinking": False}).chat_kwargs == {"enable_thinking": False}
+    assert get_template("boxed").chat_kwargs == {}
+
+
+# A Llama-3.2-style header (its template's date logic) and a template calling strftime_now directly.
+CLOCK_TEMPLATES = [
+    ("{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+     "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}"
+     "{%- endif %}{%- endif %}Today Date: {{ date_string }}\n{{ messages[-1]['content'] }}",
+     "Today Date: 26 Jul 2024\nQ"),
+    ("Now: {{ strftime_now('%Y-%m-%d') }}\n{{ messages[-1]['content'] }}", "Now: 2024-07-26\nQ"),
+]
+
+
+@pytest.mark.parametrize("chat_template, expected", CLOCK_TEMPLATES)
+def test_templates_that_read_the_clock_render_a_fixed_date(chat_template, expected):
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    clocked = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", chat_template=chat_template)
+    # the template really reads the clock when rendered without the fixed one
+    unfixed = clocked.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False)
+    assert "2024" not in unfixed
+    for name in ("krpo", "boxed", "kpo_eval"):
+        assert get_template(name).render(clocked, "Q") == expected

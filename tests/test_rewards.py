@@ -254,9 +254,48 @@ def test_math_format_bonus_rewards_a_box_and_leaves_correct_alone():
     (r"\boxed{\{1,2\}}", r"\{1,2\}"),
     (r"\boxed{1} then \boxed{2", None),   # the last box is cut off: no answer, as in MATH's last_boxed_only_string
     ("no box", None),
+    (r"old style \fbox{12}.", "12"),
+    (r"\boxed{1} then \fbox{2}", "2"),    # the later of \boxed and \fbox
+    (r"space form $\boxed 5$", "5"),
+    (r"\boxed{}", None),
 ])
 def test_last_boxed_balances_braces(text, boxed):
     assert last_boxed(text) == boxed
+
+
+@pytest.mark.parametrize("text, boxed", [
+    (r"a \boxed{1} b \boxed{\frac{1}{2}} c", r"\frac{1}{2}"),
+    (r"\boxed {x}", None),                 # their remove_boxed needs the text \boxed{
+    (r"space form $\boxed 5$", None),
+    (r"\fbox{12}", None),
+    (r"\boxed{1} then \fbox{2}", "1"),    # \fbox is never read
+    (r"\boxed{1} then \boxed{2", None),
+])
+def test_strict_last_boxed_reads_only_boxed_brace_as_the_kpo_authors_do(text, boxed):
+    assert last_boxed(text, strict=True) == boxed
+
+
+def test_data_and_rewards_share_one_box_reader():
+    from kalmanrl import data, rewards
+    assert data.last_boxed is rewards.last_boxed
+
+
+@pytest.mark.parametrize("completion, gold, authors, default", [
+    (r"<think>so \boxed{1}</think> The answer is \boxed{2}.", "2", 1.0, 1.0),
+    (r"<think>so \boxed{1}</think> The answer is \boxed{2}.", "1", 0.0, 0.0),
+    (r"<think>so \boxed{1}</think> The answer is 2.", "1", 0.0, 1.0),   # default: the think box counts
+    (r"<think>long</think> The final answer is 2.", "2", 0.0, 1.0),      # no box: 0, no fallback extraction
+    (r"\boxed{2}", "2", 1.0, 1.0),                                       # no </think>: the whole completion
+    (r"<think>a</think>\boxed{3}</think>\boxed{4}", "3", 1.0, 0.0),     # split("</think>")[1]
+    (r"The answer: \fbox{2}", "2", 0.0, 1.0),
+    ("", "2", 0.0, 0.0),
+])
+def test_kpo_authors_reward_semantics(completion, gold, authors, default):
+    with get_reward("math_verify", after_think=True, require_box=True, num_workers=1) as reward:
+        verdict = reward.judge([completion], [gold])[0]
+        assert verdict.reward == authors and verdict.correct == bool(authors)
+    with get_reward("math_verify", num_workers=1) as reward:
+        assert reward([completion], [gold]) == [default]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,20 @@
-"""GRPO, KRPO, KPO and GSPO as one clipped loss with two pluggable pieces (algorithms.md): an advantage estimator
-(rewards of each prompt's group -> one advantage per completion) and a ratio transform (token log-probs -> the
-importance ratio rho the surrogate uses). Both are registries filled by decorators, looked up by the config's name.
+"""GRPO, KRPO, KPO, GSPO and GMPO as one clipped loss with two pluggable pieces (algorithms.md): an advantage
+estimator (rewards of each prompt's group -> one advantage per completion) and a ratio transform (token log-probs ->
+the importance ratio rho the surrogate uses). Both are registries filled by decorators, looked up by the config's name.
 
     z   = logp - old_logp                                              # [B, T] token log-ratio
     rho = ratio_transform(logp, old_logp, mask)                        # [B, T] differentiable in logp only
-    L   = max(-rho A, -clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3
+    L   = max(-rho A, -clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3     # surrogate "clipped"
+          (dual-clip, clip_ratio_c = c: L = min(L, -c A) where A < 0, verl's vanilla GRPO loss)
     loss = aggregate(L, mask)
+
+GMPO (arXiv 2507.20673, verl's `geo_mean`) clips each token's log-ratio with the sign of its advantage *before*
+averaging over the sequence, so it cannot be a ratio transform (which never sees advantages) followed by the token
+clip. It is the named surrogate "geometric_mean" instead, used with the token ratio:
+
+    z*_t = sign(A) min(sign(A) log rho_t, sign(A) clamp(log rho_t, -eps_low, eps_high))
+    L_i  = -A_i exp(sum_t m_t z*_t / (sum_t m_t + 1e-8))     # A_i = the sequence's masked mean advantage
+    loss = mean_i L_i (+ beta * aggregate(k3))                # sequence level: only aggregate "grpo" is accepted
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ RatioTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
 _ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {}
 _RATIO_TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {}
 _OFF_POLICY_RATIOS: set[str] = set()
+_SURROGATES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
+_SEQUENCE_SURROGATES: set[str] = set()
 AGGREGATES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
@@ -64,6 +75,15 @@ def register_ratio_transform(name: str, *, needs_off_policy: bool = False) -> Ca
     return _register(_RATIO_TRANSFORMS, "ratio transform", name)
 
 
+def register_surrogate(name: str, *, per_sequence: bool = False) -> Callable:
+    """Register `fn(rho, advantages, mask: [B, T], *, eps_low, eps_high, clip, clip_ratio_c) -> (loss, metrics)`
+    under `name`: loss [B, T] per token, aggregated by the algorithm's `aggregate`, or with `per_sequence` [B] per
+    sequence, averaged over sequences (which only aggregate "grpo" describes)."""
+    if per_sequence:
+        _SEQUENCE_SURROGATES.add(name)
+    return _register(_SURROGATES, "surrogate", name)
+
+
 def get_advantage_estimator(name: str, **params) -> AdvantageEstimator:
     """The estimator `name` with `params` bound: `(rewards: [N, G]) -> advantages [N, G]` (detached)."""
     return _bind(_lookup(_ADVANTAGE_ESTIMATORS, "advantage estimator", name), "advantage estimator", name, params)
@@ -88,6 +108,23 @@ def check_off_policy(ratio_name: str, optimizer_steps_per_batch: int) -> None:
             f"mini_batches), got {optimizer_steps_per_batch}: with one step old_logp equals logp, the ratio is "
             f"identically 1 and clipping never acts, so the algorithm would equal GRPO. The papers take 4 (KPO) "
             f"and 24 (KRPO) steps per batch.")
+
+
+def check_algorithm(spec: dict, optimizer_steps_per_batch: int) -> None:
+    """Refuse an algorithm spec (the config's `algorithms.<name>`, defaults filled) that would fail or silently do
+    something else at the first training step: an off-policy ratio with one step per batch, an unknown surrogate,
+    GMPO's sequence-level surrogate with a token aggregate, dual-clip without the clipped surrogate."""
+    check_off_policy(spec["ratio"], optimizer_steps_per_batch)
+    surrogate, dual = spec.get("surrogate", "clipped"), spec.get("clip_ratio_c")
+    _lookup(_SURROGATES, "surrogate", surrogate)
+    if surrogate in _SEQUENCE_SURROGATES and spec.get("aggregate", "grpo") != "grpo":
+        raise ValueError(f"surrogate {surrogate!r} is one value per sequence, averaged over sequences (aggregate "
+                         f"'grpo'); got aggregate {spec['aggregate']!r}")
+    if dual is not None and (surrogate != "clipped" or not spec.get("clip", True)):
+        raise ValueError("clip_ratio_c (dual-clip) bounds the clipped surrogate: it needs surrogate 'clipped' and "
+                         "clip: true")
+    if dual is not None and dual <= 1:
+        raise ValueError(f"clip_ratio_c must be > 1 (the loss of A < 0 is capped at -c A), got {dual}")
 
 
 # ---------------------------------------------------------------------------------------------- advantage estimators
@@ -236,30 +273,82 @@ def _ratio_stats(rho: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tenso
             "ratio_max": rho.masked_fill(~valid, -torch.inf).amax()}
 
 
+@register_surrogate("clipped")
+def clipped_surrogate(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float,
+                      eps_high: float, clip: bool = True, clip_ratio_c: float | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's per-token loss [B, T] max(-A rho, -A clip(rho)); with clip_ratio_c = c also min(., -c A) where A < 0
+    (dual-clip, arXiv 1912.09729, as verl's vanilla loss)."""
+    unclipped = -advantages * rho
+    if not clip:
+        if clip_ratio_c is not None:
+            raise ValueError("clip_ratio_c (dual-clip) needs clip=True")
+        return unclipped, {"clip_frac": rho.new_zeros(())}
+    clipped = -advantages * rho.clamp(1 - eps_low, 1 + eps_high)
+    surrogate = torch.maximum(unclipped, clipped)
+    metrics = {"clip_frac": _masked_mean((clipped > unclipped).to(rho.dtype), mask)}
+    if clip_ratio_c is not None:
+        if clip_ratio_c <= 1:
+            raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
+        cap = -advantages * clip_ratio_c
+        negative = advantages < 0
+        metrics["dual_clip_frac"] = _masked_mean((negative & (surrogate > cap)).to(rho.dtype), mask)
+        surrogate = torch.where(negative, torch.minimum(surrogate, cap), surrogate)
+    return surrogate, metrics
+
+
+@register_surrogate("geometric_mean", per_sequence=True)
+def geometric_mean_surrogate(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float,
+                             eps_high: float, clip: bool = True, clip_ratio_c: float | None = None
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GMPO's loss per sequence [B] (see the module docstring): the token log-ratios log rho, clipped in log space to
+    [-eps_low, eps_high] on the side the advantage's sign makes pessimistic, geometric-mean ratio per sequence,
+    times the sequence's mean advantage. verl's `geo_mean` denominators (sum of the mask + 1e-8) are kept. GMPO is
+    always clipped and has no dual-clip."""
+    if not clip or clip_ratio_c is not None:
+        raise ValueError(f"surrogate 'geometric_mean' takes clip=True and no clip_ratio_c; got clip={clip}, "
+                         f"clip_ratio_c={clip_ratio_c}")
+    log_rho = torch.log(rho)
+    sign = torch.sign(advantages)
+    pessimistic = sign * torch.minimum(sign * log_rho, sign * log_rho.clamp(-eps_low, eps_high))
+    length = mask.sum(-1) + 1e-8
+    ratio = torch.exp((pessimistic * mask).sum(-1) / length)
+    advantage = (advantages * mask).sum(-1) / length
+    clip_frac = _masked_mean((sign * log_rho > sign * log_rho.clamp(-eps_low, eps_high)).to(rho.dtype), mask)
+    return -advantage * ratio, {"clip_frac": clip_frac}
+
+
 def policy_loss(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float,
                 eps_high: float, clip: bool = True, beta: float = 0.0, logp: torch.Tensor | None = None,
                 ref_logp: torch.Tensor | None = None, aggregate: str = "grpo", num_active_tokens: int | None = None,
-                max_length: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The PPO clipped surrogate plus beta * k3, aggregated (see `aggregate_loss`).
+                max_length: int | None = None, surrogate: str = "clipped", clip_ratio_c: float | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy-gradient surrogate plus beta * k3, aggregated (see `aggregate_loss`).
 
-    rho, advantages, mask, logp, ref_logp: [B, T] (advantages already broadcast over tokens). clip=False gives the
-    unclipped -A * rho (KPO-unclipped). The KL term needs logp and ref_logp when beta > 0.
+    rho, advantages, mask, logp, ref_logp: [B, T] (advantages already broadcast over tokens). surrogate "clipped":
+    PPO's clipped token loss (clip=False gives the unclipped -A * rho, KPO-unclipped; clip_ratio_c = c adds verl's
+    dual-clip for A < 0); "geometric_mean": GMPO's sequence loss, eps_low / eps_high bounding the log-ratio, averaged
+    over sequences (aggregate must be "grpo"); others via `register_surrogate`. The KL term needs logp and ref_logp
+    when beta > 0.
     Returns (loss, metrics); metrics are detached 0-dim tensors: pg_loss, clip_frac (share of valid tokens whose
-    clipped term is the active one), ratio_mean / ratio_min / ratio_max over valid tokens, and kl (masked mean of
-    k3) when ref_logp is given.
+    clip is the active term), dual_clip_frac (with clip_ratio_c: share of valid tokens capped at -c A),
+    ratio_mean / ratio_min / ratio_max over valid tokens, and kl (masked mean of k3) when ref_logp is given.
     """
     mask = mask.to(rho.dtype)
     advantages = advantages.detach()
-    unclipped = -advantages * rho
-    if clip:
-        clipped = -advantages * rho.clamp(1 - eps_low, 1 + eps_high)
-        surrogate = torch.maximum(unclipped, clipped)
-        clip_frac = _masked_mean((clipped > unclipped).to(rho.dtype), mask)
+    fn = _lookup(_SURROGATES, "surrogate", surrogate)
+    losses, metrics = fn(rho, advantages, mask, eps_low=eps_low, eps_high=eps_high, clip=clip,
+                         clip_ratio_c=clip_ratio_c)
+    if surrogate in _SEQUENCE_SURROGATES:
+        if aggregate != "grpo":
+            raise ValueError(f"surrogate {surrogate!r} is one value per sequence, averaged over sequences: it takes "
+                             f"aggregate 'grpo', got {aggregate!r}")
+        pg_loss = losses.mean()
     else:
-        surrogate, clip_frac = unclipped, rho.new_zeros(())
-    pg_loss = aggregate_loss(surrogate, mask, aggregate, num_active_tokens=num_active_tokens, max_length=max_length)
+        pg_loss = aggregate_loss(losses, mask, aggregate, num_active_tokens=num_active_tokens, max_length=max_length)
     loss = pg_loss
-    metrics = {"pg_loss": pg_loss.detach(), "clip_frac": clip_frac.detach(), **_ratio_stats(rho.detach(), mask)}
+    metrics = {"pg_loss": pg_loss.detach(), **{k: v.detach() for k, v in metrics.items()},
+               **_ratio_stats(rho.detach(), mask)}
     if beta > 0 and (logp is None or ref_logp is None):
         raise ValueError("policy_loss with beta > 0 needs logp and ref_logp for the k3 KL term")
     if ref_logp is not None and logp is not None:

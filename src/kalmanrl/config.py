@@ -131,7 +131,7 @@ def validate_config(config: dict) -> dict:
 
 
 def _check_references(config: dict) -> None:
-    from kalmanrl.algorithms import check_off_policy
+    from kalmanrl.algorithms import check_algorithm
 
     for key in ("tasks", "benchmarks"):
         for name in config[key]:
@@ -155,7 +155,7 @@ def _check_references(config: dict) -> None:
     steps = train["ppo_epochs"] * train["mini_batches"]
     for name, algorithm in config["algorithms"].items():
         try:
-            check_off_policy(algorithm["ratio"], steps)
+            check_algorithm(algorithm, steps)
         except ValueError as err:
             raise ConfigError(f"config.algorithms.{name}: {err}") from None
     evaluate = config["evaluate"]

@@ -23,6 +23,8 @@ import pyarrow.parquet as pq
 
 from kalmanrl import arithmetic
 from kalmanrl.io import atomic_path
+from kalmanrl.prompts import strip_boxed_instruction
+from kalmanrl.rewards import last_boxed
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +69,6 @@ def register_loader(name: str) -> Callable[[Loader], Loader]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Gold answers and problem text, normalised the way the field does.
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`) in `text`, with nested braces;
-    None when there is none or it is unbalanced. MATH's gold answer is this of its solution."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    rest = text[start + len("\\boxed" if text.startswith("\\boxed", start) else "\\fbox"):]
-    if rest.startswith(" "):
-        return rest.split("$")[0].strip() or None
-    if not rest.startswith("{"):
-        return None
-    depth = 0
-    for i, char in enumerate(rest):
-        depth += (char == "{") - (char == "}")
-        if depth == 0:
-            return rest[1:i].strip()
-    return None
-
 
 def gsm8k_answer(text: str) -> str | None:
     """GSM8K's gold: the text after the last `####`, thousands separators removed."""
@@ -250,7 +233,8 @@ def _benchmark_rows(ctx: LoadContext, name: str, source: Source, *, answer: str,
         gold = number_text(field(raw, answer, where)) if integer else text_field(raw, answer, where).strip()
         if integer and not re.fullmatch(r"-?\d+", gold):
             raise DataError(f"{where}: {name} answer is not an integer: {gold!r}")
-        rows.append({"id": str(raw.get("unique_id", raw.get("id", index))), "source": name, "split": "test",
+        ident = next((raw[k] for k in ("unique_id", "id") if raw.get(k) is not None), index)  # hub columns may be null
+        rows.append({"id": str(ident), "source": name, "split": "test",
                      "problem": text_field(raw, "problem", where), "answer": _gold(gold, "field", where),
                      "solution": raw.get(solution) if solution else None, "subject": raw.get("subject"),
                      "level": _level(raw["level"]) if "level" in raw else None})
@@ -285,6 +269,39 @@ def load_amc23(ctx: LoadContext) -> list[dict]:
     """AMC 2023 (40 problems of AMC 12A/12B); answers are stored as floats (27.0 -> "27")."""
     return _benchmark_rows(ctx, "amc23", Source("math-ai/amc23", "test", "amc23/test.jsonl"),
                            answer="answer", solution=None, integer=True)
+
+
+@register_loader("minerva_math")
+def load_minerva_math(ctx: LoadContext) -> list[dict]:
+    """Minerva Math (272 MIT OpenCourseWare problems) as the KPO authors evaluate it: zwhe99/simplerl-minerva-math,
+    split test, fields problem / answer (shuohe1995/verl-kpo, examples/data_preprocess/kpo_math.py:24, 69-76)."""
+    return _benchmark_rows(ctx, "minerva_math",
+                           Source("zwhe99/simplerl-minerva-math", "test", "minerva_math/test.jsonl"),
+                           answer="answer", solution="solution", integer=False)
+
+
+@register_loader("olympiadbench")
+def load_olympiadbench(ctx: LoadContext) -> list[dict]:
+    """OlympiadBench (its English, text-only maths problems) as the KPO authors evaluate it: realtreetune/olympiadbench,
+    split test, fields problem / answer (kpo_math.py:25, 69-76)."""
+    return _benchmark_rows(ctx, "olympiadbench",
+                           Source("realtreetune/olympiadbench", "test", "olympiadbench/test.jsonl"),
+                           answer="answer", solution="solution", integer=False)
+
+
+@register_loader("dapo_filter")
+def load_dapo_filter(ctx: LoadContext) -> list[dict]:
+    """The DAPO-Math copy the KPO authors train on: aaabiao/dapo_filter, split train, the problem in
+    `prompt.0.content` (its trailing "Let's think step by step and output the final answer within \\boxed{}."
+    removed, as their preprocessing does before adding their own instruction), the gold in
+    `reward_model.ground_truth`; ids are the row index, as theirs (kpo_math.py:17, 34-61). The bare problem is
+    stored so decontamination compares problems; the `kpo_train` template adds their instruction."""
+    rows, source = [], Source("aaabiao/dapo_filter", "train", "dapo_filter/train.jsonl")
+    for index, (where, raw) in enumerate(iter_rows(ctx, source)):
+        rows.append({"id": str(index), "source": "dapo_filter", "split": "train",
+                     "problem": strip_boxed_instruction(text_field(raw, "prompt.0.content", where)),
+                     "answer": _gold(text_field(raw, "reward_model.ground_truth", where).strip(), "field", where)})
+    return rows
 
 
 @register_loader("math")

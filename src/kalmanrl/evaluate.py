@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shlex
-from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
 from kalmanrl.io import write_parquet
+from kalmanrl.metrics import summarise
 from kalmanrl.model import load_policy
 from kalmanrl.progress import progress
 from kalmanrl.prompts import get_template
@@ -25,39 +23,6 @@ from kalmanrl.rewards import get_reward
 from kalmanrl.rollout import SamplingConfig, make_engine
 
 log = logging.getLogger(__name__)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), as a stable product."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-def majority_correct(extracted: list[str | None], correct: list[bool]) -> bool:
-    """maj@k: the most frequent extracted answer (first seen wins ties; no answer never wins) is correct."""
-    votes = Counter(a for a in extracted if a is not None)
-    if not votes:
-        return False
-    winner = max(votes, key=lambda a: (votes[a], -extracted.index(a)))
-    return correct[extracted.index(winner)]
-
-
-def summarise(details: pd.DataFrame, pass_k: list[int]) -> dict[str, float]:
-    """Benchmark metrics from per-sample details (one row per problem x sample)."""
-    per_problem = details.groupby("problem_id", sort=False)
-    n = int(per_problem.size().iloc[0])
-    counts = per_problem["correct"].sum()
-    majority = [majority_correct(list(g["extracted"]), list(g["correct"])) for _, g in per_problem]
-    metrics = {"n_problems": len(counts), "k": n, "n_samples": len(details),
-               "avg_at_k": float(details["correct"].mean()), "maj_at_k": float(np.mean(majority)),
-               "mean_length": float(details["num_tokens"].mean()),
-               "truncation_rate": float((details["finish_reason"] == "length").mean())}
-    for k in pass_k:
-        metrics[f"pass_at_{k}"] = float(sum(pass_at_k(n, int(c), k) for c in counts) / len(counts))
-    return metrics
 
 
 def command_line(model_dir: str | Path, dataset: str | Path, settings: dict) -> str:
@@ -77,7 +42,7 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
     problems = read_dataset(dataset, split="test").to_pandas()
     if cfg["max_problems"]:
         problems = problems.iloc[:cfg["max_problems"]]
-    template = get_template(benchmark["template"])
+    template = get_template(benchmark["template"], benchmark["chat_template_kwargs"])
     prompt_ids = [tokenizer(template.render(tokenizer, p), add_special_tokens=False)["input_ids"]
                   for p in problems["problem"]]
     sampling = dict(n=cfg["k"], temperature=cfg["temperature"], top_p=cfg["top_p"], max_tokens=cfg["max_tokens"])
@@ -105,7 +70,8 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
     details["seed"] = details["seed"].astype("Int64")
     details["step"] = details["step"].astype("Int64")
     summary = {**{key: ident.get(key) for key in ("model", "task", "algorithm", "seed", "benchmark")}, "step": step,
-               **summarise(details, cfg["pass_k"]), **{f"sampling_{k}": v for k, v in sampling.items()},
+               **summarise(details, cfg["pass_k"], extra_metrics=cfg["extra_metrics"]),
+               **{f"sampling_{k}": v for k, v in sampling.items()},
                "rollout_backend": rollout["backend"],
                **provenance(config_hash(settings), {"data": [dataset],
                                                     "model": sorted(Path(model_dir).glob("model*.safetensors"))}),

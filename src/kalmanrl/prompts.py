@@ -1,13 +1,20 @@
 """Prompt templates per dataset family, rendered through the tokenizer's own chat template.
 
-A template fixes three things that must agree with each other and with the reward: the system prompt, how a problem
-becomes the user turn, and the answer format of a correct completion (`target`, used by the supervised warm start).
+A template fixes what must agree with each other and with the reward: the system prompt, how a problem becomes the
+user turn, the answer format of a correct completion (`target`, used by the supervised warm start), and the extra
+arguments the chat template is rendered with (`enable_thinking: false` for Qwen3, as the KPO authors run it).
+
+Rendering never reads the clock: chat templates that write today's date (Llama-3.2's calls `strftime_now`) get a
+fixed date, so a prompt is the same on every day (a resumed run or a later evaluation is the same experiment).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 # The DeepSeek-R1-Zero system prompt exactly as the KRPO authors' train.py sends it (billhhh/KRPO_LLMs_RL, inherited
@@ -23,26 +30,72 @@ KRPO_SYSTEM_PROMPT = (
 # Qwen2.5-Math's chain-of-thought system prompt (its `qwen25-math-cot` template), the usual prompt of the MATH family.
 BOXED_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
+# The KPO authors' training instruction (shuohe1995/verl-kpo, examples/data_preprocess/kpo_math.py:40-41): appended
+# with one space to each DAPO problem after the dataset's own boxed instruction is removed. Their reward nevertheless
+# reads a `\boxed{}` answer (verl/utils/reward_score/kpo_math_reward.py:68, utils.py:470-473), not the text after
+# "####"; this is their recipe as it ran.
+KPO_TRAIN_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
+
+# The boxed instruction the DAPO copy the KPO authors train on ends its problems with, removed before theirs is
+# appended (kpo_math.py:30-33): optional line breaks (real or the two characters backslash-n) and spaces, then the
+# sentence, case-insensitive, at the very end.
+_BOXED_INSTRUCTION_SUFFIX = re.compile(
+    r"(?:\r?\n|\\n)*\s*let'?s\s+think\s+step\s+by\s+step\s+and\s+output\s+the\s+final\s+answer\s+within\s*"
+    r"\\boxed\{\}\.\s*$", re.IGNORECASE)
+
+# The date every clock-reading chat template sees: Llama-3.x templates' own fallback when no clock is available.
+FIXED_DATE = datetime(2024, 7, 26)
+
+
+def _fixed_strftime_now(format: str) -> str:
+    return FIXED_DATE.strftime(format)
+
+
+# Passed to every `apply_chat_template` call: render arguments shadow the template engine's globals, so
+# `strftime_now` is this fixed-date function, and `date_string` (what Llama-3.x templates look for first) is set.
+FIXED_CLOCK: Mapping[str, Any] = MappingProxyType(
+    {"strftime_now": _fixed_strftime_now, "date_string": FIXED_DATE.strftime("%d %b %Y")})
+
+
+def strip_boxed_instruction(problem: str) -> str:
+    """The problem without a trailing "Let's think step by step and output the final answer within \\boxed{}."."""
+    return _BOXED_INSTRUCTION_SUFFIX.sub("", problem)
+
+
+def _bare(problem: str) -> str:
+    return problem
+
+
+def _kpo_train_user(problem: str) -> str:
+    """The KPO authors' training user turn: the problem, one space, their "####" instruction."""
+    return f"{strip_boxed_instruction(problem)} {KPO_TRAIN_INSTRUCTION}"
+
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """A system prompt plus the answer format a correct completion follows.
+    """A system prompt, the user turn, the answer format a correct completion follows, and chat-template arguments.
 
-    `format_target(answer, solution)` builds the assistant text of a supervised example.
+    `format_target(answer, solution)` builds the assistant text of a supervised example; `user(problem)` the user
+    turn (default: the problem verbatim); `chat_kwargs` are extra `apply_chat_template` arguments (e.g.
+    `enable_thinking: False`), which a dataset's `chat_template_kwargs` extend or override.
     """
 
     name: str
     system: str
     format_target: Callable[[str, str | None], str]
+    user: Callable[[str], str] = _bare
+    chat_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def messages(self, problem: str) -> list[dict[str, str]]:
-        """The chat messages of one prompt (system, when there is one, then the problem as the user turn)."""
+        """The chat messages of one prompt (system, when there is one, then the user turn)."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return [*system, {"role": "user", "content": problem}]
+        return [*system, {"role": "user", "content": self.user(problem)}]
 
     def render(self, tokenizer: Any, problem: str) -> str:
-        """The prompt text the policy continues: the tokenizer's chat template with the generation prompt added."""
-        return tokenizer.apply_chat_template(self.messages(problem), tokenize=False, add_generation_prompt=True)
+        """The prompt text the policy continues: the tokenizer's chat template with the generation prompt added,
+        rendered with this template's chat arguments and a fixed clock (`FIXED_CLOCK`)."""
+        return tokenizer.apply_chat_template(self.messages(problem), tokenize=False, add_generation_prompt=True,
+                                             **{**FIXED_CLOCK, **self.chat_kwargs})
 
     def target(self, answer: str, solution: str | None = None) -> str:
         """The assistant completion of a correct answer in this template's format (the SFT target)."""
@@ -77,12 +130,23 @@ TEMPLATES: dict[str, PromptTemplate] = {
     # would be most of every sequence. The krpo_arithmetic reward scores it exactly as it scores `krpo`.
     "answer_tag": PromptTemplate("answer_tag", "", _answer_target),
     "boxed": PromptTemplate("boxed", BOXED_SYSTEM_PROMPT, _boxed_target),
+    # The KPO authors' prompts (shuohe1995/verl-kpo): a user turn only, Qwen3's thinking off
+    # (examples/kpo_trainer/kpo_qwen3_4b.sh:131, `+data.apply_chat_template_kwargs.enable_thinking=False`).
+    # Training: the problem plus their "####" instruction (kpo_math.py:34-55); evaluation: the bare problem
+    # (kpo_math.py:69-87). Their reward reads the last box, so the SFT target is the boxed one.
+    "kpo_train": PromptTemplate("kpo_train", "", _boxed_target, _kpo_train_user, {"enable_thinking": False}),
+    "kpo_eval": PromptTemplate("kpo_eval", "", _boxed_target, _bare, {"enable_thinking": False}),
 }
 
 
-def get_template(name: str) -> PromptTemplate:
-    """The registered template called `name`; unknown names fail listing the known ones."""
+def get_template(name: str, chat_template_kwargs: Mapping[str, Any] | None = None) -> PromptTemplate:
+    """The registered template called `name`, its chat arguments extended (or overridden) by
+    `chat_template_kwargs` (a dataset's); unknown names fail listing the known ones."""
     try:
-        return TEMPLATES[name]
+        template = TEMPLATES[name]
     except KeyError:
         raise KeyError(f"unknown prompt template {name!r}; known: {', '.join(sorted(TEMPLATES))}") from None
+    if not chat_template_kwargs:
+        return template
+    return PromptTemplate(template.name, template.system, template.format_target, template.user,
+                          {**template.chat_kwargs, **chat_template_kwargs})

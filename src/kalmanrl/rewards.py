@@ -161,15 +161,29 @@ _DECIMAL = re.compile(r"-?(?:\d{1,30}\.\d{0,30}|\.\d{1,30})")
 _DELIMITED = re.compile(r"(?<!\\)\$|\\boxed")  # gold already in math mode: an unescaped $ or a box
 
 
-def last_boxed(text: str) -> str | None:
-    r"""The content of the last `\boxed{...}` in `text` (braces balanced), or None when there is none or the last one
-    is not closed (a truncated completion). Linear in len(text), as the field's `last_boxed_only_string` is."""
-    start = text.rfind("\\boxed")
+def last_boxed(text: str, *, strict: bool = False) -> str | None:
+    r"""The content of the last box in `text` (braces balanced, stripped); None when there is none, or the last one
+    is not closed (a truncated completion) or empty. The one box reader of the package: gold answers of MATH-style
+    solutions and the answers of completions. Linear in len(text), as MATH's `last_boxed_only_string` is.
+
+    Default: the last `\boxed` or `\fbox`, whichever comes later; `\boxed{x}` and `\boxed {x}` give x, the space
+    form `\boxed 5` gives the text up to the next `$` (MATH's solutions use it). strict=True: only `\boxed{...}`
+    counts, `\fbox` and the space forms give None, as the KPO authors' `extract_answer` reads a completion
+    (shuohe1995/verl-kpo, verl/utils/reward_score/utils.py:378-420: `remove_boxed` requires the text `\boxed{`).
+    """
+    boxed = text.rfind("\\boxed")
+    fbox = -1 if strict else text.rfind("\\fbox")
+    start = max(boxed, fbox)
     if start < 0:
         return None
-    i = start + len("\\boxed")
-    while i < len(text) and text[i] == " ":
-        i += 1
+    i = start + len("\\boxed" if start == boxed else "\\fbox")
+    if not strict:
+        spaced = i
+        while spaced < len(text) and text[spaced] == " ":
+            spaced += 1
+        if spaced > i and spaced < len(text) and text[spaced] != "{":
+            return text[spaced:].split("$", 1)[0].strip() or None  # the space form
+        i = spaced
     if i == len(text) or text[i] != "{":
         return None
     depth = 0
@@ -179,7 +193,7 @@ def last_boxed(text: str) -> str | None:
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1:j]
+                return text[i + 1:j].strip() or None
     return None
 
 
@@ -245,24 +259,37 @@ class MathVerify(RewardFunction):
     `\boxed{gold}` unless they hold an unescaped `$` or `\boxed`. Answers equal up to spacing and \dfrac/\tfrac, or
     literal numbers (integers, fractions, decimals) with the same value, are settled without parsing. The format
     bonus goes to completions with a closed `\boxed{}`.
+
+    The KPO authors' reward (shuohe1995/verl-kpo, verl/utils/reward_score/kpo_math_reward.py:56-70) is
+    `after_think=True, require_box=True`: after_think reads the answer from the text after the first `</think>`
+    (up to a second one, as their `split("</think>")[1]`), or the whole completion when there is none;
+    require_box scores 0 when that text has no `\boxed{...}` (read strictly, see `last_boxed`) instead of falling
+    back to math-verify's other extractions, and judges only the box.
     """
 
     check = staticmethod(math_verify_check)
 
+    def __init__(self, *, after_think: bool = False, require_box: bool = False, **params):
+        super().__init__(**params)
+        self.after_think, self.require_box = after_think, require_box
+
     def screen(self, completion: str, gold: str) -> Verdict | Check:
+        if self.after_think and "</think>" in completion:
+            completion = completion.split("</think>", 2)[1]
         window = completion[-self.max_chars:]
-        answer = last_boxed(completion)
+        answer = last_boxed(completion, strict=self.require_box)
         if answer is None:
+            if self.require_box:
+                return Verdict(0.0, False, None)
             return Check((gold, window), None, False)
-        answer = answer.strip()
         if len(answer) > self.max_chars:
             return self.verdict(False, answer[:self.max_chars], True)
         if (correct := _quick_verdict(gold, answer)) is not None:
             return self.verdict(correct, answer, True)
         # One box: parse it alone (half the cost of the window). Several boxes in the window: math-verify joins
-        # "\boxed{1} and \boxed{2}" into one answer, so it gets the window.
-        boxed = window if window.count("\\boxed") > 1 else f"\\boxed{{{answer}}}"
-        return Check((gold, boxed), answer, True)
+        # "\boxed{1} and \boxed{2}" into one answer, so it gets the window (not when only the box may count).
+        several = window.count("\\boxed") > 1 and not self.require_box
+        return Check((gold, window if several else f"\\boxed{{{answer}}}"), answer, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

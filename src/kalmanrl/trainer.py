@@ -102,7 +102,7 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
     policy, tokenizer = load_policy(policy_dir, device=device)
     reference = load_policy(policy_dir, device=device)[0].eval().requires_grad_(False) if alg["beta"] > 0 else None
     problems = read_dataset(dataset, split="train").to_pandas()
-    template = get_template(settings["task"]["template"])
+    template = get_template(settings["task"]["template"], settings["task"]["chat_template_kwargs"])
     reward_fn = get_reward(settings["task"]["reward"], **settings["task"]["reward_params"])
     advantage_fn = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])
     ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
@@ -222,7 +222,7 @@ def update_policy(policy, optimizer, scheduler, batch: RolloutBatch, ratio_fn, a
                     rho, part.advantages.unsqueeze(-1).expand_as(logp), part.completion_mask,
                     eps_low=alg["eps_low"], eps_high=alg["eps_high"], clip=alg["clip"], beta=alg["beta"], logp=logp,
                     ref_logp=part.ref_logp, aggregate=alg["aggregate"], num_active_tokens=active,
-                    max_length=cfg["max_tokens"])
+                    max_length=cfg["max_tokens"], surrogate=alg["surrogate"], clip_ratio_c=alg["clip_ratio_c"])
                 # dapo already divides by the whole mini-batch's tokens; the other aggregates average micro-batches.
                 (loss if alg["aggregate"] == "dapo" else loss / cfg["grad_accum"]).backward()
                 losses.append(loss.detach())
