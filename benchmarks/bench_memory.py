@@ -12,6 +12,7 @@ the peak is the peak of live tensors plus the allocator's and autograd's own ove
 
     PYTHONPATH=src python benchmarks/bench_memory.py            # all cases, a Markdown table
     PYTHONPATH=src python benchmarks/bench_memory.py --case small --shape A
+    PYTHONPATH=src python benchmarks/bench_memory.py --head     # the log-prob head's float32 copies
 """
 
 from __future__ import annotations
@@ -117,18 +118,50 @@ def estimate(size: str, shape_name: str) -> dict:
                 "rollout": {"backend": "hf", "max_model_len": 512}}
     est = estimate_train(model, settings, Resources(gpus=0), source="tiny", prompt_len=shape["prompt_len"],
                          completion_len=shape["completion_len"])
-    phases = est.phases
-    return {"estimate": phases["static"] + max(phases["score"], phases["update"], phases["optimizer_step"]),
-            "params": model.params,
-            "static": phases["static"], "score": phases["score"], "update": phases["update"],
+    step = {name: value for name, value in est.phases.items() if name != "generating"}
+    return {"estimate": est.static + max(step.values()), "params": model.params, "static": est.static,
             "activations": est.parts["activations"], "logits": est.parts["logits"]}
 
 
-def run_case(size: str, shape_name: str) -> dict:
+def measure_head(grad: bool) -> dict:
+    """Runs in the child: the log-prob head alone (`token_logprobs` on a 1-layer model whose [tokens, vocab] logits
+    dwarf everything else), as float32 [tokens, vocab] copies at the peak: the plan's LOGIT_COPIES_*."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from kalmanrl.model import tiny_config
+    from kalmanrl.plan import _VocabularyOfSpec
+    from kalmanrl.trainer import token_logprobs
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    train_steps({**SIZES["small"], "num_layers": 1}, {**SHAPES["A"], "prompts_per_step": 1, "group_size": 2}, 1)
+    spec = {**SIZES["small"], "vocab_size": 32768, "hidden_size": 64, "num_heads": 2, "num_kv_heads": 1,
+            "intermediate_size": 64, "num_layers": 1}
+    shape = {"prompts_per_step": 1, "group_size": 4, "prompt_len": 8, "completion_len": 255}
+    batch = rollout_batch(spec, shape)
+    policy = Qwen2ForCausalLM(tiny_config(spec, _VocabularyOfSpec(spec["vocab_size"])))
+    baseline = rss_bytes()
+    if grad:
+        logp, entropy = token_logprobs(policy, batch, with_entropy=True)
+        (logp.sum() + entropy.sum()).backward()
+    else:
+        with torch.no_grad():
+            token_logprobs(policy, batch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    copy = 4 * (shape["completion_len"] + 1) * spec["vocab_size"] * 4
+    return {"copies": (peak - baseline) / copy, "weights_in_copies": policy.num_parameters() * 4 / copy}
+
+
+def child(args: list[str]) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MIB), "OMP_NUM_THREADS": "1"}
-    child = subprocess.run([sys.executable, __file__, "--child", "--case", size, "--shape", shape_name],
-                           env=env, capture_output=True, text=True, check=True)
-    result = {"size": size, "shape": shape_name, **json.loads(child.stdout.strip().splitlines()[-1]),
+    result = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True,
+                            check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_case(size: str, shape_name: str) -> dict:
+    result = {"size": size, "shape": shape_name, **child(["--case", size, "--shape", shape_name]),
               **estimate(size, shape_name)}
     result["ratio"] = result["estimate"] / result["measured"]
     return result
@@ -151,10 +184,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=list(SIZES), nargs="*", default=list(SIZES))
     parser.add_argument("--shape", choices=list(SHAPES), nargs="*", default=list(SHAPES))
+    parser.add_argument("--head", action="store_true", help="measure the log-prob head's copies only")
+    parser.add_argument("--grad", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.case[0], args.shape[0])))
+        print(json.dumps(measure_head(args.grad) if args.head else measure(args.case[0], args.shape[0])))
+        return
+    if args.head:
+        for grad in (False, True):
+            result = child(["--head", *(["--grad"] if grad else [])])
+            print(f"{'update (grad, entropy)' if grad else 'scoring (no grad)'}: {result['copies']:.2f} float32 "
+                  f"[tokens, vocab] copies at the peak (the model, for scale: {result["weights_in_copies"]:.2f})")
         return
     import torch
 

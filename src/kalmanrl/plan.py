@@ -15,7 +15,7 @@ gpus x nodes ranks):
   FSDP2's all-gathered bf16 layers on several);
 - the colocated vLLM engine: `rollout.gpu_memory_utilization` of the GPU while generating; with `rollout.sleep`,
   only a residue during scoring and the update.
-The peak is the static part plus the largest of the three phases. `benchmarks/bench_memory.py` measures the CPU
+The peak is the static part plus the largest phase: generating, scoring, updating or the optimiser step. `benchmarks/bench_memory.py` measures the CPU
 case against real training steps."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -238,7 +239,8 @@ class Estimate:
     limit: float
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    phases: dict[str, float] = field(default_factory=dict)  # transient bytes of scoring and the update (training)
+    static: float = 0.0  # training: bytes held throughout (weights, gradients, optimiser state, reference, overhead)
+    phases: dict[str, float] = field(default_factory=dict)  # training: bytes above `static` in each phase of a step
 
     @property
     def total(self) -> float:
@@ -377,10 +379,11 @@ def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, s
         engine_live = engine_asleep = parts["vllm_weights"] + parts["kv_cache"]
     parts["overhead"] = CUDA_OVERHEAD if device == "cuda" else 0.0
     static = sum(parts[k] for k in ("weights", "gradients", "optimizer", "reference", "overhead"))
-    parts["total"] = static + max(engine_live, engine_asleep + max(update, score, optimizer_step))
+    phases = {"generating": engine_live, "scoring": engine_asleep + score, "updating": engine_asleep + update,
+              "optimiser step": engine_asleep + optimizer_step}
+    parts["total"] = static + max(phases.values())
     return Estimate("train", device, ranks, parts, resources.gpu_mem_gb * GIB if device == "cuda" else 0.0,
-                    notes, problems, {"static": static - parts["overhead"], "score": score, "update": update,
-                                      "optimizer_step": optimizer_step})
+                    notes, problems, static, phases)
 
 
 def _colocated_vllm(shape: ModelShape, rollout: dict, resources: Resources, parts: dict, problems: list[str],
@@ -434,8 +437,8 @@ def estimate_evaluate(shape: ModelShape, settings: dict, resources: Resources) -
         _check_kv(shape, rollout, parts["kv_cache"], tp, problems, "evaluate.gpu_memory_utilization", utilization,
                   resources.gpu_mem_gb)
         per_sequence = rollout["max_model_len"] * shape.kv_bytes_per_token(shape.serve_dtype) / tp
-        notes.append(f"vLLM only; KV cache holds {max(0, int(parts['kv_cache'] // per_sequence))} full-length "
-                     f"sequences of {rows} per call")
+        notes.append(f"vLLM alone; its KV cache holds {max(0, int(parts['kv_cache'] // per_sequence))} sequences of "
+                     f"rollout.max_model_len tokens at once ({rows} per generate call)")
         parts["overhead"] = CUDA_OVERHEAD
         parts["total"] = budget + CUDA_OVERHEAD
     else:  # the float32 policy loaded for generation, and beside it on the CPU vLLM's float32 copy and KV cache
@@ -598,7 +601,8 @@ def format_group(group: PlannedGroup) -> str:
     where = (f"{res.gpus} GPU(s) x {res.nodes} node(s) = {est.ranks} rank(s), {res.gpu_mem_gb:g} GiB per GPU"
              if est.device == "cuda" else "CPU (host memory, not checked)")
     lines = [f"{group.stage}  {group.label}  ({len(group.wildcards)} job{'s' * (len(group.wildcards) > 1)})",
-             f"  on {where}" + (f"; {'; '.join(est.notes)}" if est.notes else "")]
+             *textwrap.wrap("; ".join([f"on {where}", *est.notes]), 116, initial_indent="  ",
+                            subsequent_indent="    ")]
     used = "activations_ckpt" if est.parts.get("activations") == est.parts.get("activations_ckpt") else \
         "activations_full"
     unit, scale = ("GiB", GIB) if est.total >= GIB else ("MiB", MIB)
@@ -607,6 +611,10 @@ def format_group(group: PlannedGroup) -> str:
         if value or key.startswith("activations") and est.stage == "train":
             mark = "  <- used" if key == used and est.stage == "train" else ""
             lines.append(f"  {name:<34}{value / scale:>9.2f} {unit}{mark}")
+    if est.phases:
+        lines.append(f"  {'held throughout':<34}{est.static / scale:>9.2f} {unit}  (weights ... CUDA context)")
+        lines.append("  " + "; ".join(f"{name} +{value / scale:.2f}" for name, value in est.phases.items())
+                     + f" {unit}")
     verdict = ("fits" if est.fits else "DOES NOT FIT") if est.device == "cuda" else "not checked"
     limit = f" of {est.limit / scale:.0f}" if est.limit else ""
     lines.append(f"  {'peak per device':<34}{est.total / scale:>9.2f} {unit}{limit}: {verdict}")
