@@ -195,7 +195,7 @@ def main() -> None:
         for grad in (False, True):
             result = child(["--head", *(["--grad"] if grad else [])])
             print(f"{'update (grad, entropy)' if grad else 'scoring (no grad)'}: {result['copies']:.2f} float32 "
-                  f"[tokens, vocab] copies at the peak (the model, for scale: {result["weights_in_copies"]:.2f})")
+                  f"[tokens, vocab] copies at the peak (the model, for scale: {result['weights_in_copies']:.2f})")
         return
     import torch
 
