@@ -528,8 +528,8 @@ def suggestions(stage: str, settings: dict, shape: ModelShape, resources: Resour
     rows = train["prompts_per_step"] * train["group_size"]
     with_budget = lambda tokens: {**settings, "train": {**train, "micro_batch_tokens": tokens}}  # noqa: E731
     target = resources if fits(with_budget(seq), resources) else fewest_ranks(with_budget(seq))
-    if target is None:
-        return found
+    if target is None or target is not resources and more is not None and not changes:
+        return found  # nothing fits, or only more GPUs help and that is already said
     low, high = 1, rows  # the most rows per micro-batch that fit
     while low < high:
         middle = (low + high + 1) // 2
