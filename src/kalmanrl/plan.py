@@ -15,8 +15,8 @@ gpus x nodes ranks):
   FSDP2's all-gathered bf16 layers on several);
 - the colocated vLLM engine: `rollout.gpu_memory_utilization` of the GPU while generating; with `rollout.sleep`,
   only a residue during scoring and the update.
-The peak is the static part plus the largest phase: generating, scoring, updating or the optimiser step. `benchmarks/bench_memory.py` measures the CPU
-case against real training steps."""
+The peak is the static part plus the largest phase: generating, scoring, updating or the optimiser step.
+`benchmarks/bench_memory.py` measures the CPU case against real training steps."""
 
 from __future__ import annotations
 
@@ -292,9 +292,9 @@ class TrainShape:
 
 
 def train_shape(train: dict, *, prompt_len: int, completion_len: int | None = None) -> TrainShape:
-    """Micro-batches by `train.micro_batch_tokens` (as many rows of padded length as the budget holds, at least one, at
-    most a mini-batch in the update) when set; else as the trainer on main: `grad_accum` micro-batches per mini-batch and one scoring pass over the
-    whole rollout batch."""
+    """Micro-batches by `train.micro_batch_tokens` (as many rows of padded length as the budget holds, at least one,
+    at most a mini-batch in the update) when set; else as the trainer on main: `grad_accum` micro-batches per
+    mini-batch and one scoring pass over the whole rollout batch."""
     rows = train["prompts_per_step"] * train["group_size"]
     completion_len = train["max_tokens"] if completion_len is None else completion_len
     seq = prompt_len + completion_len
