@@ -71,7 +71,6 @@ class Activations:
 
     per_layer: int   # one decoder layer
     outside: int     # embedding, final norm (the lm_head is the logits term)
-    layer_input: int  # what gradient checkpointing keeps per layer: the layer's input hidden state
 
 
 @dataclass(frozen=True)
@@ -220,9 +219,7 @@ def _count_activations(config_json: str, dtype: str, tokens: int = 64) -> Activa
         return sum(kept.values())
 
     one, two = saved(1), saved(2)
-    hidden = config.get_text_config().hidden_size if hasattr(config, "get_text_config") else config.hidden_size
-    return Activations(per_layer=(two - one) // tokens, outside=(2 * one - two) // tokens,
-                       layer_input=hidden * DTYPE_BYTES[dtype])
+    return Activations(per_layer=(two - one) // tokens, outside=(2 * one - two) // tokens)
 
 
 # -------------------------------------------------------------------------------------------------------- estimates
@@ -345,10 +342,13 @@ def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, s
         parts["compute_copy"] = DTYPE_BYTES[act_dtype] * (2 * shape.layer_params + shape.embedding_params)
     else:
         parts["compute_copy"] = 0.0
+    # Counted with the model in the activation dtype. Under autocast the residual stream between layers stays float32
+    # (float32 embedding plus bf16 branches): what checkpointing keeps per layer is that float32 hidden state.
     act = shape.activations(act_dtype)
+    residual = shape.hidden * (2 if mode == "bfloat16" else 4)
     micro_tokens = step.micro_rows * step.seq_len
     full = micro_tokens * (act.outside + shape.layers * act.per_layer)
-    checkpointed = micro_tokens * (act.outside + shape.layers * act.layer_input + act.per_layer)
+    checkpointed = micro_tokens * (act.outside + shape.layers * residual + act.per_layer)
     parts["activations_full"], parts["activations_ckpt"] = full, checkpointed
     parts["activations"] = checkpointed if ckpt else full
     update_logits = logit_bytes(train, shape.vocab, step.micro_rows, step.completion_len, grad=True)
