@@ -183,3 +183,12 @@ def test_estimate_is_within_25_percent_of_a_measured_training_step():
     spec.loader.exec_module(bench)
     result = bench.run_case("medium", "A")
     assert 0.75 <= result["ratio"] <= 1.25, result
+
+
+def test_config_files_merge_in_order_and_dotted_overrides_reach_into_sections(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("train: {micro_batch_tokens: 4096}\nresources: {train: {gpus: 4}}\n")
+    config = plan.load_configs([REPO / "config" / "paper-kpo.yaml", extra], ["train.logit_chunk_tokens=512"])
+    assert config["train"]["micro_batch_tokens"] == 4096 and config["train"]["logit_chunk_tokens"] == 512
+    assert config["train"]["max_tokens"] == 4096  # kept from the first file
+    assert config["resources"]["train"]["gpus"] == 4 and config["resources"]["train"]["gpu_mem_gb"] == 80
