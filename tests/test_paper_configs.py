@@ -90,9 +90,9 @@ def test_kpo_data_prompts_and_reward_are_the_authors():
 
 
 @pytest.mark.parametrize("name", ["paper-krpo", "paper-kpo"])
-def test_paper_grid_asks_for_a_gpu_per_training_and_evaluation_job(name):
+def test_paper_grid_asks_for_gpus_for_training_and_evaluation_jobs(name):
     resources = load_config(REPO / "config" / f"{name}.yaml")["resources"]
-    assert resources["train"]["gpus"] == resources["evaluate"]["gpus"] == 1
+    assert resources["train"]["gpus"] >= 1 and resources["evaluate"]["gpus"] >= 1  # how many: tests/test_plan.py
     assert resources["data"]["gpus"] == resources["report"]["gpus"] == 0
 
 

@@ -94,15 +94,19 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from kalmanrl.plan import check_fits
     from kalmanrl.trainer import train
 
+    check_fits("train", args.settings, args.model)
     _threads(args.threads)
     train(args.model, args.dataset, args.out, settings=args.settings, threads=args.threads)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from kalmanrl.evaluate import evaluate
+    from kalmanrl.plan import check_fits
 
+    check_fits("evaluate", args.settings, args.model)
     _threads(args.threads)
     evaluate(args.model, args.dataset, settings=args.settings, out_details=args.details, out_summary=args.summary)
 
@@ -117,6 +121,13 @@ def cmd_settings(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     wildcards = dict(item.split("=", 1) for item in args.select)
     print(json.dumps(stage_settings(config, args.stage, **wildcards), indent=2))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from kalmanrl.plan import run_plan
+
+    config_dirs = dict(item.split("=", 1) for item in args.model_config)
+    run_plan(args.configfile, args.config, config_dirs)
 
 
 def cmd_config(args: argparse.Namespace) -> None:
@@ -189,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("select", nargs="*", metavar="KEY=VALUE",
                           help="wildcards of the job, e.g. model=tiny task=arithmetic_easy algorithm=krpo seed=0")
     settings.set_defaults(func=cmd_settings)
+    plan = sub.add_parser(
+        "plan", help="Estimated peak memory per GPU of every training and evaluation job of a config.",
+        description="Print, for every training and evaluation job of a config, the estimated peak memory per GPU "
+                    "broken down (weights, gradients, optimiser state, activations, logits, vLLM), next to the GPUs, "
+                    "nodes and gpu_mem_gb the job asks for; exit 2 naming the setting to change when a job cannot "
+                    "fit. Models' shapes come from their configs alone (no weights are loaded).")
+    plan.add_argument("--configfile", nargs="+", default=[Path("config/config.yaml")],
+                      help="config files, merged in order as Snakemake does (default config/config.yaml)")
+    plan.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                      help="overrides, e.g. train.micro_batch_tokens=8192 resources.train.gpus=4")
+    plan.add_argument("--model-config", nargs="*", default=[], metavar="NAME=DIR",
+                      help="read model NAME's shape from DIR/config.json (plan hub models offline)")
+    plan.set_defaults(func=cmd_plan)
     config = sub.add_parser("config", help="Validate a config file, or print the reference of every key.",
                             description="With a file: validate it and print it with defaults filled in. Without: "
                                         "print every config key with its default and description.")

@@ -1,0 +1,194 @@
+"""The memory plan: model shapes from configs alone, activations counted from the model's own autograd graph, the
+estimate against measured CPU peaks, refusals that name the setting to change, and paper configs that fit."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from kalmanrl import plan
+from kalmanrl.cli import main
+from kalmanrl.config import load_config, stage_settings
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "model_configs"
+MODEL_CONFIGS = {"qwen3-4b": FIXTURES / "Qwen3-4B", "llama-3.2-1b-instruct": FIXTURES / "Llama-3.2-1B-Instruct",
+                 "qwen2.5-0.5b-instruct": FIXTURES / "Qwen2.5-0.5B-Instruct",
+                 "qwen2.5-1.5b-instruct": FIXTURES / "Qwen2.5-1.5B-Instruct"}
+TINY = {"vocab_size": 512, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+        "intermediate_size": 512, "max_position_embeddings": 512, "tie_word_embeddings": True}
+
+
+def paper_args(name: str) -> list[str]:
+    config = load_config(REPO / "config" / f"{name}.yaml")
+    return ["--configfile", str(REPO / "config" / f"{name}.yaml"), "--model-config",
+            *(f"{model}={MODEL_CONFIGS[model]}" for model in config["models"])]
+
+
+@pytest.mark.parametrize("directory, params", [
+    ("Qwen3-4B", 4_022_468_096), ("Llama-3.2-1B-Instruct", 1_235_814_400),
+    ("Qwen2.5-0.5B-Instruct", 494_032_768), ("Qwen2.5-1.5B-Instruct", 1_543_714_304)])
+def test_shape_from_config_alone_has_the_published_parameter_count(directory, params):
+    shape = plan.model_shape(plan.model_config({}, FIXTURES / directory))
+    assert shape.params == params
+    assert shape.serve_dtype == "bfloat16"
+
+
+def test_tiny_shape_comes_from_its_spec():
+    shape = plan.model_shape(plan.model_config({"source": "tiny", "tiny": TINY}), "float32")
+    assert (shape.layers, shape.hidden, shape.vocab, shape.kv_heads, shape.head_dim) == (2, 128, 512, 2, 32)
+    assert shape.kv_bytes_per_token("float32") == 2 * 2 * 2 * 32 * 4
+
+
+def saved_bytes_on_cpu(spec: dict, rows: int, length: int) -> int:
+    """Bytes autograd keeps for backward in a real CPU forward (weights excluded), by distinct storage."""
+    from transformers import Qwen2ForCausalLM
+
+    from kalmanrl.model import tiny_config
+
+    model = Qwen2ForCausalLM(tiny_config(spec, plan._VocabularyOfSpec(spec["vocab_size"]))).train()
+    params = {p.data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, spec["vocab_size"], (rows, length))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+    return sum(kept.values())
+
+
+def test_activations_counted_on_meta_equal_what_a_real_cpu_forward_keeps():
+    shape = plan.model_shape(plan.model_config({"source": "tiny", "tiny": TINY}), "float32")
+    act = shape.activations("float32")
+    rows, length = 3, 40
+    expected = rows * length * (act.outside + TINY["num_layers"] * act.per_layer)
+    assert saved_bytes_on_cpu(TINY, rows, length) == pytest.approx(expected, rel=0.02)
+
+
+def train_settings(**train) -> dict:
+    return {"train": {"prompts_per_step": 32, "group_size": 8, "mini_batches": 4, "grad_accum": 1, "max_tokens": 1024,
+                      **train},
+            "algorithm": {"beta": 0.0}, "rollout": {"backend": "vllm", "max_model_len": 2048,
+                                                    "gpu_memory_utilization": 0.3, "kv_cache_gib": 1}}
+
+
+def qwen3() -> plan.ModelShape:
+    return plan.model_shape(plan.model_config({}, FIXTURES / "Qwen3-4B"))
+
+
+def test_logits_follow_the_chunk_size_when_set():
+    shape = qwen3()
+    est = plan.estimate_train(shape, train_settings(micro_batch_tokens=8192, logit_chunk_tokens=1024),
+                              plan.Resources(gpus=1), source="hub")
+    assert est.parts["logits"] == 1024 * shape.vocab * 4 * plan.LOGIT_COPIES_CHUNK
+    unchunked = plan.estimate_train(shape, train_settings(micro_batch_tokens=8192), plan.Resources(gpus=1),
+                                    source="hub")
+    assert unchunked.parts["logits"] == 4 * 1025 * shape.vocab * 4 * plan.LOGIT_COPIES_UPDATE  # 4 rows of 2048
+
+
+def test_sharding_divides_weights_gradients_and_optimizer_state_by_the_ranks():
+    shape, settings = qwen3(), train_settings(micro_batch_tokens=8192, logit_chunk_tokens=1024)
+    one = plan.estimate_train(shape, settings, plan.Resources(gpus=1), source="hub")
+    eight = plan.estimate_train(shape, settings, plan.Resources(gpus=4, nodes=2), source="hub")
+    assert eight.ranks == 8
+    for part in ("weights", "gradients", "optimizer"):
+        assert eight.parts[part] == pytest.approx(one.parts[part] / 8)
+    assert one.parts["weights"] == shape.params * 4 and one.parts["optimizer"] == shape.params * 8
+    pure = plan.estimate_train(shape, train_settings(micro_batch_tokens=8192, logit_chunk_tokens=1024,
+                                                     precision="bfloat16"), plan.Resources(gpus=1), source="hub")
+    assert pure.parts["weights"] == shape.params * 2 and pure.parts["optimizer"] == shape.params * 4
+
+
+def test_checkpointing_keeps_far_fewer_activations_and_is_on_for_hub_models_only():
+    shape, settings = qwen3(), train_settings(micro_batch_tokens=8192)
+    hub = plan.estimate_train(shape, settings, plan.Resources(gpus=1), source="hub")
+    assert hub.parts["activations"] == hub.parts["activations_ckpt"] < hub.parts["activations_full"] / 5
+    tiny = plan.estimate_train(shape, settings, plan.Resources(gpus=1), source="tiny")
+    assert tiny.parts["activations"] == tiny.parts["activations_full"]
+
+
+def test_a_small_vllm_share_is_refused_naming_gpu_memory_utilization():
+    settings = train_settings(micro_batch_tokens=8192, logit_chunk_tokens=1024)
+    settings["rollout"]["gpu_memory_utilization"] = 0.1  # 8 GiB: less than Qwen3-4B's bf16 weights and workspace
+    est = plan.estimate_train(qwen3(), settings, plan.Resources(gpus=1), source="hub")
+    assert not est.fits
+    assert re.search(r"raise rollout.gpu_memory_utilization from 0.1 to 0\.\d+", est.problems[0])
+
+
+def test_cpu_jobs_are_estimated_but_never_refused():
+    est = plan.estimate_train(qwen3(), train_settings(), plan.Resources(gpus=0), source="hub")
+    assert est.device == "cpu" and est.total > 100 * plan.GIB and est.fits
+
+
+def test_jobs_are_the_workflows_jobs():
+    """The plan covers exactly the train and evaluate jobs `snakemake -n` schedules (keep_every included)."""
+    config = load_config(REPO / "config" / "smoke.yaml")
+    counted = {"train": 0, "evaluate": 0}
+    for stage, wildcards in plan.jobs(config):
+        counted[stage] += 1
+        stage_settings(config, stage, **wildcards)
+    result = subprocess.run(["snakemake", "-n", "--configfile", "config/smoke.yaml", "--config",
+                             "results_dir=/nonexistent/plan-test"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = result.stdout.split("Job stats:", 1)[1]
+    scheduled = {rule: int(n) for rule, n in re.findall(r"^(train|evaluate)\s+(\d+)$", table, re.M)}
+    assert counted == scheduled
+
+
+def test_plan_refuses_qwen3_4b_on_one_gpu_and_names_the_settings(capsys):
+    code = main(["plan", *paper_args("paper-kpo"), "--config", "resources.train.gpus=1",
+                 "train.micro_batch_tokens=null", "train.logit_chunk_tokens=null"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "DOES NOT FIT" in out and "weights" in out and "vLLM KV cache" in out
+    assert re.search(r"raise resources\.train\.gpus to \d+ and set train\.logit_chunk_tokens: 4096, "
+                     r"train\.micro_batch_tokens <= \d+", err), err
+
+
+@pytest.mark.parametrize("name", ["paper-kpo", "paper-krpo"])
+def test_paper_configs_fit_80_gb_gpus(name, capsys):
+    assert main(["plan", *paper_args(name)]) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" not in out and out.count(": fits") >= 2
+    resources = load_config(REPO / "config" / f"{name}.yaml")["resources"]
+    assert resources["train"]["gpu_mem_gb"] == resources["evaluate"]["gpu_mem_gb"] == 80
+
+
+def test_default_config_plans_on_the_cpu(capsys):
+    assert main(["plan", "--configfile", str(REPO / "config" / "config.yaml")]) == 0
+    assert "not checked" in capsys.readouterr().out
+
+
+def test_stage_check_on_the_cpu_logs_and_never_refuses(tiny_model_dir):
+    config = load_config(REPO / "config" / "smoke.yaml")
+    settings = stage_settings(config, "train", model="tiny", task="arithmetic_easy", algorithm="grpo", seed=0)
+    est = plan.check_fits("train", {**settings, "resources": {"gpus": 1, "gpu_mem_gb": 0.001}}, tiny_model_dir)
+    assert est.device == "cpu" and est.fits and est.total > 0
+
+
+@pytest.mark.slow
+def test_estimate_is_within_25_percent_of_a_measured_training_step():
+    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "benchmarks" / "bench_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.run_case("medium", "A")
+    assert 0.75 <= result["ratio"] <= 1.25, result
+
+
+def test_config_files_merge_in_order_and_dotted_overrides_reach_into_sections(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("train: {micro_batch_tokens: 4096}\nresources: {train: {gpus: 4}}\n")
+    config = plan.load_configs([REPO / "config" / "paper-kpo.yaml", extra], ["train.logit_chunk_tokens=512"])
+    assert config["train"]["micro_batch_tokens"] == 4096 and config["train"]["logit_chunk_tokens"] == 512
+    assert config["train"]["max_tokens"] == 4096  # kept from the first file
+    assert config["resources"]["train"]["gpus"] == 4 and config["resources"]["train"]["gpu_mem_gb"] == 80
