@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
+from kalmanrl.devices import resolve_device
 from kalmanrl.io import write_parquet
 from kalmanrl.model import load_policy
 from kalmanrl.progress import progress
@@ -68,10 +68,10 @@ def command_line(model_dir: str | Path, dataset: str | Path, settings: dict) -> 
 
 
 def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_details: str | Path,
-             out_summary: str | Path) -> dict:
+             out_summary: str | Path, gpus: int | None = None) -> dict:
     """Sample settings["evaluate"]["k"] completions per test problem; write details and the summary row."""
     cfg, benchmark, ident = settings["evaluate"], settings["benchmark"], settings["ident"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(gpus)
     policy, tokenizer = load_policy(model_dir, device=device)
     policy.eval()
     problems = read_dataset(dataset, split="test").to_pandas()
