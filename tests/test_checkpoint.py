@@ -76,6 +76,14 @@ def test_a_resume_restores_full_precision_weights_optimizer_and_rng_from_a_bfloa
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert json.loads((checkpoint_model_dir(checkpoint) / "config.json").read_text())["dtype"] == "bfloat16"
     assert next(policy.parameters()).dtype == torch.float32  # saving in bfloat16 left the policy alone
+    # The sizes the schema documents (train.checkpoint_every): 2 + 4 + 8 bytes per parameter.
+    params = sum(p.numel() for p in policy.parameters())
+    state = checkpoint_state_dir(checkpoint)
+    stored = {name: sum(t.numel() * t.element_size() for t in load_file(path).values()) for name, path in (
+        ("model", checkpoint_model_dir(checkpoint) / "model.safetensors"), ("weights", state / "weights.safetensors"),
+        ("optimizer", state / "optimizer.safetensors"))}
+    assert stored["model"] == 2 * params and stored["weights"] == 4 * params
+    assert 8 * params <= stored["optimizer"] <= 8 * params + 64 * len(list(policy.parameters()))  # + step counters
     step(policy, optimizer, scheduler)
     expected = {k: v.clone() for k, v in policy.state_dict().items()}
 
