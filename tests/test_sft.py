@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -86,14 +87,18 @@ def test_warm_start_teaches_the_answer_format(tiny_model_dir, arithmetic_parquet
 
 
 def test_no_steps_links_the_base_model_instead_of_copying_it(tiny_model_dir, arithmetic_parquet, tmp_path):
-    """`sft.steps: 0` (the paper configs): the warm start is the base model's files, not a float32 re-save of them."""
-    metrics = run_sft(tiny_model_dir, tmp_path / "not-read.parquet", tmp_path / "sft", template="answer_tag",
+    """`sft.steps: 0` (the paper configs): the warm start is the base model's files, not a float32 re-save of them;
+    Snakemake's marker of the base directory output is not shared."""
+    base_dir = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base_dir)
+    (base_dir / ".snakemake_timestamp").touch()
+    metrics = run_sft(base_dir, tmp_path / "not-read.parquet", tmp_path / "sft", template="answer_tag",
                       settings={**SETTINGS, "steps": 0}, seed=0, dtype="bfloat16")
     assert metrics["steps"] == 0
     base = sorted(p.name for p in tiny_model_dir.iterdir())
     assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == base
     for name in base:
-        assert (tmp_path / "sft" / name).samefile(tiny_model_dir / name), name
+        assert (tmp_path / "sft" / name).samefile(base_dir / name), name
     assert load_policy(tmp_path / "sft")[0].config.model_type == "qwen2"
 
 

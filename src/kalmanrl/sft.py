@@ -49,9 +49,11 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
 
 def link_model(model_dir: str | Path, out_dir: str | Path) -> None:
     """`out_dir` as hard links to the files of the save_pretrained directory `model_dir`: the same bytes in the same
-    dtype, no second copy (a relative symbolic link per file where the two cannot share files)."""
+    dtype, no second copy (a relative symbolic link per file where the two cannot share files). Hidden files are
+    not linked: Snakemake's `.snakemake_timestamp` marks one directory output, and a shared one would make touching
+    the warm start touch the base model too."""
     with atomic_path(out_dir, directory=True) as tmp:
-        for source in sorted(Path(model_dir).iterdir()):
+        for source in sorted(p for p in Path(model_dir).iterdir() if not p.name.startswith(".")):
             if not source.is_file():
                 raise ValueError(f"{source}: a model directory holds only files")
             try:
