@@ -59,7 +59,8 @@ def test_no_example_fitting_max_length_is_an_error(tiny_model_dir, arithmetic_pa
 
 def test_same_seed_gives_the_same_weights_and_another_seed_others(tiny_model_dir, arithmetic_parquet, tmp_path):
     runs = {name: run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / name, template="answer_tag",
-                          settings=SETTINGS, seed=seed, dtype="float32") for name, seed in (("a", 0), ("b", 0), ("c", 1))}
+                          settings=SETTINGS, seed=seed, dtype="float32")
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))}
     a, b, c = (load_file(tmp_path / name / "model.safetensors") for name in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -69,7 +69,8 @@ def parse_nvidia_smi_list(text: str) -> list[Gpu]:
         elif (m := _SMI_MIG.match(line)) and parent is not None:
             if found and found[-1] is parent:
                 found.pop()
-            found.append(Gpu(uuid=m.group(3), index=f"{parent.index}:{m.group(2)}", name=f"{parent.name} MIG {m.group(1)}"))
+            found.append(Gpu(uuid=m.group(3), index=f"{parent.index}:{m.group(2)}",
+                             name=f"{parent.name} MIG {m.group(1)}"))
     return found
 
 
@@ -131,7 +132,8 @@ def visible_pool(gpus: Sequence[Gpu] | None, visible: str | None) -> list[str]:
     UUIDs, not indices, go into the jobs' CUDA_VISIBLE_DEVICES: CUDA numbers the devices it can see from 0 (inside a
     container given a subset of the host's GPUs, under MIG, or when CUDA_VISIBLE_DEVICES is already set), so a host's
     device number can name no device, or another one. An entry that names no device raises. Without any enumeration
-    (`gpus` None) the entries of `visible` are taken as they are."""
+    (`gpus` None) the entries of `visible` are taken as they are. (CUDA uses one MIG instance per process: a job
+    given two sees one, and `resolve_device` refuses it.)"""
     entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
     if gpus is None:
         return entries
@@ -328,5 +330,6 @@ def local_gpu_problem(needs: Mapping[str, int], granted: int | None, available: 
                 f"beyond this machine's {available} GPU(s) would wait for a device, then fail: run with "
                 f"--resources gpu={available}")
     if granted > available:
-        return f"--resources gpu={granted} but this machine shows {available} GPU(s): run with --resources gpu={available}"
+        return (f"--resources gpu={granted} but this machine shows {available} GPU(s): run with "
+                f"--resources gpu={available}")
     return None

@@ -57,7 +57,8 @@ def check_local_gpus():
         return
     needs = {stage: res(stage, "gpus") for stage in ("sft", "train", "evaluate") if res(stage, "gpus")}
     granted = workflow.global_resources.get("gpu")
-    problem = local_gpu_problem(needs, None if granted is None else granted.value, len(machine_devices()) if needs else 0)
+    available = len(machine_devices()) if needs else 0  # NVML / nvidia-smi only when a stage needs GPUs
+    problem = local_gpu_problem(needs, None if granted is None else granted.value, available)
     if problem is None:
         return
     if workflow.output_settings.dryrun:
