@@ -246,3 +246,63 @@ def test_a_local_run_that_could_not_place_its_gpu_jobs_is_refused():
     assert "--resources gpu=2" in local_gpu_problem({"train": 1}, 8, 2)
     assert "shows 0" in local_gpu_problem({"train": 1}, 1, 0)
     assert "a train job needs 2 GPU(s)" in local_gpu_problem({"train": 2, "evaluate": 1}, None, 1)
+
+
+class FakeNvml:
+    """A stand-in for nvidia-ml-py's `pynvml` (no driver here) with the host of HOST_SMI: GPU 1 in MIG mode with
+    instances in slots 0 and 2 (slot 1 empty), GPU 0 without MIG support."""
+
+    NVML_DEVICE_MIG_ENABLE = 1
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self):
+        self.gpus = parse_nvidia_smi_list(HOST_SMI)
+        self.open = 0
+
+    def nvmlInit(self):
+        self.open += 1
+
+    def nvmlShutdown(self):
+        self.open -= 1
+
+    def nvmlDeviceGetCount(self):
+        return 4
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return ("gpu", i)
+
+    def nvmlDeviceGetUUID(self, handle):
+        uuids = {("gpu", 0): "GPU-aaaaaaaa", ("gpu", 1): "GPU-bbbbbbbb", ("gpu", 2): "GPU-eeeeeeee",
+                 ("gpu", 3): "GPU-ffffffff", ("mig", 0): "MIG-cccccccc", ("mig", 2): "MIG-dddddddd"}
+        return uuids[handle].encode()  # older bindings return bytes
+
+    def nvmlDeviceGetName(self, handle):
+        return "NVIDIA A100-SXM4-80GB"
+
+    def nvmlDeviceGetMigMode(self, handle):
+        if handle == ("gpu", 0):
+            raise self.NVMLError("Not Supported")
+        return (1 if handle == ("gpu", 1) else 0, 0)
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle):
+        return 3
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle, j):
+        if j == 1:
+            raise self.NVMLError("Not Found")
+        return ("mig", j)
+
+
+def test_nvml_enumeration_lists_whole_gpus_and_the_mig_instances_of_gpus_in_mig_mode(monkeypatch):
+    from kalmanrl.devices import enumerate_gpus, nvml_gpus
+
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    found = nvml_gpus()
+    assert [(g.index, g.uuid) for g in found] == [
+        ("0", "GPU-aaaaaaaa"), ("1:0", "MIG-cccccccc"), ("1:2", "MIG-dddddddd"), ("2", "GPU-eeeeeeee"),
+        ("3", "GPU-ffffffff")]
+    assert fake.open == 0, "NVML was left initialised"
+    assert enumerate_gpus() == found
