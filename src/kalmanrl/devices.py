@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,8 @@ from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+log = logging.getLogger(__name__)
 
 VISIBLE = "CUDA_VISIBLE_DEVICES"
 LOCK_DIR_ENV = "KALMANRL_GPU_LOCK_DIR"
@@ -230,6 +233,7 @@ def gpu_placement(count: int | None, *, env: MutableMapping[str, str] = os.envir
             pool = machine_devices(env) if devices is None else devices
             claimed = stack.enter_context(
                 claim_devices(count, pool, lock_dir or default_lock_dir(), timeout=timeout))
+            log.info("GPUs claimed: %s", ", ".join(f"{device} (cuda:{i})" for i, device in enumerate(claimed)))
         env[VISIBLE] = ",".join(claimed)
         try:
             yield env[VISIBLE]
