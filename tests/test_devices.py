@@ -1,4 +1,7 @@
-"""GPU placement: concurrent GPU jobs on one machine get disjoint CUDA_VISIBLE_DEVICES, on a fake device pool."""
+"""Devices: concurrent GPU jobs on one machine get disjoint CUDA_VISIBLE_DEVICES (on a fake device pool), devices are
+named by UUID from NVML / nvidia-smi enumerations (fake ones here: this machine has no GPU), a stage given GPUs that
+CUDA cannot provide refuses to run on the CPU, and a local run that could not give every GPU job its devices is
+refused up front."""
 
 import os
 import signal
@@ -9,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kalmanrl.devices import DevicesBusy, VISIBLE, claim_devices, gpu_placement, machine_devices
+from kalmanrl.devices import (VISIBLE, CudaUnavailable, DevicesBusy, Gpu, claim_devices, cuda_unavailable_message,
+                              gpu_placement, local_gpu_problem, machine_devices, parse_nvidia_smi_list, resolve_device,
+                              visible_pool)
 
 REPO = Path(__file__).resolve().parents[1]
 FOUR = ["0", "1", "2", "3"]
@@ -104,9 +109,200 @@ def test_slurm_placement_is_left_alone(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_machine_devices_come_from_device_nodes_without_cuda(tmp_path):
-    for name in ("nvidia0", "nvidia1", "nvidia10", "nvidiactl", "nvidia-uvm"):
-        (tmp_path / name).touch()
-    assert machine_devices({}, dev_dir=tmp_path) == ["0", "1", "10"]
-    assert machine_devices({VISIBLE: "3,1"}, dev_dir=tmp_path) == ["3", "1"]
-    assert machine_devices({VISIBLE: ""}, dev_dir=tmp_path) == []
+# A host's `nvidia-smi -L`: GPU 1 is in MIG mode with two instances, which CUDA sees instead of the whole GPU.
+HOST_SMI = """\
+GPU 0: NVIDIA A100-SXM4-80GB (UUID: GPU-aaaaaaaa-0000-0000-0000-000000000000)
+GPU 1: NVIDIA A100-SXM4-80GB (UUID: GPU-bbbbbbbb-0000-0000-0000-000000000000)
+  MIG 3g.40gb     Device  0: (UUID: MIG-cccccccc-0000-0000-0000-000000000000)
+  MIG 3g.40gb     Device  1: (UUID: MIG-dddddddd-0000-0000-0000-000000000000)
+GPU 2: NVIDIA A100-SXM4-80GB (UUID: GPU-eeeeeeee-0000-0000-0000-000000000000)
+GPU 3: NVIDIA A100-SXM4-80GB (UUID: GPU-ffffffff-0000-0000-0000-000000000000)
+"""
+# The same host's GPUs 2 and 3 as NVML shows them inside a container given only those: numbered from 0.
+CONTAINER = [Gpu("GPU-eeeeeeee-0000-0000-0000-000000000000", "0", "A100"),
+             Gpu("GPU-ffffffff-0000-0000-0000-000000000000", "1", "A100")]
+
+
+def test_nvidia_smi_listing_gives_whole_gpus_and_mig_instances_in_place_of_their_gpu():
+    gpus = parse_nvidia_smi_list(HOST_SMI)
+    assert [(g.index, g.uuid[:12]) for g in gpus] == [
+        ("0", "GPU-aaaaaaaa"), ("1:0", "MIG-cccccccc"), ("1:1", "MIG-dddddddd"), ("2", "GPU-eeeeeeee"),
+        ("3", "GPU-ffffffff")]
+    assert parse_nvidia_smi_list("") == []
+
+
+def test_in_a_container_jobs_get_uuids_never_the_hosts_device_numbers(tmp_path):
+    """The old pool took numbers from /dev/nvidia2 and /dev/nvidia3; CUDA_VISIBLE_DEVICES=2 inside the container
+    hides every device, since CUDA numbers the two it is shown 0 and 1."""
+    env: dict[str, str] = {}
+    pool = machine_devices(env, gpus=CONTAINER)
+    assert pool == [g.uuid for g in CONTAINER]
+    with gpu_placement(2, env=env, lock_dir=tmp_path, devices=pool) as visible:
+        assert visible.split(",") == pool  # CUDA numbers them cuda:0 and cuda:1, in this order
+
+
+def test_user_narrowed_devices_map_by_cuda_index_or_uuid():
+    assert visible_pool(CONTAINER, "1") == [CONTAINER[1].uuid]
+    assert visible_pool(CONTAINER, "GPU-ffffffff,0") == [CONTAINER[1].uuid, CONTAINER[0].uuid]
+    assert visible_pool(CONTAINER, "") == []
+    mig = parse_nvidia_smi_list(HOST_SMI)
+    assert visible_pool(mig, "MIG-dddddddd-0000-0000-0000-000000000000") == [mig[2].uuid]
+
+
+@pytest.mark.parametrize("visible, problem", [
+    ("2", "'2' names no device"),                     # a host number inside the container
+    ("GPU-aaaaaaaa", "'GPU-aaaaaaaa' names no device"),  # a GPU the container was not given
+    ("GPU-", "names more than one device"),
+])
+def test_a_claimed_device_that_is_not_visible_fails_naming_the_visible_ones(visible, problem):
+    with pytest.raises(ValueError, match=problem) as err:
+        visible_pool(CONTAINER, visible)
+    assert CONTAINER[0].uuid in str(err.value) and "numbers the visible devices from 0" in str(err.value)
+
+
+def test_a_gpu_in_mig_mode_cannot_be_claimed_whole():
+    with pytest.raises(ValueError, match="'GPU-bbbbbbbb' names no device"):
+        visible_pool(parse_nvidia_smi_list(HOST_SMI), "GPU-bbbbbbbb")
+
+
+def test_without_nvml_or_nvidia_smi_the_users_devices_are_taken_as_given():
+    assert visible_pool(None, "3,1") == ["3", "1"]
+    assert visible_pool(None, None) == []
+
+
+def test_this_machine_enumerates_its_devices_without_initialising_cuda():
+    import torch
+
+    from kalmanrl.devices import enumerate_gpus
+
+    found = enumerate_gpus()
+    if found is None:  # no NVML and no nvidia-smi (this CPU machine): nothing to hand out but what the user names
+        assert machine_devices({}) == [] and machine_devices({VISIBLE: "0"}) == ["0"]
+    else:
+        assert machine_devices({}) == [g.uuid for g in found]
+    assert not torch.cuda.is_initialized()
+
+
+def test_stages_without_gpus_compute_on_the_cpu():
+    assert resolve_device(0).type == "cpu"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a usable GPU")
+def test_gpus_without_usable_cuda_raise_instead_of_falling_back_to_the_cpu():
+    import torch
+
+    assert resolve_device(None).type == "cpu"  # a stage run by hand without --gpus
+    with pytest.raises(CudaUnavailable, match="2 GPU\\(s\\) requested") as err:
+        resolve_device(2)
+    assert torch.__version__ in str(err.value)
+    if torch.version.cuda is None:
+        assert "CPU-only build" in str(err.value)
+    else:
+        assert f"built for CUDA {torch.version.cuda}" in str(err.value)
+
+
+def test_the_message_names_the_builds_cuda_version_and_the_driver_it_needs():
+    message = cuda_unavailable_message(1, "2.13.0", "13.0", "12.4")
+    assert "built for CUDA 13.0" in message and "Linux driver 580 or newer" in message
+    assert "the driver here supports CUDA 12.4 at most" in message
+    assert "no NVIDIA driver was found" in cuda_unavailable_message(1, "2.13.0", "12.8", None)
+
+
+def test_every_stage_given_gpus_refuses_without_cuda(tiny_model_dir, arithmetic_parquet, tmp_path):
+    """sft, train and evaluate, as `kalmanrl <stage> --gpus 1` calls them, on this machine (no usable CUDA)."""
+    import torch
+
+    from kalmanrl.config import stage_settings, validate_config
+    from kalmanrl.evaluate import evaluate
+    from kalmanrl.sft import run_sft
+    from kalmanrl.trainer import train
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a usable GPU")
+    config = validate_config({"datasets": {"arith": {"loader": "arithmetic", "template": "krpo"}},
+                              "tasks": ["arith"], "benchmarks": ["arith"]})
+    sft = stage_settings(config, "sft", model="tiny", task="arith")
+    stages = {
+        "sft": lambda: run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template=sft["template"],
+                               settings=sft["sft"], seed=0, dtype=sft["dtype"], gpus=1),
+        "train": lambda: train(tiny_model_dir, arithmetic_parquet, tmp_path / "run", gpus=1,
+                               settings=stage_settings(config, "train", model="tiny", task="arith", algorithm="grpo",
+                                                       seed="0")),
+        "evaluate": lambda: evaluate(tiny_model_dir, arithmetic_parquet, out_details=tmp_path / "d.parquet",
+                                     out_summary=tmp_path / "s.parquet", gpus=1,
+                                     settings=stage_settings(config, "evaluate", model="tiny", task="arith",
+                                                             algorithm="sft", benchmark="arith")),
+    }
+    for name, run in stages.items():
+        with pytest.raises(CudaUnavailable, match="1 GPU"):
+            run()
+    assert not any(tmp_path.iterdir()), "a stage wrote output before refusing"
+
+
+def test_a_local_run_that_could_not_place_its_gpu_jobs_is_refused():
+    assert local_gpu_problem({}, None, 0) is None  # no stage needs a GPU
+    assert "--resources gpu=4" in local_gpu_problem({"train": 1, "evaluate": 1}, None, 4)
+    assert local_gpu_problem({"train": 1}, 4, 4) is None
+    assert "--resources gpu=2" in local_gpu_problem({"train": 1}, 8, 2)
+    assert "shows 0" in local_gpu_problem({"train": 1}, 1, 0)
+    assert "a train job needs 2 GPU(s)" in local_gpu_problem({"train": 2, "evaluate": 1}, None, 1)
+
+
+class FakeNvml:
+    """A stand-in for nvidia-ml-py's `pynvml` (no driver here) with the host of HOST_SMI: GPU 1 in MIG mode with
+    instances in slots 0 and 2 (slot 1 empty), GPU 0 without MIG support."""
+
+    NVML_DEVICE_MIG_ENABLE = 1
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self):
+        self.gpus = parse_nvidia_smi_list(HOST_SMI)
+        self.open = 0
+
+    def nvmlInit(self):
+        self.open += 1
+
+    def nvmlShutdown(self):
+        self.open -= 1
+
+    def nvmlDeviceGetCount(self):
+        return 4
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return ("gpu", i)
+
+    def nvmlDeviceGetUUID(self, handle):
+        uuids = {("gpu", 0): "GPU-aaaaaaaa", ("gpu", 1): "GPU-bbbbbbbb", ("gpu", 2): "GPU-eeeeeeee",
+                 ("gpu", 3): "GPU-ffffffff", ("mig", 0): "MIG-cccccccc", ("mig", 2): "MIG-dddddddd"}
+        return uuids[handle].encode()  # older bindings return bytes
+
+    def nvmlDeviceGetName(self, handle):
+        return "NVIDIA A100-SXM4-80GB"
+
+    def nvmlDeviceGetMigMode(self, handle):
+        if handle == ("gpu", 0):
+            raise self.NVMLError("Not Supported")
+        return (1 if handle == ("gpu", 1) else 0, 0)
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle):
+        return 3
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle, j):
+        if j == 1:
+            raise self.NVMLError("Not Found")
+        return ("mig", j)
+
+
+def test_nvml_enumeration_lists_whole_gpus_and_the_mig_instances_of_gpus_in_mig_mode(monkeypatch):
+    from kalmanrl.devices import enumerate_gpus, nvml_gpus
+
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    found = nvml_gpus()
+    assert [(g.index, g.uuid) for g in found] == [
+        ("0", "GPU-aaaaaaaa"), ("1:0", "MIG-cccccccc"), ("1:2", "MIG-dddddddd"), ("2", "GPU-eeeeeeee"),
+        ("3", "GPU-ffffffff")]
+    assert fake.open == 0, "NVML was left initialised"
+    assert enumerate_gpus() == found

@@ -3,7 +3,9 @@ actually teaches a tiny model the task's answer format."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -52,12 +54,13 @@ def test_collate_right_pads_and_masks_the_padding_out_of_the_loss():
 def test_no_example_fitting_max_length_is_an_error(tiny_model_dir, arithmetic_parquet, tmp_path):
     with pytest.raises(ValueError, match="max_length"):
         run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template="krpo",
-                settings={**SETTINGS, "max_length": 8}, seed=0)
+                settings={**SETTINGS, "max_length": 8}, seed=0, dtype="float32")
 
 
 def test_same_seed_gives_the_same_weights_and_another_seed_others(tiny_model_dir, arithmetic_parquet, tmp_path):
     runs = {name: run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / name, template="answer_tag",
-                          settings=SETTINGS, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1))}
+                          settings=SETTINGS, seed=seed, dtype="float32")
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))}
     a, b, c = (load_file(tmp_path / name / "model.safetensors") for name in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -70,7 +73,7 @@ def test_warm_start_teaches_the_answer_format(tiny_model_dir, arithmetic_parquet
     """About 15 s on 2 cores: the CI-size model learns to answer `<answer>integer</answer>` and stop."""
     settings = {**SETTINGS, "steps": 120, "batch_size": 32, "lr": 5e-3, "warmup_steps": 10}
     metrics = run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template="answer_tag", settings=settings,
-                      seed=0)
+                      seed=0, dtype="float32")
     assert metrics["steps"] == 120 and metrics["loss"] < 1.5
     policy, tokenizer = load_policy(tmp_path / "sft")
     policy.eval()
@@ -82,3 +85,30 @@ def test_warm_start_teaches_the_answer_format(tiny_model_dir, arithmetic_parquet
     well_formed = [re.fullmatch(r"<answer>-?\d+</answer>", c.text) is not None and c.finish_reason == "stop"
                    for c in completions]
     assert sum(well_formed) >= 0.8 * len(completions), [c.text for c in completions]
+
+
+def test_no_steps_links_the_base_model_instead_of_copying_it(tiny_model_dir, arithmetic_parquet, tmp_path):
+    """`sft.steps: 0` (the paper configs): the warm start is the base model's files, not a float32 re-save of them;
+    Snakemake's marker of the base directory output is not shared."""
+    base_dir = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base_dir)
+    (base_dir / ".snakemake_timestamp").touch()
+    metrics = run_sft(base_dir, tmp_path / "not-read.parquet", tmp_path / "sft", template="answer_tag",
+                      settings={**SETTINGS, "steps": 0}, seed=0, dtype="bfloat16")
+    assert metrics["steps"] == 0
+    base = sorted(p.name for p in tiny_model_dir.iterdir())
+    assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == base
+    for name in base:
+        assert (tmp_path / "sft" / name).samefile(base_dir / name), name
+    assert load_policy(tmp_path / "sft")[0].config.model_type == "qwen2"
+
+
+def test_the_warm_start_is_saved_in_the_models_dtype(tiny_model_dir, arithmetic_parquet, tmp_path):
+    run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template="answer_tag",
+            settings={**SETTINGS, "steps": 2}, seed=0, dtype="bfloat16")
+    weights = load_file(tmp_path / "sft" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert sum(t.numel() * t.element_size() for t in weights.values()) * 2 == \
+        sum(t.numel() * t.element_size() for t in base.values())
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -253,7 +253,7 @@ def test_a_cancelled_train_job_is_reported_and_the_rerun_resumes_from_its_checkp
     assert len(saved) == 1
     resumed_from = int(saved[0].name.removeprefix("step_"))
     assert 0 < resumed_from < 30
-    before = pd.read_parquet(saved[0] / "metrics.parquet")
+    before = pd.read_parquet(saved[0] / "state" / "metrics.parquet")
 
     snakemake(workdir, *SLURM_ARGS, target)
     metrics = pd.read_parquet(run / "metrics.parquet")

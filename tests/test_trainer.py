@@ -128,7 +128,7 @@ def test_keep_every_keeps_those_checkpoints_loadable_and_drops_the_others(tmp_pa
     train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for("grpo", steps=5, keep_every=2))
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step_000002", "step_000004", "step_000005"]  # every 2nd step, and the newest for a resume
-    assert load_policy(tmp_path / "checkpoints" / "step_000002")[0].config.model_type == "qwen2"
+    assert load_policy(tmp_path / "checkpoints" / "step_000002" / "model")[0].config.model_type == "qwen2"
 
 
 def test_non_finite_losses_skip_updates_then_abort(tmp_path, tiny_model_dir, arithmetic_parquet):

@@ -3,6 +3,7 @@ a finished run is up to date, and a changed training setting reruns exactly trai
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -137,3 +138,42 @@ def test_forced_rerun_of_one_rule_reruns_its_dependents(smoke, repo_root):
     jobs = planned_jobs(snakemake(workdir, repo_root, "-n", "-R", "sft"))
     runs = len(config["algorithms"])
     assert jobs["sft"] == 1 and jobs["train"] == runs and jobs["model"] == 0 and jobs["data"] == 0
+
+
+def write_config(workdir: Path, config: dict) -> Path:
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump({"results_dir": "results", **config}))
+    return path
+
+
+def test_a_retried_job_asks_for_more_memory_and_time_up_to_the_caps_and_the_model_rule_is_local(repo_root, tmp_path):
+    """A `model` job that fails (a local model that does not exist) is retried: memory and time grow with the attempt
+    up to resources.model.max_mem_mb / max_runtime, and it runs where the workflow was started."""
+    config = write_config(tmp_path, {
+        "models": {"missing": {"source": "local", "path": str(tmp_path / "no-such-model")}},
+        "resources": {"model": {"mem_mb": 1000, "max_mem_mb": 1500, "runtime": 10, "max_runtime": 15}}})
+    result = subprocess.run(["snakemake", "-s", str(repo_root / "Snakefile"), "-d", str(tmp_path), "--cores", "1",
+                             "--retries", "1", "results/models/missing/base", "--configfile", str(config)],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log[-3000:]
+    asked = [(int(re.search(r"mem_mb=(\d+)", line)[1]), int(re.search(r"runtime=(\d+)", line)[1]))
+             for line in re.findall(r"resources: (.*)", log)]
+    assert asked == [(1000, 10), (1500, 15)], log[-3000:]  # not 2000 MB and 20 minutes
+    assert "localrule model:" in log
+
+
+def test_a_local_run_whose_gpu_jobs_could_not_get_devices_is_refused_before_any_job(repo_root, tmp_path):
+    """Two GPUs (named in CUDA_VISIBLE_DEVICES; this machine has no NVML) and GPU jobs, but no --resources gpu=N:
+    Snakemake would start GPU jobs side by side and the surplus would wait an hour for a device. Refused at once,
+    with the advice; a dry run only warns (it also plans cluster runs); with --resources gpu=2 the run may go on."""
+    config = write_config(tmp_path, {"resources": {"train": {"gpus": 1}, "evaluate": {"gpus": 1}}})
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
+    base = ["snakemake", "-s", str(repo_root / "Snakefile"), "-d", str(tmp_path), "--configfile", str(config)]
+    refused = subprocess.run([*base, "--cores", "1"], capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and "run with --resources gpu=2" in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "results").exists(), "a job ran before the refusal"
+    dry = subprocess.run([*base, "-n", "--quiet"], capture_output=True, text=True, env=env)
+    assert dry.returncode == 0 and "a local run would refuse to start" in dry.stderr, dry.stderr[-3000:]
+    planned = subprocess.run([*base, "-n", "--quiet", "--resources", "gpu=2"], capture_output=True, text=True, env=env)
+    assert planned.returncode == 0 and "refuse" not in planned.stderr, planned.stderr[-3000:]

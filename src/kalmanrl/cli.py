@@ -89,7 +89,8 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
     s = args.settings
     _threads(args.threads)
-    metrics = run_sft(args.model, args.dataset, args.out, template=s["template"], settings=s["sft"], seed=s["seed"])
+    metrics = run_sft(args.model, args.dataset, args.out, template=s["template"], settings=s["sft"], seed=s["seed"],
+                      dtype=s["dtype"], gpus=args.gpus)
     log.info("sft done: %s", json.dumps(metrics))
 
 
@@ -99,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     check_fits("train", args.settings, args.model)
     _threads(args.threads)
-    train(args.model, args.dataset, args.out, settings=args.settings, threads=args.threads)
+    train(args.model, args.dataset, args.out, settings=args.settings, threads=args.threads, gpus=args.gpus)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -108,7 +109,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     check_fits("evaluate", args.settings, args.model)
     _threads(args.threads)
-    evaluate(args.model, args.dataset, settings=args.settings, out_details=args.details, out_summary=args.summary)
+    evaluate(args.model, args.dataset, settings=args.settings, out_details=args.details, out_summary=args.summary,
+             gpus=args.gpus)
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -148,6 +148,10 @@ def _check_references(config: dict) -> None:
                 raise ConfigError(
                     f"config.models.{name}.tiny: hidden_size / num_heads = {tiny['hidden_size'] / tiny['num_heads']:g}"
                     " must be 32 or 64 (head sizes vLLM's CPU attention supports)")
+    for stage, limits in config["resources"].items():
+        for key, cap in (("mem_mb", "max_mem_mb"), ("runtime", "max_runtime")):
+            if limits[cap] < limits[key]:
+                raise ConfigError(f"config.resources.{stage}.{cap}: {limits[cap]} is below {key} = {limits[key]}")
     train = config["train"]
     if train["keep_every"] % train["checkpoint_every"]:
         raise ConfigError(f"config.train.keep_every: {train['keep_every']} is not a multiple of "
@@ -186,13 +190,15 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
         return {"model": model, **({"templates": sorted({datasets[t]["template"] for t in config["tasks"]})}
                                    if model["source"] == "tiny" else {})}
     if stage == "sft":
-        return {"sft": config["sft"], "template": datasets[wildcards["task"]]["template"], "seed": config["data"]["seed"]}
+        return {"sft": config["sft"], "template": datasets[wildcards["task"]]["template"], "seed": config["data"]["seed"],
+                "dtype": config["models"][wildcards["model"]]["dtype"]}
     ident = {k: wildcards[k] for k in ("model", "task", "algorithm", "benchmark") if k in wildcards}
     if "seed" in wildcards:
         ident["seed"] = int(wildcards["seed"])
     if stage == "train":
         return {"train": config["train"], "algorithm": config["algorithms"][wildcards["algorithm"]],
-                "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident}
+                "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident,
+                "dtype": config["models"][wildcards["model"]]["dtype"]}
     if stage == "evaluate":
         final = 0 if ident["algorithm"] == "sft" else config["train"]["steps"]
         ident["step"] = int(wildcards.get("step") or final)

@@ -9,10 +9,10 @@ import shlex
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
+from kalmanrl.devices import resolve_device
 from kalmanrl.io import write_parquet
 from kalmanrl.metrics import summarise
 from kalmanrl.model import load_policy
@@ -33,10 +33,10 @@ def command_line(model_dir: str | Path, dataset: str | Path, settings: dict) -> 
 
 
 def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_details: str | Path,
-             out_summary: str | Path) -> dict:
+             out_summary: str | Path, gpus: int | None = None) -> dict:
     """Sample settings["evaluate"]["k"] completions per test problem; write details and the summary row."""
     cfg, benchmark, ident = settings["evaluate"], settings["benchmark"], settings["ident"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(gpus)
     policy, tokenizer = load_policy(model_dir, device=device)
     policy.eval()
     problems = read_dataset(dataset, split="test").to_pandas()

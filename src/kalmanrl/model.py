@@ -102,3 +102,21 @@ def load_policy(model_dir: str | Path, *, device: str | torch.device = "cpu",
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True).to(device)
     return model, tokenizer
+
+
+def save_policy(policy: torch.nn.Module, tokenizer, out_dir: str | Path, *, dtype: str) -> None:
+    """save_pretrained the policy and its tokenizer into `out_dir` with floating-point weights in `dtype` (the model's
+    configured dtype, `models.<name>.dtype`), leaving the policy as it is: training may hold float32 master weights,
+    while what evaluation and vLLM load (and what is stored) is the precision the model was given in. Tied weights
+    stay tied; config.json records `dtype`. Not atomic: callers write into an `atomic_path`."""
+    target = getattr(torch, dtype)
+    converted: dict[int, torch.Tensor] = {}
+    state = {}
+    for name, tensor in policy.state_dict().items():
+        key = tensor.untyped_storage().data_ptr()
+        if key not in converted:
+            converted[key] = tensor.detach().to("cpu", target if tensor.is_floating_point() else tensor.dtype)
+        state[name] = converted[key]
+    policy.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    type(policy.config).from_dict({**policy.config.to_dict(), "dtype": dtype}).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -4,13 +4,15 @@ from a policy that is right some of the time. Loss on the completion tokens only
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 
 from kalmanrl.data import read_dataset
+from kalmanrl.devices import resolve_device
 from kalmanrl.io import atomic_path
-from kalmanrl.model import load_policy
+from kalmanrl.model import load_policy, save_policy
 from kalmanrl.optim import make_optimizer
 from kalmanrl.progress import progress
 from kalmanrl.prompts import get_template
@@ -45,11 +47,31 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
+def link_model(model_dir: str | Path, out_dir: str | Path) -> None:
+    """`out_dir` as hard links to the files of the save_pretrained directory `model_dir`: the same bytes in the same
+    dtype, no second copy (a relative symbolic link per file where the two cannot share files). Hidden files are
+    not linked: Snakemake's `.snakemake_timestamp` marks one directory output, and a shared one would make touching
+    the warm start touch the base model too."""
+    with atomic_path(out_dir, directory=True) as tmp:
+        for source in sorted(p for p in Path(model_dir).iterdir() if not p.name.startswith(".")):
+            if not source.is_file():
+                raise ValueError(f"{source}: a model directory holds only files")
+            try:
+                os.link(source, tmp / source.name)
+            except OSError:
+                os.symlink(os.path.relpath(source.resolve(), tmp.resolve()), tmp / source.name)
+
+
 def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Path, *, template: str,
-            settings: dict, seed: int) -> dict:
-    """Fine-tune the model in `model_dir` on the train split; save to `out_dir`. Returns the final loss."""
+            settings: dict, seed: int, dtype: str, gpus: int | None = None) -> dict:
+    """Fine-tune the model in `model_dir` on the train split; save to `out_dir` in `dtype` (the model's configured
+    dtype). With `steps: 0`, `out_dir` links the base model's files instead. Returns the final loss."""
+    device = resolve_device(gpus)
+    if settings["steps"] == 0:
+        link_model(model_dir, out_dir)
+        log.info("sft.steps = 0: %s links the files of %s", out_dir, model_dir)
+        return {"steps": 0, "examples": 0, "loss": None}
     torch.manual_seed(seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_policy(model_dir, device=device)
     table = read_dataset(train_parquet, split="train")
     examples = tokenize_examples(tokenizer, table.column("problem").to_pylist(), table.column("answer").to_pylist(),
@@ -83,6 +105,5 @@ def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Pat
                 log.info("sft step %d: loss %.4f", step + 1, loss_ema)
 
     with atomic_path(out_dir, directory=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_policy(model, tokenizer, tmp, dtype=dtype)
     return {"steps": settings["steps"], "examples": len(examples), "loss": loss_ema}

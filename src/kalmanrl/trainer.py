@@ -18,9 +18,10 @@ from kalmanrl import algorithms
 from kalmanrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
+from kalmanrl.devices import resolve_device
 from kalmanrl.io import atomic_path, write_parquet
 from kalmanrl.layout import checkpoints_root
-from kalmanrl.model import load_policy
+from kalmanrl.model import load_policy, save_policy
 from kalmanrl.optim import make_optimizer
 from kalmanrl.progress import progress
 from kalmanrl.prompts import get_template
@@ -88,14 +89,15 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses: the run diverged."""
 
 
-def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, threads: int = 1) -> pd.DataFrame:
+def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, threads: int = 1,
+          gpus: int | None = None) -> pd.DataFrame:
     """RL-train the policy in `policy_dir` on the train split of `dataset`. Writes `out_dir/final` (save_pretrained)
     and `out_dir/metrics.parquet`; resumes from `out_dir/checkpoints` when a run with the same settings was cut off."""
     cfg, alg, ident = settings["train"], settings["algorithm"], settings["ident"]
     seed = ident["seed"]
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(gpus)
     optimizer_steps = cfg["ppo_epochs"] * cfg["mini_batches"]
     algorithms.check_off_policy(alg["ratio"], optimizer_steps)
 
@@ -187,14 +189,13 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
             if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
                 save_checkpoint(checkpoints, step + 1, policy=policy, tokenizer=tokenizer, optimizer=optimizer,
                                 scheduler=scheduler, metrics=pd.DataFrame(rows), settings_hash=settings_hash,
-                                keep_every=cfg["keep_every"])
+                                dtype=settings["dtype"], keep_every=cfg["keep_every"])
 
     if writer is not None:
         writer.close()
     metrics = pd.DataFrame(rows)
     with atomic_path(out_dir / "final", directory=True) as tmp:
-        policy.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_policy(policy, tokenizer, tmp, dtype=settings["dtype"])
     write_parquet(metrics, out_dir / "metrics.parquet")
     return metrics
 

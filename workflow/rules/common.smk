@@ -1,9 +1,11 @@
 # Config -> target lists. All validation and every default come from kalmanrl.config and the schema.
 import json
 import os
+import sys
 
 from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.layout import FIGURES, checkpoint_dir, checkpoints_root
+from kalmanrl.devices import local_gpu_problem, machine_devices
+from kalmanrl.layout import FIGURES, checkpoint_dir, checkpoint_model_dir, checkpoints_root
 
 _validated = validate_config(config)
 config.clear()
@@ -41,9 +43,31 @@ def res(stage, key):
 
 
 def scaled(stage, key):
-    """mem_mb or runtime times the attempt number: a job retried after running out of memory or time asks for more."""
-    base = res(stage, key)
-    return lambda wildcards, attempt: base * attempt
+    """mem_mb or runtime times the attempt number, capped by max_mem_mb / max_runtime: a job retried after running
+    out of memory or time asks for more, but never for more than a partition grants."""
+    base, cap = res(stage, key), res(stage, {"mem_mb": "max_mem_mb", "runtime": "max_runtime"}[key])
+    return lambda wildcards, attempt: min(base * attempt, cap)
+
+
+def check_local_gpus():
+    """Refuse, before any job starts, a local run whose GPU jobs could not all get devices (kalmanrl.devices.
+    local_gpu_problem); a dry run only warns, since it also plans cluster runs from a login node without GPUs.
+    Skipped in cluster runs (Snakemake's --jobs sets nodes there) and in the jobs they start."""
+    if not workflow.is_main_process or workflow.resource_settings.nodes is not None:
+        return
+    needs = {stage: res(stage, "gpus") for stage in ("sft", "train", "evaluate") if res(stage, "gpus")}
+    granted = workflow.global_resources.get("gpu")
+    available = len(machine_devices()) if needs else 0  # NVML / nvidia-smi only when a stage needs GPUs
+    problem = local_gpu_problem(needs, None if granted is None else granted.value, available)
+    if problem is None:
+        return
+    if workflow.output_settings.dryrun:
+        print(f"kalmanrl: WARNING: a local run would refuse to start: {problem}", file=sys.stderr)
+    else:
+        raise WorkflowError(f"kalmanrl: {problem}")
+
+
+check_local_gpus()
 
 
 def flavour(stage):
@@ -112,12 +136,12 @@ def eval_model(wildcards):
 
 
 def eval_model_dir(wildcards):
-    """The model directory an evaluation loads (an intermediate step's is its kept checkpoint, in the run that
-    eval_model waits for)."""
+    """The model directory an evaluation loads (an intermediate step's is the model/ of its kept checkpoint, in the run
+    that eval_model waits for)."""
     model, ident = eval_model(wildcards), run_ident(wildcards)
     if "step" not in ident:
         return model
-    return str(checkpoint_dir(checkpoints_root(os.path.dirname(model)), int(ident["step"])))
+    return str(checkpoint_model_dir(checkpoint_dir(checkpoints_root(os.path.dirname(model)), int(ident["step"]))))
 
 
 SUMMARIES = [

@@ -1,3 +1,9 @@
+# The model rule runs where the workflow was started: copying a hub model needs the internet, which compute nodes
+# often lack.
+localrules:
+    model,
+
+
 rule model:
     """The base policy: a tiny tokenizer + random Qwen2 trained on the tasks' text, or a copy of a hub/local model."""
     input:
