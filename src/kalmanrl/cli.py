@@ -51,11 +51,13 @@ def _settings_help(stage: str) -> str:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from kalmanrl.data import build_dataset, write_dataset
+    from kalmanrl.data import build_dataset, resolve_local_dir, write_dataset
 
     s = args.settings
-    table, stats = build_dataset(s["dataset"], offline=s["data"]["offline"], local_dir=Path(s["data"]["local_dir"]),
-                                 seed=s["data"]["seed"], arithmetic_presets=s["data"]["arithmetic_presets"])
+    local_dir = resolve_local_dir(s["data"]["local_dir"])
+    log.info("dataset %s: rows from %s", s["name"], local_dir or "the Hugging Face hub (or the datasets cache)")
+    table, stats = build_dataset(s["dataset"], local_dir=local_dir, seed=s["data"]["seed"],
+                                 arithmetic_presets=s["data"]["arithmetic_presets"])
     write_dataset(table, args.out)
     log.info("dataset %s: %s -> %s", s["name"], json.dumps(stats), args.out)
 
