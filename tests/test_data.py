@@ -130,7 +130,8 @@ def test_explicit_limits_replace_the_preset(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Local copies: row counts of ../shared/data/README.md and gold answers normalised the way the field does.
+# Local copies (the directory $KALMANRL_DATA_DIR names): their README's row counts, gold answers normalised the way
+# the field does.
 
 @pytest.mark.parametrize("loader, params, splits", [
     ("arithmetic_file", {}, {"test": 20000}),

@@ -21,7 +21,7 @@ def test_each_flavour_has_a_complete_hashed_lock(flavour, torch, vllm):
     # every pin carries at least one sha256 (pip's --require-hashes refuses the file otherwise)
     entries = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2])
     assert all("--hash=sha256:" in entry for entry in entries if "==" in entry)
-    assert "/opt/" not in text and "/work/" not in text  # nothing of the machine that made it
+    assert not re.search(r"(?m)^\s*-+[a-z-]+[ =]/", text)  # no option naming a directory of the machine that made it
 
 
 def test_the_cpu_lock_leaves_out_the_wheels_that_break_cpu_torch():

@@ -137,3 +137,13 @@ def test_forced_rerun_of_one_rule_reruns_its_dependents(smoke, repo_root):
     jobs = planned_jobs(snakemake(workdir, repo_root, "-n", "-R", "sft"))
     runs = len(config["algorithms"])
     assert jobs["sft"] == 1 and jobs["train"] == runs and jobs["model"] == 0 and jobs["data"] == 0
+
+
+def test_the_smoke_run_reproduces_the_expected_summary_exactly(smoke, repo_root):
+    """config/smoke.expected.json holds the smoke run's metrics and model hashes; a run on any x86-64 machine (CPU
+    dispatch pinned by the CLI) equals them bit for bit. After a deliberate change of results, rerecord it with
+    `kalmanrl compare-summary results/smoke/report/summary.parquet config/smoke.expected.json --write`."""
+    workdir, _ = smoke
+    result = subprocess.run(["kalmanrl", "compare-summary", str(workdir / "results" / "report" / "summary.parquet"),
+                             str(repo_root / "config" / "smoke.expected.json")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
