@@ -164,7 +164,7 @@ def _stage(sub, name: str, help_text: str, func: Callable, paths: list[tuple[str
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kalmanrl", description="GRPO, KRPO and KPO for language-model reasoning: each workflow stage by hand.",
-        epilog=f"Every command first pins the CPU instruction set torch, oneDNN and MKL dispatch to, so that CPU runs give "
+        epilog=f"Every stage command first pins the CPU instruction set torch, oneDNN and MKL dispatch to, so that CPU runs give "
                f"the same numbers on any x86-64 machine: ${DISPATCH_ENV}=avx2 (default; any CPU with AVX2), baseline "
                f"(any x86-64, slower) or native (unpinned). See kalmanrl.dispatch.")
     parser.add_argument("--version", action="version", version=f"kalmanrl {__version__}")
@@ -244,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if hasattr(args, "settings"):
+        if hasattr(args, "settings"):  # a workflow stage: pin the CPU dispatch before anything loads torch
             args.settings = parse_settings(args.settings)
-        log.debug("CPU dispatch pinned to %s ($%s)", pin_cpu_dispatch(), DISPATCH_ENV)
+            log.debug("CPU dispatch pinned to %s ($%s)", pin_cpu_dispatch(), DISPATCH_ENV)
         with gpu_placement(getattr(args, "gpus", None)):
             code = args.func(args)
     except (ConfigError, DispatchError) as err:
