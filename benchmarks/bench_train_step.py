@@ -48,7 +48,7 @@ def main() -> None:
         presets = {"easy": [3, 3]}
         table, _ = build_dataset({"loader": "arithmetic", "params": {"difficulty": "easy", "train_size": 2000,
                                                                      "test_size": 10}},
-                                 offline=True, local_dir=tmp, seed=0, arithmetic_presets=presets)
+                                 local_dir=None, seed=0, arithmetic_presets=presets)
         write_dataset(table, tmp / "data.parquet")
         texts = read_dataset(tmp / "data.parquet").column("problem").to_pylist()
         spec = {"vocab_size": 512, "hidden_size": args.hidden, "num_layers": args.layers,

@@ -114,10 +114,10 @@ def test_command_line_strings_are_read_as_the_types_the_schema_asks_for():
     """`snakemake --config seeds='[0,1]'` passes ['0', '1']; YAML 1.1 reads 1e-4 as a string."""
     config = validate_config({"seeds": ["0", "1"], "results_dir": "123",
                               "train": {"lr": "1e-4", "steps": "10", "schedule": "cosine"},
-                              "data": {"offline": "false"}, "rollout": {"backend": "vllm"}})
+                              "data": {"decontaminate": "false"}, "rollout": {"backend": "vllm"}})
     assert config["seeds"] == [0, 1] and config["results_dir"] == "123"
     assert (config["train"]["lr"], config["train"]["steps"], config["train"]["schedule"]) == (1e-4, 10, "cosine")
-    assert config["data"]["offline"] is False and config["rollout"]["backend"] == "vllm"
+    assert config["data"]["decontaminate"] is False and config["rollout"]["backend"] == "vllm"
 
 
 def test_a_string_that_is_no_number_is_still_refused_naming_the_key():

@@ -19,7 +19,8 @@ QUESTION = re.compile(r"(?P<pre>Solve |What is )?(?P<expr>.*?)(?P<post>\?| = \?|
 
 
 def build(spec: dict, local_dir: Path, *, offline: bool = True, seed: int = 0, exclude=()) -> tuple[pa.Table, dict]:
-    return build_dataset(spec, offline=offline, local_dir=local_dir, seed=seed, arithmetic_presets=PRESETS,
+    """`offline=False` reads the hub (no copy directory), whatever `local_dir` is."""
+    return build_dataset(spec, local_dir=local_dir if offline else None, seed=seed, arithmetic_presets=PRESETS,
                          exclude=exclude)
 
 
@@ -115,7 +116,7 @@ def test_asking_for_more_distinct_expressions_than_exist_is_an_error():
 def test_difficulty_names_a_config_preset(tmp_path):
     table, stats = build_dataset({"loader": "arithmetic", "params": {"difficulty": "tiny", "train_size": 40,
                                                                     "test_size": 10}},
-                                 offline=True, local_dir=tmp_path, seed=0, arithmetic_presets={"tiny": [2, 1]})
+                                 local_dir=tmp_path, seed=0, arithmetic_presets={"tiny": [2, 1]})
     assert stats["splits"] == {"train": 40, "test": 10}
     assert set(table["num_terms"].to_pylist()) == {2} and set(table["num_digits"].to_pylist()) == {1}
     with pytest.raises(DataError, match="unknown difficulty 'extreme'; known: easy, hard, normal"):
@@ -129,7 +130,8 @@ def test_explicit_limits_replace_the_preset(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Local copies: row counts of ../shared/data/README.md and gold answers normalised the way the field does.
+# Local copies (the directory $KALMANRL_DATA_DIR names): their README's row counts, gold answers normalised the way
+# the field does.
 
 @pytest.mark.parametrize("loader, params, splits", [
     ("arithmetic_file", {}, {"test": 20000}),
@@ -227,7 +229,7 @@ def test_malformed_row_fails_naming_file_and_line(tmp_path, line, message):
 
 
 def test_missing_local_copy_names_the_path_and_the_switch(tmp_path):
-    with pytest.raises(DataError, match=r"math500/test.jsonl: file not found .*data.offline"):
+    with pytest.raises(DataError, match=r"math500/test.jsonl: file not found .*data.local_dir or \$KALMANRL_DATA_DIR"):
         build({"loader": "math500"}, tmp_path)
 
 

@@ -156,12 +156,9 @@ SLURM_ARGS = ("--profile", str(REPO / "profiles" / "slurm"), "--slurm-no-account
 
 
 def smoke_workdir(root: Path, **overrides) -> Path:
-    """A working directory whose config/config.yaml is the smoke config (offline data from ../shared/data)."""
-    shared = REPO.parent / "shared" / "data"
-    if not shared.is_dir():
-        pytest.skip(f"offline data copies not found at {shared}")
+    """A working directory whose config/config.yaml is the smoke config (its data shipped in tests/data)."""
     config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
-    config.update(results_dir="results", data={"local_dir": str(shared)})
+    config.update(results_dir="results", data={"local_dir": str(REPO / config["data"]["local_dir"])})
     for key, value in overrides.items():
         config[key] = {**config.get(key, {}), **value}
     (root / "config").mkdir(parents=True)

@@ -33,12 +33,12 @@ def planned_jobs(result: subprocess.CompletedProcess) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory, repo_root, shared_data):
+def smoke(tmp_path_factory, repo_root):
     """A working directory whose config/config.yaml is the smoke config, run to completion once."""
     workdir = tmp_path_factory.mktemp("smoke")
     config = yaml.safe_load((repo_root / "config" / "smoke.yaml").read_text())
     config["results_dir"] = "results"
-    config.setdefault("data", {})["local_dir"] = str(shared_data)
+    config["data"]["local_dir"] = str(repo_root / config["data"]["local_dir"])  # the data shipped in tests/data
     (workdir / "config").mkdir()
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
     snakemake(workdir, repo_root, "--cores", "2")
@@ -51,7 +51,7 @@ def test_lint_is_clean(repo_root):
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
 
 
-def test_dry_run_prints_the_job_grid(repo_root, tmp_path, shared_data):
+def test_dry_run_prints_the_job_grid(repo_root, tmp_path):
     result = subprocess.run(["snakemake", "-n", "--config", f"results_dir={tmp_path}", "seeds=[0,1]"],
                             cwd=repo_root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -69,7 +69,7 @@ def test_every_stage_writes_its_parquet(smoke):
     params = config["datasets"]["arithmetic_easy"]["params"]
     assert Counter(data["split"]) == {"train": params["train_size"], "test": params["test_size"]}
     assert {"id", "source", "split", "problem", "answer"} <= set(data.columns)
-    assert pq.read_table(results / "data" / "math500.parquet").num_rows == 500
+    assert pq.read_table(results / "data" / "math_mini.parquet").num_rows == 12
     train_split = pq.read_table(results / "data" / "arithmetic_easy.train.parquet")
     assert train_split.num_rows == params["train_size"]
     assert (results / "models" / "tiny" / "arithmetic_easy" / "sft" / "model.safetensors").exists()
@@ -177,3 +177,13 @@ def test_a_local_run_whose_gpu_jobs_could_not_get_devices_is_refused_before_any_
     assert dry.returncode == 0 and "a local run would refuse to start" in dry.stderr, dry.stderr[-3000:]
     planned = subprocess.run([*base, "-n", "--quiet", "--resources", "gpu=2"], capture_output=True, text=True, env=env)
     assert planned.returncode == 0 and "refuse" not in planned.stderr, planned.stderr[-3000:]
+
+
+def test_the_smoke_run_reproduces_the_expected_summary_exactly(smoke, repo_root):
+    """config/smoke.expected.json holds the smoke run's metrics and model hashes; a run on any x86-64 machine (CPU
+    dispatch pinned by the CLI) equals them bit for bit. After a deliberate change of results, rerecord it with
+    `kalmanrl compare-summary results/smoke/report/summary.parquet config/smoke.expected.json --write`."""
+    workdir, _ = smoke
+    result = subprocess.run(["kalmanrl", "compare-summary", str(workdir / "results" / "report" / "summary.parquet"),
+                             str(repo_root / "config" / "smoke.expected.json")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 from kalmanrl import __version__
 from kalmanrl.config import ConfigError, load_config, load_schema, parse_settings, stage_settings
 from kalmanrl.devices import gpu_placement
+from kalmanrl.dispatch import DISPATCH_ENV, DispatchError, pin_cpu_dispatch
 
 log = logging.getLogger("kalmanrl")
 
@@ -51,11 +52,13 @@ def _settings_help(stage: str) -> str:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from kalmanrl.data import build_dataset, write_dataset
+    from kalmanrl.data import build_dataset, resolve_local_dir, write_dataset
 
     s = args.settings
-    table, stats = build_dataset(s["dataset"], offline=s["data"]["offline"], local_dir=Path(s["data"]["local_dir"]),
-                                 seed=s["data"]["seed"], arithmetic_presets=s["data"]["arithmetic_presets"])
+    local_dir = resolve_local_dir(s["data"]["local_dir"])
+    log.info("dataset %s: rows from %s", s["name"], local_dir or "the Hugging Face hub (or the datasets cache)")
+    table, stats = build_dataset(s["dataset"], local_dir=local_dir, seed=s["data"]["seed"],
+                                 arithmetic_presets=s["data"]["arithmetic_presets"])
     write_dataset(table, args.out)
     log.info("dataset %s: %s -> %s", s["name"], json.dumps(stats), args.out)
 
@@ -140,6 +143,21 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(json.dumps(load_config(args.config), indent=2))
 
 
+def cmd_compare_summary(args: argparse.Namespace) -> int:
+    from kalmanrl.expected import compare_summary, write_expected
+
+    if args.write:
+        expected = write_expected(args.summary, args.expected)
+        log.info("%s: %d rows of %s recorded as expected", args.expected, len(expected["rows"]), args.summary)
+        return 0
+    differences = compare_summary(args.summary, args.expected)
+    for line in differences:
+        print(line)
+    print(f"{args.summary}: {len(differences)} difference(s) from {args.expected}"
+          if differences else f"{args.summary} equals {args.expected} exactly")
+    return 1 if differences else 0
+
+
 def _threads(threads: int) -> None:
     import torch
 
@@ -158,7 +176,10 @@ def _stage(sub, name: str, help_text: str, func: Callable, paths: list[tuple[str
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kalmanrl", description="GRPO, KRPO and KPO for language-model reasoning: each workflow stage by hand.")
+        prog="kalmanrl", description="GRPO, KRPO and KPO for language-model reasoning: each workflow stage by hand.",
+        epilog=f"Every stage command first pins the CPU instruction set torch, oneDNN and MKL dispatch to, so that CPU runs give "
+               f"the same numbers on any x86-64 machine: ${DISPATCH_ENV}=avx2 (default; any CPU with AVX2), baseline "
+               f"(any x86-64, slower) or native (unpinned). See kalmanrl.dispatch.")
     parser.add_argument("--version", action="version", version=f"kalmanrl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
@@ -220,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
                                         "print every config key with its default and description.")
     config.add_argument("config", type=Path, nargs="?")
     config.set_defaults(func=cmd_config)
+    compare = sub.add_parser(
+        "compare-summary", help="Compare a finished run's report summary with an expected one, exactly.",
+        description="Exit 0 when every row of SUMMARY (results/report/summary.parquet) has exactly the metrics and "
+                    "model hash of EXPECTED (e.g. config/smoke.expected.json), else list each difference and exit "
+                    "1. Provenance (machine, versions, paths) is not compared. --write records SUMMARY as EXPECTED.")
+    compare.add_argument("summary", type=Path, help="the run's report summary.parquet")
+    compare.add_argument("expected", type=Path, help="the expected summary (JSON)")
+    compare.add_argument("--write", action="store_true", help="record SUMMARY as the expected summary instead")
+    compare.set_defaults(func=cmd_compare_summary)
     return parser
 
 
@@ -240,14 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if hasattr(args, "settings"):
+        if hasattr(args, "settings"):  # a workflow stage: pin the CPU dispatch before anything loads torch
             args.settings = parse_settings(args.settings)
+            log.debug("CPU dispatch pinned to %s ($%s)", pin_cpu_dispatch(), DISPATCH_ENV)
         with gpu_placement(getattr(args, "gpus", None)):
-            args.func(args)
-    except ConfigError as err:
+            code = args.func(args)
+    except (ConfigError, DispatchError) as err:
         print(f"kalmanrl: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 Every loader returns rows of `DATASET_SCHEMA`; `build_dataset` checks them, drops contaminated training problems and
 makes the table that `write_dataset` stores and `read_dataset` checks again on the way back in. The same row mapping
-runs on hub rows and on local JSON Lines copies (`data.offline`), so the offline tests exercise the online code.
+runs on hub rows and on local JSON Lines copies (when a copy directory is named: `data.local_dir` or
+$KALMANRL_DATA_DIR, see `resolve_local_dir`), so the tests on local copies exercise the hub code.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import unicodedata
@@ -47,12 +49,42 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class LoadContext:
-    """The `data` settings every loader sees (hub or local copies, where they are, the seed, the presets)."""
+    """The `data` settings every loader sees: where the local copies are (None: the hub), the seed, the presets."""
 
-    offline: bool
-    local_dir: Path
+    local_dir: Path | None
     seed: int
     arithmetic_presets: Mapping[str, Any]
+
+    @property
+    def offline(self) -> bool:
+        """Rows come from local copies (a copy directory is named), not from the hub."""
+        return self.local_dir is not None
+
+    def local_file(self, relative: str | Path) -> Path:
+        """A file of the local copies; without a copy directory the error says how to name one."""
+        if self.local_dir is None:
+            raise DataError(f"{relative}: a local copy is needed but no copy directory is named "
+                            f"(set data.local_dir or ${DATA_DIR_ENV})")
+        return self.local_dir / relative
+
+
+DATA_DIR_ENV = "KALMANRL_DATA_DIR"
+
+
+def resolve_local_dir(setting: str | Path | None, environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The directory of local dataset copies: `data.local_dir` when set, else $KALMANRL_DATA_DIR, else None (rows
+    then come from the Hugging Face hub, cached by `datasets`). A named directory that does not exist is an error
+    naming the setting it came from, so a typo never falls back to the hub."""
+    if setting not in (None, ""):
+        path, origin = Path(setting), "data.local_dir"
+    elif environ.get(DATA_DIR_ENV):
+        path, origin = Path(environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
+    else:
+        return None
+    if not path.is_dir():
+        raise DataError(f"{origin} = {str(path)!r}: no such directory of local dataset copies "
+                        f"(working directory {Path.cwd()})")
+    return path
 
 
 Loader = Callable[..., list[dict]]
@@ -98,12 +130,13 @@ def normalize_problem(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Raw rows: from the hub when online, from local JSON Lines copies when offline.
+# Raw rows: from local JSON Lines copies when a copy directory is named, else from the hub.
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     """(`file:line`, row) for every non-blank line; invalid JSON or a non-object fails naming the file and line."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found (set data.local_dir, or data.offline: false to use the hub)")
+        raise DataError(f"{path}: file not found (local copies are read from data.local_dir or ${DATA_DIR_ENV}; "
+                        f"with neither set, datasets come from the hub)")
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -139,7 +172,7 @@ class Source:
 def iter_rows(ctx: LoadContext, source: Source) -> Iterator[tuple[str, dict]]:
     """(where, row) pairs of one source; `where` names the file and line, or the hub id, config, split and row."""
     if ctx.offline:
-        yield from read_jsonl(ctx.local_dir / source.local_file)
+        yield from read_jsonl(ctx.local_file(source.local_file))
         return
     for config in source.hub_configs:
         name = source.hub_id + (f"/{config}" if config else "")
@@ -207,7 +240,7 @@ def load_arithmetic_file(ctx: LoadContext, *, file: str = "arithmetic/MathTasks_
     """A file in the KRPO authors' schema (by default their 20,000-row test set; it has no hub copy). With
     `authors_filter`, keep only what their train.py keeps: len(question) < 128, num_terms <= 5, num_digits <= 5."""
     rows = []
-    for where, raw in read_jsonl(ctx.local_dir / file):
+    for where, raw in read_jsonl(ctx.local_file(file)):
         for name in ("id", "question", "answer", "num_terms", "num_digits"):
             text_field(raw, name, where)
         if not re.fullmatch(r"-?\d+", str(raw["answer"]).strip()):
@@ -425,15 +458,16 @@ def load_hub_dataset(ctx: LoadContext, *, hub_id: str, fields: Mapping[str, str]
 # ---------------------------------------------------------------------------------------------------------------
 # Tables: build, decontaminate, write, read.
 
-def build_dataset(spec: Mapping[str, Any], *, offline: bool, local_dir: Path, seed: int,
+def build_dataset(spec: Mapping[str, Any], *, local_dir: Path | None, seed: int,
                   arithmetic_presets: Mapping[str, Any], exclude: Iterable[str] = ()) -> tuple[pa.Table, dict]:
     """One config dataset entry (`{loader, params}`) as a checked table, training problems found in `exclude`
-    (benchmark problem texts) dropped; also returns stats (rows per split, the number decontaminated)."""
+    (benchmark problem texts) dropped; also returns stats (rows per split, the number decontaminated). `local_dir`
+    is the resolved copy directory (`resolve_local_dir`); None reads the hub."""
     name = spec["loader"]
     if name not in LOADERS:
         raise DataError(f"unknown dataset loader {name!r}; known: {', '.join(sorted(LOADERS))}")
     params = dict(spec.get("params") or {})
-    rows = LOADERS[name](LoadContext(offline, Path(local_dir), seed, arithmetic_presets), **params)
+    rows = LOADERS[name](LoadContext(None if local_dir is None else Path(local_dir), seed, arithmetic_presets), **params)
     table = check_table(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA), f"loader {name!r}")
     table, dropped = drop_problems(table, exclude)
     if table.num_rows == 0:

@@ -1,0 +1,85 @@
+"""The CPU dispatch pin: which kernels torch, oneDNN and MKL use decides a training run's numbers, and the CLI fixes
+that choice for every stage so that it no longer depends on what the host (or the caller's environment) offers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kalmanrl.dispatch import DISPATCH_ENV, LEVELS, DispatchError, cpu_flags, pin_cpu_dispatch
+
+HOST_HAS_AVX2 = {"avx2", "fma"} <= cpu_flags()
+
+# A few AdamW steps of a small Qwen2 through the CLI's own pin; prints torch's capability and a hash of the weights.
+TRAIN = r"""
+import hashlib, sys
+from kalmanrl.dispatch import pin_cpu_dispatch
+pin_cpu_dispatch()
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=256, max_position_embeddings=64))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+tokens = torch.randint(0, 256, (8, 32))
+for _ in range(3):
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+weights = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(weights).hexdigest())
+"""
+
+
+def train(**env: str) -> tuple[str, str]:
+    """(torch's CPU capability, weight hash) of TRAIN in a fresh process with `env` on top of a clean environment."""
+    clean = {k: v for k, v in os.environ.items() if k not in {DISPATCH_ENV, *LEVELS["avx2"][1]}}
+    result = subprocess.run([sys.executable, "-c", TRAIN], env={**clean, "OMP_NUM_THREADS": "1", **env},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    capability, digest = result.stdout.split()
+    return capability, digest
+
+
+def test_each_level_sets_every_library_and_overrides_the_callers_values():
+    environ = {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AUTO"}
+    assert pin_cpu_dispatch(environ, flags={"avx2", "fma"}, machine="x86_64") == "avx2"
+    assert environ == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2",
+                       DISPATCH_ENV: "avx2"}
+    environ = {DISPATCH_ENV: "baseline"}
+    pin_cpu_dispatch(environ, flags=set(), machine="x86_64")
+    assert environ["ATEN_CPU_CAPABILITY"] == "default" and environ["MKL_CBWR"] == "COMPATIBLE"
+    environ = {DISPATCH_ENV: "native", "ATEN_CPU_CAPABILITY": "avx512"}
+    pin_cpu_dispatch(environ, flags=set(), machine="x86_64")
+    assert environ == {DISPATCH_ENV: "native", "ATEN_CPU_CAPABILITY": "avx512"}
+
+
+def test_a_cpu_without_the_pinned_instructions_or_an_unknown_level_fails_loudly():
+    with pytest.raises(DispatchError, match="lacks avx2, fma, .*=baseline"):
+        pin_cpu_dispatch({}, flags={"sse4_2"}, machine="x86_64")
+    with pytest.raises(DispatchError, match="unknown level; known: avx2, baseline, native"):
+        pin_cpu_dispatch({DISPATCH_ENV: "avx512"}, flags=set(), machine="x86_64")
+    assert pin_cpu_dispatch({}, flags=set(), machine="aarch64") == "native"  # nothing to pin off x86
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2, so the avx2 level cannot run here")
+def test_results_depend_on_the_dispatch_until_it_is_pinned():
+    """Unpinned, the host's kernels decide the weights: this AVX2 host (native) and the same host restricted to the
+    x86-64 baseline kernels (ATen `default`, MKL `COMPATIBLE`: what a CPU without AVX2 runs) train different
+    weights. Pinned, the caller's or host's choice no longer matters: the `avx2` pin gives one result whatever the
+    environment asks for, and so does the `baseline` pin, which is what every x86-64 CPU can run."""
+    native = train(**{DISPATCH_ENV: "native"})
+    weaker_host = train(**{DISPATCH_ENV: "native", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"})
+    assert native[0] == "AVX2" and weaker_host[0] == "DEFAULT"
+    assert native[1] != weaker_host[1], "the dispatch no longer changes results: this test cannot tell anything"
+
+    pinned = {train(), train(ATEN_CPU_CAPABILITY="default", MKL_CBWR="COMPATIBLE", ONEDNN_MAX_CPU_ISA="SSE41")}
+    assert pinned == {("AVX2", native[1])}  # on this AVX2 host the avx2 pin costs nothing
+    baseline = {train(**{DISPATCH_ENV: "baseline"}),
+                train(**{DISPATCH_ENV: "baseline", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"})}
+    assert len(baseline) == 1 and next(iter(baseline))[0] == "DEFAULT"
