@@ -1,4 +1,4 @@
-"""GRPO, KRPO, KPO and GSPO as algorithms.md specifies them: the advantage estimators, the ratio transforms (values
+"""GRPO, KRPO, KPO and GSPO as docs/algorithms.md specifies them: the advantage estimators, the ratio transforms (values
 and gradients), the clipped loss and its aggregates, the off-policy guard, the registries and the noise diagnostic."""
 
 import math
@@ -63,7 +63,7 @@ def test_grpo_scales_by_group_batch_or_not_at_all():
 # ---------------------------------------------------------------------------------------------------------- KRPO
 
 def krpo_reference(rewards: list[float], q=1e-5, r=1e-2, x=0.0, p=1.0, eps=1e-8) -> list[float]:
-    """algorithms.md's KRPO loop for one group."""
+    """docs/algorithms.md's KRPO loop for one group."""
     out = []
     for reward in rewards:
         prior = p + q

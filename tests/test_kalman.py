@@ -1,4 +1,4 @@
-"""The vectorised Kalman filter equals the plain sequential filter of algorithms.md, masks included, for any shape,
+"""The vectorised Kalman filter equals the plain sequential filter of docs/algorithms.md, masks included, for any shape,
 dtype, length and q/r; and its gains are the table the KRPO spec quotes."""
 
 import math
@@ -13,7 +13,7 @@ from kalmanrl.kalman import kalman_filter, kalman_gains
 
 def sequential_filter(z: torch.Tensor, mask: torch.Tensor | None, q: float, r: float, x0: float,
                       p0: float) -> torch.Tensor:
-    """The reference: algorithms.md's loop, one row and one token at a time, in float64; masked tokens skipped."""
+    """The reference: docs/algorithms.md's loop, one row and one token at a time, in float64; masked tokens skipped."""
     rows = z.detach().double().reshape(-1, z.shape[-1])
     valid = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask.reshape(rows.shape).bool()
     out = torch.zeros_like(rows)

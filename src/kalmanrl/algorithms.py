@@ -1,4 +1,4 @@
-"""GRPO, KRPO, KPO, GSPO and GMPO as one clipped loss with two pluggable pieces (algorithms.md): an advantage
+"""GRPO, KRPO, KPO, GSPO and GMPO as one clipped loss with two pluggable pieces (docs/algorithms.md): an advantage
 estimator (rewards of each prompt's group -> one advantage per completion) and a ratio transform (token log-probs ->
 the importance ratio rho the surrogate uses). Both are registries filled by decorators, looked up by the config's name.
 

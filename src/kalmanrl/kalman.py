@@ -1,5 +1,6 @@
-"""The scalar random-walk Kalman filter as a fixed linear recurrence (algorithms.md, "The Kalman filter is a fixed
-linear recurrence"); KRPO filters the rewards of a group with it, KPO the token log-ratios of a sequence.
+"""The scalar random-walk Kalman filter as a fixed linear recurrence (docs/algorithms.md, "Computing the
+filter fast: a fixed linear recurrence"); KRPO filters the rewards of a group with it, KPO the token log-ratios
+of a sequence.
 
 Model: x_t = x_{t-1} + w (var q), z_t = x_t + v (var r). With constant q and r the gains K_t do not depend on the
 observations, so the filtered means are a fixed linear map of z:
