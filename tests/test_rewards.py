@@ -41,7 +41,7 @@ def patient_reward():
 
 
 def test_unknown_reward_fails_listing_the_known_ones():
-    with pytest.raises(KeyError, match=r"known rewards: (\w+, )*krpo_arithmetic, math_verify"):
+    with pytest.raises(KeyError, match=r"unknown reward 'exact_match' \(known: (\w+, )*krpo_arithmetic, math_verify"):
         get_reward("exact_match")
 
 

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 from importlib import resources
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,6 @@ def validate_config(config: dict) -> dict:
 
 
 def _check_references(config: dict) -> None:
-    from kalmanrl.algorithms import check_algorithm
-
     for key in ("tasks", "benchmarks"):
         for name in config[key]:
             if name not in config["datasets"]:
@@ -152,15 +151,58 @@ def _check_references(config: dict) -> None:
     if train["keep_every"] % train["checkpoint_every"]:
         raise ConfigError(f"config.train.keep_every: {train['keep_every']} is not a multiple of "
                           f"train.checkpoint_every = {train['checkpoint_every']}")
-    steps = train["ppo_epochs"] * train["mini_batches"]
     for name, algorithm in config["algorithms"].items():
-        try:
-            check_algorithm(algorithm, steps)
-        except ValueError as err:
-            raise ConfigError(f"config.algorithms.{name}: {err}") from None
+        check_algorithm_names(f"config.algorithms.{name}", algorithm, train)
+    for name, dataset in config["datasets"].items():
+        check_dataset_names(f"config.datasets.{name}", dataset)
     evaluate = config["evaluate"]
     if max(evaluate["pass_k"]) > evaluate["k"]:
         raise ConfigError(f"config.evaluate.pass_k: {evaluate['pass_k']} asks for more than k = {evaluate['k']} samples")
+
+
+def _bound(name_key: str, params_key: str | None, bind: Callable[[], Any]) -> Any:
+    """`bind()`, with a registry's unknown name reported at `name_key` and a bad parameter at `params_key`."""
+    from kalmanrl.registry import ParameterError, UnknownNameError
+
+    try:
+        return bind()
+    except UnknownNameError as err:
+        raise ConfigError(f"{name_key}: {err}") from None
+    except (ParameterError, ValueError, TypeError) as err:
+        raise ConfigError(f"{params_key or name_key}: {err}") from None
+
+
+def check_algorithm_names(where: str, algorithm: dict, train: dict) -> None:
+    """Bind an algorithm's estimator, ratio transform and surrogate by name with their parameters, and try the
+    estimator and the transform on a zero batch of the run's group size, so a bad name or value fails at
+    validation (naming its key) instead of at the first training step. Needs torch, nothing else."""
+    import torch
+
+    from kalmanrl import algorithms
+
+    estimator = _bound(f"{where}.advantage", f"{where}.advantage_params",
+                       lambda: algorithms.get_advantage_estimator(algorithm["advantage"],
+                                                                  **algorithm["advantage_params"]))
+    ratio = _bound(f"{where}.ratio", f"{where}.ratio_params",
+                   lambda: algorithms.get_ratio_transform(algorithm["ratio"], **algorithm["ratio_params"]))
+    _bound(f"{where}.surrogate", None, lambda: algorithms.SURROGATES.get(algorithm["surrogate"]))
+    rewards, tokens = torch.zeros(1, train["group_size"], dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
+    _bound(f"{where}.advantage", f"{where}.advantage_params", lambda: estimator(rewards))
+    _bound(f"{where}.ratio", f"{where}.ratio_params", lambda: ratio(tokens, tokens, torch.ones_like(tokens)))
+    _bound(where, None, lambda: algorithms.check_algorithm(algorithm, train["ppo_epochs"] * train["mini_batches"]))
+
+
+def check_dataset_names(where: str, dataset: dict) -> None:
+    """Check a dataset's loader, template and reward names and parameters against their registries, without
+    loading data or starting reward worker processes (a reward is built, which starts none, and closed)."""
+    from kalmanrl.data import LOADERS
+    from kalmanrl.prompts import TEMPLATES
+    from kalmanrl.rewards import get_reward
+
+    _bound(f"{where}.loader", f"{where}.params", lambda: LOADERS.check_params(dataset["loader"], dataset["params"]))
+    _bound(f"{where}.template", None, lambda: TEMPLATES.get(dataset["template"]))
+    _bound(f"{where}.reward", f"{where}.reward_params",
+           lambda: get_reward(dataset["reward"], **dataset["reward_params"]).close())
 
 
 def load_config(path: str | Path) -> dict:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from kalmanrl import arithmetic
 from kalmanrl.io import atomic_path
 from kalmanrl.prompts import strip_boxed_instruction
+from kalmanrl.registry import Registry
 from kalmanrl.rewards import last_boxed
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,12 @@ class LoadContext:
 
 
 Loader = Callable[..., list[dict]]
-LOADERS: dict[str, Loader] = {}
+LOADERS: Registry[Loader] = Registry("dataset loader")
 
 
 def register_loader(name: str) -> Callable[[Loader], Loader]:
-    """Register `fn(ctx: LoadContext, **params) -> rows` under `name` (the config's `loader`)."""
-    def decorator(fn: Loader) -> Loader:
-        LOADERS[name] = fn
-        return fn
-    return decorator
+    """Register `fn(ctx: LoadContext, *, **params) -> rows` under `name` (the config's `loader`)."""
+    return LOADERS.register(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -430,10 +428,8 @@ def build_dataset(spec: Mapping[str, Any], *, offline: bool, local_dir: Path, se
     """One config dataset entry (`{loader, params}`) as a checked table, training problems found in `exclude`
     (benchmark problem texts) dropped; also returns stats (rows per split, the number decontaminated)."""
     name = spec["loader"]
-    if name not in LOADERS:
-        raise DataError(f"unknown dataset loader {name!r}; known: {', '.join(sorted(LOADERS))}")
     params = dict(spec.get("params") or {})
-    rows = LOADERS[name](LoadContext(offline, Path(local_dir), seed, arithmetic_presets), **params)
+    rows = LOADERS.bind(name, params)(LoadContext(offline, Path(local_dir), seed, arithmetic_presets))
     table = check_table(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA), f"loader {name!r}")
     table, dropped = drop_problems(table, exclude)
     if table.num_rows == 0:

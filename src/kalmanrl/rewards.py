@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
+from kalmanrl.registry import Registry
 from kalmanrl.workers import LimitHit, WorkerPool
 
 __all__ = ["Verdict", "RewardFunction", "register_reward", "get_reward", "list_rewards", "limit_hits", "last_boxed"]
@@ -56,30 +57,22 @@ class Check:
     formatted: bool
 
 
-_REWARDS: dict[str, type[RewardFunction]] = {}
+REWARDS: Registry[type[RewardFunction]] = Registry("reward")
 
 
 def register_reward(name: str) -> Callable[[type[RewardFunction]], type[RewardFunction]]:
     """Class decorator: make a `RewardFunction` subclass available to `get_reward` under `name`."""
-
-    def register(cls: type[RewardFunction]) -> type[RewardFunction]:
-        if name in _REWARDS:
-            raise ValueError(f"reward {name!r} is already registered")
-        _REWARDS[name] = cls
-        return cls
-
-    return register
+    return REWARDS.register(name)
 
 
 def list_rewards() -> list[str]:
-    return sorted(_REWARDS)
+    return REWARDS.names()
 
 
 def get_reward(name: str, **params) -> RewardFunction:
-    """The reward registered as `name`, built with `params` (see each reward's docstring)."""
-    if name not in _REWARDS:
-        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(list_rewards())}")
-    return _REWARDS[name](**params)
+    """The reward registered as `name`, built with `params` (see each reward's docstring); unknown parameters
+    fail naming the known ones. No worker process starts before the first completion that needs one."""
+    return REWARDS.bind(name, params)
 
 
 class RewardFunction:
