@@ -33,6 +33,10 @@ def schema_reference(def_name: str) -> str:
     """Plain-text reference of one schema definition: key, default, description."""
     definition = load_schema()["$defs"][def_name]
     lines = [f"{def_name}:"]
+    if "properties" not in definition:  # a plain value (plugins)
+        text = " ".join(str(definition.get("description", "")).split())
+        return "\n".join([f"{def_name} (default {json.dumps(definition.get('default'))})",
+                          *textwrap.wrap(text, 100, initial_indent="      ", subsequent_indent="      ")])
     for key, sub in definition.get("properties", {}).items():
         if "$ref" in sub:
             sub = load_schema()["$defs"][sub["$ref"].rsplit("/", 1)[1]]

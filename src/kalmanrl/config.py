@@ -7,9 +7,11 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import importlib
 import json
+import sys
+from collections.abc import Callable, Iterable
 from importlib import resources
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +129,36 @@ def validate_config(config: dict) -> dict:
     config = fill_defaults(config, schema)
     config["datasets"] = {**fill_defaults(builtin_datasets(), schema["properties"]["datasets"]), **config["datasets"]}
     check(config, schema, "config")
+    import_plugins(config["plugins"])
     _check_references(config)
     return config
+
+
+def import_plugins(plugins: Iterable[str], where: str = "config.plugins") -> None:
+    """Import the user's modules so that what they register (estimators, rewards, loaders, templates) can be named
+    in the config: a dotted module name importable from the working directory, or a `.py` file relative to it (its
+    directory goes on sys.path, so reward worker processes can import it by name too). Importing twice is a no-op."""
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    for index, plugin in enumerate(plugins):
+        key = f"{where}[{index}]"
+        if plugin.endswith(".py"):
+            path = Path(plugin).resolve()
+            if not path.is_file():
+                raise ConfigError(f"{key}: no file {plugin!r} (relative to the working directory {cwd})")
+            if str(path.parent) not in sys.path:
+                sys.path.insert(0, str(path.parent))
+            name = path.stem
+        else:
+            name, path = plugin, None
+        try:
+            module = importlib.import_module(name)
+        except Exception as err:
+            raise ConfigError(f"{key}: importing plugin {plugin!r} failed: {type(err).__name__}: {err}") from err
+        if path is not None and Path(getattr(module, "__file__", "") or "").resolve() != path:
+            raise ConfigError(f"{key}: plugin {plugin!r} is shadowed by the module {name!r} at "
+                              f"{getattr(module, '__file__', None)}: rename the file")
 
 
 def _check_references(config: dict) -> None:
@@ -220,32 +250,34 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
     """Everything one stage needs from the config, and nothing else: the rule passes it as a Snakemake param, so a
     change reruns exactly the jobs it affects. Evaluation takes an optional `step` (an intermediate checkpoint)."""
     datasets = config["datasets"]
+    plugins = {"plugins": config["plugins"]} if config.get("plugins") else {}  # the job imports them first
     if stage == "data":
         name = wildcards["dataset"]
-        return {"name": name, "dataset": datasets[name], "data": config["data"]}
+        return {"name": name, "dataset": datasets[name], "data": config["data"], **plugins}
     if stage == "model":
         model = config["models"][wildcards["model"]]
         return {"model": model, **({"templates": sorted({datasets[t]["template"] for t in config["tasks"]})}
-                                   if model["source"] == "tiny" else {})}
+                                   if model["source"] == "tiny" else {}), **plugins}
     if stage == "sft":
-        return {"sft": config["sft"], "template": datasets[wildcards["task"]]["template"], "seed": config["data"]["seed"]}
+        return {"sft": config["sft"], "template": datasets[wildcards["task"]]["template"], "seed": config["data"]["seed"],
+                **plugins}
     ident = {k: wildcards[k] for k in ("model", "task", "algorithm", "benchmark") if k in wildcards}
     if "seed" in wildcards:
         ident["seed"] = int(wildcards["seed"])
     if stage == "train":
         return {"train": config["train"], "algorithm": config["algorithms"][wildcards["algorithm"]],
-                "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident}
+                "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident, **plugins}
     if stage == "evaluate":
         final = 0 if ident["algorithm"] == "sft" else config["train"]["steps"]
         ident["step"] = int(wildcards.get("step") or final)
         return {"evaluate": config["evaluate"], "rollout": config["rollout"],
-                "benchmark": datasets[wildcards["benchmark"]], "ident": ident}
+                "benchmark": datasets[wildcards["benchmark"]], "ident": ident, **plugins}
     if stage == "report":
         return {"report": config["report"]}
     raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
 
 
-_SETTINGS_PARTS = {"dataset": "dataset", "data": "data", "model": "model", "sft": "sft", "train": "train",
+_SETTINGS_PARTS = {"plugins": "plugins", "dataset": "dataset", "data": "data", "model": "model", "sft": "sft", "train": "train",
                    "algorithm": "algorithm", "rollout": "rollout", "task": "dataset", "evaluate": "evaluate",
                    "benchmark": "dataset", "report": "report"}
 
@@ -271,4 +303,8 @@ def parse_settings(text: str) -> dict:
         if key in settings:
             check(settings[key], defs[def_name], key)
             settings[key] = fill_defaults(settings[key], defs[def_name])
+    import_plugins(settings.get("plugins", []), "plugins")
+    for key in ("dataset", "task", "benchmark"):
+        if key in settings:
+            check_dataset_names(key, settings[key])
     return settings
