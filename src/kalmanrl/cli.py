@@ -159,9 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "help": "GPUs this job was granted: claims that many free devices and sets CUDA_VISIBLE_DEVICES "
                                "(0 hides every GPU; default: leave CUDA_VISIBLE_DEVICES as it is)"})
     _stage(sub, "data", "Build one dataset as Parquet (hub or local files; synthetic arithmetic).", cmd_data, [
-        ("--out", path("output Parquet file")),
-        ("--exclude", {"type": Path, "nargs": "*", "default": [],
-                       "help": "dataset Parquet files whose problems are dropped (decontamination)"})])
+        ("--out", path("output Parquet file"))])
     decon = sub.add_parser("decontaminate", help="A dataset's train split without the problems of benchmarks.",
                            description="Write the train split of --dataset, dropping every problem whose normalised "
                                        "text appears in the test split of an --exclude dataset; logs the count.")

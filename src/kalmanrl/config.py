@@ -253,7 +253,9 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
     plugins = {"plugins": config["plugins"]} if config.get("plugins") else {}  # the job imports them first
     if stage == "data":
         name = wildcards["dataset"]
-        return {"name": name, "dataset": datasets[name], "data": config["data"], **plugins}
+        # Not `decontaminate`: the decontaminate rule reads it, and toggling it must not rebuild every dataset.
+        data = {key: value for key, value in config["data"].items() if key != "decontaminate"}
+        return {"name": name, "dataset": datasets[name], "data": data, **plugins}
     if stage == "model":
         model = config["models"][wildcards["model"]]
         return {"model": model, **({"templates": sorted({datasets[t]["template"] for t in config["tasks"]})}
