@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kalmanrl import __version__
-from kalmanrl.config import ConfigError, load_config, load_schema, parse_settings, stage_settings
+from kalmanrl.config import ConfigError, load_config, load_schema, parse_settings, resolve_ref, stage_settings
 from kalmanrl.devices import gpu_placement
 
 log = logging.getLogger("kalmanrl")
@@ -38,8 +38,7 @@ def schema_reference(def_name: str) -> str:
         return "\n".join([f"{def_name} (default {json.dumps(definition.get('default'))})",
                           *textwrap.wrap(text, 100, initial_indent="      ", subsequent_indent="      ")])
     for key, sub in definition.get("properties", {}).items():
-        if "$ref" in sub:
-            sub = load_schema()["$defs"][sub["$ref"].rsplit("/", 1)[1]]
+        sub = resolve_ref(sub)
         default = json.dumps(sub.get("default")) if "default" in sub else "required"
         text = " ".join(str(sub.get("description", "")).split())
         lines.append(f"  {key} (default {default})")

@@ -37,25 +37,26 @@ def builtin_datasets() -> dict:
     return yaml.safe_load(resources.files("kalmanrl").joinpath("catalogue.yaml").read_text())
 
 
-def _resolve(schema: dict) -> dict:
+def resolve_ref(schema: dict) -> dict:
+    """The schema node a `$ref` points to (followed until there is none), or `schema` itself."""
     ref = schema.get("$ref")
     if ref is None:
         return schema
     node: Any = load_schema()
     for part in ref.removeprefix("#/").split("/"):
         node = node[part]
-    return _resolve(node)
+    return resolve_ref(node)
 
 
 def fill_defaults(value: Any, schema: dict) -> Any:
     """Return `value` with every missing key that has a schema default filled in, recursively (through $ref,
     nested objects and name -> object mappings)."""
-    schema = _resolve(schema)
+    schema = resolve_ref(schema)
     if not isinstance(value, dict):
         return value
     out = dict(value)
     for key, sub in schema.get("properties", {}).items():
-        sub = _resolve(sub)
+        sub = resolve_ref(sub)
         if key not in out and "default" in sub:
             out[key] = copy.deepcopy(sub["default"])
         if key in out:
@@ -74,25 +75,25 @@ def _accepts_string(schema: dict) -> bool:
     return "string" in ([types] if isinstance(types, str) else types)
 
 
-def _parse_text(text: str) -> Any:
-    """JSON first (YAML 1.1 reads 1e-06 as a string), then YAML; the text itself when neither parses."""
+def parse_text(text: str) -> Any:
+    """A value written as JSON or YAML: JSON first (YAML 1.1 reads 1e-06 as a string), then YAML, which raises
+    yaml.YAMLError when neither parses."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        pass
-    try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 def coerce_strings(value: Any, schema: dict) -> Any:
     """Read strings as JSON/YAML values wherever the schema does not take a string: `snakemake --config` passes
     `seeds='[0,1]'` as ['0', '1'] and `train={lr: 1e-4}` with '1e-4', and YAML 1.1 files read 1e-4 as a string.
     What still does not fit is left for validation to name."""
-    schema = _resolve(schema)
+    schema = resolve_ref(schema)
     if isinstance(value, str) and not _accepts_string(schema):
-        value = _parse_text(value)
+        try:
+            value = parse_text(value)
+        except yaml.YAMLError:
+            pass  # left as text, for validation to name
     if isinstance(value, dict):
         properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
         return {key: coerce_strings(item, properties.get(key, extra if isinstance(extra, dict) else {}))
@@ -106,7 +107,7 @@ def _describe(error: jsonschema.ValidationError, root: str) -> str:
     path = ".".join(str(p) for p in error.absolute_path)
     where = f"{root}.{path}" if path else root
     if error.validator == "additionalProperties":
-        known = sorted(_resolve(error.schema).get("properties", {}))
+        known = sorted(resolve_ref(error.schema).get("properties", {}))
         unexpected = sorted(set(error.instance) - set(known))
         return f"unknown key {', '.join(repr(f'{where}.{k}') for k in unexpected)} (known keys: {', '.join(known)})"
     return f"{where}: {error.message}"
@@ -291,13 +292,10 @@ def parse_settings(text: str) -> dict:
     if text.startswith("@"):
         source = text[1:]
         text = Path(source).read_text()
-    try:  # JSON first: YAML 1.1 would read 1e-06 as a string
-        settings = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            settings = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source} is neither JSON nor YAML: {err}") from None
+    try:
+        settings = parse_text(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is neither JSON nor YAML: {err}") from None
     if not isinstance(settings, dict):
         raise ConfigError("--settings must be a mapping")
     defs = load_schema()["$defs"]
