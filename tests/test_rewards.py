@@ -479,3 +479,20 @@ def test_workers_that_cannot_start_raise_naming_why(tmp_path):
                                cwd=tmp_path)
     assert from_file.returncode == 0, from_file.stderr
     assert "reward=1.0" in from_file.stdout
+
+
+def test_a_worker_that_fails_its_warm_up_or_stays_silent_raises():
+    pool = WorkerPool(int, num_workers=1, timeout_s=5.0, max_memory_mb=512, warmup=("x",))
+    try:
+        with pytest.raises(WorkerStartError, match=r"(?s)failed its warm-up check.*ValueError: invalid literal"):
+            pool.run([("1",)])
+    finally:
+        pool.close()
+    pool = WorkerPool(time.sleep, num_workers=1, timeout_s=5.0, max_memory_mb=512, warmup=(30,), start_timeout_s=1.0)
+    try:
+        start = time.monotonic()
+        with pytest.raises(WorkerStartError, match=r"did not report ready within 1 s"):
+            pool.run([(0,)])
+        assert time.monotonic() - start < 10
+    finally:
+        pool.close()
