@@ -139,6 +139,9 @@ def import_plugins(plugins: Iterable[str], where: str = "config.plugins") -> Non
     """Import the user's modules so that what they register (estimators, rewards, loaders, templates) can be named
     in the config: a dotted module name importable from the working directory, or a `.py` file relative to it (its
     directory goes on sys.path, so reward worker processes can import it by name too). Importing twice is a no-op."""
+    plugins = list(plugins)
+    if not plugins:
+        return
     cwd = str(Path.cwd())
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
