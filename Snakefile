@@ -1,5 +1,6 @@
 # kalmanrl: GRPO vs KRPO vs KPO, from data to report.
-# Thin by design: validate the config, include one rule file per stage, name the final targets.
+# Thin by design: validate the config (common.smk; its `plugins` are imported first, so every name they register is
+# checked like a built-in one), include one rule file per stage, name the final targets.
 from snakemake.utils import min_version
 
 min_version("9.19")

@@ -35,6 +35,18 @@ def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
     assert "train.lr" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("settings, message", [
+    ('{"benchmark": {"loader": "math500", "reward": "exact"}}', "benchmark.reward: unknown reward 'exact' (known: "),
+    ('{"task": {"loader": "arithmetic", "template": "r1"}}', "task.template: unknown prompt template 'r1' (known: "),
+    ('{"plugins": ["missing_plugin.py"]}', "plugins[0]: no file 'missing_plugin.py'"),
+])
+def test_a_jobs_settings_are_checked_against_the_registries_before_it_runs(tmp_path, capsys, settings, message):
+    code = main(["evaluate", "--settings", settings, "--model", "m", "--dataset", "d", "--details",
+                 str(tmp_path / "d"), "--summary", str(tmp_path / "s")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("config_first", [False, True])
 def test_settings_command_prints_a_jobs_settings(repo_root, config_first):
     config = ["--config", str(repo_root / "config" / "smoke.yaml")]

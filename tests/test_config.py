@@ -1,6 +1,7 @@
 """The config schema is the single source of defaults and validation; errors name the key that is wrong."""
 
 import copy
+import re
 import json
 
 import pytest
@@ -123,3 +124,44 @@ def test_command_line_strings_are_read_as_the_types_the_schema_asks_for():
 def test_a_string_that_is_no_number_is_still_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"config.train.lr: 'fast' is not of type 'number'"):
         validate_config({"train": {"lr": "fast"}})
+
+
+@pytest.mark.parametrize("definition, key, registry", [
+    ("dataset", "template", "kalmanrl.prompts:TEMPLATES"),
+    ("dataset", "loader", "kalmanrl.data:LOADERS"),
+    ("dataset", "reward", "kalmanrl.rewards:REWARDS"),
+    ("algorithm", "advantage", "kalmanrl.algorithms:ADVANTAGE_ESTIMATORS"),
+    ("algorithm", "ratio", "kalmanrl.algorithms:RATIO_TRANSFORMS"),
+    ("algorithm", "surrogate", "kalmanrl.algorithms:SURROGATES"),
+])
+def test_the_schema_lists_every_built_in_name_of_a_registry(definition, key, registry):
+    """The schema is the reference `kalmanrl config` prints: its lists of names must not fall behind the code."""
+    import importlib
+
+    module, attribute = registry.split(":")
+    names = getattr(importlib.import_module(module), attribute).names()
+    description = load_schema()["$defs"][definition]["properties"][key]["description"]
+    missing = [name for name in names if not name.startswith("test_")
+               and not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", description)]
+    assert names and not missing, f"$defs.{definition}.{key} does not list {missing}"
+
+
+def test_schema_nodes_hold_only_json_schema_keywords():
+    """A comma in an unquoted flow-mapping description (`{description: a (b, c).}`) silently cuts the text and adds
+    a key `c).`; the validator ignores unknown keywords, so only this catches it."""
+    keywords = {"$schema", "title", "description", "type", "default", "properties", "additionalProperties", "items",
+                "required", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems",
+                "maxItems", "minLength", "minProperties", "uniqueItems", "$ref", "$defs"}
+
+    def stray(node, path):
+        if not isinstance(node, dict):
+            return []
+        found = [f"{path}.{key}" for key in node if key not in keywords]
+        for key, value in node.items():
+            if key in ("properties", "$defs"):
+                found += [bad for name, sub in value.items() for bad in stray(sub, f"{path}.{key}.{name}")]
+            elif key in ("additionalProperties", "items"):
+                found += stray(value, f"{path}.{key}")
+        return found
+
+    assert stray(load_schema(), "schema") == []

@@ -13,6 +13,7 @@ import pytest
 from kalmanrl import arithmetic
 from kalmanrl.data import (DATASET_SCHEMA, DataError, build_dataset, decontaminate, last_boxed, normalize_problem,
                            read_dataset, write_dataset)
+from kalmanrl.registry import UnknownNameError
 
 PRESETS = {"easy": [3, 3], "normal": [5, 5], "hard": [6, 6]}
 QUESTION = re.compile(r"(?P<pre>Solve |What is )?(?P<expr>.*?)(?P<post>\?| = \?| =)?")
@@ -208,7 +209,7 @@ def test_a_filter_that_leaves_nothing_is_an_error_not_an_empty_file(shared_data)
 
 
 def test_unknown_loader_fails_listing_the_known_ones(tmp_path):
-    with pytest.raises(DataError, match=r"unknown dataset loader 'mmlu'; known: .*aime24.*openmath"):
+    with pytest.raises(UnknownNameError, match=r"unknown dataset loader 'mmlu' \(known: .*aime24.*openmath"):
         build({"loader": "mmlu"}, tmp_path)
 
 

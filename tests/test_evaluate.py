@@ -120,7 +120,7 @@ def test_evaluation_writes_details_and_a_summary_with_provenance(tmp_path, tiny_
     assert 0 <= row["pass_at_1"] <= row["pass_at_3"] <= 1
     assert row["version_torch"] and len(row["sha256_data"]) == len(row["sha256_model"]) == 64
     assert row["command"].startswith("kalmanrl evaluate --settings ") and str(arithmetic_parquet) in row["command"]
-    assert summary["n_problems"] == 5
+    assert summary["n_problems"] == 5 and row["limit_hits"] == 0  # arithmetic: no reward limit can be hit
 
 
 def test_evaluation_is_deterministic_given_its_seed(tmp_path, tiny_model_dir, arithmetic_parquet):

@@ -67,8 +67,8 @@ def test_boxed_target_ends_in_the_gold_answer_boxed(solution):
 
 
 def test_unknown_template_fails_listing_the_known_ones():
-    with pytest.raises(KeyError, match="unknown prompt template 'r1'; known: answer_tag, boxed, kpo_eval, kpo_train, "
-                                      "krpo"):
+    with pytest.raises(KeyError, match=r"unknown prompt template 'r1' \(known: answer_tag, boxed, kpo_eval, kpo_train, "
+                                      r"krpo\)"):
         get_template("r1")
 
 

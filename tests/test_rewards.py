@@ -14,14 +14,17 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kalmanrl.rewards import Verdict, WorkerPool, get_reward, last_boxed, list_rewards, register_reward
+from kalmanrl.rewards import Verdict, get_reward, last_boxed, limit_hits, list_rewards, register_reward
+from kalmanrl.workers import CheckError, LimitHit, WorkerPool, WorkerStartError
 
 TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
 def math_reward():
+    """Started before it is used, so timing tests measure checks, not the workers' start-up."""
     with get_reward("math_verify", timeout_s=TIMEOUT_S, num_workers=2) as reward:
+        assert reward([r"\boxed{x+1}"] * 2, ["1+x"] * 2) == [1.0, 1.0]
         yield reward
 
 
@@ -38,7 +41,7 @@ def patient_reward():
 
 
 def test_unknown_reward_fails_listing_the_known_ones():
-    with pytest.raises(KeyError, match=r"known rewards: (\w+, )*krpo_arithmetic, math_verify"):
+    with pytest.raises(KeyError, match=r"unknown reward 'exact_match' \(known: (\w+, )*krpo_arithmetic, math_verify"):
         get_reward("exact_match")
 
 
@@ -362,9 +365,10 @@ def test_a_hostile_batch_is_bounded_and_keeps_the_order(math_reward):
 
 
 def test_answers_longer_than_max_chars_score_zero_unparsed():
-    with get_reward("math_verify", max_chars=8, num_workers=1) as reward:
+    with get_reward("math_verify", max_chars=8, num_workers=1, format_weight=0.5) as reward:
         verdicts = reward.judge([r"\boxed{123456789}", r"\boxed{12345678}"], ["123456789", "12345678"])
-        assert [v.correct for v in verdicts] == [False, True]
+        assert [(v.reward, v.correct, v.limit) for v in verdicts] == [(0.0, False, "length"), (1.5, True, None)]
+        assert limit_hits(verdicts) == 1
         assert reward._pool._workers == []  # both settled without a worker
 
 
@@ -374,7 +378,7 @@ def test_a_timed_out_worker_is_killed_and_replaced():
         assert pool.run([(5,)]) == [120]
         first = pool._workers[0].process
         start = time.monotonic()
-        assert pool.run([(4,), (10**9,), (6,)]) == [24, None, 720]
+        assert pool.run([(4,), (10**9,), (6,)]) == [24, LimitHit("time"), 720]
         assert time.monotonic() - start < 3.0
         assert not first.is_alive() and pool._workers[0].process.is_alive()
     finally:
@@ -384,7 +388,7 @@ def test_a_timed_out_worker_is_killed_and_replaced():
 def test_a_crashed_worker_is_replaced():
     pool = WorkerPool(os._exit, num_workers=1, timeout_s=5.0, max_memory_mb=512)
     try:
-        assert pool.run([(1,), (1,)]) == [None, None]
+        assert pool.run([(1,), (1,)]) == [LimitHit("crash"), LimitHit("crash")]
         assert len(pool._workers) == 1 and pool._workers[0].process.is_alive()
     finally:
         pool.close()
@@ -413,3 +417,82 @@ def test_workers_stop_when_the_reward_is_garbage_collected():
     gc.collect()
     process.join(5)
     assert not process.is_alive()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loud failures: only a limit scores 0, and it is counted
+
+
+def test_a_timed_out_completion_is_marked_and_counted(math_reward):
+    verdicts = math_reward.judge([r"\boxed{9^{9^{9^9}}}", r"\boxed{x+1}", "no answer"], ["1", "1+x", "1"])
+    assert [(v.reward, v.limit) for v in verdicts] == [(0.0, "time"), (1.0, None), (0.0, None)]
+    assert limit_hits(verdicts) == 1
+
+
+def test_memory_and_recursion_limits_are_limit_hits():
+    pool = WorkerPool(bytearray, num_workers=1, timeout_s=10.0, max_memory_mb=256)
+    try:
+        assert pool.run([(2**33,), (4,)]) == [LimitHit("memory"), bytearray(4)]
+    finally:
+        pool.close()
+    pool = WorkerPool(json.loads, num_workers=1, timeout_s=10.0, max_memory_mb=512)
+    try:
+        assert pool.run([("[" * 100_000 + "]" * 100_000,), ("[1]",)]) == [LimitHit("recursion"), [1]]
+    finally:
+        pool.close()
+
+
+def test_a_check_that_fails_otherwise_raises_naming_it():
+    pool = WorkerPool(int, num_workers=1, timeout_s=10.0, max_memory_mb=512)
+    try:
+        with pytest.raises(CheckError, match=r"(?s)builtins\.int\('twelve',\) raised.*ValueError: invalid literal"):
+            pool.run([("12",), ("twelve",)])
+    finally:
+        pool.close()
+
+
+SCRIPT = """
+from kalmanrl.rewards import get_reward
+
+if __name__ == "__main__":  # the workers re-import the main module
+    with get_reward("math_verify", num_workers=1) as reward:
+        print(reward.judge([r"\\boxed{x^2+1}"], ["1+x^2"]))
+"""
+
+
+def test_workers_that_cannot_start_raise_naming_why(tmp_path):
+    """The issue's repro: a script read on standard input. A fresh forkserver/spawn process re-imports the main
+    module from '<stdin>', which is not a file, so every worker dies at start; this used to score every completion
+    0 without a word (32 of Math-Verify's 254 cases agreed instead of 246)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    with script.open() as stdin:
+        piped = subprocess.run([sys.executable, "-"], stdin=stdin, capture_output=True, text=True, timeout=120,
+                               cwd=tmp_path)
+    assert piped.returncode != 0
+    assert "WorkerStartError" in piped.stderr and "standard input" in piped.stderr
+    assert "Verdict" not in piped.stdout
+    from_file = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                               cwd=tmp_path)
+    assert from_file.returncode == 0, from_file.stderr
+    assert "reward=1.0" in from_file.stdout
+
+
+def test_a_worker_that_fails_its_warm_up_or_stays_silent_raises():
+    pool = WorkerPool(int, num_workers=1, timeout_s=5.0, max_memory_mb=512, warmup=("x",))
+    try:
+        with pytest.raises(WorkerStartError, match=r"(?s)failed its warm-up check.*ValueError: invalid literal"):
+            pool.run([("1",)])
+    finally:
+        pool.close()
+    pool = WorkerPool(time.sleep, num_workers=1, timeout_s=5.0, max_memory_mb=512, warmup=(30,), start_timeout_s=1.0)
+    try:
+        start = time.monotonic()
+        with pytest.raises(WorkerStartError, match=r"did not report ready within 1 s"):
+            pool.run([(0,)])
+        assert time.monotonic() - start < 10
+    finally:
+        pool.close()

@@ -19,84 +19,72 @@ clip. It is the named surrogate "geometric_mean" instead, used with the token ra
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
 
 import torch
 
 from kalmanrl.kalman import kalman_filter, kalman_gains
+from kalmanrl.registry import Registry
 
 AdvantageEstimator = Callable[[torch.Tensor], torch.Tensor]
 RatioTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-_ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {}
-_RATIO_TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {}
+ADVANTAGE_ESTIMATORS: Registry[Callable[..., torch.Tensor]] = Registry("advantage estimator")
+RATIO_TRANSFORMS: Registry[Callable[..., torch.Tensor]] = Registry("ratio transform")
+SURROGATES: Registry[Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = Registry("surrogate")
 _OFF_POLICY_RATIOS: set[str] = set()
-_SURROGATES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {}
 _SEQUENCE_SURROGATES: set[str] = set()
 AGGREGATES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-def _register(registry: dict, kind: str, name: str) -> Callable:
-    def decorator(fn: Callable) -> Callable:
-        if name in registry:
-            raise ValueError(f"{kind} {name!r} is already registered")
-        registry[name] = fn
-        return fn
-    return decorator
-
-
-def _lookup(registry: dict, kind: str, name: str) -> Callable:
-    if name not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
-    return registry[name]
-
-
-def _bind(fn: Callable, kind: str, name: str, params: dict) -> Callable:
-    """fn with its keyword parameters fixed; an unknown parameter fails now, not at the first training step."""
-    known = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    if unknown := sorted(set(params) - set(known)):
-        raise ValueError(f"{kind} {name!r} got unknown parameters {unknown}; known: {known}")
-    return functools.partial(fn, **params)
-
-
 def register_advantage_estimator(name: str) -> Callable:
     """Register `fn(rewards: [N, G], *, **params) -> advantages [N, G]` under `name`."""
-    return _register(_ADVANTAGE_ESTIMATORS, "advantage estimator", name)
+    return ADVANTAGE_ESTIMATORS.register(name)
 
 
 def register_ratio_transform(name: str, *, needs_off_policy: bool = False) -> Callable:
     """Register `fn(logp, old_logp, mask: [B, T], *, **params) -> rho [B, T]` under `name`. `needs_off_policy`:
     the transform equals the token ratio when old_logp == logp, so it is pointless with one optimiser step per
     rollout batch (see `check_off_policy`)."""
-    if needs_off_policy:
-        _OFF_POLICY_RATIOS.add(name)
-    return _register(_RATIO_TRANSFORMS, "ratio transform", name)
+    decorator = RATIO_TRANSFORMS.register(name)
+
+    def register(fn: Callable) -> Callable:
+        decorator(fn)
+        if needs_off_policy:
+            _OFF_POLICY_RATIOS.add(name)
+        return fn
+
+    return register
 
 
 def register_surrogate(name: str, *, per_sequence: bool = False) -> Callable:
     """Register `fn(rho, advantages, mask: [B, T], *, eps_low, eps_high, clip, clip_ratio_c) -> (loss, metrics)`
     under `name`: loss [B, T] per token, aggregated by the algorithm's `aggregate`, or with `per_sequence` [B] per
     sequence, averaged over sequences (which only aggregate "grpo" describes)."""
-    if per_sequence:
-        _SEQUENCE_SURROGATES.add(name)
-    return _register(_SURROGATES, "surrogate", name)
+    decorator = SURROGATES.register(name)
+
+    def register(fn: Callable) -> Callable:
+        decorator(fn)
+        if per_sequence:
+            _SEQUENCE_SURROGATES.add(name)
+        return fn
+
+    return register
 
 
 def get_advantage_estimator(name: str, **params) -> AdvantageEstimator:
     """The estimator `name` with `params` bound: `(rewards: [N, G]) -> advantages [N, G]` (detached)."""
-    return _bind(_lookup(_ADVANTAGE_ESTIMATORS, "advantage estimator", name), "advantage estimator", name, params)
+    return ADVANTAGE_ESTIMATORS.bind(name, params)
 
 
 def get_ratio_transform(name: str, **params) -> RatioTransform:
     """The ratio transform `name` with `params` bound: `(logp, old_logp, mask: [B, T]) -> rho [B, T]`."""
-    return _bind(_lookup(_RATIO_TRANSFORMS, "ratio transform", name), "ratio transform", name, params)
+    return RATIO_TRANSFORMS.bind(name, params)
 
 
 def ratio_needs_off_policy(name: str) -> bool:
     """True when the ratio transform `name` only differs from GRPO's token ratio off-policy (sequence, kpo)."""
-    _lookup(_RATIO_TRANSFORMS, "ratio transform", name)
+    RATIO_TRANSFORMS.get(name)
     return name in _OFF_POLICY_RATIOS
 
 
@@ -116,7 +104,7 @@ def check_algorithm(spec: dict, optimizer_steps_per_batch: int) -> None:
     GMPO's sequence-level surrogate with a token aggregate, dual-clip without the clipped surrogate."""
     check_off_policy(spec["ratio"], optimizer_steps_per_batch)
     surrogate, dual = spec.get("surrogate", "clipped"), spec.get("clip_ratio_c")
-    _lookup(_SURROGATES, "surrogate", surrogate)
+    SURROGATES.get(surrogate)
     if surrogate in _SEQUENCE_SURROGATES and spec.get("aggregate", "grpo") != "grpo":
         raise ValueError(f"surrogate {surrogate!r} is one value per sequence, averaged over sequences (aggregate "
                          f"'grpo'); got aggregate {spec['aggregate']!r}")
@@ -336,7 +324,7 @@ def policy_loss(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     """
     mask = mask.to(rho.dtype)
     advantages = advantages.detach()
-    fn = _lookup(_SURROGATES, "surrogate", surrogate)
+    fn = SURROGATES.get(surrogate)
     losses, metrics = fn(rho, advantages, mask, eps_low=eps_low, eps_high=eps_high, clip=clip,
                          clip_ratio_c=clip_ratio_c)
     if surrogate in _SEQUENCE_SURROGATES:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kalmanrl import __version__
-from kalmanrl.config import ConfigError, load_config, load_schema, parse_settings, stage_settings
+from kalmanrl.config import ConfigError, load_config, load_schema, parse_settings, resolve_ref, stage_settings
 from kalmanrl.devices import gpu_placement
 from kalmanrl.dispatch import DISPATCH_ENV, DispatchError, pin_cpu_dispatch
 
@@ -34,9 +34,12 @@ def schema_reference(def_name: str) -> str:
     """Plain-text reference of one schema definition: key, default, description."""
     definition = load_schema()["$defs"][def_name]
     lines = [f"{def_name}:"]
+    if "properties" not in definition:  # a plain value (plugins)
+        text = " ".join(str(definition.get("description", "")).split())
+        return "\n".join([f"{def_name} (default {json.dumps(definition.get('default'))})",
+                          *textwrap.wrap(text, 100, initial_indent="      ", subsequent_indent="      ")])
     for key, sub in definition.get("properties", {}).items():
-        if "$ref" in sub:
-            sub = load_schema()["$defs"][sub["$ref"].rsplit("/", 1)[1]]
+        sub = resolve_ref(sub)
         default = json.dumps(sub.get("default")) if "default" in sub else "required"
         text = " ".join(str(sub.get("description", "")).split())
         lines.append(f"  {key} (default {default})")
@@ -189,9 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "help": "GPUs this job was granted: claims that many free devices and sets CUDA_VISIBLE_DEVICES "
                                "(0 hides every GPU; default: leave CUDA_VISIBLE_DEVICES as it is)"})
     _stage(sub, "data", "Build one dataset as Parquet (hub or local files; synthetic arithmetic).", cmd_data, [
-        ("--out", path("output Parquet file")),
-        ("--exclude", {"type": Path, "nargs": "*", "default": [],
-                       "help": "dataset Parquet files whose problems are dropped (decontamination)"})])
+        ("--out", path("output Parquet file"))])
     decon = sub.add_parser("decontaminate", help="A dataset's train split without the problems of benchmarks.",
                            description="Write the train split of --dataset, dropping every problem whose normalised "
                                        "text appears in the test split of an --exclude dataset; logs the count.")

@@ -7,7 +7,10 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import importlib
 import json
+import sys
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,25 +37,26 @@ def builtin_datasets() -> dict:
     return yaml.safe_load(resources.files("kalmanrl").joinpath("catalogue.yaml").read_text())
 
 
-def _resolve(schema: dict) -> dict:
+def resolve_ref(schema: dict) -> dict:
+    """The schema node a `$ref` points to (followed until there is none), or `schema` itself."""
     ref = schema.get("$ref")
     if ref is None:
         return schema
     node: Any = load_schema()
     for part in ref.removeprefix("#/").split("/"):
         node = node[part]
-    return _resolve(node)
+    return resolve_ref(node)
 
 
 def fill_defaults(value: Any, schema: dict) -> Any:
     """Return `value` with every missing key that has a schema default filled in, recursively (through $ref,
     nested objects and name -> object mappings)."""
-    schema = _resolve(schema)
+    schema = resolve_ref(schema)
     if not isinstance(value, dict):
         return value
     out = dict(value)
     for key, sub in schema.get("properties", {}).items():
-        sub = _resolve(sub)
+        sub = resolve_ref(sub)
         if key not in out and "default" in sub:
             out[key] = copy.deepcopy(sub["default"])
         if key in out:
@@ -71,25 +75,25 @@ def _accepts_string(schema: dict) -> bool:
     return "string" in ([types] if isinstance(types, str) else types)
 
 
-def _parse_text(text: str) -> Any:
-    """JSON first (YAML 1.1 reads 1e-06 as a string), then YAML; the text itself when neither parses."""
+def parse_text(text: str) -> Any:
+    """A value written as JSON or YAML: JSON first (YAML 1.1 reads 1e-06 as a string), then YAML, which raises
+    yaml.YAMLError when neither parses."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        pass
-    try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 def coerce_strings(value: Any, schema: dict) -> Any:
     """Read strings as JSON/YAML values wherever the schema does not take a string: `snakemake --config` passes
     `seeds='[0,1]'` as ['0', '1'] and `train={lr: 1e-4}` with '1e-4', and YAML 1.1 files read 1e-4 as a string.
     What still does not fit is left for validation to name."""
-    schema = _resolve(schema)
+    schema = resolve_ref(schema)
     if isinstance(value, str) and not _accepts_string(schema):
-        value = _parse_text(value)
+        try:
+            value = parse_text(value)
+        except yaml.YAMLError:
+            pass  # left as text, for validation to name
     if isinstance(value, dict):
         properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
         return {key: coerce_strings(item, properties.get(key, extra if isinstance(extra, dict) else {}))
@@ -103,7 +107,7 @@ def _describe(error: jsonschema.ValidationError, root: str) -> str:
     path = ".".join(str(p) for p in error.absolute_path)
     where = f"{root}.{path}" if path else root
     if error.validator == "additionalProperties":
-        known = sorted(_resolve(error.schema).get("properties", {}))
+        known = sorted(resolve_ref(error.schema).get("properties", {}))
         unexpected = sorted(set(error.instance) - set(known))
         return f"unknown key {', '.join(repr(f'{where}.{k}') for k in unexpected)} (known keys: {', '.join(known)})"
     return f"{where}: {error.message}"
@@ -126,13 +130,42 @@ def validate_config(config: dict) -> dict:
     config = fill_defaults(config, schema)
     config["datasets"] = {**fill_defaults(builtin_datasets(), schema["properties"]["datasets"]), **config["datasets"]}
     check(config, schema, "config")
+    import_plugins(config["plugins"])
     _check_references(config)
     return config
 
 
-def _check_references(config: dict) -> None:
-    from kalmanrl.algorithms import check_algorithm
+def import_plugins(plugins: Iterable[str], where: str = "config.plugins") -> None:
+    """Import the user's modules so that what they register (estimators, rewards, loaders, templates) can be named
+    in the config: a dotted module name importable from the working directory, or a `.py` file relative to it (its
+    directory goes on sys.path, so reward worker processes can import it by name too). Importing twice is a no-op."""
+    plugins = list(plugins)
+    if not plugins:
+        return
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    for index, plugin in enumerate(plugins):
+        key = f"{where}[{index}]"
+        if plugin.endswith(".py"):
+            path = Path(plugin).resolve()
+            if not path.is_file():
+                raise ConfigError(f"{key}: no file {plugin!r} (relative to the working directory {cwd})")
+            if str(path.parent) not in sys.path:
+                sys.path.insert(0, str(path.parent))
+            name = path.stem
+        else:
+            name, path = plugin, None
+        try:
+            module = importlib.import_module(name)
+        except Exception as err:
+            raise ConfigError(f"{key}: importing plugin {plugin!r} failed: {type(err).__name__}: {err}") from err
+        if path is not None and Path(getattr(module, "__file__", "") or "").resolve() != path:
+            raise ConfigError(f"{key}: plugin {plugin!r} is shadowed by the module {name!r} at "
+                              f"{getattr(module, '__file__', None)}: rename the file")
 
+
+def _check_references(config: dict) -> None:
     for key in ("tasks", "benchmarks"):
         for name in config[key]:
             if name not in config["datasets"]:
@@ -156,15 +189,58 @@ def _check_references(config: dict) -> None:
     if train["keep_every"] % train["checkpoint_every"]:
         raise ConfigError(f"config.train.keep_every: {train['keep_every']} is not a multiple of "
                           f"train.checkpoint_every = {train['checkpoint_every']}")
-    steps = train["ppo_epochs"] * train["mini_batches"]
     for name, algorithm in config["algorithms"].items():
-        try:
-            check_algorithm(algorithm, steps)
-        except ValueError as err:
-            raise ConfigError(f"config.algorithms.{name}: {err}") from None
+        check_algorithm_names(f"config.algorithms.{name}", algorithm, train)
+    for name, dataset in config["datasets"].items():
+        check_dataset_names(f"config.datasets.{name}", dataset)
     evaluate = config["evaluate"]
     if max(evaluate["pass_k"]) > evaluate["k"]:
         raise ConfigError(f"config.evaluate.pass_k: {evaluate['pass_k']} asks for more than k = {evaluate['k']} samples")
+
+
+def _bound(name_key: str, params_key: str | None, bind: Callable[[], Any]) -> Any:
+    """`bind()`, with a registry's unknown name reported at `name_key` and a bad parameter at `params_key`."""
+    from kalmanrl.registry import ParameterError, UnknownNameError
+
+    try:
+        return bind()
+    except UnknownNameError as err:
+        raise ConfigError(f"{name_key}: {err}") from None
+    except (ParameterError, ValueError, TypeError) as err:
+        raise ConfigError(f"{params_key or name_key}: {err}") from None
+
+
+def check_algorithm_names(where: str, algorithm: dict, train: dict) -> None:
+    """Bind an algorithm's estimator, ratio transform and surrogate by name with their parameters, and try the
+    estimator and the transform on a zero batch of the run's group size, so a bad name or value fails at
+    validation (naming its key) instead of at the first training step. Needs torch, nothing else."""
+    import torch
+
+    from kalmanrl import algorithms
+
+    estimator = _bound(f"{where}.advantage", f"{where}.advantage_params",
+                       lambda: algorithms.get_advantage_estimator(algorithm["advantage"],
+                                                                  **algorithm["advantage_params"]))
+    ratio = _bound(f"{where}.ratio", f"{where}.ratio_params",
+                   lambda: algorithms.get_ratio_transform(algorithm["ratio"], **algorithm["ratio_params"]))
+    _bound(f"{where}.surrogate", None, lambda: algorithms.SURROGATES.get(algorithm["surrogate"]))
+    rewards, tokens = torch.zeros(1, train["group_size"], dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
+    _bound(f"{where}.advantage", f"{where}.advantage_params", lambda: estimator(rewards))
+    _bound(f"{where}.ratio", f"{where}.ratio_params", lambda: ratio(tokens, tokens, torch.ones_like(tokens)))
+    _bound(where, None, lambda: algorithms.check_algorithm(algorithm, train["ppo_epochs"] * train["mini_batches"]))
+
+
+def check_dataset_names(where: str, dataset: dict) -> None:
+    """Check a dataset's loader, template and reward names and parameters against their registries, without
+    loading data or starting reward worker processes (a reward is built, which starts none, and closed)."""
+    from kalmanrl.data import LOADERS
+    from kalmanrl.prompts import TEMPLATES
+    from kalmanrl.rewards import get_reward
+
+    _bound(f"{where}.loader", f"{where}.params", lambda: LOADERS.check_params(dataset["loader"], dataset["params"]))
+    _bound(f"{where}.template", None, lambda: TEMPLATES.get(dataset["template"]))
+    _bound(f"{where}.reward", f"{where}.reward_params",
+           lambda: get_reward(dataset["reward"], **dataset["reward_params"]).close())
 
 
 def load_config(path: str | Path) -> dict:
@@ -182,34 +258,37 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
     """Everything one stage needs from the config, and nothing else: the rule passes it as a Snakemake param, so a
     change reruns exactly the jobs it affects. Evaluation takes an optional `step` (an intermediate checkpoint)."""
     datasets = config["datasets"]
+    plugins = {"plugins": config["plugins"]} if config.get("plugins") else {}  # the job imports them first
     if stage == "data":
         name = wildcards["dataset"]
-        return {"name": name, "dataset": datasets[name], "data": config["data"]}
+        # Not `decontaminate`: the decontaminate rule reads it, and toggling it must not rebuild every dataset.
+        data = {key: value for key, value in config["data"].items() if key != "decontaminate"}
+        return {"name": name, "dataset": datasets[name], "data": data, **plugins}
     if stage == "model":
         model = config["models"][wildcards["model"]]
         return {"model": model, **({"templates": sorted({datasets[t]["template"] for t in config["tasks"]})}
-                                   if model["source"] == "tiny" else {})}
+                                   if model["source"] == "tiny" else {}), **plugins}
     if stage == "sft":
         return {"sft": config["sft"], "template": datasets[wildcards["task"]]["template"], "seed": config["data"]["seed"],
-                "dtype": config["models"][wildcards["model"]]["dtype"]}
+                "dtype": config["models"][wildcards["model"]]["dtype"], **plugins}
     ident = {k: wildcards[k] for k in ("model", "task", "algorithm", "benchmark") if k in wildcards}
     if "seed" in wildcards:
         ident["seed"] = int(wildcards["seed"])
     if stage == "train":
         return {"train": config["train"], "algorithm": config["algorithms"][wildcards["algorithm"]],
                 "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident,
-                "dtype": config["models"][wildcards["model"]]["dtype"]}
+                "dtype": config["models"][wildcards["model"]]["dtype"], **plugins}
     if stage == "evaluate":
         final = 0 if ident["algorithm"] == "sft" else config["train"]["steps"]
         ident["step"] = int(wildcards.get("step") or final)
         return {"evaluate": config["evaluate"], "rollout": config["rollout"],
-                "benchmark": datasets[wildcards["benchmark"]], "ident": ident}
+                "benchmark": datasets[wildcards["benchmark"]], "ident": ident, **plugins}
     if stage == "report":
         return {"report": config["report"]}
     raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
 
 
-_SETTINGS_PARTS = {"dataset": "dataset", "data": "data", "model": "model", "sft": "sft", "train": "train",
+_SETTINGS_PARTS = {"plugins": "plugins", "dataset": "dataset", "data": "data", "model": "model", "sft": "sft", "train": "train",
                    "algorithm": "algorithm", "rollout": "rollout", "task": "dataset", "evaluate": "evaluate",
                    "benchmark": "dataset", "report": "report"}
 
@@ -221,13 +300,10 @@ def parse_settings(text: str) -> dict:
     if text.startswith("@"):
         source = text[1:]
         text = Path(source).read_text()
-    try:  # JSON first: YAML 1.1 would read 1e-06 as a string
-        settings = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            settings = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source} is neither JSON nor YAML: {err}") from None
+    try:
+        settings = parse_text(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is neither JSON nor YAML: {err}") from None
     if not isinstance(settings, dict):
         raise ConfigError("--settings must be a mapping")
     defs = load_schema()["$defs"]
@@ -235,4 +311,8 @@ def parse_settings(text: str) -> dict:
         if key in settings:
             check(settings[key], defs[def_name], key)
             settings[key] = fill_defaults(settings[key], defs[def_name])
+    import_plugins(settings.get("plugins", []), "plugins")
+    for key in ("dataset", "task", "benchmark"):
+        if key in settings:
+            check_dataset_names(key, settings[key])
     return settings

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from kalmanrl import arithmetic
 from kalmanrl.io import atomic_path
 from kalmanrl.prompts import strip_boxed_instruction
+from kalmanrl.registry import Registry
 from kalmanrl.rewards import last_boxed
 
 log = logging.getLogger(__name__)
@@ -88,15 +89,12 @@ def resolve_local_dir(setting: str | Path | None, environ: Mapping[str, str] = o
 
 
 Loader = Callable[..., list[dict]]
-LOADERS: dict[str, Loader] = {}
+LOADERS: Registry[Loader] = Registry("dataset loader")
 
 
 def register_loader(name: str) -> Callable[[Loader], Loader]:
-    """Register `fn(ctx: LoadContext, **params) -> rows` under `name` (the config's `loader`)."""
-    def decorator(fn: Loader) -> Loader:
-        LOADERS[name] = fn
-        return fn
-    return decorator
+    """Register `fn(ctx: LoadContext, *, **params) -> rows` under `name` (the config's `loader`)."""
+    return LOADERS.register(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,10 +462,9 @@ def build_dataset(spec: Mapping[str, Any], *, local_dir: Path | None, seed: int,
     (benchmark problem texts) dropped; also returns stats (rows per split, the number decontaminated). `local_dir`
     is the resolved copy directory (`resolve_local_dir`); None reads the hub."""
     name = spec["loader"]
-    if name not in LOADERS:
-        raise DataError(f"unknown dataset loader {name!r}; known: {', '.join(sorted(LOADERS))}")
     params = dict(spec.get("params") or {})
-    rows = LOADERS[name](LoadContext(None if local_dir is None else Path(local_dir), seed, arithmetic_presets), **params)
+    rows = LOADERS.bind(name, params)(LoadContext(None if local_dir is None else Path(local_dir), seed,
+                                                  arithmetic_presets))
     table = check_table(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA), f"loader {name!r}")
     table, dropped = drop_problems(table, exclude)
     if table.num_rows == 0:

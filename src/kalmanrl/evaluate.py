@@ -19,7 +19,7 @@ from kalmanrl.model import load_policy
 from kalmanrl.progress import progress
 from kalmanrl.prompts import get_template
 from kalmanrl.provenance import provenance
-from kalmanrl.rewards import get_reward
+from kalmanrl.rewards import get_reward, limit_hits
 from kalmanrl.rollout import SamplingConfig, make_engine
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
     details["step"] = details["step"].astype("Int64")
     summary = {**{key: ident.get(key) for key in ("model", "task", "algorithm", "seed", "benchmark")}, "step": step,
                **summarise(details, cfg["pass_k"], extra_metrics=cfg["extra_metrics"]),
+               "limit_hits": limit_hits(verdicts),  # samples scored 0 for hitting a reward limit, not judged
                **{f"sampling_{k}": v for k, v in sampling.items()},
                "rollout_backend": rollout["backend"],
                **provenance(config_hash(settings), {"data": [dataset],

@@ -17,6 +17,8 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
+from kalmanrl.registry import Registry
+
 # The DeepSeek-R1-Zero system prompt exactly as the KRPO authors' train.py sends it (billhhh/KRPO_LLMs_RL, inherited
 # from open-thought/tiny-grpo), line breaks included; the `krpo_arithmetic` reward reads the `<answer>` tag it asks for.
 KRPO_SYSTEM_PROMPT = (
@@ -124,28 +126,31 @@ def _answer_target(answer: str, solution: str | None) -> str:
     return f"<answer>{answer}</answer>"
 
 
-TEMPLATES: dict[str, PromptTemplate] = {
-    "krpo": PromptTemplate("krpo", KRPO_SYSTEM_PROMPT, _think_answer_target),
-    # The KRPO answer format without the system prompt: for tiny models on a laptop, where a 100-token system prompt
-    # would be most of every sequence. The krpo_arithmetic reward scores it exactly as it scores `krpo`.
-    "answer_tag": PromptTemplate("answer_tag", "", _answer_target),
-    "boxed": PromptTemplate("boxed", BOXED_SYSTEM_PROMPT, _boxed_target),
-    # The KPO authors' prompts (shuohe1995/verl-kpo): a user turn only, Qwen3's thinking off
-    # (examples/kpo_trainer/kpo_qwen3_4b.sh:131, `+data.apply_chat_template_kwargs.enable_thinking=False`).
-    # Training: the problem plus their "####" instruction (kpo_math.py:34-55); evaluation: the bare problem
-    # (kpo_math.py:69-87). Their reward reads the last box, so the SFT target is the boxed one.
-    "kpo_train": PromptTemplate("kpo_train", "", _boxed_target, _kpo_train_user, {"enable_thinking": False}),
-    "kpo_eval": PromptTemplate("kpo_eval", "", _boxed_target, _bare, {"enable_thinking": False}),
-}
+TEMPLATES: Registry[PromptTemplate] = Registry("prompt template")
+
+
+def register_template(template: PromptTemplate) -> PromptTemplate:
+    """Make `template` available to configs (a dataset's `template`) under its name."""
+    return TEMPLATES.register(template.name, template)
+
+
+register_template(PromptTemplate("krpo", KRPO_SYSTEM_PROMPT, _think_answer_target))
+# The KRPO answer format without the system prompt: for tiny models on a laptop, where a 100-token system prompt
+# would be most of every sequence. The krpo_arithmetic reward scores it exactly as it scores `krpo`.
+register_template(PromptTemplate("answer_tag", "", _answer_target))
+register_template(PromptTemplate("boxed", BOXED_SYSTEM_PROMPT, _boxed_target))
+# The KPO authors' prompts (shuohe1995/verl-kpo): a user turn only, Qwen3's thinking off
+# (examples/kpo_trainer/kpo_qwen3_4b.sh:131, `+data.apply_chat_template_kwargs.enable_thinking=False`).
+# Training: the problem plus their "####" instruction (kpo_math.py:34-55); evaluation: the bare problem
+# (kpo_math.py:69-87). Their reward reads the last box, so the SFT target is the boxed one.
+register_template(PromptTemplate("kpo_train", "", _boxed_target, _kpo_train_user, {"enable_thinking": False}))
+register_template(PromptTemplate("kpo_eval", "", _boxed_target, _bare, {"enable_thinking": False}))
 
 
 def get_template(name: str, chat_template_kwargs: Mapping[str, Any] | None = None) -> PromptTemplate:
     """The registered template called `name`, its chat arguments extended (or overridden) by
     `chat_template_kwargs` (a dataset's); unknown names fail listing the known ones."""
-    try:
-        template = TEMPLATES[name]
-    except KeyError:
-        raise KeyError(f"unknown prompt template {name!r}; known: {', '.join(sorted(TEMPLATES))}") from None
+    template = TEMPLATES.get(name)
     if not chat_template_kwargs:
         return template
     return PromptTemplate(template.name, template.system, template.format_target, template.user,

@@ -1,46 +1,50 @@
 """Verifiable rewards: score completions against gold answers, safely and within a hard time limit.
 
 `get_reward(name, **params)` returns a `RewardFunction`; `reward_fn(completions, golds)` gives one float per
-completion and `reward_fn.judge(completions, golds)` one `Verdict` (reward, correct, extracted answer) per completion.
+completion and `reward_fn.judge(completions, golds)` one `Verdict` (reward, correct, extracted answer, and the limit
+the completion hit, if any) per completion; `limit_hits(verdicts)` counts the completions that hit a limit.
 
 Every reward works in two stages. `screen` runs in this process and must be linear-time string work: it extracts the
 answer, applies the length limit and settles the cheap cases (exact match, literal numbers). Whatever it cannot settle
-becomes a check that runs in a persistent pool of worker processes: each check gets `timeout_s` of wall time, after
-which its worker is killed and replaced and the completion scores 0. Completion text is never evaluated: the only
-parser it reaches is math-verify's (ANTLR LaTeX grammar, and sympy's `parse_expr` on strings its regex restricts to
-digits, `.` and arithmetic operators), and that runs inside the sandboxed workers.
+becomes a check that runs in a persistent pool of worker processes (`kalmanrl.workers`): each check gets `timeout_s`
+of wall time, after which its worker is killed and replaced. Only a completion that hits a limit (time, memory,
+recursion, answer length, or its worker dying on it) scores 0, marked with the limit; workers that cannot start, or a
+check that fails for any other reason, raise. Completion text is never evaluated: the only parser it reaches is
+math-verify's (ANTLR LaTeX grammar, and sympy's `parse_expr` on strings its regex restricts to digits, `.` and
+arithmetic operators), and that runs inside the sandboxed workers.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import multiprocessing as mp
 import os
 import re
-import resource
-import signal
-import time
-import weakref
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from multiprocessing.connection import Connection, wait
 
-__all__ = ["Verdict", "RewardFunction", "register_reward", "get_reward", "list_rewards", "last_boxed"]
+from kalmanrl.registry import Registry
+from kalmanrl.workers import LimitHit, WorkerPool
+
+__all__ = ["Verdict", "RewardFunction", "register_reward", "get_reward", "list_rewards", "limit_hits", "last_boxed"]
 
 
 @dataclass(frozen=True)
 class Verdict:
     """The score of one completion: `reward` (what the trainer optimises, format bonus included), `correct`
-    (the answer is right, whatever its format) and `extracted` (the answer string taken from the completion, the
-    unit of maj@k voting; None when the completion holds no answer)."""
+    (the answer is right, whatever its format), `extracted` (the answer string taken from the completion, the
+    unit of maj@k voting; None when the completion holds no answer) and `limit`: None, or the limit the completion
+    hit instead of being judged ("time", "memory", "recursion", "crash" or "length"; it then scores 0)."""
 
     reward: float
     correct: bool
     extracted: str | None
+    limit: str | None = None
+
+
+def limit_hits(verdicts: Iterable[Verdict]) -> int:
+    """How many of `verdicts` scored 0 because their completion hit a limit rather than being judged."""
+    return sum(v.limit is not None for v in verdicts)
 
 
 @dataclass(frozen=True)
@@ -53,30 +57,22 @@ class Check:
     formatted: bool
 
 
-_REWARDS: dict[str, type[RewardFunction]] = {}
+REWARDS: Registry[type[RewardFunction]] = Registry("reward")
 
 
 def register_reward(name: str) -> Callable[[type[RewardFunction]], type[RewardFunction]]:
     """Class decorator: make a `RewardFunction` subclass available to `get_reward` under `name`."""
-
-    def register(cls: type[RewardFunction]) -> type[RewardFunction]:
-        if name in _REWARDS:
-            raise ValueError(f"reward {name!r} is already registered")
-        _REWARDS[name] = cls
-        return cls
-
-    return register
+    return REWARDS.register(name)
 
 
 def list_rewards() -> list[str]:
-    return sorted(_REWARDS)
+    return REWARDS.names()
 
 
 def get_reward(name: str, **params) -> RewardFunction:
-    """The reward registered as `name`, built with `params` (see each reward's docstring)."""
-    if name not in _REWARDS:
-        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(list_rewards())}")
-    return _REWARDS[name](**params)
+    """The reward registered as `name`, built with `params` (see each reward's docstring); unknown parameters
+    fail naming the known ones. No worker process starts before the first completion that needs one."""
+    return REWARDS.bind(name, params)
 
 
 class RewardFunction:
@@ -94,6 +90,8 @@ class RewardFunction:
     """
 
     check: Callable[..., tuple[bool, str | None]] | None = None
+    preload: tuple[str, ...] = ()  # modules the workers import once, before their first check
+    warmup: tuple[str, ...] | None = None  # arguments of a `check` each worker runs before it takes completions
 
     def __init__(self, *, timeout_s: float = 3.0, max_chars: int = 1000, num_workers: int | None = None,
                  max_memory_mb: int = 2048, format_weight: float = 0.0):
@@ -103,7 +101,9 @@ class RewardFunction:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1 (got {num_workers}): checks only run in worker processes")
         self.timeout_s, self.max_chars, self.format_weight = timeout_s, max_chars, format_weight
-        self._pool = WorkerPool(type(self).check, num_workers, timeout_s, max_memory_mb) if self.check else None
+        self._pool = (WorkerPool(type(self).check, num_workers, timeout_s, max_memory_mb, preload=self.preload,
+                                warmup=self.warmup)
+                      if self.check else None)
 
     def screen(self, completion: str, gold: str) -> Verdict | Check:
         """Settle the verdict here (linear-time string work only) or return the `Check` the workers must run."""
@@ -118,8 +118,8 @@ class RewardFunction:
         outcomes = self._pool.run([screened[i].args for i in pending]) if pending else []
         for i, outcome in zip(pending, outcomes):
             check = screened[i]
-            if outcome is None:  # timed out or crashed
-                screened[i] = Verdict(0.0, False, check.extracted)
+            if isinstance(outcome, LimitHit):
+                screened[i] = Verdict(0.0, False, check.extracted, outcome.limit)
             else:
                 correct, extracted = outcome
                 screened[i] = self.verdict(correct, check.extracted or extracted, check.formatted)
@@ -230,12 +230,25 @@ def _quick_verdict(gold: str, answer: str) -> bool | None:
     return False if g[1] and a[1] else None
 
 
+def _limits_raised(fn: Callable, *args, **kwargs):
+    """`fn(..., raise_on_error=False)`, math-verify's own result, except that a MemoryError or RecursionError (which
+    math-verify would turn into "no answer" / "not equal") reaches the worker pool and is counted as a limit hit.
+    Other errors are math-verify's to handle, so they are rerun its way (the same answer as before, twice the cost
+    only on that rare path)."""
+    try:
+        return fn(*args, **kwargs, raise_on_error=True)
+    except (MemoryError, RecursionError):
+        raise
+    except Exception:
+        return fn(*args, **kwargs, raise_on_error=False)
+
+
 @lru_cache(maxsize=4096)
 def _parse_gold(gold: str) -> list:
     from math_verify import parse
 
     wrapped = gold if _DELIMITED.search(gold) else f"\\boxed{{{gold}}}"
-    return parse(wrapped, parsing_timeout=None)
+    return _limits_raised(parse, wrapped, parsing_timeout=None)
 
 
 def math_verify_check(gold: str, answer: str) -> tuple[bool, str | None]:
@@ -243,9 +256,9 @@ def math_verify_check(gold: str, answer: str) -> tuple[bool, str | None]:
     signal-based timeouts off (the worker pool enforces the limit). Runs in a worker process."""
     from math_verify import parse, verify
 
-    parsed = parse(answer, parsing_timeout=None)
+    parsed = _limits_raised(parse, answer, parsing_timeout=None)
     extracted = next((p for p in parsed if isinstance(p, str)), None)
-    return verify(_parse_gold(gold), parsed, timeout_seconds=None), extracted
+    return _limits_raised(verify, _parse_gold(gold), parsed, timeout_seconds=None), extracted
 
 
 @register_reward("math_verify")
@@ -268,6 +281,8 @@ class MathVerify(RewardFunction):
     """
 
     check = staticmethod(math_verify_check)
+    preload = ("math_verify",)
+    warmup = ("x+1", r"\boxed{1+x}")  # loads the LaTeX grammar and sympy's paths (0.5 s) outside any time limit
 
     def __init__(self, *, after_think: bool = False, require_box: bool = False, **params):
         super().__init__(**params)
@@ -283,7 +298,7 @@ class MathVerify(RewardFunction):
                 return Verdict(0.0, False, None)
             return Check((gold, window), None, False)
         if len(answer) > self.max_chars:
-            return self.verdict(False, answer[:self.max_chars], True)
+            return Verdict(0.0, False, answer[:self.max_chars], "length")
         if (correct := _quick_verdict(gold, answer)) is not None:
             return self.verdict(correct, answer, True)
         # One box: parse it alone (half the cost of the window). Several boxes in the window: math-verify joins
@@ -331,127 +346,3 @@ def _between(text: str, opening: str, closing: str) -> str | None:
         return None
     end = text.find(closing, start + len(opening))
     return None if end < 0 else text[start + len(opening):end]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The worker pool: persistent processes, one hard deadline per item
-
-
-class WorkerPool:
-    """`num_workers` processes that run `check(*args)` for a list of items. Items go out in chunks and results
-    come back one by one; a worker that takes longer than `timeout_s` on one item (or dies) is killed and replaced,
-    that item's result is None and the rest of its chunk is handed out again. So a batch of N items takes at most
-    about N * timeout_s / num_workers, whatever the items hold."""
-
-    def __init__(self, check: Callable, num_workers: int, timeout_s: float, max_memory_mb: int):
-        self.check, self.num_workers, self.timeout_s, self.max_memory_mb = check, num_workers, timeout_s, max_memory_mb
-        self._workers: list[_Worker] = []
-        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
-
-    def run(self, items: list[tuple]) -> list[object | None]:
-        """Results in the order of `items`; None where the check timed out or crashed."""
-        self._workers[:] = [w if w.process.is_alive() else self._restart(w) for w in self._workers]
-        self._workers.extend(self._start() for _ in range(self.num_workers - len(self._workers)))
-        results: list[object | None] = [None] * len(items)
-        queue = deque(range(len(items)))
-        chunk = max(1, min(32, math.ceil(len(items) / (4 * self.num_workers))))
-        for worker in self._workers:
-            self._assign(worker, queue, items, chunk)
-        while busy := [w for w in self._workers if w.inflight]:
-            timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-            ready = set(wait([w.conn for w in busy], timeout))
-            now = time.monotonic()
-            for worker in busy:
-                if worker.conn in ready:
-                    try:
-                        results[worker.inflight.popleft()] = worker.conn.recv()
-                        worker.deadline = now + self.timeout_s
-                    except (EOFError, OSError):  # the worker died: its current item failed
-                        worker = self._replace(worker, queue)
-                elif now >= worker.deadline:
-                    worker = self._replace(worker, queue)
-                else:
-                    continue
-                if not worker.inflight:
-                    self._assign(worker, queue, items, chunk)
-        return results
-
-    def close(self) -> None:
-        _stop_all(self._workers)
-
-    def _start(self) -> _Worker:
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        if ctx.get_start_method() == "forkserver":
-            ctx.set_forkserver_preload([__name__, "math_verify"])  # forked workers start with sympy loaded
-        parent, child = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(child, self.check, self.max_memory_mb), daemon=True,
-                              name="kalmanrl-reward")
-        process.start()
-        child.close()
-        return _Worker(process, parent)
-
-    def _assign(self, worker: _Worker, queue: deque, items: list[tuple], chunk: int) -> None:
-        if not queue:
-            return
-        worker.inflight.extend(queue.popleft() for _ in range(min(chunk, len(queue))))
-        try:
-            worker.conn.send([items[i] for i in worker.inflight])
-        except OSError:  # the worker is gone; `run` sees the closed pipe and replaces it
-            pass
-        worker.deadline = time.monotonic() + self.timeout_s
-
-    def _replace(self, worker: _Worker, queue: deque) -> _Worker:
-        """Kill `worker` (its current item stays None), requeue the rest of its chunk, start a fresh worker."""
-        worker.inflight.popleft()
-        queue.extendleft(reversed(worker.inflight))
-        fresh = self._restart(worker)
-        self._workers[self._workers.index(worker)] = fresh
-        return fresh
-
-    def _restart(self, worker: _Worker) -> _Worker:
-        worker.stop(kill=True)
-        return self._start()
-
-
-class _Worker:
-    def __init__(self, process: mp.Process, conn: Connection):
-        self.process, self.conn, self.inflight, self.deadline = process, conn, deque(), math.inf
-
-    def stop(self, kill: bool = False) -> None:
-        if not kill:
-            try:
-                self.conn.send(None)
-            except OSError:
-                pass
-            self.process.join(1.0)
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join()
-        self.conn.close()
-
-
-def _stop_all(workers: list[_Worker]) -> None:
-    for worker in workers:
-        worker.stop()
-    workers.clear()
-
-
-def _serve(conn: Connection, check: Callable, max_memory_mb: int) -> None:
-    """Worker loop: receive a chunk, send one result per item; exit on None or when the parent goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    limit = max_memory_mb * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": the pool enforces it
-    while True:
-        try:
-            chunk = conn.recv()
-        except EOFError:
-            return
-        if chunk is None:
-            return
-        for args in chunk:
-            try:
-                result = check(*args)
-            except Exception:  # parse failures, RecursionError, MemoryError under the limit
-                result = (False, None)
-            conn.send(result)

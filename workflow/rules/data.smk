@@ -26,6 +26,10 @@ rule decontaminate:
         benchmarks=lambda wc: [dataset_file(b) for b in config["benchmarks"]] if config["data"]["decontaminate"] else [],
     output:
         train_split_file("{task}"),
+    params:
+        # The one setting this rule reads (through its inputs): toggling it reruns the decontaminate jobs, and what
+        # depends on their outputs, not the data jobs.
+        decontaminate=config["data"]["decontaminate"],
     container:
         image("data")
     conda:
