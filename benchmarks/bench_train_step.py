@@ -24,12 +24,14 @@ import torch
 
 from kalmanrl import algorithms
 from kalmanrl.config import stage_settings, validate_config
+from kalmanrl.batch import build_batch
 from kalmanrl.data import build_dataset, read_dataset, write_dataset
+from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import build_tiny_model, load_policy
 from kalmanrl.optim import make_optimizer
 from kalmanrl.prompts import get_template
 from kalmanrl.rollout import SamplingConfig, make_engine
-from kalmanrl.trainer import build_batch, token_logprobs, train, update_policy
+from kalmanrl.trainer import train, update_policy
 
 PHASES = ["time_rollout", "time_reward", "time_score", "time_update"]
 

@@ -19,7 +19,9 @@ import digit_share  # noqa: F401  (registers the "digit_share" reward)
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.model import load_policy
 from kalmanrl.rollout import Completion
-from kalmanrl.trainer import NonFiniteLossError, _step_problems, build_batch, token_logprobs, train
+from kalmanrl.batch import build_batch
+from kalmanrl.logprobs import token_logprobs
+from kalmanrl.trainer import NonFiniteLossError, _step_problems, train
 
 TIMING = {"wall_time", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward", "time_score",
           "time_update"}

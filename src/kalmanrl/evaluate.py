@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
@@ -22,7 +21,8 @@ from kalmanrl.progress import progress
 from kalmanrl.prompts import get_template
 from kalmanrl.provenance import provenance
 from kalmanrl.rewards import get_reward
-from kalmanrl.rollout import SamplingConfig, make_engine
+from kalmanrl.rollout import SamplingConfig
+from kalmanrl.stage import choose_device, encode_prompts, engine_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +71,17 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
              out_summary: str | Path) -> dict:
     """Sample settings["evaluate"]["k"] completions per test problem; write details and the summary row."""
     cfg, benchmark, ident = settings["evaluate"], settings["benchmark"], settings["ident"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy, tokenizer = load_policy(model_dir, device=device)
+    policy, tokenizer = load_policy(model_dir, device=choose_device())
     policy.eval()
     problems = read_dataset(dataset, split="test").to_pandas()
     if cfg["max_problems"]:
         problems = problems.iloc[:cfg["max_problems"]]
     template = get_template(benchmark["template"])
-    prompt_ids = [tokenizer(template.render(tokenizer, p), add_special_tokens=False)["input_ids"]
-                  for p in problems["problem"]]
+    prompt_ids = encode_prompts(tokenizer, template, problems["problem"])
     sampling = dict(n=cfg["k"], temperature=cfg["temperature"], top_p=cfg["top_p"], max_tokens=cfg["max_tokens"])
     rollout = settings["rollout"]
     completions = []
-    with make_engine(rollout["backend"], policy=policy, tokenizer=tokenizer, model_dir=model_dir,
-                     **{k: v for k, v in rollout.items() if k != "backend"}) as engine:
+    with engine_from_settings(rollout, policy=policy, tokenizer=tokenizer, model_dir=model_dir) as engine:
         for start in progress(range(0, len(prompt_ids), cfg["batch_size"]), desc=f"evaluate {ident['benchmark']}",
                           unit="batch"):
             batch = prompt_ids[start:start + cfg["batch_size"]]

@@ -1,101 +1,124 @@
 """The GRPO-family RL loop. One loop serves every algorithm: an algorithm is only an advantage estimator, a ratio
 transform and loss knobs, looked up by name in `kalmanrl.algorithms`.
 
-Per step (algorithms.md): sample prompts; G completions each; rewards; advantages; recompute old log-probs; then
-ppo_epochs x mini_batches optimiser steps over the rollout batch, so ratios and clipping act off-policy."""
+`train` is `setup` then, per rollout batch, the phases of algorithms.md in order, each a function of its own:
+`sample` (prompts -> G completions each), `score_rewards`, advantages, `score_logprobs` (old and reference
+log-probs), `update` (ppo_epochs x mini_batches optimiser steps, so ratios and clipping act off-policy),
+`record` (one metrics row) and `checkpoint`; `finish` writes the final policy and the metrics."""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from kalmanrl import algorithms
+from kalmanrl.batch import RolloutBatch, build_batch
 from kalmanrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
 from kalmanrl.io import atomic_path, write_parquet
 from kalmanrl.layout import checkpoints_root
+from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
 from kalmanrl.optim import make_optimizer
 from kalmanrl.progress import progress
-from kalmanrl.prompts import get_template
+from kalmanrl.prompts import PromptTemplate, get_template
 from kalmanrl.rewards import get_reward
-from kalmanrl.rollout import Completion, SamplingConfig, make_engine
+from kalmanrl.rollout import Completion, RolloutEngine, SamplingConfig
+from kalmanrl.stage import choose_device, encode_prompts, engine_from_settings
 
-
-@dataclass
-class RolloutBatch:
-    """B = prompts x G sequences: left-padded prompts then right-padded completions, so every completion starts at
-    column `prompt_len` and per-token tensors are response-aligned ([B, T])."""
-
-    input_ids: torch.Tensor        # [B, P + T]
-    attention_mask: torch.Tensor   # [B, P + T]
-    position_ids: torch.Tensor     # [B, P + T]
-    completion_mask: torch.Tensor  # [B, T] float
-    prompt_len: int
-    advantages: torch.Tensor       # [B]
-    old_logp: torch.Tensor | None = None  # [B, T]
-    ref_logp: torch.Tensor | None = None  # [B, T]
-
-    def _map(self, fn) -> RolloutBatch:
-        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
-                                if torch.is_tensor(getattr(self, f.name))})
-
-    def select(self, index: torch.Tensor) -> RolloutBatch:
-        return self._map(lambda t: t[index])
-
-    def to(self, device: torch.device) -> RolloutBatch:
-        return self._map(lambda t: t.to(device))
-
-
-def build_batch(prompt_ids: list[list[int]], completions: list[list[Completion]], advantages: torch.Tensor,
-                pad_id: int) -> RolloutBatch:
-    """Pack prompts [N] and their completions [N][G] into one padded batch of N*G rows (prompt-major order)."""
-    rows = [(p, c.token_ids) for p, group in zip(prompt_ids, completions) for c in group]
-    prompt_len = max(len(p) for p, _ in rows)
-    max_completion = max(1, max(len(c) for _, c in rows))
-    ids = torch.full((len(rows), prompt_len + max_completion), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for i, (p, c) in enumerate(rows):
-        ids[i, prompt_len - len(p):prompt_len] = torch.tensor(p)
-        ids[i, prompt_len:prompt_len + len(c)] = torch.tensor(c, dtype=torch.long)
-        attention[i, prompt_len - len(p):prompt_len + len(c)] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    return RolloutBatch(ids, attention, positions, attention[:, prompt_len:].float(), prompt_len,
-                        advantages.reshape(-1).float())
-
-
-def token_logprobs(model, batch: RolloutBatch, *, with_entropy: bool = False):
-    """Log-probs [B, T] of the completion tokens under `model` (and their per-token entropy [B, T])."""
-    steps = batch.completion_mask.shape[1]
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                   logits_to_keep=steps + 1).logits[:, :-1].float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    targets = batch.input_ids[:, batch.prompt_len:]
-    taken = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return taken
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return taken, entropy
+__all__ = ["NonFiniteLossError", "RolloutBatch", "build_batch", "token_logprobs", "train", "update_policy"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses: the run diverged."""
 
 
+@dataclass
+class Run:
+    """Everything the loop reads, built once by `setup`; `rows` and `nonfinite` grow as it runs."""
+
+    cfg: dict
+    alg: dict
+    ident: dict
+    device: torch.device
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    tokenizer: object
+    template: PromptTemplate
+    problems: pd.DataFrame
+    reward_fn: object
+    advantage_fn: object
+    ratio_fn: object
+    kpo_params: dict  # the token-noise diagnostic filters z the way KPO would, for every algorithm
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: RolloutEngine
+    checkpoints: Path
+    settings_hash: str
+    start: int = 0
+    rows: list[dict] = field(default_factory=list)
+    nonfinite: int = 0
+
+    @property
+    def seed(self) -> int:
+        return self.ident["seed"]
+
+
+@dataclass
+class Rollout:
+    """One rollout batch as sampled: N problems, their prompt ids and G completions each."""
+
+    problems: pd.DataFrame
+    prompt_ids: list[list[int]]
+    completions: list[list[Completion]]
+
+
 def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, threads: int = 1) -> pd.DataFrame:
     """RL-train the policy in `policy_dir` on the train split of `dataset`. Writes `out_dir/final` (save_pretrained)
     and `out_dir/metrics.parquet`; resumes from `out_dir/checkpoints` when a run with the same settings was cut off."""
+    run = setup(policy_dir, dataset, out_dir, settings, threads)
+    cfg = run.cfg
+    writer = _tensorboard(out_dir) if cfg["tensorboard"] else None
+    with run.engine, run.reward_fn, progress(range(run.start, cfg["steps"]), initial=run.start, total=cfg["steps"],
+                                             desc=f"{run.ident['algorithm']} seed {run.seed}", unit="step") as bar:
+        if run.start:
+            run.engine.sync_weights(run.policy)
+        for step in bar:
+            clock = [time.perf_counter()]
+            rollout = sample(run, step)
+            clock.append(time.perf_counter())
+            verdicts, rewards = score_rewards(run, rollout)
+            advantages = run.advantage_fn(rewards)
+            clock.append(time.perf_counter())
+            batch = build_batch(rollout.prompt_ids, rollout.completions, advantages,
+                                run.tokenizer.pad_token_id).to(run.device)
+            score_logprobs(run, batch)
+            clock.append(time.perf_counter())
+            stats = update(run, batch, step)
+            run.engine.sync_weights(run.policy)
+            clock.append(time.perf_counter())
+            row = record(run, step, rollout, verdicts, rewards, advantages, batch, stats, clock, writer)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
+            if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
+                checkpoint(run, step + 1)
+    if writer is not None:
+        writer.close()
+    return finish(run, out_dir)
+
+
+def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int) -> Run:
+    """Seed, load the policy (and the frozen reference when beta > 0), the data, the named algorithm parts, the
+    optimiser and the rollout engine; restore the newest checkpoint of a run with the same settings."""
     cfg, alg, ident = settings["train"], settings["algorithm"], settings["ident"]
-    seed = ident["seed"]
-    torch.manual_seed(seed)
+    torch.manual_seed(ident["seed"])
     torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = choose_device()
     optimizer_steps = cfg["ppo_epochs"] * cfg["mini_batches"]
     algorithms.check_off_policy(alg["ratio"], optimizer_steps)
 
@@ -106,9 +129,7 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
     reward_fn = get_reward(settings["task"]["reward"], **settings["task"]["reward_params"])
     advantage_fn = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])
     ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
-    # The token-noise diagnostic filters z the way KPO would, for every algorithm, so runs are comparable.
     kpo_params = alg["ratio_params"] if alg["ratio"] == "kpo" else {}
-
     optimizer, scheduler = make_optimizer(policy.parameters(), cfg, cfg["steps"] * optimizer_steps)
 
     settings_hash = config_hash(settings)
@@ -117,84 +138,95 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
     if (found := latest_checkpoint(checkpoints, settings_hash)) is not None:
         resumed = load_checkpoint(found, policy=policy, optimizer=optimizer, scheduler=scheduler)
         start, rows = resumed.step, resumed.metrics.to_dict("records")
+    engine = engine_from_settings(settings["rollout"], policy=policy, tokenizer=tokenizer, model_dir=policy_dir)
+    return Run(cfg=cfg, alg=alg, ident=ident, device=device, policy=policy, reference=reference, tokenizer=tokenizer,
+               template=template, problems=problems, reward_fn=reward_fn, advantage_fn=advantage_fn,
+               ratio_fn=ratio_fn, kpo_params=kpo_params, optimizer=optimizer, scheduler=scheduler, engine=engine,
+               checkpoints=checkpoints, settings_hash=settings_hash, start=start, rows=rows,
+               nonfinite=int(rows[-1]["nonfinite_total"]) if rows else 0)
 
-    rollout = settings["rollout"]
-    engine = make_engine(rollout["backend"], policy=policy, tokenizer=tokenizer, model_dir=policy_dir, **{
-        k: v for k, v in rollout.items() if k != "backend"})
-    writer = _tensorboard(out_dir) if cfg["tensorboard"] else None
-    nonfinite = int(rows[-1]["nonfinite_total"]) if rows else 0
-    with engine, reward_fn, progress(range(start, cfg["steps"]), initial=start, total=cfg["steps"],
-                                     desc=f"{ident['algorithm']} seed {seed}", unit="step") as bar:
-        if start:
-            engine.sync_weights(policy)
-        for step in bar:
-            t0 = time.perf_counter()
-            rows_idx = _step_problems(len(problems), step, cfg["prompts_per_step"], seed)
-            batch_problems = problems.iloc[rows_idx]
-            prompt_ids = [tokenizer(template.render(tokenizer, p), add_special_tokens=False)["input_ids"]
-                          for p in batch_problems["problem"]]
-            sampling = SamplingConfig(n=cfg["group_size"], temperature=cfg["temperature"], top_p=cfg["top_p"],
-                                      max_tokens=cfg["max_tokens"], seed=seed * 1_000_003 + step)
-            policy.eval()
-            completions = engine.generate(prompt_ids, sampling)
-            t_rollout = time.perf_counter()
 
-            texts = [c.text for group in completions for c in group]
-            golds = [g for g in batch_problems["answer"] for _ in range(cfg["group_size"])]
-            verdicts = reward_fn.judge(texts, golds)
-            rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float64).view(-1, cfg["group_size"])
-            advantages = advantage_fn(rewards)
-            t_reward = time.perf_counter()
+def sample(run: Run, step: int) -> Rollout:
+    """This step's prompts (a pure function of the step) and G completions of each from the current policy."""
+    cfg = run.cfg
+    problems = run.problems.iloc[_step_problems(len(run.problems), step, cfg["prompts_per_step"], run.seed)]
+    prompt_ids = encode_prompts(run.tokenizer, run.template, problems["problem"])
+    sampling = SamplingConfig(n=cfg["group_size"], temperature=cfg["temperature"], top_p=cfg["top_p"],
+                              max_tokens=cfg["max_tokens"], seed=run.seed * 1_000_003 + step)
+    run.policy.eval()
+    return Rollout(problems, prompt_ids, run.engine.generate(prompt_ids, sampling))
 
-            batch = build_batch(prompt_ids, completions, advantages, tokenizer.pad_token_id).to(device)
-            with torch.no_grad():
-                batch.old_logp = token_logprobs(policy, batch)
-                if reference is not None:
-                    batch.ref_logp = token_logprobs(reference, batch)
-            t_score = time.perf_counter()
 
-            policy.train()
-            stats, skipped = update_policy(policy, optimizer, scheduler, batch, ratio_fn, alg, cfg, seed, step,
-                                           kpo_params)
-            nonfinite += skipped
-            if nonfinite > cfg["max_nonfinite"]:
-                raise NonFiniteLossError(
-                    f"{nonfinite} non-finite losses (train.max_nonfinite = {cfg['max_nonfinite']}); lower train.lr or "
-                    "check the reward scale")
-            engine.sync_weights(policy)
-            t_end = time.perf_counter()
+def score_rewards(run: Run, rollout: Rollout) -> tuple[list, torch.Tensor]:
+    """The task reward's verdict on every completion, and the rewards [N, G] (float64)."""
+    group = run.cfg["group_size"]
+    texts = [c.text for completions in rollout.completions for c in completions]
+    golds = [g for g in rollout.problems["answer"] for _ in range(group)]
+    verdicts = run.reward_fn.judge(texts, golds)
+    return verdicts, torch.tensor([v.reward for v in verdicts], dtype=torch.float64).view(-1, group)
 
-            lengths = torch.tensor([len(c.token_ids) for group in completions for c in group], dtype=torch.float)
-            row = {**ident, "step": step + 1, "wall_time": t_end - t0,
-                   "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-                   "accuracy": sum(v.correct for v in verdicts) / len(verdicts),
-                   "advantage_mean": advantages.mean().item(), "advantage_std": advantages.std().item(),
-                   "advantage_abs_max": advantages.abs().max().item(),
-                   "response_length": lengths.mean().item(),
-                   "truncation_rate": sum(c.finish_reason == "length" for g in completions for c in g) / len(lengths),
-                   "rollout_tokens_per_s": lengths.sum().item() / (t_rollout - t0),
-                   "train_tokens_per_s": cfg["ppo_epochs"] * batch.attention_mask.sum().item() / (t_end - t_score),
-                   "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout,
-                   "time_score": t_score - t_reward, "time_update": t_end - t_score,
-                   "lr": scheduler.get_last_lr()[0], "nonfinite_skipped": skipped, "nonfinite_total": nonfinite,
-                   **stats}
-            rows.append(row)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
-            if writer is not None:
-                for key, value in row.items():
-                    if isinstance(value, float):
-                        writer.add_scalar(key, value, step + 1)
-            if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
-                save_checkpoint(checkpoints, step + 1, policy=policy, tokenizer=tokenizer, optimizer=optimizer,
-                                scheduler=scheduler, metrics=pd.DataFrame(rows), settings_hash=settings_hash,
-                                keep_every=cfg["keep_every"])
 
+def score_logprobs(run: Run, batch: RolloutBatch) -> None:
+    """Fill the batch's old log-probs (the sampling policy's) and, when beta > 0, the reference model's."""
+    with torch.no_grad():
+        batch.old_logp = token_logprobs(run.policy, batch)
+        if run.reference is not None:
+            batch.ref_logp = token_logprobs(run.reference, batch)
+
+
+def update(run: Run, batch: RolloutBatch, step: int) -> dict[str, float]:
+    """The optimiser steps of one rollout batch; counts skipped non-finite updates and aborts past the limit."""
+    run.policy.train()
+    stats, skipped = update_policy(run.policy, run.optimizer, run.scheduler, batch, run.ratio_fn, run.alg, run.cfg,
+                                   run.seed, step, run.kpo_params)
+    run.nonfinite += skipped
+    if run.nonfinite > run.cfg["max_nonfinite"]:
+        raise NonFiniteLossError(
+            f"{run.nonfinite} non-finite losses (train.max_nonfinite = {run.cfg['max_nonfinite']}); lower train.lr or "
+            "check the reward scale")
+    return {"nonfinite_skipped": skipped, "nonfinite_total": run.nonfinite, **stats}
+
+
+def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch.Tensor,
+           advantages: torch.Tensor, batch: RolloutBatch, stats: dict[str, float], clock: list[float],
+           writer) -> dict:
+    """Append this step's metrics row (rewards, advantages, lengths, phase timings, update statistics)."""
+    t0, t_rollout, t_reward, t_score, t_end = clock
+    completions = [c for group in rollout.completions for c in group]
+    lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
+    row = {**run.ident, "step": step + 1, "wall_time": t_end - t0,
+           "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+           "accuracy": sum(v.correct for v in verdicts) / len(verdicts),
+           "advantage_mean": advantages.mean().item(), "advantage_std": advantages.std().item(),
+           "advantage_abs_max": advantages.abs().max().item(),
+           "response_length": lengths.mean().item(),
+           "truncation_rate": sum(c.finish_reason == "length" for c in completions) / len(lengths),
+           "rollout_tokens_per_s": lengths.sum().item() / (t_rollout - t0),
+           "train_tokens_per_s": run.cfg["ppo_epochs"] * batch.attention_mask.sum().item() / (t_end - t_score),
+           "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout,
+           "time_score": t_score - t_reward, "time_update": t_end - t_score,
+           "lr": run.scheduler.get_last_lr()[0], **stats}
+    run.rows.append(row)
     if writer is not None:
-        writer.close()
-    metrics = pd.DataFrame(rows)
+        for key, value in row.items():
+            if isinstance(value, float):
+                writer.add_scalar(key, value, step + 1)
+    return row
+
+
+def checkpoint(run: Run, step: int) -> None:
+    """Resumable state after `step` rollout batches."""
+    save_checkpoint(run.checkpoints, step, policy=run.policy, tokenizer=run.tokenizer, optimizer=run.optimizer,
+                    scheduler=run.scheduler, metrics=pd.DataFrame(run.rows), settings_hash=run.settings_hash,
+                    keep_every=run.cfg["keep_every"])
+
+
+def finish(run: Run, out_dir: Path) -> pd.DataFrame:
+    """Write the final policy and the metrics table."""
+    metrics = pd.DataFrame(run.rows)
     with atomic_path(out_dir / "final", directory=True) as tmp:
-        policy.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        run.policy.save_pretrained(tmp, safe_serialization=True)
+        run.tokenizer.save_pretrained(tmp)
     write_parquet(metrics, out_dir / "metrics.parquet")
     return metrics
 
