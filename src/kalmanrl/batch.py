@@ -34,6 +34,41 @@ class RolloutBatch:
     def to(self, device: torch.device) -> RolloutBatch:
         return self._map(lambda t: t.to(device))
 
+    def widths(self) -> tuple[list[int], list[int]]:
+        """Per row: prompt tokens and completion tokens (the columns a forward pass of that row alone needs)."""
+        prompt = self.attention_mask[:, :self.prompt_len].sum(-1)
+        return prompt.tolist(), self.completion_mask.sum(-1).long().tolist()
+
+    def trimmed(self) -> RolloutBatch:
+        """The same rows without the columns that are padding in every row: leading prompt padding and trailing
+        completion padding (at least one completion column is kept). Per-token tensors become [B, T'], T' <= T."""
+        prompt, completion = self.widths()
+        drop = self.prompt_len - max(prompt)
+        steps = max(1, max(completion))
+        end = self.prompt_len + steps
+        return replace(self, input_ids=self.input_ids[:, drop:end], attention_mask=self.attention_mask[:, drop:end],
+                       position_ids=self.position_ids[:, drop:end], prompt_len=self.prompt_len - drop,
+                       **{name: getattr(self, name)[:, :steps] for name in ("completion_mask", "old_logp", "ref_logp")
+                          if getattr(self, name) is not None})
+
+
+def micro_batches(batch: RolloutBatch, index: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """Split the rows `index` [n] of `batch`, in that order, into consecutive micro-batches of at most `budget`
+    tokens each, a micro-batch costing rows x the padded width of its trimmed batch; greedy (a row that does not fit
+    starts the next micro-batch), deterministic, and a row wider than the budget is a micro-batch of its own."""
+    if not len(index):
+        return []
+    prompt, completion = batch.widths()
+    groups, start, max_prompt, max_completion = [], 0, 0, 1
+    for position, row in enumerate(index.tolist()):
+        wider_prompt, wider_completion = max(max_prompt, prompt[row]), max(max_completion, completion[row])
+        if position > start and (position - start + 1) * (wider_prompt + wider_completion) > budget:
+            groups.append(index[start:position])
+            start, wider_prompt, wider_completion = position, prompt[row], max(1, completion[row])
+        max_prompt, max_completion = wider_prompt, wider_completion
+    groups.append(index[start:])
+    return groups
+
 
 def build_batch(prompt_ids: list[list[int]], completions: list[list[Completion]], advantages: torch.Tensor,
                 pad_id: int) -> RolloutBatch:

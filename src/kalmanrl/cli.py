@@ -23,7 +23,7 @@ STAGE_PARTS = {
     "data": ["dataset", "data"],
     "model": ["model"],
     "sft": ["sft"],
-    "train": ["train", "algorithm", "rollout", "dataset"],
+    "train": ["train", "model", "algorithm", "rollout", "dataset"],
     "evaluate": ["evaluate", "rollout", "dataset"],
     "report": ["report"],
 }

@@ -191,7 +191,8 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
     if "seed" in wildcards:
         ident["seed"] = int(wildcards["seed"])
     if stage == "train":
-        return {"train": config["train"], "algorithm": config["algorithms"][wildcards["algorithm"]],
+        return {"train": config["train"], "model": config["models"][wildcards["model"]],
+                "algorithm": config["algorithms"][wildcards["algorithm"]],
                 "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident}
     if stage == "evaluate":
         final = 0 if ident["algorithm"] == "sft" else config["train"]["steps"]

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from kalmanrl import algorithms
-from kalmanrl.batch import RolloutBatch, build_batch
+from kalmanrl.batch import RolloutBatch, build_batch, micro_batches
 from kalmanrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
@@ -123,6 +123,8 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     algorithms.check_off_policy(alg["ratio"], optimizer_steps)
 
     policy, tokenizer = load_policy(policy_dir, device=device)
+    if gradient_checkpointing(settings):
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = load_policy(policy_dir, device=device)[0].eval().requires_grad_(False) if alg["beta"] > 0 else None
     problems = read_dataset(dataset, split="train").to_pandas()
     template = get_template(settings["task"]["template"])
@@ -144,6 +146,12 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
                ratio_fn=ratio_fn, kpo_params=kpo_params, optimizer=optimizer, scheduler=scheduler, engine=engine,
                checkpoints=checkpoints, settings_hash=settings_hash, start=start, rows=rows,
                nonfinite=int(rows[-1]["nonfinite_total"]) if rows else 0)
+
+
+def gradient_checkpointing(settings: dict) -> bool:
+    """train.gradient_checkpointing, where null means on for hub and local models and off for the tiny one."""
+    chosen = settings["train"]["gradient_checkpointing"]
+    return settings.get("model", {}).get("source", "tiny") != "tiny" if chosen is None else chosen
 
 
 def sample(run: Run, step: int) -> Rollout:
@@ -168,10 +176,20 @@ def score_rewards(run: Run, rollout: Rollout) -> tuple[list, torch.Tensor]:
 
 def score_logprobs(run: Run, batch: RolloutBatch) -> None:
     """Fill the batch's old log-probs (the sampling policy's) and, when beta > 0, the reference model's."""
+    batch.old_logp = batch_logprobs(run.policy, batch, run.cfg)
+    if run.reference is not None:
+        batch.ref_logp = batch_logprobs(run.reference, batch, run.cfg)
+
+
+def batch_logprobs(model, batch: RolloutBatch, cfg: dict) -> torch.Tensor:
+    """Log-probs [B, T] of the whole rollout batch without gradient, micro-batch by micro-batch (0 on padding)."""
+    out = torch.zeros_like(batch.completion_mask)
     with torch.no_grad():
-        batch.old_logp = token_logprobs(run.policy, batch)
-        if run.reference is not None:
-            batch.ref_logp = token_logprobs(run.reference, batch)
+        for micro in micro_batches(batch, torch.arange(len(out), device=out.device), cfg["micro_batch_tokens"]):
+            part = batch.select(micro).trimmed()
+            out[micro, :part.completion_mask.shape[1]] = token_logprobs(model, part,
+                                                                       chunk_tokens=cfg["logit_chunk_tokens"])
+    return out
 
 
 def update(run: Run, batch: RolloutBatch, step: int) -> dict[str, float]:
@@ -238,38 +256,60 @@ def update_policy(policy, optimizer, scheduler, batch: RolloutBatch, ratio_fn, a
     size = batch.input_ids.shape[0]
     sums: dict[str, list[float]] = defaultdict(list)
     skipped = 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.input_ids.is_cuda)
     for _ in range(cfg["ppo_epochs"]):
         order = torch.randperm(size, generator=generator).to(batch.input_ids.device)
         for mini in order.chunk(cfg["mini_batches"]):
             optimizer.zero_grad(set_to_none=True)
-            active = batch.completion_mask[mini].sum().item()
-            losses = []
-            for micro in mini.chunk(cfg["grad_accum"]):
-                part = batch.select(micro)
-                with autocast:
-                    logp, entropy = token_logprobs(policy, part, with_entropy=True)
-                rho = ratio_fn(logp, part.old_logp, part.completion_mask)
-                loss, metrics = algorithms.policy_loss(
-                    rho, part.advantages.unsqueeze(-1).expand_as(logp), part.completion_mask,
-                    eps_low=alg["eps_low"], eps_high=alg["eps_high"], clip=alg["clip"], beta=alg["beta"], logp=logp,
-                    ref_logp=part.ref_logp, aggregate=alg["aggregate"], num_active_tokens=active,
-                    max_length=cfg["max_tokens"])
-                # dapo already divides by the whole mini-batch's tokens; the other aggregates average micro-batches.
-                (loss if alg["aggregate"] == "dapo" else loss / cfg["grad_accum"]).backward()
-                losses.append(loss.detach())
-                _record(sums, metrics, logp.detach() - part.old_logp, entropy.detach(), part.completion_mask,
-                        kpo_params)
+            losses = mini_batch_backward(policy, batch, mini, ratio_fn, alg, cfg, sums, kpo_params)
             if not all(torch.isfinite(x) for x in losses):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg["max_grad_norm"])
             sums["grad_norm"].append(grad_norm.item())
-            sums["loss"].append(torch.stack(losses).mean().item())
+            sums["loss"].append(torch.stack(losses).sum().item())
             optimizer.step()
             scheduler.step()
     return _summarise(sums), skipped
+
+
+def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, ratio_fn, alg: dict, cfg: dict,
+                        sums: dict[str, list[float]], kpo_params: dict) -> list[torch.Tensor]:
+    """Accumulate the gradient of the loss of the rows `mini` into the policy, micro-batch by micro-batch (at most
+    train.micro_batch_tokens tokens per forward); returns the weighted micro-batch losses (their sum is the
+    mini-batch's loss) and appends the loss metrics to `sums`."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.input_ids.is_cuda)
+    active = int(batch.completion_mask[mini].sum().item())
+    losses = []
+    for micro in micro_batches(batch, mini, cfg["micro_batch_tokens"]):
+        part = batch.select(micro).trimmed()
+        with autocast:
+            logp, entropy = token_logprobs(policy, part, with_entropy=True, chunk_tokens=cfg["logit_chunk_tokens"])
+        rho = ratio_fn(logp, part.old_logp, part.completion_mask)
+        loss, metrics = algorithms.policy_loss(
+            rho, part.advantages.unsqueeze(-1).expand_as(logp), part.completion_mask,
+            eps_low=alg["eps_low"], eps_high=alg["eps_high"], clip=alg["clip"], beta=alg["beta"], logp=logp,
+            ref_logp=part.ref_logp, aggregate=alg["aggregate"], num_active_tokens=active,
+            max_length=cfg["max_tokens"])
+        loss = loss * micro_batch_share(alg["aggregate"], part.completion_mask, len(mini), active)
+        loss.backward()
+        losses.append(loss.detach())
+        _record(sums, metrics, logp.detach() - part.old_logp, entropy, part.completion_mask, kpo_params)
+    return losses
+
+
+def micro_batch_share(aggregate: str, mask: torch.Tensor, mini_rows: int, mini_active: int) -> float:
+    """The weight of a micro-batch's loss (`mask` [b, T]: its completion tokens) in its mini-batch's, so that the
+    weighted micro-batch losses sum to the loss of the whole mini-batch however it is split: grpo and dr_grpo are
+    means over sequences (b / rows), bnpo a mean over tokens (active tokens / the mini-batch's), and dapo's loss is
+    already divided by the mini-batch's active tokens (1)."""
+    if aggregate in ("grpo", "dr_grpo"):
+        return mask.shape[0] / mini_rows
+    if aggregate == "bnpo":
+        return mask.sum().item() / max(1, mini_active)
+    if aggregate == "dapo":
+        return 1.0
+    raise ValueError(f"unknown aggregate {aggregate!r}; known: {', '.join(algorithms.AGGREGATES)}")
 
 
 def _record(sums, metrics: dict, z: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor,
