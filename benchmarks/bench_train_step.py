@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 
 from kalmanrl import algorithms
-from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.batch import build_batch
+from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.data import build_dataset, read_dataset, write_dataset
-from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import build_tiny_model, load_policy
 from kalmanrl.optim import make_optimizer
+from kalmanrl.precision import resolve_precision
 from kalmanrl.prompts import get_template
 from kalmanrl.rollout import SamplingConfig, make_engine
-from kalmanrl.trainer import train, update_policy
+from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
 
 PHASES = ["time_rollout", "time_reward", "time_score", "time_update"]
 
@@ -98,22 +98,23 @@ def update_times(model_dir: Path, data: Path, config: dict, repeats: int) -> dic
                                                                  seed=0))
     rewards = torch.rand(len(prompt_ids), cfg["group_size"], generator=torch.Generator().manual_seed(0),
                          dtype=torch.float64)
+    precision = resolve_precision(cfg["precision"], torch.device("cpu"))
     runs = {}
     for name, alg in config["algorithms"].items():
         advantages = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])(rewards)
         batch = build_batch(prompt_ids, completions, advantages, tokenizer.pad_token_id)
-        with torch.no_grad():
-            batch.old_logp = token_logprobs(policy, batch)
+        schedule = mini_batch_schedule(len(batch.advantages), cfg, 0, 0)
+        batch.old_logp = batch_logprobs(policy, batch, schedule[0], cfg, precision)
         ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
-        runs[name] = (batch, ratio_fn, alg, alg["ratio_params"] if alg["ratio"] == "kpo" else {})
+        runs[name] = (batch, schedule, ratio_fn, alg, alg["ratio_params"] if alg["ratio"] == "kpo" else {})
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        for name, (batch, ratio_fn, alg, kpo_params) in runs.items():
+        for name, (batch, schedule, ratio_fn, alg, kpo_params) in runs.items():
             policy.load_state_dict(initial)
             optimizer, scheduler = make_optimizer(policy.parameters(), cfg, cfg["mini_batches"])
             policy.train()
             start = time.perf_counter()
-            update_policy(policy, optimizer, scheduler, batch, ratio_fn, alg, cfg, 0, 0, kpo_params)
+            update_policy(policy, optimizer, scheduler, batch, schedule, ratio_fn, alg, cfg, precision, kpo_params)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 

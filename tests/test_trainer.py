@@ -22,10 +22,12 @@ from kalmanrl.batch import build_batch, micro_batches
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
+from kalmanrl.precision import Precision
 from kalmanrl.rollout import Completion
 from kalmanrl.trainer import (NonFiniteLossError, _step_problems, gradient_checkpointing, mini_batch_backward,
                               train)
 
+FLOAT32 = Precision("float32", "cpu")
 TIMING = {"wall_time", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward", "time_score",
           "time_update"}
 
@@ -194,7 +196,7 @@ def test_a_mini_batch_gradient_does_not_depend_on_its_micro_batches(tiny_model_d
     def gradient(budget):
         policy.zero_grad(set_to_none=True)
         cfg = {"micro_batch_tokens": budget, "logit_chunk_tokens": 7, "max_tokens": 12}
-        losses = mini_batch_backward(policy, batch, mini, ratio_fn, alg, cfg, defaultdict(list), {})
+        losses = mini_batch_backward(policy, batch, mini, ratio_fn, alg, cfg, FLOAT32, defaultdict(list), {})
         return torch.stack(losses).sum(), {n: p.grad.clone() for n, p in policy.named_parameters()}
 
     whole_loss, whole = gradient(10**6)

@@ -45,10 +45,11 @@ def _chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, w
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """hidden [B, t, H], targets [B, t] -> log-prob of each target [B, t] and, if asked, the entropy [B, t]."""
     logits = head(hidden).float()
-    log_norm = logits.logsumexp(-1)
-    taken = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    if not with_entropy:
-        return taken, None
-    with torch.no_grad():
-        entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    with torch.autocast(hidden.device.type, enabled=False):  # float32 from here on, whatever the caller's autocast
+        log_norm = logits.logsumexp(-1)
+        taken = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+        if not with_entropy:
+            return taken, None
+        with torch.no_grad():
+            entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return taken, entropy

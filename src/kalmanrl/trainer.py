@@ -26,6 +26,7 @@ from kalmanrl.layout import checkpoints_root
 from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
 from kalmanrl.optim import make_optimizer
+from kalmanrl.precision import Precision, resolve_precision
 from kalmanrl.progress import progress
 from kalmanrl.prompts import PromptTemplate, get_template
 from kalmanrl.rewards import get_reward
@@ -47,6 +48,7 @@ class Run:
     alg: dict
     ident: dict
     device: torch.device
+    precision: Precision
     policy: torch.nn.Module
     reference: torch.nn.Module | None
     tokenizer: object
@@ -98,9 +100,10 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
             clock.append(time.perf_counter())
             batch = build_batch(rollout.prompt_ids, rollout.completions, advantages,
                                 run.tokenizer.pad_token_id).to(run.device)
-            score_logprobs(run, batch)
+            schedule = mini_batch_schedule(len(batch.advantages), cfg, run.seed, step)
+            score_logprobs(run, batch, schedule[0])
             clock.append(time.perf_counter())
-            stats = update(run, batch, step)
+            stats = update(run, batch, schedule)
             run.engine.sync_weights(run.policy)
             clock.append(time.perf_counter())
             row = record(run, step, rollout, verdicts, rewards, advantages, batch, stats, clock, writer)
@@ -119,13 +122,15 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     torch.manual_seed(ident["seed"])
     torch.set_num_threads(threads)
     device = choose_device()
+    precision = resolve_precision(cfg["precision"], device)
     optimizer_steps = cfg["ppo_epochs"] * cfg["mini_batches"]
     algorithms.check_off_policy(alg["ratio"], optimizer_steps)
 
-    policy, tokenizer = load_policy(policy_dir, device=device)
+    policy, tokenizer = load_policy(policy_dir, device=device, dtype=precision.weights_dtype)
     if gradient_checkpointing(settings):
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reference = load_policy(policy_dir, device=device)[0].eval().requires_grad_(False) if alg["beta"] > 0 else None
+    reference = (load_policy(policy_dir, device=device, dtype=precision.compute_dtype)[0].eval().requires_grad_(False)
+                 if alg["beta"] > 0 else None)
     problems = read_dataset(dataset, split="train").to_pandas()
     template = get_template(settings["task"]["template"])
     reward_fn = get_reward(settings["task"]["reward"], **settings["task"]["reward_params"])
@@ -141,7 +146,7 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
         resumed = load_checkpoint(found, policy=policy, optimizer=optimizer, scheduler=scheduler)
         start, rows = resumed.step, resumed.metrics.to_dict("records")
     engine = engine_from_settings(settings["rollout"], policy=policy, tokenizer=tokenizer, model_dir=policy_dir)
-    return Run(cfg=cfg, alg=alg, ident=ident, device=device, policy=policy, reference=reference, tokenizer=tokenizer,
+    return Run(cfg=cfg, alg=alg, ident=ident, device=device, precision=precision, policy=policy, reference=reference, tokenizer=tokenizer,
                template=template, problems=problems, reward_fn=reward_fn, advantage_fn=advantage_fn,
                ratio_fn=ratio_fn, kpo_params=kpo_params, optimizer=optimizer, scheduler=scheduler, engine=engine,
                checkpoints=checkpoints, settings_hash=settings_hash, start=start, rows=rows,
@@ -161,6 +166,7 @@ def sample(run: Run, step: int) -> Rollout:
     prompt_ids = encode_prompts(run.tokenizer, run.template, problems["problem"])
     sampling = SamplingConfig(n=cfg["group_size"], temperature=cfg["temperature"], top_p=cfg["top_p"],
                               max_tokens=cfg["max_tokens"], seed=run.seed * 1_000_003 + step)
+    run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through generation
     run.policy.eval()
     return Rollout(problems, prompt_ids, run.engine.generate(prompt_ids, sampling))
 
@@ -174,29 +180,42 @@ def score_rewards(run: Run, rollout: Rollout) -> tuple[list, torch.Tensor]:
     return verdicts, torch.tensor([v.reward for v in verdicts], dtype=torch.float64).view(-1, group)
 
 
-def score_logprobs(run: Run, batch: RolloutBatch) -> None:
-    """Fill the batch's old log-probs (the sampling policy's) and, when beta > 0, the reference model's."""
-    batch.old_logp = batch_logprobs(run.policy, batch, run.cfg)
+def mini_batch_schedule(size: int, cfg: dict, seed: int, step: int) -> list[list[torch.Tensor]]:
+    """The rows [n] of each mini-batch, per epoch: a fresh permutation per epoch (seeded by the step, so a resumed
+    run draws the same), cut into train.mini_batches parts."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return [list(torch.randperm(size, generator=generator).chunk(cfg["mini_batches"]))
+            for _ in range(cfg["ppo_epochs"])]
+
+
+def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> None:
+    """Fill the batch's old log-probs (the sampling policy's) and, when beta > 0, the reference model's, over the
+    micro-batches of the first epoch's mini-batches `minis`: the first update then runs the very same forward passes,
+    so its ratio is exactly 1."""
+    batch.old_logp = batch_logprobs(run.policy, batch, minis, run.cfg, run.precision)
     if run.reference is not None:
-        batch.ref_logp = batch_logprobs(run.reference, batch, run.cfg)
+        batch.ref_logp = batch_logprobs(run.reference, batch, minis, run.cfg, run.precision)
 
 
-def batch_logprobs(model, batch: RolloutBatch, cfg: dict) -> torch.Tensor:
-    """Log-probs [B, T] of the whole rollout batch without gradient, micro-batch by micro-batch (0 on padding)."""
+def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: dict,
+                   precision: Precision) -> torch.Tensor:
+    """Log-probs [B, T] of the rows of `minis` without gradient, micro-batch by micro-batch (0 on padding)."""
     out = torch.zeros_like(batch.completion_mask)
     with torch.no_grad():
-        for micro in micro_batches(batch, torch.arange(len(out), device=out.device), cfg["micro_batch_tokens"]):
-            part = batch.select(micro).trimmed()
-            out[micro, :part.completion_mask.shape[1]] = token_logprobs(model, part,
-                                                                       chunk_tokens=cfg["logit_chunk_tokens"])
+        for mini in minis:
+            for micro in micro_batches(batch, mini.to(out.device), cfg["micro_batch_tokens"]):
+                part = batch.select(micro).trimmed()
+                with precision.autocast():
+                    logp = token_logprobs(model, part, chunk_tokens=cfg["logit_chunk_tokens"])
+                out[micro, :part.completion_mask.shape[1]] = logp
     return out
 
 
-def update(run: Run, batch: RolloutBatch, step: int) -> dict[str, float]:
+def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) -> dict[str, float]:
     """The optimiser steps of one rollout batch; counts skipped non-finite updates and aborts past the limit."""
     run.policy.train()
-    stats, skipped = update_policy(run.policy, run.optimizer, run.scheduler, batch, run.ratio_fn, run.alg, run.cfg,
-                                   run.seed, step, run.kpo_params)
+    stats, skipped = update_policy(run.policy, run.optimizer, run.scheduler, batch, schedule, run.ratio_fn, run.alg,
+                                   run.cfg, run.precision, run.kpo_params)
     run.nonfinite += skipped
     if run.nonfinite > run.cfg["max_nonfinite"]:
         raise NonFiniteLossError(
@@ -249,18 +268,17 @@ def finish(run: Run, out_dir: Path) -> pd.DataFrame:
     return metrics
 
 
-def update_policy(policy, optimizer, scheduler, batch: RolloutBatch, ratio_fn, alg: dict, cfg: dict, seed: int,
-                  step: int, kpo_params: dict) -> tuple[dict[str, float], int]:
-    """ppo_epochs x mini_batches optimiser steps over one rollout batch; returns step metrics and skipped updates."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    size = batch.input_ids.shape[0]
+def update_policy(policy, optimizer, scheduler, batch: RolloutBatch, schedule: list[list[torch.Tensor]], ratio_fn,
+                  alg: dict, cfg: dict, precision: Precision, kpo_params: dict) -> tuple[dict[str, float], int]:
+    """One optimiser step per mini-batch of `schedule` (ppo_epochs x mini_batches) over one rollout batch; returns
+    step metrics and skipped updates."""
     sums: dict[str, list[float]] = defaultdict(list)
     skipped = 0
-    for _ in range(cfg["ppo_epochs"]):
-        order = torch.randperm(size, generator=generator).to(batch.input_ids.device)
-        for mini in order.chunk(cfg["mini_batches"]):
+    for minis in schedule:
+        for mini in minis:
             optimizer.zero_grad(set_to_none=True)
-            losses = mini_batch_backward(policy, batch, mini, ratio_fn, alg, cfg, sums, kpo_params)
+            losses = mini_batch_backward(policy, batch, mini.to(batch.input_ids.device), ratio_fn, alg, cfg,
+                                         precision, sums, kpo_params)
             if not all(torch.isfinite(x) for x in losses):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -274,16 +292,15 @@ def update_policy(policy, optimizer, scheduler, batch: RolloutBatch, ratio_fn, a
 
 
 def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, ratio_fn, alg: dict, cfg: dict,
-                        sums: dict[str, list[float]], kpo_params: dict) -> list[torch.Tensor]:
+                        precision: Precision, sums: dict[str, list[float]], kpo_params: dict) -> list[torch.Tensor]:
     """Accumulate the gradient of the loss of the rows `mini` into the policy, micro-batch by micro-batch (at most
     train.micro_batch_tokens tokens per forward); returns the weighted micro-batch losses (their sum is the
     mini-batch's loss) and appends the loss metrics to `sums`."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.input_ids.is_cuda)
     active = int(batch.completion_mask[mini].sum().item())
     losses = []
     for micro in micro_batches(batch, mini, cfg["micro_batch_tokens"]):
         part = batch.select(micro).trimmed()
-        with autocast:
+        with precision.autocast():
             logp, entropy = token_logprobs(policy, part, with_entropy=True, chunk_tokens=cfg["logit_chunk_tokens"])
         rho = ratio_fn(logp, part.old_logp, part.completion_mask)
         loss, metrics = algorithms.policy_loss(
