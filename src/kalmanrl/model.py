@@ -96,9 +96,32 @@ def fetch_pretrained(source: str, out_dir: str | Path, *, revision: str | None =
         tokenizer.save_pretrained(tmp)
 
 
+# Dedicated padding tokens of common vocabularies, in order of preference (Llama 3's, then generic ones).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>")
+
+
 def load_policy(model_dir: str | Path, *, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    """Model and tokenizer from a save_pretrained directory (safetensors only); left padding for generation."""
+    """Model and tokenizer from a save_pretrained directory (safetensors only); left padding for generation, and a
+    pad token when the tokenizer has none (see `ensure_pad_token`)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True).to(device)
+    ensure_pad_token(tokenizer)
+    rows = model.get_input_embeddings().num_embeddings
+    if tokenizer.pad_token_id >= rows:
+        raise ValueError(f"{model_dir}: pad token {tokenizer.pad_token!r} has id {tokenizer.pad_token_id}, outside the "
+                         f"model's {rows} embeddings")
     return model, tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token one (Llama 3.2 has none): a dedicated padding token of its vocabulary
+    other than EOS if there is one, else EOS itself — padding is never attended to nor trained on, the attention and
+    completion masks do that, so its identity only matters for not being mistaken for a generated EOS."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    vocabulary = tokenizer.get_vocab()
+    tokenizer.pad_token = next((t for t in PAD_CANDIDATES if t in vocabulary and t != tokenizer.eos_token),
+                               tokenizer.eos_token)
