@@ -27,7 +27,7 @@ from kalmanrl.batch import build_batch
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.data import build_dataset, read_dataset, write_dataset
 from kalmanrl.model import build_tiny_model, load_policy
-from kalmanrl.optim import make_optimizer
+from kalmanrl.optim import adamw
 from kalmanrl.precision import resolve_precision
 from kalmanrl.prompts import get_template
 from kalmanrl.rollout import SamplingConfig, make_engine
@@ -111,10 +111,10 @@ def update_times(model_dir: Path, data: Path, config: dict, repeats: int) -> dic
     for _ in range(repeats):
         for name, (batch, schedule, ratio_fn, alg, kpo_params) in runs.items():
             policy.load_state_dict(initial)
-            optimizer, scheduler = make_optimizer(policy.parameters(), cfg, cfg["mini_batches"])
+            optimizer = adamw(policy.parameters(), cfg)
             policy.train()
             start = time.perf_counter()
-            update_policy(policy, optimizer, scheduler, batch, schedule, ratio_fn, alg, cfg, precision, kpo_params)
+            update_policy(policy, optimizer, batch, schedule, ratio_fn, alg, cfg, precision, kpo_params)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 

@@ -245,3 +245,20 @@ def test_the_default_study_keeps_one_micro_batch_per_mini_batch(repo_root, tiny_
         template = get_template(dataset["template"])
         longest = max(len(template.render(tokenizer, p).encode()) for p in table.column("problem").to_pylist())
         assert rows * (longest + cfg["max_tokens"]) <= cfg["micro_batch_tokens"], (task, longest)
+
+
+def test_an_untrained_final_eos_leaves_the_completion_mask():
+    eos = 9
+    stopped, cut, early = completion([1, 2, eos]), completion([3, 4, 5]), completion([eos, 6])
+    batch = build_batch([[5], [6]], [[stopped, cut], [early, completion([eos])]], torch.zeros(2, 2), pad_id=0,
+                        untrained_eos=eos)
+    assert batch.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 0], [0, 0, 0]]
+    assert batch.attention_mask[:, 1:].tolist() == [[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]]
+    assert build_batch([[5]], [[stopped]], torch.zeros(1, 1), pad_id=0).completion_mask.tolist() == [[1, 1, 1]]
+
+
+def test_warmup_in_rollout_batches_and_no_loss_on_eos_train(tmp_path, tiny_model_dir, arithmetic_parquet):
+    metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for(
+        "grpo", steps=4, warmup_ratio=0.5, loss_on_eos=False, weight_decay=0.1))
+    assert metrics["lr"].tolist() == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+    assert metrics["grad_norm"].notna().all()

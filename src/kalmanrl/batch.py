@@ -71,8 +71,10 @@ def micro_batches(batch: RolloutBatch, index: torch.Tensor, budget: int) -> list
 
 
 def build_batch(prompt_ids: list[list[int]], completions: list[list[Completion]], advantages: torch.Tensor,
-                pad_id: int) -> RolloutBatch:
-    """Pack prompts [N] and their completions [N][G] into one padded batch of N*G rows (prompt-major order)."""
+                pad_id: int, *, untrained_eos: int | None = None) -> RolloutBatch:
+    """Pack prompts [N] and their completions [N][G] into one padded batch of N*G rows (prompt-major order).
+    With `untrained_eos` (an EOS id), a completion's final token equal to it stays an input but leaves the
+    completion mask, so the loss never trains it (the KRPO authors' loss mask, which drops pad = EOS)."""
     rows = [(p, c.token_ids) for p, group in zip(prompt_ids, completions) for c in group]
     prompt_len = max(len(p) for p, _ in rows)
     max_completion = max(1, max(len(c) for _, c in rows))
@@ -83,5 +85,9 @@ def build_batch(prompt_ids: list[list[int]], completions: list[list[Completion]]
         ids[i, prompt_len:prompt_len + len(c)] = torch.tensor(c, dtype=torch.long)
         attention[i, prompt_len - len(p):prompt_len + len(c)] = 1
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    return RolloutBatch(ids, attention, positions, attention[:, prompt_len:].float(), prompt_len,
-                        advantages.reshape(-1).float())
+    completion_mask = attention[:, prompt_len:].float()
+    if untrained_eos is not None:
+        for i, (_, c) in enumerate(rows):
+            if c and c[-1] == untrained_eos:
+                completion_mask[i, len(c) - 1] = 0
+    return RolloutBatch(ids, attention, positions, completion_mask, prompt_len, advantages.reshape(-1).float())

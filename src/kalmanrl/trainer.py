@@ -25,7 +25,7 @@ from kalmanrl.io import atomic_path, write_parquet
 from kalmanrl.layout import checkpoints_root
 from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
-from kalmanrl.optim import make_optimizer
+from kalmanrl.optim import make_rollout_optimizer
 from kalmanrl.precision import Precision, resolve_precision
 from kalmanrl.progress import progress
 from kalmanrl.prompts import PromptTemplate, get_template
@@ -98,8 +98,9 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
             verdicts, rewards = score_rewards(run, rollout)
             advantages = run.advantage_fn(rewards)
             clock.append(time.perf_counter())
-            batch = build_batch(rollout.prompt_ids, rollout.completions, advantages,
-                                run.tokenizer.pad_token_id).to(run.device)
+            batch = build_batch(rollout.prompt_ids, rollout.completions, advantages, run.tokenizer.pad_token_id,
+                                untrained_eos=None if cfg["loss_on_eos"] else run.tokenizer.eos_token_id
+                                ).to(run.device)
             schedule = mini_batch_schedule(len(batch.advantages), cfg, run.seed, step)
             score_logprobs(run, batch, schedule[0])
             clock.append(time.perf_counter())
@@ -137,7 +138,7 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     advantage_fn = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])
     ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
     kpo_params = alg["ratio_params"] if alg["ratio"] == "kpo" else {}
-    optimizer, scheduler = make_optimizer(policy.parameters(), cfg, cfg["steps"] * optimizer_steps)
+    optimizer, scheduler = make_rollout_optimizer(policy.parameters(), cfg)
 
     settings_hash = config_hash(settings)
     checkpoints = checkpoints_root(out_dir)
@@ -212,16 +213,19 @@ def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: d
 
 
 def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) -> dict[str, float]:
-    """The optimiser steps of one rollout batch; counts skipped non-finite updates and aborts past the limit."""
+    """The optimiser steps of one rollout batch at this batch's learning rate, then the schedule's step; counts
+    skipped non-finite updates and aborts past the limit."""
     run.policy.train()
-    stats, skipped = update_policy(run.policy, run.optimizer, run.scheduler, batch, schedule, run.ratio_fn, run.alg,
-                                   run.cfg, run.precision, run.kpo_params)
+    lr = run.scheduler.get_last_lr()[0]
+    stats, skipped = update_policy(run.policy, run.optimizer, batch, schedule, run.ratio_fn, run.alg, run.cfg,
+                                   run.precision, run.kpo_params)
+    run.scheduler.step()
     run.nonfinite += skipped
     if run.nonfinite > run.cfg["max_nonfinite"]:
         raise NonFiniteLossError(
             f"{run.nonfinite} non-finite losses (train.max_nonfinite = {run.cfg['max_nonfinite']}); lower train.lr or "
             "check the reward scale")
-    return {"nonfinite_skipped": skipped, "nonfinite_total": run.nonfinite, **stats}
+    return {"lr": lr, "nonfinite_skipped": skipped, "nonfinite_total": run.nonfinite, **stats}
 
 
 def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch.Tensor,
@@ -242,7 +246,7 @@ def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch
            "train_tokens_per_s": run.cfg["ppo_epochs"] * batch.attention_mask.sum().item() / (t_end - t_score),
            "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout,
            "time_score": t_score - t_reward, "time_update": t_end - t_score,
-           "lr": run.scheduler.get_last_lr()[0], **stats}
+           **stats}
     run.rows.append(row)
     if writer is not None:
         for key, value in row.items():
@@ -268,7 +272,7 @@ def finish(run: Run, out_dir: Path) -> pd.DataFrame:
     return metrics
 
 
-def update_policy(policy, optimizer, scheduler, batch: RolloutBatch, schedule: list[list[torch.Tensor]], ratio_fn,
+def update_policy(policy, optimizer, batch: RolloutBatch, schedule: list[list[torch.Tensor]], ratio_fn,
                   alg: dict, cfg: dict, precision: Precision, kpo_params: dict) -> tuple[dict[str, float], int]:
     """One optimiser step per mini-batch of `schedule` (ppo_epochs x mini_batches) over one rollout batch; returns
     step metrics and skipped updates."""
@@ -287,7 +291,6 @@ def update_policy(policy, optimizer, scheduler, batch: RolloutBatch, schedule: l
             sums["grad_norm"].append(grad_norm.item())
             sums["loss"].append(torch.stack(losses).sum().item())
             optimizer.step()
-            scheduler.step()
     return _summarise(sums), skipped
 
 
