@@ -155,7 +155,7 @@ def step_peak_memory(policy, *, rows: int, group: int, prompt_len: int, completi
 
 
 def memory_table(hidden: int, layers: int) -> None:
-    """Print peak step memory for rollout batches of 64 to 1024 sequences of 64 + 192 tokens."""
+    """Print peak step memory for rollout batches of 64 to 256 sequences of 64 + 192 tokens."""
     spec = {"vocab_size": 512, "hidden_size": hidden, "num_layers": layers, "num_heads": hidden // 32,
             "num_kv_heads": max(1, hidden // 64), "intermediate_size": 4 * hidden, "max_position_embeddings": 512,
             "tie_word_embeddings": True}
@@ -166,9 +166,9 @@ def memory_table(hidden: int, layers: int) -> None:
     cfg = {**validate_config({})["train"], "mini_batches": 2, "micro_batch_tokens": budget}
     print(f"torch {torch.__version__}; model hidden {hidden} x {layers} layers, vocabulary 512; prompts 64 tokens, "
           f"completions 192, 2 mini-batches; micro_batch_tokens {budget} (8 rows)")
-    print("| rollout batch (rows) | peak MiB, micro_batch_tokens 2048 | peak MiB, one micro-batch per mini-batch |")
+    print(f"| rollout batch (rows) | peak MiB, micro_batch_tokens {budget} | peak MiB, one micro-batch per mini-batch |")
     print("|---|---|---|")
-    for rows in (64, 128, 256, 512, 1024):
+    for rows in (64, 128, 256):
         peaks = [step_peak_memory(policy, rows=rows, group=8, prompt_len=64, completion_len=192,
                                   cfg={**cfg, "micro_batch_tokens": tokens}) / 2**20 for tokens in (budget, 10**9)]
         print(f"| {rows} | {peaks[0]:.1f} | {peaks[1]:.1f} |")
