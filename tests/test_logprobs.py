@@ -46,7 +46,8 @@ def test_chunked_logprobs_and_entropy_equal_the_whole_vocabulary_log_softmax(mod
     assert not entropy.requires_grad
 
 
-def test_chunked_logprobs_have_the_unchunked_gradient(model_and_batch):
+@pytest.mark.parametrize("chunk_tokens", [5, 10**6])
+def test_chunked_logprobs_have_the_unchunked_gradient(model_and_batch, chunk_tokens):
     model, batch = model_and_batch
     weights = torch.randn(batch.completion_mask.shape, generator=torch.Generator().manual_seed(1))
 
@@ -56,7 +57,7 @@ def test_chunked_logprobs_have_the_unchunked_gradient(model_and_batch):
         return {name: p.grad.clone() for name, p in model.named_parameters()}
 
     expected = gradient(unchunked(model, batch)[0])
-    got = gradient(token_logprobs(model, batch, with_entropy=True, chunk_tokens=5)[0])
+    got = gradient(token_logprobs(model, batch, with_entropy=True, chunk_tokens=chunk_tokens)[0])
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 

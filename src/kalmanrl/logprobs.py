@@ -3,8 +3,8 @@ and new log-probs of every algorithm.
 
 Memory: the decoder's last hidden states [B, T, H] go through the output head a slice of the sequence at a time, so
 at most `chunk_tokens` rows x vocabulary float32 logits exist at once (never [B, T, vocab]). With gradients on,
-each slice is recomputed in the backward pass (activation checkpointing), so the saved tensors are the hidden
-states, not the logits."""
+each slice of several is recomputed in the backward pass (activation checkpointing), so the saved tensors are the
+hidden states, not the logits."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ def token_logprobs(model, batch: RolloutBatch, *, with_entropy: bool = False,
     head = model.get_output_embeddings()
     rows, steps = targets.shape
     width = max(1, chunk_tokens // max(1, rows))
-    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    # One slice holds at most chunk_tokens x vocabulary logits whether kept for backward or not: recompute only
+    # when there are several.
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and steps > width
     taken, entropy = [], []
     for start in range(0, steps, width):
         args = (head, hidden[:, start:start + width], targets[:, start:start + width], with_entropy)
