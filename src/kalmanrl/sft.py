@@ -14,6 +14,7 @@ from kalmanrl.model import load_policy
 from kalmanrl.optim import make_optimizer
 from kalmanrl.progress import progress
 from kalmanrl.prompts import get_template
+from kalmanrl.stage import choose_device
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -49,7 +50,7 @@ def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Pat
             settings: dict, seed: int) -> dict:
     """Fine-tune the model in `model_dir` on the train split; save to `out_dir`. Returns the final loss."""
     torch.manual_seed(seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = choose_device()
     model, tokenizer = load_policy(model_dir, device=device)
     table = read_dataset(train_parquet, split="train")
     examples = tokenize_examples(tokenizer, table.column("problem").to_pylist(), table.column("answer").to_pylist(),
