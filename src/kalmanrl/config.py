@@ -198,7 +198,8 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
         final = 0 if ident["algorithm"] == "sft" else config["train"]["steps"]
         ident["step"] = int(wildcards.get("step") or final)
         return {"evaluate": config["evaluate"], "rollout": config["rollout"],
-                "benchmark": datasets[wildcards["benchmark"]], "ident": ident}
+                "model": config["models"][wildcards["model"]], "benchmark": datasets[wildcards["benchmark"]],
+                "ident": ident}
     if stage == "report":
         return {"report": config["report"]}
     raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")

@@ -104,14 +104,21 @@ def load_policy(model_dir: str | Path, *, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """Model and tokenizer from a save_pretrained directory (safetensors only); left padding for generation, and a
     pad token when the tokenizer has none (see `ensure_pad_token`)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True).to(device)
-    ensure_pad_token(tokenizer)
+    tokenizer = load_tokenizer(model_dir)
     rows = model.get_input_embeddings().num_embeddings
     if tokenizer.pad_token_id >= rows:
         raise ValueError(f"{model_dir}: pad token {tokenizer.pad_token!r} has id {tokenizer.pad_token_id}, outside the "
                          f"model's {rows} embeddings")
     return model, tokenizer
+
+
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
+    """The tokenizer of a save_pretrained directory, left-padding for generation, with a pad token (e.g. beside a
+    vLLM engine that loads the weights itself)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    ensure_pad_token(tokenizer)
+    return tokenizer
 
 
 def ensure_pad_token(tokenizer) -> None:

@@ -22,7 +22,9 @@ def encode_prompts(tokenizer, template: PromptTemplate, problems: Iterable[str])
     return [tokenizer(template.render(tokenizer, p), add_special_tokens=False)["input_ids"] for p in problems]
 
 
-def engine_from_settings(rollout: dict, *, policy: torch.nn.Module, tokenizer, model_dir: str | Path) -> RolloutEngine:
-    """The rollout engine of a stage's `rollout` settings (backend plus the options its engine reads)."""
-    return make_engine(rollout["backend"], policy=policy, tokenizer=tokenizer, model_dir=model_dir,
-                       **{k: v for k, v in rollout.items() if k != "backend"})
+def engine_from_settings(rollout: dict, *, policy: torch.nn.Module | None, tokenizer, model_dir: str | Path,
+                         dtype: str = "float32", **overrides) -> RolloutEngine:
+    """The rollout engine of a stage's `rollout` settings (backend plus the options its engine reads, `overrides`
+    winning), serving the model's configured `dtype`."""
+    return make_engine(rollout["backend"], policy=policy, tokenizer=tokenizer, model_dir=model_dir, dtype=dtype,
+                       **{**{k: v for k, v in rollout.items() if k != "backend"}, **overrides})

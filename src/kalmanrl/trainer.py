@@ -104,6 +104,7 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
             schedule = mini_batch_schedule(len(batch.advantages), cfg, run.seed, step)
             score_logprobs(run, batch, schedule[0])
             clock.append(time.perf_counter())
+            run.engine.sleep()
             stats = update(run, batch, schedule)
             run.engine.sync_weights(run.policy)
             clock.append(time.perf_counter())
@@ -146,7 +147,8 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     if (found := latest_checkpoint(checkpoints, settings_hash)) is not None:
         resumed = load_checkpoint(found, policy=policy, optimizer=optimizer, scheduler=scheduler)
         start, rows = resumed.step, resumed.metrics.to_dict("records")
-    engine = engine_from_settings(settings["rollout"], policy=policy, tokenizer=tokenizer, model_dir=policy_dir)
+    engine = engine_from_settings(settings["rollout"], policy=policy, tokenizer=tokenizer, model_dir=policy_dir,
+                                  dtype=settings["model"]["dtype"])
     return Run(cfg=cfg, alg=alg, ident=ident, device=device, precision=precision, policy=policy, reference=reference, tokenizer=tokenizer,
                template=template, problems=problems, reward_fn=reward_fn, advantage_fn=advantage_fn,
                ratio_fn=ratio_fn, kpo_params=kpo_params, optimizer=optimizer, scheduler=scheduler, engine=engine,
