@@ -234,3 +234,27 @@ def test_weights_pushed_while_asleep_are_the_ones_served_after_waking(vllm_engin
     finally:
         model.load_state_dict(original)
         vllm_engine.sync_weights(model)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_hf_completions_do_not_depend_on_how_the_batch_is_split(policy, tiny_model_dir, temperature, top_p):
+    """A rank that generates the second half of a step's prompts gets exactly the completions a single process
+    generating all of them would (seeds follow the prompt's position, not the call or the batch)."""
+    model, tokenizer, prompts = policy
+    engine = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
+    sampling = SamplingConfig(n=3, temperature=temperature, top_p=top_p, max_tokens=8, seed=7)
+    whole = engine.generate(prompts, sampling)
+    first = engine.generate(prompts[:1], sampling)
+    rest = engine.generate(prompts[1:], SamplingConfig(n=3, temperature=temperature, top_p=top_p, max_tokens=8,
+                                                       seed=7, first_prompt=1))
+    assert token_ids(whole) == token_ids(first) + token_ids(rest)
+    assert len({tuple(ids) for ids in token_ids(whole)}) > 1
+
+
+def test_hf_top_p_keeps_only_the_nucleus(policy, tiny_model_dir):
+    """With a tiny nucleus only the most likely token survives, so sampling is greedy."""
+    model, tokenizer, prompts = policy
+    engine = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
+    nucleus = engine.generate(prompts, SamplingConfig(n=4, temperature=1.0, top_p=1e-6, max_tokens=6, seed=1))
+    greedy = engine.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=6))
+    assert token_ids(nucleus) == [ids for ids in token_ids(greedy) for _ in range(4)]

@@ -5,8 +5,9 @@ place after each update; `hf` is transformers `generate` on the policy itself, t
 Log-probs are *raw* in both engines: the log-softmax of the model's logits before temperature and top-p, i.e. vLLM's
 `logprobs_mode="raw_logprobs"` (its default in 0.32, set explicitly here) and what the trainer recomputes, so they are
 comparable with the trainer's old log-probs at any temperature. Randomness is a pure function of `SamplingConfig.seed`
-(the trainer derives it from its seed and the step), so engines hold no RNG state to checkpoint and a resumed run
-samples exactly what an uninterrupted one would."""
+(the trainer derives it from its seed and the step) and of each prompt's position in the whole batch, so engines hold
+no RNG state to checkpoint, a resumed run samples exactly what an uninterrupted one would, and a prompt's completions
+do not depend on which rank generated it."""
 
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ class SamplingConfig:
     top_p: float = 1.0
     max_tokens: int = 64
     seed: int = 0
+    first_prompt: int = 0  # position of the call's first prompt in the whole batch (a rank's share starts later)
+
+    def prompt_seed(self, index: int) -> int:
+        """The seed of the `index`-th prompt of this call: a function of the call's seed and the prompt's position in
+        the whole batch, so a prompt's completions do not depend on how the batch is split over ranks or calls."""
+        return (self.seed * 1_000_003 + self.first_prompt + index) % 2**63
 
 
 @dataclass
@@ -78,8 +85,10 @@ class _ContextManaged:
 
 class HFEngine(_ContextManaged):
     """transformers `generate` with KV cache on the policy module itself (so a weight sync is a no-op), batched with
-    left padding. Randomness comes only from `sampling.seed`, inside a forked RNG, so the trainer's RNG stream is
-    untouched and a resumed run samples exactly what an uninterrupted one would."""
+    left padding. Each row samples with its own generator, seeded from its prompt's position (`prompt_seed`) and its
+    sample index (Gumbel-max over the temperature-scaled, top-p-filtered logits, which draws exactly from their
+    softmax): results do not depend on batch composition, and the global RNG stream is never touched, so a resumed
+    or differently sharded run samples exactly what an uninterrupted one-rank run would."""
 
     def __init__(self, policy: torch.nn.Module, tokenizer, *, batch_size: int = 256) -> None:
         self.policy, self.tokenizer, self.batch_size = policy, tokenizer, batch_size
@@ -89,26 +98,24 @@ class HFEngine(_ContextManaged):
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        rows = [ids for ids in prompt_ids for _ in range(sampling.n)]
+        rows = [(ids, sampling.prompt_seed(i) + j) for i, ids in enumerate(prompt_ids) for j in range(sampling.n)]
         device = next(self.policy.parameters()).device
         completions: list[Completion] = []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(sampling.seed)
-            for start in range(0, len(rows), self.batch_size):
-                completions += self._generate_batch(rows[start:start + self.batch_size], sampling, device)
+        for start in range(0, len(rows), self.batch_size):
+            completions += self._generate_batch(rows[start:start + self.batch_size], sampling, device)
         return [completions[i:i + sampling.n] for i in range(0, len(completions), sampling.n)]
 
-    def _generate_batch(self, rows: list[list[int]], sampling: SamplingConfig, device) -> list[Completion]:
-        width = max(map(len, rows))
+    def _generate_batch(self, rows: list[tuple[list[int], int]], sampling: SamplingConfig, device) -> list[Completion]:
+        width = max(len(ids) for ids, _ in rows)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        greedy = sampling.temperature == 0
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r, _ in rows], device=device)
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r, _ in rows], device=device)
+        processors = [] if sampling.temperature == 0 else [
+            _RowSampler([seed for _, seed in rows], sampling.temperature, sampling.top_p, device)]
         out = self.policy.generate(
-            input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_tokens, do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-            top_k=None, eos_token_id=eos, pad_token_id=pad, return_dict_in_generate=True, output_logits=True,
-            synced_gpus=self.synced)
+            input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_tokens, do_sample=False,
+            logits_processor=processors, temperature=None, top_p=None, top_k=None, eos_token_id=eos,
+            pad_token_id=pad, return_dict_in_generate=True, output_logits=True, synced_gpus=self.synced)
         tokens = out.sequences[:, width:]
         logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
         taken = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -124,6 +131,27 @@ class HFEngine(_ContextManaged):
     def sync_weights(self, policy: torch.nn.Module) -> None:
         if policy is not self.policy:
             raise ValueError("the hf engine samples from the policy module it was made with")
+
+
+class _RowSampler:
+    """A logits processor that turns greedy decoding into sampling with one generator per row: the argmax of
+    temperature-scaled, top-p-filtered logits plus Gumbel noise is a draw from their softmax (the Gumbel-max trick).
+    transformers' `output_logits` still returns the raw logits, so the recorded log-probs stay raw."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device) -> None:
+        self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """scores: [rows, vocab] -> perturbed scores whose argmax is the sampled token."""
+        logits = scores.float() / self.temperature
+        if self.top_p < 1:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            mass_before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
+            logits = logits.scatter(-1, order, ordered.masked_fill(mass_before >= self.top_p, -torch.inf))
+        uniform = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device)
+                               for g in self.generators])
+        return logits - torch.log(-torch.log(uniform.clamp(min=torch.finfo(torch.float32).tiny)))
 
 
 class VLLMEngine(_ContextManaged):
@@ -159,10 +187,12 @@ class VLLMEngine(_ContextManaged):
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt
 
-        # With n > 1, vLLM gives the i-th sample of a request the seed `seed + i`. Text is decoded here, as in the hf
-        # engine (vLLM's incremental detokenizer would hold back a trailing partial UTF-8 character).
-        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_tokens, seed=sampling.seed, logprobs=0, detokenize=False)
+        # One seed per request (its prompt's, see `prompt_seed`); with n > 1, vLLM gives the j-th sample of a request
+        # the seed `seed + j`. Text is decoded here, as in the hf engine (vLLM's incremental detokenizer would hold
+        # back a trailing partial UTF-8 character).
+        params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_tokens, seed=sampling.prompt_seed(i), logprobs=0,
+                                 detokenize=False) for i in range(len(prompt_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=False)
         return [[make_completion(list(o.token_ids), [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)],
