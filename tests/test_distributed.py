@@ -1,23 +1,30 @@
 """FSDP2 on 2 CPU ranks (gloo, started by torchrun) against one plain process: the same global batch gives the same
 weights, full parameters stream out equal to the unsharded state dict, and sharded checkpoints load on another number
-of ranks with identical weights and optimiser state.
+of ranks with identical weights and optimiser state. Then the RL trainer itself: 2 ranks train like 1, and a 2-rank
+run killed with SIGKILL resumes on 2 or on 1 rank to the uninterrupted result.
 
-Run as a script (`torchrun ... tests/test_distributed.py <out> <steps> [...]`) this file is the worker each test
-starts: a tiny random Qwen2, a seeded global batch per step split over the ranks, AdamW, a token-mean NLL loss
-normalised by the global token count."""
+Run as a script this file is the worker each test starts: `... test_distributed.py <out> <steps> [...]` trains a tiny
+random Qwen2 on a seeded global batch per step split over the ranks (AdamW, a token-mean NLL loss normalised by the
+global token count); `... test_distributed.py train <settings.json> <model> <dataset> <out>` is `kalmanrl train`
+with the test reward registered."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.distributed import launch_command
 
 HERE = Path(__file__).resolve()
@@ -164,14 +171,107 @@ def test_launch_command_one_node_uses_standalone_torchrun():
 
 def test_launch_command_several_nodes_meet_on_the_first_node():
     command = launch_command(["kalmanrl", "train"], gpus=8, nodes=2, first_node="gpu017", job_id="4242", port=29600)
-    assert command == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "torchrun", "--nnodes=2",
+    assert command == ["srun", "--nodes=2", "--ntasks-per-node=1", "--overlap", "--kill-on-bad-exit=1", "torchrun", "--nnodes=2",
                        "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu017:29600",
                        "--rdzv-id=4242", "--no-python", "kalmanrl", "train"]
     with pytest.raises(ValueError, match="first node"):
         launch_command(["kalmanrl", "train"], gpus=8, nodes=2)
 
 
-if __name__ == "__main__":
+# --- the trainer on 2 ranks ---------------------------------------------------------------------------------------
+
+# Columns that measure time or speed, and the update statistics that are means of per-micro-batch values (the ranks'
+# micro-batches differ from one process's, so these agree only roughly).
+TIMING = {"wall_time", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward", "time_score",
+          "time_update"}
+EXACT = ["step", "reward_mean", "reward_std", "accuracy", "advantage_mean", "advantage_std", "advantage_abs_max",
+         "response_length", "truncation_rate", "lr", "nonfinite_total"]
+
+
+def train_settings(**train) -> dict:
+    config = validate_config({
+        "train": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "mini_batches": 2, "max_tokens": 12,
+                  "checkpoint_every": 1, "lr": 1e-3, **train},
+        "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": "digit_share"}},
+        "tasks": ["arith"], "benchmarks": ["arith"]})
+    return stage_settings(config, "train", model="tiny", task="arith", algorithm="kpo", seed="0")
+
+
+def start_training(out: Path, ranks: int, model: Path, data: Path, settings: dict) -> subprocess.Popen:
+    """`kalmanrl train` as 1 plain process or 2 torchrun ranks, in a session of its own (so SIGKILL reaches every
+    rank, as when a scheduler kills the job)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out.parent / f"{out.name}.settings.json").write_text(json.dumps(settings))
+    args = [str(HERE), "train", str(out.parent / f"{out.name}.settings.json"), str(model), str(data), str(out)]
+    command = [sys.executable, *args] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
+    log = open(out.parent / f"{out.name}.{ranks}.log", "a")
+    return subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log,
+                            start_new_session=True)
+
+
+def finished(proc: subprocess.Popen, out: Path) -> None:
+    code = proc.wait(timeout=900)
+    logs = "".join(p.read_text()[-3000:] for p in out.parent.glob(f"{out.name}.*.log"))
+    assert code == 0, logs
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path, *, atol: float = 1e-5) -> None:
+    first, second = (pd.read_parquet(d / "metrics.parquet") for d in (a, b))
+    pd.testing.assert_frame_equal(first[EXACT], second[EXACT], check_exact=False, atol=1e-6, rtol=0)
+    pd.testing.assert_series_equal(first["grad_norm"], second["grad_norm"], check_exact=False, rtol=1e-4)
+    pd.testing.assert_series_equal(first["loss"], second["loss"], check_exact=False, atol=1e-5, rtol=1e-4)
+    assert_close(final_weights(a), final_weights(b), atol=atol)
+
+
+@pytest.fixture(scope="module")
+def one_rank_training(tmp_path_factory, tiny_model_dir, arithmetic_parquet) -> Path:
+    out = tmp_path_factory.mktemp("train") / "one"
+    finished(start_training(out, 1, tiny_model_dir, arithmetic_parquet, train_settings()), out)
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_train_like_one(tmp_path, one_rank_training, tiny_model_dir, arithmetic_parquet):
+    out = tmp_path / "two"
+    finished(start_training(out, 2, tiny_model_dir, arithmetic_parquet, train_settings()), out)
+    assert_same_run(one_rank_training, out)
+    assert pd.read_parquet(out / "metrics.parquet")["reward_std"].gt(0).all()  # the runs did learn something
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume_ranks", [2, 1])
+def test_a_killed_two_rank_run_resumes_on_any_number_of_ranks(tmp_path, one_rank_training, tiny_model_dir,
+                                                              arithmetic_parquet, resume_ranks):
+    out = tmp_path / "cut"
+    proc = start_training(out, 2, tiny_model_dir, arithmetic_parquet, train_settings())
+    deadline = time.time() + 600
+    while not list((out / "checkpoints").glob("step_000002/trainer_state.json")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.parquet").exists(), "the run finished before it could be killed"
+    finished(start_training(out, resume_ranks, tiny_model_dir, arithmetic_parquet, train_settings()), out)
+    assert_same_run(one_rank_training, out)
+
+
+def train_worker(settings: Path, model: Path, data: Path, out: Path) -> None:
+    sys.path.insert(0, str(HERE.parent))
+    import digit_share  # noqa: F401  (registers the "digit_share" reward)
+    from kalmanrl.config import parse_settings
+    from kalmanrl.trainer import train
+
+    train(model, data, out, settings=parse_settings(f"@{settings}"))
+
+
+if __name__ == "__main__" and sys.argv[1] == "train":
+    train_worker(*map(Path, sys.argv[2:6]))
+elif __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("steps", type=int)

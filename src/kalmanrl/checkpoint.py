@@ -1,5 +1,7 @@
-"""Resumable training state without pickle: the policy as a save_pretrained directory, the optimizer and the RNG
-states as safetensors plus a JSON manifest. A checkpoint written from a different settings hash is never resumed."""
+"""Resumable training state without pickle: policy and optimiser sharded with `torch.distributed.checkpoint` (each
+rank writes its own shards, keyed by parameter name, so a run saved on N ranks resumes on any number), the RNG states
+as safetensors plus a JSON manifest. Checkpoints kept for evaluation also hold the policy as a save_pretrained
+directory. A checkpoint written from a different settings hash is never resumed."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from kalmanrl.io import atomic_path, read_parquet, write_parquet
+from kalmanrl.distributed import Ranks, load_sharded, save_sharded, shared_atomic_dir, write_full_model
+from kalmanrl.io import read_parquet, write_parquet
 from kalmanrl.layout import checkpoint_dir
 
 MANIFEST = "trainer_state.json"
+SHARDED = "sharded"  # the torch.distributed.checkpoint directory: policy and optimiser state
 
 
 @dataclass
@@ -26,47 +30,31 @@ class Resumed:
     metrics: pd.DataFrame
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for param_id, param_state in state["state"].items():
-        for key, value in param_state.items():
-            if torch.is_tensor(value):
-                tensors[f"{param_id}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{param_id}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for name, value in [*tensors.items(), *meta["scalars"].items()]:
-        param_id, key = name.split(".", 1)
-        state.setdefault(int(param_id), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def _rng_tensors() -> dict[str, torch.Tensor]:
     return {"torch_cpu": torch.get_rng_state(),
             **({"torch_cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
 
 
 def save_checkpoint(root: Path, step: int, *, policy, tokenizer, optimizer, scheduler, metrics: pd.DataFrame,
-                    settings_hash: str, keep_every: int = 0) -> Path:
-    """Write checkpoints/step_{step} atomically and drop older ones (the newest is all a resume needs), except those
-    of every `keep_every`-th step, which are kept for evaluation."""
+                    settings_hash: str, keep_every: int = 0, ranks: Ranks = Ranks()) -> Path:
+    """Write checkpoints/step_{step} atomically (every rank must call it) and drop older ones (the newest is all a
+    resume needs), except those of every `keep_every`-th step, which are kept, with a save_pretrained policy, for
+    evaluation. The RNG states are rank 0's."""
     target = checkpoint_dir(root, step)
-    with atomic_path(target, directory=True) as tmp:
-        policy.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        tensors, optim_meta = _optimizer_tensors(optimizer)
-        save_file(tensors, tmp / "optimizer.safetensors")
-        save_file(_rng_tensors(), tmp / "rng.safetensors")
-        write_parquet(metrics, tmp / "metrics.parquet")
-        manifest = {"step": step, "settings_hash": settings_hash, "optimizer": optim_meta,
-                    "scheduler": scheduler.state_dict(), "python_random": _jsonable(random.getstate()),
-                    "numpy_random": _jsonable(np.random.get_state())}
-        (tmp / MANIFEST).write_text(json.dumps(manifest))
+    kept = bool(keep_every) and step % keep_every == 0
+    with shared_atomic_dir(target, ranks) as tmp:
+        save_sharded(tmp / SHARDED, policy, optimizer)
+        if kept:
+            write_full_model(policy, tokenizer, tmp, ranks)
+        if ranks.is_main:
+            save_file(_rng_tensors(), tmp / "rng.safetensors")
+            write_parquet(metrics, tmp / "metrics.parquet")
+            manifest = {"step": step, "settings_hash": settings_hash, "scheduler": scheduler.state_dict(),
+                        "python_random": _jsonable(random.getstate()),
+                        "numpy_random": _jsonable(np.random.get_state())}
+            (tmp / MANIFEST).write_text(json.dumps(manifest))
+    if not ranks.is_main:
+        return target
     for old in root.glob("step_*"):
         kept = keep_every and int(old.name.removeprefix("step_")) % keep_every == 0
         if old != target and not kept:
@@ -88,12 +76,10 @@ def latest_checkpoint(root: Path, settings_hash: str) -> Path | None:
 
 
 def load_checkpoint(path: Path, *, policy, optimizer, scheduler) -> Resumed:
-    """Restore weights, optimizer, scheduler and RNG streams in place; return the step to continue from."""
-    from safetensors.torch import load_model
-
-    load_model(policy, path / "model.safetensors", strict=False)
+    """Restore weights, optimizer (on any number of ranks: every rank must call it), scheduler and RNG streams in
+    place; return the step to continue from."""
+    load_sharded(path / SHARDED, policy, optimizer)
     manifest = json.loads((path / MANIFEST).read_text())
-    _load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), manifest["optimizer"])
     scheduler.load_state_dict(manifest["scheduler"])
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["torch_cpu"])

@@ -10,10 +10,12 @@ loss (its tokens' sum divided by the global token count, see `global_sum`), so t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +86,7 @@ def shard_model(model: torch.nn.Module, ranks: Ranks, *, compute_dtype: torch.dt
     it is (the trainer's own autocast handles the compute dtype there)."""
     if not ranks.sharded:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype is not None
           else MixedPrecisionPolicy())
@@ -95,7 +97,22 @@ def shard_model(model: torch.nn.Module, ranks: Ranks, *, compute_dtype: torch.dt
     for module in [*layers, model]:  # sum, not average, the ranks' gradients (plain SUM collectives: gloo has no
         module.set_gradient_divide_factor(1.0)  # pre-multiplied sum)
         module.set_force_sum_reduction_for_comms(True)
+    model.kalmanrl_forward = types.MethodType(_call_with_model, model)
+    register_fsdp_forward_method(model, "kalmanrl_forward")
     return model
+
+
+def _call_with_model(model: torch.nn.Module, fn: Callable, *args, **kwargs):
+    return fn(model, *args, **kwargs)
+
+
+def as_forward(model: torch.nn.Module, fn: Callable, *args, **kwargs):
+    """`fn(model, *args, **kwargs)` run as a forward pass of `model`. For computations that call the model's parts
+    (the decoder, then the output head chunk by chunk) instead of `model(...)`: with FSDP the root's parameters
+    (embeddings, final norm, head) are gathered around the call and their gradients reduced after the backward, as
+    for `model(...)`. A plain model: just the call."""
+    method = getattr(model, "kalmanrl_forward", None)
+    return fn(model, *args, **kwargs) if method is None else method(fn, *args, **kwargs)
 
 
 def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
@@ -118,7 +135,8 @@ def global_sum(value: float | torch.Tensor, ranks: Ranks) -> torch.Tensor:
 
 def reduce_metrics(metrics: Mapping[str, float], ranks: Ranks) -> dict[str, float]:
     """One value per metric for the whole job: keys ending in `_min` / `_max` take the min / max over ranks, all others
-    the mean over ranks (every rank holds an equal share of the prompts). All ranks must pass the same keys."""
+    the mean over ranks (every rank holds an equal share of the prompts; a value all ranks share stays as it is).
+    All ranks must pass the same keys."""
     if not ranks.sharded:
         return dict(metrics)
     keys = sorted(metrics)
@@ -136,7 +154,58 @@ def reduce_metrics(metrics: Mapping[str, float], ranks: Ranks) -> dict[str, floa
         for key, value in zip(keys, reduced.tolist()):
             if select(key):
                 out[key] = value / ranks.world_size if op == dist.ReduceOp.SUM else value
-    return out
+    # Counts that every rank shares (e.g. skipped updates, decided together) stay integers.
+    return {key: int(value) if isinstance(metrics[key], int) and value == int(value) else value
+            for key, value in out.items()}
+
+
+def global_max(value: int, ranks: Ranks) -> int:
+    """The largest `value` over all ranks."""
+    if not ranks.sharded:
+        return value
+    box = torch.tensor(value, dtype=torch.int64, device=ranks.device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box)
+
+
+def gather_rows(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """All ranks' `tensor`s [n, ...] (the same n on every rank) concatenated in rank order [n x world_size, ...], on
+    every rank: the whole batch's rewards, lengths, ... from each rank's share, for metrics."""
+    if not ranks.sharded:
+        return tensor
+    parts = [torch.empty_like(tensor, device=ranks.device) for _ in range(ranks.world_size)]
+    dist.all_gather(parts, tensor.to(ranks.device).contiguous())
+    return torch.cat(parts).to(tensor.device)
+
+
+def share(count: int, ranks: Ranks, what: str) -> range:
+    """This rank's contiguous share of `count` items (prompts of a step): rank r takes the r-th of world_size equal
+    parts, so the ranks' shares concatenated in rank order are the one-rank order. `count` must divide evenly."""
+    if count % ranks.world_size:
+        raise ValueError(f"{what} = {count} does not split evenly over {ranks.world_size} ranks")
+    size = count // ranks.world_size
+    return range(ranks.rank * size, (ranks.rank + 1) * size)
+
+
+def local_rows(global_index: torch.Tensor, rows: range) -> torch.Tensor:
+    """The entries of `global_index` [n] (rows of the whole batch, e.g. a mini-batch of a global permutation) that
+    fall in this rank's `rows`, as indices into the rank's own rows, in the order they appear."""
+    mine = (global_index >= rows.start) & (global_index < rows.stop)
+    return global_index[mine] - rows.start
+
+
+def in_step(parts: list, ranks: Ranks, *, stand_in) -> list[tuple[object, bool]]:
+    """`parts` (e.g. micro-batches) as (part, real) pairs, padded with (`stand_in`, False) to the largest count on any
+    rank: a forward of an FSDP model is a collective, so every rank must run as many. The caller discards (or weights
+    by 0) what a stand-in computes."""
+    total = global_max(len(parts), ranks)
+    return [(part, True) for part in parts] + [(stand_in, False)] * (total - len(parts))
+
+
+def all_finite(values: list[torch.Tensor], ranks: Ranks) -> bool:
+    """Whether every value on every rank is finite: all ranks must agree to skip (or take) an optimiser step."""
+    bad = sum(int(not torch.isfinite(v).all()) for v in values)
+    return int(global_sum(bad, ranks)) == 0
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
@@ -155,16 +224,33 @@ def full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
         yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach()
 
 
-def save_full_model(model: torch.nn.Module, tokenizer, out_dir: Path, ranks: Ranks) -> None:
-    """A plain `save_pretrained` directory (transformers and vLLM load it) from a sharded or plain model, written by
-    rank 0 into `out_dir`, which must be the same path on every rank. Every rank must call it."""
+def write_full_model(model: torch.nn.Module, tokenizer, directory: Path, ranks: Ranks) -> None:
+    """A plain `save_pretrained` model (transformers and vLLM load it) from a sharded or plain model, written by rank
+    0 into the existing `directory`. Every rank must call it (the full state dict is gathered to rank 0's CPU)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
-        if ranks.sharded else None
+    state = None
+    if ranks.sharded:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Tied parameters (e.g. the output head sharing the embeddings) are written once, as save_pretrained does.
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        state = {name: tensor for name, tensor in state.items() if name not in tied}
     if ranks.is_main:
-        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+    barrier(ranks)
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(path: Path, ranks: Ranks) -> Iterator[Path]:
+    """`kalmanrl.io.atomic_path` for a directory every rank writes into: rank 0 makes the temporary sibling and
+    renames it to `path` once all ranks have left the block."""
+    from kalmanrl.io import atomic_path
+
+    with atomic_path(path, directory=True) if ranks.is_main else contextlib.nullcontext() as tmp:
+        tmp = Path(broadcast_object(str(tmp) if ranks.is_main else None, ranks))
+        yield tmp
+        barrier(ranks)
     barrier(ranks)
 
 
@@ -220,7 +306,8 @@ def launch_command(command: Sequence[str], *, gpus: int, nodes: int = 1, port: i
         return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "--no-python", *command]
     if not first_node or not job_id:
         raise ValueError(f"a {nodes}-node job needs the allocation's first node and job id (run it inside SLURM)")
-    return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+    # --overlap: the workflow's SLURM job step that runs this command already holds the first node's resources.
+    return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--overlap", "--kill-on-bad-exit=1",
             "torchrun", f"--nnodes={nodes}", f"--nproc-per-node={gpus}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={first_node}:{port}", f"--rdzv-id={job_id}", "--no-python", *command]
 

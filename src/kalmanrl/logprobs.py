@@ -12,6 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kalmanrl.batch import RolloutBatch
+from kalmanrl.distributed import as_forward
 
 DEFAULT_CHUNK_TOKENS = 8192
 
@@ -20,7 +21,11 @@ def token_logprobs(model, batch: RolloutBatch, *, with_entropy: bool = False,
                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
     """Log-probs [B, T] of the completion tokens under `model` (and their per-token entropy [B, T], computed
     without gradient), as gather(logits) - logsumexp(logits) in float32, `chunk_tokens` (rows x positions) at a
-    time."""
+    time. A model sharded with FSDP gathers its embeddings and head for the whole computation (`as_forward`)."""
+    return as_forward(model, _token_logprobs, batch, with_entropy=with_entropy, chunk_tokens=chunk_tokens)
+
+
+def _token_logprobs(model, batch: RolloutBatch, *, with_entropy: bool, chunk_tokens: int):
     if getattr(model.config, "final_logit_softcapping", None):
         raise NotImplementedError(f"{model.config.model_type}: logit soft-capping is not supported by token_logprobs")
     hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

@@ -4,7 +4,12 @@ transform and loss knobs, looked up by name in `kalmanrl.algorithms`.
 `train` is `setup` then, per rollout batch, the phases of algorithms.md in order, each a function of its own:
 `sample` (prompts -> G completions each), `score_rewards`, advantages, `score_logprobs` (old and reference
 log-probs), `update` (ppo_epochs x mini_batches optimiser steps, so ratios and clipping act off-policy),
-`record` (one metrics row) and `checkpoint`; `finish` writes the final policy and the metrics."""
+`record` (one metrics row) and `checkpoint`; `finish` writes the final policy and the metrics.
+
+One code path for one process and for N ranks under torchrun (`kalmanrl.distributed`): each rank samples whole groups
+for its share of the step's prompts (so advantages need no communication), takes part in every mini-batch of the
+one-process schedule with its own rows, normalised by the whole mini-batch's rows and tokens; metrics are computed
+over all ranks, and rank 0 writes them and the final policy."""
 
 from __future__ import annotations
 
@@ -16,12 +21,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from kalmanrl import algorithms
+from kalmanrl import algorithms, distributed
 from kalmanrl.batch import RolloutBatch, build_batch, micro_batches
 from kalmanrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
-from kalmanrl.io import atomic_path, write_parquet
+from kalmanrl.distributed import Ranks
+from kalmanrl.io import write_parquet
 from kalmanrl.layout import checkpoints_root
 from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
@@ -31,7 +37,7 @@ from kalmanrl.progress import progress
 from kalmanrl.prompts import PromptTemplate, get_template
 from kalmanrl.rewards import get_reward
 from kalmanrl.rollout import Completion, RolloutEngine, SamplingConfig
-from kalmanrl.stage import choose_device, encode_prompts, engine_from_settings
+from kalmanrl.stage import encode_prompts, engine_from_settings
 
 __all__ = ["NonFiniteLossError", "RolloutBatch", "build_batch", "token_logprobs", "train", "update_policy"]
 
@@ -63,6 +69,7 @@ class Run:
     engine: RolloutEngine
     checkpoints: Path
     settings_hash: str
+    ranks: Ranks
     start: int = 0
     rows: list[dict] = field(default_factory=list)
     nonfinite: int = 0
@@ -84,11 +91,20 @@ class Rollout:
 def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, threads: int = 1) -> pd.DataFrame:
     """RL-train the policy in `policy_dir` on the train split of `dataset`. Writes `out_dir/final` (save_pretrained)
     and `out_dir/metrics.parquet`; resumes from `out_dir/checkpoints` when a run with the same settings was cut off."""
-    run = setup(policy_dir, dataset, out_dir, settings, threads)
+    ranks = distributed.init_ranks()
+    try:
+        return _train(policy_dir, dataset, out_dir, settings, threads, ranks)
+    finally:
+        distributed.close_ranks(ranks)
+
+
+def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int, ranks: Ranks) -> pd.DataFrame:
+    run = setup(policy_dir, dataset, out_dir, settings, threads, ranks)
     cfg = run.cfg
-    writer = _tensorboard(out_dir) if cfg["tensorboard"] else None
+    writer = _tensorboard(out_dir) if cfg["tensorboard"] and ranks.is_main else None
     with run.engine, run.reward_fn, progress(range(run.start, cfg["steps"]), initial=run.start, total=cfg["steps"],
-                                             desc=f"{run.ident['algorithm']} seed {run.seed}", unit="step") as bar:
+                                             desc=f"{run.ident['algorithm']} seed {run.seed}", unit="step",
+                                             disable=not ranks.is_main) as bar:
         if run.start:
             run.engine.sync_weights(run.policy)
         for step in bar:
@@ -101,7 +117,7 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
             batch = build_batch(rollout.prompt_ids, rollout.completions, advantages, run.tokenizer.pad_token_id,
                                 untrained_eos=None if cfg["loss_on_eos"] else run.tokenizer.eos_token_id
                                 ).to(run.device)
-            schedule = mini_batch_schedule(len(batch.advantages), cfg, run.seed, step)
+            schedule = mini_batch_schedule(len(batch.advantages) * ranks.world_size, cfg, run.seed, step)
             score_logprobs(run, batch, schedule[0])
             clock.append(time.perf_counter())
             run.engine.sleep()
@@ -112,26 +128,36 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
             if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
                 checkpoint(run, step + 1)
-    if writer is not None:
-        writer.close()
-    return finish(run, out_dir)
+        if writer is not None:
+            writer.close()
+        # Before the engine closes: an in-process vLLM engine tears the process group down with it.
+        return finish(run, out_dir)
 
 
-def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int) -> Run:
-    """Seed, load the policy (and the frozen reference when beta > 0), the data, the named algorithm parts, the
-    optimiser and the rollout engine; restore the newest checkpoint of a run with the same settings."""
+def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int, ranks: Ranks) -> Run:
+    """Seed, load the policy (and the frozen reference when beta > 0; both sharded over the ranks), the data, the
+    named algorithm parts, the optimiser and the rollout engine; restore the newest checkpoint of a run with the same
+    settings."""
     cfg, alg, ident = settings["train"], settings["algorithm"], settings["ident"]
     torch.manual_seed(ident["seed"])
     torch.set_num_threads(threads)
-    device = choose_device()
+    device = ranks.device
     precision = resolve_precision(cfg["precision"], device)
     optimizer_steps = cfg["ppo_epochs"] * cfg["mini_batches"]
     algorithms.check_off_policy(alg["ratio"], optimizer_steps)
+    distributed.share(cfg["prompts_per_step"], ranks, "train.prompts_per_step")
+    if settings["rollout"]["tensor_parallel_size"] > 1:
+        raise ValueError("rollout.tensor_parallel_size > 1 is for evaluation: training pushes new weights into an "
+                         "in-process vLLM engine per rank, which needs rollout.tensor_parallel_size = 1")
 
+    # Sharded on CUDA: layers gathered in bf16 for compute, gradients reduced in float32.
+    compute_dtype = precision.compute_dtype if device.type == "cuda" and precision.name != "float32" else None
     policy, tokenizer = load_policy(policy_dir, device=device, dtype=precision.weights_dtype)
     if gradient_checkpointing(settings):
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    reference = (load_policy(policy_dir, device=device, dtype=precision.compute_dtype)[0].eval().requires_grad_(False)
+    policy = distributed.shard_model(policy, ranks, compute_dtype=compute_dtype)
+    reference = (distributed.shard_model(load_policy(policy_dir, device=device, dtype=precision.compute_dtype)[0],
+                                         ranks, compute_dtype=compute_dtype).eval().requires_grad_(False)
                  if alg["beta"] > 0 else None)
     problems = read_dataset(dataset, split="train").to_pandas()
     template = get_template(settings["task"]["template"])
@@ -144,15 +170,18 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     settings_hash = config_hash(settings)
     checkpoints = checkpoints_root(out_dir)
     start, rows = 0, []
-    if (found := latest_checkpoint(checkpoints, settings_hash)) is not None:
+    found = distributed.broadcast_object(latest_checkpoint(checkpoints, settings_hash) if ranks.is_main else None,
+                                         ranks)
+    if found is not None:
         resumed = load_checkpoint(found, policy=policy, optimizer=optimizer, scheduler=scheduler)
         start, rows = resumed.step, resumed.metrics.to_dict("records")
     engine = engine_from_settings(settings["rollout"], policy=policy, tokenizer=tokenizer, model_dir=policy_dir,
                                   dtype=settings["model"]["dtype"])
-    return Run(cfg=cfg, alg=alg, ident=ident, device=device, precision=precision, policy=policy, reference=reference, tokenizer=tokenizer,
-               template=template, problems=problems, reward_fn=reward_fn, advantage_fn=advantage_fn,
-               ratio_fn=ratio_fn, kpo_params=kpo_params, optimizer=optimizer, scheduler=scheduler, engine=engine,
-               checkpoints=checkpoints, settings_hash=settings_hash, start=start, rows=rows,
+    return Run(cfg=cfg, alg=alg, ident=ident, device=device, precision=precision, policy=policy, reference=reference,
+               tokenizer=tokenizer, template=template, problems=problems, reward_fn=reward_fn,
+               advantage_fn=advantage_fn, ratio_fn=ratio_fn, kpo_params=kpo_params, optimizer=optimizer,
+               scheduler=scheduler, engine=engine, checkpoints=checkpoints, settings_hash=settings_hash, ranks=ranks,
+               start=start, rows=rows,
                nonfinite=int(rows[-1]["nonfinite_total"]) if rows else 0)
 
 
@@ -163,12 +192,15 @@ def gradient_checkpointing(settings: dict) -> bool:
 
 
 def sample(run: Run, step: int) -> Rollout:
-    """This step's prompts (a pure function of the step) and G completions of each from the current policy."""
+    """This rank's share of the step's prompts (a pure function of the step) and G completions of each from the
+    current policy."""
     cfg = run.cfg
-    problems = run.problems.iloc[_step_problems(len(run.problems), step, cfg["prompts_per_step"], run.seed)]
+    mine = distributed.share(cfg["prompts_per_step"], run.ranks, "train.prompts_per_step")
+    indices = _step_problems(len(run.problems), step, cfg["prompts_per_step"], run.seed)
+    problems = run.problems.iloc[indices[mine.start:mine.stop]]
     prompt_ids = encode_prompts(run.tokenizer, run.template, problems["problem"])
     sampling = SamplingConfig(n=cfg["group_size"], temperature=cfg["temperature"], top_p=cfg["top_p"],
-                              max_tokens=cfg["max_tokens"], seed=run.seed * 1_000_003 + step)
+                              max_tokens=cfg["max_tokens"], seed=run.seed * 1_000_003 + step, first_prompt=mine.start)
     run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through generation
     run.policy.eval()
     return Rollout(problems, prompt_ids, run.engine.generate(prompt_ids, sampling))
@@ -195,23 +227,33 @@ def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> 
     """Fill the batch's old log-probs (the sampling policy's) and, when beta > 0, the reference model's, over the
     micro-batches of the first epoch's mini-batches `minis`: the first update then runs the very same forward passes,
     so its ratio is exactly 1."""
-    batch.old_logp = batch_logprobs(run.policy, batch, minis, run.cfg, run.precision)
+    batch.old_logp = batch_logprobs(run.policy, batch, minis, run.cfg, run.precision, run.ranks)
     if run.reference is not None:
-        batch.ref_logp = batch_logprobs(run.reference, batch, minis, run.cfg, run.precision)
+        batch.ref_logp = batch_logprobs(run.reference, batch, minis, run.cfg, run.precision, run.ranks)
 
 
-def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: dict,
-                   precision: Precision) -> torch.Tensor:
-    """Log-probs [B, T] of the rows of `minis` without gradient, micro-batch by micro-batch (0 on padding)."""
+def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: dict, precision: Precision,
+                   ranks: Ranks = Ranks()) -> torch.Tensor:
+    """Log-probs [B, T] of the rows of `minis` without gradient, micro-batch by micro-batch (0 on padding). With N
+    ranks `minis` are mini-batches of the whole batch, and this rank computes its own rows of each."""
     out = torch.zeros_like(batch.completion_mask)
+    mine = _rows_of_rank(batch, ranks)
     with torch.no_grad():
         for mini in minis:
-            for micro in micro_batches(batch, mini.to(out.device), cfg["micro_batch_tokens"]):
+            rows = distributed.local_rows(mini, mine).to(out.device)
+            for micro, real in distributed.in_step(micro_batches(batch, rows, cfg["micro_batch_tokens"]), ranks,
+                                                   stand_in=torch.zeros(1, dtype=torch.long, device=out.device)):
                 part = batch.select(micro).trimmed()
                 with precision.autocast():
                     logp = token_logprobs(model, part, chunk_tokens=cfg["logit_chunk_tokens"])
-                out[micro, :part.completion_mask.shape[1]] = logp
+                if real:
+                    out[micro, :part.completion_mask.shape[1]] = logp
     return out
+
+
+def _rows_of_rank(batch: RolloutBatch, ranks: Ranks) -> range:
+    """The rows of the whole rollout batch (all ranks' rows in rank order) that `batch` holds."""
+    return distributed.share(len(batch.advantages) * ranks.world_size, ranks, "rollout rows")
 
 
 def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) -> dict[str, float]:
@@ -220,7 +262,7 @@ def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) ->
     run.policy.train()
     lr = run.scheduler.get_last_lr()[0]
     stats, skipped = update_policy(run.policy, run.optimizer, batch, schedule, run.ratio_fn, run.alg, run.cfg,
-                                   run.precision, run.kpo_params)
+                                   run.precision, run.kpo_params, run.ranks)
     run.scheduler.step()
     run.nonfinite += skipped
     if run.nonfinite > run.cfg["max_nonfinite"]:
@@ -233,22 +275,30 @@ def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) ->
 def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch.Tensor,
            advantages: torch.Tensor, batch: RolloutBatch, stats: dict[str, float], clock: list[float],
            writer) -> dict:
-    """Append this step's metrics row (rewards, advantages, lengths, phase timings, update statistics)."""
+    """Append this step's metrics row (rewards, advantages, lengths, phase timings, update statistics) for the whole
+    step: per-completion values are gathered from all ranks, update statistics reduced over them (timings and
+    throughputs are rank 0's)."""
     t0, t_rollout, t_reward, t_score, t_end = clock
+    ranks = run.ranks
     completions = [c for group in rollout.completions for c in group]
-    lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
+    rewards, advantages = distributed.gather_rows(rewards, ranks), distributed.gather_rows(advantages, ranks)
+    per_completion = distributed.gather_rows(torch.tensor(
+        [[len(c.token_ids), c.finish_reason == "length", v.correct] for c, v in zip(completions, verdicts)],
+        dtype=torch.float), ranks)
+    lengths, truncated, correct = per_completion.T
     row = {**run.ident, "step": step + 1, "wall_time": t_end - t0,
            "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-           "accuracy": sum(v.correct for v in verdicts) / len(verdicts),
+           "accuracy": correct.mean().item(),
            "advantage_mean": advantages.mean().item(), "advantage_std": advantages.std().item(),
            "advantage_abs_max": advantages.abs().max().item(),
            "response_length": lengths.mean().item(),
-           "truncation_rate": sum(c.finish_reason == "length" for c in completions) / len(lengths),
+           "truncation_rate": truncated.mean().item(),
            "rollout_tokens_per_s": lengths.sum().item() / (t_rollout - t0),
-           "train_tokens_per_s": run.cfg["ppo_epochs"] * batch.attention_mask.sum().item() / (t_end - t_score),
+           "train_tokens_per_s": run.cfg["ppo_epochs"] * distributed.global_sum(batch.attention_mask.sum(), ranks
+                                                                                ).item() / (t_end - t_score),
            "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout,
            "time_score": t_score - t_reward, "time_update": t_end - t_score,
-           **stats}
+           **distributed.reduce_metrics(stats, ranks)}
     run.rows.append(row)
     if writer is not None:
         for key, value in row.items():
@@ -261,49 +311,59 @@ def checkpoint(run: Run, step: int) -> None:
     """Resumable state after `step` rollout batches."""
     save_checkpoint(run.checkpoints, step, policy=run.policy, tokenizer=run.tokenizer, optimizer=run.optimizer,
                     scheduler=run.scheduler, metrics=pd.DataFrame(run.rows), settings_hash=run.settings_hash,
-                    keep_every=run.cfg["keep_every"])
+                    keep_every=run.cfg["keep_every"], ranks=run.ranks)
 
 
 def finish(run: Run, out_dir: Path) -> pd.DataFrame:
-    """Write the final policy and the metrics table."""
+    """Write the final policy (a plain save_pretrained directory, also from a sharded model) and the metrics table
+    (rank 0)."""
     metrics = pd.DataFrame(run.rows)
-    with atomic_path(out_dir / "final", directory=True) as tmp:
-        run.policy.save_pretrained(tmp, safe_serialization=True)
-        run.tokenizer.save_pretrained(tmp)
-    write_parquet(metrics, out_dir / "metrics.parquet")
+    with distributed.shared_atomic_dir(out_dir / "final", run.ranks) as tmp:
+        distributed.write_full_model(run.policy, run.tokenizer, tmp, run.ranks)
+    if run.ranks.is_main:
+        write_parquet(metrics, out_dir / "metrics.parquet")
     return metrics
 
 
 def update_policy(policy, optimizer, batch: RolloutBatch, schedule: list[list[torch.Tensor]], ratio_fn,
-                  alg: dict, cfg: dict, precision: Precision, kpo_params: dict) -> tuple[dict[str, float], int]:
+                  alg: dict, cfg: dict, precision: Precision, kpo_params: dict,
+                  ranks: Ranks = Ranks()) -> tuple[dict[str, float], int]:
     """One optimiser step per mini-batch of `schedule` (ppo_epochs x mini_batches) over one rollout batch; returns
-    step metrics and skipped updates."""
+    step metrics and skipped updates. With N ranks the schedule's mini-batches are of the whole batch, and `batch`
+    holds this rank's rows of it."""
     sums: dict[str, list[float]] = defaultdict(list)
     skipped = 0
+    mine = _rows_of_rank(batch, ranks)
     for minis in schedule:
         for mini in minis:
             optimizer.zero_grad(set_to_none=True)
-            losses = mini_batch_backward(policy, batch, mini.to(batch.input_ids.device), ratio_fn, alg, cfg,
-                                         precision, sums, kpo_params)
-            if not all(torch.isfinite(x) for x in losses):
+            losses = mini_batch_backward(policy, batch, distributed.local_rows(mini, mine).to(batch.input_ids.device),
+                                         ratio_fn, alg, cfg, precision, sums, kpo_params, mini_rows=len(mini),
+                                         ranks=ranks)
+            if not distributed.all_finite(losses, ranks):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg["max_grad_norm"])
-            sums["grad_norm"].append(grad_norm.item())
-            sums["loss"].append(torch.stack(losses).sum().item())
+            sums["grad_norm"].append(distributed.clip_grad_norm(policy, cfg["max_grad_norm"]))
+            sums["loss"].append(distributed.global_sum(sum(x.item() for x in losses), ranks).item())
             optimizer.step()
     return _summarise(sums), skipped
 
 
 def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, ratio_fn, alg: dict, cfg: dict,
-                        precision: Precision, sums: dict[str, list[float]], kpo_params: dict) -> list[torch.Tensor]:
+                        precision: Precision, sums: dict[str, list[float]], kpo_params: dict, *,
+                        mini_rows: int | None = None, ranks: Ranks = Ranks()) -> list[torch.Tensor]:
     """Accumulate the gradient of the loss of the rows `mini` into the policy, micro-batch by micro-batch (at most
     train.micro_batch_tokens tokens per forward); returns the weighted micro-batch losses (their sum is the
-    mini-batch's loss) and appends the loss metrics to `sums`."""
-    active = int(batch.completion_mask[mini].sum().item())
+    mini-batch's loss) and appends the loss metrics to `sums`. With N ranks `mini` is this rank's part of a
+    mini-batch of `mini_rows` rows: weights use the whole mini-batch's rows and tokens, so the ranks' summed
+    gradients are the one-process gradient."""
+    active = int(distributed.global_sum(batch.completion_mask[mini].sum(), ranks).item())
+    mini_rows = len(mini) if mini_rows is None else mini_rows
     losses = []
-    for micro in micro_batches(batch, mini, cfg["micro_batch_tokens"]):
+    stand_in = torch.zeros(1, dtype=torch.long, device=mini.device)
+    for micro, real in distributed.in_step(micro_batches(batch, mini, cfg["micro_batch_tokens"]), ranks,
+                                           stand_in=stand_in):
         part = batch.select(micro).trimmed()
         with precision.autocast():
             logp, entropy = token_logprobs(policy, part, with_entropy=True, chunk_tokens=cfg["logit_chunk_tokens"])
@@ -313,7 +373,10 @@ def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, ratio_f
             eps_low=alg["eps_low"], eps_high=alg["eps_high"], clip=alg["clip"], beta=alg["beta"], logp=logp,
             ref_logp=part.ref_logp, aggregate=alg["aggregate"], num_active_tokens=active,
             max_length=cfg["max_tokens"])
-        loss = loss * micro_batch_share(alg["aggregate"], part.completion_mask, len(mini), active)
+        if not real:  # keeps this rank's gathers and reductions in step with the others; adds nothing
+            (logp.sum() * 0.0).backward()
+            continue
+        loss = loss * micro_batch_share(alg["aggregate"], part.completion_mask, mini_rows, active)
         loss.backward()
         losses.append(loss.detach())
         _record(sums, metrics, logp.detach() - part.old_logp, entropy, part.completion_mask, kpo_params)
