@@ -158,7 +158,7 @@ def test_rl_learns_what_it_is_rewarded_for(tmp_path, tiny_model_dir, arithmetic_
     """From random weights, every algorithm raises the reward (the share of digits in a completion) within a few
     steps: the loop, the advantages and the ratio transforms push the policy the right way."""
     metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path,
-                    settings=settings_for(algorithm, steps=16, lr=3e-3, checkpoint_every=100))
+                    settings=settings_for(algorithm, steps=20, lr=3e-3, checkpoint_every=100))
     first, last = metrics["reward_mean"].iloc[:3].mean(), metrics["reward_mean"].iloc[-3:].mean()
     assert last > first + 0.1, (first, last)
 
