@@ -138,7 +138,7 @@ def one_rank_reference(tmp_path_factory):
     return run(tmp_path_factory.mktemp("ref"), "one", 1, 4)["final"]
 
 
-def test_two_ranks_train_like_one(tmp_path, one_rank_reference):
+def test_fsdp_on_two_ranks_steps_like_one_process(tmp_path, one_rank_reference):
     two = run(tmp_path, "two", 2, 4)["final"]
     assert_close(two, one_rank_reference, prefix="model.")
     assert_close(two, one_rank_reference, prefix="optim.")
@@ -172,9 +172,9 @@ def test_launch_command_one_node_uses_standalone_torchrun():
 
 def test_launch_command_several_nodes_meet_on_the_first_node():
     command = launch_command(["kalmanrl", "train"], gpus=8, nodes=2, first_node="gpu017", job_id="4242", port=29600)
-    assert command == ["srun", "--nodes=2", "--ntasks-per-node=1", "--overlap", "--kill-on-bad-exit=1", "torchrun", "--nnodes=2",
-                       "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu017:29600",
-                       "--rdzv-id=4242", "--no-python", "kalmanrl", "train"]
+    assert command == ["srun", "--nodes=2", "--ntasks-per-node=1", "--overlap", "--kill-on-bad-exit=1",
+                       "torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                       "--rdzv-endpoint=gpu017:29600", "--rdzv-id=4242", "--no-python", "kalmanrl", "train"]
     with pytest.raises(ValueError, match="first node"):
         launch_command(["kalmanrl", "train"], gpus=8, nodes=2)
 
@@ -276,7 +276,7 @@ def test_two_ranks_with_their_own_vllm_engines_train_like_one(tmp_path, tiny_mod
 
 def train_worker(settings: Path, model: Path, data: Path, out: Path) -> None:
     sys.path.insert(0, str(HERE.parent))
-    import digit_share  # noqa: F401  (registers the "digit_share" reward)
+    import digit_share  # noqa: F401,F811  (registers the "digit_share" reward)
     from kalmanrl.config import parse_settings
     from kalmanrl.trainer import train
 

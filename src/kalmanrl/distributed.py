@@ -6,7 +6,7 @@ One code path serves 1 and N ranks: with a single process (no torchrun) there is
 plain module, and every helper here degrades to the identity, so the trainer never branches on the world size.
 
 Gradients are *summed* over ranks (FSDP's default would average them): each rank's loss is its own share of the global
-loss (its tokens' sum divided by the global token count, see `global_sum`), so the sum is exactly the 1-rank gradient."""
+loss (its tokens' sum divided by the global token count, see `global_sum`), so the sum is the 1-rank gradient."""
 
 from __future__ import annotations
 
