@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,8 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500
 
@@ -50,7 +47,7 @@ class Ranks:
 def init_ranks(env: Mapping[str, str] = os.environ, *, timeout_minutes: float = 30) -> Ranks:
     """Join the job's process group when started by torchrun with more than one rank (WORLD_SIZE > 1): NCCL and one
     GPU per local rank on CUDA, gloo on the CPU; a 1-D device mesh over all ranks for FSDP. Otherwise one rank, no
-    process group. Idempotent: a second call returns the same ranks."""
+    process group."""
     cuda = torch.cuda.is_available()
     world_size = int(env.get("WORLD_SIZE", "1"))
     local_rank = int(env.get("LOCAL_RANK", "0"))
