@@ -24,13 +24,12 @@ rule train:
     resources:
         mem_mb=scaled("train", "mem_mb"),
         runtime=scaled("train", "runtime"),
-        # One node: `gpu` (Snakemake's local GPU count; `--gpus` under SLURM). Several nodes: the GPUs of each node
-        # as a per-node GRES. tasks_per_gpu=0: one SLURM task for the whole job (the executor's default is one task
-        # per GPU, which would start the command once per GPU); kalmanrl starts the ranks itself.
-        gpu=res("train", "gpus") if res("train", "nodes") == 1 else 0,
-        gres=f"gpu:{res('train', 'gpus')}" if res("train", "nodes") > 1 else "",
+        # tasks_per_gpu=0: one SLURM task for the whole job (the executor's default is one task per GPU, which would
+        # start the command once per GPU); kalmanrl starts the ranks itself. One node: `gpu` (Snakemake's local GPU
+        # count; `--gpus` under SLURM). Several nodes: each node's GPUs as a per-node GRES.
         nodes=res("train", "nodes"),
         tasks_per_gpu=0,
+        **({"gpu": res("train", "gpus")} if res("train", "nodes") == 1 else {"gres": f"gpu:{res('train', 'gpus')}"}),
     shell:
         "kalmanrl train --settings {params.settings:q} --model {input.model:q} --dataset {input.dataset:q}"
         " --out {params.run_dir:q} --threads {threads} --gpus {params.gpus} --nodes {resources.nodes} > {log:q} 2>&1"
