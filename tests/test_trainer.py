@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
@@ -16,11 +17,17 @@ import torch
 from safetensors.torch import load_file
 
 import digit_share  # noqa: F401  (registers the "digit_share" reward)
+from kalmanrl import algorithms
+from kalmanrl.batch import build_batch, micro_batches
 from kalmanrl.config import stage_settings, validate_config
+from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
+from kalmanrl.precision import Precision
 from kalmanrl.rollout import Completion
-from kalmanrl.trainer import NonFiniteLossError, _step_problems, build_batch, token_logprobs, train
+from kalmanrl.trainer import (NonFiniteLossError, _step_problems, gradient_checkpointing, mini_batch_backward,
+                              train)
 
+FLOAT32 = Precision("float32", "cpu")
 TIMING = {"wall_time", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward", "time_score",
           "time_update"}
 
@@ -151,6 +158,107 @@ def test_rl_learns_what_it_is_rewarded_for(tmp_path, tiny_model_dir, arithmetic_
     """From random weights, every algorithm raises the reward (the share of digits in a completion) within a few
     steps: the loop, the advantages and the ratio transforms push the policy the right way."""
     metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path,
-                    settings=settings_for(algorithm, steps=16, lr=3e-3, checkpoint_every=100))
+                    settings=settings_for(algorithm, steps=20, lr=3e-3, checkpoint_every=100))
     first, last = metrics["reward_mean"].iloc[:3].mean(), metrics["reward_mean"].iloc[-3:].mean()
     assert last > first + 0.1, (first, last)
+
+
+def test_micro_batches_respect_the_token_budget_in_order():
+    # prompts of 3 and 1 tokens, completions of 2, 1, 3, 3: trimmed widths 3+2, 3+1, 1+3, 1+3
+    batch = build_batch([[5, 6, 7], [8]], [[completion([1, 2]), completion([3])], [completion([4, 4, 4])] * 2],
+                        torch.zeros(2, 2), pad_id=0)
+    index = torch.tensor([3, 0, 2, 1])
+    assert [m.tolist() for m in micro_batches(batch, index, 100)] == [[3, 0, 2, 1]]
+    # [3] costs 1 x 4; [3, 0] costs 2 x (3 + 3) = 12 > 10; [0, 2] 12 > 10; [2, 1] costs 2 x (3 + 3)
+    assert [m.tolist() for m in micro_batches(batch, index, 10)] == [[3], [0], [2], [1]]
+    assert [m.tolist() for m in micro_batches(batch, index, 12)] == [[3, 0], [2, 1]]
+    assert [m.tolist() for m in micro_batches(batch, index, 1)] == [[3], [0], [2], [1]]  # a row never splits
+    assert micro_batches(batch, index[:0], 10) == []
+
+
+@pytest.mark.parametrize("aggregate", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_a_mini_batch_gradient_does_not_depend_on_its_micro_batches(tiny_model_dir, aggregate):
+    """The weighted micro-batch losses sum to the whole mini-batch's loss, so the gradient is the same for every
+    split (clipping active, the KL term on)."""
+    policy, _ = load_policy(tiny_model_dir)
+    generator = torch.Generator().manual_seed(0)
+    draw = lambda n: torch.randint(3, policy.config.vocab_size, (n,), generator=generator).tolist()  # noqa: E731
+    groups = [[completion(draw(n)) for n in lens] for lens in ([7, 3, 1], [11, 2, 6])]
+    batch = build_batch([draw(4), draw(9)], groups, torch.randn(2, 3, generator=generator), pad_id=0)
+    with torch.no_grad():
+        exact = token_logprobs(policy, batch)
+    batch.old_logp = exact + 0.3 * torch.randn(exact.shape, generator=generator)
+    batch.ref_logp = exact + 0.1 * torch.randn(exact.shape, generator=generator)
+    alg = {"eps_low": 0.2, "eps_high": 0.2, "clip": True, "beta": 0.05, "aggregate": aggregate}
+    ratio_fn = algorithms.get_ratio_transform("token")
+    mini = torch.tensor([4, 0, 5, 2, 1])
+
+    def gradient(budget):
+        policy.zero_grad(set_to_none=True)
+        cfg = {"micro_batch_tokens": budget, "logit_chunk_tokens": 7, "max_tokens": 12}
+        losses = mini_batch_backward(policy, batch, mini, ratio_fn, alg, cfg, FLOAT32, defaultdict(list), {})
+        return torch.stack(losses).sum(), {n: p.grad.clone() for n, p in policy.named_parameters()}
+
+    whole_loss, whole = gradient(10**6)
+    for budget in (1, 30, 45):
+        loss, split = gradient(budget)
+        torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=1e-7)
+        for name in whole:
+            torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_is_on_for_hub_and_local_models_unless_set():
+    settings = settings_for("grpo")
+    assert settings["model"]["source"] == "tiny" and not gradient_checkpointing(settings)
+    for source in ("hub", "local"):
+        assert gradient_checkpointing({**settings, "model": {"source": source}})
+    settings["train"]["gradient_checkpointing"] = True
+    assert gradient_checkpointing(settings)
+
+
+def test_training_with_small_micro_batches_and_checkpointing_matches_one_micro_batch(tmp_path, tiny_model_dir,
+                                                                                       arithmetic_parquet):
+    whole = train(tiny_model_dir, arithmetic_parquet, tmp_path / "whole", settings=settings_for("kpo", steps=2))
+    split = train(tiny_model_dir, arithmetic_parquet, tmp_path / "split", settings=settings_for(
+        "kpo", steps=2, micro_batch_tokens=40, logit_chunk_tokens=3, gradient_checkpointing=True))
+    for key in ("reward_mean", "loss", "grad_norm", "pg_loss", "ratio_mean", "ratio_max", "clip_frac"):
+        assert split[key].tolist() == pytest.approx(whole[key].tolist(), rel=1e-4, abs=1e-6), key
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("whole", "split"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_default_study_keeps_one_micro_batch_per_mini_batch(repo_root, tiny_model_dir):
+    """config/config.yaml's mini-batch (rows x (prompt + max_tokens)) fits train.micro_batch_tokens; a rendered
+    prompt's length in bytes bounds its byte-level BPE token count."""
+    from kalmanrl.config import load_config
+    from kalmanrl.data import build_dataset
+    from kalmanrl.prompts import get_template
+
+    config = load_config(repo_root / "config" / "config.yaml")
+    cfg, tokenizer = config["train"], load_policy(tiny_model_dir)[1]
+    rows = cfg["prompts_per_step"] * cfg["group_size"] // cfg["mini_batches"]
+    for task in config["tasks"]:
+        dataset = config["datasets"][task]
+        table, _ = build_dataset(dataset, offline=True, local_dir=repo_root, seed=config["data"]["seed"],
+                                 arithmetic_presets=config["data"]["arithmetic_presets"])
+        template = get_template(dataset["template"])
+        longest = max(len(template.render(tokenizer, p).encode()) for p in table.column("problem").to_pylist())
+        assert rows * (longest + cfg["max_tokens"]) <= cfg["micro_batch_tokens"], (task, longest)
+
+
+def test_an_untrained_final_eos_leaves_the_completion_mask():
+    eos = 9
+    stopped, cut, early = completion([1, 2, eos]), completion([3, 4, 5]), completion([eos, 6])
+    batch = build_batch([[5], [6]], [[stopped, cut], [early, completion([eos])]], torch.zeros(2, 2), pad_id=0,
+                        untrained_eos=eos)
+    assert batch.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 0], [0, 0, 0]]
+    assert batch.attention_mask[:, 1:].tolist() == [[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]]
+    assert build_batch([[5]], [[stopped]], torch.zeros(1, 1), pad_id=0).completion_mask.tolist() == [[1, 1, 1]]
+
+
+def test_warmup_in_rollout_batches_and_no_loss_on_eos_train(tmp_path, tiny_model_dir, arithmetic_parquet):
+    metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for(
+        "grpo", steps=4, warmup_ratio=0.5, loss_on_eos=False, weight_decay=0.1))
+    assert metrics["lr"].tolist() == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+    assert metrics["grad_norm"].notna().all()

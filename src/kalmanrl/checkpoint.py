@@ -1,14 +1,16 @@
 """Resumable training state without pickle. A checkpoint is a directory
 
     step_NNNNNN/trainer_state.json   the step and the settings hash it was written with
-    step_NNNNNN/model/               the policy, save_pretrained in the model's configured dtype, and its tokenizer:
-                                     nothing else, so vLLM and `kalmanrl evaluate` load it like any model directory
-    step_NNNNNN/state/               what only a resume needs: optimizer and RNG tensors (safetensors), scheduler and
-                                     Python/NumPy RNG (JSON), the metrics so far, and the full-precision weights when
-                                     model/ holds a lower precision than training does
+    step_NNNNNN/state/               what only a resume needs: policy and optimiser sharded with
+                                     `torch.distributed.checkpoint` (each rank writes its own shards, keyed by parameter
+                                     name, so a run saved on N ranks resumes on any number, in full precision), rank
+                                     0's RNG tensors (safetensors), scheduler and Python/NumPy RNG (JSON), the metrics
+    step_NNNNNN/model/               kept checkpoints only (`train.keep_every`): the policy, save_pretrained in the
+                                     model's configured dtype, and its tokenizer, nothing else, so vLLM and
+                                     `kalmanrl evaluate` load it like any model directory
 
-Only the newest checkpoint keeps its state/; a checkpoint kept for evaluation (`train.keep_every`) is thinned to its
-model/ once a newer one exists. A checkpoint written from a different settings hash is never resumed."""
+Only the newest checkpoint keeps its state/; a kept checkpoint is thinned to its model/ once a newer one exists. A
+checkpoint written from a different settings hash is never resumed."""
 
 from __future__ import annotations
 
@@ -16,50 +18,29 @@ import json
 import logging
 import random
 import shutil
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_file, save_file
 
-from kalmanrl.io import atomic_path, read_parquet, write_parquet
+from kalmanrl.distributed import Ranks, load_sharded, save_sharded, shared_atomic_dir, write_full_model
+from kalmanrl.io import read_parquet, write_parquet
 from kalmanrl.layout import checkpoint_dir, checkpoint_model_dir, checkpoint_state_dir
-from kalmanrl.model import save_policy
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "trainer_state.json"
-RESUME = "resume.json"            # in state/: optimizer metadata, scheduler, Python and NumPy RNG
-WEIGHTS = "weights.safetensors"   # in state/: the policy in its training precision, when model/ is lower
+RESUME = "resume.json"   # in state/: scheduler, Python and NumPy RNG; written last, so its presence marks state/ complete
+SHARDED = "sharded"      # in state/: the torch.distributed.checkpoint directory (policy and optimiser)
 
 
 @dataclass
 class Resumed:
     step: int
     metrics: pd.DataFrame
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for param_id, param_state in state["state"].items():
-        for key, value in param_state.items():
-            if torch.is_tensor(value):
-                tensors[f"{param_id}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{param_id}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for name, value in [*tensors.items(), *meta["scalars"].items()]:
-        param_id, key = name.split(".", 1)
-        state.setdefault(int(param_id), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -80,25 +61,27 @@ def _restore_rng(rng: dict[str, torch.Tensor], source: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, *, policy, tokenizer, optimizer, scheduler, metrics: pd.DataFrame,
-                    settings_hash: str, dtype: str, keep_every: int = 0) -> Path:
-    """Write checkpoints/step_{step} atomically (the policy in `dtype`, the model's configured dtype), then drop older
-    checkpoints (the newest is all a resume needs) except those of every `keep_every`-th step, which are kept for
-    evaluation as weights only."""
+                    settings_hash: str, dtype: str, keep_every: int = 0, ranks: Ranks = Ranks()) -> Path:
+    """Write checkpoints/step_{step} atomically (every rank must call it), then drop older checkpoints (the newest is
+    all a resume needs) except those of every `keep_every`-th step, which are kept for evaluation as weights only
+    (model/, in `dtype`, the model's configured dtype). The RNG states are rank 0's."""
     target = checkpoint_dir(root, step)
-    with atomic_path(target, directory=True) as tmp:
-        save_policy(policy, tokenizer, checkpoint_model_dir(tmp), dtype=dtype)
+    kept = bool(keep_every) and step % keep_every == 0
+    with shared_atomic_dir(target, ranks) as tmp:
         state = checkpoint_state_dir(tmp)
-        state.mkdir()
-        if any(p.dtype != getattr(torch, dtype) for p in policy.parameters()):
-            save_model(policy, str(state / WEIGHTS))
-        tensors, optim_meta = _optimizer_tensors(optimizer)
-        save_file(tensors, state / "optimizer.safetensors")
-        save_file(_rng_tensors(), state / "rng.safetensors")
-        write_parquet(metrics, state / "metrics.parquet")
-        resume = {"optimizer": optim_meta, "scheduler": scheduler.state_dict(),
-                  "python_random": _jsonable(random.getstate()), "numpy_random": _jsonable(np.random.get_state())}
-        (state / RESUME).write_text(json.dumps(resume))
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "settings_hash": settings_hash}))
+        state.mkdir(parents=True, exist_ok=True)
+        save_sharded(state / SHARDED, policy, optimizer)
+        if kept:
+            write_full_model(policy, tokenizer, checkpoint_model_dir(tmp), ranks, dtype=dtype)
+        if ranks.is_main:
+            save_file(_rng_tensors(), state / "rng.safetensors")
+            write_parquet(metrics, state / "metrics.parquet")
+            resume = {"scheduler": scheduler.state_dict(), "python_random": _jsonable(random.getstate()),
+                      "numpy_random": _jsonable(np.random.get_state())}
+            (state / RESUME).write_text(json.dumps(resume))
+            (tmp / MANIFEST).write_text(json.dumps({"step": step, "settings_hash": settings_hash}))
+    if not ranks.is_main:
+        return target
     for old in root.glob("step_*"):
         if old == target:
             continue
@@ -134,51 +117,17 @@ def latest_checkpoint(root: Path, settings_hash: str) -> Path | None:
 
 
 def load_checkpoint(path: Path, *, policy, optimizer, scheduler) -> Resumed:
-    """Restore weights (strictly), optimizer, scheduler and RNG streams in place; return the step to continue from."""
+    """Restore weights and optimizer (strictly, on any number of ranks: every rank must call it), scheduler and RNG
+    streams in place; return the step to continue from."""
     state = checkpoint_state_dir(path)
-    full_precision = state / WEIGHTS
-    load_weights(policy, [full_precision] if full_precision.exists() else weight_files(checkpoint_model_dir(path)))
+    load_sharded(state / SHARDED, policy, optimizer)
     resume = json.loads((state / RESUME).read_text())
-    _load_optimizer(optimizer, load_file(state / "optimizer.safetensors"), resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     _restore_rng(load_file(state / "rng.safetensors"), state / "rng.safetensors")
     random.setstate(_tuples(resume["python_random"]))
     np.random.set_state(_tuples(resume["numpy_random"]))
     step = json.loads((path / MANIFEST).read_text())["step"]
     return Resumed(step=step, metrics=read_parquet(state / "metrics.parquet"))
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a save_pretrained directory: model.safetensors, or the shards its index names."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        return [model_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (model_dir / "model.safetensors").exists():
-        return [model_dir / "model.safetensors"]
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-
-
-def load_weights(policy: torch.nn.Module, files: list[Path]) -> None:
-    """Load safetensors `files` into `policy` in place, strictly: every parameter and persistent buffer must be in
-    them (a tied weight through any of its names) and they may hold nothing else. A mismatch raises, naming the
-    files and the keys, instead of resuming from a partly random or mismatched model."""
-    expected = policy.state_dict()
-    storages: dict[int, set[str]] = defaultdict(set)
-    for name, tensor in expected.items():
-        storages[tensor.untyped_storage().data_ptr()].add(name)
-    loaded: dict[str, torch.Tensor] = {}
-    for file in files:
-        loaded.update(load_file(file))
-    unexpected = sorted(set(loaded) - set(expected))
-    missing = sorted(name for name, tensor in expected.items()
-                     if not storages[tensor.untyped_storage().data_ptr()] & loaded.keys())
-    shapes = sorted(f"{name} {tuple(loaded[name].shape)} (model {tuple(expected[name].shape)})"
-                    for name in set(loaded) & set(expected) if loaded[name].shape != expected[name].shape)
-    if missing or unexpected or shapes:
-        raise ValueError(f"{', '.join(map(str, files))} does not match {type(policy).__name__}: "
-                         f"missing {missing or 'none'}; unexpected {unexpected or 'none'}; "
-                         f"wrong shape {shapes or 'none'}")
-    policy.load_state_dict(loaded, strict=False)
 
 
 def _jsonable(value):

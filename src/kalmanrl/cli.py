@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
+import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
@@ -24,7 +27,7 @@ STAGE_PARTS = {
     "data": ["dataset", "data"],
     "model": ["model"],
     "sft": ["sft"],
-    "train": ["train", "algorithm", "rollout", "dataset"],
+    "train": ["train", "model", "algorithm", "rollout", "dataset"],
     "evaluate": ["evaluate", "rollout", "dataset"],
     "report": ["report"],
 }
@@ -101,6 +104,26 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """One process, or, for --gpus x --nodes above 1, the same command (without those options) as that many ranks
+    under torchrun (and srun, for several nodes), on the devices this process claimed."""
+    world = (args.gpus or 0) * args.nodes
+    if world > 1 and "LOCAL_RANK" not in os.environ:
+        from kalmanrl.devices import resolve_device
+        from kalmanrl.distributed import launch_command, slurm_first_node
+
+        resolve_device(args.gpus)  # never a silent CPU run: each rank needs its CUDA device
+
+        rank_command = ["kalmanrl", "train", "--settings", json.dumps(args.settings), "--model", str(args.model),
+                        "--dataset", str(args.dataset), "--out", str(args.out), "--threads", str(args.threads)]
+        several = args.nodes > 1
+        command = launch_command(rank_command, gpus=args.gpus, nodes=args.nodes,
+                                 first_node=slurm_first_node() if several else None,
+                                 job_id=os.environ.get("SLURM_JOB_ID") if several else None)
+        log.info("%d ranks: %s", world, shlex.join(command))
+        code = subprocess.run(command).returncode
+        if code:
+            raise SystemExit(code)
+        return
     from kalmanrl.plan import check_fits
     from kalmanrl.trainer import train
 
@@ -208,7 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--out", path("output directory")), threads, gpus])
     _stage(sub, "train", "RL training (GRPO / KRPO / KPO / GSPO); resumes from out/checkpoints.", cmd_train, [
         ("--model", path("start policy directory (the warm start)")), ("--dataset", path("dataset Parquet")),
-        ("--out", path("run directory (final/, checkpoints/, metrics.parquet)")), threads, gpus])
+        ("--out", path("run directory (final/, checkpoints/, metrics.parquet)")), threads, gpus,
+        ("--nodes", {"type": int, "default": 1,
+                     "help": "nodes of this job (inside a SLURM allocation); --gpus x --nodes above 1 runs that many "
+                             "ranks under torchrun with the policy sharded (FSDP2); default 1"})])
     _stage(sub, "evaluate", "Evaluate a model on a benchmark: avg@k, pass@k, maj@k, per-sample details.", cmd_evaluate, [
         ("--model", path("model directory")), ("--dataset", path("benchmark Parquet")),
         ("--details", path("per-sample Parquet")), ("--summary", path("summary Parquet")), threads, gpus])

@@ -275,14 +275,15 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
     if "seed" in wildcards:
         ident["seed"] = int(wildcards["seed"])
     if stage == "train":
-        return {"train": config["train"], "algorithm": config["algorithms"][wildcards["algorithm"]],
-                "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident,
-                "dtype": config["models"][wildcards["model"]]["dtype"], **plugins}
+        return {"train": config["train"], "model": config["models"][wildcards["model"]],
+                "algorithm": config["algorithms"][wildcards["algorithm"]],
+                "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident, **plugins}
     if stage == "evaluate":
         final = 0 if ident["algorithm"] == "sft" else config["train"]["steps"]
         ident["step"] = int(wildcards.get("step") or final)
         return {"evaluate": config["evaluate"], "rollout": config["rollout"],
-                "benchmark": datasets[wildcards["benchmark"]], "ident": ident, **plugins}
+                "model": config["models"][wildcards["model"]], "benchmark": datasets[wildcards["benchmark"]],
+                "ident": ident, **plugins}
     if stage == "report":
         return {"report": config["report"]}
     raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")

@@ -15,12 +15,13 @@ from kalmanrl.data import read_dataset
 from kalmanrl.devices import resolve_device
 from kalmanrl.io import write_parquet
 from kalmanrl.metrics import summarise
-from kalmanrl.model import load_policy
+from kalmanrl.model import load_policy, load_tokenizer
 from kalmanrl.progress import progress
 from kalmanrl.prompts import get_template
 from kalmanrl.provenance import provenance
 from kalmanrl.rewards import get_reward, limit_hits
-from kalmanrl.rollout import SamplingConfig, make_engine
+from kalmanrl.rollout import SamplingConfig, resolve_backend
+from kalmanrl.stage import encode_prompts, engine_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +37,25 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
              out_summary: str | Path, gpus: int | None = None) -> dict:
     """Sample settings["evaluate"]["k"] completions per test problem; write details and the summary row."""
     cfg, benchmark, ident = settings["evaluate"], settings["benchmark"], settings["ident"]
-    device = resolve_device(gpus)
-    policy, tokenizer = load_policy(model_dir, device=device)
-    policy.eval()
+    rollout = settings["rollout"]
+    # vLLM loads its own copy of the weights and is the only user of the GPU here: no torch policy, and the
+    # engine gets the memory a training job would have shared with the policy.
+    vllm = resolve_backend(rollout["backend"]) == "vllm"
+    if vllm:
+        policy, tokenizer = None, load_tokenizer(model_dir)
+    else:
+        policy, tokenizer = load_policy(model_dir, device=resolve_device(gpus))
+        policy.eval()
     problems = read_dataset(dataset, split="test").to_pandas()
     if cfg["max_problems"]:
         problems = problems.iloc[:cfg["max_problems"]]
     template = get_template(benchmark["template"], benchmark["chat_template_kwargs"])
-    prompt_ids = [tokenizer(template.render(tokenizer, p), add_special_tokens=False)["input_ids"]
-                  for p in problems["problem"]]
+    prompt_ids = encode_prompts(tokenizer, template, problems["problem"])
     sampling = dict(n=cfg["k"], temperature=cfg["temperature"], top_p=cfg["top_p"], max_tokens=cfg["max_tokens"])
-    rollout = settings["rollout"]
     completions = []
-    with make_engine(rollout["backend"], policy=policy, tokenizer=tokenizer, model_dir=model_dir,
-                     **{k: v for k, v in rollout.items() if k != "backend"}) as engine:
+    overrides = {"gpu_memory_utilization": rollout["eval_gpu_memory_utilization"]} if vllm else {}
+    with engine_from_settings(rollout, policy=policy, tokenizer=tokenizer, model_dir=model_dir,
+                              dtype=settings["model"]["dtype"], **overrides) as engine:
         for start in progress(range(0, len(prompt_ids), cfg["batch_size"]), desc=f"evaluate {ident['benchmark']}",
                           unit="batch"):
             batch = prompt_ids[start:start + cfg["batch_size"]]

@@ -96,23 +96,55 @@ def fetch_pretrained(source: str, out_dir: str | Path, *, revision: str | None =
         tokenizer.save_pretrained(tmp)
 
 
+# Dedicated padding tokens of common vocabularies, in order of preference (Llama 3's, then generic ones).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>")
+
+
 def load_policy(model_dir: str | Path, *, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    """Model and tokenizer from a save_pretrained directory (safetensors only); left padding for generation."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    """Model and tokenizer from a save_pretrained directory (safetensors only); left padding for generation, and a
+    pad token when the tokenizer has none (see `ensure_pad_token`)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True).to(device)
+    tokenizer = load_tokenizer(model_dir)
+    rows = model.get_input_embeddings().num_embeddings
+    if tokenizer.pad_token_id >= rows:
+        raise ValueError(f"{model_dir}: pad token {tokenizer.pad_token!r} has id {tokenizer.pad_token_id}, outside the "
+                         f"model's {rows} embeddings")
     return model, tokenizer
 
 
-def save_policy(policy: torch.nn.Module, tokenizer, out_dir: str | Path, *, dtype: str) -> None:
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
+    """The tokenizer of a save_pretrained directory, left-padding for generation, with a pad token (e.g. beside a
+    vLLM engine that loads the weights itself)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token one (Llama 3.2 has none): a dedicated padding token of its vocabulary
+    other than EOS if there is one, else EOS itself — padding is never attended to nor trained on, the attention and
+    completion masks do that, so its identity only matters for not being mistaken for a generated EOS."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    vocabulary = tokenizer.get_vocab()
+    tokenizer.pad_token = next((t for t in PAD_CANDIDATES if t in vocabulary and t != tokenizer.eos_token),
+                               tokenizer.eos_token)
+
+
+def save_policy(policy: torch.nn.Module, tokenizer, out_dir: str | Path, *, dtype: str,
+                state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """save_pretrained the policy and its tokenizer into `out_dir` with floating-point weights in `dtype` (the model's
     configured dtype, `models.<name>.dtype`), leaving the policy as it is: training may hold float32 master weights,
     while what evaluation and vLLM load (and what is stored) is the precision the model was given in. Tied weights
-    stay tied; config.json records `dtype`. Not atomic: callers write into an `atomic_path`."""
+    stay tied; config.json records `dtype`. `state_dict`: the full weights when the policy itself is sharded (gathered
+    by the caller). Not atomic: callers write into an `atomic_path`."""
     target = getattr(torch, dtype)
     converted: dict[int, torch.Tensor] = {}
     state = {}
-    for name, tensor in policy.state_dict().items():
+    for name, tensor in (policy.state_dict() if state_dict is None else state_dict).items():
         key = tensor.untyped_storage().data_ptr()
         if key not in converted:
             converted[key] = tensor.detach().to("cpu", target if tensor.is_floating_point() else tensor.dtype)

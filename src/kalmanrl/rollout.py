@@ -5,13 +5,15 @@ place after each update; `hf` is transformers `generate` on the policy itself, t
 Log-probs are *raw* in both engines: the log-softmax of the model's logits before temperature and top-p, i.e. vLLM's
 `logprobs_mode="raw_logprobs"` (its default in 0.32, set explicitly here) and what the trainer recomputes, so they are
 comparable with the trainer's old log-probs at any temperature. Randomness is a pure function of `SamplingConfig.seed`
-(the trainer derives it from its seed and the step), so engines hold no RNG state to checkpoint and a resumed run
-samples exactly what an uninterrupted one would."""
+(the trainer derives it from its seed and the step) and of each prompt's position in the whole batch, so engines hold
+no RNG state to checkpoint, a resumed run samples exactly what an uninterrupted one would, and a prompt's completions
+do not depend on which rank generated it."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import random
 from collections.abc import Iterable, Iterator
@@ -21,6 +23,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,12 @@ class SamplingConfig:
     top_p: float = 1.0
     max_tokens: int = 64
     seed: int = 0
+    first_prompt: int = 0  # position of the call's first prompt in the whole batch (a rank's share starts later)
+
+    def prompt_seed(self, index: int) -> int:
+        """The seed of the `index`-th prompt of this call: a function of the call's seed and the prompt's position in
+        the whole batch, so a prompt's completions do not depend on how the batch is split over ranks or calls."""
+        return (self.seed * 1_000_003 + self.first_prompt + index) % 2**63
 
 
 @dataclass
@@ -52,8 +62,12 @@ class RolloutEngine(Protocol):
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         """Outer list: one entry per prompt; inner: its `sampling.n` completions."""
 
+    def sleep(self) -> None:
+        """Give accelerator memory back for the policy update (the next `sync_weights` wakes the engine)."""
+
     def sync_weights(self, policy: torch.nn.Module) -> None:
-        """Make the engine sample from `policy`'s current weights."""
+        """Make the engine sample from `policy`'s current weights (plain or FSDP-sharded: with sharding every rank
+        must call it, since parameters are gathered one at a time)."""
 
     def close(self) -> None: ...
 
@@ -71,33 +85,37 @@ class _ContextManaged:
 
 class HFEngine(_ContextManaged):
     """transformers `generate` with KV cache on the policy module itself (so a weight sync is a no-op), batched with
-    left padding. Randomness comes only from `sampling.seed`, inside a forked RNG, so the trainer's RNG stream is
-    untouched and a resumed run samples exactly what an uninterrupted one would."""
+    left padding. Each row samples with its own generator, seeded from its prompt's position (`prompt_seed`) and its
+    sample index (Gumbel-max over the temperature-scaled, top-p-filtered logits, which draws exactly from their
+    softmax): results do not depend on batch composition, and the global RNG stream is never touched, so a resumed
+    or differently sharded run samples exactly what an uninterrupted one-rank run would."""
 
     def __init__(self, policy: torch.nn.Module, tokenizer, *, batch_size: int = 256) -> None:
         self.policy, self.tokenizer, self.batch_size = policy, tokenizer, batch_size
+        # An FSDP-sharded policy gathers each layer with a collective in every forward: all ranks must run the same
+        # number of decoding steps, so ranks that finish early keep stepping until every rank is done.
+        self.synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        rows = [ids for ids in prompt_ids for _ in range(sampling.n)]
+        rows = [(ids, sampling.prompt_seed(i) + j) for i, ids in enumerate(prompt_ids) for j in range(sampling.n)]
         device = next(self.policy.parameters()).device
         completions: list[Completion] = []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(sampling.seed)
-            for start in range(0, len(rows), self.batch_size):
-                completions += self._generate_batch(rows[start:start + self.batch_size], sampling, device)
+        for start in range(0, len(rows), self.batch_size):
+            completions += self._generate_batch(rows[start:start + self.batch_size], sampling, device)
         return [completions[i:i + sampling.n] for i in range(0, len(completions), sampling.n)]
 
-    def _generate_batch(self, rows: list[list[int]], sampling: SamplingConfig, device) -> list[Completion]:
-        width = max(map(len, rows))
+    def _generate_batch(self, rows: list[tuple[list[int], int]], sampling: SamplingConfig, device) -> list[Completion]:
+        width = max(len(ids) for ids, _ in rows)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        greedy = sampling.temperature == 0
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r, _ in rows], device=device)
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r, _ in rows], device=device)
+        processors = [] if sampling.temperature == 0 else [
+            _RowSampler([seed for _, seed in rows], sampling.temperature, sampling.top_p, device)]
         out = self.policy.generate(
-            input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_tokens, do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-            top_k=None, eos_token_id=eos, pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
+            input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_tokens, do_sample=False,
+            logits_processor=processors, temperature=None, top_p=None, top_k=None, eos_token_id=eos,
+            pad_token_id=pad, return_dict_in_generate=True, output_logits=True, synced_gpus=self.synced)
         tokens = out.sequences[:, width:]
         logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
         taken = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -107,54 +125,114 @@ class HFEngine(_ContextManaged):
             result.append(make_completion(ids[:stop], lps[:stop], self.tokenizer, stopped=eos in ids))
         return result
 
+    def sleep(self) -> None:
+        """Nothing to release: the engine is the policy."""
+
     def sync_weights(self, policy: torch.nn.Module) -> None:
         if policy is not self.policy:
             raise ValueError("the hf engine samples from the policy module it was made with")
 
 
+class _RowSampler:
+    """A logits processor that turns greedy decoding into sampling with one generator per row: the argmax of
+    temperature-scaled, top-p-filtered logits plus Gumbel noise is a draw from their softmax (the Gumbel-max trick).
+    transformers' `output_logits` still returns the raw logits, so the recorded log-probs stay raw."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device) -> None:
+        self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """scores: [rows, vocab] -> perturbed scores whose argmax is the sampled token."""
+        logits = scores.float() / self.temperature
+        if self.top_p < 1:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            mass_before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
+            logits = logits.scatter(-1, order, ordered.masked_fill(mass_before >= self.top_p, -torch.inf))
+        uniform = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device)
+                               for g in self.generators])
+        return logits - torch.log(-torch.log(uniform.clamp(min=torch.finfo(torch.float32).tiny)))
+
+
 class VLLMEngine(_ContextManaged):
     """vLLM's offline engine, in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so new policy weights can be pushed into
     its model with `push_weights`: no save-and-reload per step, as TRL's colocate mode. One live engine per process:
-    closing one tears down vLLM's process-global parallel state."""
+    closing one tears down vLLM's process-global parallel state.
+
+    The engine serves `dtype` (the model's configured dtype, bf16 for hub models), whatever the trainer's master
+    weights are: pushed weights are cast to it one tensor at a time. With `sleep` (and a GPU build of vLLM) the engine
+    sleeps during the policy update: level 1 moves its weights to CPU memory and drops the KV cache; `sync_weights`
+    wakes the weights, pushes the new ones, and only then re-allocates the KV cache (pushing before waking would be
+    overwritten by the offloaded copy)."""
 
     def __init__(self, model_dir: str | Path, tokenizer, *, dtype: str = "float32", max_model_len: int = 512,
-                 gpu_memory_utilization: float = 0.3, kv_cache_gib: float = 1, enforce_eager: bool = True) -> None:
+                 gpu_memory_utilization: float = 0.3, kv_cache_gib: float = 1, enforce_eager: bool = True,
+                 tensor_parallel_size: int = 1, sleep: bool = False) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        self.tokenizer = tokenizer
+        self.tokenizer, self.dtype = tokenizer, getattr(torch, dtype)
+        self.sleep_mode = sleep and sleep_mode_available()
+        self.asleep = False
         # On the CPU the KV cache is a fixed size (the legacy VLLM_CPU_KVCACHE_SPACE, when set, overrides it); on a
         # GPU it is the given share of memory.
         kv_cache = {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if current_platform.is_cpu() else {}
         with _caller_state_kept():
             self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
                            enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
+                           tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=self.sleep_mode,
                            logprobs_mode="raw_logprobs", seed=0, **kv_cache)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt
 
-        # With n > 1, vLLM gives the i-th sample of a request the seed `seed + i`. Text is decoded here, as in the hf
-        # engine (vLLM's incremental detokenizer would hold back a trailing partial UTF-8 character).
-        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_tokens, seed=sampling.seed, logprobs=0, detokenize=False)
+        # One seed per request (its prompt's, see `prompt_seed`); with n > 1, vLLM gives the j-th sample of a request
+        # the seed `seed + j`. Text is decoded here, as in the hf engine (vLLM's incremental detokenizer would hold
+        # back a trailing partial UTF-8 character).
+        params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_tokens, seed=sampling.prompt_seed(i), logprobs=0,
+                                 detokenize=False) for i in range(len(prompt_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=False)
         return [[make_completion(list(o.token_ids), [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)],
                                  self.tokenizer, stopped=o.finish_reason != "length")
                  for o in request.outputs] for request in outputs]
 
+    def sleep(self) -> None:
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
     def sync_weights(self, policy: torch.nn.Module) -> None:
-        push_weights(self.llm, policy.state_dict().items())
+        from kalmanrl.distributed import full_parameters
+
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        push_weights(self.llm, ((name, tensor.to(self.dtype)) for name, tensor in full_parameters(policy)))
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
 
     def close(self) -> None:
         del self.llm
 
 
+def sleep_mode_available() -> bool:
+    """vLLM's sleep mode needs its CUDA memory pool; elsewhere (the CPU build) the engine stays awake, said once."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_sleep_mode_available():
+        return True
+    log.info("rollout.sleep: vLLM's sleep mode is not available on %s (it needs a GPU build); the engine keeps its "
+             "memory during updates", current_platform.device_name)
+    return False
+
+
 def push_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load new weights (checkpoint names, e.g. a transformers state_dict) into a live in-process vLLM engine, then
-    drop its prefix cache, whose KV entries were computed with the old weights.
+    drop its prefix cache, whose KV entries were computed with the old weights. The tensors are consumed one at a
+    time, so a generator that gathers each from a sharded model never holds a full copy of the state dict.
 
     The worker's `reload_weights` (vLLM 0.32) reloads in place and re-runs the backend's post-load processing (the CPU
     backend repacks linear weights, so the model's own `load_weights` alone fails there). It is reached through
@@ -182,17 +260,26 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def make_engine(backend: str, *, policy: torch.nn.Module, tokenizer, model_dir: str | Path,
-                **options) -> RolloutEngine:
-    """`hf`, `vllm`, or `auto` (vllm when importable). Options are the config's `rollout` section; each engine takes
-    the ones it uses."""
+def resolve_backend(backend: str) -> str:
+    """`auto` -> `vllm` when importable, else `hf`; the others as they are."""
     if backend == "auto":
-        backend = "vllm" if vllm_available() else "hf"
+        return "vllm" if vllm_available() else "hf"
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"unknown rollout backend {backend!r}; known: auto, hf, vllm")
+    return backend
+
+
+def make_engine(backend: str, *, policy: torch.nn.Module | None, tokenizer, model_dir: str | Path,
+                dtype: str = "float32", **options) -> RolloutEngine:
+    """`hf`, `vllm`, or `auto` (vllm when importable). `hf` samples from `policy`; `vllm` loads its own copy of
+    `model_dir` in `dtype` (the model's configured dtype), so `policy` may be None. Options are the config's `rollout`
+    section; each engine takes the ones it uses."""
+    backend = resolve_backend(backend)
     if backend == "hf":
+        if policy is None:
+            raise ValueError("the hf rollout engine samples from the policy: load it first")
         return HFEngine(policy, tokenizer)
-    if backend == "vllm":
-        dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
-        return VLLMEngine(model_dir, tokenizer, dtype=dtype, max_model_len=options.get("max_model_len", 512),
-                          gpu_memory_utilization=options.get("gpu_memory_utilization", 0.3),
-                          kv_cache_gib=options.get("kv_cache_gib", 1), enforce_eager=options.get("enforce_eager", True))
-    raise ValueError(f"unknown rollout backend {backend!r}; known: auto, hf, vllm")
+    return VLLMEngine(model_dir, tokenizer, dtype=dtype, max_model_len=options.get("max_model_len", 512),
+                      gpu_memory_utilization=options.get("gpu_memory_utilization", 0.3),
+                      kv_cache_gib=options.get("kv_cache_gib", 1), enforce_eager=options.get("enforce_eager", True),
+                      tensor_parallel_size=options.get("tensor_parallel_size", 1), sleep=options.get("sleep", True))

@@ -1,244 +1,405 @@
 """The GRPO-family RL loop. One loop serves every algorithm: an algorithm is only an advantage estimator, a ratio
 transform and loss knobs, looked up by name in `kalmanrl.algorithms`.
 
-Per step (algorithms.md): sample prompts; G completions each; rewards; advantages; recompute old log-probs; then
-ppo_epochs x mini_batches optimiser steps over the rollout batch, so ratios and clipping act off-policy."""
+`train` is `setup` then, per rollout batch, the phases of docs/algorithms.md in order, each a function of its own:
+`sample` (prompts -> G completions each), `score_rewards`, advantages, `score_logprobs` (old and reference
+log-probs), `update` (ppo_epochs x mini_batches optimiser steps, so ratios and clipping act off-policy),
+`record` (one metrics row) and `checkpoint`; `finish` writes the final policy and the metrics.
+
+One code path for one process and for N ranks under torchrun (`kalmanrl.distributed`): each rank samples whole groups
+for its share of the step's prompts (so advantages need no communication), takes part in every mini-batch of the
+one-process schedule with its own rows, normalised by the whole mini-batch's rows and tokens; metrics are computed
+over all ranks, and rank 0 writes them and the final policy."""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from kalmanrl import algorithms
+from kalmanrl import algorithms, distributed
+from kalmanrl.batch import RolloutBatch, build_batch, micro_batches
 from kalmanrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kalmanrl.config import config_hash
 from kalmanrl.data import read_dataset
 from kalmanrl.devices import resolve_device
-from kalmanrl.io import atomic_path, write_parquet
+from kalmanrl.distributed import Ranks
+from kalmanrl.io import write_parquet
 from kalmanrl.layout import checkpoints_root
-from kalmanrl.model import load_policy, save_policy
-from kalmanrl.optim import make_optimizer
+from kalmanrl.logprobs import token_logprobs
+from kalmanrl.model import load_policy
+from kalmanrl.optim import make_rollout_optimizer
+from kalmanrl.precision import Precision, resolve_precision
 from kalmanrl.progress import progress
-from kalmanrl.prompts import get_template
+from kalmanrl.prompts import PromptTemplate, get_template
 from kalmanrl.rewards import get_reward
-from kalmanrl.rollout import Completion, SamplingConfig, make_engine
+from kalmanrl.rollout import Completion, RolloutEngine, SamplingConfig
+from kalmanrl.stage import encode_prompts, engine_from_settings
 
-
-@dataclass
-class RolloutBatch:
-    """B = prompts x G sequences: left-padded prompts then right-padded completions, so every completion starts at
-    column `prompt_len` and per-token tensors are response-aligned ([B, T])."""
-
-    input_ids: torch.Tensor        # [B, P + T]
-    attention_mask: torch.Tensor   # [B, P + T]
-    position_ids: torch.Tensor     # [B, P + T]
-    completion_mask: torch.Tensor  # [B, T] float
-    prompt_len: int
-    advantages: torch.Tensor       # [B]
-    old_logp: torch.Tensor | None = None  # [B, T]
-    ref_logp: torch.Tensor | None = None  # [B, T]
-
-    def _map(self, fn) -> RolloutBatch:
-        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
-                                if torch.is_tensor(getattr(self, f.name))})
-
-    def select(self, index: torch.Tensor) -> RolloutBatch:
-        return self._map(lambda t: t[index])
-
-    def to(self, device: torch.device) -> RolloutBatch:
-        return self._map(lambda t: t.to(device))
-
-
-def build_batch(prompt_ids: list[list[int]], completions: list[list[Completion]], advantages: torch.Tensor,
-                pad_id: int) -> RolloutBatch:
-    """Pack prompts [N] and their completions [N][G] into one padded batch of N*G rows (prompt-major order)."""
-    rows = [(p, c.token_ids) for p, group in zip(prompt_ids, completions) for c in group]
-    prompt_len = max(len(p) for p, _ in rows)
-    max_completion = max(1, max(len(c) for _, c in rows))
-    ids = torch.full((len(rows), prompt_len + max_completion), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for i, (p, c) in enumerate(rows):
-        ids[i, prompt_len - len(p):prompt_len] = torch.tensor(p)
-        ids[i, prompt_len:prompt_len + len(c)] = torch.tensor(c, dtype=torch.long)
-        attention[i, prompt_len - len(p):prompt_len + len(c)] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    return RolloutBatch(ids, attention, positions, attention[:, prompt_len:].float(), prompt_len,
-                        advantages.reshape(-1).float())
-
-
-def token_logprobs(model, batch: RolloutBatch, *, with_entropy: bool = False):
-    """Log-probs [B, T] of the completion tokens under `model` (and their per-token entropy [B, T])."""
-    steps = batch.completion_mask.shape[1]
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                   logits_to_keep=steps + 1).logits[:, :-1].float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    targets = batch.input_ids[:, batch.prompt_len:]
-    taken = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return taken
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return taken, entropy
+__all__ = ["NonFiniteLossError", "RolloutBatch", "build_batch", "token_logprobs", "train", "update_policy"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses: the run diverged."""
 
 
+@dataclass
+class Run:
+    """Everything the loop reads, built once by `setup`; `rows` and `nonfinite` grow as it runs."""
+
+    cfg: dict
+    alg: dict
+    ident: dict
+    device: torch.device
+    precision: Precision
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    tokenizer: object
+    template: PromptTemplate
+    problems: pd.DataFrame
+    reward_fn: object
+    advantage_fn: object
+    ratio_fn: object
+    kpo_params: dict  # the token-noise diagnostic filters z the way KPO would, for every algorithm
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: RolloutEngine
+    dtype: str  # the model's configured dtype: what checkpoints and the final policy are saved in
+    checkpoints: Path
+    settings_hash: str
+    ranks: Ranks
+    start: int = 0
+    rows: list[dict] = field(default_factory=list)
+    nonfinite: int = 0
+
+    @property
+    def seed(self) -> int:
+        return self.ident["seed"]
+
+
+@dataclass
+class Rollout:
+    """One rollout batch as sampled: N problems, their prompt ids and G completions each."""
+
+    problems: pd.DataFrame
+    prompt_ids: list[list[int]]
+    completions: list[list[Completion]]
+
+
 def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, threads: int = 1,
           gpus: int | None = None) -> pd.DataFrame:
     """RL-train the policy in `policy_dir` on the train split of `dataset`. Writes `out_dir/final` (save_pretrained)
-    and `out_dir/metrics.parquet`; resumes from `out_dir/checkpoints` when a run with the same settings was cut off."""
+    and `out_dir/metrics.parquet`; resumes from `out_dir/checkpoints` when a run with the same settings was cut off.
+    `gpus`: the GPUs the job was granted (`resolve_device`: refused when CUDA cannot give them)."""
+    resolve_device(gpus)
+    ranks = distributed.init_ranks()
+    try:
+        return _train(policy_dir, dataset, out_dir, settings, threads, ranks)
+    finally:
+        distributed.close_ranks(ranks)
+
+
+def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int, ranks: Ranks) -> pd.DataFrame:
+    run = setup(policy_dir, dataset, out_dir, settings, threads, ranks)
+    cfg = run.cfg
+    writer = _tensorboard(out_dir) if cfg["tensorboard"] and ranks.is_main else None
+    with run.engine, run.reward_fn, progress(range(run.start, cfg["steps"]), initial=run.start, total=cfg["steps"],
+                                             desc=f"{run.ident['algorithm']} seed {run.seed}", unit="step",
+                                             disable=not ranks.is_main) as bar:
+        if run.start:
+            run.engine.sync_weights(run.policy)
+        for step in bar:
+            clock = [time.perf_counter()]
+            rollout = sample(run, step)
+            clock.append(time.perf_counter())
+            verdicts, rewards = score_rewards(run, rollout)
+            advantages = run.advantage_fn(rewards)
+            clock.append(time.perf_counter())
+            batch = build_batch(rollout.prompt_ids, rollout.completions, advantages, run.tokenizer.pad_token_id,
+                                untrained_eos=None if cfg["loss_on_eos"] else run.tokenizer.eos_token_id
+                                ).to(run.device)
+            schedule = mini_batch_schedule(len(batch.advantages) * ranks.world_size, cfg, run.seed, step)
+            score_logprobs(run, batch, schedule[0])
+            clock.append(time.perf_counter())
+            run.engine.sleep()
+            stats = update(run, batch, schedule)
+            run.engine.sync_weights(run.policy)
+            clock.append(time.perf_counter())
+            row = record(run, step, rollout, verdicts, rewards, advantages, batch, stats, clock, writer)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
+            if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
+                checkpoint(run, step + 1)
+        if writer is not None:
+            writer.close()
+        # Before the engine closes: an in-process vLLM engine tears the process group down with it.
+        return finish(run, out_dir)
+
+
+def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int, ranks: Ranks) -> Run:
+    """Seed, load the policy (and the frozen reference when beta > 0; both sharded over the ranks), the data, the
+    named algorithm parts, the optimiser and the rollout engine; restore the newest checkpoint of a run with the same
+    settings."""
     cfg, alg, ident = settings["train"], settings["algorithm"], settings["ident"]
-    seed = ident["seed"]
-    torch.manual_seed(seed)
+    torch.manual_seed(ident["seed"])
     torch.set_num_threads(threads)
-    device = resolve_device(gpus)
+    device = ranks.device
+    precision = resolve_precision(cfg["precision"], device)
     optimizer_steps = cfg["ppo_epochs"] * cfg["mini_batches"]
     algorithms.check_off_policy(alg["ratio"], optimizer_steps)
+    distributed.share(cfg["prompts_per_step"], ranks, "train.prompts_per_step")
+    if settings["rollout"]["tensor_parallel_size"] > 1:
+        raise ValueError("rollout.tensor_parallel_size > 1 is for evaluation: training pushes new weights into an "
+                         "in-process vLLM engine per rank, which needs rollout.tensor_parallel_size = 1")
 
-    policy, tokenizer = load_policy(policy_dir, device=device)
-    reference = load_policy(policy_dir, device=device)[0].eval().requires_grad_(False) if alg["beta"] > 0 else None
+    # Sharded on CUDA: layers gathered in bf16 for compute, gradients reduced in float32.
+    compute_dtype = precision.compute_dtype if device.type == "cuda" and precision.name != "float32" else None
+    policy, tokenizer = load_policy(policy_dir, device=device, dtype=precision.weights_dtype)
+    if gradient_checkpointing(settings):
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = distributed.shard_model(policy, ranks, compute_dtype=compute_dtype)
+    reference = (distributed.shard_model(load_policy(policy_dir, device=device, dtype=precision.compute_dtype)[0],
+                                         ranks, compute_dtype=compute_dtype).eval().requires_grad_(False)
+                 if alg["beta"] > 0 else None)
     problems = read_dataset(dataset, split="train").to_pandas()
     template = get_template(settings["task"]["template"], settings["task"]["chat_template_kwargs"])
     reward_fn = get_reward(settings["task"]["reward"], **settings["task"]["reward_params"])
     advantage_fn = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])
     ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
-    # The token-noise diagnostic filters z the way KPO would, for every algorithm, so runs are comparable.
     kpo_params = alg["ratio_params"] if alg["ratio"] == "kpo" else {}
-
-    optimizer, scheduler = make_optimizer(policy.parameters(), cfg, cfg["steps"] * optimizer_steps)
+    optimizer, scheduler = make_rollout_optimizer(policy.parameters(), cfg)
 
     settings_hash = config_hash(settings)
     checkpoints = checkpoints_root(out_dir)
     start, rows = 0, []
-    if (found := latest_checkpoint(checkpoints, settings_hash)) is not None:
+    found = distributed.broadcast_object(latest_checkpoint(checkpoints, settings_hash) if ranks.is_main else None,
+                                         ranks)
+    if found is not None:
         resumed = load_checkpoint(found, policy=policy, optimizer=optimizer, scheduler=scheduler)
         start, rows = resumed.step, resumed.metrics.to_dict("records")
+    engine = engine_from_settings(settings["rollout"], policy=policy, tokenizer=tokenizer, model_dir=policy_dir,
+                                  dtype=settings["model"]["dtype"])
+    return Run(cfg=cfg, alg=alg, ident=ident, device=device, precision=precision, policy=policy, reference=reference,
+               tokenizer=tokenizer, template=template, problems=problems, reward_fn=reward_fn,
+               advantage_fn=advantage_fn, ratio_fn=ratio_fn, kpo_params=kpo_params, optimizer=optimizer,
+               scheduler=scheduler, engine=engine, dtype=settings["model"]["dtype"], checkpoints=checkpoints,
+               settings_hash=settings_hash, ranks=ranks, start=start, rows=rows,
+               nonfinite=int(rows[-1]["nonfinite_total"]) if rows else 0)
 
-    rollout = settings["rollout"]
-    engine = make_engine(rollout["backend"], policy=policy, tokenizer=tokenizer, model_dir=policy_dir, **{
-        k: v for k, v in rollout.items() if k != "backend"})
-    writer = _tensorboard(out_dir) if cfg["tensorboard"] else None
-    nonfinite = int(rows[-1]["nonfinite_total"]) if rows else 0
-    with engine, reward_fn, progress(range(start, cfg["steps"]), initial=start, total=cfg["steps"],
-                                     desc=f"{ident['algorithm']} seed {seed}", unit="step") as bar:
-        if start:
-            engine.sync_weights(policy)
-        for step in bar:
-            t0 = time.perf_counter()
-            rows_idx = _step_problems(len(problems), step, cfg["prompts_per_step"], seed)
-            batch_problems = problems.iloc[rows_idx]
-            prompt_ids = [tokenizer(template.render(tokenizer, p), add_special_tokens=False)["input_ids"]
-                          for p in batch_problems["problem"]]
-            sampling = SamplingConfig(n=cfg["group_size"], temperature=cfg["temperature"], top_p=cfg["top_p"],
-                                      max_tokens=cfg["max_tokens"], seed=seed * 1_000_003 + step)
-            policy.eval()
-            completions = engine.generate(prompt_ids, sampling)
-            t_rollout = time.perf_counter()
 
-            texts = [c.text for group in completions for c in group]
-            golds = [g for g in batch_problems["answer"] for _ in range(cfg["group_size"])]
-            verdicts = reward_fn.judge(texts, golds)
-            rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float64).view(-1, cfg["group_size"])
-            advantages = advantage_fn(rewards)
-            t_reward = time.perf_counter()
+def gradient_checkpointing(settings: dict) -> bool:
+    """train.gradient_checkpointing, where null means on for hub and local models and off for the tiny one."""
+    chosen = settings["train"]["gradient_checkpointing"]
+    return settings.get("model", {}).get("source", "tiny") != "tiny" if chosen is None else chosen
 
-            batch = build_batch(prompt_ids, completions, advantages, tokenizer.pad_token_id).to(device)
-            with torch.no_grad():
-                batch.old_logp = token_logprobs(policy, batch)
-                if reference is not None:
-                    batch.ref_logp = token_logprobs(reference, batch)
-            t_score = time.perf_counter()
 
-            policy.train()
-            stats, skipped = update_policy(policy, optimizer, scheduler, batch, ratio_fn, alg, cfg, seed, step,
-                                           kpo_params)
-            nonfinite += skipped
-            if nonfinite > cfg["max_nonfinite"]:
-                raise NonFiniteLossError(
-                    f"{nonfinite} non-finite losses (train.max_nonfinite = {cfg['max_nonfinite']}); lower train.lr or "
-                    "check the reward scale")
-            engine.sync_weights(policy)
-            t_end = time.perf_counter()
+def sample(run: Run, step: int) -> Rollout:
+    """This rank's share of the step's prompts (a pure function of the step) and G completions of each from the
+    current policy."""
+    cfg = run.cfg
+    mine = distributed.share(cfg["prompts_per_step"], run.ranks, "train.prompts_per_step")
+    indices = _step_problems(len(run.problems), step, cfg["prompts_per_step"], run.seed)
+    problems = run.problems.iloc[indices[mine.start:mine.stop]]
+    prompt_ids = encode_prompts(run.tokenizer, run.template, problems["problem"])
+    sampling = SamplingConfig(n=cfg["group_size"], temperature=cfg["temperature"], top_p=cfg["top_p"],
+                              max_tokens=cfg["max_tokens"], seed=run.seed * 1_000_003 + step, first_prompt=mine.start)
+    run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through generation
+    run.policy.eval()
+    return Rollout(problems, prompt_ids, run.engine.generate(prompt_ids, sampling))
 
-            lengths = torch.tensor([len(c.token_ids) for group in completions for c in group], dtype=torch.float)
-            row = {**ident, "step": step + 1, "wall_time": t_end - t0,
-                   "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-                   "accuracy": sum(v.correct for v in verdicts) / len(verdicts),
-                   "advantage_mean": advantages.mean().item(), "advantage_std": advantages.std().item(),
-                   "advantage_abs_max": advantages.abs().max().item(),
-                   "response_length": lengths.mean().item(),
-                   "truncation_rate": sum(c.finish_reason == "length" for g in completions for c in g) / len(lengths),
-                   "rollout_tokens_per_s": lengths.sum().item() / (t_rollout - t0),
-                   "train_tokens_per_s": cfg["ppo_epochs"] * batch.attention_mask.sum().item() / (t_end - t_score),
-                   "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout,
-                   "time_score": t_score - t_reward, "time_update": t_end - t_score,
-                   "lr": scheduler.get_last_lr()[0], "nonfinite_skipped": skipped, "nonfinite_total": nonfinite,
-                   **stats}
-            rows.append(row)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
-            if writer is not None:
-                for key, value in row.items():
-                    if isinstance(value, float):
-                        writer.add_scalar(key, value, step + 1)
-            if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
-                save_checkpoint(checkpoints, step + 1, policy=policy, tokenizer=tokenizer, optimizer=optimizer,
-                                scheduler=scheduler, metrics=pd.DataFrame(rows), settings_hash=settings_hash,
-                                dtype=settings["dtype"], keep_every=cfg["keep_every"])
 
+def score_rewards(run: Run, rollout: Rollout) -> tuple[list, torch.Tensor]:
+    """The task reward's verdict on every completion, and the rewards [N, G] (float64)."""
+    group = run.cfg["group_size"]
+    texts = [c.text for completions in rollout.completions for c in completions]
+    golds = [g for g in rollout.problems["answer"] for _ in range(group)]
+    verdicts = run.reward_fn.judge(texts, golds)
+    return verdicts, torch.tensor([v.reward for v in verdicts], dtype=torch.float64).view(-1, group)
+
+
+def mini_batch_schedule(size: int, cfg: dict, seed: int, step: int) -> list[list[torch.Tensor]]:
+    """The rows [n] of each mini-batch, per epoch: a fresh permutation per epoch (seeded by the step, so a resumed
+    run draws the same), cut into train.mini_batches parts."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return [list(torch.randperm(size, generator=generator).chunk(cfg["mini_batches"]))
+            for _ in range(cfg["ppo_epochs"])]
+
+
+def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> None:
+    """Fill the batch's old log-probs (the sampling policy's) and, when beta > 0, the reference model's, over the
+    micro-batches of the first epoch's mini-batches `minis`: the first update then runs the very same forward passes,
+    so its ratio is exactly 1."""
+    batch.old_logp = batch_logprobs(run.policy, batch, minis, run.cfg, run.precision, run.ranks)
+    if run.reference is not None:
+        batch.ref_logp = batch_logprobs(run.reference, batch, minis, run.cfg, run.precision, run.ranks)
+
+
+def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: dict, precision: Precision,
+                   ranks: Ranks = Ranks()) -> torch.Tensor:
+    """Log-probs [B, T] of the rows of `minis` without gradient, micro-batch by micro-batch (0 on padding). With N
+    ranks `minis` are mini-batches of the whole batch, and this rank computes its own rows of each."""
+    out = torch.zeros_like(batch.completion_mask)
+    mine = _rows_of_rank(batch, ranks)
+    with torch.no_grad():
+        for mini in minis:
+            rows = distributed.local_rows(mini, mine).to(out.device)
+            for micro, real in distributed.in_step(micro_batches(batch, rows, cfg["micro_batch_tokens"]), ranks,
+                                                   stand_in=torch.zeros(1, dtype=torch.long, device=out.device)):
+                part = batch.select(micro).trimmed()
+                with precision.autocast():
+                    logp = token_logprobs(model, part, chunk_tokens=cfg["logit_chunk_tokens"])
+                if real:
+                    out[micro, :part.completion_mask.shape[1]] = logp
+    return out
+
+
+def _rows_of_rank(batch: RolloutBatch, ranks: Ranks) -> range:
+    """The rows of the whole rollout batch (all ranks' rows in rank order) that `batch` holds."""
+    return distributed.share(len(batch.advantages) * ranks.world_size, ranks, "rollout rows")
+
+
+def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) -> dict[str, float]:
+    """The optimiser steps of one rollout batch at this batch's learning rate, then the schedule's step; counts
+    skipped non-finite updates and aborts past the limit."""
+    run.policy.train()
+    lr = run.scheduler.get_last_lr()[0]
+    stats, skipped = update_policy(run.policy, run.optimizer, batch, schedule, run.ratio_fn, run.alg, run.cfg,
+                                   run.precision, run.kpo_params, run.ranks)
+    run.scheduler.step()
+    run.nonfinite += skipped
+    if run.nonfinite > run.cfg["max_nonfinite"]:
+        raise NonFiniteLossError(
+            f"{run.nonfinite} non-finite losses (train.max_nonfinite = {run.cfg['max_nonfinite']}); lower train.lr or "
+            "check the reward scale")
+    return {"lr": lr, "nonfinite_skipped": skipped, "nonfinite_total": run.nonfinite, **stats}
+
+
+def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch.Tensor,
+           advantages: torch.Tensor, batch: RolloutBatch, stats: dict[str, float], clock: list[float],
+           writer) -> dict:
+    """Append this step's metrics row (rewards, advantages, lengths, phase timings, update statistics) for the whole
+    step: per-completion values are gathered from all ranks, update statistics reduced over them (timings and
+    throughputs are rank 0's)."""
+    t0, t_rollout, t_reward, t_score, t_end = clock
+    ranks = run.ranks
+    completions = [c for group in rollout.completions for c in group]
+    rewards, advantages = distributed.gather_rows(rewards, ranks), distributed.gather_rows(advantages, ranks)
+    per_completion = distributed.gather_rows(torch.tensor(
+        [[len(c.token_ids), c.finish_reason == "length", v.correct] for c, v in zip(completions, verdicts)],
+        dtype=torch.float), ranks)
+    lengths, truncated, correct = per_completion.T
+    row = {**run.ident, "step": step + 1, "wall_time": t_end - t0,
+           "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+           "accuracy": correct.mean().item(),
+           "advantage_mean": advantages.mean().item(), "advantage_std": advantages.std().item(),
+           "advantage_abs_max": advantages.abs().max().item(),
+           "response_length": lengths.mean().item(),
+           "truncation_rate": truncated.mean().item(),
+           "rollout_tokens_per_s": lengths.sum().item() / (t_rollout - t0),
+           "train_tokens_per_s": run.cfg["ppo_epochs"] * distributed.global_sum(batch.attention_mask.sum(), ranks
+                                                                                ).item() / (t_end - t_score),
+           "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout,
+           "time_score": t_score - t_reward, "time_update": t_end - t_score,
+           **distributed.reduce_metrics(stats, ranks)}
+    run.rows.append(row)
     if writer is not None:
-        writer.close()
-    metrics = pd.DataFrame(rows)
-    with atomic_path(out_dir / "final", directory=True) as tmp:
-        save_policy(policy, tokenizer, tmp, dtype=settings["dtype"])
-    write_parquet(metrics, out_dir / "metrics.parquet")
+        for key, value in row.items():
+            if isinstance(value, float):
+                writer.add_scalar(key, value, step + 1)
+    return row
+
+
+def checkpoint(run: Run, step: int) -> None:
+    """Resumable state after `step` rollout batches."""
+    save_checkpoint(run.checkpoints, step, policy=run.policy, tokenizer=run.tokenizer, optimizer=run.optimizer,
+                    scheduler=run.scheduler, metrics=pd.DataFrame(run.rows), settings_hash=run.settings_hash,
+                    dtype=run.dtype, keep_every=run.cfg["keep_every"], ranks=run.ranks)
+
+
+def finish(run: Run, out_dir: Path) -> pd.DataFrame:
+    """Write the final policy (a plain save_pretrained directory, also from a sharded model) and the metrics table
+    (rank 0)."""
+    metrics = pd.DataFrame(run.rows)
+    with distributed.shared_atomic_dir(out_dir / "final", run.ranks) as tmp:
+        distributed.write_full_model(run.policy, run.tokenizer, tmp, run.ranks, dtype=run.dtype)
+    if run.ranks.is_main:
+        write_parquet(metrics, out_dir / "metrics.parquet")
     return metrics
 
 
-def update_policy(policy, optimizer, scheduler, batch: RolloutBatch, ratio_fn, alg: dict, cfg: dict, seed: int,
-                  step: int, kpo_params: dict) -> tuple[dict[str, float], int]:
-    """ppo_epochs x mini_batches optimiser steps over one rollout batch; returns step metrics and skipped updates."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    size = batch.input_ids.shape[0]
+def update_policy(policy, optimizer, batch: RolloutBatch, schedule: list[list[torch.Tensor]], ratio_fn,
+                  alg: dict, cfg: dict, precision: Precision, kpo_params: dict,
+                  ranks: Ranks = Ranks()) -> tuple[dict[str, float], int]:
+    """One optimiser step per mini-batch of `schedule` (ppo_epochs x mini_batches) over one rollout batch; returns
+    step metrics and skipped updates. With N ranks the schedule's mini-batches are of the whole batch, and `batch`
+    holds this rank's rows of it."""
     sums: dict[str, list[float]] = defaultdict(list)
     skipped = 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.input_ids.is_cuda)
-    for _ in range(cfg["ppo_epochs"]):
-        order = torch.randperm(size, generator=generator).to(batch.input_ids.device)
-        for mini in order.chunk(cfg["mini_batches"]):
+    mine = _rows_of_rank(batch, ranks)
+    for minis in schedule:
+        for mini in minis:
             optimizer.zero_grad(set_to_none=True)
-            active = batch.completion_mask[mini].sum().item()
-            losses = []
-            for micro in mini.chunk(cfg["grad_accum"]):
-                part = batch.select(micro)
-                with autocast:
-                    logp, entropy = token_logprobs(policy, part, with_entropy=True)
-                rho = ratio_fn(logp, part.old_logp, part.completion_mask)
-                loss, metrics = algorithms.policy_loss(
-                    rho, part.advantages.unsqueeze(-1).expand_as(logp), part.completion_mask,
-                    eps_low=alg["eps_low"], eps_high=alg["eps_high"], clip=alg["clip"], beta=alg["beta"], logp=logp,
-                    ref_logp=part.ref_logp, aggregate=alg["aggregate"], num_active_tokens=active,
-                    max_length=cfg["max_tokens"], surrogate=alg["surrogate"], clip_ratio_c=alg["clip_ratio_c"])
-                # dapo already divides by the whole mini-batch's tokens; the other aggregates average micro-batches.
-                (loss if alg["aggregate"] == "dapo" else loss / cfg["grad_accum"]).backward()
-                losses.append(loss.detach())
-                _record(sums, metrics, logp.detach() - part.old_logp, entropy.detach(), part.completion_mask,
-                        kpo_params)
-            if not all(torch.isfinite(x) for x in losses):
+            losses = mini_batch_backward(policy, batch, distributed.local_rows(mini, mine).to(batch.input_ids.device),
+                                         ratio_fn, alg, cfg, precision, sums, kpo_params, mini_rows=len(mini),
+                                         ranks=ranks)
+            if not distributed.all_finite(losses, ranks):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg["max_grad_norm"])
-            sums["grad_norm"].append(grad_norm.item())
-            sums["loss"].append(torch.stack(losses).mean().item())
+            sums["grad_norm"].append(distributed.clip_grad_norm(policy, cfg["max_grad_norm"]))
+            sums["loss"].append(distributed.global_sum(sum(x.item() for x in losses), ranks).item())
             optimizer.step()
-            scheduler.step()
     return _summarise(sums), skipped
+
+
+def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, ratio_fn, alg: dict, cfg: dict,
+                        precision: Precision, sums: dict[str, list[float]], kpo_params: dict, *,
+                        mini_rows: int | None = None, ranks: Ranks = Ranks()) -> list[torch.Tensor]:
+    """Accumulate the gradient of the loss of the rows `mini` into the policy, micro-batch by micro-batch (at most
+    train.micro_batch_tokens tokens per forward); returns the weighted micro-batch losses (their sum is the
+    mini-batch's loss) and appends the loss metrics to `sums`. With N ranks `mini` is this rank's part of a
+    mini-batch of `mini_rows` rows: weights use the whole mini-batch's rows and tokens, so the ranks' summed
+    gradients are the one-process gradient."""
+    active = int(distributed.global_sum(batch.completion_mask[mini].sum(), ranks).item())
+    mini_rows = len(mini) if mini_rows is None else mini_rows
+    losses = []
+    stand_in = torch.zeros(1, dtype=torch.long, device=mini.device)
+    for micro, real in distributed.in_step(micro_batches(batch, mini, cfg["micro_batch_tokens"]), ranks,
+                                           stand_in=stand_in):
+        part = batch.select(micro).trimmed()
+        with precision.autocast():
+            logp, entropy = token_logprobs(policy, part, with_entropy=True, chunk_tokens=cfg["logit_chunk_tokens"])
+        rho = ratio_fn(logp, part.old_logp, part.completion_mask)
+        loss, metrics = algorithms.policy_loss(
+            rho, part.advantages.unsqueeze(-1).expand_as(logp), part.completion_mask,
+            eps_low=alg["eps_low"], eps_high=alg["eps_high"], clip=alg["clip"], beta=alg["beta"], logp=logp,
+            ref_logp=part.ref_logp, aggregate=alg["aggregate"], num_active_tokens=active,
+            max_length=cfg["max_tokens"], surrogate=alg["surrogate"], clip_ratio_c=alg["clip_ratio_c"])
+        if not real:  # keeps this rank's gathers and reductions in step with the others; adds nothing
+            (logp.sum() * 0.0).backward()
+            continue
+        loss = loss * micro_batch_share(alg["aggregate"], part.completion_mask, mini_rows, active)
+        loss.backward()
+        losses.append(loss.detach())
+        _record(sums, metrics, logp.detach() - part.old_logp, entropy, part.completion_mask, kpo_params)
+    return losses
+
+
+def micro_batch_share(aggregate: str, mask: torch.Tensor, mini_rows: int, mini_active: int) -> float:
+    """The weight of a micro-batch's loss (`mask` [b, T]: its completion tokens) in its mini-batch's, so that the
+    weighted micro-batch losses sum to the loss of the whole mini-batch however it is split: grpo and dr_grpo are
+    means over sequences (b / rows), bnpo a mean over tokens (active tokens / the mini-batch's), and dapo's loss is
+    already divided by the mini-batch's active tokens (1)."""
+    if aggregate in ("grpo", "dr_grpo"):
+        return mask.shape[0] / mini_rows
+    if aggregate == "bnpo":
+        return mask.sum().item() / max(1, mini_active)
+    if aggregate == "dapo":
+        return 1.0
+    raise ValueError(f"unknown aggregate {aggregate!r}; known: {', '.join(algorithms.AGGREGATES)}")
 
 
 def _record(sums, metrics: dict, z: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor,

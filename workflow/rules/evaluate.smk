@@ -23,6 +23,7 @@ rule evaluate:
         mem_mb=scaled("evaluate", "mem_mb"),
         runtime=scaled("evaluate", "runtime"),
         gpu=res("evaluate", "gpus"),
+        tasks_per_gpu=0,  # one SLURM task: vLLM spreads itself over the GPUs (rollout.tensor_parallel_size)
     shell:
         "kalmanrl evaluate --settings {params.settings:q} --model {params.model:q} --dataset {input.dataset:q}"
         " --details {output.details:q} --summary {output.summary:q} --threads {threads} --gpus {resources.gpu} > {log:q} 2>&1"

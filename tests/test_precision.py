@@ -1,0 +1,81 @@
+"""One precision policy for old, reference and new log-probs: with bf16 autocast forced on the CPU, the first
+optimiser step of every rollout batch sees a ratio of exactly 1 and no clipping, for every ratio transform."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+import digit_share  # noqa: F401  (registers the "digit_share" reward)
+from kalmanrl.batch import build_batch
+from kalmanrl.config import stage_settings, validate_config
+from kalmanrl.precision import Precision, resolve_precision
+from kalmanrl.trainer import (batch_logprobs, mini_batch_backward, mini_batch_schedule, sample, score_logprobs,
+                              score_rewards, setup, update)
+
+
+def settings_for(ratio: str, **train) -> dict:
+    config = validate_config({
+        "train": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "mini_batches": 2, "max_tokens": 12,
+                  "lr": 1e-3, **train},
+        "algorithms": {"alg": {"ratio": ratio, "beta": 0.05}},
+        "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": "digit_share"}},
+        "tasks": ["arith"], "benchmarks": ["arith"]})
+    return stage_settings(config, "train", model="tiny", task="arith", algorithm="alg", seed="0")
+
+
+def test_auto_is_bf16_autocast_on_cuda_and_float32_on_the_cpu():
+    assert resolve_precision("auto", torch.device("cpu")) == Precision("float32", "cpu")
+    cuda = resolve_precision("auto", torch.device("cuda"))
+    assert cuda.name == "autocast_bf16" and cuda.weights_dtype == torch.float32 and cuda.compute_dtype == torch.bfloat16
+    assert resolve_precision("bfloat16", torch.device("cpu")).weights_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="train.precision"):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("ratio", "micro_batch_tokens"), [("token", 16384), ("token", 150), ("sequence", 150),
+                                                           ("kpo", 150)])
+def test_the_first_update_of_each_batch_sees_ratio_one_under_bf16_autocast(tmp_path, tiny_model_dir,
+                                                                           arithmetic_parquet, ratio,
+                                                                           micro_batch_tokens):
+    run = setup(tiny_model_dir, arithmetic_parquet, tmp_path,
+                settings_for(ratio, precision="autocast_bf16", micro_batch_tokens=micro_batch_tokens), threads=1)
+    assert run.policy.dtype == torch.float32 and run.reference.dtype == torch.bfloat16
+    with run.engine, run.reward_fn:
+        for step in range(2):
+            rollout = sample(run, step)
+            _, rewards = score_rewards(run, rollout)
+            batch = build_batch(rollout.prompt_ids, rollout.completions, run.advantage_fn(rewards),
+                                run.tokenizer.pad_token_id)
+            schedule = mini_batch_schedule(len(batch.advantages), run.cfg, run.seed, step)
+            score_logprobs(run, batch, schedule[0])
+            run.policy.train()
+            if step == 0:  # the control: autocast is on, so float32 old log-probs would differ from these
+                in_float32 = batch_logprobs(run.policy, batch, schedule[0], run.cfg, Precision("float32", "cpu"))
+                mask = batch.completion_mask.bool()
+                assert (in_float32[mask] - batch.old_logp[mask]).abs().max() > 1e-4
+            sums = defaultdict(list)
+            mini_batch_backward(run.policy, batch, schedule[0][0], run.ratio_fn, run.alg, run.cfg, run.precision,
+                                sums, run.kpo_params)
+            assert sums["ratio_min"] == sums["ratio_max"] == [1.0] * len(sums["ratio_min"])
+            assert sums["clip_frac"] == [0.0] * len(sums["clip_frac"])
+            update(run, batch, schedule)
+
+
+def test_pure_bf16_weights_train(tmp_path, tiny_model_dir, arithmetic_parquet):
+    run = setup(tiny_model_dir, arithmetic_parquet, tmp_path, settings_for("token", precision="bfloat16"), threads=1)
+    assert run.policy.dtype == run.reference.dtype == torch.bfloat16
+    before = {n: p.detach().clone() for n, p in run.policy.named_parameters()}
+    with run.engine, run.reward_fn:
+        rollout = sample(run, 0)
+        _, rewards = score_rewards(run, rollout)
+        batch = build_batch(rollout.prompt_ids, rollout.completions, run.advantage_fn(rewards),
+                            run.tokenizer.pad_token_id)
+        schedule = mini_batch_schedule(len(batch.advantages), run.cfg, run.seed, 0)
+        score_logprobs(run, batch, schedule[0])
+        assert batch.old_logp.dtype == torch.float32
+        stats = update(run, batch, schedule)
+    assert stats["nonfinite_skipped"] == 0 and stats["ratio_min"] <= 1 <= stats["ratio_max"]
+    assert any(not torch.equal(before[n], p) for n, p in run.policy.named_parameters())
