@@ -1,6 +1,7 @@
 """The memory plan against measured peaks: peak host memory of real training steps on the CPU (the trainer's scoring
-pass `token_logprobs` and `update_policy`, float32, AdamW) for tiny Qwen2 models of several sizes and two rollout
-batch shapes, next to `kalmanrl.plan`'s estimate for the same shapes.
+pass `batch_logprobs` and `update_policy`, float32, AdamW, the default `train.micro_batch_tokens` and
+`train.logit_chunk_tokens`) for tiny Qwen2 models of several sizes and two rollout batch shapes, next to
+`kalmanrl.plan`'s estimate for the same shapes.
 
 Each case runs in a fresh subprocess: imports, one warm-up step of a 1-layer model on 2 rows (so the code pages of
 torch's forward, backward and AdamW kernels, touched once per process, are in the baseline and not counted as step
@@ -12,7 +13,7 @@ the peak is the peak of live tensors plus the allocator's and autograd's own ove
 
     PYTHONPATH=src python benchmarks/bench_memory.py            # all cases, a Markdown table
     PYTHONPATH=src python benchmarks/bench_memory.py --case small --shape A
-    PYTHONPATH=src python benchmarks/bench_memory.py --head     # the log-prob head's float32 copies
+    PYTHONPATH=src python benchmarks/bench_memory.py --head     # the log-prob head's float32 chunk copies
 """
 
 from __future__ import annotations
@@ -38,14 +39,21 @@ SHAPES = {  # prompts x G rows, prompt and completion lengths (every completion 
     "A": {"prompts_per_step": 2, "group_size": 8, "prompt_len": 32, "completion_len": 64},
     "B": {"prompts_per_step": 8, "group_size": 8, "prompt_len": 32, "completion_len": 128},
 }
-TRAIN = {"mini_batches": 4, "grad_accum": 1, "ppo_epochs": 1, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 0,
-         "schedule": "constant", "max_grad_norm": 1.0}
+TRAIN = {"mini_batches": 4, "ppo_epochs": 1, "lr": 1e-4}  # everything else: the schema's defaults
+ALGORITHM = {"advantage": "grpo", "ratio": "token"}
 STEPS = 2
+HEAD_MODES = {"score": "scoring (no grad)", "update": "update, one chunk (grad, entropy)",
+              "update-chunks": "update, four recomputed chunks (grad, entropy)"}
 
 
-def train_settings(shape: dict) -> dict:
-    return {**TRAIN, "prompts_per_step": shape["prompts_per_step"], "group_size": shape["group_size"],
-            "max_tokens": shape["completion_len"]}
+def settings(shape: dict, **train) -> dict:
+    """Train and algorithm settings as the train stage gets them: the schema's defaults, validated."""
+    from kalmanrl.config import parse_settings
+
+    return parse_settings(json.dumps({
+        "train": {**TRAIN, "prompts_per_step": shape["prompts_per_step"], "group_size": shape["group_size"],
+                  "max_tokens": shape["completion_len"], **train},
+        "algorithm": ALGORITHM}))
 
 
 def rss_bytes() -> int:
@@ -57,8 +65,8 @@ def rollout_batch(spec: dict, shape: dict):
     """Random prompts and full-length completions, packed as the trainer packs a rollout batch."""
     import torch
 
+    from kalmanrl.batch import build_batch
     from kalmanrl.rollout import Completion
-    from kalmanrl.trainer import build_batch
 
     vocab, rows = spec["vocab_size"], shape["prompts_per_step"] * shape["group_size"]
     prompts = [torch.randint(3, vocab, (shape["prompt_len"],)).tolist() for _ in range(shape["prompts_per_step"])]
@@ -68,28 +76,32 @@ def rollout_batch(spec: dict, shape: dict):
 
 
 def train_steps(spec: dict, shape: dict, steps: int) -> None:
-    """`steps` RL steps of the trainer on main after generation: scoring (old log-probs) then update_policy."""
+    """`steps` RL steps of the trainer after generation, as `trainer.train` runs them: scoring (old log-probs over the
+    first epoch's mini-batches, micro-batch by micro-batch), then update_policy and the schedule's step."""
     import torch
     from transformers import Qwen2ForCausalLM
 
     from kalmanrl import algorithms
     from kalmanrl.model import tiny_config
-    from kalmanrl.optim import make_optimizer
+    from kalmanrl.optim import make_rollout_optimizer
     from kalmanrl.plan import _VocabularyOfSpec
-    from kalmanrl.trainer import token_logprobs, update_policy
+    from kalmanrl.precision import resolve_precision
+    from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, update_policy
 
-    cfg = train_settings(shape)
+    given = settings(shape)
+    cfg, alg = given["train"], given["algorithm"]
     batch = rollout_batch(spec, shape)
-    alg = {"eps_low": 0.2, "eps_high": 0.2, "clip": True, "beta": 0.0, "aggregate": "grpo"}
-    ratio_fn = algorithms.get_ratio_transform("token")
+    ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
+    precision = resolve_precision(cfg["precision"], torch.device("cpu"))
     policy = Qwen2ForCausalLM(tiny_config(spec, _VocabularyOfSpec(spec["vocab_size"])))
-    optimizer, scheduler = make_optimizer(policy.parameters(), cfg, steps * cfg["mini_batches"])
+    optimizer, scheduler = make_rollout_optimizer(policy.parameters(), cfg)
     for step in range(steps):
+        schedule = mini_batch_schedule(len(batch.advantages), cfg, 0, step)
         policy.eval()
-        with torch.no_grad():
-            batch.old_logp = token_logprobs(policy, batch)
+        batch.old_logp = batch_logprobs(policy, batch, schedule[0], cfg, precision)
         policy.train()
-        update_policy(policy, optimizer, scheduler, batch, ratio_fn, alg, cfg, 0, step, {})
+        update_policy(policy, optimizer, batch, schedule, ratio_fn, alg, cfg, precision, {})
+        scheduler.step()
 
 
 def measure(size: str, shape_name: str) -> dict:
@@ -114,42 +126,45 @@ def estimate(size: str, shape_name: str) -> dict:
 
     spec, shape = SIZES[size], SHAPES[shape_name]
     model = model_shape(tiny_config(spec, _VocabularyOfSpec(spec["vocab_size"])))
-    settings = {"train": train_settings(shape), "algorithm": {"beta": 0.0},
-                "rollout": {"backend": "hf", "max_model_len": 512}}
-    est = estimate_train(model, settings, Resources(gpus=0), source="tiny", prompt_len=shape["prompt_len"],
+    planned = {**settings(shape), "rollout": {"backend": "hf", "max_model_len": 512}}
+    est = estimate_train(model, planned, Resources(gpus=0), source="tiny", prompt_len=shape["prompt_len"],
                          completion_len=shape["completion_len"])
     step = {name: value for name, value in est.phases.items() if name != "generating"}
     return {"estimate": est.static + max(step.values()), "params": model.params, "static": est.static,
             "activations": est.parts["activations"], "logits": est.parts["logits"]}
 
 
-def measure_head(grad: bool) -> dict:
-    """Runs in the child: the log-prob head alone (`token_logprobs` on a 1-layer model whose [tokens, vocab] logits
-    dwarf everything else), as float32 [tokens, vocab] copies at the peak: the plan's LOGIT_COPIES_*."""
+def measure_head(mode: str) -> dict:
+    """Runs in the child: the log-prob head alone (`token_logprobs` on a 1-layer model whose logits dwarf everything
+    else), as float32 [chunk tokens, vocab] copies at the peak: the plan's LOGIT_COPIES_*. Modes: `score` (no grad),
+    `update` (grad and entropy, one chunk: its logits are kept for backward) and `update-chunks` (four chunks, each
+    recomputed in the backward pass)."""
     import torch
     from transformers import Qwen2ForCausalLM
 
+    from kalmanrl.logprobs import token_logprobs
     from kalmanrl.model import tiny_config
     from kalmanrl.plan import _VocabularyOfSpec
-    from kalmanrl.trainer import token_logprobs
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     train_steps({**SIZES["small"], "num_layers": 1}, {**SHAPES["A"], "prompts_per_step": 1, "group_size": 2}, 1)
     spec = {**SIZES["small"], "vocab_size": 32768, "hidden_size": 64, "num_heads": 2, "num_kv_heads": 1,
             "intermediate_size": 64, "num_layers": 1}
-    shape = {"prompts_per_step": 1, "group_size": 4, "prompt_len": 8, "completion_len": 255}
+    shape = {"prompts_per_step": 1, "group_size": 4, "prompt_len": 8, "completion_len": 256}
+    tokens = shape["group_size"] * shape["completion_len"]
+    chunk = tokens // 4 if mode == "update-chunks" else tokens
     batch = rollout_batch(spec, shape)
     policy = Qwen2ForCausalLM(tiny_config(spec, _VocabularyOfSpec(spec["vocab_size"])))
     baseline = rss_bytes()
-    if grad:
-        logp, entropy = token_logprobs(policy, batch, with_entropy=True)
-        (logp.sum() + entropy.sum()).backward()
-    else:
+    if mode == "score":
         with torch.no_grad():
-            token_logprobs(policy, batch)
+            token_logprobs(policy, batch, chunk_tokens=chunk)
+    else:
+        logp, entropy = token_logprobs(policy, batch, with_entropy=True, chunk_tokens=chunk)
+        (logp.sum() + entropy.sum()).backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    copy = 4 * (shape["completion_len"] + 1) * spec["vocab_size"] * 4
+    copy = chunk * spec["vocab_size"] * 4
     return {"copies": (peak - baseline) / copy, "weights_in_copies": policy.num_parameters() * 4 / copy}
 
 
@@ -185,17 +200,17 @@ def main() -> None:
     parser.add_argument("--case", choices=list(SIZES), nargs="*", default=list(SIZES))
     parser.add_argument("--shape", choices=list(SHAPES), nargs="*", default=list(SHAPES))
     parser.add_argument("--head", action="store_true", help="measure the log-prob head's copies only")
-    parser.add_argument("--grad", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--head-mode", choices=HEAD_MODES, default="score", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure_head(args.grad) if args.head else measure(args.case[0], args.shape[0])))
+        print(json.dumps(measure_head(args.head_mode) if args.head else measure(args.case[0], args.shape[0])))
         return
     if args.head:
-        for grad in (False, True):
-            result = child(["--head", *(["--grad"] if grad else [])])
-            print(f"{'update (grad, entropy)' if grad else 'scoring (no grad)'}: {result['copies']:.2f} float32 "
-                  f"[tokens, vocab] copies at the peak (the model, for scale: {result['weights_in_copies']:.2f})")
+        for mode, name in HEAD_MODES.items():
+            result = child(["--head", "--head-mode", mode])
+            print(f"{name}: {result['copies']:.2f} float32 [chunk tokens, vocab] copies at the peak (the model, for "
+                  f"scale: {result['weights_in_copies']:.2f})")
         return
     import torch
 

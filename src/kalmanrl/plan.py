@@ -10,9 +10,10 @@ CPU) that keeps query, key, value, output and log-sum-exp, never a [T, T] matrix
 What one training rank holds (FSDP2 shards weights, gradients, optimiser state and the reference model over
 gpus x nodes ranks):
 - static: weights, gradients, AdamW's two moments, the reference model (when `beta > 0`);
-- while scoring (old and reference log-probs, no grad) and updating (forward + backward of one micro-batch):
-  activations, the log-prob head's logits, and the compute copy of the weights (autocast's bf16 cache on one rank;
-  FSDP2's all-gathered bf16 layers on several);
+- while scoring (old and reference log-probs, no grad) and updating (forward + backward of one micro-batch of
+  `train.micro_batch_tokens`): activations, one `train.logit_chunk_tokens` chunk of the log-prob head's float32
+  logits, and the compute copy of the weights (autocast's bf16 cache on one rank; FSDP2's all-gathered bf16 layers
+  on several);
 - the colocated vLLM engine: `rollout.gpu_memory_utilization` of the GPU while generating; with `rollout.sleep`,
   only a residue during scoring and the update.
 The peak is the static part plus the largest phase: generating, scoring, updating or the optimiser step.
@@ -47,14 +48,13 @@ CUDA_OVERHEAD = 1 * GIB
 VLLM_ASLEEP = 1 * GIB
 # vLLM's own activation and sampler workspace inside its budget (profiled by vLLM at start-up; not modelled here).
 VLLM_WORKSPACE = 1 * GIB
-# float32 [tokens, vocab] tensors alive at the peak of the log-prob head. Unchunked (`token_logprobs` of the trainer
-# on main): the logits, the contiguous copy log_softmax makes of their slice without the last position, the
-# log-softmax; with grad and entropy also its exp and their product (forward), or the gradients (backward): 5 and 3
-# copies, as measured on the CPU (benchmarks/README.md). Chunked (`train.logit_chunk_tokens`): one chunk's logits,
-# softmax and gradient (not yet measured: the chunked head is not on main).
+# float32 [chunk tokens, vocab] tensors alive at the peak of the log-prob head (`kalmanrl.logprobs`, one chunk of
+# `train.logit_chunk_tokens` at a time), as measured on the CPU (benchmarks/README.md): scoring (no grad) 2, the
+# logits and logsumexp's exp; the update (grad and entropy) 5, the logits, the entropy's softmax and product, and in
+# the backward pass logsumexp's and gather's gradients; the same whether the chunk's logits were kept for backward
+# (one chunk) or are recomputed there (several).
 LOGIT_COPIES_UPDATE = 5
-LOGIT_COPIES_SCORE = 3
-LOGIT_COPIES_CHUNK = 3
+LOGIT_COPIES_SCORE = 2
 GPUS_PER_NODE = 8
 
 
@@ -280,8 +280,7 @@ class TrainShape:
     rows: int
     prompt_len: int
     completion_len: int
-    micro_rows: int    # rows of one update micro-batch
-    score_rows: int    # rows of one no-grad scoring pass
+    micro_rows: int    # rows of one micro-batch, of the update and of the no-grad scoring passes alike
 
     @property
     def seq_len(self) -> int:
@@ -289,28 +288,20 @@ class TrainShape:
 
 
 def train_shape(train: dict, *, prompt_len: int, completion_len: int | None = None) -> TrainShape:
-    """Micro-batches by `train.micro_batch_tokens` (as many rows of padded length as the budget holds, at least one,
-    at most a mini-batch in the update) when set; else as the trainer on main: `grad_accum` micro-batches per
-    mini-batch and one scoring pass over the whole rollout batch."""
+    """Micro-batches as `batch.micro_batches` cuts every mini-batch (for scoring and the update alike): as many rows
+    of padded length as `train.micro_batch_tokens` holds, at least one, at most a mini-batch."""
     rows = train["prompts_per_step"] * train["group_size"]
     completion_len = train["max_tokens"] if completion_len is None else completion_len
     seq = prompt_len + completion_len
-    budget = train.get("micro_batch_tokens")
     mini = math.ceil(rows / train["mini_batches"])
-    if budget:
-        fitting = max(1, budget // seq)
-        return TrainShape(rows, prompt_len, completion_len, min(mini, fitting), min(rows, fitting))
-    return TrainShape(rows, prompt_len, completion_len, math.ceil(mini / train.get("grad_accum", 1)), rows)
+    return TrainShape(rows, prompt_len, completion_len, min(mini, max(1, train["micro_batch_tokens"] // seq)))
 
 
 def logit_bytes(train: dict, vocab: int, rows: int, completion_len: int, *, grad: bool) -> float:
-    """The log-prob head's float32 [tokens, vocab] tensors: one chunk of `train.logit_chunk_tokens` when set, else
-    every completion token of the pass (the trainer on main keeps completion_len + 1 positions)."""
-    chunk = train.get("logit_chunk_tokens")
-    tokens = rows * (completion_len + 1)
-    if chunk:
-        return min(chunk, tokens) * vocab * 4 * LOGIT_COPIES_CHUNK
-    return tokens * vocab * 4 * (LOGIT_COPIES_UPDATE if grad else LOGIT_COPIES_SCORE)
+    """The log-prob head's float32 tensors of one chunk: `logprobs.token_logprobs` takes chunk_tokens // rows
+    positions (at least one) of every row of the micro-batch at a time, at most its completion_len positions."""
+    width = min(completion_len, max(1, train["logit_chunk_tokens"] // max(1, rows)))
+    return rows * width * vocab * 4 * (LOGIT_COPIES_UPDATE if grad else LOGIT_COPIES_SCORE)
 
 
 def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, source: str,
@@ -352,10 +343,10 @@ def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, s
     parts["activations_full"], parts["activations_ckpt"] = full, checkpointed
     parts["activations"] = checkpointed if ckpt else full
     update_logits = logit_bytes(train, shape.vocab, step.micro_rows, step.completion_len, grad=True)
-    score_logits = logit_bytes(train, shape.vocab, step.score_rows, step.completion_len, grad=False)
+    score_logits = logit_bytes(train, shape.vocab, step.micro_rows, step.completion_len, grad=False)
     # A no-grad forward keeps nothing for backward: alive at once are the residual stream, a normed copy and the
     # MLP's gate, up and their product.
-    score_acts = step.score_rows * step.seq_len * (2 * shape.hidden + 3 * shape.intermediate) * DTYPE_BYTES[act_dtype]
+    score_acts = step.micro_rows * step.seq_len * (2 * shape.hidden + 3 * shape.intermediate) * DTYPE_BYTES[act_dtype]
     parts["logits"] = max(update_logits, score_logits)
     update = parts["compute_copy"] + parts["activations"] + update_logits
     score = parts["compute_copy"] + score_acts + score_logits
@@ -363,7 +354,7 @@ def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, s
     # moment) while gradients and both moments are alive.
     optimizer_step = p * state_bytes / ranks
     notes = [f"precision {mode}", f"gradient checkpointing {'on' if ckpt else 'off'}",
-             f"{step.rows} rows x {step.seq_len} tokens; micro-batch {step.micro_rows} rows, scoring {step.score_rows}"]
+             f"{step.rows} rows x {step.seq_len} tokens; micro-batches of {step.micro_rows} rows"]
     problems: list[str] = []
     engine_live = engine_asleep = 0.0
     parts["vllm_weights"] = parts["kv_cache"] = 0.0
@@ -492,7 +483,7 @@ def estimate_job(stage: str, settings: dict, shape: ModelShape, resources: Resou
 
 def suggestions(stage: str, settings: dict, shape: ModelShape, resources: Resources, *, source: str) -> list[str]:
     """Alternative changes that make a job fit, each checked with the plan itself: more GPUs (or nodes) alone; or,
-    for training, chunked logits, gradient checkpointing and the largest micro-batch budget that fits (on the
+    for training, smaller logit chunks, gradient checkpointing and the largest micro-batch budget that fits (on the
     GPUs asked for, else on the fewest that suffice). The plan's own problems (vLLM's KV cache) come first."""
     first = estimate_job(stage, settings, shape, resources, source=source)
     found = list(first.problems)
@@ -518,7 +509,7 @@ def suggestions(stage: str, settings: dict, shape: ModelShape, resources: Resour
     if stage != "train":
         return found
     train, changes = dict(settings["train"]), []
-    if not train.get("logit_chunk_tokens"):
+    if train["logit_chunk_tokens"] > 4096:
         train["logit_chunk_tokens"] = 4096
         changes.append("train.logit_chunk_tokens: 4096")
     if not checkpointing(train, source):
