@@ -102,9 +102,9 @@ def test_training_refuses_overlong_prompts_when_asked(tmp_path, tiny_model_dir, 
         train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=train_settings(train={"max_length": 400}))
 
 
-def eval_settings(backend: str, **rollout) -> dict:
+def eval_settings(backend: str, max_length: int | None = None, **rollout) -> dict:
     config = validate_config({"evaluate": {"k": 1, "pass_k": [1], "max_problems": 0, "max_tokens": 8,
-                                           "temperature": 0.0},
+                                           "temperature": 0.0, "max_length": max_length},
                               "rollout": {"backend": backend, **rollout},
                               "datasets": {"arith": {"loader": "arithmetic", "template": "krpo",
                                                      "reward": "krpo_arithmetic"}},
@@ -135,6 +135,16 @@ def test_hf_evaluation_drops_prompts_beyond_the_models_context(tmp_path, short_c
     assert all(t <= 436 - n for t, n in zip(details["num_tokens"], [n for n in lengths if n < 436]))
     with pytest.raises(ValueError, match="test split.*rollout.overlong_prompts: drop"):
         run_eval(short_context_model, arithmetic_parquet, eval_settings("hf", overlong_prompts="error"), tmp_path)
+
+
+def test_evaluate_max_length_limits_like_a_shorter_context(tmp_path, tiny_model_dir, short_context_model,
+                                                          arithmetic_parquet):
+    (tmp_path / "short").mkdir(), (tmp_path / "limit").mkdir()
+    short, short_summary = run_eval(short_context_model, arithmetic_parquet, eval_settings("hf"), tmp_path / "short")
+    limited, summary = run_eval(tiny_model_dir, arithmetic_parquet, eval_settings("hf", 436), tmp_path / "limit")
+    assert summary["overlong_prompts_dropped"] == short_summary["overlong_prompts_dropped"] > 0
+    assert (limited["finish_reason"] == "length").any()
+    pd.testing.assert_frame_equal(limited, short)
 
 
 def test_an_evaluation_that_drops_everything_raises(tmp_path, tiny_model_dir, arithmetic_parquet):

@@ -52,13 +52,13 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
         problems = problems.iloc[:cfg["max_problems"]]
     template = get_template(benchmark["template"], benchmark["chat_template_kwargs"])
     prompt_ids = encode_prompts(tokenizer, template, problems["problem"])
-    # Prompts that leave no room for a completion in the engine's context are dropped (counted in the summary) or
-    # refused, per rollout.overlong_prompts; the others get at most the context's remaining tokens.
-    limit = length_limit(context_length(rollout, policy), None)
+    # Prompts that leave no room for a completion in the engine's context or evaluate.max_length are dropped
+    # (counted in the summary) or refused, per rollout.overlong_prompts; the others get at most what is left.
+    limit = length_limit(context_length(rollout, policy), cfg["max_length"])
     kept = drop_overlong(prompt_ids, limit, rollout["overlong_prompts"], f"the test split of {dataset}")
     if not kept:
         raise ValueError(f"every test prompt of {dataset} is overlong for {limit} tokens: raise rollout.max_model_len "
-                         "(vLLM) or evaluate a model with a longer context")
+                         "(vLLM) or evaluate.max_length, or evaluate a model with a longer context")
     overlong_dropped = len(problems) - len(kept)
     problems, prompt_ids = problems.iloc[kept].reset_index(drop=True), [prompt_ids[i] for i in kept]
     sampling = dict(n=cfg["k"], temperature=cfg["temperature"], top_p=cfg["top_p"], max_tokens=cfg["max_tokens"])

@@ -57,7 +57,7 @@ def drop_overlong(prompt_ids: Sequence[Sequence[int]], limit: float, policy: str
         longest = max(len(ids) for ids in prompt_ids)
         raise ValueError(f"{dropped} prompt(s) of {what} (the longest {longest} tokens) leave no room for a completion "
                          f"within {limit} tokens (the engine's context: rollout.max_model_len, or the model's "
-                         "max_position_embeddings; or train.max_length); raise the limit, or set "
+                         "max_position_embeddings; or train.max_length / evaluate.max_length); raise the limit, or set "
                          "rollout.overlong_prompts: drop to leave them out")
     if dropped:
         log.warning("%s: dropped %d of %d prompts that leave no room for a completion within %s tokens "
