@@ -123,8 +123,7 @@ class HFEngine(_ContextManaged):
             _RowSampler([seed for _, seed, _ in rows], sampling.temperature, sampling.top_p, device)]
         out = self.policy.generate(
             input_ids=input_ids, attention_mask=attention, max_new_tokens=max(budget for _, _, budget in rows),
-            do_sample=False,
-            logits_processor=processors, temperature=None, top_p=None, top_k=None, eos_token_id=eos,
+            do_sample=False, logits_processor=processors, temperature=None, top_p=None, top_k=None, eos_token_id=eos,
             pad_token_id=pad, return_dict_in_generate=True, output_logits=True, synced_gpus=self.synced)
         tokens = out.sequences[:, width:]
         logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)

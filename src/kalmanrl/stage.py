@@ -31,7 +31,8 @@ def context_length(rollout: dict, policy: torch.nn.Module | None) -> int | None:
 
 
 def length_limit(context: int | None, max_length: int | None) -> float:
-    """The tighter of the engine's context and `train.max_length` (inf when neither limits)."""
+    """The tighter of the engine's context and a stage's `max_length` (train.max_length or evaluate.max_length; inf
+    when neither limits)."""
     return min(math.inf if context is None else context, math.inf if max_length is None else max_length)
 
 
@@ -69,5 +70,6 @@ def engine_from_settings(rollout: dict, *, policy: torch.nn.Module | None, token
                          dtype: str = "float32", **overrides) -> RolloutEngine:
     """The rollout engine of a stage's `rollout` settings (backend plus the options its engine reads, `overrides`
     winning), serving the model's configured `dtype`."""
+    options = {k: v for k, v in rollout.items() if k not in ("backend", "overlong_prompts")}
     return make_engine(rollout["backend"], policy=policy, tokenizer=tokenizer, model_dir=model_dir, dtype=dtype,
-                       **{**{k: v for k, v in rollout.items() if k not in ("backend", "overlong_prompts")}, **overrides})
+                       **{**options, **overrides})
