@@ -21,7 +21,8 @@ from kalmanrl.prompts import get_template
 from kalmanrl.provenance import provenance
 from kalmanrl.rewards import get_reward, limit_hits
 from kalmanrl.rollout import SamplingConfig, resolve_backend
-from kalmanrl.stage import encode_prompts, engine_from_settings
+from kalmanrl.stage import (completion_budgets, context_length, drop_overlong, encode_prompts, engine_from_settings,
+                            length_limit)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,15 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
         problems = problems.iloc[:cfg["max_problems"]]
     template = get_template(benchmark["template"], benchmark["chat_template_kwargs"])
     prompt_ids = encode_prompts(tokenizer, template, problems["problem"])
+    # Prompts that leave no room for a completion in the engine's context or evaluate.max_length are dropped
+    # (counted in the summary) or refused, per rollout.overlong_prompts; the others get at most what is left.
+    limit = length_limit(context_length(rollout, policy), cfg["max_length"])
+    kept = drop_overlong(prompt_ids, limit, rollout["overlong_prompts"], f"the test split of {dataset}")
+    if not kept:
+        raise ValueError(f"every test prompt of {dataset} is overlong for {limit} tokens: raise rollout.max_model_len "
+                         "(vLLM) or evaluate.max_length, or evaluate a model with a longer context")
+    overlong_dropped = len(problems) - len(kept)
+    problems, prompt_ids = problems.iloc[kept].reset_index(drop=True), [prompt_ids[i] for i in kept]
     sampling = dict(n=cfg["k"], temperature=cfg["temperature"], top_p=cfg["top_p"], max_tokens=cfg["max_tokens"])
     completions = []
     overrides = {"gpu_memory_utilization": rollout["eval_gpu_memory_utilization"]} if vllm else {}
@@ -59,7 +69,8 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
         for start in progress(range(0, len(prompt_ids), cfg["batch_size"]), desc=f"evaluate {ident['benchmark']}",
                           unit="batch"):
             batch = prompt_ids[start:start + cfg["batch_size"]]
-            completions += engine.generate(batch, SamplingConfig(**sampling, seed=cfg["seed"] + start))
+            budgets = completion_budgets(batch, cfg["max_tokens"], limit)
+            completions += engine.generate(batch, SamplingConfig(**sampling, seed=cfg["seed"] + start, budgets=budgets))
 
     flat = [c for group in completions for c in group]
     golds = [g for g in problems["answer"] for _ in range(cfg["k"])]
@@ -78,6 +89,7 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
     summary = {**{key: ident.get(key) for key in ("model", "task", "algorithm", "seed", "benchmark")}, "step": step,
                **summarise(details, cfg["pass_k"], extra_metrics=cfg["extra_metrics"]),
                "limit_hits": limit_hits(verdicts),  # samples scored 0 for hitting a reward limit, not judged
+               "overlong_prompts_dropped": overlong_dropped,  # test problems left out before sampling
                **{f"sampling_{k}": v for k, v in sampling.items()},
                "rollout_backend": rollout["backend"],
                **provenance(config_hash(settings), {"data": [dataset],

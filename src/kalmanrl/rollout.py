@@ -37,6 +37,11 @@ class SamplingConfig:
     max_tokens: int = 64
     seed: int = 0
     first_prompt: int = 0  # position of the call's first prompt in the whole batch (a rank's share starts later)
+    budgets: tuple[int, ...] | None = None  # each prompt's own completion limit (<= max_tokens); None = max_tokens
+
+    def budget(self, index: int) -> int:
+        """The most completion tokens the `index`-th prompt of this call may get."""
+        return self.max_tokens if self.budgets is None else self.budgets[index]
 
     def prompt_seed(self, index: int) -> int:
         """The seed of the `index`-th prompt of this call: a function of the call's seed and the prompt's position in
@@ -49,7 +54,7 @@ class Completion:
     token_ids: list[int]      # sampled tokens, the end-of-sequence token included when generation stopped on it
     logprobs: list[float]     # raw log-prob of each sampled token
     text: str                 # decoded completion, special tokens removed
-    finish_reason: str        # "stop" (end of sequence) or "length" (max_tokens reached)
+    finish_reason: str        # "stop" (end of sequence) or "length" (the prompt's completion budget reached)
 
 
 def make_completion(token_ids: list[int], logprobs: list[float], tokenizer, *, stopped: bool) -> Completion:
@@ -98,29 +103,34 @@ class HFEngine(_ContextManaged):
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
-        rows = [(ids, sampling.prompt_seed(i) + j) for i, ids in enumerate(prompt_ids) for j in range(sampling.n)]
+        rows = [(ids, sampling.prompt_seed(i) + j, sampling.budget(i))
+                for i, ids in enumerate(prompt_ids) for j in range(sampling.n)]
         device = next(self.policy.parameters()).device
         completions: list[Completion] = []
         for start in range(0, len(rows), self.batch_size):
             completions += self._generate_batch(rows[start:start + self.batch_size], sampling, device)
         return [completions[i:i + sampling.n] for i in range(0, len(completions), sampling.n)]
 
-    def _generate_batch(self, rows: list[tuple[list[int], int]], sampling: SamplingConfig, device) -> list[Completion]:
-        width = max(len(ids) for ids, _ in rows)
+    def _generate_batch(self, rows: list[tuple[list[int], int, int]], sampling: SamplingConfig,
+                        device) -> list[Completion]:
+        """rows: (prompt ids, seed, completion budget). The batch generates to its largest budget and each row is cut
+        at its own (a row's tokens do not depend on the others', so the cut equals stopping there)."""
+        width = max(len(ids) for ids, _, _ in rows)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r, _ in rows], device=device)
-        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r, _ in rows], device=device)
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r, _, _ in rows], device=device)
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r, _, _ in rows], device=device)
         processors = [] if sampling.temperature == 0 else [
-            _RowSampler([seed for _, seed in rows], sampling.temperature, sampling.top_p, device)]
+            _RowSampler([seed for _, seed, _ in rows], sampling.temperature, sampling.top_p, device)]
         out = self.policy.generate(
-            input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_tokens, do_sample=False,
-            logits_processor=processors, temperature=None, top_p=None, top_k=None, eos_token_id=eos,
+            input_ids=input_ids, attention_mask=attention, max_new_tokens=max(budget for _, _, budget in rows),
+            do_sample=False, logits_processor=processors, temperature=None, top_p=None, top_k=None, eos_token_id=eos,
             pad_token_id=pad, return_dict_in_generate=True, output_logits=True, synced_gpus=self.synced)
         tokens = out.sequences[:, width:]
         logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
         taken = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         result = []
-        for ids, lps in zip(tokens.tolist(), taken.tolist()):
+        for ids, lps, (_, _, budget) in zip(tokens.tolist(), taken.tolist(), rows):
+            ids, lps = ids[:budget], lps[:budget]
             stop = ids.index(eos) + 1 if eos in ids else len(ids)
             result.append(make_completion(ids[:stop], lps[:stop], self.tokenizer, stopped=eos in ids))
         return result
@@ -191,7 +201,7 @@ class VLLMEngine(_ContextManaged):
         # the seed `seed + j`. Text is decoded here, as in the hf engine (vLLM's incremental detokenizer would hold
         # back a trailing partial UTF-8 character).
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 max_tokens=sampling.max_tokens, seed=sampling.prompt_seed(i), logprobs=0,
+                                 max_tokens=sampling.budget(i), seed=sampling.prompt_seed(i), logprobs=0,
                                  detokenize=False) for i in range(len(prompt_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=False)

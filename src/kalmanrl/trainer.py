@@ -38,7 +38,8 @@ from kalmanrl.progress import progress
 from kalmanrl.prompts import PromptTemplate, get_template
 from kalmanrl.rewards import get_reward
 from kalmanrl.rollout import Completion, RolloutEngine, SamplingConfig
-from kalmanrl.stage import encode_prompts, engine_from_settings
+from kalmanrl.stage import (completion_budgets, context_length, drop_overlong, encode_prompts, engine_from_settings,
+                            length_limit)
 
 __all__ = ["NonFiniteLossError", "RolloutBatch", "build_batch", "token_logprobs", "train", "update_policy"]
 
@@ -60,7 +61,9 @@ class Run:
     reference: torch.nn.Module | None
     tokenizer: object
     template: PromptTemplate
-    problems: pd.DataFrame
+    problems: pd.DataFrame  # the train split without its overlong prompts
+    overlong_dropped: int  # train problems dropped at setup (rollout.overlong_prompts), recorded in each metrics row
+    limit: float  # the most prompt plus completion tokens: engine context and train.max_length (inf: none)
     reward_fn: object
     advantage_fn: object
     ratio_fn: object
@@ -166,6 +169,15 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
                  if alg["beta"] > 0 else None)
     problems = read_dataset(dataset, split="train").to_pandas()
     template = get_template(settings["task"]["template"], settings["task"]["chat_template_kwargs"])
+    # Overlong prompts leave once, here (as verl's filter at dataset load): the step's prompts stay a pure function
+    # of the step, the same on every rank.
+    limit = length_limit(context_length(settings["rollout"], policy), cfg["max_length"])
+    kept = drop_overlong(encode_prompts(tokenizer, template, problems["problem"]), limit,
+                         settings["rollout"]["overlong_prompts"], f"the train split of {dataset}")
+    if not kept:
+        raise ValueError(f"every train prompt of {dataset} is overlong for {limit} tokens: raise "
+                         "rollout.max_model_len or train.max_length")
+    overlong_dropped, problems = len(problems) - len(kept), problems.iloc[kept].reset_index(drop=True)
     reward_fn = get_reward(settings["task"]["reward"], **settings["task"]["reward_params"])
     advantage_fn = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])
     ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
@@ -183,7 +195,8 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     engine = engine_from_settings(settings["rollout"], policy=policy, tokenizer=tokenizer, model_dir=policy_dir,
                                   dtype=settings["model"]["dtype"])
     return Run(cfg=cfg, alg=alg, ident=ident, device=device, precision=precision, policy=policy, reference=reference,
-               tokenizer=tokenizer, template=template, problems=problems, reward_fn=reward_fn,
+               tokenizer=tokenizer, template=template, problems=problems, overlong_dropped=overlong_dropped,
+               limit=limit, reward_fn=reward_fn,
                advantage_fn=advantage_fn, ratio_fn=ratio_fn, kpo_params=kpo_params, optimizer=optimizer,
                scheduler=scheduler, engine=engine, dtype=settings["model"]["dtype"], checkpoints=checkpoints,
                settings_hash=settings_hash, ranks=ranks, start=start, rows=rows,
@@ -205,7 +218,8 @@ def sample(run: Run, step: int) -> Rollout:
     problems = run.problems.iloc[indices[mine.start:mine.stop]]
     prompt_ids = encode_prompts(run.tokenizer, run.template, problems["problem"])
     sampling = SamplingConfig(n=cfg["group_size"], temperature=cfg["temperature"], top_p=cfg["top_p"],
-                              max_tokens=cfg["max_tokens"], seed=run.seed * 1_000_003 + step, first_prompt=mine.start)
+                              max_tokens=cfg["max_tokens"], seed=run.seed * 1_000_003 + step, first_prompt=mine.start,
+                              budgets=completion_budgets(prompt_ids, cfg["max_tokens"], run.limit))
     run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through generation
     run.policy.eval()
     return Rollout(problems, prompt_ids, run.engine.generate(prompt_ids, sampling))
@@ -297,7 +311,7 @@ def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch
            "advantage_mean": advantages.mean().item(), "advantage_std": advantages.std().item(),
            "advantage_abs_max": advantages.abs().max().item(),
            "response_length": lengths.mean().item(),
-           "truncation_rate": truncated.mean().item(),
+           "truncation_rate": truncated.mean().item(), "overlong_prompts_dropped": run.overlong_dropped,
            "rollout_tokens_per_s": lengths.sum().item() / (t_rollout - t0),
            "train_tokens_per_s": run.cfg["ppo_epochs"] * distributed.global_sum(batch.attention_mask.sum(), ranks
                                                                                 ).item() / (t_end - t_score),
