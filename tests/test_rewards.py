@@ -315,7 +315,7 @@ def _injections(sentinel) -> list[str]:
         rf"\boxed{{\text{{{cmd}}}}}",
         f"Answer: eval(\"{cmd}\")",
         f"exec(compile(\"{cmd}\", 'x', 'exec'))",
-        rf"\boxed{{().__class__.__base__.__subclasses__()}}",
+        r"\boxed{().__class__.__base__.__subclasses__()}",
         f"answer: 1 + {cmd} = 2",
         rf"\boxed{{\operatorname{{eval}}({cmd})}}",
     ]

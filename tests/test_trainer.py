@@ -189,7 +189,8 @@ def test_a_mini_batch_gradient_does_not_depend_on_its_micro_batches(tiny_model_d
         exact = token_logprobs(policy, batch)
     batch.old_logp = exact + 0.3 * torch.randn(exact.shape, generator=generator)
     batch.ref_logp = exact + 0.1 * torch.randn(exact.shape, generator=generator)
-    alg = {"eps_low": 0.2, "eps_high": 0.2, "clip": True, "beta": 0.05, "aggregate": aggregate}
+    alg = {"eps_low": 0.2, "eps_high": 0.2, "clip": True, "beta": 0.05, "aggregate": aggregate, "surrogate": "clipped",
+           "clip_ratio_c": None}
     ratio_fn = algorithms.get_ratio_transform("token")
     mini = torch.tensor([4, 0, 5, 2, 1])
 
@@ -240,7 +241,7 @@ def test_the_default_study_keeps_one_micro_batch_per_mini_batch(repo_root, tiny_
     rows = cfg["prompts_per_step"] * cfg["group_size"] // cfg["mini_batches"]
     for task in config["tasks"]:
         dataset = config["datasets"][task]
-        table, _ = build_dataset(dataset, offline=True, local_dir=repo_root, seed=config["data"]["seed"],
+        table, _ = build_dataset(dataset, local_dir=repo_root, seed=config["data"]["seed"],
                                  arithmetic_presets=config["data"]["arithmetic_presets"])
         template = get_template(dataset["template"])
         longest = max(len(template.render(tokenizer, p).encode()) for p in table.column("problem").to_pylist())

@@ -269,9 +269,25 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
+    _check_sharded_model(path, dcp.FileSystemReader(str(path)).read_metadata(), model_state, type(model).__name__)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _check_sharded_model(path: Path, metadata, model_state: Mapping[str, torch.Tensor], model_name: str) -> None:
+    """Refuse a checkpoint whose weights are not exactly the model's (names and full shapes), naming the directory:
+    DCP alone would silently skip weights the model lacks and raises its mismatches as a BaseException."""
+    saved = {key.removeprefix("model."): meta for key, meta in metadata.state_dict_metadata.items()
+             if key.startswith("model.")}
+    missing = sorted(model_state.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - model_state.keys())
+    shapes = sorted(f"{key} {tuple(saved[key].size)} != {tuple(model_state[key].shape)}"
+                    for key in model_state.keys() & saved.keys()
+                    if tuple(getattr(saved[key], "size", ())) != tuple(model_state[key].shape))
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} does not match {model_name}: missing {missing}, unexpected {unexpected}, "
+                         f"shapes {shapes}")
 
 
 def barrier(ranks: Ranks) -> None:

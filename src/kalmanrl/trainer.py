@@ -142,7 +142,8 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
         return finish(run, out_dir)
 
 
-def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int, ranks: Ranks) -> Run:
+def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int,
+          ranks: Ranks = Ranks()) -> Run:
     """Seed, load the policy (and the frozen reference when beta > 0; both sharded over the ranks), the data, the
     named algorithm parts, the optimiser and the rollout engine; restore the newest checkpoint of a run with the same
     settings."""
