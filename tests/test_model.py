@@ -151,7 +151,7 @@ def model_without_pad(out, special_tokens: list[str]):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", chat_template=CHATML_TEMPLATE)
     assert tokenizer.pad_token is None
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=96, max_position_embeddings=256,
+                         num_key_value_heads=1, intermediate_size=96, max_position_embeddings=2048,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=None, bos_token_id=None)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)
