@@ -170,8 +170,10 @@ def measure_head(mode: str) -> dict:
 
 def child(args: list[str]) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MIB), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"bench_memory.py --child {' '.join(args)} exited {result.returncode}:\n"
+                           f"{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
