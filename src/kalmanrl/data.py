@@ -205,6 +205,11 @@ def _gold(value: str | None, rule: str, where: str) -> str:
     return value
 
 
+def _last_box_is_empty(solution: str) -> bool:
+    r"""Whether a solution ends its last box empty (`\boxed{}`): two MATH training solutions do, and have no gold."""
+    return re.match(r"\\boxed\s*\{\s*\}", solution[solution.rfind("\\boxed"):]) is not None
+
+
 def _level(value: Any) -> int | None:
     """MATH levels: "Level 3" -> 3; the two "Level ?" training rows -> None."""
     match = re.fullmatch(r"(?:Level )?(\d+)", str(value).strip())
@@ -348,7 +353,7 @@ def load_math(ctx: LoadContext, *, splits: Iterable[str] = SPLITS, subjects: Ite
         for index, (where, raw) in enumerate(iter_rows(ctx, source)):
             solution = text_field(raw, "solution", where)
             answer = last_boxed(solution)
-            if answer == "":
+            if answer is None and _last_box_is_empty(solution):
                 log.warning("%s: skipped, the solution's last box is empty (a quirk of the original MATH)", where)
                 continue
             row = {"id": str(raw.get("unique_id", f"{split}-{index}")), "source": "math", "split": split,
