@@ -99,10 +99,9 @@ def test_a_resume_restores_full_precision_weights_optimizer_and_rng_from_a_bfloa
     # state/ the float32 weights (4) and AdamW's two float32 moments (8).
     params = sum(p.numel() for p in policy.parameters())
     assert sum(t.numel() * t.element_size() for t in weights.values()) == 2 * params
-    # DCP keys tensors by name, so a tied weight (the output head sharing the embeddings) is stored once per name.
-    tied = sum(p.numel() for n, p in policy.named_parameters(remove_duplicate=False)
-               if n not in dict(policy.named_parameters()))
-    assert sharded_bytes(checkpoint, "model.") == {torch.float32: 4 * (params + tied)}
+    # The tied output head shares the embeddings and is stored once, under the embeddings' name.
+    assert policy.config.tie_word_embeddings and policy.lm_head.weight is policy.get_input_embeddings().weight
+    assert sharded_bytes(checkpoint, "model.") == {torch.float32: 4 * params}
     optimizer_bytes = sharded_bytes(checkpoint, "optimizer.state.")
     assert set(optimizer_bytes) == {torch.float32}
     assert 8 * params <= optimizer_bytes[torch.float32] <= 8 * params + 64 * len(list(policy.parameters()))  # + steps

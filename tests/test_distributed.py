@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import digit_share  # noqa: F401  (registers the "digit_share" reward the settings below name)
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.distributed import launch_command
 from kalmanrl.rollout import vllm_available
@@ -269,7 +270,7 @@ def test_two_ranks_with_their_own_vllm_engines_train_like_one(tmp_path, tiny_mod
 
 def train_worker(settings: Path, model: Path, data: Path, out: Path) -> None:
     sys.path.insert(0, str(HERE.parent))
-    import digit_share  # noqa: F401,F811  (registers the "digit_share" reward)
+    import digit_share  # noqa: F401,F811  (registers the "digit_share" reward in this worker process)
     from kalmanrl.config import parse_settings
     from kalmanrl.trainer import train
 
