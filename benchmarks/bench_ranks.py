@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
-    from kalmanrl.data import build_dataset, read_dataset, write_dataset
+    from kalmanrl.dataset import read_dataset, write_dataset
+    from kalmanrl.loaders import build_dataset
     from kalmanrl.model import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:

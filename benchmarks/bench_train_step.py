@@ -31,7 +31,8 @@ import torch
 from kalmanrl import algorithms
 from kalmanrl.batch import build_batch
 from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.data import build_dataset, read_dataset, write_dataset
+from kalmanrl.dataset import read_dataset, write_dataset
+from kalmanrl.loaders import build_dataset
 from kalmanrl.model import build_tiny_model, load_policy
 from kalmanrl.optim import adamw
 from kalmanrl.precision import resolve_precision

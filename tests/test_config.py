@@ -128,7 +128,7 @@ def test_a_string_that_is_no_number_is_still_refused_naming_the_key():
 
 @pytest.mark.parametrize("definition, key, registry", [
     ("dataset", "template", "kalmanrl.prompts:TEMPLATES"),
-    ("dataset", "loader", "kalmanrl.data:LOADERS"),
+    ("dataset", "loader", "kalmanrl.loaders:LOADERS"),
     ("dataset", "reward", "kalmanrl.rewards:REWARDS"),
     ("algorithm", "advantage", "kalmanrl.algorithms:ADVANTAGE_ESTIMATORS"),
     ("algorithm", "ratio", "kalmanrl.algorithms:RATIO_TRANSFORMS"),

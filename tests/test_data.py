@@ -11,9 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from kalmanrl import arithmetic
-from kalmanrl.data import (DATASET_SCHEMA, DataError, build_dataset, decontaminate, last_boxed, normalize_problem,
-                           read_dataset, write_dataset)
+from kalmanrl.dataset import DATASET_SCHEMA, DataError, read_dataset, write_dataset
+from kalmanrl.decontamination import decontaminate, normalize_problem
+from kalmanrl.loaders import build_dataset
 from kalmanrl.registry import UnknownNameError
+from kalmanrl.rewards import last_boxed
 
 PRESETS = {"easy": [3, 3], "normal": [5, 5], "hard": [6, 6]}
 QUESTION = re.compile(r"(?P<pre>Solve |What is )?(?P<expr>.*?)(?P<post>\?| = \?| =)?")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from kalmanrl.config import validate_config
-from kalmanrl.data import DATA_DIR_ENV, DataError, build_dataset, resolve_local_dir
+from kalmanrl.dataset import DataError
+from kalmanrl.loaders import build_dataset
+from kalmanrl.sources import DATA_DIR_ENV, resolve_local_dir
 
 PRESETS = {"easy": [3, 3]}
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.data import read_dataset
+from kalmanrl.dataset import read_dataset
 from kalmanrl.evaluate import evaluate
 from kalmanrl.model import load_policy
 from kalmanrl.prompts import get_template

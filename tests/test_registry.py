@@ -8,7 +8,7 @@ import multiprocessing
 
 import pytest
 
-from kalmanrl import algorithms, data, prompts, rewards
+from kalmanrl import algorithms, loaders, prompts, rewards
 from kalmanrl.config import ConfigError, validate_config
 from kalmanrl.registry import DuplicateNameError, ParameterError, Registry, RegistryError, UnknownNameError
 
@@ -18,7 +18,7 @@ REGISTRIES = {
     "surrogate": (algorithms.SURROGATES, "clipped"),
     "reward": (rewards.REWARDS, "math_verify"),
     "prompt template": (prompts.TEMPLATES, "boxed"),
-    "dataset loader": (data.LOADERS, "math500"),
+    "dataset loader": (loaders.LOADERS, "math500"),
 }
 
 

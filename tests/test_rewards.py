@@ -278,8 +278,8 @@ def test_strict_last_boxed_reads_only_boxed_brace_as_the_kpo_authors_do(text, bo
 
 
 def test_data_and_rewards_share_one_box_reader():
-    from kalmanrl import data, rewards
-    assert data.last_boxed is rewards.last_boxed
+    from kalmanrl import answers, loaders, rewards
+    assert loaders.last_boxed is rewards.last_boxed and answers.ANSWER_RULES["boxed"] is rewards.last_boxed
 
 
 @pytest.mark.parametrize("completion, gold, authors, default", [

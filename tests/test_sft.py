@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kalmanrl.data import read_dataset
+from kalmanrl.dataset import read_dataset
 from kalmanrl.model import load_policy
 from kalmanrl.prompts import get_template
 from kalmanrl.rollout import SamplingConfig, make_engine

@@ -233,7 +233,7 @@ def test_the_default_study_keeps_one_micro_batch_per_mini_batch(repo_root, tiny_
     """config/config.yaml's mini-batch (rows x (prompt + max_tokens)) fits train.micro_batch_tokens; a rendered
     prompt's length in bytes bounds its byte-level BPE token count."""
     from kalmanrl.config import load_config
-    from kalmanrl.data import build_dataset
+    from kalmanrl.loaders import build_dataset
     from kalmanrl.prompts import get_template
 
     config = load_config(repo_root / "config" / "config.yaml")

@@ -58,7 +58,9 @@ def _settings_help(stage: str) -> str:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from kalmanrl.data import build_dataset, resolve_local_dir, write_dataset
+    from kalmanrl.dataset import write_dataset
+    from kalmanrl.loaders import build_dataset
+    from kalmanrl.sources import resolve_local_dir
 
     s = args.settings
     local_dir = resolve_local_dir(s["data"]["local_dir"])
@@ -70,7 +72,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_decontaminate(args: argparse.Namespace) -> None:
-    from kalmanrl.data import decontaminate, read_dataset, write_dataset
+    from kalmanrl.dataset import read_dataset, write_dataset
+    from kalmanrl.decontamination import decontaminate
 
     benchmarks = [read_dataset(path, split="test") for path in args.exclude]
     table, dropped = decontaminate(read_dataset(args.dataset, split="train"), benchmarks)
@@ -80,7 +83,7 @@ def cmd_decontaminate(args: argparse.Namespace) -> None:
 
 
 def cmd_model(args: argparse.Namespace) -> None:
-    from kalmanrl.data import read_dataset
+    from kalmanrl.dataset import read_dataset
     from kalmanrl.model import build_tiny_model, fetch_pretrained, tokenizer_corpus
 
     model = args.settings["model"]

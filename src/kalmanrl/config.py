@@ -233,7 +233,7 @@ def check_algorithm_names(where: str, algorithm: dict, train: dict) -> None:
 def check_dataset_names(where: str, dataset: dict) -> None:
     """Check a dataset's loader, template and reward names and parameters against their registries, without
     loading data or starting reward worker processes (a reward is built, which starts none, and closed)."""
-    from kalmanrl.data import LOADERS
+    from kalmanrl.loaders import LOADERS
     from kalmanrl.prompts import TEMPLATES
     from kalmanrl.rewards import get_reward
 

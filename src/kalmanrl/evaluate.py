@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from kalmanrl.config import config_hash
-from kalmanrl.data import read_dataset
+from kalmanrl.dataset import read_dataset
 from kalmanrl.devices import resolve_device
 from kalmanrl.io import write_parquet
 from kalmanrl.metrics import summarise

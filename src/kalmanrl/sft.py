@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from kalmanrl.data import read_dataset
+from kalmanrl.dataset import read_dataset
 from kalmanrl.devices import resolve_device
 from kalmanrl.io import atomic_path
 from kalmanrl.model import load_policy, save_policy

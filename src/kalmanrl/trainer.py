@@ -25,7 +25,7 @@ from kalmanrl import algorithms, distributed
 from kalmanrl.batch import RolloutBatch, build_batch, micro_batches
 from kalmanrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kalmanrl.config import config_hash
-from kalmanrl.data import read_dataset
+from kalmanrl.dataset import read_dataset
 from kalmanrl.devices import resolve_device
 from kalmanrl.distributed import Ranks
 from kalmanrl.io import write_parquet

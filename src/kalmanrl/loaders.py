@@ -1,92 +1,33 @@
-"""Datasets as one Parquet schema: loaders (hub or local copies), gold-answer normalisation, decontamination.
+"""Dataset loaders (a registry): each maps one dataset's raw rows (`sources`: hub or local copies) to rows of the
+dataset schema, and `build_dataset` runs the one a config entry names and checks its table.
 
-Every loader returns rows of `DATASET_SCHEMA`; `build_dataset` checks them, drops contaminated training problems and
-makes the table that `write_dataset` stores and `read_dataset` checks again on the way back in. The same row mapping
-runs on hub rows and on local JSON Lines copies (when a copy directory is named: `data.local_dir` or
-$KALMANRL_DATA_DIR, see `resolve_local_dir`), so the tests on local copies exercise the hub code.
+Every loader returns rows of `DATASET_SCHEMA` (missing optional columns are filled with nulls by `check_table`);
+`build_dataset` also drops training problems found in the benchmarks it is given (`decontamination`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import re
-import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from kalmanrl import arithmetic
-from kalmanrl.io import atomic_path
+from kalmanrl.answers import (ANSWER_RULES, MATH_SUBJECTS, gsm8k_answer, last_box_is_empty, math_level, math_subject,
+                              number_text, require_gold)
+from kalmanrl.dataset import DATASET_SCHEMA, SPLITS, DataError, check_table
+from kalmanrl.decontamination import drop_problems, normalize_problem
 from kalmanrl.prompts import strip_boxed_instruction
 from kalmanrl.registry import Registry
 from kalmanrl.rewards import last_boxed
+from kalmanrl.sources import LoadContext, Source, field, iter_rows, read_jsonl, text_field
 
 log = logging.getLogger(__name__)
-
-REQUIRED_COLUMNS = ("id", "source", "split", "problem", "answer")
-DATASET_SCHEMA = pa.schema(
-    [pa.field(name, pa.string(), nullable=False) for name in REQUIRED_COLUMNS]
-    + [pa.field("solution", pa.string()), pa.field("subject", pa.string()), pa.field("level", pa.int64()),
-       pa.field("num_terms", pa.int64()), pa.field("num_digits", pa.int64())])
-SPLITS = ("train", "test")
-
-# MATH subjects: hub config name -> the `type` / `subject` field's value.
-MATH_SUBJECTS = {"algebra": "Algebra", "counting_and_probability": "Counting & Probability", "geometry": "Geometry",
-                 "intermediate_algebra": "Intermediate Algebra", "number_theory": "Number Theory",
-                 "prealgebra": "Prealgebra", "precalculus": "Precalculus"}
-
-
-class DataError(ValueError):
-    """A dataset that cannot be built or read; the message names the file (and line) or the hub row."""
-
-
-@dataclass(frozen=True)
-class LoadContext:
-    """The `data` settings every loader sees: where the local copies are (None: the hub), the seed, the presets."""
-
-    local_dir: Path | None
-    seed: int
-    arithmetic_presets: Mapping[str, Any]
-
-    @property
-    def offline(self) -> bool:
-        """Rows come from local copies (a copy directory is named), not from the hub."""
-        return self.local_dir is not None
-
-    def local_file(self, relative: str | Path) -> Path:
-        """A file of the local copies; without a copy directory the error says how to name one."""
-        if self.local_dir is None:
-            raise DataError(f"{relative}: a local copy is needed but no copy directory is named "
-                            f"(set data.local_dir or ${DATA_DIR_ENV})")
-        return self.local_dir / relative
-
-
-DATA_DIR_ENV = "KALMANRL_DATA_DIR"
-
-
-def resolve_local_dir(setting: str | Path | None, environ: Mapping[str, str] = os.environ) -> Path | None:
-    """The directory of local dataset copies: `data.local_dir` when set, else $KALMANRL_DATA_DIR, else None (rows
-    then come from the Hugging Face hub, cached by `datasets`). A named directory that does not exist is an error
-    naming the setting it came from, so a typo never falls back to the hub."""
-    if setting not in (None, ""):
-        path, origin = Path(setting), "data.local_dir"
-    elif environ.get(DATA_DIR_ENV):
-        path, origin = Path(environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
-    else:
-        return None
-    if not path.is_dir():
-        raise DataError(f"{origin} = {str(path)!r}: no such directory of local dataset copies "
-                        f"(working directory {Path.cwd()})")
-    return path
-
 
 Loader = Callable[..., list[dict]]
 LOADERS: Registry[Loader] = Registry("dataset loader")
@@ -95,125 +36,6 @@ LOADERS: Registry[Loader] = Registry("dataset loader")
 def register_loader(name: str) -> Callable[[Loader], Loader]:
     """Register `fn(ctx: LoadContext, *, **params) -> rows` under `name` (the config's `loader`)."""
     return LOADERS.register(name)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Gold answers and problem text, normalised the way the field does.
-
-def gsm8k_answer(text: str) -> str | None:
-    """GSM8K's gold: the text after the last `####`, thousands separators removed."""
-    if "####" not in text:
-        return None
-    return text.rsplit("####", 1)[1].strip().replace(",", "")
-
-
-def number_text(value: Any) -> str:
-    """A numeric field as answer text: 27.0 -> "27" (AMC stores floats), "025" -> "25" (AIME pads with zeros);
-    other text is returned stripped."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    text = str(value).strip()
-    return str(int(text)) if re.fullmatch(r"[+-]?\d+", text) else text
-
-
-ANSWER_RULES: dict[str, Callable[[str], str | None]] = {"field": str.strip, "boxed": last_boxed,
-                                                         "gsm8k": gsm8k_answer}
-
-
-def normalize_problem(text: str) -> str:
-    """A problem's text for duplicate detection: Unicode-normalised, lower case, without whitespace, `$` signs or
-    trailing punctuation, so copies that differ only in spacing or math-mode delimiters compare equal."""
-    text = unicodedata.normalize("NFKC", text).lower().replace("$", "")
-    return re.sub(r"\s+", "", text).rstrip(".?!:;,")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Raw rows: from local JSON Lines copies when a copy directory is named, else from the hub.
-
-def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    """(`file:line`, row) for every non-blank line; invalid JSON or a non-object fails naming the file and line."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (local copies are read from data.local_dir or ${DATA_DIR_ENV}; "
-                        f"with neither set, datasets come from the hub)")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
-
-
-def _load_hub(hub_id: str, *, config: str | None = None, split: str) -> Iterable[dict]:
-    """One split of a hub dataset, as an iterable of row dicts (the only place that touches the hub)."""
-    import datasets
-
-    return datasets.load_dataset(hub_id, config, split=split)
-
-
-@dataclass(frozen=True)
-class Source:
-    """One split of a dataset: on the hub (id, split, and the configs that together make it) and as a local JSON
-    Lines copy relative to `data.local_dir`."""
-
-    hub_id: str
-    hub_split: str
-    local_file: str
-    hub_configs: tuple[str | None, ...] = (None,)
-
-
-def iter_rows(ctx: LoadContext, source: Source) -> Iterator[tuple[str, dict]]:
-    """(where, row) pairs of one source; `where` names the file and line, or the hub id, config, split and row."""
-    if ctx.offline:
-        yield from read_jsonl(ctx.local_file(source.local_file))
-        return
-    for config in source.hub_configs:
-        name = source.hub_id + (f"/{config}" if config else "")
-        for index, row in enumerate(_load_hub(source.hub_id, config=config, split=source.hub_split)):
-            yield f"{name} (split {source.hub_split}, row {index})", row
-
-
-def field(row: Mapping[str, Any], path: str, where: str) -> Any:
-    """A row's field by dotted path (`reward_model.ground_truth`, `prompt.0.content`); missing fails naming it."""
-    value: Any = row
-    for key in path.split("."):
-        try:
-            value = value[int(key)] if isinstance(value, list) else value[key]
-        except (KeyError, IndexError, TypeError, ValueError):
-            raise DataError(f"{where}: missing field {path!r}") from None
-    if value is None:
-        raise DataError(f"{where}: field {path!r} is null")
-    return value
-
-
-def text_field(row: Mapping[str, Any], path: str, where: str) -> str:
-    """A scalar field (text or number) as text; anything else fails naming the row and field."""
-    value = field(row, path, where)
-    if not isinstance(value, str | int | float) or isinstance(value, bool):
-        raise DataError(f"{where}: field {path!r} is not text: {value!r}")
-    return str(value)
-
-
-def _gold(value: str | None, rule: str, where: str) -> str:
-    if not value:
-        raise DataError(f"{where}: no gold answer (answer rule {rule!r})")
-    return value
-
-
-def _last_box_is_empty(solution: str) -> bool:
-    r"""Whether a solution ends its last box empty (`\boxed{}`): two MATH training solutions do, and have no gold."""
-    return re.match(r"\\boxed\s*\{\s*\}", solution[solution.rfind("\\boxed"):]) is not None
-
-
-def _level(value: Any) -> int | None:
-    """MATH levels: "Level 3" -> 3; the two "Level ?" training rows -> None."""
-    match = re.fullmatch(r"(?:Level )?(\d+)", str(value).strip())
-    return int(match.group(1)) if match else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,9 +93,9 @@ def _benchmark_rows(ctx: LoadContext, name: str, source: Source, *, answer: str,
             raise DataError(f"{where}: {name} answer is not an integer: {gold!r}")
         ident = next((raw[k] for k in ("unique_id", "id") if raw.get(k) is not None), index)  # hub columns may be null
         rows.append({"id": str(ident), "source": name, "split": "test",
-                     "problem": text_field(raw, "problem", where), "answer": _gold(gold, "field", where),
+                     "problem": text_field(raw, "problem", where), "answer": require_gold(gold, "field", where),
                      "solution": raw.get(solution) if solution else None, "subject": raw.get("subject"),
-                     "level": _level(raw["level"]) if "level" in raw else None})
+                     "level": math_level(raw["level"]) if "level" in raw else None})
     return rows
 
 
@@ -336,7 +158,8 @@ def load_dapo_filter(ctx: LoadContext) -> list[dict]:
     for index, (where, raw) in enumerate(iter_rows(ctx, source)):
         rows.append({"id": str(index), "source": "dapo_filter", "split": "train",
                      "problem": strip_boxed_instruction(text_field(raw, "prompt.0.content", where)),
-                     "answer": _gold(text_field(raw, "reward_model.ground_truth", where).strip(), "field", where)})
+                     "answer": require_gold(text_field(raw, "reward_model.ground_truth", where).strip(), "field",
+                                            where)})
     return rows
 
 
@@ -345,7 +168,7 @@ def load_math(ctx: LoadContext, *, splits: Iterable[str] = SPLITS, subjects: Ite
               levels: Iterable[int] | None = None) -> list[dict]:
     """Hendrycks MATH (`EleutherAI/hendrycks_math`, one hub config per subject); gold = last box of the solution.
     `subjects` takes subject names ("Number Theory") or config names ("number_theory"); `levels` 1-5."""
-    wanted_subjects = None if subjects is None else {_math_subject(s) for s in subjects}
+    wanted_subjects = None if subjects is None else {math_subject(s) for s in subjects}
     wanted_levels = None if levels is None else set(levels)
     rows = []
     for split in splits:
@@ -353,27 +176,17 @@ def load_math(ctx: LoadContext, *, splits: Iterable[str] = SPLITS, subjects: Ite
         for index, (where, raw) in enumerate(iter_rows(ctx, source)):
             solution = text_field(raw, "solution", where)
             answer = last_boxed(solution)
-            if answer is None and _last_box_is_empty(solution):
+            if answer is None and last_box_is_empty(solution):
                 log.warning("%s: skipped, the solution's last box is empty (a quirk of the original MATH)", where)
                 continue
             row = {"id": str(raw.get("unique_id", f"{split}-{index}")), "source": "math", "split": split,
                    "problem": text_field(raw, "problem", where),
-                   "answer": _gold(answer, "boxed", where), "solution": solution,
-                   "subject": text_field(raw, "type", where), "level": _level(field(raw, "level", where))}
+                   "answer": require_gold(answer, "boxed", where), "solution": solution,
+                   "subject": text_field(raw, "type", where), "level": math_level(field(raw, "level", where))}
             if ((wanted_subjects is None or row["subject"] in wanted_subjects)
                     and (wanted_levels is None or row["level"] in wanted_levels)):
                 rows.append(row)
     return rows
-
-
-def _math_subject(name: str) -> str:
-    """A MATH subject from its name or config name; "Probability" (the KRPO paper's label) is accepted too."""
-    aliases = {**MATH_SUBJECTS, **{s.lower(): s for s in MATH_SUBJECTS.values()},
-               "probability": "Counting & Probability"}
-    subject = aliases.get(name) or aliases.get(name.lower())
-    if subject is None:
-        raise DataError(f"unknown MATH subject {name!r}; known: {', '.join(MATH_SUBJECTS.values())}")
-    return subject
 
 
 @register_loader("gsm8k")
@@ -387,7 +200,7 @@ def load_gsm8k(ctx: LoadContext, *, splits: Iterable[str] = SPLITS) -> list[dict
             text = text_field(raw, "answer", where)
             rows.append({"id": f"{split}-{index}", "source": "gsm8k", "split": split,
                          "problem": text_field(raw, "question", where),
-                         "answer": _gold(gsm8k_answer(text), "gsm8k", where),
+                         "answer": require_gold(gsm8k_answer(text), "gsm8k", where),
                          "solution": re.sub(r"<<[^>]*>>", "", text.rsplit("####", 1)[0]).strip()})
     return rows
 
@@ -404,7 +217,7 @@ def load_openmath(ctx: LoadContext, *, split: str = "train_1M", categories: Iter
     dropped by a `categories` filter ("Algebra", ..., "Probability" = Counting & Probability). A seeded shuffle then
     keeps `max_problems` and holds out `test_size` of them as the test split.
     """
-    wanted = None if categories is None else {_math_subject(c) for c in categories}
+    wanted = None if categories is None else {math_subject(c) for c in categories}
     sources = None if problem_sources is None else set(problem_sources)
     subject_of = {normalize_problem(row["problem"]): row["subject"] for row in load_math(ctx)}
     rows, seen = [], set()
@@ -418,7 +231,7 @@ def load_openmath(ctx: LoadContext, *, split: str = "train_1M", categories: Iter
             continue
         seen.add(key)
         rows.append({"id": f"openmath-{index}", "source": f"openmath/{origin}", "problem": problem,
-                     "answer": _gold(text_field(raw, "expected_answer", where).strip(), "field", where),
+                     "answer": require_gold(text_field(raw, "expected_answer", where).strip(), "field", where),
                      "solution": text_field(raw, "generated_solution", where), "subject": subject})
     random.Random(ctx.seed).shuffle(rows)
     rows = rows[:max_problems]
@@ -453,13 +266,13 @@ def load_hub_dataset(ctx: LoadContext, *, hub_id: str, fields: Mapping[str, str]
             rows.append({"id": text_field(raw, fields["id"], where) if "id" in fields else f"{split}-{index}",
                          "source": source or hub_id, "split": split,
                          "problem": text_field(raw, fields["problem"], where),
-                         "answer": _gold(gold, answer_rule, where),
+                         "answer": require_gold(gold, answer_rule, where),
                          "solution": text_field(raw, fields["solution"], where) if "solution" in fields else None})
     return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tables: build, decontaminate, write, read.
+# Building one config entry's table.
 
 def build_dataset(spec: Mapping[str, Any], *, local_dir: Path | None, seed: int,
                   arithmetic_presets: Mapping[str, Any], exclude: Iterable[str] = ()) -> tuple[pa.Table, dict]:
@@ -480,70 +293,3 @@ def build_dataset(spec: Mapping[str, Any], *, local_dir: Path | None, seed: int,
              "splits": {item["values"]: item["counts"] for item in splits}}
     log.info("loader %s: %s", name, stats)
     return table, stats
-
-
-def drop_problems(table: pa.Table, problems: Iterable[str]) -> tuple[pa.Table, int]:
-    """Drop the training rows whose normalised problem text is among `problems`; returns the table and the count."""
-    keys = {normalize_problem(p) for p in problems}
-    if not keys:
-        return table, 0
-    keep = [split != "train" or normalize_problem(problem) not in keys
-            for split, problem in zip(table["split"].to_pylist(), table["problem"].to_pylist())]
-    kept = table.filter(pa.array(keep))
-    return kept, table.num_rows - kept.num_rows
-
-
-def decontaminate(table: pa.Table, benchmarks: Iterable[pa.Table]) -> tuple[pa.Table, int]:
-    """`table` without the training problems that appear in any of the benchmark tables; returns the drop count."""
-    return drop_problems(table, (p for b in benchmarks for p in b["problem"].to_pylist()))
-
-
-def check_table(table: pa.Table, where: str) -> pa.Table:
-    """`table` with DATASET_SCHEMA's columns in order (absent optional ones as nulls), after checking names, types,
-    required values and split names; errors name `where` and the column."""
-    unknown = set(table.column_names) - set(DATASET_SCHEMA.names)
-    if unknown:
-        raise DataError(f"{where}: unknown column(s) {', '.join(sorted(unknown))}; schema: {DATASET_SCHEMA.names}")
-    columns = []
-    for spec in DATASET_SCHEMA:
-        if spec.name not in table.column_names:
-            if not spec.nullable:
-                raise DataError(f"{where}: missing required column {spec.name!r}")
-            columns.append(pa.nulls(table.num_rows, spec.type))
-            continue
-        column = table[spec.name]
-        if column.type != spec.type and not pa.types.is_null(column.type):
-            raise DataError(f"{where}: column {spec.name!r} has type {column.type}, expected {spec.type}")
-        if not spec.nullable and column.null_count:
-            raise DataError(f"{where}: column {spec.name!r} has {column.null_count} null value(s)")
-        columns.append(column.cast(spec.type))
-    table = pa.Table.from_arrays(columns, schema=DATASET_SCHEMA)
-    bad_splits = set(table["split"].to_pylist()) - set(SPLITS)
-    if bad_splits:
-        raise DataError(f"{where}: column 'split' has {sorted(bad_splits)}; allowed: {', '.join(SPLITS)}")
-    if len(set(zip(table["split"].to_pylist(), table["id"].to_pylist()))) != table.num_rows:
-        raise DataError(f"{where}: column 'id' is not unique within a split")
-    return table
-
-
-def write_dataset(table: pa.Table, path: str | Path) -> None:
-    """Check and write atomically (a temporary sibling, then one rename); an empty table is refused."""
-    table = check_table(table, str(path))
-    if table.num_rows == 0:
-        raise DataError(f"{path}: refusing to write an empty dataset")
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-def read_dataset(path: str | Path, split: str | None = None) -> pa.Table:
-    """A dataset Parquet file, checked against DATASET_SCHEMA; with `split`, only that split's rows (which must
-    exist)."""
-    table = check_table(pq.read_table(path), str(path))
-    if split is None:
-        return table
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    table = table.filter(pc.equal(table["split"], split))
-    if table.num_rows == 0:
-        raise DataError(f"{path}: no rows in split {split!r}")
-    return table
