@@ -65,6 +65,22 @@ def test_unregister_removes_a_temporary_entry():
         registry.unregister("a")
 
 
+def test_traits_belong_to_their_entry_and_go_with_it():
+    registry: Registry = Registry("thing")
+    registry.register("a", 1, per_sequence=True)
+    registry.register("b")(2)
+    assert registry.trait("a", "per_sequence") is True
+    assert registry.trait("b", "per_sequence") is None and registry.trait("b", "per_sequence", False) is False
+    registry.unregister("a")
+    registry.register("a", 3)
+    assert registry.trait("a", "per_sequence") is None  # a new entry of the same name starts without traits
+    with pytest.raises(UnknownNameError, match="unknown thing 'c'"):
+        registry.trait("c", "per_sequence")
+    assert algorithms.SURROGATES.trait("geometric_mean", "per_sequence") is True
+    assert algorithms.RATIO_TRANSFORMS.trait("kpo", "needs_off_policy") is True
+    assert algorithms.RATIO_TRANSFORMS.trait("token", "needs_off_policy") is False
+
+
 @pytest.mark.parametrize("config, message", [
     ({"algorithms": {"foo": {"advantage": "nope", "ratio": "token"}}},
      r"config\.algorithms\.foo\.advantage: unknown advantage estimator 'nope' \(known: grpo, krpo"),

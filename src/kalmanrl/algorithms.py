@@ -32,8 +32,6 @@ RatioTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
 ADVANTAGE_ESTIMATORS: Registry[Callable[..., torch.Tensor]] = Registry("advantage estimator")
 RATIO_TRANSFORMS: Registry[Callable[..., torch.Tensor]] = Registry("ratio transform")
 SURROGATES: Registry[Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = Registry("surrogate")
-_OFF_POLICY_RATIOS: set[str] = set()
-_SEQUENCE_SURROGATES: set[str] = set()
 AGGREGATES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
@@ -46,30 +44,14 @@ def register_ratio_transform(name: str, *, needs_off_policy: bool = False) -> Ca
     """Register `fn(logp, old_logp, mask: [B, T], *, **params) -> rho [B, T]` under `name`. `needs_off_policy`:
     the transform equals the token ratio when old_logp == logp, so it is pointless with one optimiser step per
     rollout batch (see `check_off_policy`)."""
-    decorator = RATIO_TRANSFORMS.register(name)
-
-    def register(fn: Callable) -> Callable:
-        decorator(fn)
-        if needs_off_policy:
-            _OFF_POLICY_RATIOS.add(name)
-        return fn
-
-    return register
+    return RATIO_TRANSFORMS.register(name, needs_off_policy=needs_off_policy)
 
 
 def register_surrogate(name: str, *, per_sequence: bool = False) -> Callable:
     """Register `fn(rho, advantages, mask: [B, T], *, eps_low, eps_high, clip, clip_ratio_c) -> (loss, metrics)`
     under `name`: loss [B, T] per token, aggregated by the algorithm's `aggregate`, or with `per_sequence` [B] per
     sequence, averaged over sequences (which only aggregate "grpo" describes)."""
-    decorator = SURROGATES.register(name)
-
-    def register(fn: Callable) -> Callable:
-        decorator(fn)
-        if per_sequence:
-            _SEQUENCE_SURROGATES.add(name)
-        return fn
-
-    return register
+    return SURROGATES.register(name, per_sequence=per_sequence)
 
 
 def get_advantage_estimator(name: str, **params) -> AdvantageEstimator:
@@ -84,8 +66,7 @@ def get_ratio_transform(name: str, **params) -> RatioTransform:
 
 def ratio_needs_off_policy(name: str) -> bool:
     """True when the ratio transform `name` only differs from GRPO's token ratio off-policy (sequence, kpo)."""
-    RATIO_TRANSFORMS.get(name)
-    return name in _OFF_POLICY_RATIOS
+    return RATIO_TRANSFORMS.trait(name, "needs_off_policy")
 
 
 def check_off_policy(ratio_name: str, optimizer_steps_per_batch: int) -> None:
@@ -104,8 +85,7 @@ def check_algorithm(spec: dict, optimizer_steps_per_batch: int) -> None:
     GMPO's sequence-level surrogate with a token aggregate, dual-clip without the clipped surrogate."""
     check_off_policy(spec["ratio"], optimizer_steps_per_batch)
     surrogate, dual = spec.get("surrogate", "clipped"), spec.get("clip_ratio_c")
-    SURROGATES.get(surrogate)
-    if surrogate in _SEQUENCE_SURROGATES and spec.get("aggregate", "grpo") != "grpo":
+    if SURROGATES.trait(surrogate, "per_sequence") and spec.get("aggregate", "grpo") != "grpo":
         raise ValueError(f"surrogate {surrogate!r} is one value per sequence, averaged over sequences (aggregate "
                          f"'grpo'); got aggregate {spec['aggregate']!r}")
     if dual is not None and (surrogate != "clipped" or not spec.get("clip", True)):
@@ -327,7 +307,7 @@ def policy_loss(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     fn = SURROGATES.get(surrogate)
     losses, metrics = fn(rho, advantages, mask, eps_low=eps_low, eps_high=eps_high, clip=clip,
                          clip_ratio_c=clip_ratio_c)
-    if surrogate in _SEQUENCE_SURROGATES:
+    if SURROGATES.trait(surrogate, "per_sequence"):
         if aggregate != "grpo":
             raise ValueError(f"surrogate {surrogate!r} is one value per sequence, averaged over sequences: it takes "
                              f"aggregate 'grpo', got {aggregate!r}")

@@ -37,17 +37,20 @@ class ParameterError(RegistryError):
 class Registry(Generic[T]):
     """Named entries of one `kind` ("advantage estimator", "reward", ...). `register(name)` is a decorator, or
     `register(name, entry)` a call; `get(name)` looks one up; `bind(name, params)` checks the params and returns the
-    entry with them fixed (a class is instantiated; a function becomes a partial)."""
+    entry with them fixed (a class is instantiated; a function becomes a partial). Keyword arguments of `register`
+    are traits of the entry that its users ask about (`trait(name, key)`), e.g. whether a surrogate is per sequence."""
 
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._traits: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str, entry: Any = _MISSING) -> Any:
+    def register(self, name: str, entry: Any = _MISSING, **traits: Any) -> Any:
         def add(entry: T) -> T:
             if name in self._entries:
                 raise DuplicateNameError(f"{self.kind} {name!r} is already registered")
             self._entries[name] = entry
+            self._traits[name] = traits
             return entry
 
         return add if entry is _MISSING else add(entry)
@@ -55,7 +58,13 @@ class Registry(Generic[T]):
     def unregister(self, name: str) -> T:
         """Remove an entry (for tests that register a temporary one)."""
         self.get(name)
+        del self._traits[name]
         return self._entries.pop(name)
+
+    def trait(self, name: str, key: str, default: Any = None) -> Any:
+        """A trait the entry `name` was registered with, or `default`."""
+        self.get(name)
+        return self._traits[name].get(key, default)
 
     def names(self) -> list[str]:
         return sorted(self._entries)
