@@ -15,7 +15,7 @@ import pytest
 from kalmanrl.io import write_parquet
 from kalmanrl.comparisons import family_tests, paired_differences
 from kalmanrl.figures import plot_token_noise
-from kalmanrl.report import build_report
+from kalmanrl.report import build_report, provenance_table
 from kalmanrl.results import final_steps, summary_ident
 
 SETTINGS = {"report": {"bootstrap_samples": 400, "confidence": 0.95, "alpha": 0.05, "power": 0.8, "detect": [5]},
@@ -229,3 +229,16 @@ def test_token_noise_figure_needs_both_raw_and_filtered_columns(tmp_path):
     assert plot_token_noise(metrics, tmp_path) == []
     written = plot_token_noise(metrics.assign(sign_switch_rate_filtered=[0.1, 0.1]), tmp_path)
     assert [p.name for p in written] == ["m__t.png"]
+
+
+def test_provenance_table_tells_environments_apart_by_commit_lock_and_machine():
+    rows = pd.DataFrame({"git_commit": ["abc"] * 4, "version_torch": ["2.13.0"] * 4,
+                         "lock": ["cpu.txt"] * 4, "lock_matches": [True, True, True, False],
+                         "lock_mismatches": ["", "", "", "numpy==2.4.5 (lock 2.3.1)"],
+                         "cpu_model": ["AMD EPYC", "AMD EPYC", "Intel Xeon", "AMD EPYC"],
+                         "cpu_isa": ["avx2", "avx2", "avx2 avx512f", "avx2"], "settings_hash": ["a", "b", "c", "d"],
+                         "sha256_policy": ["1", "2", "3", "4"]})
+    table = provenance_table(rows)
+    assert {"lock", "lock_matches", "cpu_model", "cpu_isa", "git_commit", "version_torch"} <= set(table.columns)
+    assert not {"settings_hash", "sha256_policy"} & set(table.columns)  # per cell by design, not an environment
+    assert sorted(table["rows"]) == [1, 1, 2]

@@ -25,6 +25,11 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx
 DISPATCH_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
                 "OMP_NUM_THREADS")
 
+# The columns that tell two environments apart (with every `version_*`): the report groups its rows by them. Hashes
+# and settings differ per cell by design and are left to summary.parquet.
+ENVIRONMENT_COLUMNS = ("git_commit", "lock", "lock_matches", "lock_mismatches", "cpu_model", "cpu_isa",
+                       "torch_cpu_capability", "dispatch_env", "gpu", "gpu_driver")
+
 
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages that change results ("" when not installed)."""

@@ -19,6 +19,7 @@ from kalmanrl.figures import (TOKEN_NOISE_NOTE, plot_accuracy_vs_step, plot_curv
                               plot_token_noise)
 from kalmanrl.io import atomic_path, write_parquet
 from kalmanrl.layout import FIGURES
+from kalmanrl.provenance import ENVIRONMENT_COLUMNS
 from kalmanrl.published import paper_column, published_display, published_numbers, published_sources
 from kalmanrl.results import CELL, NO_SEED, RUN, final_steps, load_frames, summary_ident, with_seed_label
 from kalmanrl.stats import SEED_EFFECT_COVERAGE, Interval
@@ -106,8 +107,9 @@ def tests_note(differences: pd.DataFrame, alpha: float, power: float) -> str:
 
 
 def provenance_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Distinct (commit, package versions) combinations and how many result rows each produced."""
-    columns = [c for c in summary.columns if c.startswith("version_") or c == "git_commit"]
+    """Distinct environments (commit, lock and whether it matched, machine, package versions) and how many result
+    rows each produced: two rows here are two environments, and a difference between their numbers may be theirs."""
+    columns = [c for c in summary.columns if c.startswith("version_") or c in ENVIRONMENT_COLUMNS]
     if not columns:
         return pd.DataFrame()
     return summary.groupby(columns, dropna=False).size().rename("rows").reset_index()
