@@ -20,7 +20,7 @@ install:
 	$(PYTHON) -m pip install --no-deps -e .
 
 test: install
-	$(PYTHON) -m pytest -q -rs
+	$(PYTHON) -m pytest -q -rs --durations=25
 
 smoke: install
 	snakemake --cores all --configfile config/smoke.yaml
