@@ -122,6 +122,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_d
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    # The final policy says where it was trained: the cut run once from step 0 and once from its checkpoint.
+    whole_env, cut_env = (json.loads((d / "final" / "provenance.json").read_text())["environments"]
+                          for d in (whole, cut))
+    assert [e["from_step"] for e in whole_env] == [0]
+    assert len(cut_env) == 2 and cut_env[0]["from_step"] == 0 and cut_env[1]["from_step"] >= 2
+    assert all(e["git_commit"] == whole_env[0]["git_commit"] and e["lock"] and e["cpu_model"] for e in cut_env)
 
 
 def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, tiny_model_dir, arithmetic_parquet):

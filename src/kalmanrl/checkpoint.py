@@ -41,6 +41,7 @@ SHARDED = "sharded"      # in state/: the torch.distributed.checkpoint directory
 class Resumed:
     step: int
     metrics: pd.DataFrame
+    environments: list[dict]  # where the run ran so far (see `kalmanrl.trainer.finish`)
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -61,7 +62,8 @@ def _restore_rng(rng: dict[str, torch.Tensor], source: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, *, policy, tokenizer, optimizer, scheduler, metrics: pd.DataFrame,
-                    settings_hash: str, dtype: str, keep_every: int = 0, ranks: Ranks = Ranks()) -> Path:
+                    settings_hash: str, dtype: str, keep_every: int = 0, environments: list[dict] = (),
+                    ranks: Ranks = Ranks()) -> Path:
     """Write checkpoints/step_{step} atomically (every rank must call it), then drop older checkpoints (the newest is
     all a resume needs) except those of every `keep_every`-th step, which are kept for evaluation as weights only
     (model/, in `dtype`, the model's configured dtype). The RNG states are rank 0's."""
@@ -77,7 +79,7 @@ def save_checkpoint(root: Path, step: int, *, policy, tokenizer, optimizer, sche
             save_file(_rng_tensors(), state / "rng.safetensors")
             write_parquet(metrics, state / "metrics.parquet")
             resume = {"scheduler": scheduler.state_dict(), "python_random": _jsonable(random.getstate()),
-                      "numpy_random": _jsonable(np.random.get_state())}
+                      "numpy_random": _jsonable(np.random.get_state()), "environments": list(environments)}
             (state / RESUME).write_text(json.dumps(resume))
             (tmp / MANIFEST).write_text(json.dumps({"step": step, "settings_hash": settings_hash}))
     if not ranks.is_main:
@@ -127,7 +129,8 @@ def load_checkpoint(path: Path, *, policy, optimizer, scheduler) -> Resumed:
     random.setstate(_tuples(resume["python_random"]))
     np.random.set_state(_tuples(resume["numpy_random"]))
     step = json.loads((path / MANIFEST).read_text())["step"]
-    return Resumed(step=step, metrics=read_parquet(state / "metrics.parquet"))
+    return Resumed(step=step, metrics=read_parquet(state / "metrics.parquet"),
+                   environments=resume.get("environments", []))
 
 
 def _jsonable(value):

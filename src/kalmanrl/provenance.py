@@ -150,9 +150,13 @@ def files_sha256(paths: list[str | Path]) -> str:
     return digest.hexdigest()
 
 
-def provenance(settings_hash: str, inputs: dict[str, list[str | Path]]) -> dict[str, str | bool]:
-    """Flat provenance columns: versions, lock, machine, commit, settings hash, and a sha256 per named group of
-    input files."""
+def environment() -> dict[str, str | bool]:
+    """The environment this process runs in: package versions, lock, machine and commit (flat)."""
     return {**{f"version_{k.replace('-', '_')}": v for k, v in package_versions().items()}, **lock_status(),
-            **machine(), "git_commit": git_commit(), "settings_hash": settings_hash,
+            **machine(), "git_commit": git_commit()}
+
+
+def provenance(settings_hash: str, inputs: dict[str, list[str | Path]]) -> dict[str, str | bool]:
+    """Flat provenance columns: the `environment`, the settings hash, and a sha256 per named group of input files."""
+    return {**environment(), "settings_hash": settings_hash,
             **{f"sha256_{name}": files_sha256(paths) for name, paths in inputs.items()}}

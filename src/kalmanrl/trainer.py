@@ -13,6 +13,7 @@ over all ranks, and rank 0 writes them and the final policy."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from kalmanrl.model import load_policy
 from kalmanrl.optim import make_rollout_optimizer
 from kalmanrl.precision import Precision, resolve_precision
 from kalmanrl.progress import progress
+from kalmanrl.provenance import environment
 from kalmanrl.prompts import PromptTemplate, get_template
 from kalmanrl.rewards import get_reward
 from kalmanrl.rollout import Completion, RolloutEngine, SamplingConfig
@@ -77,6 +79,7 @@ class Run:
     ranks: Ranks
     start: int = 0
     rows: list[dict] = field(default_factory=list)
+    environments: list[dict] = field(default_factory=list)  # one per start or resume, see `finish`
     nonfinite: int = 0
 
     @property
@@ -187,12 +190,13 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
 
     settings_hash = config_hash(settings)
     checkpoints = checkpoints_root(out_dir)
-    start, rows = 0, []
+    start, rows, environments = 0, [], []
     found = distributed.broadcast_object(latest_checkpoint(checkpoints, settings_hash) if ranks.is_main else None,
                                          ranks)
     if found is not None:
         resumed = load_checkpoint(found, policy=policy, optimizer=optimizer, scheduler=scheduler)
-        start, rows = resumed.step, resumed.metrics.to_dict("records")
+        start, rows, environments = resumed.step, resumed.metrics.to_dict("records"), resumed.environments
+    environments = [*environments, {"from_step": start, "ranks": ranks.world_size, **environment()}]
     engine = engine_from_settings(settings["rollout"], policy=policy, tokenizer=tokenizer, model_dir=policy_dir,
                                   dtype=settings["model"]["dtype"])
     return Run(cfg=cfg, alg=alg, ident=ident, device=device, precision=precision, policy=policy, reference=reference,
@@ -200,7 +204,7 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
                limit=limit, reward_fn=reward_fn,
                advantage_fn=advantage_fn, ratio_fn=ratio_fn, kpo_params=kpo_params, optimizer=optimizer,
                scheduler=scheduler, engine=engine, dtype=settings["model"]["dtype"], checkpoints=checkpoints,
-               settings_hash=settings_hash, ranks=ranks, start=start, rows=rows,
+               settings_hash=settings_hash, ranks=ranks, start=start, rows=rows, environments=environments,
                nonfinite=int(rows[-1]["nonfinite_total"]) if rows else 0)
 
 
@@ -331,15 +335,20 @@ def checkpoint(run: Run, step: int) -> None:
     """Resumable state after `step` rollout batches."""
     save_checkpoint(run.checkpoints, step, policy=run.policy, tokenizer=run.tokenizer, optimizer=run.optimizer,
                     scheduler=run.scheduler, metrics=pd.DataFrame(run.rows), settings_hash=run.settings_hash,
-                    dtype=run.dtype, keep_every=run.cfg["keep_every"], ranks=run.ranks)
+                    dtype=run.dtype, keep_every=run.cfg["keep_every"], environments=run.environments,
+                    ranks=run.ranks)
 
 
 def finish(run: Run, out_dir: Path) -> pd.DataFrame:
-    """Write the final policy (a plain save_pretrained directory, also from a sharded model) and the metrics table
-    (rank 0)."""
+    """Write the final policy (a plain save_pretrained directory, also from a sharded model) with its provenance and
+    the metrics table (rank 0). `final/provenance.json` lists the environment (versions, lock, machine, commit) of
+    every start and resume of the run with the step it started from: a run resumed elsewhere says so."""
     metrics = pd.DataFrame(run.rows)
     with distributed.shared_atomic_dir(out_dir / "final", run.ranks) as tmp:
         distributed.write_full_model(run.policy, run.tokenizer, tmp, run.ranks, dtype=run.dtype)
+        if run.ranks.is_main:
+            (tmp / "provenance.json").write_text(json.dumps({"settings_hash": run.settings_hash,
+                                                             "environments": run.environments}, indent=1))
     if run.ranks.is_main:
         write_parquet(metrics, out_dir / "metrics.parquet")
     return metrics
