@@ -258,3 +258,21 @@ def test_hf_top_p_keeps_only_the_nucleus(policy, tiny_model_dir):
     nucleus = engine.generate(prompts, SamplingConfig(n=4, temperature=1.0, top_p=1e-6, max_tokens=6, seed=1))
     greedy = engine.generate(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=6))
     assert token_ids(nucleus) == [ids for ids in token_ids(greedy) for _ in range(4)]
+
+
+def test_no_two_samples_of_a_call_share_a_seed():
+    """Sample j of prompt i draws from seed prompt_seed(i) + j: prompts must be n seeds apart, or prompt i's second
+    sample would repeat prompt i+1's first (a correlation across problems, and within a training group)."""
+    sampling = SamplingConfig(n=8, seed=3)
+    seeds = [sampling.prompt_seed(i) + j for i in range(32) for j in range(8)]
+    assert len(set(seeds)) == len(seeds)
+    later = SamplingConfig(n=8, seed=3, first_prompt=16)  # a rank's share of the same batch
+    assert [later.prompt_seed(i) for i in range(16)] == [sampling.prompt_seed(16 + i) for i in range(16)]
+
+
+def test_the_same_prompt_twice_in_a_call_gets_fresh_samples(policy, tiny_model_dir):
+    model, tokenizer, prompts = policy
+    engine = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
+    out = engine.generate([prompts[0]] * 3, SamplingConfig(n=2, temperature=1.0, max_tokens=8, seed=5))
+    samples = [tuple(ids) for ids in token_ids(out)]
+    assert len(set(samples)) == len(samples), samples

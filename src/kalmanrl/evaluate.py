@@ -91,7 +91,7 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
                "limit_hits": limit_hits(verdicts),  # samples scored 0 for hitting a reward limit, not judged
                "overlong_prompts_dropped": overlong_dropped,  # test problems left out before sampling
                **{f"sampling_{k}": v for k, v in sampling.items()},
-               "rollout_backend": rollout["backend"],
+               "rollout_backend": resolve_backend(rollout["backend"]),  # the engine that ran ("auto" resolved)
                **provenance(config_hash(settings), {"data": [dataset],
                                                     "model": sorted(Path(model_dir).glob("model*.safetensors"))}),
                "command": command_line(model_dir, dataset, settings)}

@@ -44,9 +44,14 @@ class SamplingConfig:
         return self.max_tokens if self.budgets is None else self.budgets[index]
 
     def prompt_seed(self, index: int) -> int:
-        """The seed of the `index`-th prompt of this call: a function of the call's seed and the prompt's position in
-        the whole batch, so a prompt's completions do not depend on how the batch is split over ranks or calls."""
-        return (self.seed * 1_000_003 + self.first_prompt + index) % 2**63
+        """The seed of the `index`-th prompt of this call; its j-th sample takes this seed + j (both engines). A
+        function of the call's seed and the prompt's position in the whole batch, so a prompt's completions do not
+        depend on how the batch is split over ranks or calls. Prompts are `n` seeds apart, so no two samples of a
+        call share a seed (one apart, prompt i's second sample would repeat prompt i+1's first), from a start that
+        SeedSequence scatters over 32 bits (torch's CPU generator keeps only a seed's low 32 bits, so calls whose
+        seeds differ by a multiple of 2**32, or sit side by side, would otherwise overlap)."""
+        start = int(np.random.SeedSequence(self.seed).generate_state(1, dtype=np.uint32)[0])
+        return (start + (self.first_prompt + index) * self.n) % 2**32
 
 
 @dataclass
