@@ -45,7 +45,6 @@ def vllm_smoke_config(repo_root: Path) -> dict:
     config["data"]["local_dir"] = str(repo_root / config["data"]["local_dir"])
     config["algorithms"] = {"kpo": config["algorithms"]["kpo"]}
     config["train"] = {**config["train"], "keep_every": 0}
-    config["sft"] = {**config["sft"], "steps": 60, "lr": 0.01, "warmup_steps": 0, "schedule": "constant"}
     config["rollout"] = {"backend": "vllm", "max_model_len": CONTEXT}
     assert config["train"]["max_tokens"] == config["evaluate"]["max_tokens"] == MAX_TOKENS
     return config
