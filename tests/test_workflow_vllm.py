@@ -4,9 +4,9 @@ the metrics are finite and in range, and rerunning a training job and an evaluat
 (vLLM on the CPU samples deterministically from per-request seeds).
 
 To fit the CI budget the grid is smaller than config/smoke.yaml's: one algorithm (KPO), no kept intermediate
-checkpoint, both benchmarks. Each vLLM job spends most of its time importing vLLM and starting the engine. The warm
-start trains longer at a constant rate so that the policy writes the answer format and earns varied rewards: the
-updates then change the weights, and the weights pushed into the live engine matter for the second step's samples.
+checkpoint, both benchmarks. Each vLLM job spends most of its time importing vLLM and starting the engine. The smoke
+config's warm start teaches the policy the answer format, so it earns varied rewards: the updates change the weights,
+and the weights pushed into the live engine matter for the second step's samples.
 `rollout.max_model_len` is set between the arithmetic prompts' lengths (116 to 145 tokens with the smoke tokenizer),
 so some training and test prompts are dropped and the others get completion budgets below `max_tokens`."""
 
