@@ -15,7 +15,7 @@ import pytest
 from kalmanrl.io import write_parquet
 from kalmanrl.comparisons import family_tests, paired_differences
 from kalmanrl.figures import plot_token_noise
-from kalmanrl.report import build_report, provenance_table
+from kalmanrl.report import build_report, left_out_table, provenance_table
 from kalmanrl.results import final_steps, summary_ident
 
 SETTINGS = {"report": {"bootstrap_samples": 400, "confidence": 0.95, "alpha": 0.05, "power": 0.8, "detect": [5]},
@@ -242,3 +242,16 @@ def test_provenance_table_tells_environments_apart_by_commit_lock_and_machine():
     assert {"lock", "lock_matches", "cpu_model", "cpu_isa", "git_commit", "version_torch"} <= set(table.columns)
     assert not {"settings_hash", "sha256_policy"} & set(table.columns)  # per cell by design, not an environment
     assert sorted(table["rows"]) == [1, 1, 2]
+
+
+def test_left_out_table_counts_dropped_prompts_and_limit_hits_per_run_and_evaluation():
+    curves = pd.DataFrame({"model": "tiny", "task": "arith", "algorithm": "grpo", "seed": 0, "step": [1, 2],
+                           "overlong_prompts_dropped": [31, 31], "limit_hits": [1, 2]})
+    summary = pd.DataFrame({"model": "tiny", "task": "arith", "algorithm": ["sft", "grpo"], "seed": [-1, 0],
+                            "benchmark": "math500", "overlong_prompts_dropped": [2, 2], "limit_hits": [0, 3]})
+    table = left_out_table(summary, curves)
+    assert list(table.columns) == ["stage", "model", "task", "algorithm", "seed", "benchmark",
+                                   "overlong_prompts_dropped", "limit_hits"]
+    assert table[["stage", "algorithm", "benchmark", "overlong_prompts_dropped", "limit_hits"]].values.tolist() == [
+        ["train", "grpo", "", 31, 3], ["evaluate", "sft", "math500", 2, 0], ["evaluate", "grpo", "math500", 2, 3]]
+    assert left_out_table(summary.drop(columns=["overlong_prompts_dropped"]), pd.DataFrame()) is None

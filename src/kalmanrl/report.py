@@ -115,6 +115,25 @@ def provenance_table(summary: pd.DataFrame) -> pd.DataFrame:
     return summary.groupby(columns, dropna=False).size().rename("rows").reset_index()
 
 
+def left_out_table(summary: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame | None:
+    """What the numbers above do not cover: per training run (`curves`, all its steps) and per evaluation
+    (`summary`, final steps), the prompts dropped as longer than the length limit (rollout.overlong_prompts) and the
+    samples scored 0 because they hit a reward limit."""
+    frames = []
+    if "overlong_prompts_dropped" in curves:
+        runs = curves.groupby(RUN, dropna=False).agg(
+            overlong_prompts_dropped=("overlong_prompts_dropped", "last"),
+            **({"limit_hits": ("limit_hits", "sum")} if "limit_hits" in curves else {})).reset_index()
+        frames.append(runs.assign(stage="train", benchmark=""))
+    if "overlong_prompts_dropped" in summary:
+        frames.append(summary[[*RUN, "benchmark", "overlong_prompts_dropped",
+                               *(["limit_hits"] if "limit_hits" in summary else [])]].assign(stage="evaluate"))
+    if not frames:
+        return None
+    table = pd.concat(frames, ignore_index=True)
+    return table[["stage", *RUN, "benchmark", *[c for c in ("overlong_prompts_dropped", "limit_hits") if c in table]]]
+
+
 def reproduce_text(reproduce: dict | None) -> tuple[str, str]:
     """(commands, config YAML) for "how to reproduce this". The cell path starts at the config's results_dir."""
     reproduce = reproduce or {}
@@ -186,6 +205,10 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
                 f"Published by the papers, NOT reproduced by this pipeline; shown beside ours only where model, "
                 f"task, benchmark and algorithm match. Sources: {sources}.",
                 published_display(paper_accuracy, paper_differences)),
+        Section("Left out", "Prompts longer than the length limit are dropped before sampling (the counts are "
+                "problems of the task's train split, or of the benchmark) and samples that hit a reward limit score "
+                "0 unjudged (limit_hits); a benchmark's numbers cover only the problems it kept.",
+                left_out_table(final, curves)),
         Section("Provenance", "Every row of summary.parquet also carries its settings hash, input file hashes and "
                 "the exact command that reruns it.", provenance_table(summary) if len(summary) else None)]
     page = Page(sections, missing, *reproduce_text(settings.get("reproduce")))
