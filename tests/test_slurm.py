@@ -212,6 +212,23 @@ def test_a_multi_gpu_train_job_is_submitted_as_one_task_per_node(tmp_path, gpus,
     assert ("--nodes=2" in call) == (nodes == 2)
 
 
+def test_a_cpu_rank_train_job_is_submitted_as_one_task_per_rank(tmp_path):
+    """Without GPUs, resources.train.cpu_ranks 2 asks sbatch for 2 tasks (and no GPU) and hands the count to
+    `kalmanrl train`, which fills the tasks with srun."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    workdir = smoke_workdir(tmp_path, resources={"train": {"cpu_ranks": 2}})
+    resources, shell = planned_train_job(workdir)
+    assert "--gpus 0 --nodes 1 --cpu-ranks 2" in shell
+    job = SimpleNamespace(resources=_Resources(resources), threads=1, name="train", is_group=lambda: False)
+    params = {"run_uuid": "run", "slurm_logfile": "log", "comment_str": "train", "account": "", "partition": "",
+              "workdir": str(workdir)}
+    call = (get_submit_command(job, params) + set_gres_string(job)).split()
+    assert {"--ntasks=2", "--nodes=1", "--cpus-per-task=1"} <= set(call), call
+    assert not [arg for arg in call if "gpu" in arg], call
+
+
 TRAIN_RUN = Path("results/runs/tiny/arithmetic_easy/krpo/seed0")
 
 
