@@ -261,3 +261,10 @@ def test_a_two_task_cpu_training_job_trains_like_one_rank(slurm_cluster, tmp_pat
     assert re.search(rf"2 ranks: srun --nodes=1 --ntasks=2 .*torchrun --nnodes=2 --nproc-per-node=1 "
                      rf"--rdzv-backend=c10d --rdzv-endpoint=localhost:\d+ --rdzv-id={job} ", train_log), train_log[-3000:]
     assert_same_run(one / TRAIN_RUN, two / TRAIN_RUN, atol=1e-5)  # final weights to 1e-5, metrics
+
+
+def test_cpu_ranks_with_gpus_are_refused_by_the_config():
+    from kalmanrl.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=r"config\.resources\.train\.cpu_ranks: 2 with gpus = 1"):
+        validate_config({"resources": {"train": {"cpu_ranks": 2, "gpus": 1}}})
