@@ -268,3 +268,31 @@ def test_cpu_ranks_with_gpus_are_refused_by_the_config():
 
     with pytest.raises(ConfigError, match=r"config\.resources\.train\.cpu_ranks: 2 with gpus = 1"):
         validate_config({"resources": {"train": {"cpu_ranks": 2, "gpus": 1}}})
+
+
+@pytest.mark.parametrize("slurm, expected", [
+    (False, ["torchrun", "--standalone", "--nproc-per-node=2", "--no-python", "kalmanrl", "train"]),
+    (True, ["srun", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--overlap", "--kill-on-bad-exit=1", "torchrun",
+            "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", "--rdzv-endpoint=node7:29542", "--rdzv-id=7042",
+            "--no-python", "kalmanrl", "train"]),
+])
+def test_kalmanrl_train_starts_cpu_ranks_with_torchrun_or_one_srun_task_each(monkeypatch, tmp_path, slurm, expected):
+    """`kalmanrl train --gpus 0 --cpu-ranks 2`: outside SLURM one standalone torchrun of 2 ranks; inside a SLURM job
+    srun with one task (one torchrun of one rank) per CPU rank. The ranks see no GPU."""
+    from kalmanrl import cli, distributed
+
+    started = []
+    monkeypatch.setattr(cli.subprocess, "run", lambda command, env: started.append((command, env)) or
+                        SimpleNamespace(returncode=0))
+    monkeypatch.setattr(distributed, "slurm_first_node", lambda: "node7")
+    for name in ("LOCAL_RANK", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KALMANRL_CPU_DISPATCH", "native")  # torch is loaded already: pin nothing
+    if slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "7042")
+    assert cli.main(["train", "--settings", "{}", "--model", "m", "--dataset", "d", "--out", str(tmp_path),
+                     "--gpus", "0", "--cpu-ranks", "2", "--threads", "1"]) == 0
+    [(command, env)] = started
+    rank_options = command.index("train") + 1
+    assert command[:rank_options] == expected
+    assert "--cpu-ranks" not in command and "--gpus" not in command and env["CUDA_VISIBLE_DEVICES"] == ""
