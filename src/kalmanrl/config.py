@@ -186,8 +186,8 @@ def _check_references(config: dict) -> None:
             if limits[cap] < limits[key]:
                 raise ConfigError(f"config.resources.{stage}.{cap}: {limits[cap]} is below {key} = {limits[key]}")
         if limits["cpu_ranks"] > 1 and limits["gpus"]:
-            raise ConfigError(f"config.resources.{stage}.cpu_ranks: {limits['cpu_ranks']} with gpus = {limits['gpus']}; "
-                              "CPU ranks are for jobs without GPUs (gpus: 0)")
+            raise ConfigError(f"config.resources.{stage}.cpu_ranks: {limits['cpu_ranks']} with gpus = "
+                              f"{limits['gpus']}; CPU ranks are for jobs without GPUs (gpus: 0)")
     train = config["train"]
     if train["keep_every"] % train["checkpoint_every"]:
         raise ConfigError(f"config.train.keep_every: {train['keep_every']} is not a multiple of "
