@@ -166,11 +166,20 @@ def test_launch_command_one_node_uses_standalone_torchrun():
 
 def test_launch_command_several_nodes_meet_on_the_first_node():
     command = launch_command(["kalmanrl", "train"], gpus=8, nodes=2, first_node="gpu017", job_id="4242", port=29600)
-    assert command == ["srun", "--nodes=2", "--ntasks-per-node=1", "--overlap", "--kill-on-bad-exit=1",
+    assert command == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--overlap", "--kill-on-bad-exit=1",
                        "torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
                        "--rdzv-endpoint=gpu017:29600", "--rdzv-id=4242", "--no-python", "kalmanrl", "train"]
     with pytest.raises(ValueError, match="first node"):
         launch_command(["kalmanrl", "train"], gpus=8, nodes=2)
+
+
+def test_launch_command_cpu_ranks_in_slurm_are_one_task_each():
+    """2 CPU ranks on one node inside SLURM: 2 tasks of one torchrun (1 rank) each, the multi-node path; the
+    rendezvous port follows the job id."""
+    command = launch_command(["kalmanrl", "train"], gpus=1, tasks_per_node=2, first_node="localhost", job_id="1234")
+    assert command == ["srun", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--overlap", "--kill-on-bad-exit=1",
+                       "torchrun", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                       "--rdzv-endpoint=localhost:29734", "--rdzv-id=1234", "--no-python", "kalmanrl", "train"]
 
 
 # --- the trainer on 2 ranks ---------------------------------------------------------------------------------------

@@ -102,6 +102,49 @@ def test_logits_are_one_chunk_of_the_micro_batch_as_token_logprobs_cuts_it():
     assert logits(10**6) == 4 * 1024 * copy
 
 
+def test_rows_are_as_long_as_train_max_length_lets_them_grow():
+    """KRPO's limit: train.max_length (prompt + completion) under a longer vLLM context. The trainer gives a prompt of
+    P tokens at most min(max_tokens, max_length - P) completion tokens, so no row is longer than max_length: the plan
+    sizes rows, micro-batches, activations and the generation's KV cache by it, not by rollout.max_model_len."""
+    shape = qwen3()
+    capped = plan.estimate_train(shape, train_settings(max_length=1024), plan.Resources(gpus=1), source="hub")
+    same = plan.estimate_train(shape, train_settings(), plan.Resources(gpus=1), source="hub", prompt_len=1,
+                               completion_len=1023)
+    assert "256 rows x 1024 tokens; micro-batches of 16 rows" in capped.notes
+    assert capped.parts == same.parts
+    unlimited = plan.estimate_train(shape, train_settings(), plan.Resources(gpus=1), source="hub")
+    assert "256 rows x 2048 tokens; micro-batches of 8 rows" in unlimited.notes
+    # Micro-batches hold micro_batch_tokens either way; a budget below one row is where the old sizing doubled.
+    small = {"micro_batch_tokens": 1024}
+    one_row = plan.estimate_train(shape, train_settings(max_length=1024, **small), plan.Resources(gpus=1), source="hub")
+    two_rows = plan.estimate_train(shape, train_settings(**small), plan.Resources(gpus=1), source="hub")
+    assert one_row.parts["activations"] == pytest.approx(two_rows.parts["activations"] / 2, rel=1e-3)
+    assert one_row.phases["updating"] < two_rows.phases["updating"]
+    # A limit above the engine's context changes nothing: the context binds.
+    assert plan.estimate_train(shape, train_settings(max_length=4096), plan.Resources(gpus=1),
+                               source="hub").parts == unlimited.parts
+
+
+@pytest.mark.parametrize("backend, max_length, expected", [
+    ("vllm", None, (2048 - 1024, 1024)),  # vLLM's context: rollout.max_model_len
+    ("vllm", 1024, (1, 1023)),            # max_length binds first; a prompt has at least one token
+    ("hf", None, (512 - 256, 256)),       # transformers generate: the model's max_position_embeddings
+    ("hf", 300, (300 - 256, 256)),
+    ("auto", None, (512 - 256, 256)),     # auto on the CPU: transformers
+])
+def test_sequence_lengths_follow_the_trainers_length_limit(backend, max_length, expected):
+    from kalmanrl.stage import length_limit
+
+    shape = plan.model_shape(plan.model_config({"source": "tiny", "tiny": TINY}), "float32")
+    rollout = {"backend": backend, "max_model_len": 2048}
+    train = {"max_tokens": 1024 if backend == "vllm" else 256, "max_length": max_length}
+    assert plan.sequence_lengths(train, rollout, shape, "cpu") == expected
+    context = 2048 if backend == "vllm" else TINY["max_position_embeddings"]
+    assert sum(expected) == length_limit(context, max_length)
+    assert plan.sequence_lengths(train, {**rollout, "backend": "auto"}, shape, "cuda") == \
+        plan.sequence_lengths(train, {**rollout, "backend": "vllm"}, shape, "cuda")
+
+
 def test_sharding_divides_weights_gradients_and_optimizer_state_by_the_ranks():
     shape, settings = qwen3(), train_settings(micro_batch_tokens=8192, logit_chunk_tokens=1024)
     one = plan.estimate_train(shape, settings, plan.Resources(gpus=1), source="hub")

@@ -2,19 +2,15 @@
 same results as a local run, and a train job killed by SLURM is reported, leaves nothing that passes for a result,
 and resumes from its checkpoint when the workflow is run again.
 
-The fixture starts munged, slurmctld and slurmd (Debian's slurm-wlm and munge; `.ci/run` installs them) and stops
-them by PID afterwards, also on failure. It skips, saying why, where that cannot work: not root, the packages
-missing, or a SLURM configuration of a real cluster at /etc/slurm/slurm.conf (never overwritten)."""
+The fixture starts munged, slurmctld and slurmd (tests/slurm_local.py; Debian's slurm-wlm and munge, which `.ci/run`
+installs) and stops them by PID afterwards, also on failure. It skips, saying why, where that cannot work: not root,
+the packages missing, or a SLURM configuration of a real cluster at /etc/slurm/slurm.conf (never overwritten)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,123 +19,34 @@ import pandas as pd
 import pytest
 import yaml
 
+import slurm_local
+
 REPO = Path(__file__).resolve().parents[1]
-SLURM_CONF = Path("/etc/slurm/slurm.conf")
-MARKER = "# one-node test cluster written by kalmanrl tests/test_slurm.py"
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
 # Columns that measure time or speed, not results: they differ between any two runs.
 TIMING = re.compile(r"time|seconds|duration|per_s|elapsed|timestamp|hostname|created")
 
 pytestmark = pytest.mark.slow
 
 
-def _slurm_conf(state: Path, memory_mb: int, cpus: int, munge_socket: Path) -> str:
-    return f"""{MARKER}
-ClusterName=kalmanrl
-SlurmctldHost=localhost(127.0.0.1)
-SlurmUser=root
-AuthType=auth/munge
-AuthInfo=socket={munge_socket}
-StateSaveLocation={state}/ctld
-SlurmdSpoolDir={state}/d
-SlurmctldPidFile={state}/slurmctld.pid
-SlurmdPidFile={state}/slurmd.pid
-SlurmctldLogFile={state}/slurmctld.log
-SlurmdLogFile={state}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-MpiDefault=none
-ReturnToService=2
-MinJobAge=600
-KillWait=5
-InactiveLimit=0
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=1
-JobAcctGatherType=jobacct_gather/none
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
-"""
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-
-
-def _wait_for(check, timeout: float, what: str, logs: list[Path]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    tails = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in logs if p.exists())
-    pytest.skip(f"SLURM could not start on localhost: {what} not ready after {timeout:.0f} s\n{tails}")
-
-
-def _idle() -> bool:
-    result = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%T"], capture_output=True, text=True)
-    return result.returncode == 0 and result.stdout.strip() in ("idle", "mixed", "allocated")
-
-
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    """A running one-node cluster (munged, slurmctld, slurmd on 127.0.0.1); yields the state directory."""
-    if sys.platform != "linux" or os.geteuid() != 0:
-        pytest.skip("a local SLURM needs Linux and root (slurmd starts jobs as their users)")
-    missing = [name for name in DAEMONS if shutil.which(name) is None]
-    if missing:
-        pytest.skip(f"SLURM not installed (missing {', '.join(missing)}): apt-get install slurm-wlm munge")
-    if SLURM_CONF.exists() and MARKER not in SLURM_CONF.read_text():
-        pytest.skip(f"{SLURM_CONF} belongs to a real SLURM installation; not replacing it")
-
-    # Not under pytest's tmp_path: its 0700 parents would keep the munge user from its socket.
-    state = Path(tempfile.mkdtemp(prefix="kalmanrl-slurm-"))
-    state.chmod(0o755)
-    munge_dir = state / "munge"
-    munge_dir.mkdir()
-    shutil.chown(munge_dir, "munge", "munge")
-    socket = munge_dir / "munge.socket"
-    node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
-    cpus = int(re.search(r"CPUs=(\d+)", node).group(1))
-    memory_mb = int(re.search(r"RealMemory=(\d+)", node).group(1)) - 512
-    # The executor plugin's job step drops SLURM_CONF before its nested srun, so the config must be at the default path.
-    SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
-    SLURM_CONF.write_text(_slurm_conf(state, memory_mb, cpus, socket))
-
-    procs: list[subprocess.Popen] = []
-    logs = [state / "munged.log", state / "slurmctld.log", state / "slurmd.log"]
+    """A running one-node cluster (tests/slurm_local.py): one that `slurm_local.py up` started is used as it is;
+    otherwise one is started here and stopped by PID afterwards, also on failure. Yields the state directory."""
+    found = slurm_local.running()
+    if found is not None and slurm_local.node_idle():
+        yield found[0]
+        return
     try:
-        procs.append(subprocess.Popen(
-            ["munged", "--foreground", f"--socket={socket}", f"--pid-file={munge_dir}/munged.pid",
-             f"--log-file={munge_dir}/munged.log", f"--seed-file={munge_dir}/munged.seed"],
-            user="munge", group="munge", extra_groups=[], stderr=subprocess.DEVNULL))
-        _wait_for(socket.exists, 20, "munged", [munge_dir / "munged.log"])
-        procs.append(subprocess.Popen(["slurmctld", "-D", "-i"], stderr=subprocess.DEVNULL))
-        procs.append(subprocess.Popen(["slurmd", "-D", "-N", "localhost"], stderr=subprocess.DEVNULL))
-        _wait_for(_idle, 60, "node localhost", logs)
+        state, pids = slurm_local.start()
+    except slurm_local.Unavailable as err:
+        pytest.skip(str(err))
+    try:
         yield state
     finally:
-        subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True)
-        deadline = time.monotonic() + 30
-        while procs and time.monotonic() < deadline and _queue():
-            time.sleep(0.5)
-        for proc in reversed(procs):
-            _stop(proc)
-        SLURM_CONF.unlink(missing_ok=True)
-        shutil.rmtree(state, ignore_errors=True)
+        slurm_local.stop(state, pids)
 
 
-def _queue() -> list[tuple[str, str, str]]:
-    """(job id, state, comment) of every job SLURM still lists."""
-    result = subprocess.run(["squeue", "-h", "-o", "%i|%T|%k"], capture_output=True, text=True)
-    return [tuple(line.split("|", 2)) for line in result.stdout.splitlines()] if result.returncode == 0 else []
+_queue = slurm_local.queue
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, **popen) -> subprocess.CompletedProcess:
@@ -303,3 +210,90 @@ def test_a_multi_gpu_train_job_is_submitted_as_one_task_per_node(tmp_path, gpus,
     assert set(expected) <= set(call), call
     assert not [arg for arg in call if arg.startswith(("--ntasks-per-gpu", "--ntasks="))], call
     assert ("--nodes=2" in call) == (nodes == 2)
+
+
+def test_a_cpu_rank_train_job_is_submitted_as_one_task_per_rank(tmp_path):
+    """Without GPUs, resources.train.cpu_ranks 2 asks sbatch for 2 tasks (and no GPU) and hands the count to
+    `kalmanrl train`, which fills the tasks with srun."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    workdir = smoke_workdir(tmp_path, resources={"train": {"cpu_ranks": 2}})
+    resources, shell = planned_train_job(workdir)
+    assert "--gpus 0 --nodes 1 --cpu-ranks 2" in shell
+    job = SimpleNamespace(resources=_Resources(resources), threads=1, name="train", is_group=lambda: False)
+    params = {"run_uuid": "run", "slurm_logfile": "log", "comment_str": "train", "account": "", "partition": "",
+              "workdir": str(workdir)}
+    call = (get_submit_command(job, params) + set_gres_string(job)).split()
+    assert {"--ntasks=2", "--nodes=1", "--cpus-per-task=1"} <= set(call), call
+    assert not [arg for arg in call if "gpu" in arg], call
+
+
+TRAIN_RUN = Path("results/runs/tiny/arithmetic_easy/krpo/seed0")
+
+
+def test_a_two_task_cpu_training_job_trains_like_one_rank(slurm_cluster, tmp_path):
+    """The distributed launch path on the local SLURM: a train job with resources.train.cpu_ranks 2 is submitted
+    through the SLURM profile as one job of 2 tasks; `kalmanrl train` runs `srun torchrun`, one torchrun (one gloo
+    rank) per task, meeting at a c10d rendezvous on the job's node, as a multi-node job's torchruns do across nodes.
+    Its final weights and metrics equal a 1-rank local run's."""
+    from test_distributed import assert_same_run
+
+    one = smoke_workdir(tmp_path / "one")
+    target = str(TRAIN_RUN / "metrics.parquet")
+    snakemake(one, "--cores", "2", target)  # data, model, warm start and a 1-rank training, locally
+
+    # The same warm start, the training again as a 2-task SLURM job: only the train job is out of date.
+    two = tmp_path / "two"
+    shutil.copytree(one, two, symlinks=True)
+    shutil.rmtree(two / "config")
+    shutil.rmtree(two / TRAIN_RUN)
+    smoke_workdir(two, resources={"train": {"cpu_ranks": 2}})
+    result = snakemake(two, *SLURM_ARGS, target)
+    log = result.stdout + result.stderr
+
+    jobs = slurm_jobs_of(log)
+    assert len(jobs) == 1, log[-3000:]  # the train job, one submission
+    job = jobs.pop()
+    details = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"\bNumTasks=2\b", details) and re.search(r"\bNumNodes=1\b", details), details
+    train_log = next((two / "results" / "logs" / "train").rglob("*.log")).read_text()
+    launched = (rf"2 ranks: srun --nodes=1 --ntasks=2 .*torchrun --nnodes=2 --nproc-per-node=1 "
+                rf"--rdzv-backend=c10d --rdzv-endpoint=localhost:\d+ --rdzv-id={job} ")
+    assert re.search(launched, train_log), train_log[-3000:]
+    assert_same_run(one / TRAIN_RUN, two / TRAIN_RUN, atol=1e-5)  # final weights to 1e-5, metrics
+
+
+def test_cpu_ranks_with_gpus_are_refused_by_the_config():
+    from kalmanrl.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=r"config\.resources\.train\.cpu_ranks: 2 with gpus = 1"):
+        validate_config({"resources": {"train": {"cpu_ranks": 2, "gpus": 1}}})
+
+
+@pytest.mark.parametrize("slurm, expected", [
+    (False, ["torchrun", "--standalone", "--nproc-per-node=2", "--no-python", "kalmanrl", "train"]),
+    (True, ["srun", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--overlap", "--kill-on-bad-exit=1", "torchrun",
+            "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", "--rdzv-endpoint=node7:29542", "--rdzv-id=7042",
+            "--no-python", "kalmanrl", "train"]),
+])
+def test_kalmanrl_train_starts_cpu_ranks_with_torchrun_or_one_srun_task_each(monkeypatch, tmp_path, slurm, expected):
+    """`kalmanrl train --gpus 0 --cpu-ranks 2`: outside SLURM one standalone torchrun of 2 ranks; inside a SLURM job
+    srun with one task (one torchrun of one rank) per CPU rank. The ranks see no GPU."""
+    from kalmanrl import cli, distributed
+
+    started = []
+    monkeypatch.setattr(cli.subprocess, "run", lambda command, env: started.append((command, env)) or
+                        SimpleNamespace(returncode=0))
+    monkeypatch.setattr(distributed, "slurm_first_node", lambda: "node7")
+    for name in ("LOCAL_RANK", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KALMANRL_CPU_DISPATCH", "native")  # torch is loaded already: pin nothing
+    if slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "7042")
+    assert cli.main(["train", "--settings", "{}", "--model", "m", "--dataset", "d", "--out", str(tmp_path),
+                     "--gpus", "0", "--cpu-ranks", "2", "--threads", "1"]) == 0
+    [(command, env)] = started
+    rank_options = command.index("train") + 1
+    assert command[:rank_options] == expected
+    assert "--cpu-ranks" not in command and "--gpus" not in command and env["CUDA_VISIBLE_DEVICES"] == ""

@@ -107,23 +107,32 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """One process, or, for --gpus x --nodes above 1, the same command (without those options) as that many ranks
-    under torchrun (and srun, for several nodes), on the devices this process claimed."""
-    world = (args.gpus or 0) * args.nodes
-    if world > 1 and "LOCAL_RANK" not in os.environ:
+    """One process, or, for more than one rank, the same command (without the rank options) as that many ranks under
+    torchrun, on the devices this process claimed: --gpus x --nodes GPU ranks (one torchrun per node, started by
+    srun on several nodes), or with no GPUs (--gpus 0 or unset) --cpu-ranks x --nodes CPU ranks (gloo), which inside a
+    SLURM job are one task each, one torchrun per task started by srun (the multi-node launch path)."""
+    cpu = not args.gpus
+    if not cpu and args.cpu_ranks != 1:
+        raise ConfigError(f"--cpu-ranks {args.cpu_ranks} with --gpus {args.gpus}: CPU ranks are for jobs without GPUs")
+    per_node = args.cpu_ranks if cpu else args.gpus
+    if per_node * args.nodes > 1 and "LOCAL_RANK" not in os.environ:
         from kalmanrl.devices import resolve_device
         from kalmanrl.distributed import launch_command, slurm_first_node
 
-        resolve_device(args.gpus)  # never a silent CPU run: each rank needs its CUDA device
+        if not cpu:
+            resolve_device(args.gpus)  # never a silent CPU run: each rank needs its CUDA device
 
         rank_command = ["kalmanrl", "train", "--settings", json.dumps(args.settings), "--model", str(args.model),
                         "--dataset", str(args.dataset), "--out", str(args.out), "--threads", str(args.threads)]
-        several = args.nodes > 1
-        command = launch_command(rank_command, gpus=args.gpus, nodes=args.nodes,
-                                 first_node=slurm_first_node() if several else None,
+        tasks_per_node = per_node if cpu and "SLURM_JOB_ID" in os.environ else 1
+        several = args.nodes * tasks_per_node > 1
+        command = launch_command(rank_command, gpus=per_node // tasks_per_node, nodes=args.nodes,
+                                 tasks_per_node=tasks_per_node, first_node=slurm_first_node() if several else None,
                                  job_id=os.environ.get("SLURM_JOB_ID") if several else None)
-        log.info("%d ranks: %s", world, shlex.join(command))
-        code = subprocess.run(command).returncode
+        log.info("%d ranks: %s", per_node * args.nodes, shlex.join(command))
+        # CPU ranks see no GPU (else each would take cuda:LOCAL_RANK and NCCL).
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu else None
+        code = subprocess.run(command, env=env).returncode
         if code:
             raise SystemExit(code)
         return
@@ -237,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--out", path("run directory (final/, checkpoints/, metrics.parquet)")), threads, gpus,
         ("--nodes", {"type": int, "default": 1,
                      "help": "nodes of this job (inside a SLURM allocation); --gpus x --nodes above 1 runs that many "
-                             "ranks under torchrun with the policy sharded (FSDP2); default 1"})])
+                             "ranks under torchrun with the policy sharded (FSDP2); default 1"}),
+        ("--cpu-ranks", {"type": int, "default": 1,
+                         "help": "without GPUs (--gpus 0 or unset): CPU ranks (gloo) per node, sharded as GPU ranks "
+                                 "are; inside a SLURM job one task each, started by srun (default 1)"})])
     _stage(sub, "evaluate", "Evaluate a model on a benchmark: avg@k, pass@k, maj@k, per-sample details.", cmd_evaluate, [
         ("--model", path("model directory")), ("--dataset", path("benchmark Parquet")),
         ("--details", path("per-sample Parquet")), ("--summary", path("summary Parquet")), threads, gpus])

@@ -185,6 +185,9 @@ def _check_references(config: dict) -> None:
         for key, cap in (("mem_mb", "max_mem_mb"), ("runtime", "max_runtime")):
             if limits[cap] < limits[key]:
                 raise ConfigError(f"config.resources.{stage}.{cap}: {limits[cap]} is below {key} = {limits[key]}")
+        if limits["cpu_ranks"] > 1 and limits["gpus"]:
+            raise ConfigError(f"config.resources.{stage}.cpu_ranks: {limits['cpu_ranks']} with gpus = "
+                              f"{limits['gpus']}; CPU ranks are for jobs without GPUs (gpus: 0)")
     train = config["train"]
     if train["keep_every"] % train["checkpoint_every"]:
         raise ConfigError(f"config.train.keep_every: {train['keep_every']} is not a multiple of "

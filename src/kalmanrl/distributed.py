@@ -325,26 +325,31 @@ def broadcast_object(value, ranks: Ranks):
     return box[0]
 
 
-def launch_command(command: Sequence[str], *, gpus: int, nodes: int = 1, port: int = DEFAULT_PORT,
-                   first_node: str | None = None, job_id: str | None = None) -> list[str]:
+def launch_command(command: Sequence[str], *, gpus: int, nodes: int = 1, tasks_per_node: int = 1,
+                   port: int | None = None, first_node: str | None = None, job_id: str | None = None) -> list[str]:
     """The command line that runs `command` (a console script and its arguments, e.g. ["kalmanrl", "train", ...])
-    as `gpus` x `nodes` ranks:
+    as `gpus` ranks (a node's GPUs, or 1 CPU rank) in each of `nodes` x `tasks_per_node` SLURM tasks:
     - one rank: `command` itself;
-    - one node: `torchrun --standalone --nproc-per-node <gpus> --no-python <command>`;
-    - several nodes (inside a SLURM allocation): `srun` starts one torchrun per node, which meet at a c10d
-      rendezvous on the allocation's first node (`first_node`) under the job id."""
-    if gpus < 1 or nodes < 1:
-        raise ValueError(f"gpus ({gpus}) and nodes ({nodes}) must be at least 1")
-    if gpus * nodes == 1:
+    - one task: `torchrun --standalone --nproc-per-node <gpus> --no-python <command>`;
+    - several tasks (inside a SLURM allocation; one per node for GPUs, one per rank for CPU ranks): `srun` starts
+      one torchrun per task, which meet at a c10d rendezvous on the allocation's first node (`first_node`) under the
+      job id, on `port` (default DEFAULT_PORT + job id mod 1000, so that jobs sharing a node do not collide)."""
+    if gpus < 1 or nodes < 1 or tasks_per_node < 1:
+        raise ValueError(f"gpus ({gpus}), nodes ({nodes}) and tasks_per_node ({tasks_per_node}) must be at least 1")
+    tasks = nodes * tasks_per_node
+    if gpus * tasks == 1:
         return list(command)
-    if nodes == 1:
+    if tasks == 1:
         return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "--no-python", *command]
     if not first_node or not job_id:
-        raise ValueError(f"a {nodes}-node job needs the allocation's first node and job id (run it inside SLURM)")
-    # --overlap: the workflow's SLURM job step that runs this command already holds the first node's resources.
-    return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--overlap", "--kill-on-bad-exit=1",
-            "torchrun", f"--nnodes={nodes}", f"--nproc-per-node={gpus}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={first_node}:{port}", f"--rdzv-id={job_id}", "--no-python", *command]
+        raise ValueError(f"a {tasks}-task job needs the allocation's first node and job id (run it inside SLURM)")
+    port = DEFAULT_PORT + int(job_id) % 1000 if port is None else port
+    # --ntasks: the job step that runs this command exports its own SLURM_NTASKS (1), which srun would otherwise take.
+    # --overlap: that step already holds the first node's resources.
+    return ["srun", f"--nodes={nodes}", f"--ntasks={tasks}", f"--ntasks-per-node={tasks_per_node}", "--overlap",
+            "--kill-on-bad-exit=1", "torchrun", f"--nnodes={tasks}", f"--nproc-per-node={gpus}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={first_node}:{port}", f"--rdzv-id={job_id}", "--no-python",
+            *command]
 
 
 def slurm_first_node(env: Mapping[str, str] = os.environ) -> str:

@@ -287,6 +287,22 @@ class TrainShape:
         return self.prompt_len + self.completion_len
 
 
+def sequence_lengths(section: dict, rollout: dict, shape: ModelShape, device: str) -> tuple[int, int]:
+    """(prompt, completion) tokens of the longest row a stage (`section`: train or evaluate) can produce, where the
+    stage cuts it (`stage.length_limit`): the engine's context (vLLM's `rollout.max_model_len`; the model's
+    max_position_embeddings for transformers generate, whose absence leaves max_model_len) and the stage's
+    `max_length` (prompt plus completion, the KRPO authors' limit). Completions take at most `max_tokens` of it,
+    prompts the rest. `auto` counts as vLLM on a GPU and transformers on the CPU, as the estimates do."""
+    from kalmanrl.stage import length_limit
+
+    vllm = rollout["backend"] == "vllm" or rollout["backend"] == "auto" and device == "cuda"
+    positions = json.loads(shape.config_json).get("max_position_embeddings")
+    context = rollout["max_model_len"] if vllm or not positions else positions
+    limit = int(length_limit(context, section.get("max_length")))
+    completion = min(section["max_tokens"], limit - 1)
+    return limit - completion, completion
+
+
 def train_shape(train: dict, *, prompt_len: int, completion_len: int | None = None) -> TrainShape:
     """Micro-batches as `batch.micro_batches` cuts every mini-batch (for scoring and the update alike): as many rows
     of padded length as `train.micro_batch_tokens` holds, at least one, at most a mini-batch."""
@@ -306,15 +322,17 @@ def logit_bytes(train: dict, vocab: int, rows: int, completion_len: int, *, grad
 
 def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, source: str,
                    prompt_len: int | None = None, completion_len: int | None = None) -> Estimate:
-    """Peak memory per rank of one training job (settings as the train stage gets them). Sequences are taken as long
-    as `rollout.max_model_len` allows (prompt = max_model_len - max_tokens) unless the lengths are given."""
+    """Peak memory per rank of one training job (settings as the train stage gets them). Rows are taken as long as
+    the trainer lets them grow (`sequence_lengths`: the engine's context and `train.max_length`) unless the lengths
+    are given."""
     train, rollout, beta = settings["train"], settings["rollout"], settings["algorithm"]["beta"]
     device = "cuda" if resources.gpus else "cpu"
     ranks = resources.ranks if device == "cuda" else 1
     mode = precision(train, device)
     ckpt = checkpointing(train, source)
     if prompt_len is None:
-        prompt_len = max(0, rollout["max_model_len"] - train["max_tokens"])
+        prompt_len, longest_completion = sequence_lengths(train, rollout, shape, device)
+        completion_len = longest_completion if completion_len is None else completion_len
     step = train_shape(train, prompt_len=prompt_len, completion_len=completion_len)
     weight_bytes, state_bytes = (2, 2) if mode == "bfloat16" else (4, 4)
     act_dtype = "float32" if mode == "float32" else "bfloat16"
@@ -438,7 +456,8 @@ def estimate_evaluate(shape: ModelShape, settings: dict, resources: Resources) -
             parts["vllm_weights"], parts["kv_cache"] = shape.params * 4, rollout["kv_cache_gib"] * GIB
         else:
             parts["vllm_weights"] = 0.0
-            parts["kv_cache"] = _hf_generate_bytes(shape, rows, rollout["max_model_len"], evaluate["max_tokens"],
+            prompt_len, completion_len = sequence_lengths(evaluate, rollout, shape, device)
+            parts["kv_cache"] = _hf_generate_bytes(shape, rows, prompt_len + completion_len, completion_len,
                                                    "float32")
         parts["overhead"] = CUDA_OVERHEAD if device == "cuda" else 0.0
         parts["total"] = parts["weights"] + parts["vllm_weights"] + parts["kv_cache"] + parts["overhead"]
@@ -515,7 +534,7 @@ def suggestions(stage: str, settings: dict, shape: ModelShape, resources: Resour
     if not checkpointing(train, source):
         train["gradient_checkpointing"] = True
         changes.append("train.gradient_checkpointing: true")
-    seq = max(0, settings["rollout"]["max_model_len"] - train["max_tokens"]) + train["max_tokens"]
+    seq = sum(sequence_lengths(train, settings["rollout"], shape, first.device))
     rows = train["prompts_per_step"] * train["group_size"]
     with_budget = lambda tokens: {**settings, "train": {**train, "micro_batch_tokens": tokens}}  # noqa: E731
     target = resources if fits(with_budget(seq), resources) else fewest_ranks(with_budget(seq))
