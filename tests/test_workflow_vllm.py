@@ -74,7 +74,7 @@ def shell_command(output: str, stage: str, *markers: str) -> list[str]:
 def prompt_lengths(workdir: Path, dataset: str, split: str, template: str) -> pd.Series:
     """Token count of each problem of a split rendered through its template with the warm start's tokenizer, by id,
     computed here from the tokenizer (not from kalmanrl's length rules)."""
-    from kalmanrl.data import read_dataset
+    from kalmanrl.dataset import read_dataset
     from kalmanrl.model import load_tokenizer
     from kalmanrl.prompts import get_template
 
