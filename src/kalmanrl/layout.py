@@ -49,8 +49,9 @@ CHECKPOINTS = "checkpoints"  # not a workflow output, so Snakemake keeps it when
 # Inside the report directory.
 REPORT_FILES = {"html": "report.html", "markdown": "report.md", "summary": "summary.parquet"}
 FIGURE_DIR = "figures/{kind}"
-# Report figure kinds: <report>/figures/<kind>/{model}__{task}.png, one directory each (Snakemake outputs, with a
-# caption in workflow/report/<kind>.rst), and their titles.
+FIGURE_FILE = "{model}__{task}.png"  # one figure of a kind per (model, task)
+# Report figure kinds: FIGURE_DIR/FIGURE_FILE, one directory each (Snakemake outputs, with a caption in
+# workflow/report/<kind>.rst), and their titles.
 FIGURES = {"differences": "Paired differences", "accuracy_vs_step": "Accuracy vs checkpoint step",
            "curves": "Training curves", "token_noise": "Token log-ratio noise"}
 

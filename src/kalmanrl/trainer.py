@@ -29,7 +29,7 @@ from kalmanrl.data import read_dataset
 from kalmanrl.devices import resolve_device
 from kalmanrl.distributed import Ranks
 from kalmanrl.io import write_parquet
-from kalmanrl.layout import checkpoints_root
+from kalmanrl.layout import checkpoints_root, final_model_dir, metrics_file
 from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
 from kalmanrl.optim import make_rollout_optimizer
@@ -338,10 +338,10 @@ def finish(run: Run, out_dir: Path) -> pd.DataFrame:
     """Write the final policy (a plain save_pretrained directory, also from a sharded model) and the metrics table
     (rank 0)."""
     metrics = pd.DataFrame(run.rows)
-    with distributed.shared_atomic_dir(out_dir / "final", run.ranks) as tmp:
+    with distributed.shared_atomic_dir(final_model_dir(out_dir), run.ranks) as tmp:
         distributed.write_full_model(run.policy, run.tokenizer, tmp, run.ranks, dtype=run.dtype)
     if run.ranks.is_main:
-        write_parquet(metrics, out_dir / "metrics.parquet")
+        write_parquet(metrics, metrics_file(out_dir))
     return metrics
 
 
