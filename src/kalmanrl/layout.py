@@ -56,36 +56,45 @@ FIGURES = {"differences": "Paired differences", "accuracy_vs_step": "Accuracy vs
            "curves": "Training curves", "token_noise": "Token log-ratio noise"}
 
 # What each wildcard matches (Snakemake's wildcard_constraints; also how paths are read back into their wildcards).
-WILDCARD_CONSTRAINTS = {
-    "model": "[^/]+",
-    "task": "[^/]+",
-    "benchmark": "[^/.]+",
-    "dataset": "[^/.]+",
-    "algorithm": "[^/]+",
-    "seed": r"\d+",
-    "run": rf"{WARM_START}|[^/]+/seed\d+(/step\d+)?",
-}
+_PART_CONSTRAINTS = {"model": "[^/]+", "task": "[^/]+", "benchmark": "[^/.]+", "dataset": "[^/.]+",
+                     "algorithm": "[^/]+", "seed": r"\d+", "step": r"\d+"}
+
+
+def _regex(template: str, constraints: dict[str, str], *, named: bool = False) -> str:
+    """A regular expression matching `template` filled with anything its fields' constraints allow (other fields:
+    one path component); `named` captures each field under its name."""
+    pattern = ""
+    for literal, name, _, _ in string.Formatter().parse(template):
+        pattern += re.escape(literal)
+        if name:
+            constraint = constraints.get(name, "[^/]+")
+            pattern += f"(?P<{name}>{constraint})" if named else f"(?:{constraint})"
+    return pattern
+
+
+WILDCARD_CONSTRAINTS = {**_PART_CONSTRAINTS, "run": "|".join(
+    [re.escape(WARM_START), _regex(KEPT_STEP, _PART_CONSTRAINTS), _regex(TRAINED_RUN, _PART_CONSTRAINTS)])}
+
+
+def fields(template: str) -> list[str]:
+    """A template's fields, in order."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def fill(template: str, **values: object) -> str:
     """`template` with the given fields filled in and every other field left as a Snakemake wildcard; a value for a
     field the template lacks is an error (a misspelt wildcard would otherwise vanish)."""
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
-    unknown = set(values) - fields
+    names = fields(template)
+    unknown = set(values) - set(names)
     if unknown:
-        raise KeyError(f"{template!r} has no field {sorted(unknown)} (its fields: {sorted(fields)})")
-    return template.format(**{name: values.get(name, f"{{{name}}}") for name in fields})
+        raise KeyError(f"{template!r} has no field {sorted(unknown)} (its fields: {names})")
+    return template.format(**{name: values.get(name, f"{{{name}}}") for name in names})
 
 
 def parse(template: str, path: str | Path) -> dict[str, str] | None:
     """The wildcards of a path whose end matches `template` (anything may come before it), as text; None when it does
     not match."""
-    pattern, end = "", 0
-    for literal, name, _, _ in string.Formatter().parse(template):
-        pattern += re.escape(literal)
-        if name:
-            pattern += f"(?P<{name}>{WILDCARD_CONSTRAINTS.get(name, '[^/]+')})"
-    match = re.search(f"(?:^|/){pattern}$", Path(path).as_posix())
+    match = re.search(f"(?:^|/){_regex(template, WILDCARD_CONSTRAINTS, named=True)}$", Path(path).as_posix())
     return match.groupdict() if match else None
 
 

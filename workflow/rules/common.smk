@@ -4,7 +4,8 @@ import sys
 
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.devices import local_gpu_problem, machine_devices
-from kalmanrl.layout import FIGURES, WARM_START, WILDCARD_CONSTRAINTS, ResultsTree, parse_run_name, run_name
+from kalmanrl.layout import (FIGURES, REPORT_FILES, RUN, WARM_START, WILDCARD_CONSTRAINTS, ResultsTree, fields,
+                             parse_run_name, run_name)
 
 _validated = validate_config(config)
 config.clear()
@@ -103,14 +104,18 @@ def run_ident(wildcards):
             **parse_run_name(wildcards.run)}
 
 
+def trained_run(ident):
+    """The training run (kalmanrl.layout.RUN's fields) an evaluation of a trained policy or kept checkpoint belongs to."""
+    return {key: ident[key] for key in fields(RUN)}
+
+
 def eval_model(wildcards):
     """What an evaluation waits for: the warm start for its run, the trained policy of "<algorithm>/seed<n>", and
     for an intermediate step the finished run (its kept checkpoints are not outputs of their own)."""
     ident = run_ident(wildcards)
     if ident["algorithm"] == WARM_START:
         return TREE.warm_start_model(model=wildcards.model, task=wildcards.task)
-    run = {key: ident[key] for key in ("model", "task", "algorithm", "seed")}
-    return TREE.metrics(**run) if "step" in ident else TREE.final_model(**run)
+    return TREE.metrics(**trained_run(ident)) if "step" in ident else TREE.final_model(**trained_run(ident))
 
 
 def eval_model_dir(wildcards):
@@ -119,8 +124,7 @@ def eval_model_dir(wildcards):
     ident = run_ident(wildcards)
     if "step" not in ident:
         return eval_model(wildcards)
-    run = {key: ident[key] for key in ("model", "task", "algorithm", "seed")}
-    return TREE.kept_model(int(ident["step"]), **run)
+    return TREE.kept_model(int(ident["step"]), **trained_run(ident))
 
 
 SUMMARIES = [
@@ -135,4 +139,4 @@ METRICS = [
     for algorithm in config["algorithms"]
     for seed in config["seeds"]
 ]
-REPORT_OUTPUTS = [TREE.report_file(name) for name in ("html", "markdown", "summary")]
+REPORT_OUTPUTS = [TREE.report_file(name) for name in REPORT_FILES]
