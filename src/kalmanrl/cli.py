@@ -19,6 +19,7 @@ from kalmanrl import __version__
 from kalmanrl.config import ConfigError, load_config, load_schema, parse_settings, resolve_ref, stage_settings
 from kalmanrl.devices import gpu_placement
 from kalmanrl.dispatch import DISPATCH_ENV, DispatchError, pin_cpu_dispatch
+from kalmanrl.layout import CHECKPOINTS, FINAL, METRICS, REPORT_FILES, ResultsTree
 
 log = logging.getLogger("kalmanrl")
 
@@ -243,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--out", path("output directory")), threads, gpus])
     _stage(sub, "train", "RL training (GRPO / KRPO / KPO / GSPO); resumes from out/checkpoints.", cmd_train, [
         ("--model", path("start policy directory (the warm start)")), ("--dataset", path("dataset Parquet")),
-        ("--out", path("run directory (final/, checkpoints/, metrics.parquet)")), threads, gpus,
+        ("--out", path(f"run directory ({FINAL}/, {CHECKPOINTS}/, {METRICS})")), threads, gpus,
         ("--nodes", {"type": int, "default": 1,
                      "help": "nodes of this job (inside a SLURM allocation); --gpus x --nodes above 1 runs that many "
                              "ranks under torchrun with the policy sharded (FSDP2); default 1"}),
@@ -285,10 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
     compare = sub.add_parser(
         "compare-summary", help="Compare a finished run's report summary with an expected one, exactly.",
-        description="Exit 0 when every row of SUMMARY (results/report/summary.parquet) has exactly the metrics and "
-                    "model hash of EXPECTED (e.g. config/smoke.expected.json), else list each difference and exit "
-                    "1. Provenance (machine, versions, paths) is not compared. --write records SUMMARY as EXPECTED.")
-    compare.add_argument("summary", type=Path, help="the run's report summary.parquet")
+        description=f"Exit 0 when every row of SUMMARY ({ResultsTree('<results_dir>').report_file('summary')}) has "
+                    "exactly the metrics and model hash of EXPECTED (e.g. config/smoke.expected.json), else list each "
+                    "difference and exit 1. Provenance (machine, versions, paths) is not compared. --write records "
+                    "SUMMARY as EXPECTED.")
+    compare.add_argument("summary", type=Path, help=f"the run's report {REPORT_FILES['summary']}")
     compare.add_argument("expected", type=Path, help="the expected summary (JSON)")
     compare.add_argument("--write", action="store_true", help="record SUMMARY as the expected summary instead")
     compare.set_defaults(func=cmd_compare_summary)

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from kalmanrl.io import atomic_path  # noqa: E402
+from kalmanrl.layout import FIGURE_FILE, fill  # noqa: E402
 from kalmanrl.published import paper_column  # noqa: E402
 from kalmanrl.results import CELL, WARM_START  # noqa: E402
 
@@ -60,7 +61,7 @@ def _figure_per_run(frame: pd.DataFrame, panels: Callable, draw: Callable, out: 
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{model}, {task}", fontsize=10)
         fig.tight_layout()
-        written.append(_save(fig, out / f"{model}__{task}.png"))
+        written.append(_save(fig, out / fill(FIGURE_FILE, model=model, task=task)))
     return written
 
 
@@ -145,5 +146,5 @@ def plot_differences(differences: pd.DataFrame, published: pd.DataFrame, out: Pa
         ax.legend(fontsize=8)
         ax.grid(axis="x", alpha=0.3)
         fig.tight_layout()
-        written.append(_save(fig, out / f"{model}__{task}.png"))
+        written.append(_save(fig, out / fill(FIGURE_FILE, model=model, task=task)))
     return written

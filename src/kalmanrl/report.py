@@ -18,7 +18,8 @@ from kalmanrl.comparisons import accuracy_table, family_tests, paired_difference
 from kalmanrl.figures import (TOKEN_NOISE_NOTE, plot_accuracy_vs_step, plot_curves, plot_differences,
                               plot_token_noise)
 from kalmanrl.io import atomic_path, write_parquet
-from kalmanrl.layout import FIGURES
+from kalmanrl.layout import (FIGURES, REPORT_FILES, ResultsTree, evaluation_sibling, figure_dir, report_file,
+                             run_name)
 from kalmanrl.provenance import ENVIRONMENT_COLUMNS
 from kalmanrl.published import paper_column, published_display, published_numbers, published_sources
 from kalmanrl.results import CELL, NO_SEED, RUN, final_steps, load_frames, summary_ident, with_seed_label
@@ -135,17 +136,19 @@ def left_out_table(summary: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame 
 
 
 def reproduce_text(reproduce: dict | None) -> tuple[str, str]:
-    """(commands, config YAML) for "how to reproduce this". The cell path starts at the config's results_dir."""
+    """(commands, config YAML) for "how to reproduce this". The cell path is the results tree's, under the config's
+    results_dir."""
     reproduce = reproduce or {}
-    results_dir = reproduce.get("config", {}).get("results_dir", "<results_dir>")
+    tree = ResultsTree(reproduce.get("config", {}).get("results_dir", "<results_dir>"))
+    cell = tree.evaluation("summary", model="<model>", task="<task>", run=run_name("<algorithm>", "<seed>"),
+                           benchmark="<benchmark>")
     configfiles = " ".join(reproduce.get("configfiles", [])) or "<the config of this run>"
     commands = "\n".join([
         "# the whole grid, from this config (at the git commit in the provenance table):",
         f"snakemake --cores all --configfile {configfiles}",
         "# any one cell (its path is the cell's model/task/algorithm/seed/benchmark):",
-        f"snakemake --cores all --configfile {configfiles} "
-        f"{results_dir}/eval/<model>/<task>/<algorithm>/seed<seed>/<benchmark>.summary.parquet",
-        "# or without Snakemake: summary.parquet holds each row's `command` (exact settings and inputs)"])
+        f"snakemake --cores all --configfile {configfiles} {cell}",
+        f"# or without Snakemake: {REPORT_FILES['summary']} holds each row's `command` (exact settings and inputs)"])
     config = yaml.safe_dump(reproduce["config"], sort_keys=False) if "config" in reproduce else ""
     return commands, config
 
@@ -153,7 +156,8 @@ def reproduce_text(reproduce: dict | None) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------------------- report
 def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, settings: dict,
                  published: Path | None = None) -> None:
-    """Write out_dir/summary.parquet, report.md, report.html and figures/{kind}/*.png from the inputs that exist.
+    """Write out_dir's summary Parquet, Markdown and HTML (kalmanrl.layout.REPORT_FILES) and its figures, one
+    directory per kind (kalmanrl.layout.FIGURES), from the inputs that exist.
 
     settings: {"report": {"bootstrap_samples", "confidence", "alpha", "power", "detect"}, optional "reproduce":
     {"configfiles", "config"}}.
@@ -164,16 +168,15 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
     summary = with_seed_label(load_frames(summaries))
     if summary.empty:  # nothing finished yet: still one (missing) row per expected cell
         summary = pd.DataFrame(columns=[*RUN, "benchmark", "step", "avg_at_k"])
-    details = with_seed_label(load_frames([str(p).replace(".summary.parquet", ".details.parquet")
-                                            for p in summaries]))
+    details = with_seed_label(load_frames([evaluation_sibling(p, "details") for p in summaries]))
     curves = load_frames(metrics)
     missing = [str(p) for p in [*summaries, *metrics] if not Path(p).exists()]
     expected = pd.DataFrame([i for p in summaries if (i := summary_ident(p))], columns=[*RUN, "benchmark"])
     write_parquet(summary.assign(seed=summary["seed"].replace(NO_SEED, None).astype("Int64"))
-                  if len(summary) else summary, out_dir / "summary.parquet")
+                  if len(summary) else summary, report_file(out_dir, "summary"))
 
     for kind in FIGURES:  # every figure directory exists, also when there is nothing to plot in it yet
-        (out_dir / "figures" / kind).mkdir(parents=True, exist_ok=True)
+        figure_dir(out_dir, kind).mkdir(parents=True, exist_ok=True)
     final, final_details = final_steps(summary), final_steps(details)
     paper_accuracy, paper_differences = published_numbers(published)
     accuracy = accuracy_table(final, final_details, expected, samples=samples, confidence=confidence) \
@@ -194,13 +197,13 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
                                     detect=cfg["detect"]) if len(differences) else None),
         Section(FIGURES["differences"], "Each difference with its interval; a red cross marks the published one; a "
                 "grey bar spans the differences too small for the grid to detect ('detects' in the table).",
-                figures=plot_differences(differences, paper_differences, out_dir / "figures" / "differences")),
+                figures=plot_differences(differences, paper_differences, figure_dir(out_dir, "differences"))),
         Section(FIGURES["accuracy_vs_step"], "avg@k of every evaluated checkpoint; step 0 is the warm start.",
-                figures=plot_accuracy_vs_step(summary, out_dir / "figures" / "accuracy_vs_step")),
+                figures=plot_accuracy_vs_step(summary, figure_dir(out_dir, "accuracy_vs_step"))),
         Section(FIGURES["curves"], "Per RL step, mean and ±1 std over seeds.",
-                figures=plot_curves(curves, out_dir / "figures" / "curves") if len(curves) else []),
+                figures=plot_curves(curves, figure_dir(out_dir, "curves")) if len(curves) else []),
         Section(FIGURES["token_noise"], TOKEN_NOISE_NOTE,
-                figures=plot_token_noise(curves, out_dir / "figures" / "token_noise") if len(curves) else []),
+                figures=plot_token_noise(curves, figure_dir(out_dir, "token_noise")) if len(curves) else []),
         Section("Published numbers (not reproduced here)",
                 f"Published by the papers, NOT reproduced by this pipeline; shown beside ours only where model, "
                 f"task, benchmark and algorithm match. Sources: {sources}.",
@@ -209,11 +212,11 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
                 "problems of the task's train split, or of the benchmark) and samples that hit a reward limit score "
                 "0 unjudged (limit_hits); a benchmark's numbers cover only the problems it kept.",
                 left_out_table(final, curves)),
-        Section("Provenance", "Every row of summary.parquet also carries its settings hash, input file hashes and "
-                "the exact command that reruns it.", provenance_table(summary) if len(summary) else None)]
+        Section("Provenance", f"Every row of {REPORT_FILES['summary']} also carries its settings hash, input file "
+                "hashes and the exact command that reruns it.", provenance_table(summary) if len(summary) else None)]
     page = Page(sections, missing, *reproduce_text(settings.get("reproduce")))
-    for name, render in (("report.md", page.markdown), ("report.html", page.html)):
-        with atomic_path(out_dir / name) as tmp:
+    for name, render in (("markdown", page.markdown), ("html", page.html)):
+        with atomic_path(report_file(out_dir, name)) as tmp:
             tmp.write_text(render(out_dir))
     log.info("report: %d summary rows, %d training runs, %d missing inputs", len(summary),
              len(curves.drop_duplicates(RUN)) if len(curves) else 0, len(missing))

@@ -1,5 +1,6 @@
 """Reading the evaluation results tree into frames: which run a summary file belongs to, the runs' last evaluated
-steps, and one run's correctness as a seeds x problems matrix. The names of the grid's roles live here too."""
+steps, and one run's correctness as a seeds x problems matrix. The names of the grid's roles live here too (the warm
+start's is the results tree's, kalmanrl.layout)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from kalmanrl.io import read_parquet
+from kalmanrl.layout import WARM_START, parse_evaluation, parse_run_name
 
 BASELINE = "grpo"
-WARM_START = "sft"
 CELL = ["model", "task", "benchmark"]
 RUN = ["model", "task", "algorithm", "seed"]
 NO_SEED = -1  # the warm start has no RL seed; it is the same policy for every seed of every algorithm
@@ -24,18 +25,17 @@ def load_frames(paths: list[Path]) -> pd.DataFrame:
 
 
 def summary_ident(path: str | Path) -> dict | None:
-    """The identification a summary path encodes in the workflow layout
-    `.../{model}/{task}/{sft | <algorithm>/seed<n>}/{benchmark}.summary.parquet`; None for any other layout."""
-    parts = Path(path).parts
-    if not parts[-1].endswith(".summary.parquet"):
+    """The cell and run a summary file of the results tree (kalmanrl.layout.EVAL_FILE) is the final evaluation of:
+    model, task, algorithm, seed (NO_SEED for the warm start), benchmark. None for a kept checkpoint's summary (its
+    run's final summary names the cell) and for any path outside the tree."""
+    ident = parse_evaluation(path)
+    if ident is None or ident["kind"] != "summary":
         return None
-    benchmark = parts[-1].removesuffix(".summary.parquet")
-    if len(parts) >= 4 and parts[-2] == WARM_START:
-        return {"model": parts[-4], "task": parts[-3], "algorithm": WARM_START, "seed": NO_SEED, "benchmark": benchmark}
-    if len(parts) >= 5 and parts[-2].startswith("seed") and parts[-2][4:].isdigit():
-        return {"model": parts[-5], "task": parts[-4], "algorithm": parts[-3], "seed": int(parts[-2][4:]),
-                "benchmark": benchmark}
-    return None
+    run = parse_run_name(ident["run"])
+    if "step" in run:
+        return None
+    return {"model": ident["model"], "task": ident["task"], "algorithm": run["algorithm"],
+            "seed": int(run["seed"]) if "seed" in run else NO_SEED, "benchmark": ident["benchmark"]}
 
 
 def final_steps(frame: pd.DataFrame) -> pd.DataFrame:

@@ -30,7 +30,7 @@ from kalmanrl.dataset import read_dataset
 from kalmanrl.devices import resolve_device
 from kalmanrl.distributed import Ranks
 from kalmanrl.io import write_parquet
-from kalmanrl.layout import checkpoints_root
+from kalmanrl.layout import checkpoints_root, final_model_dir, metrics_file
 from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
 from kalmanrl.optim import make_rollout_optimizer
@@ -346,13 +346,13 @@ def finish(run: Run, out_dir: Path) -> pd.DataFrame:
     the metrics table (rank 0). `final/provenance.json` lists the environment (versions, lock, machine, commit) of
     every start and resume of the run with the step it started from: a run resumed elsewhere says so."""
     metrics = pd.DataFrame(run.rows)
-    with distributed.shared_atomic_dir(out_dir / "final", run.ranks) as tmp:
+    with distributed.shared_atomic_dir(final_model_dir(out_dir), run.ranks) as tmp:
         distributed.write_full_model(run.policy, run.tokenizer, tmp, run.ranks, dtype=run.dtype)
         if run.ranks.is_main:
             (tmp / "provenance.json").write_text(json.dumps({"settings_hash": run.settings_hash,
                                                              "environments": run.environments}, indent=1))
     if run.ranks.is_main:
-        write_parquet(metrics, out_dir / "metrics.parquet")
+        write_parquet(metrics, metrics_file(out_dir))
     return metrics
 
 

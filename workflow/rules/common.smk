@@ -1,29 +1,22 @@
 # Config -> target lists. All validation and every default come from kalmanrl.config and the schema.
 import json
-import os
 import sys
 
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.devices import local_gpu_problem, machine_devices
-from kalmanrl.layout import FIGURES, checkpoint_dir, checkpoint_model_dir, checkpoints_root
+from kalmanrl.layout import (FIGURES, REPORT_FILES, RUN, WARM_START, WILDCARD_CONSTRAINTS, ResultsTree, fields,
+                             parse_run_name, run_name)
 
 _validated = validate_config(config)
 config.clear()
 config.update(_validated)
 
-R = config["results_dir"]
-LOGS = f"{R}/logs"
-BENCH = f"{R}/benchmarks"
+# Every path of the results tree, as a Snakemake pattern or a file (kalmanrl.layout).
+TREE = ResultsTree(config["results_dir"])
 
 
 wildcard_constraints:
-    model="[^/]+",
-    task="[^/]+",
-    benchmark="[^/.]+",
-    dataset="[^/.]+",
-    algorithm="[^/]+",
-    seed=r"\d+",
-    run=r"sft|[^/]+/seed\d+(/step\d+)?",
+    **WILDCARD_CONSTRAINTS,
 
 
 def settings(stage, **wildcards):
@@ -85,18 +78,6 @@ def conda_env(stage):
     return f"../../envs/{flavour(stage)}.yaml"
 
 
-def dataset_file(name):
-    return f"{R}/data/{name}.parquet"
-
-
-def train_split_file(task):
-    return f"{R}/data/{task}.train.parquet"
-
-
-def run_dir(model, task, algorithm, seed):
-    return f"{R}/runs/{model}/{task}/{algorithm}/seed{seed}"
-
-
 def kept_steps():
     """The intermediate steps whose checkpoints are kept and evaluated (train.keep_every; the final step is the run)."""
     every, steps = config["train"]["keep_every"], config["train"]["steps"]
@@ -104,56 +85,58 @@ def kept_steps():
 
 
 def runs():
-    """Every (model, task, run) evaluated: the warm start ("sft"), each algorithm x seed, and each kept intermediate
-    checkpoint of those ("<algorithm>/seed<n>/step<k>")."""
+    """Every (model, task, run) evaluated: the warm start, each algorithm x seed, and each kept intermediate
+    checkpoint of those (kalmanrl.layout.run_name)."""
     for model in config["models"]:
         for task in config["tasks"]:
-            yield model, task, "sft"
+            yield model, task, run_name(WARM_START)
             for algorithm in config["algorithms"]:
                 for seed in config["seeds"]:
-                    yield model, task, f"{algorithm}/seed{seed}"
+                    yield model, task, run_name(algorithm, seed)
                     for step in kept_steps():
-                        yield model, task, f"{algorithm}/seed{seed}/step{step}"
+                        yield model, task, run_name(algorithm, seed, step)
 
 
 def run_ident(wildcards):
-    ident = {"model": wildcards.model, "task": wildcards.task, "benchmark": wildcards.benchmark}
-    if wildcards.run == "sft":
-        return {**ident, "algorithm": "sft"}
-    algorithm, seed, *step = wildcards.run.split("/")
-    return {**ident, "algorithm": algorithm, "seed": seed.removeprefix("seed"),
-            **({"step": step[0].removeprefix("step")} if step else {})}
+    """An evaluation's model, task, benchmark and what its {run} names (algorithm, and seed and step where it has
+    them), as text."""
+    return {"model": wildcards.model, "task": wildcards.task, "benchmark": wildcards.benchmark,
+            **parse_run_name(wildcards.run)}
+
+
+def trained_run(ident):
+    """The training run (kalmanrl.layout.RUN's fields) an evaluation of a trained policy or kept checkpoint belongs to."""
+    return {key: ident[key] for key in fields(RUN)}
 
 
 def eval_model(wildcards):
-    """What an evaluation waits for: the warm start for run "sft", the trained policy of "<algorithm>/seed<n>", and
+    """What an evaluation waits for: the warm start for its run, the trained policy of "<algorithm>/seed<n>", and
     for an intermediate step the finished run (its kept checkpoints are not outputs of their own)."""
-    if wildcards.run == "sft":
-        return f"{R}/models/{wildcards.model}/{wildcards.task}/sft"
     ident = run_ident(wildcards)
-    run = run_dir(wildcards.model, wildcards.task, ident["algorithm"], ident["seed"])
-    return f"{run}/metrics.parquet" if "step" in ident else f"{run}/final"
+    if ident["algorithm"] == WARM_START:
+        return TREE.warm_start_model(model=wildcards.model, task=wildcards.task)
+    return TREE.metrics(**trained_run(ident)) if "step" in ident else TREE.final_model(**trained_run(ident))
 
 
 def eval_model_dir(wildcards):
     """The model directory an evaluation loads (an intermediate step's is the model/ of its kept checkpoint, in the run
     that eval_model waits for)."""
-    model, ident = eval_model(wildcards), run_ident(wildcards)
+    ident = run_ident(wildcards)
     if "step" not in ident:
-        return model
-    return str(checkpoint_model_dir(checkpoint_dir(checkpoints_root(os.path.dirname(model)), int(ident["step"]))))
+        return eval_model(wildcards)
+    return TREE.kept_model(int(ident["step"]), **trained_run(ident))
 
 
 SUMMARIES = [
-    f"{R}/eval/{model}/{task}/{run}/{benchmark}.summary.parquet"
+    TREE.evaluation("summary", model=model, task=task, run=run, benchmark=benchmark)
     for model, task, run in runs()
     for benchmark in config["benchmarks"]
 ]
 METRICS = [
-    f"{run_dir(model, task, algorithm, seed)}/metrics.parquet"
+    TREE.metrics(model=model, task=task, algorithm=algorithm, seed=seed)
     for model in config["models"]
     for task in config["tasks"]
     for algorithm in config["algorithms"]
     for seed in config["seeds"]
 ]
-REPORT_OUTPUTS = [f"{R}/report/report.html", f"{R}/report/report.md", f"{R}/report/summary.parquet"]
+REPORT_OUTPUTS = [TREE.report_file(name) for name in REPORT_FILES]

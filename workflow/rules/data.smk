@@ -6,7 +6,7 @@ localrules:
 rule data:
     """One dataset, all its splits, as Parquet (hub or local copies; the arithmetic generator)."""
     output:
-        dataset_file("{dataset}"),
+        TREE.dataset(),
     params:
         settings=lambda wc: settings("data", dataset=wc.dataset),
     container:
@@ -14,7 +14,7 @@ rule data:
     conda:
         conda_env("data")
     log:
-        f"{LOGS}/data/{{dataset}}.log",
+        TREE.log("data"),
     shell:
         "kalmanrl data --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"
 
@@ -22,10 +22,10 @@ rule data:
 rule decontaminate:
     """A task's train split without any problem that appears in a benchmark."""
     input:
-        dataset=dataset_file("{task}"),
-        benchmarks=lambda wc: [dataset_file(b) for b in config["benchmarks"]] if config["data"]["decontaminate"] else [],
+        dataset=TREE.dataset(dataset="{task}"),
+        benchmarks=lambda wc: [TREE.dataset(dataset=b) for b in config["benchmarks"]] if config["data"]["decontaminate"] else [],
     output:
-        train_split_file("{task}"),
+        TREE.train_split(),
     params:
         # The one setting this rule reads (through its inputs): toggling it reruns the decontaminate jobs, and what
         # depends on their outputs, not the data jobs.
@@ -35,7 +35,7 @@ rule decontaminate:
     conda:
         conda_env("data")
     log:
-        f"{LOGS}/data/{{task}}.train.log",
+        TREE.log("decontaminate"),
     shell:
         "kalmanrl decontaminate --dataset {input.dataset:q} --exclude {input.benchmarks:q} --out {output:q}"
         " > {log:q} 2>&1"

@@ -3,10 +3,10 @@ rule evaluate:
     of its kept checkpoints ("<algorithm>/seed<n>/step<k>", train.keep_every)."""
     input:
         model=eval_model,
-        dataset=dataset_file("{benchmark}"),
+        dataset=TREE.dataset(dataset="{benchmark}"),
     output:
-        details=f"{R}/eval/{{model}}/{{task}}/{{run}}/{{benchmark}}.details.parquet",
-        summary=f"{R}/eval/{{model}}/{{task}}/{{run}}/{{benchmark}}.summary.parquet",
+        details=TREE.evaluation("details"),
+        summary=TREE.evaluation("summary"),
     params:
         settings=lambda wc: settings("evaluate", **run_ident(wc)),
         model=eval_model_dir,
@@ -15,9 +15,9 @@ rule evaluate:
     conda:
         conda_env("evaluate")
     log:
-        f"{LOGS}/evaluate/{{model}}/{{task}}/{{run}}/{{benchmark}}.log",
+        TREE.log("evaluate"),
     benchmark:
-        f"{BENCH}/evaluate/{{model}}/{{task}}/{{run}}/{{benchmark}}.tsv"
+        TREE.benchmark("evaluate")
     threads: res("evaluate", "threads")
     resources:
         mem_mb=scaled("evaluate", "mem_mb"),

@@ -7,9 +7,9 @@ localrules:
 rule model:
     """The base policy: a tiny tokenizer + random Qwen2 trained on the tasks' text, or a copy of a hub/local model."""
     input:
-        texts=lambda wc: [dataset_file(t) for t in config["tasks"]] if config["models"][wc.model]["source"] == "tiny" else [],
+        texts=lambda wc: [TREE.dataset(dataset=t) for t in config["tasks"]] if config["models"][wc.model]["source"] == "tiny" else [],
     output:
-        directory(f"{R}/models/{{model}}/base"),
+        directory(TREE.base_model()),
     params:
         settings=lambda wc: settings("model", model=wc.model),
     container:
@@ -17,7 +17,7 @@ rule model:
     conda:
         conda_env("model")
     log:
-        f"{LOGS}/model/{{model}}.log",
+        TREE.log("model"),
     threads: res("model", "threads")
     resources:
         mem_mb=scaled("model", "mem_mb"),
@@ -29,10 +29,10 @@ rule model:
 rule sft:
     """Supervised warm start on the task's (decontaminated) train split, in the task's answer format."""
     input:
-        model=f"{R}/models/{{model}}/base",
-        dataset=train_split_file("{task}"),
+        model=TREE.base_model(),
+        dataset=TREE.train_split(),
     output:
-        directory(f"{R}/models/{{model}}/{{task}}/sft"),
+        directory(TREE.warm_start_model()),
     params:
         settings=lambda wc: settings("sft", model=wc.model, task=wc.task),
     container:
@@ -40,9 +40,9 @@ rule sft:
     conda:
         conda_env("sft")
     log:
-        f"{LOGS}/sft/{{model}}/{{task}}.log",
+        TREE.log("sft"),
     benchmark:
-        f"{BENCH}/sft/{{model}}/{{task}}.tsv"
+        TREE.benchmark("sft")
     threads: res("sft", "threads")
     resources:
         mem_mb=scaled("sft", "mem_mb"),

@@ -9,23 +9,23 @@ rule report:
         summaries=SUMMARIES,
         metrics=METRICS,
     output:
-        html=report(f"{R}/report/report.html", caption="../report/report.rst", category="Report"),
-        markdown=f"{R}/report/report.md",
-        summary=f"{R}/report/summary.parquet",
+        html=report(TREE.report_file("html"), caption="../report/report.rst", category="Report"),
+        markdown=TREE.report_file("markdown"),
+        summary=TREE.report_file("summary"),
         **{
-            kind: report(directory(f"{R}/report/figures/{kind}"), patterns=["{name}.png"],
+            kind: report(directory(TREE.figure_dir(kind)), patterns=["{name}.png"],
                          caption=f"../report/{kind}.rst", category="Figures", subcategory=title)
             for kind, title in FIGURES.items()
         },
     params:
         settings=lambda wc: report_settings(),
-        out_dir=lambda wc, output: os.path.dirname(output.html),
+        out_dir=lambda wc: TREE.report_dir(),
     container:
         image("report")
     conda:
         conda_env("report")
     log:
-        f"{LOGS}/report.log",
+        TREE.log("report"),
     shell:
         "kalmanrl report --settings {params.settings:q} --summaries {input.summaries:q} --metrics {input.metrics:q}"
         " --out {params.out_dir:q} > {log:q} 2>&1"

@@ -3,14 +3,14 @@ rule train:
     resources.train.gpus x nodes above 1, `kalmanrl train` starts that many ranks itself (torchrun; srun torchrun on
     several nodes, one per node); without GPUs, cpu_ranks x nodes CPU ranks (under SLURM one task each)."""
     input:
-        model=f"{R}/models/{{model}}/{{task}}/sft",
-        dataset=train_split_file("{task}"),
+        model=TREE.warm_start_model(),
+        dataset=TREE.train_split(),
     output:
-        final=directory(f"{R}/runs/{{model}}/{{task}}/{{algorithm}}/seed{{seed}}/final"),
-        metrics=f"{R}/runs/{{model}}/{{task}}/{{algorithm}}/seed{{seed}}/metrics.parquet",
+        final=directory(TREE.final_model()),
+        metrics=TREE.metrics(),
     params:
         settings=lambda wc: settings("train", **wc),
-        run_dir=lambda wc, output: os.path.dirname(output.metrics),
+        run_dir=lambda wc: TREE.run_dir(**wc),
         gpus=res("train", "gpus"),
         cpu_ranks=res("train", "cpu_ranks"),
     container:
@@ -18,9 +18,9 @@ rule train:
     conda:
         conda_env("train")
     log:
-        f"{LOGS}/train/{{model}}/{{task}}/{{algorithm}}/seed{{seed}}.log",
+        TREE.log("train"),
     benchmark:
-        f"{BENCH}/train/{{model}}/{{task}}/{{algorithm}}/seed{{seed}}.tsv"
+        TREE.benchmark("train")
     threads: res("train", "threads")
     resources:
         mem_mb=scaled("train", "mem_mb"),
