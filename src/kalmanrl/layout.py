@@ -43,6 +43,7 @@ JOBS = {"data": "data/{dataset}", "decontaminate": "data/{task}.train", "model":
 
 # Inside a run directory (the trainer's out_dir).
 FINAL = "final"  # the trained policy, save_pretrained
+TRAINING_PROVENANCE = "provenance.json"  # inside final/: the environment of every start and resume of the run
 METRICS = "metrics.parquet"  # one row per RL step
 CHECKPOINTS = "checkpoints"  # not a workflow output, so Snakemake keeps it when a job fails
 

@@ -30,7 +30,7 @@ from kalmanrl.dataset import read_dataset
 from kalmanrl.devices import resolve_device
 from kalmanrl.distributed import Ranks
 from kalmanrl.io import write_parquet
-from kalmanrl.layout import checkpoints_root, final_model_dir, metrics_file
+from kalmanrl.layout import TRAINING_PROVENANCE, checkpoints_root, final_model_dir, metrics_file
 from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
 from kalmanrl.optim import make_rollout_optimizer
@@ -349,8 +349,8 @@ def finish(run: Run, out_dir: Path) -> pd.DataFrame:
     with distributed.shared_atomic_dir(final_model_dir(out_dir), run.ranks) as tmp:
         distributed.write_full_model(run.policy, run.tokenizer, tmp, run.ranks, dtype=run.dtype)
         if run.ranks.is_main:
-            (tmp / "provenance.json").write_text(json.dumps({"settings_hash": run.settings_hash,
-                                                             "environments": run.environments}, indent=1))
+            provenance = {"settings_hash": run.settings_hash, "environments": run.environments}
+            (tmp / TRAINING_PROVENANCE).write_text(json.dumps(provenance, indent=1))
     if run.ranks.is_main:
         write_parquet(metrics, metrics_file(out_dir))
     return metrics
