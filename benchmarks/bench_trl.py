@@ -37,6 +37,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -158,6 +159,8 @@ def run_trl(directory: Path, batches: int, threads: int) -> dict:
 
 
 def worker(side: str, directory: Path, batches: int, threads: int, algorithm: str) -> None:
+    for run in ("kalmanrl_run", "trl_run"):  # a fresh run each round: kalmanrl would resume a finished one
+        shutil.rmtree(directory / run, ignore_errors=True)
     result = run_kalmanrl(directory, batches, threads, algorithm) if side == "kalmanrl" else \
         run_trl(directory, batches, threads)
     (directory / f"{side}.json").write_text(json.dumps(result))
