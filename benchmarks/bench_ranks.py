@@ -100,21 +100,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
-    from kalmanrl.dataset import read_dataset, write_dataset
-    from kalmanrl.loaders import build_dataset
-    from kalmanrl.model import build_tiny_model
+    from _setup import build_data_and_model, easy_arithmetic, tiny_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        table, _ = build_dataset({"loader": "arithmetic", "params": {"difficulty": "easy", "train_size": 500,
-                                                                     "test_size": 10}},
-                                 local_dir=None, seed=0, arithmetic_presets={"easy": [3, 3]})
-        write_dataset(table, tmp / "data.parquet")
-        texts = read_dataset(tmp / "data.parquet").column("problem").to_pylist()
-        spec = {"vocab_size": 512, "hidden_size": args.hidden, "num_layers": args.layers,
-                "num_heads": args.hidden // 32, "num_kv_heads": max(1, args.hidden // 64),
-                "intermediate_size": 4 * args.hidden, "max_position_embeddings": 512, "tie_word_embeddings": True}
-        build_tiny_model(tmp / "model", texts, spec=spec, seed=0)
+        build_data_and_model(tmp, easy_arithmetic(500), tiny_spec(args.hidden, args.layers))
         (tmp / "settings.json").write_text(json.dumps(settings_for(args)))
 
         results = [run(tmp, name.replace(" ", "_").replace(",", ""), ranks, threads, tmp / "model",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +32,7 @@ import torch
 from kalmanrl import algorithms
 from kalmanrl.batch import build_batch
 from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.dataset import read_dataset, write_dataset
-from kalmanrl.loaders import build_dataset
+from kalmanrl.dataset import read_dataset
 from kalmanrl.model import build_tiny_model, load_policy
 from kalmanrl.optim import adamw
 from kalmanrl.precision import resolve_precision
@@ -40,6 +40,9 @@ from kalmanrl.prompts import get_template
 from kalmanrl.rollout import Completion, SamplingConfig, make_engine
 from kalmanrl.tensor_memory import TensorMemory
 from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests/test_memory.py)
+from _setup import build_data_and_model, easy_arithmetic, tiny_spec  # noqa: E402
 
 PHASES = ["time_rollout", "time_reward", "time_score", "time_update"]
 
@@ -59,16 +62,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        presets = {"easy": [3, 3]}
-        table, _ = build_dataset({"loader": "arithmetic", "params": {"difficulty": "easy", "train_size": 2000,
-                                                                     "test_size": 10}},
-                                 local_dir=None, seed=0, arithmetic_presets=presets)
-        write_dataset(table, tmp / "data.parquet")
-        texts = read_dataset(tmp / "data.parquet").column("problem").to_pylist()
-        spec = {"vocab_size": 512, "hidden_size": args.hidden, "num_layers": args.layers,
-                "num_heads": args.hidden // 32, "num_kv_heads": max(1, args.hidden // 64),
-                "intermediate_size": 4 * args.hidden, "max_position_embeddings": 512, "tie_word_embeddings": True}
-        build_tiny_model(tmp / "model", texts, spec=spec, seed=0)
+        build_data_and_model(tmp, easy_arithmetic(2000), tiny_spec(args.hidden, args.layers))
 
         config = validate_config({"train": {"steps": args.steps, "checkpoint_every": args.steps + 1}})
         rows = {}
@@ -157,11 +151,8 @@ def step_peak_memory(policy, *, rows: int, group: int, prompt_len: int, completi
 
 def memory_table(hidden: int, layers: int) -> None:
     """Print peak step memory for rollout batches of 64 to 256 sequences of 64 + 192 tokens."""
-    spec = {"vocab_size": 512, "hidden_size": hidden, "num_layers": layers, "num_heads": hidden // 32,
-            "num_kv_heads": max(1, hidden // 64), "intermediate_size": 4 * hidden, "max_position_embeddings": 512,
-            "tie_word_embeddings": True}
     with tempfile.TemporaryDirectory() as tmp:
-        build_tiny_model(Path(tmp) / "model", ["1 + 2 = 3"] * 50, spec=spec, seed=0)
+        build_tiny_model(Path(tmp) / "model", ["1 + 2 = 3"] * 50, spec=tiny_spec(hidden, layers), seed=0)
         policy = load_policy(Path(tmp) / "model")[0]
     budget = 8 * (64 + 192)
     cfg = {**validate_config({})["train"], "mini_batches": 2, "micro_batch_tokens": budget}

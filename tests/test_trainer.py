@@ -24,8 +24,9 @@ from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
 from kalmanrl.precision import Precision
 from kalmanrl.rollout import Completion
-from kalmanrl.trainer import (NonFiniteLossError, _step_problems, gradient_checkpointing, mini_batch_backward,
-                              train)
+from kalmanrl.trainer import (NonFiniteLossError, _step_problems, gradient_checkpointing, has_dropout,
+                              mini_batch_backward, mini_batch_schedule, sample, score_logprobs, score_rewards, setup,
+                              train, update)
 
 FLOAT32 = Precision("float32", "cpu")
 TIMING = {"wall_time", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward", "time_score",
@@ -90,6 +91,45 @@ def test_training_writes_metrics_and_a_loadable_policy(tmp_path, tiny_model_dir,
 def test_policy_moves_off_policy_within_a_rollout_batch(tmp_path, tiny_model_dir, arithmetic_parquet):
     metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for("grpo"))
     assert (metrics["ratio_max"] > metrics["ratio_min"]).any(), "ratios never left 1: updates were not off-policy"
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "kpo"])
+def test_the_first_mini_batch_takes_its_old_logprobs_from_its_update_forward(tmp_path, tiny_model_dir,
+                                                                             arithmetic_parquet, algorithm):
+    """Leaving the first mini-batch's old log-probs to its own update forward (the policy is still the sampling one)
+    changes no number: the same old log-probs, update statistics and weights as scoring every mini-batch first (two
+    epochs, several micro-batches per mini-batch)."""
+    results = []
+    for fused in (False, True):
+        run = setup(tiny_model_dir, arithmetic_parquet, tmp_path / str(fused),
+                    settings_for(algorithm, ppo_epochs=2, micro_batch_tokens=150), threads=1)
+        assert run.old_from_update
+        with run.engine, run.reward_fn:
+            rollout = sample(run, 0)
+            _, rewards = score_rewards(run, rollout)
+            batch = build_batch(rollout.prompt_ids, rollout.completions, run.advantage_fn(rewards),
+                                run.tokenizer.pad_token_id)
+            schedule = mini_batch_schedule(len(batch.advantages), run.cfg, run.seed, 0)
+            score_logprobs(run, batch, schedule[0], first_in_update=fused)
+            assert (batch.old_logp[schedule[0][0]] == 0).all() == fused
+            stats = update(run, batch, schedule, old_from_first=fused)
+        results.append((batch.old_logp, stats, {n: p.detach().clone() for n, p in run.policy.named_parameters()}))
+    (old_logp, stats, weights), (fused_old_logp, fused_stats, fused_weights) = results
+    assert torch.equal(fused_old_logp, old_logp)
+    assert fused_stats.keys() == stats.keys()
+    assert all(fused_stats[k] == stats[k] or fused_stats[k] != fused_stats[k] and stats[k] != stats[k] for k in stats)
+    assert all(torch.equal(fused_weights[n], weights[n]) for n in weights)
+
+
+def test_a_policy_with_dropout_scores_every_mini_batch_before_updating(tiny_model_dir):
+    """With dropout the update's forward is not the sampling policy's, so it cannot provide the old log-probs."""
+    policy, _ = load_policy(tiny_model_dir)
+    assert not has_dropout(policy)
+    policy.config.attention_dropout = 0.1
+    assert has_dropout(policy)
+    policy.config.attention_dropout = 0.0
+    policy.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.1))
+    assert has_dropout(policy)
 
 
 def _run_cli(out: Path, model: Path, data: Path, settings: dict) -> subprocess.Popen:

@@ -19,6 +19,7 @@ clip. It is the named surrogate "geometric_mean" instead, used with the token ra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -135,11 +136,16 @@ def krpo_advantages(rewards: torch.Tensor, *, q: float = 1e-5, r: float = 1e-2, 
 class _StopGradientRatio(torch.autograd.Function):
     """rho = exp(min(logp - sg(logp) + sg(log_ratio), clamp)) as one autograd op: value exp(min(log_ratio, clamp)),
     gradient rho * d logp, zero where the clamp acts. Autograd through the written-out formula costs four tensor ops
-    forward and three backward, as much as KPO's filter; this is two and one."""
+    forward and three backward, as much as KPO's filter; this is two (a max, then exp; the clamp only when the max
+    exceeds it) and one (the mask only then)."""
 
     @staticmethod
     def forward(ctx, logp: torch.Tensor, log_ratio: torch.Tensor, clamp: float) -> torch.Tensor:
-        rho = log_ratio.clamp(max=clamp).exp().to(logp.dtype)
+        top = log_ratio.max().item() if log_ratio.numel() else -math.inf  # NaN when any log-ratio is NaN
+        # The values: clamped unless every log-ratio is within the clamp. The gradient: masked where the clamp acts,
+        # skipped when the max is NaN (comparisons with NaN are false).
+        ctx.clamped = clamp < top
+        rho = (log_ratio if top <= clamp else log_ratio.clamp(max=clamp)).exp().to(logp.dtype)
         ctx.save_for_backward(rho, log_ratio)
         ctx.clamp = clamp
         return rho
@@ -148,7 +154,7 @@ class _StopGradientRatio(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         rho, log_ratio = ctx.saved_tensors
         grad_logp = grad * rho
-        if ctx.clamp < log_ratio.max():  # torch.clamp's gradient passes at the bound itself
+        if ctx.clamped:  # torch.clamp's gradient passes at the bound itself
             grad_logp = grad_logp.masked_fill(log_ratio > ctx.clamp, 0.0)
         return grad_logp, None, None
 
@@ -193,7 +199,7 @@ def kpo_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *,
               clamp: float = 10.0) -> torch.Tensor:
     """KPO (arXiv 2602.10609, authors' code shuohe1995/verl-kpo): rho = exp(min(logp - sg(logp) + sg(xhat), clamp))
     with xhat = filtered_log_ratio(logp - old_logp): value exp(xhat), gradient exp(xhat) * d logp. [B, T]."""
-    xhat = filtered_log_ratio(logp - old_logp, mask, q=q, r=r, x0=x0, p0=p0)
+    xhat = filtered_log_ratio(logp.detach() - old_logp, mask, q=q, r=r, x0=x0, p0=p0)
     return _stop_gradient_ratio(logp, xhat, clamp)
 
 

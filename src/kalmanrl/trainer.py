@@ -3,7 +3,8 @@ transform and loss knobs, looked up by name in `kalmanrl.algorithms`.
 
 `train` is `setup` then, per rollout batch, the phases of docs/algorithms.md in order, each a function of its own:
 `sample` (prompts -> G completions each), `score_rewards`, advantages, `score_logprobs` (old and reference
-log-probs), `update` (ppo_epochs x mini_batches optimiser steps, so ratios and clipping act off-policy),
+log-probs), `update` (ppo_epochs x mini_batches optimiser steps, so ratios and clipping act off-policy; the first
+takes its old log-probs from its own forward pass, since the policy is still the sampling one),
 `record` (one metrics row) and `checkpoint`; `finish` writes the final policy and the metrics.
 
 One code path for one process and for N ranks under torchrun (`kalmanrl.distributed`): each rank samples whole groups
@@ -73,6 +74,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     engine: RolloutEngine
+    old_from_update: bool  # the first mini-batch's old log-probs come from its update forward (no dropout)
     dtype: str  # the model's configured dtype: what checkpoints and the final policy are saved in
     checkpoints: Path
     settings_hash: str
@@ -129,10 +131,10 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
                                 untrained_eos=None if cfg["loss_on_eos"] else run.tokenizer.eos_token_id
                                 ).to(run.device)
             schedule = mini_batch_schedule(len(batch.advantages) * ranks.world_size, cfg, run.seed, step)
-            score_logprobs(run, batch, schedule[0])
+            score_logprobs(run, batch, schedule[0], first_in_update=run.old_from_update)
             clock.append(time.perf_counter())
             run.engine.sleep()
-            stats = update(run, batch, schedule)
+            stats = update(run, batch, schedule, old_from_first=run.old_from_update)
             run.engine.sync_weights(run.policy)
             clock.append(time.perf_counter())
             row = record(run, step, rollout, verdicts, rewards, advantages, batch, stats, clock, writer)
@@ -203,7 +205,8 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
                tokenizer=tokenizer, template=template, problems=problems, overlong_dropped=overlong_dropped,
                limit=limit, reward_fn=reward_fn,
                advantage_fn=advantage_fn, ratio_fn=ratio_fn, kpo_params=kpo_params, optimizer=optimizer,
-               scheduler=scheduler, engine=engine, dtype=settings["model"]["dtype"], checkpoints=checkpoints,
+               scheduler=scheduler, engine=engine, old_from_update=not has_dropout(policy),
+               dtype=settings["model"]["dtype"], checkpoints=checkpoints,
                settings_hash=settings_hash, ranks=ranks, start=start, rows=rows, environments=environments,
                nonfinite=int(rows[-1]["nonfinite_total"]) if rows else 0)
 
@@ -212,6 +215,14 @@ def gradient_checkpointing(settings: dict) -> bool:
     """train.gradient_checkpointing, where null means on for hub and local models and off for the tiny one."""
     chosen = settings["train"]["gradient_checkpointing"]
     return settings.get("model", {}).get("source", "tiny") != "tiny" if chosen is None else chosen
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether a forward pass in training mode may drop anything (a dropout module or a config's dropout rate above
+    0): then the update's forward differs from the sampling policy's, and the old log-probs need their own pass."""
+    rates = [value for key, value in model.config.to_dict().items()
+             if ("dropout" in key or "pdrop" in key) and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return any(rate > 0 for rate in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def sample(run: Run, step: int) -> Rollout:
@@ -247,11 +258,15 @@ def mini_batch_schedule(size: int, cfg: dict, seed: int, step: int) -> list[list
             for _ in range(cfg["ppo_epochs"])]
 
 
-def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> None:
+def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor], *, first_in_update: bool = False
+                   ) -> None:
     """Fill the batch's old log-probs (the sampling policy's) and, when beta > 0, the reference model's, over the
     micro-batches of the first epoch's mini-batches `minis`: the first update then runs the very same forward passes,
-    so its ratio is exactly 1."""
-    batch.old_logp = batch_logprobs(run.policy, batch, minis, run.cfg, run.precision, run.ranks)
+    so its ratio is exactly 1. With `first_in_update` the first mini-batch's old log-probs are left (0) to the
+    update's first forward pass (`update_policy(old_from_first=True)`), which computes exactly these numbers: the
+    policy has not changed yet."""
+    batch.old_logp = batch_logprobs(run.policy, batch, minis[1:] if first_in_update else minis, run.cfg,
+                                    run.precision, run.ranks)
     if run.reference is not None:
         batch.ref_logp = batch_logprobs(run.reference, batch, minis, run.cfg, run.precision, run.ranks)
 
@@ -280,13 +295,14 @@ def _rows_of_rank(batch: RolloutBatch, ranks: Ranks) -> range:
     return distributed.share(len(batch.advantages) * ranks.world_size, ranks, "rollout rows")
 
 
-def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) -> dict[str, float]:
+def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]], *, old_from_first: bool = False
+           ) -> dict[str, float]:
     """The optimiser steps of one rollout batch at this batch's learning rate, then the schedule's step; counts
-    skipped non-finite updates and aborts past the limit."""
+    skipped non-finite updates and aborts past the limit. `old_from_first`: see `update_policy`."""
     run.policy.train()
     lr = run.scheduler.get_last_lr()[0]
     stats, skipped = update_policy(run.policy, run.optimizer, batch, schedule, run.ratio_fn, run.alg, run.cfg,
-                                   run.precision, run.kpo_params, run.ranks)
+                                   run.precision, run.kpo_params, run.ranks, old_from_first=old_from_first)
     run.scheduler.step()
     run.nonfinite += skipped
     if run.nonfinite > run.cfg["max_nonfinite"]:
@@ -358,19 +374,20 @@ def finish(run: Run, out_dir: Path) -> pd.DataFrame:
 
 def update_policy(policy, optimizer, batch: RolloutBatch, schedule: list[list[torch.Tensor]], ratio_fn,
                   alg: dict, cfg: dict, precision: Precision, kpo_params: dict,
-                  ranks: Ranks = Ranks()) -> tuple[dict[str, float], int]:
+                  ranks: Ranks = Ranks(), *, old_from_first: bool = False) -> tuple[dict[str, float], int]:
     """One optimiser step per mini-batch of `schedule` (ppo_epochs x mini_batches) over one rollout batch; returns
     step metrics and skipped updates. With N ranks the schedule's mini-batches are of the whole batch, and `batch`
-    holds this rank's rows of it."""
+    holds this rank's rows of it. `old_from_first`: the policy is the sampling policy (no dropout) and the first
+    mini-batch's old log-probs are not yet in `batch`: its forward pass provides them (`mini_batch_backward`)."""
     sums: dict[str, list[float]] = defaultdict(list)
     skipped = 0
     mine = _rows_of_rank(batch, ranks)
-    for minis in schedule:
-        for mini in minis:
+    for epoch, minis in enumerate(schedule):
+        for position, mini in enumerate(minis):
             optimizer.zero_grad(set_to_none=True)
             losses = mini_batch_backward(policy, batch, distributed.local_rows(mini, mine).to(batch.input_ids.device),
                                          ratio_fn, alg, cfg, precision, sums, kpo_params, mini_rows=len(mini),
-                                         ranks=ranks)
+                                         ranks=ranks, old_from_forward=old_from_first and epoch == position == 0)
             if not distributed.all_finite(losses, ranks):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -383,12 +400,15 @@ def update_policy(policy, optimizer, batch: RolloutBatch, schedule: list[list[to
 
 def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, ratio_fn, alg: dict, cfg: dict,
                         precision: Precision, sums: dict[str, list[float]], kpo_params: dict, *,
-                        mini_rows: int | None = None, ranks: Ranks = Ranks()) -> list[torch.Tensor]:
+                        mini_rows: int | None = None, ranks: Ranks = Ranks(),
+                        old_from_forward: bool = False) -> list[torch.Tensor]:
     """Accumulate the gradient of the loss of the rows `mini` into the policy, micro-batch by micro-batch (at most
     train.micro_batch_tokens tokens per forward); returns the weighted micro-batch losses (their sum is the
     mini-batch's loss) and appends the loss metrics to `sums`. With N ranks `mini` is this rank's part of a
     mini-batch of `mini_rows` rows: weights use the whole mini-batch's rows and tokens, so the ranks' summed
-    gradients are the one-process gradient."""
+    gradients are the one-process gradient. With `old_from_forward` the policy is still the sampling policy: each
+    micro-batch's log-probs, detached, are its old log-probs (the very numbers `batch_logprobs` would compute over
+    the same micro-batch) and are written into `batch.old_logp` for later epochs; this saves that forward pass."""
     active = int(distributed.global_sum(batch.completion_mask[mini].sum(), ranks).item())
     mini_rows = len(mini) if mini_rows is None else mini_rows
     losses = []
@@ -398,6 +418,10 @@ def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, ratio_f
         part = batch.select(micro).trimmed()
         with precision.autocast():
             logp, entropy = token_logprobs(policy, part, with_entropy=True, chunk_tokens=cfg["logit_chunk_tokens"])
+        if old_from_forward:
+            part.old_logp = logp.detach()
+            if real:
+                batch.old_logp[micro, :logp.shape[1]] = part.old_logp
         rho = ratio_fn(logp, part.old_logp, part.completion_mask)
         loss, metrics = algorithms.policy_loss(
             rho, part.advantages.unsqueeze(-1).expand_as(logp), part.completion_mask,

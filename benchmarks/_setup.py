@@ -1,0 +1,39 @@
+"""What the training benchmarks build before they measure: an Arithmetic dataset and a tiny Qwen2 with a tokenizer
+trained on it, written into a directory (no hub)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from kalmanrl.dataset import read_dataset, write_dataset
+from kalmanrl.loaders import build_dataset
+from kalmanrl.model import build_tiny_model, tokenizer_corpus
+
+EASY_PRESETS = {"easy": [3, 3]}  # the KRPO paper's easy Arithmetic: three terms of up to three digits
+
+
+def tiny_spec(hidden: int, layers: int) -> dict:
+    """A tiny Qwen2 of `hidden` width and `layers` layers (vocabulary 512, 32-wide heads, MLP 4 x hidden)."""
+    return {"vocab_size": 512, "hidden_size": hidden, "num_layers": layers, "num_heads": hidden // 32,
+            "num_kv_heads": max(1, hidden // 64), "intermediate_size": 4 * hidden, "max_position_embeddings": 512,
+            "tie_word_embeddings": True}
+
+
+def easy_arithmetic(train_size: int) -> dict:
+    """A dataset entry (as in a config's `datasets`) of easy Arithmetic with `train_size` training problems."""
+    return {"loader": "arithmetic", "params": {"difficulty": "easy", "train_size": train_size, "test_size": 10}}
+
+
+def build_data_and_model(directory: Path, dataset: dict, spec: dict, *, presets: dict = EASY_PRESETS,
+                         templates: Iterable[str] | None = None) -> tuple[Path, Path]:
+    """Write `dataset` (a config's dataset entry, seed 0) to `directory/data.parquet` and a tiny Qwen2 of `spec`
+    (seed 0) to `directory/model`; returns (model dir, dataset file). The tokenizer learns the problems alone, or
+    with `templates` (names) the corpus `kalmanrl model` gives it, as the workflow builds the model."""
+    table, _ = build_dataset(dataset, local_dir=None, seed=0, arithmetic_presets=presets)
+    data, model = directory / "data.parquet", directory / "model"
+    write_dataset(table, data)
+    texts = (tokenizer_corpus(read_dataset(data), templates) if templates is not None
+             else read_dataset(data).column("problem").to_pylist())
+    build_tiny_model(model, texts, spec=spec, seed=0)
+    return model, data

@@ -1,0 +1,252 @@
+"""Time per rollout batch of kalmanrl's trainer against TRL's GRPOTrainer, on the same model, prompts and batch shape.
+
+    python benchmarks/bench_trl.py [--batches 4] [--rounds 2] [--threads 1] [--algorithm grpo] [--side both]
+
+Builds the default study's tiny model (config/config.yaml: its `tiny` Qwen2 and the `arithmetic_laptop` task, the
+tokenizer trained on the corpus `kalmanrl model` gives it) in a temporary directory. The weights stay random (no
+warm start): a random policy rarely ends its turn, so nearly every completion runs to the token limit on both sides.
+Both sides then train in the default study's shape: 32 prompts x 8 completions per rollout batch, at most 16 new
+tokens, 2 optimiser steps of 128 completions per rollout batch (one epoch), float32, hf (transformers) generation,
+no reference model (beta 0), --threads torch threads:
+- kalmanrl: `kalmanrl.trainer.train`, what `kalmanrl train` runs, with the default study's train settings and
+  algorithm (--algorithm; checkpoints only after the last batch, no TensorBoard);
+- TRL: `GRPOTrainer` set to the same (per-device batch 128, steps_per_generation 2, num_generations 8,
+  max_completion_length 16, loss_type "grpo", epsilon 0.2, the same learning rate, weight decay and gradient
+  clipping), with its own defaults that would change the computation turned off (bf16 autocast, gradient
+  checkpointing), and no logging, evaluation or checkpoints.
+Both get the same prompts in the same order (kalmanrl's prompt order, given to TRL unshuffled, rendered by the task's
+template into the same token ids) and the same reward: the share of digits in a completion (`tests/digit_share.py`),
+so advantages are not all 0.
+
+Time per rollout batch is measured between the ends of consecutive rollout batches (kalmanrl: after each step's
+metrics row is recorded; TRL: a callback at the end of every second optimiser step), so it covers everything a
+batch does; the first batch (warm-up) is dropped. Each side runs in a fresh process, --rounds times, sides
+alternating; the median is over all measured batches of all rounds. Both wall time and the process's CPU time are
+reported: with one thread they agree on an idle machine, and on a shared one the CPU time is the steadier measure
+(other jobs stretch the wall time of whichever side runs during a burst). Prints one line per side and the ratio
+kalmanrl / TRL (target: at most 0.8).
+
+TRL is optional (`pip install -e '.[bench]'`): without it the script says so and exits with status 3, unless
+--side kalmanrl.
+
+Run as `bench_trl.py worker <side> <directory> <batches> <threads> <algorithm>` this file is the measured process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+TESTS = REPO / "tests"
+TASK, MODEL = "arithmetic_laptop", "tiny"
+MISSING_TRL = 3  # exit status when TRL is not installed
+
+
+def study_config(batches: int) -> dict:
+    """The default study with `batches` rollout batches per run, the digit-share reward, checkpoints only at the
+    end (the trainer always writes one after its last step) and no intermediate kept checkpoints."""
+    sys.path.insert(0, str(TESTS))
+    import digit_share  # noqa: F401  (registers the "digit_share" reward)
+    from kalmanrl.config import load_config
+
+    config = load_config(REPO / "config" / "config.yaml")
+    config["train"].update(steps=batches, checkpoint_every=batches, keep_every=0, tensorboard=False)
+    config["datasets"][TASK].update(reward="digit_share", reward_params={})
+    return config
+
+
+def prompts_in_order(config: dict, data: Path, tokenizer, batches: int) -> tuple[list[str], list[str]]:
+    """The prompt texts (rendered by the task's template) and golds kalmanrl's trainer samples in its first
+    `batches` rollout batches (seed 0), in its order."""
+    from kalmanrl.dataset import read_dataset
+    from kalmanrl.prompts import get_template
+    from kalmanrl.trainer import _step_problems
+
+    train, task = config["train"], config["datasets"][TASK]
+    problems = read_dataset(data, split="train").to_pandas()
+    template = get_template(task["template"], task["chat_template_kwargs"])
+    order = [i for step in range(batches) for i in _step_problems(len(problems), step, train["prompts_per_step"], 0)]
+    return ([template.render(tokenizer, problems["problem"][i]) for i in order],
+            [problems["answer"][i] for i in order])
+
+
+def clocks() -> tuple[float, float]:
+    """Wall time and this process's CPU time (all its threads), in seconds."""
+    return time.perf_counter(), time.process_time()
+
+
+def intervals(stamps: list[tuple[float, float]]) -> dict[str, list[float]]:
+    """Wall and CPU seconds between consecutive stamps: one entry per rollout batch after the first."""
+    return {"batch_s": [b[0] - a[0] for a, b in zip(stamps, stamps[1:])],
+            "batch_cpu_s": [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]}
+
+
+def run_kalmanrl(directory: Path, batches: int, threads: int, algorithm: str) -> dict:
+    """`kalmanrl.trainer.train` on the default study's settings; a time stamp after each step's metrics row."""
+    from kalmanrl import trainer
+    from kalmanrl.config import stage_settings
+
+    config = study_config(batches)
+    settings = stage_settings(config, "train", model=MODEL, task=TASK, algorithm=algorithm, seed="0")
+    stamps = []
+    record = trainer.record
+
+    def stamped_record(*args, **kwargs) -> dict:
+        row = record(*args, **kwargs)
+        stamps.append(clocks())
+        return row
+
+    trainer.record = stamped_record  # the loop calls it through the module: this only adds the time stamps
+    metrics = trainer.train(directory / "model", directory / "data.parquet", directory / "kalmanrl_run",
+                            settings=settings, threads=threads).iloc[1:]
+    return {**intervals(stamps),
+            "completion_tokens": float(metrics["response_length"].mean()),
+            "phases": {p: float(metrics[f"time_{p}"].median()) for p in ("rollout", "reward", "score", "update")}}
+
+
+def run_trl(directory: Path, batches: int, threads: int) -> dict:
+    """TRL's GRPOTrainer in the same shape; a time stamp at the end of every rollout batch (2 optimiser steps)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from kalmanrl.rewards import get_reward
+
+    torch.set_num_threads(threads)
+    config = study_config(batches)
+    train = config["train"]
+    tokenizer = AutoTokenizer.from_pretrained(directory / "model")
+    model = AutoModelForCausalLM.from_pretrained(directory / "model", dtype=torch.float32, use_safetensors=True)
+    texts, golds = prompts_in_order(config, directory / "data.parquet", tokenizer, batches)
+    # TRL tokenizes a text prompt as it is; kalmanrl (`stage.encode_prompts`) without added special tokens.
+    if tokenizer(texts)["input_ids"] != tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        raise RuntimeError("the tokenizer adds special tokens to a prompt: TRL's prompt ids would differ")
+    reward = get_reward("digit_share")
+    lengths: list[int] = []
+
+    def digit_share(completions, completion_ids, answer, **_) -> list[float]:
+        lengths.extend(len(ids) for ids in completion_ids)
+        return [v.reward for v in reward.judge(completions, answer)]
+
+    alg = config["algorithms"]["grpo"]
+    steps_per_batch = train["ppo_epochs"] * train["mini_batches"]
+    rows = train["prompts_per_step"] * train["group_size"]
+    args = GRPOConfig(
+        output_dir=str(directory / "trl_run"), use_cpu=True, seed=0, bf16=False, fp16=False,
+        gradient_checkpointing=False, per_device_train_batch_size=rows // train["mini_batches"],
+        gradient_accumulation_steps=1, steps_per_generation=train["mini_batches"], num_iterations=train["ppo_epochs"],
+        num_generations=train["group_size"], max_completion_length=train["max_tokens"],
+        temperature=train["temperature"], top_p=train["top_p"], top_k=0, beta=alg["beta"], loss_type="grpo",
+        epsilon=alg["eps_low"], epsilon_high=alg["eps_high"], learning_rate=train["lr"],
+        weight_decay=train["weight_decay"], max_grad_norm=train["max_grad_norm"], lr_scheduler_type="constant",
+        max_steps=batches * steps_per_batch, shuffle_dataset=False, logging_strategy="no", save_strategy="no",
+        eval_strategy="no", report_to="none", disable_tqdm=True, log_completions=False, dataloader_num_workers=0)
+
+    class Stamps(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % steps_per_batch == 0:
+                self.times.append(clocks())
+
+    stamps = Stamps()
+    trainer = GRPOTrainer(model=model, reward_funcs=digit_share, args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": texts, "answer": golds}), callbacks=[stamps])
+    trainer.train()
+    return {**intervals(stamps.times),
+            "completion_tokens": statistics.mean(lengths[rows:])}  # the first batch is warm-up
+
+
+def worker(side: str, directory: Path, batches: int, threads: int, algorithm: str) -> None:
+    for run in ("kalmanrl_run", "trl_run"):  # a fresh run each round: kalmanrl would resume a finished one
+        shutil.rmtree(directory / run, ignore_errors=True)
+    result = run_kalmanrl(directory, batches, threads, algorithm) if side == "kalmanrl" else \
+        run_trl(directory, batches, threads)
+    (directory / f"{side}.json").write_text(json.dumps(result))
+
+
+def measure(side: str, directory: Path, batches: int, threads: int, algorithm: str) -> dict:
+    """One run of `side` in a fresh process (`threads` torch and OpenMP threads)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    command = [sys.executable, str(HERE), "worker", side, str(directory), str(batches), str(threads), algorithm]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {side} run failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
+    return json.loads((directory / f"{side}.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=4, help="rollout batches per run, the first one is warm-up")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh runs of each side, alternating")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--algorithm", default="grpo", help="kalmanrl's algorithm (the default study's names)")
+    parser.add_argument("--side", choices=["both", "kalmanrl", "trl"], default="both")
+    args = parser.parse_args()
+    if args.batches < 2:
+        parser.error("--batches must be at least 2: the first batch is warm-up")
+    sides = ["kalmanrl", "trl"] if args.side == "both" else [args.side]
+    if "trl" in sides and importlib.util.find_spec("trl") is None:
+        print("TRL is not installed: pip install -e '.[bench]' (or run with --side kalmanrl)", file=sys.stderr)
+        sys.exit(MISSING_TRL)
+
+    import torch
+
+    from _setup import build_data_and_model
+
+    config = study_config(args.batches)
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    cpu: dict[str, list[float]] = {side: [] for side in sides}
+    tokens: dict[str, list[float]] = {side: [] for side in sides}
+    phases: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        build_data_and_model(tmp, config["datasets"][TASK], config["models"][MODEL]["tiny"],
+                             presets=config["data"]["arithmetic_presets"], templates=[config["datasets"][TASK]["template"]])
+        for _ in range(args.rounds):
+            for side in sides:
+                result = measure(side, tmp, args.batches, args.threads, args.algorithm)
+                times[side] += result["batch_s"]
+                cpu[side] += result["batch_cpu_s"]
+                tokens[side].append(result["completion_tokens"])
+                phases += [result["phases"]] if side == "kalmanrl" else []
+
+    train = config["train"]
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{args.threads} thread(s); load average {os.getloadavg()}")
+    print(f"{train['prompts_per_step']} prompts x {train['group_size']} completions, up to {train['max_tokens']} "
+          f"tokens, {train['ppo_epochs'] * train['mini_batches']} optimiser steps per rollout batch; "
+          f"{args.rounds} rounds x {args.batches - 1} measured batches per side")
+    print("| side | wall s per rollout batch (median) | min | max | CPU s per rollout batch (median) | min | max "
+          "| mean completion tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for side in sides:
+        print(f"| {side} | " + " | ".join(f"{f(values[side]):.3f}" for values in (times, cpu)
+                                           for f in (statistics.median, min, max))
+              + f" | {statistics.mean(tokens[side]):.2f} |")
+    if phases:
+        print("kalmanrl phases (median per round): " + "; ".join(
+            ", ".join(f"{k} {v:.3f}" for k, v in p.items()) for p in phases))
+    if len(sides) == 2:
+        ratios = [statistics.median(values["kalmanrl"]) / statistics.median(values["trl"]) for values in (times, cpu)]
+        print(f"kalmanrl / TRL = {ratios[0]:.2f} in wall time, {ratios[1]:.2f} in CPU time (target <= 0.8)")
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
+    worker(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+elif __name__ == "__main__":
+    main()
