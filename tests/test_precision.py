@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import digit_share  # noqa: F401  (registers the "digit_share" reward)
-from kalmanrl.batch import build_batch
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.precision import Precision, resolve_precision
-from kalmanrl.trainer import (batch_logprobs, mini_batch_backward, mini_batch_schedule, sample, score_logprobs,
-                              score_rewards, setup, update)
+from kalmanrl.trainer import batch_logprobs, mini_batch_backward, score_logprobs, setup, update
+from test_trainer import rollout_batch
 
 
 def settings_for(ratio: str, **train) -> dict:
@@ -45,11 +44,7 @@ def test_the_first_update_of_each_batch_sees_ratio_one_under_bf16_autocast(tmp_p
     assert run.policy.dtype == torch.float32 and run.reference.dtype == torch.bfloat16
     with run.engine, run.reward_fn:
         for step in range(2):
-            rollout = sample(run, step)
-            _, rewards = score_rewards(run, rollout)
-            batch = build_batch(rollout.prompt_ids, rollout.completions, run.advantage_fn(rewards),
-                                run.tokenizer.pad_token_id)
-            schedule = mini_batch_schedule(len(batch.advantages), run.cfg, run.seed, step)
+            batch, schedule = rollout_batch(run, step)
             score_logprobs(run, batch, schedule[0])
             run.policy.train()
             if step == 0:  # the control: autocast is on, so float32 old log-probs would differ from these
@@ -69,11 +64,7 @@ def test_pure_bf16_weights_train(tmp_path, tiny_model_dir, arithmetic_parquet):
     assert run.policy.dtype == run.reference.dtype == torch.bfloat16
     before = {n: p.detach().clone() for n, p in run.policy.named_parameters()}
     with run.engine, run.reward_fn:
-        rollout = sample(run, 0)
-        _, rewards = score_rewards(run, rollout)
-        batch = build_batch(rollout.prompt_ids, rollout.completions, run.advantage_fn(rewards),
-                            run.tokenizer.pad_token_id)
-        schedule = mini_batch_schedule(len(batch.advantages), run.cfg, run.seed, 0)
+        batch, schedule = rollout_batch(run, 0)
         score_logprobs(run, batch, schedule[0])
         assert batch.old_logp.dtype == torch.float32
         stats = update(run, batch, schedule)

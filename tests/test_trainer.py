@@ -93,6 +93,14 @@ def test_policy_moves_off_policy_within_a_rollout_batch(tmp_path, tiny_model_dir
     assert (metrics["ratio_max"] > metrics["ratio_min"]).any(), "ratios never left 1: updates were not off-policy"
 
 
+def rollout_batch(run, step: int):
+    """The trainer's phases up to the update for one step: (the batch with its advantages, its mini-batch schedule)."""
+    rollout = sample(run, step)
+    _, rewards = score_rewards(run, rollout)
+    batch = build_batch(rollout.prompt_ids, rollout.completions, run.advantage_fn(rewards), run.tokenizer.pad_token_id)
+    return batch, mini_batch_schedule(len(batch.advantages), run.cfg, run.seed, step)
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "kpo"])
 def test_the_first_mini_batch_takes_its_old_logprobs_from_its_update_forward(tmp_path, tiny_model_dir,
                                                                              arithmetic_parquet, algorithm):
@@ -105,11 +113,7 @@ def test_the_first_mini_batch_takes_its_old_logprobs_from_its_update_forward(tmp
                     settings_for(algorithm, ppo_epochs=2, micro_batch_tokens=150), threads=1)
         assert run.old_from_update
         with run.engine, run.reward_fn:
-            rollout = sample(run, 0)
-            _, rewards = score_rewards(run, rollout)
-            batch = build_batch(rollout.prompt_ids, rollout.completions, run.advantage_fn(rewards),
-                                run.tokenizer.pad_token_id)
-            schedule = mini_batch_schedule(len(batch.advantages), run.cfg, run.seed, 0)
+            batch, schedule = rollout_batch(run, 0)
             score_logprobs(run, batch, schedule[0], first_in_update=fused)
             assert (batch.old_logp[schedule[0][0]] == 0).all() == fused
             stats = update(run, batch, schedule, old_from_first=fused)
