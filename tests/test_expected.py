@@ -59,3 +59,25 @@ def test_the_command_exits_1_on_a_difference_and_0_on_a_match(tmp_path, capsys):
 def test_a_table_that_is_not_a_summary_is_refused():
     with pytest.raises(ValueError, match="not a report summary"):
         expected_rows(pd.DataFrame({"x": [1]}))
+
+
+@pytest.mark.parametrize("name", ["config", "smoke"])
+def test_each_recorded_expectation_covers_its_configs_whole_grid(repo_root, name):
+    """config/<name>.expected.json holds one row per evaluation its config asks for: the warm start, and every
+    algorithm and seed at each kept step and the last, on every benchmark (a row missing from the file could never
+    be checked)."""
+    import yaml
+
+    from kalmanrl.config import validate_config
+
+    config = validate_config(yaml.safe_load((repo_root / "config" / f"{name}.yaml").read_text()))
+    train = config["train"]
+    steps = sorted({*range(train["keep_every"], train["steps"], train["keep_every"] or train["steps"]),
+                    train["steps"]})
+    cells = {(model, task, "sft", None, 0, benchmark) for model in config["models"] for task in config["tasks"]
+             for benchmark in config["benchmarks"]}
+    cells |= {(model, task, algorithm, seed, step, benchmark) for model in config["models"]
+              for task in config["tasks"] for algorithm in config["algorithms"] for seed in config["seeds"]
+              for step in steps for benchmark in config["benchmarks"]}
+    recorded = json.loads((repo_root / "config" / f"{name}.expected.json").read_text())
+    assert {tuple(row[k] for k in recorded["key"]) for row in recorded["rows"]} == cells
