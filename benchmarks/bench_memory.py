@@ -6,10 +6,10 @@ pass `batch_logprobs` and `update_policy`, float32, AdamW, the default `train.mi
 Each case runs in a fresh subprocess: imports, one warm-up step of a 1-layer model on 2 rows (so the code pages of
 torch's forward, backward and AdamW kernels, touched once per process, are in the baseline and not counted as step
 memory), a random rollout batch, then the baseline RSS (/proc/self/statm); then the model, its optimiser and two RL
-steps (the second has gradients and AdamW state alive while scoring, as
-every later step does). Measured = the process's peak RSS (getrusage ru_maxrss) minus the baseline. glibc's malloc
-is pinned to mmap every block over 1 MiB (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the process at once and
-the peak is the peak of live tensors plus the allocator's and autograd's own overhead, not the heap's history.
+steps (the second has gradients and AdamW state alive while scoring, as every later step does). Measured = the
+process's peak RSS (VmHWM, see `peak_rss_bytes`) minus the baseline. glibc's malloc is pinned to mmap every block
+over 1 MiB (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the process at once and the peak is the peak of live
+tensors plus the allocator's and autograd's own overhead, not the heap's history.
 
     PYTHONPATH=src python benchmarks/bench_memory.py            # all cases, a Markdown table
     PYTHONPATH=src python benchmarks/bench_memory.py --case small --shape A
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 
@@ -59,6 +58,13 @@ def settings(shape: dict, **train) -> dict:
 def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since it started (VmHWM). Not getrusage's ru_maxrss: Linux carries that across exec
+    from the parent, so a child started by a large process (a long pytest run) reports the parent's size."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
 
 
 def rollout_batch(spec: dict, shape: dict):
@@ -111,9 +117,9 @@ def measure(size: str, shape_name: str) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     train_steps({**SIZES["small"], "num_layers": 1}, {**SHAPES["A"], "prompts_per_step": 1, "group_size": 2}, 1)
-    baseline, peak_before = rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline, peak_before = rss_bytes(), peak_rss_bytes()
     train_steps(SIZES[size], SHAPES[shape_name], STEPS)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     if peak <= peak_before:
         raise RuntimeError(f"the process peaked before the baseline ({peak_before} bytes): nothing measured")
     return {"measured": peak - baseline, "baseline": baseline, "peak_before_baseline": peak_before}
@@ -163,7 +169,7 @@ def measure_head(mode: str) -> dict:
     else:
         logp, entropy = token_logprobs(policy, batch, with_entropy=True, chunk_tokens=chunk)
         (logp.sum() + entropy.sum()).backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     copy = chunk * spec["vocab_size"] * 4
     return {"copies": (peak - baseline) / copy, "weights_in_copies": policy.num_parameters() * 4 / copy}
 

@@ -7,7 +7,7 @@ Builds a tiny Qwen2 and an Arithmetic dataset in a temporary directory, then run
 same settings and seed, so the same global batch each step) three times, each in fresh processes:
 1 rank with 1 torch thread, 1 rank with 2 threads, and `torchrun --standalone --nproc-per-node 2` with 1 thread per
 rank (gloo). Prints per configuration the median wall time of a step and of its phases (the metrics rows' time_*
-columns, rank 0's clock) over the steps after the first (warm-up), the peak RSS of each rank (`ru_maxrss`) and the
+columns, rank 0's clock) over the steps after the first (warm-up), the peak RSS of each rank (VmHWM) and the
 largest absolute difference of the final weights from the 1-rank, 1-thread run's.
 
 The reward is the share of digits in a completion (`tests/digit_share.py`): the task's own reward is 0 for every
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,12 +43,13 @@ def worker(settings: Path, model: Path, data: Path, out: Path, threads: int) -> 
     """One rank of a training run; writes this rank's peak RSS beside the run."""
     sys.path.insert(0, str(TESTS))
     import digit_share  # noqa: F401  (registers the "digit_share" reward)
+    from bench_memory import peak_rss_bytes
     from kalmanrl.config import parse_settings
     from kalmanrl.trainer import train
 
     train(model, data, out, settings=parse_settings(f"@{settings}"), threads=threads)
     rank = int(os.environ.get("RANK", "0"))
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_mib = peak_rss_bytes() / 2**20
     (out / f"peak_rss.rank{rank}.json").write_text(json.dumps({"rank": rank, "peak_rss_mib": peak_mib}))
 
 

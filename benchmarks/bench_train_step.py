@@ -158,7 +158,8 @@ def memory_table(hidden: int, layers: int) -> None:
     cfg = {**validate_config({})["train"], "mini_batches": 2, "micro_batch_tokens": budget}
     print(f"torch {torch.__version__}; model hidden {hidden} x {layers} layers, vocabulary 512; prompts 64 tokens, "
           f"completions 192, 2 mini-batches; micro_batch_tokens {budget} (8 rows)")
-    print(f"| rollout batch (rows) | peak MiB, micro_batch_tokens {budget} | peak MiB, one micro-batch per mini-batch |")
+    print(f"| rollout batch (rows) | peak MiB, micro_batch_tokens {budget} "
+          f"| peak MiB, one micro-batch per mini-batch |")
     print("|---|---|---|")
     for rows in (64, 128, 256):
         peaks = [step_peak_memory(policy, rows=rows, group=8, prompt_len=64, completion_len=192,

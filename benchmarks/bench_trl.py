@@ -216,7 +216,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build_data_and_model(tmp, config["datasets"][TASK], config["models"][MODEL]["tiny"],
-                             presets=config["data"]["arithmetic_presets"], templates=[config["datasets"][TASK]["template"]])
+                             presets=config["data"]["arithmetic_presets"],
+                             templates=[config["datasets"][TASK]["template"]])
         for _ in range(args.rounds):
             for side in sides:
                 result = measure(side, tmp, args.batches, args.threads, args.algorithm)
