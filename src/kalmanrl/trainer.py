@@ -39,7 +39,7 @@ from kalmanrl.precision import Precision, resolve_precision
 from kalmanrl.progress import progress
 from kalmanrl.provenance import environment
 from kalmanrl.prompts import PromptTemplate, get_template
-from kalmanrl.rewards import get_reward
+from kalmanrl.rewards import get_reward, limit_hits
 from kalmanrl.rollout import Completion, RolloutEngine, SamplingConfig
 from kalmanrl.stage import (completion_budgets, context_length, drop_overlong, encode_prompts, engine_from_settings,
                             length_limit)
@@ -316,17 +316,16 @@ def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch
            advantages: torch.Tensor, batch: RolloutBatch, stats: dict[str, float], clock: list[float],
            writer) -> dict:
     """Append this step's metrics row (rewards, advantages, lengths, reward limit hits, phase timings, update
-    statistics) for the whole
-    step: per-completion values are gathered from all ranks, update statistics reduced over them (timings and
-    throughputs are rank 0's)."""
+    statistics) for the whole step: per-completion values are gathered from all ranks, update statistics reduced over
+    them (timings and throughputs are rank 0's)."""
     t0, t_rollout, t_reward, t_score, t_end = clock
     ranks = run.ranks
     completions = [c for group in rollout.completions for c in group]
     rewards, advantages = distributed.gather_rows(rewards, ranks), distributed.gather_rows(advantages, ranks)
     per_completion = distributed.gather_rows(torch.tensor(
-        [[len(c.token_ids), c.finish_reason == "length", v.correct, v.limit is not None]
-         for c, v in zip(completions, verdicts)], dtype=torch.float), ranks)
-    lengths, truncated, correct, limited = per_completion.T
+        [[len(c.token_ids), c.finish_reason == "length", v.correct] for c, v in zip(completions, verdicts)],
+        dtype=torch.float), ranks)
+    lengths, truncated, correct = per_completion.T
     row = {**run.ident, "step": step + 1, "wall_time": t_end - t0,
            "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
            "accuracy": correct.mean().item(),
@@ -334,7 +333,7 @@ def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch
            "advantage_abs_max": advantages.abs().max().item(),
            "response_length": lengths.mean().item(),
            "truncation_rate": truncated.mean().item(), "overlong_prompts_dropped": run.overlong_dropped,
-           "limit_hits": int(limited.sum().item()),  # completions scored 0 for hitting a reward limit, not judged
+           "limit_hits": int(distributed.global_sum(limit_hits(verdicts), ranks).item()),  # scored 0, not judged
            "rollout_tokens_per_s": lengths.sum().item() / (t_rollout - t0),
            "train_tokens_per_s": run.cfg["ppo_epochs"] * distributed.global_sum(batch.attention_mask.sum(), ranks
                                                                                 ).item() / (t_end - t_score),
