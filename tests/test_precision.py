@@ -42,6 +42,7 @@ def test_the_first_update_of_each_batch_sees_ratio_one_under_bf16_autocast(tmp_p
     run = setup(tiny_model_dir, arithmetic_parquet, tmp_path,
                 settings_for(ratio, precision="autocast_bf16", micro_batch_tokens=micro_batch_tokens), threads=1)
     assert run.policy.dtype == torch.float32 and run.reference.dtype == torch.bfloat16
+    run.old_from_update = False  # score every mini-batch first: the test reads the scoring pass's old log-probs
     with run.engine, run.reward_fn:
         for step in range(2):
             batch, schedule = rollout_batch(run, step)

@@ -112,11 +112,12 @@ def test_the_first_mini_batch_takes_its_old_logprobs_from_its_update_forward(tmp
         run = setup(tiny_model_dir, arithmetic_parquet, tmp_path / str(fused),
                     settings_for(algorithm, ppo_epochs=2, micro_batch_tokens=150), threads=1)
         assert run.old_from_update
+        run.old_from_update = fused
         with run.engine, run.reward_fn:
             batch, schedule = rollout_batch(run, 0)
-            score_logprobs(run, batch, schedule[0], first_in_update=fused)
+            score_logprobs(run, batch, schedule[0])
             assert (batch.old_logp[schedule[0][0]] == 0).all() == fused
-            stats = update(run, batch, schedule, old_from_first=fused)
+            stats = update(run, batch, schedule)
         results.append((batch.old_logp, stats, {n: p.detach().clone() for n, p in run.policy.named_parameters()}))
     (old_logp, stats, weights), (fused_old_logp, fused_stats, fused_weights) = results
     assert torch.equal(fused_old_logp, old_logp)

@@ -131,10 +131,10 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
                                 untrained_eos=None if cfg["loss_on_eos"] else run.tokenizer.eos_token_id
                                 ).to(run.device)
             schedule = mini_batch_schedule(len(batch.advantages) * ranks.world_size, cfg, run.seed, step)
-            score_logprobs(run, batch, schedule[0], first_in_update=run.old_from_update)
+            score_logprobs(run, batch, schedule[0])
             clock.append(time.perf_counter())
             run.engine.sleep()
-            stats = update(run, batch, schedule, old_from_first=run.old_from_update)
+            stats = update(run, batch, schedule)
             run.engine.sync_weights(run.policy)
             clock.append(time.perf_counter())
             row = record(run, step, rollout, verdicts, rewards, advantages, batch, stats, clock, writer)
@@ -258,14 +258,13 @@ def mini_batch_schedule(size: int, cfg: dict, seed: int, step: int) -> list[list
             for _ in range(cfg["ppo_epochs"])]
 
 
-def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor], *, first_in_update: bool = False
-                   ) -> None:
+def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> None:
     """Fill the batch's old log-probs (the sampling policy's) and, when beta > 0, the reference model's, over the
     micro-batches of the first epoch's mini-batches `minis`: the first update then runs the very same forward passes,
-    so its ratio is exactly 1. With `first_in_update` the first mini-batch's old log-probs are left (0) to the
+    so its ratio is exactly 1. With `run.old_from_update` the first mini-batch's old log-probs are left (0) to the
     update's first forward pass (`update_policy(old_from_first=True)`), which computes exactly these numbers: the
     policy has not changed yet."""
-    batch.old_logp = batch_logprobs(run.policy, batch, minis[1:] if first_in_update else minis, run.cfg,
+    batch.old_logp = batch_logprobs(run.policy, batch, minis[1:] if run.old_from_update else minis, run.cfg,
                                     run.precision, run.ranks)
     if run.reference is not None:
         batch.ref_logp = batch_logprobs(run.reference, batch, minis, run.cfg, run.precision, run.ranks)
@@ -295,14 +294,14 @@ def _rows_of_rank(batch: RolloutBatch, ranks: Ranks) -> range:
     return distributed.share(len(batch.advantages) * ranks.world_size, ranks, "rollout rows")
 
 
-def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]], *, old_from_first: bool = False
-           ) -> dict[str, float]:
+def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) -> dict[str, float]:
     """The optimiser steps of one rollout batch at this batch's learning rate, then the schedule's step; counts
-    skipped non-finite updates and aborts past the limit. `old_from_first`: see `update_policy`."""
+    skipped non-finite updates and aborts past the limit. With `run.old_from_update` the first mini-batch's forward
+    provides its old log-probs (see `update_policy`)."""
     run.policy.train()
     lr = run.scheduler.get_last_lr()[0]
     stats, skipped = update_policy(run.policy, run.optimizer, batch, schedule, run.ratio_fn, run.alg, run.cfg,
-                                   run.precision, run.kpo_params, run.ranks, old_from_first=old_from_first)
+                                   run.precision, run.kpo_params, run.ranks, old_from_first=run.old_from_update)
     run.scheduler.step()
     run.nonfinite += skipped
     if run.nonfinite > run.cfg["max_nonfinite"]:
