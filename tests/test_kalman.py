@@ -89,9 +89,13 @@ def test_masked_observations_are_never_read():
     z = torch.randn(4, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     mask = torch.rand(4, 100, generator=torch.Generator().manual_seed(3)) < 0.7
     mask[0, 60:] = False
-    for m in (mask, torch.arange(100) < torch.tensor([[10], [50], [100], [0]])):
-        garbage = z.masked_fill(~m, math.nan)
-        torch.testing.assert_close(kalman_filter(garbage, m, q=1e-2, r=1.0), kalman_filter(z, m, q=1e-2, r=1.0))
+    right_padded = torch.arange(100) < torch.tensor([[10], [50], [100], [0]])
+    for m in (mask, right_padded, mask.double(), right_padded.double()):  # a float mask multiplies: NaN * 0 is NaN
+        for fill in (math.nan, math.inf):
+            garbage = z.masked_fill(m == 0, fill)
+            out = kalman_filter(garbage, m, q=1e-2, r=1.0)
+            torch.testing.assert_close(out, kalman_filter(z, m, q=1e-2, r=1.0))
+            assert (out[m == 0] == 0).all()
 
 
 def test_filter_is_causal_and_restarts_per_row():

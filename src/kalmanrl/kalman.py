@@ -109,22 +109,32 @@ def _rescaled(q: float, r: float, p0: float, steps: int, dtype: torch.dtype,
 
 
 def _scan(z: torch.Tensor, q: float, r: float, p0: float, x0: float,
-          padding: torch.Tensor | None = None) -> torch.Tensor:
-    """Filtered means of every row of z [B, T], computed in z's dtype (z is left as it is). `padding` [B, T] bool:
-    each row's skipped positions, all after its valid ones (right padding): their z is never read and their output is
-    0. One new tensor, the rest in place (at B x T = 64 x 4096 a fresh tensor costs as much as the arithmetic)."""
+          valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Filtered means of every row of z [B, T], computed in z's dtype (z is left as it is). `valid` [B, T] bool:
+    each row's observations, all before its skipped positions (right padding). The outputs at skipped positions
+    are left for the caller to zero: causally they only depend on the tokens before them, and they are finite
+    wherever z is. One new tensor, the rest in place (at B x T = 64 x 4096 a fresh tensor costs as much as the
+    arithmetic)."""
     rows, steps = z.shape
     capacity = max(BLOCK, 1 << (steps - 1).bit_length())  # tables cached per power of two: T changes every batch
     if (rescaled := _rescaled(q, r, p0, capacity, z.dtype, z.device)) is not None:
         decay, weight = rescaled
-        # Causal: whatever stands in a row's padding only reaches the padding after it, which is zeroed below.
         out = torch.mul(z, weight[:steps]).cumsum_(-1)
         if x0:
             out.add_(x0)
-        out.mul_(decay[:steps])
-    else:  # every block product reads every position of its block: padding must be 0 first
-        out = _chunked_scan(z if padding is None else z.masked_fill(padding, 0.0), q, r, p0, x0, capacity)
-    return out if padding is None else out.masked_fill_(padding, 0.0)
+        return out.mul_(decay[:steps])
+    # Every block product reads every position of its block: skipped positions must be 0 first.
+    return _chunked_scan(z if valid is None else z.masked_fill(~valid, 0.0), q, r, p0, x0, capacity)
+
+
+def _zero_skipped(out: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`out` with 0 at the skipped positions, in place. A floating 0/1 mask multiplies, a seventh of masked_fill's
+    time on the CPU; exact where out is finite (x * 1 = x, x * 0 = 0), so a non-finite sum falls back to the fill."""
+    if mask.is_floating_point():
+        out.mul_(mask)
+        if torch.isfinite(out.sum()):
+            return out
+    return out.masked_fill_(~valid, 0.0)
 
 
 def _chunked_scan(z: torch.Tensor, q: float, r: float, p0: float, x0: float, capacity: int) -> torch.Tensor:
@@ -158,13 +168,15 @@ def kalman_filter(z: torch.Tensor, mask: torch.Tensor | None = None, *, q: float
         return _scan(flat, q, r, p0, float(x0)).view(shape).to(z.dtype)
     if mask.shape != shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from z shape {tuple(shape)}")
-    padding = mask.reshape(flat.shape) == 0
-    if torch.count_nonzero(padding[:, :-1] > padding[:, 1:]) == 0:  # right padding only: rows are already left-packed
-        return _scan(flat, q, r, p0, float(x0), padding).view(shape).to(z.dtype)
-    keep = mask.reshape(flat.shape).to(dtype)
-    valid = ~padding
+    mask = mask.reshape(flat.shape)
+    valid = mask.bool()  # nonzero (NaN included) = an observation
+    # Right padding only (no skipped position before an observation): rows are already left-packed. A rise in
+    # valid's int8 view is a skipped position followed by an observation.
+    if valid.shape[-1] < 2 or torch.diff(valid.view(torch.int8)).max() <= 0:
+        out = _zero_skipped(_scan(flat, q, r, p0, float(x0), valid), mask, valid)
+        return out.view(shape).to(z.dtype)
     rank = valid.cumsum(-1) - 1  # position of each valid token among its row's valid tokens
     packed = flat.new_zeros(flat.shape[0], flat.shape[1] + 1)
     packed.scatter_(-1, torch.where(valid, rank, flat.shape[1]), flat)  # masked tokens go to a spare column
     filtered = _scan(packed[:, :-1], q, r, p0, float(x0))  # causal: the zeros after a row's tokens cannot leak back
-    return filtered.gather(-1, rank.clamp(min=0)).mul_(keep).view(shape).to(z.dtype)
+    return _zero_skipped(filtered.gather(-1, rank.clamp(min=0)), mask, valid).view(shape).to(z.dtype)
