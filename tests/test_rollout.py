@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_SPEC
 from kalmanrl.model import load_policy
-from kalmanrl.rollout import SamplingConfig, make_engine, sleep_mode_available, vllm_available
+from kalmanrl.rollout import HFEngine, SamplingConfig, make_engine, sleep_mode_available, vllm_available
 from kalmanrl.trainer import build_batch, token_logprobs
 
 PROMPTS = ["What is 1 + 2?", "Solve 3*4 =", "7 - 9"]
@@ -276,3 +277,47 @@ def test_the_same_prompt_twice_in_a_call_gets_fresh_samples(policy, tiny_model_d
     out = engine.generate([prompts[0]] * 3, SamplingConfig(n=2, temperature=1.0, max_tokens=8, seed=5))
     samples = [tuple(ids) for ids in token_ids(out)]
     assert len(set(samples)) == len(samples), samples
+
+
+@pytest.fixture(scope="module")
+def two_layer_policy(tmp_path_factory, arithmetic_parquet):
+    """A 2-layer tiny Qwen2 (the second layer's keys read the first layer's attention) whose end-of-turn token
+    copies the output row of the token it samples most, so that many samples end early, some at their first token."""
+    from kalmanrl.dataset import read_dataset
+    from kalmanrl.model import build_tiny_model
+
+    table = read_dataset(arithmetic_parquet)
+    out = tmp_path_factory.mktemp("models") / "two_layers"
+    build_tiny_model(out, table.column("problem").to_pylist() + table.column("answer").to_pylist(),
+                     spec={**TINY_SPEC, "num_layers": 2}, seed=1)
+    model, tokenizer = load_policy(out)
+    model.eval()
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    sampled = token_ids(HFEngine(model, tokenizer).generate(prompts, SamplingConfig(n=8, max_tokens=4, seed=0)))
+    common = max(set(t for ids in sampled for t in ids), key=lambda t: sum(ids.count(t) for ids in sampled))
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[tokenizer.eos_token_id] = head[common]
+    return model, tokenizer, prompts
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_a_groups_shared_prefill_samples_bit_for_bit_what_plain_generate_does(two_layer_policy, temperature, top_p):
+    """The hf engine runs each distinct prompt's prefill once and copies its cache and first logits to the prompt's
+    samples: tokens, log-probs and finish reasons equal plain `generate`'s exactly, with prompts of several lengths
+    (left padding), one prompt twice and apart, per-prompt budgets, and samples that end at any step."""
+    model, tokenizer, prompts = two_layer_policy
+    prompts = prompts + prompts[:1]
+    sampling = SamplingConfig(n=6, temperature=temperature, top_p=top_p, max_tokens=10, seed=11,
+                              budgets=(10, 3, 10, 1))
+    engine, prefills = HFEngine(model, tokenizer), []
+    prefill = engine._shared_prefill
+    engine._shared_prefill = lambda *args: prefills.append(args[-1]) or prefill(*args)
+    shared = engine.generate(prompts, sampling)
+    assert prefills == [3]  # one prefill of the three distinct prompts
+    plain = HFEngine(model, tokenizer, share_prefill=False).generate(prompts, sampling)
+    assert [(c.token_ids, c.logprobs, c.finish_reason) for group in shared for c in group] == \
+        [(c.token_ids, c.logprobs, c.finish_reason) for group in plain for c in group]
+    if temperature > 0:
+        lengths = [len(c.token_ids) for group in shared for c in group if c.finish_reason == "stop"]
+        assert 1 in lengths and max(lengths) > 1, lengths  # ends at the first token and later

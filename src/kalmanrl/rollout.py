@@ -23,6 +23,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from transformers import DynamicCache, LogitsProcessorList
+
+from kalmanrl.distributed import as_forward
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +101,18 @@ class HFEngine(_ContextManaged):
     left padding. Each row samples with its own generator, seeded from its prompt's position (`prompt_seed`) and its
     sample index (Gumbel-max over the temperature-scaled, top-p-filtered logits, which draws exactly from their
     softmax): results do not depend on batch composition, and the global RNG stream is never touched, so a resumed
-    or differently sharded run samples exactly what an uninterrupted one-rank run would."""
+    or differently sharded run samples exactly what an uninterrupted one-rank run would.
 
-    def __init__(self, policy: torch.nn.Module, tokenizer, *, batch_size: int = 256) -> None:
-        self.policy, self.tokenizer, self.batch_size = policy, tokenizer, batch_size
+    Rows with the same prompt (a group's samples) share one prefill: each distinct prompt runs once, and its KV cache
+    and first logits are copied to its rows. A row's numbers do not depend on the other rows of a batch (on the CPU
+    every product is the same per row whatever the batch size; `tests/test_rollout.py` compares with plain
+    `generate` bit for bit), so this only removes work: at the default study's shape the prefill was 40% of a
+    rollout. On a GPU the batch size may pick other kernels, so there the last bits may differ from plain
+    `generate` (not from run to run). `share_prefill=False` is plain `generate`."""
+
+    def __init__(self, policy: torch.nn.Module, tokenizer, *, batch_size: int = 256,
+                 share_prefill: bool = True) -> None:
+        self.policy, self.tokenizer, self.batch_size, self.share_prefill = policy, tokenizer, batch_size, share_prefill
         # An FSDP-sharded policy gathers each layer with a collective in every forward: all ranks must run the same
         # number of decoding steps, so ranks that finish early keep stepping until every rank is done.
         self.synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -125,14 +136,10 @@ class HFEngine(_ContextManaged):
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r, _, _ in rows], device=device)
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r, _, _ in rows], device=device)
         steps = max(budget for _, _, budget in rows)
-        processors = [] if sampling.temperature == 0 else [
-            _RowSampler([seed for _, seed, _ in rows], sampling.temperature, sampling.top_p, device, steps)]
-        out = self.policy.generate(
-            input_ids=input_ids, attention_mask=attention, max_new_tokens=steps,
-            do_sample=False, logits_processor=processors, temperature=None, top_p=None, top_k=None, eos_token_id=eos,
-            pad_token_id=pad, return_dict_in_generate=True, output_logits=True, synced_gpus=self.synced)
-        tokens = out.sequences[:, width:]
-        logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
+        processors = LogitsProcessorList([] if sampling.temperature == 0 else [
+            _RowSampler([seed for _, seed, _ in rows], sampling.temperature, sampling.top_p, device, steps)])
+        tokens, logits = self._sample(input_ids, attention, [ids for ids, _, _ in rows], steps, processors)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         taken = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         result = []
         for ids, lps, (_, _, budget) in zip(tokens.tolist(), taken.tolist(), rows):
@@ -141,12 +148,69 @@ class HFEngine(_ContextManaged):
             result.append(make_completion(ids[:stop], lps[:stop], self.tokenizer, stopped=eos in ids))
         return result
 
+    def _sample(self, input_ids: torch.Tensor, attention: torch.Tensor, prompts: list[list[int]], steps: int,
+                processors: LogitsProcessorList) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled tokens [B, t] and the raw logits they were drawn from [B, t, vocab], t <= steps (`generate`
+        stops early once every row has ended its turn; tokens after a row's end are not its own)."""
+        options = dict(do_sample=False, logits_processor=processors, temperature=None, top_p=None, top_k=None,
+                       eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                       return_dict_in_generate=True, output_logits=True, synced_gpus=self.synced)
+        distinct: dict[tuple[int, ...], int] = {}
+        row_prompt = [distinct.setdefault(tuple(ids), len(distinct)) for ids in prompts]
+        if not self._shares_prefill(len(distinct), len(prompts), input_ids.shape[1], steps):
+            out = self.policy.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=steps, **options)
+            return out.sequences[:, input_ids.shape[1]:], torch.stack(out.logits, dim=1)
+        logits, cache = self._shared_prefill(input_ids, attention, row_prompt, len(distinct))
+        first = processors(input_ids, logits).argmax(-1, keepdim=True)  # generate's step with do_sample=False
+        if steps == 1:
+            return first, logits.unsqueeze(1)
+        # generate continues from the prompts' cache: its first forward is the sampled token's, as it would have been.
+        out = self.policy.generate(input_ids=torch.cat([input_ids, first], dim=1),
+                                   attention_mask=torch.cat([attention, torch.ones_like(first)], dim=1),
+                                   past_key_values=cache, max_new_tokens=steps - 1, **options)
+        return (torch.cat([first, out.sequences[:, input_ids.shape[1] + 1:]], dim=1),
+                torch.stack([logits, *out.logits], dim=1))
+
+    def _shares_prefill(self, distinct: int, rows: int, width: int, steps: int) -> bool:
+        """Whether `_shared_prefill` replaces generate's: only when prompts repeat, with generate's own cache type and
+        no soft-capped logits (the head is applied by hand); not on several ranks (the extra forward must be made by
+        all of them, whatever their prompts); and when the distinct prompts' products have enough rows: MKL computes
+        a product of a few rows (here below 4 per thread) another way, which would move the last bits."""
+        config = self.policy.config.get_text_config(decoder=True)
+        return (self.share_prefill and distinct < rows and steps >= 1 and not self.synced
+                and self.policy.generation_config.cache_implementation in (None, "dynamic")
+                and not getattr(config, "final_logit_softcapping", None)
+                and distinct * width >= 8 * torch.get_num_threads())
+
+    def _shared_prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, row_prompt: list[int],
+                        prompts: int) -> tuple[torch.Tensor, DynamicCache]:
+        """generate's prefill run once per distinct prompt (`row_prompt`: each row's prompt among `prompts`), with
+        the inputs generate would give it; returns each row's float32 logits at its last position [B, vocab] and the
+        KV cache with one copy per row."""
+        first_row = torch.tensor([row_prompt.index(k) for k in range(prompts)], device=input_ids.device)
+        rows = torch.tensor(row_prompt, device=input_ids.device)
+        positions = (attention.cumsum(-1) - 1).masked_fill_(attention == 0, 1)  # left padding, as generate numbers it
+        cache = DynamicCache(config=self.policy.config.get_text_config(decoder=True))
+        logits = as_forward(self.policy, _prefill_logits, input_ids[first_row], attention[first_row],
+                            positions[first_row], cache, rows)
+        cache.batch_select_indices(rows)
+        return logits, cache
+
     def sleep(self) -> None:
         """Nothing to release: the engine is the policy."""
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         if policy is not self.policy:
             raise ValueError("the hf engine samples from the policy module it was made with")
+
+
+def _prefill_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
+                    positions: torch.Tensor, cache: DynamicCache, rows: torch.Tensor) -> torch.Tensor:
+    """The decoder over the distinct prompts, then the output head on each row's copy of its prompt's last hidden
+    state: a product of one row per batch row, as in generate's prefill. [B, vocab] float32."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                 past_key_values=cache, use_cache=True).last_hidden_state
+    return model.get_output_embeddings()(hidden[rows, -1:]).to(torch.float32)[:, -1]
 
 
 class _RowSampler:
