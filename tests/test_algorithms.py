@@ -193,6 +193,31 @@ def test_loss_metrics_count_valid_tokens_only():
     assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clipped_surrogate_equals_autograd_through_maximum_of_the_two_branches(dtype):
+    """The one-op surrogate gives the values, clip fraction and gradient of the written-out formula, bit for bit:
+    ratios inside, outside and exactly on the clip range's bounds (a tie between the branches), advantages of both
+    signs and 0."""
+    gen = torch.Generator().manual_seed(0)
+    rho = torch.exp(0.3 * torch.randn(6, 50, generator=gen)).to(dtype)
+    rho[:, :5] = torch.tensor([0.8, 1.2, 1.0, 0.8 - 1e-7, 1.2 + 1e-7], dtype=dtype)
+    advantages = torch.randn(6, 1, generator=gen, dtype=dtype).expand(6, 50).clone()
+    advantages[0] = 0.0
+    mask = (torch.arange(50) < torch.tensor([[50], [40], [1], [0], [25], [50]])).to(dtype)
+    grad = torch.randn(6, 50, generator=gen, dtype=dtype)
+    leaf = rho.clone().requires_grad_()
+    unclipped, clipped = -advantages * leaf, -advantages * leaf.clamp(0.8, 1.2)
+    torch.maximum(unclipped, clipped).backward(grad)
+    reference = leaf.grad
+    leaf = rho.clone().requires_grad_()
+    losses, metrics = algorithms.clipped_surrogate(leaf, advantages, mask, eps_low=0.2, eps_high=0.2)
+    losses.backward(grad)
+    assert torch.equal(losses, torch.maximum(unclipped, clipped))
+    assert torch.equal(leaf.grad, reference)
+    assert 0 < metrics["clip_frac"] < 1
+    assert metrics["clip_frac"] == ((clipped > unclipped).to(dtype) * mask).sum() / mask.sum()
+
+
 def test_unclipped_loss_is_minus_advantage_times_ratio_and_asymmetric_clip_ranges_apply():
     loss, metrics = policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2, clip=False)
     assert loss.item() == pytest.approx(((-1 - 1.5) / 2 + (0.9 + 1.1 + 2.0) / 3) / 2)
