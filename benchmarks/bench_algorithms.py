@@ -4,7 +4,8 @@
     PYTHONPATH=src python benchmarks/bench_algorithms.py [--threads 2] [--repeats 30]
 
 Inputs are synthetic: old log-probs in [-3, 0], a policy 0.05 nats away per token, right-padded completions of
-random length in [T/2, T], one advantage per sequence. Times are medians over --repeats runs after warm-up.
+random length in [T/2, T], one advantage per sequence. Times are medians over --repeats rounds after warm-up;
+ratios are medians of the ratio within each round (see `paired_ratio`).
 """
 
 from __future__ import annotations
@@ -23,18 +24,32 @@ from kalmanrl.algorithms import get_advantage_estimator, get_ratio_transform, po
 from kalmanrl.kalman import kalman_filter
 
 
-def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median time of each function in ms, runs interleaved so that load from other processes hits all alike."""
+def timings(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, `repeats` rounds after warm-up. Each round runs every function once, in an
+    order that rotates from round to round, so that load from other processes and the allocator's state left by the
+    previous call hit all alike."""
     for fn in fns.values():
         for _ in range(3):
             fn()
+    names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median time of each function in ms (see `timings`)."""
+    return {name: 1e3 * statistics.median(values) for name, values in timings(fns, repeats).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Median over rounds of name's time / baseline's time in the same round: two calls microseconds apart share
+    the machine's state, so a slow phase of a shared machine cancels out, unlike in a ratio of medians."""
+    return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
 
 
 def batch(rows: int, steps: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,10 +100,11 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for rows, steps in [(8, 512), (16, 1024), (32, 2048), (64, 4096), (64, 8192)]:
         data = batch(rows, steps)
-        ms = median_ms({"grpo": loss_step("token", 0.2, *data), "kpo": loss_step("kpo", 3e-4, *data),
-                        "gspo": loss_step("sequence", 3e-4, *data)}, args.repeats)
-        print(f"| {rows} x {steps} | {ms['grpo']:.2f} | {ms['kpo']:.2f} | {ms['kpo'] / ms['grpo']:.2f} | "
-              f"{ms['gspo'] / ms['grpo']:.2f} |")
+        times = timings({"grpo": loss_step("token", 0.2, *data), "kpo": loss_step("kpo", 3e-4, *data),
+                         "gspo": loss_step("sequence", 3e-4, *data)}, args.repeats)
+        ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
+        print(f"| {rows} x {steps} | {ms['grpo']:.2f} | {ms['kpo']:.2f} | {paired_ratio(times, 'kpo', 'grpo'):.2f} | "
+              f"{paired_ratio(times, 'gspo', 'grpo'):.2f} |")
 
     print("\n| B x T | sequential loop (ms) | vectorised filter (ms) | speed-up |")
     print("|---|---|---|---|")
