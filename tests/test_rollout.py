@@ -321,3 +321,20 @@ def test_a_groups_shared_prefill_samples_bit_for_bit_what_plain_generate_does(tw
     if temperature > 0:
         lengths = [len(c.token_ids) for group in shared for c in group if c.finish_reason == "stop"]
         assert 1 in lengths and max(lengths) > 1, lengths  # ends at the first token and later
+
+
+def test_a_model_whose_generation_config_adds_processors_keeps_plain_generate(two_layer_policy):
+    """A repetition penalty in the model's generation config is applied by generate at every step, the first one
+    included: the engine does not share the prefill then, so it samples what plain generate does."""
+    model, tokenizer, prompts = two_layer_policy
+    sampling = SamplingConfig(n=4, temperature=1.0, max_tokens=6, seed=2)
+    model.generation_config.repetition_penalty = 100.0
+    try:
+        engine = HFEngine(model, tokenizer)
+        engine._shared_prefill = None  # would fail if called
+        penalised = engine.generate(prompts, sampling)
+        assert token_ids(penalised) == token_ids(HFEngine(model, tokenizer, share_prefill=False).generate(prompts,
+                                                                                                          sampling))
+    finally:
+        model.generation_config.repetition_penalty = None
+    assert token_ids(penalised) != token_ids(HFEngine(model, tokenizer).generate(prompts, sampling))

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from transformers import DynamicCache, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
 from kalmanrl.distributed import as_forward
 
@@ -177,8 +177,11 @@ class HFEngine(_ContextManaged):
         all of them, whatever their prompts); and when the distinct prompts' products have enough rows: MKL computes
         a product of a few rows (here below 4 per thread) another way, which would move the last bits."""
         config = self.policy.config.get_text_config(decoder=True)
+        generation, default = self.policy.generation_config, GenerationConfig()
         return (self.share_prefill and distinct < rows and steps >= 1 and not self.synced
-                and self.policy.generation_config.cache_implementation in (None, "dynamic")
+                and generation.cache_implementation in (None, "dynamic")
+                # the first token is picked here with our processors only: generate would add these settings' own
+                and all(getattr(generation, key, None) == getattr(default, key, None) for key in _GENERATE_PROCESSORS)
                 and not getattr(config, "final_logit_softcapping", None)
                 and distinct * width >= 8 * torch.get_num_threads())
 
@@ -202,6 +205,14 @@ class HFEngine(_ContextManaged):
     def sync_weights(self, policy: torch.nn.Module) -> None:
         if policy is not self.policy:
             raise ValueError("the hf engine samples from the policy module it was made with")
+
+
+# Generation settings from which transformers' greedy `generate` builds logits processors of its own (a model's
+# generation_config.json may set them, e.g. a repetition penalty).
+_GENERATE_PROCESSORS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
+                        "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+                        "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+                        "sequence_bias", "guidance_scale", "watermarking_config", "renormalize_logits")
 
 
 def _prefill_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
