@@ -302,11 +302,17 @@ def two_layer_policy(tmp_path_factory, arithmetic_parquet):
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
-def test_a_groups_shared_prefill_samples_bit_for_bit_what_plain_generate_does(two_layer_policy, temperature, top_p):
+def test_shared_prefill_and_shared_kv_heads_sample_bit_for_bit_what_plain_generate_does(two_layer_policy, temperature,
+                                                                                         top_p, monkeypatch):
     """The hf engine runs each distinct prompt's prefill once and copies its cache and first logits to the prompt's
-    samples: tokens, log-probs and finish reasons equal plain `generate`'s exactly, with prompts of several lengths
-    (left padding), one prompt twice and apart, per-prompt budgets, and samples that end at any step."""
+    samples, and attends with the grouped key/value heads read in place: tokens, log-probs and finish reasons equal
+    plain `generate`'s exactly, with prompts of several lengths (left padding), one prompt twice and apart,
+    per-prompt budgets, and samples that end at any step."""
     model, tokenizer, prompts = two_layer_policy
+    attention, grouped = torch.nn.functional.scaled_dot_product_attention, []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: grouped.append(kwargs.get("enable_gqa", False)) or attention(*args,
+                                                                                                           **kwargs))
     prompts = prompts + prompts[:1]
     sampling = SamplingConfig(n=6, temperature=temperature, top_p=top_p, max_tokens=10, seed=11,
                               budgets=(10, 3, 10, 1))
@@ -315,7 +321,11 @@ def test_a_groups_shared_prefill_samples_bit_for_bit_what_plain_generate_does(tw
     engine._shared_prefill = lambda *args: prefills.append(args[-1]) or prefill(*args)
     shared = engine.generate(prompts, sampling)
     assert prefills == [3]  # one prefill of the three distinct prompts
-    plain = HFEngine(model, tokenizer, share_prefill=False).generate(prompts, sampling)
+    assert grouped and all(grouped)  # every attention read the key/value heads in place
+    grouped.clear()
+    plain = HFEngine(model, tokenizer, plain=True).generate(prompts, sampling)
+    assert grouped and not any(grouped)
+    assert model.config._attn_implementation == "sdpa"  # restored
     assert [(c.token_ids, c.logprobs, c.finish_reason) for group in shared for c in group] == \
         [(c.token_ids, c.logprobs, c.finish_reason) for group in plain for c in group]
     if temperature > 0:
@@ -333,7 +343,7 @@ def test_a_model_whose_generation_config_adds_processors_keeps_plain_generate(tw
         engine = HFEngine(model, tokenizer)
         engine._shared_prefill = None  # would fail if called
         penalised = engine.generate(prompts, sampling)
-        assert token_ids(penalised) == token_ids(HFEngine(model, tokenizer, share_prefill=False).generate(prompts,
+        assert token_ids(penalised) == token_ids(HFEngine(model, tokenizer, plain=True).generate(prompts,
                                                                                                           sampling))
     finally:
         model.generation_config.repetition_penalty = None

@@ -12,6 +12,7 @@ do not depend on which rank generated it."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -108,11 +109,13 @@ class HFEngine(_ContextManaged):
     every product is the same per row whatever the batch size; `tests/test_rollout.py` compares with plain
     `generate` bit for bit), so this only removes work: at the default study's shape the prefill was 40% of a
     rollout. On a GPU the batch size may pick other kernels, so there the last bits may differ from plain
-    `generate` (not from run to run). `share_prefill=False` is plain `generate`."""
+    `generate` (not from run to run). On the CPU, a grouped-query model's attention reads the shared key and value
+    heads in place (`_reading_shared_kv_heads`). `plain=True` is plain `generate`, the reference both are tested
+    against."""
 
     def __init__(self, policy: torch.nn.Module, tokenizer, *, batch_size: int = 256,
-                 share_prefill: bool = True) -> None:
-        self.policy, self.tokenizer, self.batch_size, self.share_prefill = policy, tokenizer, batch_size, share_prefill
+                 plain: bool = False) -> None:
+        self.policy, self.tokenizer, self.batch_size, self.plain = policy, tokenizer, batch_size, plain
         # An FSDP-sharded policy gathers each layer with a collective in every forward: all ranks must run the same
         # number of decoding steps, so ranks that finish early keep stepping until every rank is done.
         self.synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -138,7 +141,8 @@ class HFEngine(_ContextManaged):
         steps = max(budget for _, _, budget in rows)
         processors = LogitsProcessorList([] if sampling.temperature == 0 else [
             _RowSampler([seed for _, seed, _ in rows], sampling.temperature, sampling.top_p, device, steps)])
-        tokens, logits = self._sample(input_ids, attention, [ids for ids, _, _ in rows], steps, processors)
+        with contextlib.nullcontext() if self.plain else _reading_shared_kv_heads(self.policy):
+            tokens, logits = self._sample(input_ids, attention, [ids for ids, _, _ in rows], steps, processors)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         taken = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         result = []
@@ -178,7 +182,7 @@ class HFEngine(_ContextManaged):
         a product of a few rows (here below 4 per thread) another way, which would move the last bits."""
         config = self.policy.config.get_text_config(decoder=True)
         generation, default = self.policy.generation_config, GenerationConfig()
-        return (self.share_prefill and distinct < rows and steps >= 1 and not self.synced
+        return (not self.plain and distinct < rows and steps >= 1 and not self.synced
                 and generation.cache_implementation in (None, "dynamic")
                 # the first token is picked here with our processors only: generate would add these settings' own
                 and all(getattr(generation, key, None) == getattr(default, key, None) for key in _GENERATE_PROCESSORS)
@@ -213,6 +217,50 @@ _GENERATE_PROCESSORS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words
                         "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
                         "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
                         "sequence_bias", "guidance_scale", "watermarking_config", "renormalize_logits")
+
+
+@contextlib.contextmanager
+def _reading_shared_kv_heads(model: torch.nn.Module) -> Iterator[None]:
+    """A grouped-query model on the CPU attends with SDPA reading each shared key/value head in place while inside.
+    transformers' sdpa attention copies the shared heads once per query head whenever there is a padding mask (every
+    left-padded batch): at every decoding step the whole KV cache, about a fifth of a rollout of the default study's
+    model. SDPA's own `enable_gqa` gives the same outputs bit for bit here (`tests/test_rollout.py`); on CUDA it would
+    leave the fast kernels for a masked batch, so GPUs keep the copies. Generation only: in a backward pass the
+    shared heads' gradients would be summed in another order."""
+    config = model.config.get_text_config(decoder=True)
+    grouped = getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads)
+    if not (grouped and config._attn_implementation == "sdpa" and next(model.parameters()).device.type == "cpu"):
+        yield
+        return
+    model.set_attn_implementation(_grouped_sdpa())
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@functools.cache
+def _grouped_sdpa() -> str:
+    """Register (once) transformers' sdpa attention with masked grouped-query batches handed to SDPA's enable_gqa."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                  **kwargs):
+        shared_heads = getattr(module, "num_key_value_groups", 1) > 1
+        if not shared_heads or attention_mask is None or kwargs.get("position_bias") is not None:
+            # transformers' own path (without a mask it passes enable_gqa itself)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               dropout_p=dropout, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    name = "kalmanrl_grouped_sdpa"
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
 
 
 def _prefill_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
