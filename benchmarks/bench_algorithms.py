@@ -41,9 +41,9 @@ def timings(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, lis
     return times
 
 
-def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median time of each function in ms (see `timings`)."""
-    return {name: 1e3 * statistics.median(values) for name, values in timings(fns, repeats).items()}
+def medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median of each function's `timings` in ms."""
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
 
 
 def paired_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
@@ -102,7 +102,7 @@ def main() -> None:
         data = batch(rows, steps)
         times = timings({"grpo": loss_step("token", 0.2, *data), "kpo": loss_step("kpo", 3e-4, *data),
                          "gspo": loss_step("sequence", 3e-4, *data)}, args.repeats)
-        ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
+        ms = medians_ms(times)
         print(f"| {rows} x {steps} | {ms['grpo']:.2f} | {ms['kpo']:.2f} | {paired_ratio(times, 'kpo', 'grpo'):.2f} | "
               f"{paired_ratio(times, 'gspo', 'grpo'):.2f} |")
 
@@ -111,13 +111,13 @@ def main() -> None:
     for rows, steps in [(64, 1024), (64, 4096)]:
         logp, old, mask, _ = batch(rows, steps)
         z = logp - old
-        ms = median_ms({"naive": lambda: sequential_filter(z, mask, **KPO),
-                        "fast": lambda: kalman_filter(z, mask, **KPO)}, max(3, args.repeats // 5))
+        ms = medians_ms(timings({"naive": lambda: sequential_filter(z, mask, **KPO),
+                                 "fast": lambda: kalman_filter(z, mask, **KPO)}, max(3, args.repeats // 5)))
         print(f"| {rows} x {steps} | {ms['naive']:.1f} | {ms['fast']:.3f} | {ms['naive'] / ms['fast']:.0f}x |")
 
     rewards = torch.rand(1024, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64).round()
-    ms = median_ms({name: functools.partial(get_advantage_estimator(name), rewards) for name in ("grpo", "krpo")},
-                   args.repeats)
+    estimators = {name: functools.partial(get_advantage_estimator(name), rewards) for name in ("grpo", "krpo")}
+    ms = medians_ms(timings(estimators, args.repeats))
     print(f"\nadvantages for 1024 groups of 12: GRPO {ms['grpo']:.3f} ms, KRPO {ms['krpo']:.3f} ms")
 
 if __name__ == "__main__":
