@@ -14,6 +14,17 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """A working directory where the smoke workflow (tests/smoke_runs.py) ran to completion, once per session: the
+    workflow tests read it, the SLURM and container tests compare their runs with it. Read it; never change it."""
+    from smoke_runs import smoke_workdir, snakemake
+
+    workdir = smoke_workdir(tmp_path_factory.mktemp("smoke"))
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The directory of the real datasets' local copies, named by $KALMANRL_DATA_DIR (`.ci/run` names one when it
     exists beside the repository); tests of the loaders against the real data skip without it."""

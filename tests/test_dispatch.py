@@ -35,13 +35,18 @@ print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(weights).hexdigest
 """
 
 
-def train(**env: str) -> tuple[str, str]:
-    """(torch's CPU capability, weight hash) of TRAIN in a fresh process with `env` on top of a clean environment."""
+def train(**env: str) -> subprocess.Popen:
+    """TRAIN started in a fresh process with `env` on top of a clean environment; `finish` reads its result."""
     clean = {k: v for k, v in os.environ.items() if k not in {DISPATCH_ENV, *LEVELS["avx2"][1]}}
-    result = subprocess.run([sys.executable, "-c", TRAIN], env={**clean, "OMP_NUM_THREADS": "1", **env},
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    capability, digest = result.stdout.split()
+    return subprocess.Popen([sys.executable, "-c", TRAIN], env={**clean, "OMP_NUM_THREADS": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> tuple[str, str]:
+    """(torch's CPU capability, weight hash) printed by a TRAIN process."""
+    out, err = process.communicate()
+    assert process.returncode == 0, err[-3000:]
+    capability, digest = out.split()
     return capability, digest
 
 
@@ -73,13 +78,22 @@ def test_results_depend_on_the_dispatch_until_it_is_pinned():
     x86-64 baseline kernels (ATen `default`, MKL `COMPATIBLE`: what a CPU without AVX2 runs) train different
     weights. Pinned, the caller's or host's choice no longer matters: the `avx2` pin gives one result whatever the
     environment asks for, and so does the `baseline` pin, which is what every x86-64 CPU can run."""
-    native = train(**{DISPATCH_ENV: "native"})
-    weaker_host = train(**{DISPATCH_ENV: "native", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"})
+    started = {  # one process each, all at once: they are single-threaded and deterministic
+        "native": train(**{DISPATCH_ENV: "native"}),
+        "weaker host": train(**{DISPATCH_ENV: "native", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}),
+        "pinned": train(),
+        "pinned, caller asks for baseline": train(ATEN_CPU_CAPABILITY="default", MKL_CBWR="COMPATIBLE",
+                                                  ONEDNN_MAX_CPU_ISA="SSE41"),
+        "baseline": train(**{DISPATCH_ENV: "baseline"}),
+        "baseline, caller asks for avx2": train(**{DISPATCH_ENV: "baseline", "ATEN_CPU_CAPABILITY": "avx2",
+                                                   "MKL_CBWR": "AVX2"}),
+    }
+    result = {name: finish(process) for name, process in started.items()}
+    native, weaker_host = result["native"], result["weaker host"]
     assert native[0] == "AVX2" and weaker_host[0] == "DEFAULT"
     assert native[1] != weaker_host[1], "the dispatch no longer changes results: this test cannot tell anything"
 
-    pinned = {train(), train(ATEN_CPU_CAPABILITY="default", MKL_CBWR="COMPATIBLE", ONEDNN_MAX_CPU_ISA="SSE41")}
+    pinned = {result["pinned"], result["pinned, caller asks for baseline"]}
     assert pinned == {("AVX2", native[1])}  # on this AVX2 host the avx2 pin costs nothing
-    baseline = {train(**{DISPATCH_ENV: "baseline"}),
-                train(**{DISPATCH_ENV: "baseline", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"})}
+    baseline = {result["baseline"], result["baseline, caller asks for avx2"]}
     assert len(baseline) == 1 and next(iter(baseline))[0] == "DEFAULT"

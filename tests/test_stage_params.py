@@ -5,11 +5,10 @@ the dataset builds."""
 from __future__ import annotations
 
 import copy
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
+from smoke_runs import snakemake
 
 from kalmanrl.config import stage_settings, validate_config
 
@@ -27,13 +26,6 @@ def test_data_settings_do_not_carry_decontaminate(repo_root):
     assert "decontaminate" not in stage_settings(on, "data", dataset="arithmetic_laptop")["data"]
 
 
-def _snakemake(repo_root: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(["snakemake", "-s", str(repo_root / "Snakefile"), "-d", str(workdir), *args],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
 @pytest.mark.slow
 def test_toggling_decontaminate_reruns_only_the_decontaminate_job(repo_root, tmp_path):
     config = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())
@@ -43,15 +35,15 @@ def test_toggling_decontaminate_reruns_only_the_decontaminate_job(repo_root, tmp
     toggled["data"]["decontaminate"] = False
     for name, value in (("on.yaml", config), ("off.yaml", toggled)):
         (tmp_path / name).write_text(yaml.safe_dump(value))
-    _snakemake(repo_root, tmp_path, "--configfile", str(tmp_path / "on.yaml"), "--cores", "1", TARGET)
+    snakemake(tmp_path, "--configfile", str(tmp_path / "on.yaml"), "--cores", "1", TARGET)
     dataset = tmp_path / "results" / "data" / "arithmetic_laptop.parquet"
     built = dataset.stat().st_mtime_ns
 
     # A dry run, not `--list-changes params`: Snakemake 9.27 lists every output there even for an unchanged config.
-    assert "rule" not in _snakemake(repo_root, tmp_path, "--configfile", str(tmp_path / "on.yaml"), "-n",
+    assert "rule" not in snakemake(tmp_path, "--configfile", str(tmp_path / "on.yaml"), "-n",
                                     TARGET).stdout  # up to date
-    dry = _snakemake(repo_root, tmp_path, "--configfile", str(tmp_path / "off.yaml"), "-n", TARGET)
+    dry = snakemake(tmp_path, "--configfile", str(tmp_path / "off.yaml"), "-n", TARGET)
     assert "rule decontaminate:" in dry.stdout and "rule data:" not in dry.stdout
     assert "Params have changed" in dry.stdout
-    _snakemake(repo_root, tmp_path, "--configfile", str(tmp_path / "off.yaml"), "--cores", "1", TARGET)
+    snakemake(tmp_path, "--configfile", str(tmp_path / "off.yaml"), "--cores", "1", TARGET)
     assert dataset.stat().st_mtime_ns == built

@@ -12,17 +12,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from smoke_runs import smoke_config, snakemake
 
 pytestmark = pytest.mark.slow
 
 JOB_LINE = re.compile(r"^(\w+)\s+(\d+)$", re.M)
-
-
-def snakemake(workdir: Path, repo: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(["snakemake", "-s", str(repo / "Snakefile"), "-d", str(workdir), *args],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
 
 
 def planned_jobs(result: subprocess.CompletedProcess) -> Counter:
@@ -32,16 +26,9 @@ def planned_jobs(result: subprocess.CompletedProcess) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory, repo_root):
-    """A working directory whose config/config.yaml is the smoke config, run to completion once."""
-    workdir = tmp_path_factory.mktemp("smoke")
-    config = yaml.safe_load((repo_root / "config" / "smoke.yaml").read_text())
-    config["results_dir"] = "results"
-    config["data"]["local_dir"] = str(repo_root / config["data"]["local_dir"])  # the data shipped in tests/data
-    (workdir / "config").mkdir()
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    snakemake(workdir, repo_root, "--cores", "2")
-    return workdir, config
+def smoke(smoke_run):
+    """The session's finished smoke run (conftest.py) and its config."""
+    return smoke_run, smoke_config()
 
 
 def test_lint_is_clean(repo_root):
@@ -116,25 +103,25 @@ def test_keep_every_must_be_a_multiple_of_checkpoint_every():
         validate_config({"train": {"checkpoint_every": 2, "keep_every": 3}})
 
 
-def test_a_finished_run_is_up_to_date(smoke, repo_root):
+def test_a_finished_run_is_up_to_date(smoke):
     workdir, _ = smoke
-    result = snakemake(workdir, repo_root, "-n")
+    result = snakemake(workdir, "-n")
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def test_changing_a_training_setting_reruns_train_evaluate_and_report_only(smoke, repo_root):
+def test_changing_a_training_setting_reruns_train_evaluate_and_report_only(smoke, tmp_path):
     workdir, config = smoke
     changed = {**config, "train": {**config["train"], "lr": config["train"].get("lr", 1e-4) * 2}}
-    (workdir / "changed.yaml").write_text(yaml.safe_dump(changed))
-    jobs = planned_jobs(snakemake(workdir, repo_root, "-n", "--configfile", str(workdir / "changed.yaml")))
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    jobs = planned_jobs(snakemake(workdir, "-n", "--configfile", str(tmp_path / "changed.yaml")))
     runs = len(config["algorithms"])
     evaluated = 2 * runs  # the final policy and the kept step-1 checkpoint of each run
     assert jobs == Counter({"train": runs, "evaluate": evaluated * len(config["benchmarks"]), "report": 1, "all": 1})
 
 
-def test_forced_rerun_of_one_rule_reruns_its_dependents(smoke, repo_root):
+def test_forced_rerun_of_one_rule_reruns_its_dependents(smoke):
     workdir, config = smoke
-    jobs = planned_jobs(snakemake(workdir, repo_root, "-n", "-R", "sft"))
+    jobs = planned_jobs(snakemake(workdir, "-n", "-R", "sft"))
     runs = len(config["algorithms"])
     assert jobs["sft"] == 1 and jobs["train"] == runs and jobs["model"] == 0 and jobs["data"] == 0
 

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from safetensors.torch import load_file
-from test_workflow import snakemake
+from smoke_runs import smoke_config, snakemake
 
 from kalmanrl.rollout import vllm_available
 
@@ -39,27 +40,29 @@ ENGINE_STARTED = "Initializing a V1 LLM engine"
 WEIGHTS_PUSHED = "Reloading and processing weights took"
 
 
-def vllm_smoke_config(repo_root: Path) -> dict:
-    config = yaml.safe_load((repo_root / "config" / "smoke.yaml").read_text())
-    config["results_dir"] = "results"
-    config["data"]["local_dir"] = str(repo_root / config["data"]["local_dir"])
-    config["algorithms"] = {"kpo": config["algorithms"]["kpo"]}
-    config["train"] = {**config["train"], "keep_every": 0}
-    config["rollout"] = {"backend": "vllm", "max_model_len": CONTEXT}
+def vllm_smoke_config() -> dict:
+    config = smoke_config(["kpo"], train={"keep_every": 0}, rollout={"backend": "vllm", "max_model_len": CONTEXT})
     assert config["train"]["max_tokens"] == config["evaluate"]["max_tokens"] == MAX_TOKENS
     return config
 
 
 @pytest.fixture(scope="module")
-def vllm_smoke(tmp_path_factory, repo_root):
+def vllm_smoke(tmp_path_factory, smoke_run):
     """A working directory whose config/config.yaml is the vLLM smoke config, run to completion once; and the
-    shell commands Snakemake ran (for reruns of single jobs)."""
+    shell commands Snakemake ran (for reruns of single jobs). The datasets, the model and the warm start are the
+    local smoke run's (copied with Snakemake's records of them, so they are up to date): the backend is a setting of
+    the train and evaluate jobs only, and those are the jobs that run here."""
     workdir = tmp_path_factory.mktemp("smoke_vllm")
-    config = vllm_smoke_config(repo_root)
+    config = vllm_smoke_config()
     (workdir / "config").mkdir()
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, repo_root, "--cores", "2", "--printshellcmds")
-    return workdir, config, result.stdout + result.stderr
+    shutil.copytree(smoke_run / ".snakemake", workdir / ".snakemake", symlinks=True)
+    for part in ("data", "models"):
+        shutil.copytree(smoke_run / "results" / part, workdir / "results" / part, symlinks=True)
+    result = snakemake(workdir, "--cores", "2", "--printshellcmds")
+    output = result.stdout + result.stderr
+    assert set(re.findall(r"^(?:local)?rule (\w+):", output, re.M)) == {"train", "evaluate", "report", "all"}, output
+    return workdir, config, output
 
 
 def shell_command(output: str, stage: str, *markers: str) -> list[str]:
