@@ -1,6 +1,7 @@
 """Time per rollout batch of kalmanrl's trainer against TRL's GRPOTrainer, on the same model, prompts and batch shape.
 
     python benchmarks/bench_trl.py [--batches 4] [--rounds 2] [--threads 1] [--algorithm grpo] [--side both]
+                                   [--trl-allocator default|kept]
 
 Builds the default study's tiny model (config/config.yaml: its `tiny` Qwen2 and the `arithmetic_laptop` task, the
 tokenizer trained on the corpus `kalmanrl model` gives it) in a temporary directory. The weights stay random (no
@@ -9,11 +10,13 @@ Both sides then train in the default study's shape: 32 prompts x 8 completions p
 tokens, 2 optimiser steps of 128 completions per rollout batch (one epoch), float32, hf (transformers) generation,
 no reference model (beta 0), --threads torch threads:
 - kalmanrl: `kalmanrl.trainer.train`, what `kalmanrl train` runs, with the default study's train settings and
-  algorithm (--algorithm; checkpoints only after the last batch, no TensorBoard);
+  algorithm (--algorithm; checkpoints only after the last batch, no TensorBoard), in a process set up as the CLI
+  sets up every stage's: glibc's malloc keeps the memory a step frees (kalmanrl.allocator);
 - TRL: `GRPOTrainer` set to the same (per-device batch 128, steps_per_generation 2, num_generations 8,
   max_completion_length 16, loss_type "grpo", epsilon 0.2, the same learning rate, weight decay and gradient
   clipping), with its own defaults that would change the computation turned off (bf16 autocast, gradient
-  checkpointing), and no logging, evaluation or checkpoints.
+  checkpointing), and no logging, evaluation or checkpoints; glibc's malloc as it comes, or with
+  --trl-allocator kept the same as kalmanrl's (to compare the two steps alone).
 Both get the same prompts in the same order (kalmanrl's prompt order, given to TRL unshuffled, rendered by the task's
 template into the same token ids) and the same reward: the share of digits in a completion (`tests/digit_share.py`),
 so advantages are not all 0.
@@ -31,7 +34,8 @@ them together, and the median of the round ratios is the figure to read.
 TRL is optional (`pip install -e '.[bench]'`): without it the script says so and exits with status 3, unless
 --side kalmanrl.
 
-Run as `bench_trl.py worker <side> <directory> <batches> <threads> <algorithm>` this file is the measured process.
+Run as `bench_trl.py worker <side> <directory> <batches> <threads> <algorithm> <allocator>` this file is the
+measured process.
 """
 
 from __future__ import annotations
@@ -173,7 +177,11 @@ def run_trl(directory: Path, batches: int, threads: int) -> dict:
             "completion_tokens": statistics.mean(lengths[rows:])}  # the first batch is warm-up
 
 
-def worker(side: str, directory: Path, batches: int, threads: int, algorithm: str) -> None:
+def worker(side: str, directory: Path, batches: int, threads: int, algorithm: str, allocator: str) -> None:
+    if allocator == "kept":  # what every `kalmanrl` stage command does first (kalmanrl.allocator)
+        from kalmanrl.allocator import keep_freed_memory
+
+        keep_freed_memory()
     for run in ("kalmanrl_run", "trl_run"):  # a fresh run each round: kalmanrl would resume a finished one
         shutil.rmtree(directory / run, ignore_errors=True)
     result = run_kalmanrl(directory, batches, threads, algorithm) if side == "kalmanrl" else \
@@ -181,10 +189,11 @@ def worker(side: str, directory: Path, batches: int, threads: int, algorithm: st
     (directory / f"{side}.json").write_text(json.dumps(result))
 
 
-def measure(side: str, directory: Path, batches: int, threads: int, algorithm: str) -> dict:
-    """One run of `side` in a fresh process (`threads` torch and OpenMP threads)."""
+def measure(side: str, directory: Path, batches: int, threads: int, algorithm: str, allocator: str) -> dict:
+    """One run of `side` in a fresh process (`threads` torch and OpenMP threads; glibc's malloc as `allocator`)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    command = [sys.executable, str(HERE), "worker", side, str(directory), str(batches), str(threads), algorithm]
+    command = [sys.executable, str(HERE), "worker", side, str(directory), str(batches), str(threads), algorithm,
+               allocator]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {side} run failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
@@ -198,6 +207,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--algorithm", default="grpo", help="kalmanrl's algorithm (the default study's names)")
     parser.add_argument("--side", choices=["both", "kalmanrl", "trl"], default="both")
+    parser.add_argument("--trl-allocator", choices=["default", "kept"], default="default",
+                        help="TRL's process with glibc's default malloc, as a TRL user runs it (default), or with the "
+                             "freed-memory reuse every kalmanrl stage sets up (kalmanrl.allocator): the two "
+                             "frameworks' steps on the same allocator")
     args = parser.parse_args()
     if args.batches < 2:
         parser.error("--batches must be at least 2: the first batch is warm-up")
@@ -224,7 +237,8 @@ def main() -> None:
         for _ in range(args.rounds):
             rounds.append({})
             for side in sides:
-                result = measure(side, tmp, args.batches, args.threads, args.algorithm)
+                allocator = "kept" if side == "kalmanrl" else args.trl_allocator
+                result = measure(side, tmp, args.batches, args.threads, args.algorithm, allocator)
                 rounds[-1][side] = statistics.median(result["batch_cpu_s"])
                 times[side] += result["batch_s"]
                 cpu[side] += result["batch_cpu_s"]
@@ -233,7 +247,7 @@ def main() -> None:
 
     train = config["train"]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{args.threads} thread(s); load average {os.getloadavg()}")
+          f"{args.threads} thread(s); TRL's malloc: {args.trl_allocator}; load average {os.getloadavg()}")
     print(f"{train['prompts_per_step']} prompts x {train['group_size']} completions, up to {train['max_tokens']} "
           f"tokens, {train['ppo_epochs'] * train['mini_batches']} optimiser steps per rollout batch; "
           f"{args.rounds} rounds x {args.batches - 1} measured batches per side")
@@ -257,6 +271,6 @@ def main() -> None:
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
-    worker(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+    worker(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7])
 elif __name__ == "__main__":
     main()

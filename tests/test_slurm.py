@@ -1,6 +1,6 @@
 """The SLURM profile against a real one-node SLURM on localhost: the smoke DAG (one algorithm's part of it) submitted
-through `sbatch` gives the local smoke run's results to the last bit, and a train job killed by SLURM is reported, leaves nothing that passes for a result,
-and resumes from its checkpoint when the workflow is run again.
+through `sbatch` gives the local smoke run's results to the last bit, and a train job killed by SLURM is reported,
+leaves nothing that passes for a result, and resumes from its checkpoint when the workflow is run again.
 
 The fixture starts munged, slurmctld and slurmd (tests/slurm_local.py; Debian's slurm-wlm and munge, which `.ci/run`
 installs) and stops them by PID afterwards, also on failure. It skips, saying why, where that cannot work: not root,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kalmanrl import __version__
+from kalmanrl.allocator import keep_freed_memory
 from kalmanrl.config import ConfigError, load_config, load_schema, parse_settings, resolve_ref, stage_settings
 from kalmanrl.devices import gpu_placement
 from kalmanrl.dispatch import DISPATCH_ENV, DispatchError, pin_cpu_dispatch
@@ -216,9 +217,11 @@ def _stage(sub, name: str, help_text: str, func: Callable, paths: list[tuple[str
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kalmanrl", description="GRPO, KRPO and KPO for language-model reasoning: each workflow stage by hand.",
-        epilog=f"Every stage command first pins the CPU instruction set torch, oneDNN and MKL dispatch to, so that CPU runs give "
-               f"the same numbers on any x86-64 machine: ${DISPATCH_ENV}=avx2 (default; any CPU with AVX2), baseline "
-               f"(any x86-64, slower) or native (unpinned). See kalmanrl.dispatch.")
+        epilog=f"Every stage command first pins the CPU instruction set torch, oneDNN and MKL dispatch to, so that "
+               f"CPU runs give the same numbers on any x86-64 machine: ${DISPATCH_ENV}=avx2 (default; any CPU with "
+               f"AVX2), baseline (any x86-64, slower) or native (unpinned); see kalmanrl.dispatch. It also keeps the "
+               f"memory a step frees for the next step (glibc's malloc thresholds, unless MALLOC_*_ or GLIBC_TUNABLES "
+               f"set them: same results, faster on the CPU); see kalmanrl.allocator.")
     parser.add_argument("--version", action="version", version=f"kalmanrl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
@@ -317,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "settings"):  # a workflow stage: pin the CPU dispatch before anything loads torch
             args.settings = parse_settings(args.settings)
             log.debug("CPU dispatch pinned to %s ($%s)", pin_cpu_dispatch(), DISPATCH_ENV)
+            keep_freed_memory()
         with gpu_placement(getattr(args, "gpus", None)):
             code = args.func(args)
     except (ConfigError, DispatchError) as err:
