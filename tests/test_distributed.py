@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,11 +248,11 @@ def test_two_ranks_train_like_one(tmp_path, one_rank_training, tiny_model_dir, a
     assert pd.read_parquet(out / "metrics.parquet")["reward_std"].gt(0).all()  # the runs did learn something
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("resume_ranks", [2, 1])
-def test_a_killed_two_rank_run_resumes_on_any_number_of_ranks(tmp_path, one_rank_training, tiny_model_dir,
-                                                              arithmetic_parquet, resume_ranks):
-    out = tmp_path / "cut"
+@pytest.fixture(scope="module")
+def killed_two_rank_run(tmp_path_factory, tiny_model_dir, arithmetic_parquet) -> Path:
+    """A 2-rank run killed with SIGKILL (every rank, as a scheduler kills a job) once its step-2 checkpoint is
+    written; each test resumes a copy of it."""
+    out = tmp_path_factory.mktemp("killed") / "cut"
     proc = start_training(out, 2, tiny_model_dir, arithmetic_parquet, train_settings())
     deadline = time.time() + 600
     while not list((out / "checkpoints").glob("step_000002/trainer_state.json")) and time.time() < deadline:
@@ -260,6 +261,15 @@ def test_a_killed_two_rank_run_resumes_on_any_number_of_ranks(tmp_path, one_rank
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "metrics.parquet").exists(), "the run finished before it could be killed"
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume_ranks", [2, 1])
+def test_a_killed_two_rank_run_resumes_on_any_number_of_ranks(tmp_path, killed_two_rank_run, one_rank_training,
+                                                              tiny_model_dir, arithmetic_parquet, resume_ranks):
+    out = tmp_path / "cut"
+    shutil.copytree(killed_two_rank_run, out)
     finished(start_training(out, resume_ranks, tiny_model_dir, arithmetic_parquet, train_settings()), out)
     assert_same_run(one_rank_training, out)
 
