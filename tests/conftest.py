@@ -16,7 +16,8 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """A working directory where the smoke workflow (tests/smoke_runs.py) ran to completion, once per session: the
-    workflow tests read it, the SLURM and container tests compare their runs with it. Read it; never change it."""
+    workflow tests read it, the SLURM tests compare their runs with it, the vLLM workflow reuses its warm start. Read
+    it; never change it."""
     from smoke_runs import smoke_workdir, snakemake
 
     workdir = smoke_workdir(tmp_path_factory.mktemp("smoke"))

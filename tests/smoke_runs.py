@@ -1,7 +1,7 @@
 """The workflow as the workflow tests run it: `snakemake` on a working directory whose config/config.yaml is
 config/smoke.yaml (results under `results/`, the benchmark data shipped in tests/data), and the Parquet results of a
-finished run read for comparison. conftest.py runs the full smoke workflow once per session (`smoke_run`); tests of
-other ways to run it (SLURM, a container) run part of it and compare that part with the local run."""
+finished run read for comparison. conftest.py runs the full smoke workflow once per session (`smoke_run`); the
+SLURM tests run part of it and compare that part with the local run (`assert_part_of_the_smoke_run`)."""
 
 from __future__ import annotations
 

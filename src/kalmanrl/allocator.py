@@ -34,8 +34,9 @@ def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
     """Raise glibc's mmap and trim thresholds in this process (see the module docstring). Does nothing, and returns
     False, off glibc or when the environment sets glibc's malloc itself; True when the thresholds were set."""
     chosen = [name for name in GLIBC_SETTINGS if name in environ]
-    if chosen or platform.libc_ver()[0] != "glibc":
-        log.debug("malloc left as it is (%s)", ", ".join(chosen) or f"C library: {platform.libc_ver()[0] or '?'}")
+    library = platform.libc_ver()[0]
+    if chosen or library != "glibc":
+        log.debug("malloc left as it is (%s)", ", ".join(chosen) or f"C library: {library or '?'}")
         return False
     libc = ctypes.CDLL(None)  # the C library this process runs on
     if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
