@@ -53,11 +53,11 @@ def finish(process: subprocess.Popen) -> tuple[str, str]:
 def test_each_level_sets_every_library_and_overrides_the_callers_values():
     environ = {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AUTO"}
     assert pin_cpu_dispatch(environ, flags={"avx2", "fma"}, machine="x86_64") == "avx2"
-    assert environ == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2",
+    assert environ == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE,STRICT",
                        DISPATCH_ENV: "avx2"}
     environ = {DISPATCH_ENV: "baseline"}
     pin_cpu_dispatch(environ, flags=set(), machine="x86_64")
-    assert environ["ATEN_CPU_CAPABILITY"] == "default" and environ["MKL_CBWR"] == "COMPATIBLE"
+    assert environ["ATEN_CPU_CAPABILITY"] == "default" and environ["MKL_CBWR"] == "COMPATIBLE,STRICT"
     environ = {DISPATCH_ENV: "native", "ATEN_CPU_CAPABILITY": "avx512"}
     pin_cpu_dispatch(environ, flags=set(), machine="x86_64")
     assert environ == {DISPATCH_ENV: "native", "ATEN_CPU_CAPABILITY": "avx512"}
@@ -74,26 +74,40 @@ def test_a_cpu_without_the_pinned_instructions_or_an_unknown_level_fails_loudly(
 @pytest.mark.slow
 @pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2, so the avx2 level cannot run here")
 def test_results_depend_on_the_dispatch_until_it_is_pinned():
-    """Unpinned, the host's kernels decide the weights: this AVX2 host (native) and the same host restricted to the
-    x86-64 baseline kernels (ATen `default`, MKL `COMPATIBLE`: what a CPU without AVX2 runs) train different
-    weights. Pinned, the caller's or host's choice no longer matters: the `avx2` pin gives one result whatever the
-    environment asks for, and so does the `baseline` pin, which is what every x86-64 CPU can run."""
+    """Unpinned, the host's kernels decide the weights: the host's best kernels (native: AVX2 or AVX-512, and MKL's
+    own choice) and the same host restricted to the x86-64 baseline kernels (ATen `default`, MKL `COMPATIBLE`: what a
+    CPU without AVX2 runs) train different weights. Pinned, the caller's or host's choice no longer matters: the
+    `avx2` pin gives one result whatever the environment asks for, and so does the `baseline` pin, which is what
+    every x86-64 CPU can run. Which capability the host has natively does not matter to the test."""
     started = {  # one process each, all at once: they are single-threaded and deterministic
         "native": train(**{DISPATCH_ENV: "native"}),
         "weaker host": train(**{DISPATCH_ENV: "native", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}),
         "pinned": train(),
         "pinned, caller asks for baseline": train(ATEN_CPU_CAPABILITY="default", MKL_CBWR="COMPATIBLE",
                                                   ONEDNN_MAX_CPU_ISA="SSE41"),
+        "pinned, caller asks for MKL's AVX2 branch": train(MKL_CBWR="AVX2"),
+        "MKL's AVX2 branch (Intel only)": train(**{DISPATCH_ENV: "native", **LEVELS["avx2"][1], "MKL_CBWR": "AVX2"}),
         "baseline": train(**{DISPATCH_ENV: "baseline"}),
         "baseline, caller asks for avx2": train(**{DISPATCH_ENV: "baseline", "ATEN_CPU_CAPABILITY": "avx2",
                                                    "MKL_CBWR": "AVX2"}),
     }
     result = {name: finish(process) for name, process in started.items()}
     native, weaker_host = result["native"], result["weaker host"]
-    assert native[0] == "AVX2" and weaker_host[0] == "DEFAULT"
+    assert native[0] in ("AVX2", "AVX512") and weaker_host[0] == "DEFAULT"
     assert native[1] != weaker_host[1], "the dispatch no longer changes results: this test cannot tell anything"
 
-    pinned = {result["pinned"], result["pinned, caller asks for baseline"]}
-    assert pinned == {("AVX2", native[1])}  # on this AVX2 host the avx2 pin costs nothing
+    pinned = {result[name] for name in result if name.startswith("pinned")}
+    assert len(pinned) == 1 and next(iter(pinned))[0] == "AVX2"
     baseline = {result["baseline"], result["baseline, caller asks for avx2"]}
     assert len(baseline) == 1 and next(iter(baseline))[0] == "DEFAULT"
+    assert pinned != baseline
+    # MKL is on the path: its AVX2 branch (the same on Intel CPUs only; others run its AUTO branch) trains other
+    # weights than the vendor-neutral COMPATIBLE branch the pin sets.
+    assert result["MKL's AVX2 branch (Intel only)"][1] != next(iter(pinned))[1]
+
+
+def test_every_pinned_level_uses_mkls_vendor_neutral_branch():
+    """MKL documents only its COMPATIBLE branch as giving the same results on Intel and other vendors' CPUs."""
+    for level, (_, variables) in LEVELS.items():
+        if variables:
+            assert variables["MKL_CBWR"] == "COMPATIBLE,STRICT", level
