@@ -1,4 +1,6 @@
-"""`kalmanrl compare-summary`: a run's report summary against an expected one, exactly, naming each difference."""
+"""`kalmanrl compare-summary`: a run against the records of its config's expected file: identical to a record bit for
+bit, different from its own machine class's record or beyond tolerance, or within tolerance of the records of other
+machine classes (every metric inside its recorded interval, every conclusion unchanged), naming where it departs."""
 
 from __future__ import annotations
 
@@ -9,63 +11,165 @@ import pandas as pd
 import pytest
 
 from kalmanrl.cli import main
-from kalmanrl.expected import compare_summary, expected_rows, write_expected
+from kalmanrl.expected import (DIFFERENT, IDENTICAL, WITHIN_TOLERANCE, ExpectedError, RunResults, compare,
+                               compare_with, expected_rows, machine_class, write_expected)
+from kalmanrl.fingerprint import Fingerprint, departures, series_departure
+
+INTEL = {"cpu_vendor": "GenuineIntel", "dispatch_env": "ATEN_CPU_CAPABILITY=avx2", "torch_threads": "1"}
+AMD = {**INTEL, "cpu_vendor": "AuthenticAMD"}
 
 
-def summary() -> pd.DataFrame:
-    frame = pd.DataFrame({"model": ["tiny"] * 3, "task": ["a"] * 3, "algorithm": ["sft", "grpo", "kpo"],
-                          "seed": pd.array([None, 0, 0], dtype="Int64"), "step": pd.array([0, 2, 2], dtype="Int64"),
-                          "benchmark": ["b"] * 3, "avg_at_k": [0.1, 1 / 3, 0.25], "pass_at_2": [0.2, 0.5, 0.5],
-                          "n_problems": [8, 8, 8], "sha256_model": ["x", "y", "z"],
-                          "version_torch": ["2.13.0", "2.13.0", "2.14.0"], "cpu_model": ["A", "B", "C"]})
-    return frame
+def summary(machine: dict = INTEL) -> pd.DataFrame:
+    return pd.DataFrame({"model": ["tiny"] * 3, "task": ["a"] * 3, "algorithm": ["sft", "grpo", "kpo"],
+                         "seed": pd.array([None, 0, 0], dtype="Int64"), "step": pd.array([0, 2, 2], dtype="Int64"),
+                         "benchmark": ["b"] * 3, "avg_at_k": [0.1, 1 / 3, 0.25], "pass_at_2": [0.2, 0.5, 0.5],
+                         "n_problems": [8, 8, 8], "sha256_model": ["x", "y", "z"],
+                         "version_torch": ["2.13.0", "2.13.0", "2.14.0"], "cpu_model": ["A", "B", "C"],
+                         **{k: [v] * 3 for k, v in machine.items()}})
 
 
-def test_a_recorded_summary_compares_equal_and_ignores_provenance(tmp_path):
-    summary().to_parquet(tmp_path / "s.parquet")
-    expected = write_expected(tmp_path / "s.parquet", tmp_path / "e.json")
-    assert expected["columns"] == ["avg_at_k", "pass_at_2", "n_problems", "sha256_model"]
-    other = summary().assign(version_torch="9", cpu_model="elsewhere")
-    other.to_parquet(tmp_path / "other.parquet")
-    assert compare_summary(tmp_path / "other.parquet", tmp_path / "e.json") == []
-    rows = {row["algorithm"]: row for row in json.loads((tmp_path / "e.json").read_text())["rows"]}
+def accuracy(grpo: float = 1 / 3) -> pd.DataFrame:
+    return pd.DataFrame({"model": ["tiny"] * 3, "task": ["a"] * 3, "benchmark": ["b"] * 3,
+                         "algorithm": ["sft", "grpo", "kpo"], "avg_at_k": [0.1, grpo, 0.25],
+                         "avg_at_k_low": [0.05, 0.25, 0.2], "avg_at_k_high": [0.15, 0.45, 0.3]})
+
+
+def differences(kpo_grpo: tuple[float, float] = (-0.08, 0.5),
+                grpo_sft: tuple[float, float] = (0.23, 0.01)) -> pd.DataFrame:
+    rows = [("kpo - grpo", *kpo_grpo), ("grpo - sft", *grpo_sft)]
+    return pd.DataFrame([{"model": "tiny", "task": "a", "benchmark": "b", "comparison": name, "difference": d,
+                          "low": d - 0.1, "high": d + 0.1, "p_holm": p, "alpha": 0.05} for name, d, p in rows])
+
+
+def stages(loss: tuple[float, ...] = (2.0, 1.5, 1.25), data: str = "d1") -> list[Fingerprint]:
+    return [Fingerprint("data", "a.parquet", data), Fingerprint("tokenizer", "tiny", "t1"),
+            Fingerprint("base model", "tiny", "m0"), Fingerprint("warm start", "tiny/a", "w1", {"loss": list(loss)}),
+            Fingerprint("train", "tiny/a/grpo/seed0", "g1", {"reward_mean": [0.1, 0.2], "loss": [0.0, 0.1],
+                                                             "grad_norm": [1.0, 0.9]})]
+
+
+def run(machine: dict = INTEL, **changes) -> RunResults:
+    parts = {"summary": summary(machine), "accuracy": accuracy(), "differences": differences(), "stages": stages()}
+    return RunResults(**{**parts, **changes})
+
+
+@pytest.fixture
+def recorded(tmp_path):
+    """An expected file with one record, made on the INTEL class."""
+    path = tmp_path / "expected.json"
+    write_expected(run(), path)
+    return path
+
+
+def test_a_run_equal_to_its_record_is_identical_and_provenance_is_ignored(recorded):
+    other = run(summary=summary().assign(version_torch="9", cpu_model="elsewhere"))
+    verdict, outcomes = compare(other, recorded)
+    assert verdict == IDENTICAL and outcomes[0].lines == []
+    rows = {row["algorithm"]: row for row in json.loads(recorded.read_text())["records"][0]["summary"]["rows"]}
     assert rows["grpo"]["avg_at_k"] == 1 / 3 and rows["sft"]["seed"] is None  # exact round trip
 
 
-def test_every_difference_is_named_down_to_the_last_bit(tmp_path):
-    write_expected_from = tmp_path / "s.parquet"
-    summary().to_parquet(write_expected_from)
-    write_expected(write_expected_from, tmp_path / "e.json")
+def test_a_record_is_identical_on_another_machine_class_too_when_the_bits_agree(recorded):
+    assert compare(run(AMD), recorded)[0] == IDENTICAL
+
+
+def test_its_own_class_must_reproduce_its_record_to_the_last_bit(recorded):
     changed = summary()
     changed.loc[1, "avg_at_k"] = math.nextafter(1 / 3, 1)  # one ulp off
-    changed = changed.drop(index=2)
-    changed.to_parquet(tmp_path / "run.parquet")
-    differences = compare_summary(tmp_path / "run.parquet", tmp_path / "e.json")
-    assert len(differences) == 2
-    assert differences[0].startswith("missing row {'model': 'tiny', 'task': 'a', 'algorithm': 'kpo'")
-    assert "'algorithm': 'grpo'" in differences[1] and "avg_at_k = 0.33333333333333337, expected 0.3333333333333333" \
-        in differences[1]
+    verdict, outcomes = compare(run(summary=changed), recorded)
+    assert verdict == DIFFERENT
+    assert any("'algorithm': 'grpo'" in line and "avg_at_k = 0.33333333333333337, expected 0.3333333333333333" in line
+               for line in outcomes[0].lines)
 
 
-def test_the_command_exits_1_on_a_difference_and_0_on_a_match(tmp_path, capsys):
-    summary().to_parquet(tmp_path / "s.parquet")
-    assert main(["compare-summary", str(tmp_path / "s.parquet"), str(tmp_path / "e.json"), "--write"]) == 0
-    assert main(["compare-summary", str(tmp_path / "s.parquet"), str(tmp_path / "e.json")]) == 0
-    summary().assign(n_problems=9).to_parquet(tmp_path / "s.parquet")
-    assert main(["compare-summary", str(tmp_path / "s.parquet"), str(tmp_path / "e.json")]) == 1
-    assert "3 difference(s)" in capsys.readouterr().out
+def test_the_first_stage_and_step_where_a_run_departs_is_named(recorded):
+    nudged = stages(loss=(2.0, math.nextafter(1.5, 2), 1.25))
+    verdict, outcomes = compare(run(stages=nudged), recorded)
+    assert verdict == DIFFERENT
+    assert outcomes[0].lines[0] == ("departs from it first at warm start tiny/a: departs at step 2: loss "
+                                    "1.5000000000000002, recorded 1.5 (relative 1.5e-16)")
+
+
+def test_another_machine_class_within_the_intervals_and_with_the_same_conclusions_is_within_tolerance(recorded):
+    other = run(AMD, stages=stages(loss=(2.0, 1.5, 1.3)), accuracy=accuracy(grpo=0.4),
+                differences=differences(kpo_grpo=(0.02, 0.9), grpo_sft=(0.2, 0.03)))  # the kpo sign may flip
+    verdict, outcomes = compare(other, recorded)
+    assert verdict == WITHIN_TOLERANCE
+    assert outcomes[0].lines[0].startswith("departs from it first at warm start tiny/a: departs at step 3")
+    assert outcomes[0].lines[1] == "largest deviation 0.57 of its interval (tiny/a/b/grpo avg_at_k)"
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"accuracy": accuracy(grpo=0.46)}, "tiny/a/b/grpo: avg_at_k 0.46 outside the recorded interval [0.25, 0.45]"),
+    ({"differences": differences(grpo_sft=(0.2, 0.06))}, "grpo - sft: recorded significant (+23.0 points, Holm p "
+                                                         "0.01), now +20.0 points, p 0.06"),
+    ({"differences": differences(grpo_sft=(-0.2, 0.01))}, "grpo - sft: recorded significant"),
+    ({"differences": differences(kpo_grpo=(-0.2, 0.01))}, "kpo - grpo: recorded not significant (Holm p 0.5), now "
+                                                          "significant"),
+    ({"stages": stages(data="d2")}, "data a.parquet: sha256 d2, recorded d1"),
+    ({"accuracy": accuracy().iloc[:2]}, "accuracy tiny/a/b/kpo: missing from the run"),
+])
+def test_another_machine_class_outside_tolerance_is_different_and_says_why(recorded, changes, reason):
+    verdict, outcomes = compare(run(AMD, **{"stages": stages(loss=(2.0, 1.5, 1.3)), **changes}), recorded)
+    assert verdict == DIFFERENT
+    assert any(reason in line for line in outcomes[0].lines), outcomes[0].lines
+
+
+def test_series_departure_names_the_first_step_and_value():
+    assert series_departure({"loss": [1.0, 2.0]}, {"loss": [1.0, 2.0]}) is None
+    assert series_departure({"loss": [1.0, math.nan]}, {"loss": [1.0, math.nan]}) is None
+    assert series_departure({"loss": [1.0]}, {"loss": [1.0, 2.0]}) == "step 2: loss missing, recorded 2.0"
+    assert departures(stages()[:2], stages()) == [
+        ("base model", "base model tiny: missing from the run"), ("warm start", "warm start tiny/a: missing from the "
+                                                                 "run"), ("train", "train tiny/a/grpo/seed0: missing "
+                                                                                   "from the run")]
+
+
+def test_write_replaces_every_record_and_add_keeps_the_others_only_within_tolerance(recorded):
+    write_expected(run(AMD), recorded, add=True)
+    assert [r["machine"]["class"] for r in json.loads(recorded.read_text())["records"]] == \
+        [machine_class(summary(INTEL)), machine_class(summary(AMD))]
+    with pytest.raises(ExpectedError, match="not within tolerance of the record of GenuineIntel"):
+        write_expected(run({**AMD, "cpu_vendor": "HygonGenuine"}, accuracy=accuracy(grpo=0.9),
+                           stages=stages(loss=(2.0, 1.5, 1.3))), recorded, add=True)
+    write_expected(run(AMD, accuracy=accuracy(grpo=0.9)), recorded)
+    assert len(json.loads(recorded.read_text())["records"]) == 1
+
+
+def test_a_file_of_another_format_is_refused_naming_how_to_rerecord(tmp_path):
+    (tmp_path / "old.json").write_text(json.dumps({"key": [], "columns": [], "rows": []}))
+    with pytest.raises(ExpectedError, match="not an expected file of format 2 .*--write"):
+        compare(run(), tmp_path / "old.json")
+
+
+def test_the_command_prints_its_verdict_and_exits_1_only_when_different(tmp_path, capsys):
+    report = tmp_path / "results" / "report"
+    report.mkdir(parents=True)
+    summary().to_parquet(report / "summary.parquet")
+    accuracy().to_parquet(report / "accuracy.parquet")
+    differences().to_parquet(report / "differences.parquet")
+    args = [str(report / "summary.parquet"), str(tmp_path / "e.json")]
+    assert main(["compare-summary", *args, "--write"]) == 0
+    assert main(["compare-summary", *args]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(f"({machine_class(summary())}): identical")
+    summary().assign(n_problems=9).to_parquet(report / "summary.parquet")
+    assert main(["compare-summary", *args]) == 1
+    out = capsys.readouterr().out
+    assert ": different" in out.splitlines()[0] and out.count("n_problems = 9, expected 8") == 3
+    (tmp_path / "e.json").write_text("{}")
+    assert main(["compare-summary", *args]) == 2
 
 
 def test_a_table_that_is_not_a_summary_is_refused():
-    with pytest.raises(ValueError, match="not a report summary"):
+    with pytest.raises(ExpectedError, match="not a report summary"):
         expected_rows(pd.DataFrame({"x": [1]}))
 
 
 @pytest.mark.parametrize("name", ["config", "smoke"])
 def test_each_recorded_expectation_covers_its_configs_whole_grid(repo_root, name):
-    """config/<name>.expected.json holds one row per evaluation its config asks for: the warm start, and every
-    algorithm and seed at each kept step and the last, on every benchmark (a row missing from the file could never
-    be checked)."""
+    """Every record of config/<name>.expected.json holds one row per evaluation its config asks for (the warm start,
+    and every algorithm and seed at each kept step and the last, on every benchmark), one accuracy row per cell and
+    algorithm, and a fingerprint of every stage of its grid."""
     import yaml
 
     from kalmanrl.config import validate_config
@@ -74,10 +178,18 @@ def test_each_recorded_expectation_covers_its_configs_whole_grid(repo_root, name
     train = config["train"]
     steps = sorted({*range(train["keep_every"], train["steps"], train["keep_every"] or train["steps"]),
                     train["steps"]})
-    cells = {(model, task, "sft", None, 0, benchmark) for model in config["models"] for task in config["tasks"]
-             for benchmark in config["benchmarks"]}
-    cells |= {(model, task, algorithm, seed, step, benchmark) for model in config["models"]
-              for task in config["tasks"] for algorithm in config["algorithms"] for seed in config["seeds"]
-              for step in steps for benchmark in config["benchmarks"]}
-    recorded = json.loads((repo_root / "config" / f"{name}.expected.json").read_text())
-    assert {tuple(row[k] for k in recorded["key"]) for row in recorded["rows"]} == cells
+    grid = [(model, task, benchmark) for model in config["models"] for task in config["tasks"]
+            for benchmark in config["benchmarks"]]
+    cells = {(model, task, "sft", None, 0, benchmark) for model, task, benchmark in grid}
+    cells |= {(model, task, algorithm, seed, step, benchmark) for model, task, benchmark in grid
+              for algorithm in config["algorithms"] for seed in config["seeds"] for step in steps}
+    runs = {f"{model}/{task}/{algorithm}/seed{seed}" for model in config["models"] for task in config["tasks"]
+            for algorithm in config["algorithms"] for seed in config["seeds"]}
+    for record in json.loads((repo_root / "config" / f"{name}.expected.json").read_text())["records"]:
+        recorded = record["summary"]
+        assert {tuple(row[k] for k in recorded["key"]) for row in recorded["rows"]} == cells
+        assert {(r["model"], r["task"], r["benchmark"], r["algorithm"]) for r in record["accuracy"]} == \
+            {(model, task, benchmark, a) for model, task, benchmark in grid for a in ["sft", *config["algorithms"]]}
+        stages = {(f["stage"], f["name"]) for f in record["stages"]}
+        assert {name for stage, name in stages if stage == "train"} == runs
+        assert {stage for stage, _ in stages} == {"data", "tokenizer", "base model", "warm start", "train"}

@@ -184,18 +184,31 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_compare_summary(args: argparse.Namespace) -> int:
-    from kalmanrl.expected import compare_summary, write_expected
+    from kalmanrl.expected import (DIFFERENT, IDENTICAL, ExpectedError, RunResults, compare, machine_class,
+                                   write_expected)
 
-    if args.write:
-        expected = write_expected(args.summary, args.expected)
-        log.info("%s: %d rows of %s recorded as expected", args.expected, len(expected["rows"]), args.summary)
-        return 0
-    differences = compare_summary(args.summary, args.expected)
-    for line in differences:
-        print(line)
-    print(f"{args.summary}: {len(differences)} difference(s) from {args.expected}"
-          if differences else f"{args.summary} equals {args.expected} exactly")
-    return 1 if differences else 0
+    run = RunResults.load(args.summary)
+    try:
+        if args.write or args.add:
+            records = write_expected(run, args.expected, add=args.add)
+            log.info("%s: %s recorded (%d stage fingerprints, %d summary rows); %d record(s) in all", args.expected,
+                     machine_class(run.summary), len(run.stages), len(run.summary), len(records))
+            return 0
+        verdict, outcomes = compare(run, args.expected)
+    except ExpectedError as err:
+        print(f"kalmanrl: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.summary} ({machine_class(run.summary)}): {verdict}")
+    for outcome in outcomes:
+        print(f"- {outcome.verdict} against the record of {outcome.record}")
+        shown = outcome.lines if args.all or outcome.verdict != DIFFERENT else outcome.lines[:20]
+        print("".join(f"    {line}\n" for line in shown), end="")
+        if len(shown) < len(outcome.lines):
+            print(f"    ... {len(outcome.lines) - len(shown)} more (--all lists them)")
+    if verdict != IDENTICAL:
+        print("(a deliberate change of results is recorded with --write; a new machine class's numbers, when the "
+              "code is unchanged, with --add)")
+    return 1 if verdict == DIFFERENT else 0
 
 
 def _threads(threads: int) -> None:
@@ -288,14 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("config", type=Path, nargs="?")
     config.set_defaults(func=cmd_config)
     compare = sub.add_parser(
-        "compare-summary", help="Compare a finished run's report summary with an expected one, exactly.",
-        description=f"Exit 0 when every row of SUMMARY ({ResultsTree('<results_dir>').report_file('summary')}) has "
-                    "exactly the metrics and model hash of EXPECTED (e.g. config/smoke.expected.json), else list each "
-                    "difference and exit 1. Provenance (machine, versions, paths) is not compared. --write records "
-                    "SUMMARY as EXPECTED.")
+        "compare-summary", help="Compare a finished run with the numbers recorded for its config.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare the run whose report summary is SUMMARY (its results tree: the stage fingerprints of "
+                    "datasets, tokenizer, base model, warm start and training runs, the summary rows, the report's "
+                    "accuracy and comparison tables) with every record of EXPECTED (e.g. config/smoke.expected.json, "
+                    "one record per machine class: CPU vendor, dispatch, threads). Prints one verdict:\n"
+                    "  identical         equal to a record bit for bit (exit 0)\n"
+                    "  within tolerance  no record of this machine class; every metric inside the recorded "
+                    "interval and every\n                    conclusion (significance, and sign where significant) "
+                    "unchanged (exit 0)\n"
+                    "  different         anything else, e.g. not exactly its own class's record (exit 1)\n"
+                    "with the first stage and step at which the run departs from each record. Provenance (versions, "
+                    "paths, times) is not compared.")
     compare.add_argument("summary", type=Path, help=f"the run's report {REPORT_FILES['summary']}")
-    compare.add_argument("expected", type=Path, help="the expected summary (JSON)")
-    compare.add_argument("--write", action="store_true", help="record SUMMARY as the expected summary instead")
+    compare.add_argument("expected", type=Path, help="the expected file (JSON)")
+    record = compare.add_mutually_exclusive_group()
+    record.add_argument("--write", action="store_true",
+                        help="record the run as the only record of EXPECTED (after a deliberate change of results)")
+    record.add_argument("--add", action="store_true",
+                        help="add the run as its machine class's record, keeping the others (code unchanged; "
+                             "refused unless the run is within tolerance of each)")
+    compare.add_argument("--all", action="store_true", help="list every difference, not the first 20 per record")
     compare.set_defaults(func=cmd_compare_summary)
     return parser
 

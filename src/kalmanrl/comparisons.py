@@ -6,28 +6,53 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from kalmanrl.metrics import majority_correct, pass_at_k
 from kalmanrl.results import BASELINE, CELL, RUN, WARM_START, correctness_matrix, select
 from kalmanrl.stats import (GridVariance, Interval, bootstrap, detectable_difference, holm, paired_test,
                             seeds_needed)
 
 
+def problem_matrices(details: pd.DataFrame, metrics: list[str]) -> dict[str, pd.DataFrame]:
+    """Seeds x problems matrices [S, P] of each summary metric that is a mean over problems (avg_at_k, pass_at_<k>,
+    maj_at_k, mean_length, truncation_rate), so that each gets its interval the same way. A metric the details
+    cannot give per problem (its column absent, or pass@k with fewer than k samples) has no matrix."""
+    samples = int(details.groupby(["seed", "problem_id"]).size().min())
+    per_problem = {("avg_at_k", "correct"): lambda g: g["correct"].mean(),
+                   ("maj_at_k", "extracted"): lambda g: float(majority_correct(list(g["extracted"]),
+                                                                               list(g["correct"]))),
+                   ("mean_length", "num_tokens"): lambda g: g["num_tokens"].mean(),
+                   ("truncation_rate", "finish_reason"): lambda g: (g["finish_reason"] == "length").mean()}
+    per_problem.update({(m, "correct"): lambda g, k=int(m.removeprefix("pass_at_")): pass_at_k(
+        len(g), int(g["correct"].sum()), k) for m in metrics
+        if m.startswith("pass_at_") and int(m.removeprefix("pass_at_")) <= samples})
+    groups = details.groupby(["seed", "problem_id"], sort=True)
+    return {metric: groups.apply(function, include_groups=False).unstack("problem_id")
+            for (metric, column), function in per_problem.items() if metric in metrics and column in details}
+
+
 def accuracy_table(summary: pd.DataFrame, details: pd.DataFrame, expected: pd.DataFrame, *, samples: int,
                    confidence: float) -> pd.DataFrame:
-    """One row per (model, task, benchmark, algorithm) expected or found: avg@k with its bootstrap interval over
-    seeds and problems, the other metrics averaged over seeds, and seeds done / expected. Missing cells are NaN."""
+    """One row per (model, task, benchmark, algorithm) expected or found: avg@k and the other metrics averaged over
+    seeds, each with its bootstrap interval over seeds and problems (<metric>_low, <metric>_high), and seeds done /
+    expected. Missing cells are NaN."""
     runs = pd.concat([expected, summary.reindex(columns=[*RUN, "benchmark"])]).drop_duplicates()
+    metrics = [c for c in summary.columns if c.startswith("pass_at_") or c in ("maj_at_k", "mean_length",
+                                                                               "truncation_rate")]
     rows = []
     for (model, task, benchmark, algorithm), group in runs.groupby([*CELL, "algorithm"], sort=False):
         key = {"model": model, "task": task, "benchmark": benchmark, "algorithm": algorithm}
         part = select(summary, key)
         row = {**key, "step": part["step"].max() if len(part) else np.nan,
                "seeds": f"{part['seed'].nunique()}/{group['seed'].nunique()}"}
-        row.update({c: part[c].mean() if len(part) else np.nan for c in summary.columns
-                    if c.startswith("pass_at_") or c in ("maj_at_k", "mean_length", "truncation_rate")})
-        matrix = correctness_matrix(select(details, key)) if len(details) else pd.DataFrame()
-        interval = (bootstrap([matrix.to_numpy(float)], samples=samples, confidence=confidence) if matrix.size
-                    else Interval(part["avg_at_k"].mean() if len(part) else np.nan, np.nan, np.nan))
-        rows.append({**row, "avg_at_k": interval.mean, "avg_at_k_low": interval.low, "avg_at_k_high": interval.high})
+        cell_details = select(details, key) if len(details) else pd.DataFrame()
+        matrices = problem_matrices(cell_details, ["avg_at_k", *metrics]) if len(cell_details) else {}
+        for metric in ["avg_at_k", *metrics]:
+            mean = part[metric].mean() if len(part) else np.nan
+            interval = (bootstrap([matrices[metric].to_numpy(float)], samples=samples, confidence=confidence)
+                        if metric in matrices else Interval(mean, np.nan, np.nan))
+            row.update({metric: interval.mean if metric == "avg_at_k" else mean,
+                        f"{metric}_low": interval.low, f"{metric}_high": interval.high})
+        rows.append(row)
     table = pd.DataFrame(rows)
     order = {WARM_START: 0, BASELINE: 1}
     rank = table["algorithm"].map(lambda a: f"{order.get(a, 2)}{a}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def accuracy_display(table: pd.DataFrame, published: pd.DataFrame, confidence: f
     shown = table[[*CELL, "algorithm", "step", "seeds"]].copy()
     shown["step"] = [str(int(s)) if pd.notna(s) else "missing" for s in table["step"]]
     shown[ci] = [str(Interval(*v)) for v in zip(table["avg_at_k"], table["avg_at_k_low"], table["avg_at_k_high"])]
-    percent = [c for c in table.columns if c.startswith("pass_at_")] + ["maj_at_k", "truncation_rate"]
+    percent = [c for c in table.columns if re.fullmatch(r"pass_at_\d+", c)] + ["maj_at_k", "truncation_rate"]
     for column in [c for c in percent if c in table]:
         name = column.replace("pass_at_", "pass@").replace("maj_at_k", "maj@k").replace("truncation_rate", "truncated")
         shown[f"{name} (%)"] = [f"{100 * v:.1f}" if pd.notna(v) else "missing" for v in table[column]]
@@ -156,8 +157,9 @@ def reproduce_text(reproduce: dict | None) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------------------- report
 def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, settings: dict,
                  published: Path | None = None) -> None:
-    """Write out_dir's summary Parquet, Markdown and HTML (kalmanrl.layout.REPORT_FILES) and its figures, one
-    directory per kind (kalmanrl.layout.FIGURES), from the inputs that exist.
+    """Write out_dir's summary, accuracy and comparison tables (Parquet), Markdown and HTML
+    (kalmanrl.layout.REPORT_FILES) and its figures, one directory per kind (kalmanrl.layout.FIGURES), from the inputs
+    that exist.
 
     settings: {"report": {"bootstrap_samples", "confidence", "alpha", "power", "detect"}, optional "reproduce":
     {"configfiles", "config"}}.
@@ -183,6 +185,9 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
         if len(final) or len(expected) else pd.DataFrame()
     differences = family_tests(paired_differences(final_details, samples=samples, confidence=confidence),
                                alpha=alpha, power=power)
+    write_parquet(accuracy, report_file(out_dir, "accuracy"))
+    write_parquet(differences.assign(alpha=alpha) if len(differences) else differences,
+                  report_file(out_dir, "differences"))
     ci = (f"{round(100 * confidence)}% intervals: hierarchical percentile bootstrap over seeds, then over problems "
           f"({samples} resamples); each problem's correctness is first averaged over its samples. Differences are "
           f"paired by seed and problem (against the warm start, by problem). With few seeds the seed part of the "

@@ -7,11 +7,13 @@ import logging
 import os
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from kalmanrl.dataset import read_dataset
 from kalmanrl.devices import resolve_device
-from kalmanrl.io import atomic_path
+from kalmanrl.io import atomic_path, write_parquet
+from kalmanrl.layout import METRICS
 from kalmanrl.model import load_policy, save_policy
 from kalmanrl.optim import make_optimizer
 from kalmanrl.progress import progress
@@ -65,7 +67,8 @@ def link_model(model_dir: str | Path, out_dir: str | Path) -> None:
 def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Path, *, template: str,
             settings: dict, seed: int, dtype: str, gpus: int | None = None) -> dict:
     """Fine-tune the model in `model_dir` on the train split; save to `out_dir` in `dtype` (the model's configured
-    dtype). With `steps: 0`, `out_dir` links the base model's files instead. Returns the final loss."""
+    dtype), with every step's loss in its metrics.parquet (a run on another machine can then be placed step by step:
+    kalmanrl.fingerprint). With `steps: 0`, `out_dir` links the base model's files instead. Returns the final loss."""
     device = resolve_device(gpus)
     if settings["steps"] == 0:
         link_model(model_dir, out_dir)
@@ -84,6 +87,7 @@ def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Pat
     optimizer, scheduler = make_optimizer(model.parameters(), settings, settings["steps"])
     generator = torch.Generator().manual_seed(seed)
     order, position, loss_ema = torch.randperm(len(examples), generator=generator), 0, None
+    losses = []
     model.train()
     with progress(range(settings["steps"]), desc="sft", unit="step") as bar:
         for step in bar:
@@ -99,11 +103,13 @@ def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Pat
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings["max_grad_norm"])
             optimizer.step()
             scheduler.step()
-            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+            losses.append(loss.item())
+            loss_ema = losses[-1] if loss_ema is None else 0.95 * loss_ema + 0.05 * losses[-1]
             bar.set_postfix(loss=f"{loss_ema:.4f}", refresh=False)
             if (step + 1) % settings["log_every"] == 0:
                 log.info("sft step %d: loss %.4f", step + 1, loss_ema)
 
     with atomic_path(out_dir, directory=True) as tmp:
         save_policy(model, tokenizer, tmp, dtype=dtype)
+        write_parquet(pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses}), tmp / METRICS)
     return {"steps": settings["steps"], "examples": len(examples), "loss": loss_ema}

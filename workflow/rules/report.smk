@@ -12,6 +12,8 @@ rule report:
         html=report(TREE.report_file("html"), caption="../report/report.rst", category="Report"),
         markdown=TREE.report_file("markdown"),
         summary=TREE.report_file("summary"),
+        accuracy=TREE.report_file("accuracy"),
+        differences=TREE.report_file("differences"),
         **{
             kind: report(directory(TREE.figure_dir(kind)), patterns=["{name}.png"],
                          caption=f"../report/{kind}.rst", category="Figures", subcategory=title)
