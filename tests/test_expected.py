@@ -147,7 +147,7 @@ def test_the_command_prints_its_verdict_and_exits_1_only_when_different(tmp_path
     report.mkdir(parents=True)
     summary().to_parquet(report / "summary.parquet")
     accuracy().to_parquet(report / "accuracy.parquet")
-    differences().to_parquet(report / "differences.parquet")
+    differences().to_parquet(report / "comparisons.parquet")
     args = [str(report / "summary.parquet"), str(tmp_path / "e.json")]
     assert main(["compare-summary", *args, "--write"]) == 0
     assert main(["compare-summary", *args]) == 0

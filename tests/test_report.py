@@ -149,12 +149,12 @@ def test_summary_parquet_holds_every_finished_row_for_pandas_and_arrow(report_di
 
 def test_the_accuracy_and_comparison_tables_are_data_too(report_dir):
     """accuracy.parquet: every metric with its interval (pass@16 has none: the grid drew 2 samples per problem);
-    differences.parquet: each comparison with its Holm p-value and the alpha it was judged at."""
+    comparisons.parquet: each comparison with its Holm p-value and the alpha it was judged at."""
     accuracy = pd.read_parquet(report_dir / "accuracy.parquet").set_index(["model", "algorithm"])
     grpo = accuracy.loc[("tiny", "grpo")]
     assert grpo["avg_at_k_low"] <= grpo["avg_at_k"] <= grpo["avg_at_k_high"]
     assert grpo["pass_at_1_low"] <= grpo["pass_at_1_high"] and pd.isna(grpo["pass_at_16_low"])
-    differences = pd.read_parquet(report_dir / "differences.parquet")
+    differences = pd.read_parquet(report_dir / "comparisons.parquet")
     assert {"difference", "low", "high", "p_holm"} <= set(differences.columns) and (differences["alpha"] == 0.05).all()
 
 

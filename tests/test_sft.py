@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -75,6 +76,8 @@ def test_warm_start_teaches_the_answer_format(tiny_model_dir, arithmetic_parquet
     metrics = run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template="answer_tag", settings=settings,
                       seed=0, dtype="float32")
     assert metrics["steps"] == 120 and metrics["loss"] < 1.5
+    losses = pd.read_parquet(tmp_path / "sft" / "metrics.parquet")  # every step's loss, for the stage fingerprint
+    assert list(losses["step"]) == list(range(1, 121)) and losses["loss"].iloc[-10:].mean() < losses["loss"].iloc[0]
     policy, tokenizer = load_policy(tmp_path / "sft")
     policy.eval()
     template = get_template("answer_tag")

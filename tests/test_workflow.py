@@ -47,7 +47,7 @@ def test_dry_run_prints_the_job_grid(repo_root, tmp_path):
     jobs = planned_jobs(result)
     runs = 3 * 2  # the default config's algorithms x the seeds given on the command line
     assert jobs["train"] == runs
-    assert jobs["evaluate"] == 1 + runs * 4  # the warm start; each run's final policy and steps 20, 40, 60
+    assert jobs["evaluate"] == 1 + runs * 2  # the warm start; each run's final policy and its step 40
     assert jobs["sft"] == jobs["model"] == jobs["report"] == jobs["all"] == 1
 
 

@@ -94,8 +94,8 @@ class RunResults:
         """The run whose report summary is `summary_path` (<results_dir>/report/summary.parquet)."""
         report_dir = Path(summary_path).parent
         tables = {name: pd.read_parquet(report_file(report_dir, name)) if report_file(report_dir, name).exists()
-                  else pd.DataFrame() for name in ("accuracy", "differences")}
-        return cls(pd.read_parquet(summary_path), tables["accuracy"], tables["differences"],
+                  else pd.DataFrame() for name in ("accuracy", "comparisons")}
+        return cls(pd.read_parquet(summary_path), tables["accuracy"], tables["comparisons"],
                    fingerprints(report_dir.parent))
 
     def record(self) -> dict:

@@ -51,7 +51,7 @@ CHECKPOINTS = "checkpoints"  # not a workflow output, so Snakemake keeps it when
 # The report's pages, its summary (one row per evaluation) and its two tables as data (kalmanrl.comparisons): the
 # accuracy table (every metric with its interval) and the comparisons (difference, interval, Holm p, alpha).
 REPORT_FILES = {"html": "report.html", "markdown": "report.md", "summary": "summary.parquet",
-                "accuracy": "accuracy.parquet", "differences": "differences.parquet"}
+                "accuracy": "accuracy.parquet", "comparisons": "comparisons.parquet"}
 FIGURE_DIR = "figures/{kind}"
 FIGURE_FILE = "{model}__{task}.png"  # one figure of a kind per (model, task)
 # Report figure kinds: FIGURE_DIR/FIGURE_FILE, one directory each (Snakemake outputs, with a caption in
@@ -168,7 +168,7 @@ class ResultsTree:
         return self.path(REPORT_DIR)
 
     def report_file(self, name: str) -> str:
-        """One of REPORT_FILES ("html", "markdown", "summary", "accuracy", "differences")."""
+        """One of REPORT_FILES ("html", "markdown", "summary", "accuracy", "comparisons")."""
         return f"{self.report_dir()}/{REPORT_FILES[name]}"
 
     def figure_dir(self, kind: str) -> str:

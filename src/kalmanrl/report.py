@@ -187,7 +187,7 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
                                alpha=alpha, power=power)
     write_parquet(accuracy, report_file(out_dir, "accuracy"))
     write_parquet(differences.assign(alpha=alpha) if len(differences) else differences,
-                  report_file(out_dir, "differences"))
+                  report_file(out_dir, "comparisons"))
     ci = (f"{round(100 * confidence)}% intervals: hierarchical percentile bootstrap over seeds, then over problems "
           f"({samples} resamples); each problem's correctness is first averaged over its samples. Differences are "
           f"paired by seed and problem (against the warm start, by problem). With few seeds the seed part of the "

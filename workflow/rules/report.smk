@@ -13,7 +13,7 @@ rule report:
         markdown=TREE.report_file("markdown"),
         summary=TREE.report_file("summary"),
         accuracy=TREE.report_file("accuracy"),
-        differences=TREE.report_file("differences"),
+        comparisons=TREE.report_file("comparisons"),
         **{
             kind: report(directory(TREE.figure_dir(kind)), patterns=["{name}.png"],
                          caption=f"../report/{kind}.rst", category="Figures", subcategory=title)
