@@ -1,15 +1,21 @@
-"""The paper-scale grids validate against the schema, state the papers' hyper-parameters, and plan their whole DAG
-(`snakemake -n`), so launching one on a cluster is one command."""
+"""The paper-scale grids validate against the schema, state the papers' hyper-parameters, plan their whole DAG
+(`snakemake -n`), so launching one on a cluster is one command, and have a cell for every number the papers publish
+(src/kalmanrl/published.yaml), so the report can show it beside ours."""
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from kalmanrl.comparisons import comparisons
 from kalmanrl.config import load_config
+from kalmanrl.published import paper_matches, published_numbers
+from kalmanrl.results import CELL, WARM_START
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_LINE = re.compile(r"^(\w+)\s+(\d+)$", re.M)
@@ -55,7 +61,7 @@ def test_krpo_grid_runs_the_authors_optimiser_and_evaluation():
 def test_kpo_grid_has_the_papers_recipe():
     config = load_config(REPO / "config" / "paper-kpo.yaml")
     assert [m["id"] for m in config["models"].values()] == ["Qwen/Qwen3-4B"]
-    assert set(config["algorithms"]) == {"grpo", "gspo", "gmpo", "kpo"}
+    assert set(config["algorithms"]) == {"grpo", "gspo", "gmpo", "kpo", "kpo_unclipped"}
     assert config["algorithms"]["kpo"]["ratio"] == "kpo" and config["algorithms"]["gspo"]["ratio"] == "sequence"
     train, evaluate = config["train"], config["evaluate"]
     assert (train["group_size"], train["prompts_per_step"], train["ppo_epochs"] * train["mini_batches"],
@@ -63,6 +69,17 @@ def test_kpo_grid_has_the_papers_recipe():
     assert (evaluate["k"], max(evaluate["pass_k"]), evaluate["top_p"]) == (16, 16, 0.7)
     assert evaluate["extra_metrics"] == ["verl_best_at_k"]
     assert config["benchmarks"] == ["math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench"]
+
+
+def test_kpo_is_the_papers_kpo_clipped_and_kpo_unclipped_its_unclipped_row():
+    """`kpo` is what the authors' script runs (is_clip=true, Q 1e-6, GSPO's clip range); `kpo_unclipped` is the
+    paper's other KPO row: the same filter without the clip, at the Q a secondary reading of the paper gives."""
+    algorithms = load_config(REPO / "config" / "paper-kpo.yaml")["algorithms"]
+    clipped, unclipped = algorithms["kpo"], algorithms["kpo_unclipped"]
+    assert (clipped["clip"], clipped["eps_low"], clipped["eps_high"], clipped["ratio_params"]["q"]) == (
+        True, 3e-4, 4e-4, 1e-6)
+    assert (unclipped["ratio"], unclipped["clip"], unclipped["ratio_params"]) == (
+        "kpo", False, {"q": 1e-4, "r": 1.0, "x0": 0.0, "p0": 0.0})
 
 
 def test_kpo_baselines_are_verls_losses():
@@ -98,7 +115,7 @@ def test_paper_grid_asks_for_gpus_for_training_and_evaluation_jobs(name):
 
 
 @pytest.mark.parametrize("name, runs, benchmarks", [("paper-krpo", 3 * 10 * 2 * 3, 10),
-                                                     ("paper-kpo", 1 * 1 * 4 * 3, 6)])
+                                                     ("paper-kpo", 1 * 1 * 5 * 3, 6)])
 def test_paper_grid_plans_every_job(name, runs, benchmarks, tmp_path):
     """models x tasks x algorithms x seeds train jobs; each run and each warm start evaluated on every benchmark."""
     jobs = planned_jobs(f"config/{name}.yaml", tmp_path)
@@ -107,3 +124,30 @@ def test_paper_grid_plans_every_job(name, runs, benchmarks, tmp_path):
     assert jobs["train"] == runs
     assert jobs["evaluate"] == (runs + warm_starts) * benchmarks
     assert jobs["sft"] == warm_starts and jobs["report"] == 1
+
+
+@functools.cache
+def grid(config_file: str) -> dict[str, pd.DataFrame]:
+    """The rows a config's report can have: by "algorithm" every (model, task, benchmark, algorithm) of its accuracy
+    table, warm start included; by "comparison" every (model, task, benchmark, comparison) of its differences."""
+    config = load_config(REPO / config_file)
+    algorithms = {*config["algorithms"], WARM_START}
+    cells = pd.MultiIndex.from_product([config["models"], config["tasks"], config["benchmarks"]], names=CELL)
+    names = {"algorithm": sorted(algorithms), "comparison": [f"{a} - {b}" for a, b in comparisons(algorithms)]}
+    return {key: cells.to_frame(index=False).merge(pd.DataFrame({key: values}), how="cross")
+            for key, values in names.items()}
+
+
+def test_every_published_number_has_a_row_in_its_paper_configs_grid():
+    """The report shows a published number only beside a row of the same model, task, benchmark and algorithm (or
+    comparison), matched as the report matches them: a key renamed on either side must not hide one again."""
+    accuracy, differences = published_numbers()
+    assert set(accuracy["paper"]) | set(differences["paper"]) == {"KPO", "KRPO"}
+    unmatched = []
+    for published, key, value in ((accuracy, "algorithm", "avg_at_k"), (differences, "comparison", "difference")):
+        for _, row in published.iterrows():
+            assert (REPO / row["config"]).is_file(), row["config"]
+            rows = grid(row["config"])[key]
+            if all(m is None for m in paper_matches(rows, row.to_frame().T, [*CELL, key], value)):
+                unmatched.append(row[["paper", *CELL, key]].to_dict())
+    assert not unmatched, f"published numbers no row of their paper config can show: {unmatched}"

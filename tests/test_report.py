@@ -15,6 +15,7 @@ import pytest
 from kalmanrl.io import write_parquet
 from kalmanrl.comparisons import family_tests, paired_differences
 from kalmanrl.figures import plot_token_noise
+from kalmanrl.published import published_numbers
 from kalmanrl.report import build_report, left_out_table, provenance_table
 from kalmanrl.results import final_steps, summary_ident
 
@@ -54,7 +55,8 @@ def test_comparisons_are_one_holm_family_with_their_detectable_difference():
 def test_published_difference_gets_the_seeds_it_would_need(tmp_path):
     """A published difference for the grid's setting shows beside ours with the seeds that would detect it."""
     published = tmp_path / "published.yaml"
-    published.write_text("- paper: X\n  source: arXiv 0000.00000, Table 9\n  model: tiny\n  task: arith\n"
+    published.write_text("- paper: X\n  source: arXiv 0000.00000\n  version: v1\n  table: Table 9\n  checked: paper\n"
+                         "  model: tiny\n  task: arith\n"
                          "  differences:\n    - {benchmark: arith, comparison: krpo - grpo, difference: 5.0}\n")
     runs = [_write_run(tmp_path, a, s, acc) for a, acc in (("grpo", 0.3), ("krpo", 0.4)) for s in (0, 1, 2)]
     build_report([s for s, _ in runs], [m for _, m in runs], tmp_path / "report", settings=SETTINGS,
@@ -63,10 +65,22 @@ def test_published_difference_gets_the_seeds_it_would_need(tmp_path):
     header = next(line for line in markdown.splitlines() if line.startswith("| model") and "comparison" in line)
     row = _row(markdown, "tiny", "arith", "arith", "krpo - grpo")
     cells = dict(zip([c.strip() for c in header.strip("|").split("|")], row))
-    assert cells["paper difference (points), published"] == "5.00"
+    assert cells["paper difference (points), published"] == "5.00"  # checked against the paper: no mark
     seeds = cells["seeds for the published difference"]
     assert seeds == "> 100" or int(seeds) > 3
-    assert "arXiv 0000.00000, Table 9" in markdown
+    assert "arXiv 0000.00000 (version: v1; table: Table 9; checked against the paper)" in markdown
+
+
+def test_published_number_without_its_version_table_and_check_is_refused(tmp_path):
+    """A number that does not say where it was taken from and how it was checked would pass for the paper's."""
+    published = tmp_path / "published.yaml"
+    published.write_text("- paper: X\n  source: arXiv 0000.00000\n  version: v1\n  table: Table 9\n  model: tiny\n"
+                         "  accuracy:\n    - {benchmark: arith, algorithm: grpo, avg_at_k: 5.0}\n")
+    with pytest.raises(ValueError, match="needs version, table, checked"):
+        published_numbers(published)
+    published.write_text(published.read_text().replace("  model:", "  checked: probably\n  model:"))
+    with pytest.raises(ValueError, match="checked: paper or secondary"):
+        published_numbers(published)
 
 
 def test_pairing_cancels_problem_difficulty_that_an_unpaired_interval_would_carry():
@@ -127,12 +141,13 @@ def _write_run(root, algorithm, seed, accuracy, *, model="tiny", task="arith", b
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory):
     """A grid with the warm start, GRPO and KRPO on two seeds (GRPO with an intermediate checkpoint), one KPO seed
-    still running, and a paper setting (qwen3-4b on aime24) that has published numbers."""
+    still running, and a paper setting (qwen3-4b on dapo_filter, aime24: paper-kpo's keys) that has published
+    numbers."""
     root = tmp_path_factory.mktemp("results")
     runs = [_write_run(root, "sft", -1, 0.2), _write_run(root, "grpo", 0, 0.3, steps=(5, 10)),
             _write_run(root, "grpo", 1, 0.35, steps=(5, 10)), _write_run(root, "krpo", 0, 0.5),
             _write_run(root, "krpo", 1, 0.45),
-            _write_run(root, "grpo", 0, 0.3, model="qwen3-4b", task="dapo_math_17k", benchmark="aime24")]
+            _write_run(root, "grpo", 0, 0.3, model="qwen3-4b", task="dapo_filter", benchmark="aime24")]
     summaries = [s for s, _ in runs] + [root / "eval/tiny/arith/kpo/seed0/arith.summary.parquet"]  # still running
     metrics = [m for _, m in runs if m] + [root / "runs/tiny/arith/kpo/seed0/metrics.parquet"]
     out = root / "report"
@@ -176,8 +191,8 @@ def test_report_has_intervals_differences_published_numbers_and_how_to_reproduce
     markdown = (report_dir / "report.md").read_text()
     assert _row(markdown, "tiny", "arith", "arith", "krpo - grpo") and _row(markdown, "tiny", "arith", "arith",
                                                                              "krpo - sft")
-    paper = _row(markdown, "qwen3-4b", "dapo_math_17k", "aime24", "grpo")
-    assert paper[-2:] == ["27.29", "53.33"]  # published avg@16 and pass@16 beside ours
+    paper = _row(markdown, "qwen3-4b", "dapo_filter", "aime24", "grpo")
+    assert paper[-2:] == ["27.29 (secondary)", "53.33 (secondary)"]  # published avg@16 and pass@16 beside ours
     grpo = _row(markdown, "tiny", "arith", "arith", "grpo")
     assert grpo[4] == "10" and grpo[5] == "2/2" and grpo[-2:] == ["", ""]  # last step; no paper for this setting
     assert re.fullmatch(r"\d+\.\d \[\d+\.\d, \d+\.\d\]", grpo[6])
@@ -189,10 +204,29 @@ def test_report_has_intervals_differences_published_numbers_and_how_to_reproduce
     assert "results/study/eval/<model>/<task>/<algorithm>/seed<seed>/<benchmark>.summary.parquet" in markdown
 
 
+def test_report_over_paper_kpo_keys_fills_the_kpo_papers_columns_marked_as_secondary(tmp_path):
+    """Runs keyed as config/paper-kpo.yaml names them get the KPO paper's numbers beside them, KPO-clipped (`kpo`)
+    and the unclipped KPO alike, each marked as checked only against a secondary source, that status beside the
+    source."""
+    runs = [_write_run(tmp_path, algorithm, 0, 0.4, model="qwen3-4b", task="dapo_filter", benchmark=benchmark)
+            for algorithm, benchmark in (("kpo", "aime24"), ("kpo", "minerva_math"), ("kpo_unclipped", "minerva_math"))]
+    build_report([s for s, _ in runs], list(dict.fromkeys(m for _, m in runs)), tmp_path / "report", settings=SETTINGS)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| model") and "avg@k (%) [" in line)
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    rows = [dict(zip(columns, _row(markdown, "qwen3-4b", "dapo_filter", benchmark, algorithm)))
+            for benchmark, algorithm in (("aime24", "kpo"), ("minerva_math", "kpo"), ("minerva_math", "kpo_unclipped"))]
+    published = [(row["paper avg@k (%), published"], row["paper pass@16 (%), published"]) for row in rows]
+    assert published == [("37.91 (secondary)", "63.33 (secondary)"), ("38.23 (secondary)", ""),
+                         ("39.15 (secondary)", "")]
+    assert "`kpo` is the paper's KPO-clipped" in markdown
+    assert "table: Table 1 as secondary sources cite it / not recorded; NOT checked against the paper" in markdown
+
+
 def test_report_writes_one_figure_per_kind_and_model_task(report_dir):
     for kind in ("differences", "accuracy_vs_step", "curves", "token_noise"):
         assert (report_dir / "figures" / kind / "tiny__arith.png").stat().st_size > 5000
-    assert (report_dir / "figures" / "accuracy_vs_step" / "qwen3-4b__dapo_math_17k.png").exists()
+    assert (report_dir / "figures" / "accuracy_vs_step" / "qwen3-4b__dapo_filter.png").exists()
 
 
 def test_html_report_renders_in_headless_chromium_with_tables_and_figures(report_dir, tmp_path):

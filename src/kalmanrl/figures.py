@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 
 from kalmanrl.io import atomic_path  # noqa: E402
 from kalmanrl.layout import FIGURE_FILE, fill  # noqa: E402
-from kalmanrl.published import paper_column  # noqa: E402
+from kalmanrl.published import paper_matches  # noqa: E402
 from kalmanrl.results import CELL, WARM_START  # noqa: E402
 
 CURVES = {"reward_mean": "reward", "accuracy": "training accuracy", "kl": "KL to the reference (k3)",
@@ -122,7 +122,8 @@ def plot_accuracy_vs_step(summary: pd.DataFrame, out: Path) -> list[Path]:
 
 def plot_differences(differences: pd.DataFrame, published: pd.DataFrame, out: Path) -> list[Path]:
     """figures/differences/{model}__{task}.png: each paired difference with its interval, in points; a cross marks
-    the published difference where the setting matches; a grey bar spans the differences the grid cannot detect
+    the published difference where the setting matches (red: checked against the paper, orange: only against a
+    secondary source); a grey bar spans the differences the grid cannot detect
     (within +-`detectable`, when the table has it: comparisons.family_tests)."""
     written = []
     for (model, task), frame in differences.groupby(["model", "task"]) if len(differences) else []:
@@ -136,10 +137,12 @@ def plot_differences(differences: pd.DataFrame, published: pd.DataFrame, out: Pa
             ax.barh(y, 2 * reach, left=-reach, height=0.6, color="gray", alpha=0.2,
                     label="too small for this grid to detect")
         ax.errorbar(mean, y, xerr=np.stack([mean - low, high - mean]), fmt="o", capsize=3, label="ours (CI)")
-        paper = paper_column(frame, published, [*CELL, "comparison"], "difference")
-        marked = [(float(p), i) for i, p in enumerate(paper) if p]
-        if marked:
-            ax.scatter(*zip(*marked), marker="x", color="red", zorder=3, label="published (not reproduced)")
+        matches = paper_matches(frame, published, [*CELL, "comparison"], "difference")
+        for checked, color, label in (("paper", "red", "published (not reproduced)"),
+                                      ("secondary", "orange", "published, secondary source only (not reproduced)")):
+            marked = [(m["difference"], i) for i, m in enumerate(matches) if m is not None and m["checked"] == checked]
+            if marked:
+                ax.scatter(*zip(*marked), marker="x", color=color, zorder=3, label=label)
         ax.axvline(0, color="gray", lw=1)
         ax.set(yticks=y, yticklabels=labels, xlabel="avg@k difference (percentage points)",
                title=f"{model}, {task}")

@@ -22,7 +22,8 @@ from kalmanrl.io import atomic_path, write_parquet
 from kalmanrl.layout import (FIGURES, REPORT_FILES, ResultsTree, evaluation_sibling, figure_dir, report_file,
                              run_name)
 from kalmanrl.provenance import ENVIRONMENT_COLUMNS
-from kalmanrl.published import paper_column, published_display, published_numbers, published_sources
+from kalmanrl.published import (SECONDARY_NOTE, paper_column, paper_matches, published_display, published_numbers,
+                                published_sources)
 from kalmanrl.results import CELL, NO_SEED, RUN, final_steps, load_frames, summary_ident, with_seed_label
 from kalmanrl.stats import SEED_EFFECT_COVERAGE, Interval
 
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------- tables
 def accuracy_display(table: pd.DataFrame, published: pd.DataFrame, confidence: float) -> pd.DataFrame:
-    """The accuracy table as readers see it: percent, the interval, published values in their own columns."""
+    """The accuracy table as readers see it: percent, the interval, published values in their own columns (marked
+    where checked only against a secondary source)."""
     ci = f"avg@k (%) [{round(100 * confidence)}% CI]"
     shown = table[[*CELL, "algorithm", "step", "seeds"]].copy()
     shown["step"] = [str(int(s)) if pd.notna(s) else "missing" for s in table["step"]]
@@ -43,10 +45,9 @@ def accuracy_display(table: pd.DataFrame, published: pd.DataFrame, confidence: f
     if "mean_length" in table:
         shown["mean length (tokens)"] = [f"{v:.1f}" if pd.notna(v) else "missing" for v in table["mean_length"]]
     keys = [*CELL, "algorithm"]
-    shown["paper avg@k (%), published"] = paper_column(table, published, keys, "avg_at_k")
-    for column in [c for c in published.columns if c.startswith("pass_at_")]:
-        shown[f"paper {column.replace('pass_at_', 'pass@')} (%), published"] = paper_column(table, published, keys,
-                                                                                           column)
+    for column in ["avg_at_k", *[c for c in published.columns if c.startswith("pass_at_")]]:
+        name = column.replace("avg_at_k", "avg@k").replace("pass_at_", "pass@")
+        shown[f"paper {name} (%), published"] = paper_column(paper_matches(table, published, keys, column), column)
     return without_empty_paper_columns(shown)
 
 
@@ -68,9 +69,9 @@ def differences_display(table: pd.DataFrame, published: pd.DataFrame, *, confide
     shown["p (Holm)"] = [f"{p:.3g}" + (" *" if p <= alpha else "") for p in table["p_holm"]]
     shown[f"detects (points, {round(100 * power)}% power)"] = [f"{100 * d:.1f}" if d <= 1 else "nothing (> 100)"
                                                                 for d in table["detectable"]]
-    shown["paper difference (points), published"] = paper_column(table, published, [*CELL, "comparison"],
-                                                                  "difference")
-    paper = [float(p) / 100 if p else None for p in shown["paper difference (points), published"]]
+    matches = paper_matches(table, published, [*CELL, "comparison"], "difference")
+    shown["paper difference (points), published"] = paper_column(matches, "difference")
+    paper = [None if m is None else m["difference"] / 100 for m in matches]
     shown["seeds for the published difference"] = [_seeds(n, seeds) if p is not None else "" for n, seeds, p in
                                                     zip(seeds_for(table, paper, power=power), table["seeds"], paper)]
     shown["seeds for the observed difference"] = [_seeds(n, seeds) if d != 0 else "" for n, seeds, d in
@@ -163,7 +164,8 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
 
     settings: {"report": {"bootstrap_samples", "confidence", "alpha", "power", "detect"}, optional "reproduce":
     {"configfiles", "config"}}.
-    published: a published-numbers YAML in the package's format (default: the package's own)."""
+    published: a published-numbers YAML in the package's format, every number with its paper version, table and
+    how it was checked (default: the package's own)."""
     cfg = settings["report"]
     samples, confidence, alpha, power = cfg["bootstrap_samples"], cfg["confidence"], cfg["alpha"], cfg["power"]
     out_dir = Path(out_dir)
@@ -195,13 +197,15 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
           f"covers {SEED_EFFECT_COVERAGE:.0%} of the time, measured in tests/test_stats.py).")
     sources = "; ".join(f"{p}: {s}" for p, s in published_sources(paper_accuracy, paper_differences).items())
     sections = [
-        Section("Accuracy per benchmark and algorithm", ci,
+        Section("Accuracy per benchmark and algorithm", f"{ci} {SECONDARY_NOTE}",
                 accuracy_display(accuracy, paper_accuracy, confidence) if len(accuracy) else None),
-        Section("Differences to GRPO and to the warm start", f"{ci} {tests_note(differences, alpha, power)}",
+        Section("Differences to GRPO and to the warm start",
+                " ".join(filter(None, [ci, tests_note(differences, alpha, power), SECONDARY_NOTE])),
                 differences_display(differences, paper_differences, confidence=confidence, alpha=alpha, power=power,
                                     detect=cfg["detect"]) if len(differences) else None),
-        Section(FIGURES["differences"], "Each difference with its interval; a red cross marks the published one; a "
-                "grey bar spans the differences too small for the grid to detect ('detects' in the table).",
+        Section(FIGURES["differences"], "Each difference with its interval; a cross marks the published one (red: "
+                "checked against the paper, orange: only against a secondary source); a grey bar spans the "
+                "differences too small for the grid to detect ('detects' in the table).",
                 figures=plot_differences(differences, paper_differences, figure_dir(out_dir, "differences"))),
         Section(FIGURES["accuracy_vs_step"], "avg@k of every evaluated checkpoint; step 0 is the warm start.",
                 figures=plot_accuracy_vs_step(summary, figure_dir(out_dir, "accuracy_vs_step"))),
@@ -211,7 +215,8 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
                 figures=plot_token_noise(curves, figure_dir(out_dir, "token_noise")) if len(curves) else []),
         Section("Published numbers (not reproduced here)",
                 f"Published by the papers, NOT reproduced by this pipeline; shown beside ours only where model, "
-                f"task, benchmark and algorithm match. Sources: {sources}.",
+                f"task, benchmark and algorithm match. {SECONDARY_NOTE} Sources, each with the paper version and table "
+                f"its numbers were taken from and how they were checked: {sources}.",
                 published_display(paper_accuracy, paper_differences)),
         Section("Left out", "Prompts longer than the length limit are dropped before sampling (the counts are "
                 "problems of the task's train split, or of the benchmark) and samples that hit a reward limit score "
