@@ -1,6 +1,7 @@
 """The config schema is the single source of defaults and validation; errors name the key that is wrong."""
 
 import copy
+import os
 import re
 import json
 
@@ -9,6 +10,8 @@ import yaml
 
 from kalmanrl.config import (ConfigError, config_hash, fill_defaults, load_config, load_schema, parse_settings,
                              stage_settings, validate_config)
+from kalmanrl.sources import DATA_DIR_ENV
+from smoke_runs import smoke_workdir, snakemake
 
 
 def test_every_shipped_config_validates(repo_root):
@@ -166,3 +169,39 @@ def test_schema_nodes_hold_only_json_schema_keywords():
         return found
 
     assert stray(load_schema(), "schema") == []
+
+
+@pytest.mark.parametrize("algorithm, named", [
+    ({"eps_low": 1.5}, r"config\.algorithms\.a\.eps_low: 1\.5 is greater than or equal to the maximum of 1"),
+    ({"eps_low": -0.1}, r"config\.algorithms\.a\.eps_low: -0\.1 is less than the minimum of 0"),
+    ({"eps_high": -0.1}, r"config\.algorithms\.a\.eps_high: -0\.1 is less than the minimum of 0"),
+    ({"clip_ratio_c": 1}, r"config\.algorithms\.a\.clip_ratio_c: 1 is less than or equal to the minimum of 1"),
+    ({"beta": -1}, r"config\.algorithms\.a\.beta: -1 is less than the minimum of 0"),
+    ({"advantage_params": {"eps": 0}}, r"config\.algorithms\.a\.advantage_params: eps must be > 0"),
+    ({"advantage": "krpo", "advantage_params": {"eps": 0}}, r"config\.algorithms\.a\.advantage_params: eps must be"),
+    ({"advantage": "krpo", "advantage_params": {"r": 0}}, r"config\.algorithms\.a\.advantage_params: Kalman filter"),
+    ({"ratio_params": {"clamp": 0}}, r"config\.algorithms\.a\.ratio_params: clamp must be > 0"),
+    ({"ratio": "sequence", "ratio_params": {"clamp": -1}}, r"config\.algorithms\.a\.ratio_params: clamp must be"),
+    ({"ratio": "kpo", "ratio_params": {"clamp": 0}}, r"config\.algorithms\.a\.ratio_params: clamp must be > 0"),
+    ({"ratio": "kpo", "ratio_params": {"q": -1}}, r"config\.algorithms\.a\.ratio_params: Kalman filter needs"),
+])
+def test_the_bounds_the_losses_assume_are_refused_naming_the_key(algorithm, named):
+    with pytest.raises(ConfigError, match=named):
+        validate_config({"algorithms": {"a": {"advantage": "grpo", "ratio": "token", **algorithm}}})
+
+
+@pytest.mark.parametrize("section, values, environ, named", [
+    ("algorithms", {"kpo": {"advantage": "grpo", "ratio": "kpo", "eps_low": 1.5}}, {},
+     "config.algorithms.kpo.eps_low: 1.5 is greater than or equal to the maximum of 1"),
+    ("data", {"local_dir": "no/such/dir"}, {}, "data.local_dir = 'no/such/dir': no such directory"),
+    ("data", {"local_dir": None}, {DATA_DIR_ENV: "no/such/dir"}, f"${DATA_DIR_ENV} = 'no/such/dir': no such"),
+])
+def test_a_dry_run_refuses_a_loss_bound_or_a_missing_data_directory_naming_the_setting(tmp_path, section, values,
+                                                                                        environ, named):
+    workdir = smoke_workdir(tmp_path, ["kpo"])
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    config[section].update(values)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, "-n", check=False, env={**os.environ, **environ})
+    assert result.returncode != 0
+    assert named in result.stdout + result.stderr, result.stderr[-3000:]

@@ -243,12 +243,13 @@ def test_cpu_ranks_with_gpus_are_refused_by_the_config():
 ])
 def test_kalmanrl_train_starts_cpu_ranks_with_torchrun_or_one_srun_task_each(monkeypatch, tmp_path, slurm, expected):
     """`kalmanrl train --gpus 0 --cpu-ranks 2`: outside SLURM one standalone torchrun of 2 ranks; inside a SLURM job
-    srun with one task (one torchrun of one rank) per CPU rank. The ranks see no GPU."""
+    srun with one task (one torchrun of one rank) per CPU rank. The ranks see no GPU; torchrun or srun holds the run
+    directory's writer lock and ends with the launching process."""
     from kalmanrl import cli, distributed
 
     started = []
-    monkeypatch.setattr(cli.subprocess, "run", lambda command, env: started.append((command, env)) or
-                        SimpleNamespace(returncode=0))
+    monkeypatch.setattr(cli.subprocess, "run", lambda command, env, **options: started.append((command, env, options))
+                        or SimpleNamespace(returncode=0))
     monkeypatch.setattr(distributed, "slurm_first_node", lambda: "node7")
     for name in ("LOCAL_RANK", "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -257,7 +258,8 @@ def test_kalmanrl_train_starts_cpu_ranks_with_torchrun_or_one_srun_task_each(mon
         monkeypatch.setenv("SLURM_JOB_ID", "7042")
     assert cli.main(["train", "--settings", "{}", "--model", "m", "--dataset", "d", "--out", str(tmp_path),
                      "--gpus", "0", "--cpu-ranks", "2", "--threads", "1"]) == 0
-    [(command, env)] = started
+    [(command, env, options)] = started
     rank_options = command.index("train") + 1
     assert command[:rank_options] == expected
     assert "--cpu-ranks" not in command and "--gpus" not in command and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert len(options["pass_fds"]) == 1 and callable(options["preexec_fn"])

@@ -108,6 +108,7 @@ def grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, scale: str = "g
     """
     if rewards.shape[-1] < 2:
         raise ValueError(f"GRPO needs at least 2 completions per prompt, got {rewards.shape[-1]}")
+    _positive("eps", eps, "a group of equal rewards would divide 0 by 0")
     rewards = rewards.detach()
     centred = rewards - rewards.mean(-1, keepdim=True)
     if scale == "group":
@@ -125,10 +126,17 @@ def krpo_advantages(rewards: torch.Tensor, *, q: float = 1e-5, r: float = 1e-2, 
     """KRPO (arXiv 2505.07527, authors' code billhhh/KRPO_LLMs_RL): a fresh scalar Kalman filter per group, fed the
     rewards in rollout order; A_i = (r_i - xhat_i) / (sqrt(P_i) + eps) with the posterior mean and variance that
     already include r_i, as the authors' code does. rewards: [N, G] -> [N, G]."""
+    _positive("eps", eps, "a filter whose variance reaches 0 (q = p0 = 0) would divide by 0")
     rewards = rewards.detach()
     means = kalman_filter(rewards, q=q, r=r, x0=x0, p0=p0)
     variances = kalman_gains(q, r, p0, rewards.shape[-1])[1].to(rewards.device, rewards.dtype)
     return (rewards - means) / (variances.sqrt() + eps)
+
+
+def _positive(name: str, value: float, why: str) -> None:
+    """Refuse a parameter the loss needs above 0 (NaN included), naming it and why."""
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0 ({why}), got {value}")
 
 
 # -------------------------------------------------------------------------------------------------- ratio transforms
@@ -168,6 +176,7 @@ def _stop_gradient_ratio(logp: torch.Tensor, log_ratio: torch.Tensor, clamp: flo
 def token_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *,
                 clamp: float = 20.0) -> torch.Tensor:
     """GRPO/PPO's token ratio rho = exp(clamp(logp - old_logp, -clamp, clamp)) (verl clamps at 20). [B, T]."""
+    _positive("clamp", clamp, "the bound of |log rho|")
     return (logp - old_logp.detach()).clamp(-clamp, clamp).exp()
 
 
@@ -176,6 +185,7 @@ def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tenso
                    clamp: float = 10.0) -> torch.Tensor:
     """GSPO (arXiv 2507.18071), as in verl: s_i = exp(masked mean_t z[i, t]) applied to every token through the
     stop-gradient form, so each token's gradient is s_i * d logp[i, t]. [B, T]."""
+    _positive("clamp", clamp, "the upper bound of log s_i")
     mask = mask.to(logp.dtype)
     z = (logp - old_logp).detach()
     mean = (z * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
@@ -199,6 +209,7 @@ def kpo_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *,
               clamp: float = 10.0) -> torch.Tensor:
     """KPO (arXiv 2602.10609, authors' code shuohe1995/verl-kpo): rho = exp(min(logp - sg(logp) + sg(xhat), clamp))
     with xhat = filtered_log_ratio(logp - old_logp): value exp(xhat), gradient exp(xhat) * d logp. [B, T]."""
+    _positive("clamp", clamp, "the upper bound of the filtered log-ratio")
     xhat = filtered_log_ratio(logp.detach() - old_logp, mask, q=q, r=r, x0=x0, p0=p0)
     return _stop_gradient_ratio(logp, xhat, clamp)
 

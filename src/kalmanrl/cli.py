@@ -17,10 +17,12 @@ from pathlib import Path
 
 from kalmanrl import __version__
 from kalmanrl.allocator import keep_freed_memory
-from kalmanrl.config import ConfigError, load_config, load_schema, parse_settings, resolve_ref, stage_settings
+from kalmanrl.config import (ConfigError, check_data_dir, load_config, load_schema, parse_settings, resolve_ref,
+                             stage_settings)
 from kalmanrl.devices import gpu_placement
 from kalmanrl.dispatch import DISPATCH_ENV, DispatchError, pin_cpu_dispatch
 from kalmanrl.layout import CHECKPOINTS, FINAL, METRICS, REPORT_FILES, ResultsTree
+from kalmanrl.runlock import RunDirectoryBusy, run_writer
 
 log = logging.getLogger("kalmanrl")
 
@@ -112,32 +114,52 @@ def cmd_train(args: argparse.Namespace) -> None:
     """One process, or, for more than one rank, the same command (without the rank options) as that many ranks under
     torchrun, on the devices this process claimed: --gpus x --nodes GPU ranks (one torchrun per node, started by
     srun on several nodes), or with no GPUs (--gpus 0 or unset) --cpu-ranks x --nodes CPU ranks (gloo), which inside a
-    SLURM job are one task each, one torchrun per task started by srun (the multi-node launch path)."""
+    SLURM job are one task each, one torchrun per task started by srun (the multi-node launch path).
+
+    The job holds the run directory's writer lock for its whole life (`kalmanrl.runlock`; the torchrun or srun it
+    starts inherits it), and what it starts ends with it, however it ends (`kalmanrl.lifetime`)."""
     cpu = not args.gpus
     if not cpu and args.cpu_ranks != 1:
         raise ConfigError(f"--cpu-ranks {args.cpu_ranks} with --gpus {args.gpus}: CPU ranks are for jobs without GPUs")
     per_node = args.cpu_ranks if cpu else args.gpus
-    if per_node * args.nodes > 1 and "LOCAL_RANK" not in os.environ:
-        from kalmanrl.devices import resolve_device
-        from kalmanrl.distributed import launch_command, slurm_first_node
-
-        if not cpu:
-            resolve_device(args.gpus)  # never a silent CPU run: each rank needs its CUDA device
-
-        rank_command = ["kalmanrl", "train", "--settings", json.dumps(args.settings), "--model", str(args.model),
-                        "--dataset", str(args.dataset), "--out", str(args.out), "--threads", str(args.threads)]
-        tasks_per_node = per_node if cpu and "SLURM_JOB_ID" in os.environ else 1
-        several = args.nodes * tasks_per_node > 1
-        command = launch_command(rank_command, gpus=per_node // tasks_per_node, nodes=args.nodes,
-                                 tasks_per_node=tasks_per_node, first_node=slurm_first_node() if several else None,
-                                 job_id=os.environ.get("SLURM_JOB_ID") if several else None)
-        log.info("%d ranks: %s", per_node * args.nodes, shlex.join(command))
-        # CPU ranks see no GPU (else each would take cuda:LOCAL_RANK and NCCL).
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu else None
-        code = subprocess.run(command, env=env).returncode
-        if code:
-            raise SystemExit(code)
+    if "LOCAL_RANK" in os.environ:  # a rank: the `kalmanrl train` that started it holds the run directory
+        _train_here(args)
         return
+    with run_writer(args.out) as lock:
+        if per_node * args.nodes > 1:
+            _launch_ranks(args, cpu, per_node, lock.fileno())
+        else:
+            _train_here(args)
+
+
+def _launch_ranks(args: argparse.Namespace, cpu: bool, per_node: int, lock_fd: int) -> None:
+    """Run this training job as per_node x --nodes ranks (see `cmd_train`). torchrun (or srun) gets SIGTERM when
+    this process ends, so that it stops its ranks (which also end with it), and holds the writer lock `lock_fd`
+    until it ends."""
+    from kalmanrl.devices import resolve_device
+    from kalmanrl.distributed import launch_command, slurm_first_node
+    from kalmanrl.lifetime import ending_with_this_process
+
+    if not cpu:
+        resolve_device(args.gpus)  # never a silent CPU run: each rank needs its CUDA device
+
+    rank_command = ["kalmanrl", "train", "--settings", json.dumps(args.settings), "--model", str(args.model),
+                    "--dataset", str(args.dataset), "--out", str(args.out), "--threads", str(args.threads)]
+    tasks_per_node = per_node if cpu and "SLURM_JOB_ID" in os.environ else 1
+    several = args.nodes * tasks_per_node > 1
+    command = launch_command(rank_command, gpus=per_node // tasks_per_node, nodes=args.nodes,
+                             tasks_per_node=tasks_per_node, first_node=slurm_first_node() if several else None,
+                             job_id=os.environ.get("SLURM_JOB_ID") if several else None)
+    log.info("%d ranks: %s", per_node * args.nodes, shlex.join(command))
+    # CPU ranks see no GPU (else each would take cuda:LOCAL_RANK and NCCL).
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu else None
+    code = subprocess.run(command, env=env, pass_fds=(lock_fd,), preexec_fn=ending_with_this_process()).returncode
+    if code:
+        raise SystemExit(code)
+
+
+def _train_here(args: argparse.Namespace) -> None:
+    """Train in this process: the only one, or one rank of several."""
     from kalmanrl.plan import check_fits
     from kalmanrl.trainer import train
 
@@ -180,7 +202,9 @@ def cmd_config(args: argparse.Namespace) -> None:
         print(load_schema()["description"].strip(), end="\n\n")
         print("\n\n".join(schema_reference(name) for name in load_schema()["$defs"]))
         return
-    print(json.dumps(load_config(args.config), indent=2))
+    config = load_config(args.config)
+    check_data_dir(config)
+    print(json.dumps(config, indent=2))
 
 
 def cmd_compare_summary(args: argparse.Namespace) -> int:
@@ -350,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             keep_freed_memory()
         with gpu_placement(getattr(args, "gpus", None)):
             code = args.func(args)
-    except (ConfigError, DispatchError) as err:
+    except (ConfigError, DispatchError, RunDirectoryBusy) as err:
         print(f"kalmanrl: {err}", file=sys.stderr)
         return 2
     return code or 0

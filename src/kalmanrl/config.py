@@ -9,8 +9,9 @@ import functools
 import hashlib
 import importlib
 import json
+import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,19 @@ def validate_config(config: dict) -> dict:
     import_plugins(config["plugins"])
     _check_references(config)
     return config
+
+
+def check_data_dir(config: dict, environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse a copy directory that does not exist (`data.local_dir`, else $KALMANRL_DATA_DIR; relative to the
+    working directory, as the data jobs read it), naming the setting: before any job runs, not when a data job does.
+    Separate from `validate_config`, which also runs where the copies need not be (a cluster job's node)."""
+    from kalmanrl.dataset import DataError
+    from kalmanrl.sources import resolve_local_dir
+
+    try:
+        resolve_local_dir(config["data"]["local_dir"], environ)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
 
 
 def import_plugins(plugins: Iterable[str], where: str = "config.plugins") -> None:

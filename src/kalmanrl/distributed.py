@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kalmanrl.lifetime import end_with_torchrun
+
 DEFAULT_PORT = 29500
 
 
@@ -47,7 +49,9 @@ class Ranks:
 def init_ranks(env: Mapping[str, str] = os.environ, *, timeout_minutes: float = 30) -> Ranks:
     """Join the job's process group when started by torchrun with more than one rank (WORLD_SIZE > 1): NCCL and one
     GPU per local rank on CUDA, gloo on the CPU; a 1-D device mesh over all ranks for FSDP. Otherwise one rank, no
-    process group."""
+    process group. A process torchrun started ends with torchrun (torchrun puts each in a session of its own, out of
+    reach of the signals that end the job)."""
+    end_with_torchrun(env)
     cuda = torch.cuda.is_available()
     world_size = int(env.get("WORLD_SIZE", "1"))
     local_rank = int(env.get("LOCAL_RANK", "0"))

@@ -46,6 +46,7 @@ FINAL = "final"  # the trained policy, save_pretrained
 TRAINING_PROVENANCE = "provenance.json"  # inside final/: the environment of every start and resume of the run
 METRICS = "metrics.parquet"  # one row per RL step
 CHECKPOINTS = "checkpoints"  # not a workflow output, so Snakemake keeps it when a job fails
+RUN_LOCK = "writer.lock"  # names the training job writing into the run directory (kalmanrl.runlock)
 
 # Inside the report directory.
 # The report's pages, its summary (one row per evaluation) and its two tables as data (kalmanrl.comparisons): the
@@ -199,6 +200,11 @@ def evaluation_sibling(path: str | Path, kind: str) -> Path:
 def final_model_dir(run_dir: str | Path) -> Path:
     """A training run's final policy (save_pretrained)."""
     return Path(run_dir) / FINAL
+
+
+def run_lock_file(run_dir: str | Path) -> Path:
+    """The run directory's writer lock (`kalmanrl.runlock`)."""
+    return Path(run_dir) / RUN_LOCK
 
 
 def metrics_file(run_dir: str | Path) -> Path:

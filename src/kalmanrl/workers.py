@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+from kalmanrl.lifetime import end_with
+
 __all__ = ["LimitHit", "WorkerPool", "WorkerStartError", "CheckError"]
 
 _READY = "ready"
@@ -129,8 +131,8 @@ class WorkerPool:
         if ctx.get_start_method() == "forkserver":
             ctx.set_forkserver_preload(self.preload)  # forked workers start with these loaded
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(child, self.check, self.max_memory_mb, self.warmup), daemon=True,
-                              name="kalmanrl-worker")
+        process = ctx.Process(target=_serve, args=(child, self.check, self.max_memory_mb, self.warmup, os.getpid()),
+                              daemon=True, name="kalmanrl-worker")
         process.start()
         child.close()
         return _Worker(process, parent, time.monotonic() + self.start_timeout_s)
@@ -209,10 +211,12 @@ def _short(args: tuple, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}...)"
 
 
-def _serve(conn: Connection, check: Callable, max_memory_mb: int, warmup: tuple | None) -> None:
+def _serve(conn: Connection, check: Callable, max_memory_mb: int, warmup: tuple | None, owner: int) -> None:
     """Worker loop: run the warm-up check and report ("ready", None) (or ("start_error", traceback)), then for each
     chunk send one (kind, value) per item: ("ok", result), ("limit", "memory" | "recursion") or ("error",
-    traceback); exit on None or when the parent goes away."""
+    traceback); exit on None, and at once (SIGKILL), even in the middle of an item, when the pool's process `owner`
+    ends (`kalmanrl.lifetime.end_with`)."""
+    end_with(owner)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     limit = max_memory_mb * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

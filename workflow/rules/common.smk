@@ -2,12 +2,14 @@
 import json
 import sys
 
-from kalmanrl.config import stage_settings, validate_config
+from kalmanrl.config import check_data_dir, stage_settings, validate_config
 from kalmanrl.devices import local_gpu_problem, machine_devices
 from kalmanrl.layout import (FIGURES, REPORT_FILES, RUN, WARM_START, WILDCARD_CONSTRAINTS, ResultsTree, fields,
                              parse_run_name, run_name)
 
 _validated = validate_config(config)
+if workflow.is_main_process:  # not in a cluster job: its node need not see the dataset copies
+    check_data_dir(_validated)
 config.clear()
 config.update(_validated)
 
