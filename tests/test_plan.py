@@ -174,6 +174,19 @@ def test_a_small_vllm_share_is_refused_naming_gpu_memory_utilization():
     assert re.search(r"raise rollout.gpu_memory_utilization from 0.1 to 0\.\d+", est.problems[0])
 
 
+def test_an_evaluation_plans_vllm_at_the_share_the_evaluate_stage_gives_it():
+    """The evaluate stage gives vLLM `rollout.eval_gpu_memory_utilization` of the GPU; the plan counts that share
+    and names that key (there is no `evaluate.gpu_memory_utilization`: the schema refuses it)."""
+    settings = {"evaluate": {"batch_size": 64, "k": 16, "max_tokens": 1024},
+                "rollout": {"backend": "vllm", "max_model_len": 2048, "tensor_parallel_size": 1,
+                            "eval_gpu_memory_utilization": 0.5}}
+    est = plan.estimate_evaluate(qwen3(), settings, plan.Resources(gpus=1, gpu_mem_gb=80))
+    assert est.parts["total"] == 0.5 * 80 * plan.GIB + plan.CUDA_OVERHEAD
+    settings["rollout"]["eval_gpu_memory_utilization"] = 0.05  # 4 GiB: less than Qwen3-4B's bf16 weights
+    est = plan.estimate_evaluate(qwen3(), settings, plan.Resources(gpus=1, gpu_mem_gb=80))
+    assert not est.fits and "rollout.eval_gpu_memory_utilization" in est.problems[0]
+
+
 def test_cpu_jobs_are_estimated_but_never_refused():
     est = plan.estimate_train(qwen3(), train_settings(), plan.Resources(gpus=0), source="hub")
     assert est.device == "cpu" and est.total > est.static > 50 * plan.GIB and est.fits  # far over any GPU asked for

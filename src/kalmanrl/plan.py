@@ -428,8 +428,8 @@ def _hf_generate_bytes(shape: ModelShape, rows: int, seq_len: int, completion_le
 
 
 def estimate_evaluate(shape: ModelShape, settings: dict, resources: Resources) -> Estimate:
-    """Peak memory per GPU of one evaluation job: with vLLM, the engine alone at `evaluate.gpu_memory_utilization`
-    (0.9 when unset); with transformers, the float32 policy and its generation."""
+    """Peak memory per GPU of one evaluation job: with vLLM, the engine alone at `rollout.eval_gpu_memory_utilization`
+    (what the evaluate stage gives vLLM); with transformers, the float32 policy and its generation."""
     evaluate, rollout = settings["evaluate"], settings["rollout"]
     device = "cuda" if resources.gpus else "cpu"
     parts = {key: 0.0 for key in ("weights", "gradients", "optimizer", "reference", "compute_copy",
@@ -439,11 +439,11 @@ def estimate_evaluate(shape: ModelShape, settings: dict, resources: Resources) -
     rows = evaluate["batch_size"] * evaluate["k"]
     if device == "cuda" and rollout["backend"] in ("vllm", "auto"):
         tp = rollout.get("tensor_parallel_size", 1)
-        utilization = evaluate.get("gpu_memory_utilization", 0.9)
+        utilization = rollout["eval_gpu_memory_utilization"]
         budget = utilization * resources.gpu_mem_gb * GIB
         parts["vllm_weights"] = shape.params * DTYPE_BYTES[shape.serve_dtype] / tp
         parts["kv_cache"] = budget - parts["vllm_weights"] - VLLM_WORKSPACE
-        _check_kv(shape, rollout, parts["kv_cache"], tp, problems, "evaluate.gpu_memory_utilization", utilization,
+        _check_kv(shape, rollout, parts["kv_cache"], tp, problems, "rollout.eval_gpu_memory_utilization", utilization,
                   resources.gpu_mem_gb)
         per_sequence = rollout["max_model_len"] * shape.kv_bytes_per_token(shape.serve_dtype) / tp
         notes.append(f"vLLM alone; its KV cache holds {max(0, int(parts['kv_cache'] // per_sequence))} sequences of "
