@@ -88,6 +88,25 @@ def test_training_writes_metrics_and_a_loadable_policy(tmp_path, tiny_model_dir,
     AutoModelForCausalLM.from_pretrained(tmp_path / "final", use_safetensors=True)
 
 
+def test_the_engine_sleeps_before_the_scoring_pass_and_wakes_after_the_update(tmp_path, tiny_model_dir,
+                                                                              arithmetic_parquet, monkeypatch):
+    """On a GPU the colocated vLLM engine holds its weights and KV cache until it sleeps: scoring the old log-probs
+    beside it would need both at once (what `kalmanrl plan` does not count). Each step must run sample, sleep,
+    score, update, sync in that order (recorded here through the hf engine, whose sleep is a no-op on the CPU)."""
+    from kalmanrl import rollout, trainer
+
+    calls: list[str] = []
+    for name in ("generate", "sleep", "sync_weights"):
+        original = getattr(rollout.HFEngine, name)
+        monkeypatch.setattr(rollout.HFEngine, name, lambda self, *a, _f=original, _n=name, **k:
+                            (calls.append(_n), _f(self, *a, **k))[1])
+    monkeypatch.setattr(trainer, "score_logprobs", lambda *a, _f=trainer.score_logprobs: (calls.append("score"),
+                                                                                           _f(*a))[1])
+    monkeypatch.setattr(trainer, "update", lambda *a, _f=trainer.update: (calls.append("update"), _f(*a))[1])
+    train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for("grpo", steps=2))
+    assert calls == ["generate", "sleep", "score", "update", "sync_weights"] * 2
+
+
 def test_policy_moves_off_policy_within_a_rollout_batch(tmp_path, tiny_model_dir, arithmetic_parquet):
     metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for("grpo"))
     assert (metrics["ratio_max"] > metrics["ratio_min"]).any(), "ratios never left 1: updates were not off-policy"

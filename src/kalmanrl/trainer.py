@@ -131,9 +131,9 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
                                 untrained_eos=None if cfg["loss_on_eos"] else run.tokenizer.eos_token_id
                                 ).to(run.device)
             schedule = mini_batch_schedule(len(batch.advantages) * ranks.world_size, cfg, run.seed, step)
+            run.engine.sleep()  # before scoring: its forward passes get the memory the engine held while sampling
             score_logprobs(run, batch, schedule[0])
             clock.append(time.perf_counter())
-            run.engine.sleep()
             stats = update(run, batch, schedule)
             run.engine.sync_weights(run.policy)
             clock.append(time.perf_counter())
