@@ -12,7 +12,7 @@ import pytest
 
 from kalmanrl.cli import main
 from kalmanrl.expected import (DIFFERENT, IDENTICAL, WITHIN_TOLERANCE, ExpectedError, RunResults, compare,
-                               compare_with, expected_rows, machine_class, write_expected)
+                               expected_rows, machine_class, tolerance_factor, write_expected)
 from kalmanrl.fingerprint import Fingerprint, departures, series_departure
 
 INTEL = {"cpu_vendor": "GenuineIntel", "dispatch_env": "ATEN_CPU_CAPABILITY=avx2", "torch_threads": "1"}
@@ -31,7 +31,7 @@ def summary(machine: dict = INTEL) -> pd.DataFrame:
 def accuracy(grpo: float = 1 / 3) -> pd.DataFrame:
     return pd.DataFrame({"model": ["tiny"] * 3, "task": ["a"] * 3, "benchmark": ["b"] * 3,
                          "algorithm": ["sft", "grpo", "kpo"], "avg_at_k": [0.1, grpo, 0.25],
-                         "avg_at_k_low": [0.05, 0.25, 0.2], "avg_at_k_high": [0.15, 0.45, 0.3]})
+                         "avg_at_k_low": [0.05, 0.25, 0.2], "avg_at_k_high": [0.15, 0.45, 0.3], "confidence": 0.95})
 
 
 def differences(kpo_grpo: tuple[float, float] = (-0.08, 0.5),
@@ -96,11 +96,15 @@ def test_another_machine_class_within_the_intervals_and_with_the_same_conclusion
     verdict, outcomes = compare(other, recorded)
     assert verdict == WITHIN_TOLERANCE
     assert outcomes[0].lines[0].startswith("departs from it first at warm start tiny/a: departs at step 3")
-    assert outcomes[0].lines[1] == "largest deviation 0.57 of its interval (tiny/a/b/grpo avg_at_k)"
+    # 0.4 - 1/3 is 0.57 of the recorded interval's upper side; the tolerance is that side x sqrt(2) x z(1 - 0.05 / 6)
+    # / z(0.975) = 1.73 of it (three metrics checked)
+    assert outcomes[0].lines[1] == "largest deviation 0.33 of its tolerance (tiny/a/b/grpo avg_at_k)"
+    assert tolerance_factor(0.95, 3) == pytest.approx(math.sqrt(2) * 2.394 / 1.960, rel=1e-3)
 
 
 @pytest.mark.parametrize("changes, reason", [
-    ({"accuracy": accuracy(grpo=0.46)}, "tiny/a/b/grpo: avg_at_k 0.46 outside the recorded interval [0.25, 0.45]"),
+    ({"accuracy": accuracy(grpo=0.6)}, "tiny/a/b/grpo: avg_at_k 0.6 outside its tolerance around the recorded 0.3333 "
+                                       "(interval [0.25, 0.45] x 1.73, 3 checks)"),
     ({"differences": differences(grpo_sft=(0.2, 0.06))}, "grpo - sft: recorded significant (+23.0 points, Holm p "
                                                          "0.01), now +20.0 points, p 0.06"),
     ({"differences": differences(grpo_sft=(-0.2, 0.01))}, "grpo - sft: recorded significant"),

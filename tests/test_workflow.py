@@ -209,7 +209,7 @@ def test_a_run_of_a_recorded_class_that_departs_is_refused_naming_the_stage_and_
     expected.write_text(json.dumps(original))
     result = compare_summary(workdir, expected)
     assert result.returncode == 0 and result.stdout.splitlines()[0].endswith(": within tolerance"), result.stdout
-    assert "largest deviation 0.00 of its interval" in result.stdout
+    assert "largest deviation 0.00 of its tolerance" in result.stdout
 
     next(f for f in record["stages"] if f["stage"] == "data")["sha256"] = "0" * 64
     expected.write_text(json.dumps(original))

@@ -12,9 +12,15 @@ study's conclusions. A run is
   give its own numbers: anything else is a real change), when a stage without float arithmetic (the datasets, the
   tokenizer) differs, when rows are missing, or when it is outside the tolerance below;
 - **within tolerance** otherwise, when no record of its class exists: against every record, every metric of the
-  accuracy table lies inside the recorded interval, every comparison the record found significant (Holm p at most
-  its alpha) is significant with the same sign, and none it found not significant has become significant. The sign
-  of a difference the grid cannot tell from zero is not a conclusion, so it may change.
+  accuracy table lies within its tolerance of the recorded value, every comparison the record found significant
+  (Holm p at most its alpha) is significant with the same sign, and none it found not significant has become
+  significant. The sign of a difference the grid cannot tell from zero is not a conclusion, so it may change.
+
+A metric's tolerance is its recorded interval widened for two things a change of machine brings (`tolerance_factor`):
+the run's value is a second draw of the same noise, so the two differ by sqrt(2) times one draw's noise, and all the
+metrics are checked at once, so each check gets TOLERANCE_LEVEL / (number of checks) (Bonferroni). A run that
+differs from the record by noise alone is then called different in at most 5% of machine changes; a change of the
+study's code moves its numbers by more, or departs from the record of a machine class that has one.
 
 Provenance (versions, paths, times) is never compared: it says where a run happened, not what it computed.
 """
@@ -29,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from scipy.stats import norm
 
 from kalmanrl.fingerprint import MISSING, Fingerprint, departures, fingerprints
 from kalmanrl.io import atomic_path
@@ -44,6 +51,7 @@ EXACT_STAGES = ("data", "tokenizer")  # integer and text work only: equal on eve
 ACCURACY_KEY = [*CELL, "algorithm"]
 DIFFERENCE_KEY = [*CELL, "comparison"]
 IDENTICAL, WITHIN_TOLERANCE, DIFFERENT = "identical", "within tolerance", "different"
+TOLERANCE_LEVEL = 0.05  # how often a run that differs from a record by noise alone may be called different
 
 
 class ExpectedError(ValueError):
@@ -106,6 +114,7 @@ class RunResults:
                    "recorded": datetime.date.today().isoformat()}
         accuracy = [c for c in self.accuracy.columns if INTERVAL.match(c)]
         intervals = [f"{c}_{side}" for c in accuracy for side in ("low", "high") if f"{c}_{side}" in self.accuracy]
+        intervals += ["confidence"] if "confidence" in self.accuracy else []
         differences = [c for c in ("difference", "low", "high", "p_holm", "alpha") if c in self.differences]
         return {"machine": machine, "stages": [f.as_json() for f in self.stages],
                 "summary": expected_rows(self.summary),
@@ -181,41 +190,56 @@ def summary_differences(summary: pd.DataFrame, expected: dict) -> list[str]:
     return sorted(lines)
 
 
-def _deviation(value: float, recorded: float, low: float, high: float) -> float:
-    """How far `value` lies from the recorded value, as a share of the recorded interval on its side (1: at its
-    edge; inf: off a side the interval does not extend to)."""
+def tolerance_factor(confidence: float, checks: int) -> float:
+    """How many times its recorded interval (at `confidence`) a metric may stray from the recorded value when
+    `checks` metrics are compared at once: sqrt(2) for the difference of two noisy draws, and the normal quantile of
+    TOLERANCE_LEVEL / checks (two-sided) over that of the interval."""
+    return math.sqrt(2) * norm.ppf(1 - TOLERANCE_LEVEL / (2 * checks)) / norm.ppf(0.5 + confidence / 2)
+
+
+def _deviation(value: float, recorded: float, low: float, high: float, factor: float) -> float:
+    """How far `value` lies from the recorded value, as a share of its tolerance: `factor` times the recorded
+    interval on its side (1: at its edge; inf: off a side the interval does not extend to)."""
     if value == recorded:
         return 0.0
     edge = high if value > recorded else low
-    return abs(value - recorded) / abs(edge - recorded) if edge != recorded else math.inf
+    return abs(value - recorded) / (factor * abs(edge - recorded)) if edge != recorded else math.inf
 
 
 def _label(row: dict, key: list[str]) -> str:
     return "/".join(str(row[c]) for c in key)
 
 
+def _checked_metrics(row: dict) -> list[str]:
+    """The metrics of a recorded accuracy row that carry an interval."""
+    return [c for c in row if INTERVAL.match(c) and None not in (row[c], row.get(f"{c}_low"))]
+
+
 def tolerance_lines(run: RunResults, record: dict) -> tuple[list[str], float, str]:
-    """The run's metrics outside the record's intervals and its changed conclusions (lines), with the largest
-    deviation as a share of its interval and where it is."""
+    """The run's metrics outside their tolerance and its changed conclusions (lines), with the largest deviation as
+    a share of its tolerance and where it is."""
     lines, largest, where = [], 0.0, ""
     accuracy = {_ident(r, ACCURACY_KEY): r for r in _records(run.accuracy, list(run.accuracy.columns))}
+    checks = sum(len(_checked_metrics(row)) for row in record["accuracy"])
     for want in record["accuracy"]:
         got = accuracy.get(_ident(want, ACCURACY_KEY))
         label = _label(want, ACCURACY_KEY)
         if got is None:
             lines.append(f"accuracy {label}: missing from the run")
             continue
-        for metric in [c for c in want if INTERVAL.match(c) and None not in (want[c], want.get(f"{c}_low"))]:
+        factor = tolerance_factor(want["confidence"], checks)
+        for metric in _checked_metrics(want):
             value = got.get(metric)
             if value is None:
                 lines.append(f"accuracy {label}: {metric} missing from the run")
                 continue
-            deviation = _deviation(value, want[metric], want[f"{metric}_low"], want[f"{metric}_high"])
+            low, high = want[f"{metric}_low"], want[f"{metric}_high"]
+            deviation = _deviation(value, want[metric], low, high, factor)
             if deviation > largest:
                 largest, where = deviation, f"{label} {metric}"
             if deviation > 1:
-                lines.append(f"accuracy {label}: {metric} {value:.4g} outside the recorded interval "
-                             f"[{want[f'{metric}_low']:.4g}, {want[f'{metric}_high']:.4g}] of {want[metric]:.4g}")
+                lines.append(f"accuracy {label}: {metric} {value:.4g} outside its tolerance around the recorded "
+                             f"{want[metric]:.4g} (interval [{low:.4g}, {high:.4g}] x {factor:.2f}, {checks} checks)")
     differences = {_ident(r, DIFFERENCE_KEY): r for r in _records(run.differences, list(run.differences.columns))}
     for want in record["differences"]:
         got = differences.get(_ident(want, DIFFERENCE_KEY))
@@ -251,7 +275,7 @@ def compare_with(run: RunResults, record: dict) -> Outcome:
     lines, largest, where = tolerance_lines(run, record)
     if lines:
         return Outcome(DIFFERENT, cls, departs + lines, largest)
-    return Outcome(WITHIN_TOLERANCE, cls, departs + [f"largest deviation {largest:.2f} of its interval ({where})"],
+    return Outcome(WITHIN_TOLERANCE, cls, departs + [f"largest deviation {largest:.2f} of its tolerance ({where})"],
                    largest)
 
 

@@ -50,7 +50,8 @@ RUN_LOCK = "writer.lock"  # names the training job writing into the run director
 
 # Inside the report directory.
 # The report's pages, its summary (one row per evaluation) and its two tables as data (kalmanrl.comparisons): the
-# accuracy table (every metric with its interval) and the comparisons (difference, interval, Holm p, alpha).
+# accuracy table (every metric with its interval, and their confidence) and the comparisons (difference, interval,
+# Holm p, alpha).
 REPORT_FILES = {"html": "report.html", "markdown": "report.md", "summary": "summary.parquet",
                 "accuracy": "accuracy.parquet", "comparisons": "comparisons.parquet"}
 FIGURE_DIR = "figures/{kind}"

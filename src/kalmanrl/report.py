@@ -187,7 +187,8 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
         if len(final) or len(expected) else pd.DataFrame()
     differences = family_tests(paired_differences(final_details, samples=samples, confidence=confidence),
                                alpha=alpha, power=power)
-    write_parquet(accuracy, report_file(out_dir, "accuracy"))
+    write_parquet(accuracy.assign(confidence=confidence) if len(accuracy) else accuracy,
+                  report_file(out_dir, "accuracy"))
     write_parquet(differences.assign(alpha=alpha) if len(differences) else differences,
                   report_file(out_dir, "comparisons"))
     ci = (f"{round(100 * confidence)}% intervals: hierarchical percentile bootstrap over seeds, then over problems "
