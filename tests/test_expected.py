@@ -162,6 +162,12 @@ def test_the_command_prints_its_verdict_and_exits_1_only_when_different(tmp_path
     assert ": different" in out.splitlines()[0] and out.count("n_problems = 9, expected 8") == 3
     (tmp_path / "e.json").write_text("{}")
     assert main(["compare-summary", *args]) == 2
+    (tmp_path / "e.json").write_text('{"format": 2,\n "records": [}')
+    assert main(["compare-summary", *args]) == 2
+    assert f"{tmp_path / 'e.json'}:2: not JSON" in capsys.readouterr().err
+    (report / "comparisons.parquet").unlink()
+    assert main(["compare-summary", *args]) == 2
+    assert "comparisons.parquet missing" in capsys.readouterr().err
 
 
 def test_a_table_that_is_not_a_summary_is_refused():

@@ -211,8 +211,8 @@ def cmd_compare_summary(args: argparse.Namespace) -> int:
     from kalmanrl.expected import (DIFFERENT, IDENTICAL, ExpectedError, RunResults, compare, machine_class,
                                    write_expected)
 
-    run = RunResults.load(args.summary)
     try:
+        run = RunResults.load(args.summary)
         if args.write or args.add:
             records = write_expected(run, args.expected, add=args.add)
             log.info("%s: %s recorded (%d stage fingerprints, %d summary rows); %d record(s) in all", args.expected,

@@ -101,10 +101,12 @@ class RunResults:
     def load(cls, summary_path: str | Path) -> RunResults:
         """The run whose report summary is `summary_path` (<results_dir>/report/summary.parquet)."""
         report_dir = Path(summary_path).parent
-        tables = {name: pd.read_parquet(report_file(report_dir, name)) if report_file(report_dir, name).exists()
-                  else pd.DataFrame() for name in ("accuracy", "comparisons")}
-        return cls(pd.read_parquet(summary_path), tables["accuracy"], tables["comparisons"],
-                   fingerprints(report_dir.parent))
+        paths = [Path(summary_path), report_file(report_dir, "accuracy"), report_file(report_dir, "comparisons")]
+        if missing := [str(path) for path in paths if not path.exists()]:
+            raise ExpectedError(f"{', '.join(missing)} missing: a run is compared from its report's summary, accuracy "
+                                f"and comparison tables (rerun the report: snakemake --cores all -R report)")
+        summary, accuracy, comparisons = map(pd.read_parquet, paths)
+        return cls(summary, accuracy, comparisons, fingerprints(report_dir.parent))
 
     def record(self) -> dict:
         """This run as a record of its machine class."""
@@ -124,7 +126,10 @@ class RunResults:
 
 def read_expected(path: str | Path) -> list[dict]:
     """The records of an expected file, checked for the format this module writes."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ExpectedError(f"{path}:{err.lineno}: not JSON ({err.msg})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("records"), list):
         raise ExpectedError(f"{path}: not an expected file of format {FORMAT} (rerecord it: kalmanrl "
                             f"compare-summary <results_dir>/report/summary.parquet {path} --write)")
@@ -215,23 +220,26 @@ def _checked_metrics(row: dict) -> list[str]:
     return [c for c in row if INTERVAL.match(c) and None not in (row[c], row.get(f"{c}_low"))]
 
 
+def _paired(frame: pd.DataFrame, recorded: list[dict], key: list[str], kind: str) -> tuple[list, list[str]]:
+    """(label, recorded row, run row) for every recorded row of a table, and a line for each one the run lacks."""
+    mine = {_ident(row, key): row for row in _records(frame, list(frame.columns))}
+    pairs = [(_label(want, key), want, mine.get(_ident(want, key))) for want in recorded]
+    return ([pair for pair in pairs if pair[2] is not None],
+            [f"{kind} {label}: {MISSING}" for label, _, got in pairs if got is None])
+
+
 def tolerance_lines(run: RunResults, record: dict) -> tuple[list[str], float, str]:
     """The run's metrics outside their tolerance and its changed conclusions (lines), with the largest deviation as
     a share of its tolerance and where it is."""
-    lines, largest, where = [], 0.0, ""
-    accuracy = {_ident(r, ACCURACY_KEY): r for r in _records(run.accuracy, list(run.accuracy.columns))}
+    largest, where = 0.0, ""
+    accuracy, lines = _paired(run.accuracy, record["accuracy"], ACCURACY_KEY, "accuracy")
     checks = sum(len(_checked_metrics(row)) for row in record["accuracy"])
-    for want in record["accuracy"]:
-        got = accuracy.get(_ident(want, ACCURACY_KEY))
-        label = _label(want, ACCURACY_KEY)
-        if got is None:
-            lines.append(f"accuracy {label}: missing from the run")
-            continue
+    for label, want, got in accuracy:
         factor = tolerance_factor(want["confidence"], checks)
         for metric in _checked_metrics(want):
             value = got.get(metric)
             if value is None:
-                lines.append(f"accuracy {label}: {metric} missing from the run")
+                lines.append(f"accuracy {label}: {metric} {MISSING}")
                 continue
             low, high = want[f"{metric}_low"], want[f"{metric}_high"]
             deviation = _deviation(value, want[metric], low, high, factor)
@@ -240,13 +248,9 @@ def tolerance_lines(run: RunResults, record: dict) -> tuple[list[str], float, st
             if deviation > 1:
                 lines.append(f"accuracy {label}: {metric} {value:.4g} outside its tolerance around the recorded "
                              f"{want[metric]:.4g} (interval [{low:.4g}, {high:.4g}] x {factor:.2f}, {checks} checks)")
-    differences = {_ident(r, DIFFERENCE_KEY): r for r in _records(run.differences, list(run.differences.columns))}
-    for want in record["differences"]:
-        got = differences.get(_ident(want, DIFFERENCE_KEY))
-        label = _label(want, DIFFERENCE_KEY)
-        if got is None:
-            lines.append(f"comparison {label}: missing from the run")
-            continue
+    differences, missing = _paired(run.differences, record["differences"], DIFFERENCE_KEY, "comparison")
+    lines += missing
+    for label, want, got in differences:
         alpha = want["alpha"]
         significant = want["p_holm"] <= alpha
         if significant and not (got["p_holm"] <= alpha and got["difference"] * want["difference"] > 0):
@@ -283,7 +287,10 @@ def compare(run: RunResults, path: str | Path) -> tuple[str, list[Outcome]]:
     """The run against every record of the expected file `path`: identical to one of them; different from its own
     class's record or from any record beyond tolerance; else within tolerance of them all."""
     records = read_expected(path)
-    outcomes = [compare_with(run, record) for record in records]
+    try:
+        outcomes = [compare_with(run, record) for record in records]
+    except KeyError as err:
+        raise ExpectedError(f"{path}: a record lacks the key {err} (rerecord it with --write)") from None
     if any(o.verdict == IDENTICAL for o in outcomes):
         return IDENTICAL, [o for o in outcomes if o.verdict == IDENTICAL]
     if not outcomes or any(o.verdict == DIFFERENT for o in outcomes):
