@@ -177,7 +177,7 @@ def test_schema_nodes_hold_only_json_schema_keywords():
     ({"eps_high": -0.1}, r"config\.algorithms\.a\.eps_high: -0\.1 is less than the minimum of 0"),
     ({"clip_ratio_c": 1}, r"config\.algorithms\.a\.clip_ratio_c: 1 is less than or equal to the minimum of 1"),
     ({"beta": -1}, r"config\.algorithms\.a\.beta: -1 is less than the minimum of 0"),
-    ({"advantage_params": {"eps": 0}}, r"config\.algorithms\.a\.advantage_params: eps must be > 0"),
+    ({"advantage_params": {"eps": -1e-8}}, r"config\.algorithms\.a\.advantage_params: eps must be >= 0"),
     ({"advantage": "krpo", "advantage_params": {"eps": 0}}, r"config\.algorithms\.a\.advantage_params: eps must be"),
     ({"advantage": "krpo", "advantage_params": {"r": 0}}, r"config\.algorithms\.a\.advantage_params: Kalman filter"),
     ({"ratio_params": {"clamp": 0}}, r"config\.algorithms\.a\.ratio_params: clamp must be > 0"),

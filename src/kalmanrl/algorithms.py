@@ -108,7 +108,8 @@ def grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, scale: str = "g
     """
     if rewards.shape[-1] < 2:
         raise ValueError(f"GRPO needs at least 2 completions per prompt, got {rewards.shape[-1]}")
-    _positive("eps", eps, "a group of equal rewards would divide 0 by 0")
+    if not eps >= 0:  # 0 is the formula's own bound (a group of equal rewards then gives NaN, which training refuses)
+        raise ValueError(f"eps must be >= 0 (a negative eps can cancel the std it is added to), got {eps}")
     rewards = rewards.detach()
     centred = rewards - rewards.mean(-1, keepdim=True)
     if scale == "group":
