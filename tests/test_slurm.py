@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-import yaml
 
 import slurm_local
 from smoke_runs import REPO, assert_part_of_the_smoke_run, smoke_workdir, snakemake
@@ -163,11 +162,7 @@ def test_a_multi_gpu_train_job_is_submitted_as_one_task_per_node(tmp_path, gpus,
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-    config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
-    config.update(results_dir="results", resources={"train": {"gpus": gpus, "nodes": nodes}})
-    workdir = tmp_path
-    (workdir / "config").mkdir()
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    workdir = smoke_workdir(tmp_path, resources={"train": {"gpus": gpus, "nodes": nodes}})
     resources, shell = planned_train_job(workdir)  # a dry run: no data needed
     assert f"--gpus {gpus} --nodes {nodes}" in shell
     job = SimpleNamespace(resources=_Resources(resources), threads=1, name="train", is_group=lambda: False)

@@ -1,0 +1,52 @@
+"""benchmarks/gpu_check.py, the command a lent GPU machine runs, kept from rotting: its CPU version runs the same
+checks through the real trainer on tiny shapes and writes every field the GPU version reports; the GPU-only model
+builder runs here on a shrunk Qwen3-4B config."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def load_gpu_check(repo_root):
+    spec = importlib.util.spec_from_file_location("gpu_check", repo_root / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cpu_version_passes_every_check_and_writes_every_field(repo_root, tmp_path):
+    result = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "gpu_check.py"), "--device", "cpu",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["ok"] and set(report["correctness"]["precisions"]) == {"float32", "autocast_bf16", "bfloat16"}
+    for name, row in report["correctness"]["precisions"].items():
+        assert row["ratio_min"] == row["ratio_max"] == 1.0, name  # learning rate 0: the policy is the old policy
+    assert report["correctness"]["precisions"]["float32"]["kl"] == 0.0
+    assert report["correctness"]["checkpoint"] == {"weights_identical": True, "adam_state_identical": True,
+                                                   "ok": True}
+    budgets = report["costs"]["budgets"]
+    assert [b["micro_batch_tokens"] for b in budgets] == [4 * 48, 16 * 48]
+    for budget in budgets:
+        assert budget["update_tokens_per_s"] > 0 and set(budget["planned_gib"]) == {"held", "scoring", "updating"}
+    assert "| float32 | 1.0 | 1.0 | 0 | True | True |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_the_gpu_model_is_built_from_a_config_alone(repo_root):
+    from transformers import AutoConfig
+
+    gpu_check = load_gpu_check(repo_root)
+    config = AutoConfig.from_pretrained(gpu_check.QWEN3_4B)
+    config.update({"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+                   "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 256})
+    policy = gpu_check.random_policy(config, torch.device("cpu"))
+    assert policy.is_gradient_checkpointing and next(policy.parameters()).dtype == torch.float32
+    assert type(policy).__name__ == "Qwen3ForCausalLM"
