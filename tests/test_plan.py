@@ -174,6 +174,20 @@ def test_a_small_vllm_share_is_refused_naming_gpu_memory_utilization():
     assert re.search(r"raise rollout.gpu_memory_utilization from 0.1 to 0\.\d+", est.problems[0])
 
 
+def test_a_kv_cache_smaller_than_a_ranks_rows_is_warned_about():
+    """256 rows of up to 2048 tokens against the KV cache 30% of an 80 GB GPU leaves beside Qwen3-4B's weights
+    (about 14 GiB: 55 sequences): vLLM would preempt and recompute, and the plan says so; half the GPU holds every
+    512-token row."""
+    settings = train_settings(micro_batch_tokens=8192, logit_chunk_tokens=1024)
+    est = plan.estimate_train(qwen3(), settings, plan.Resources(gpus=1), source="hub")
+    warning = [n for n in est.notes if n.startswith("WARNING: vLLM's KV cache holds")]
+    assert len(warning) == 1 and "fewer than the 256 rows a rank generates per step" in warning[0]
+    settings["rollout"].update(max_model_len=512, gpu_memory_utilization=0.5)
+    settings["train"]["max_tokens"] = 256
+    est = plan.estimate_train(qwen3(), settings, plan.Resources(gpus=1), source="hub")
+    assert not [n for n in est.notes if n.startswith("WARNING")]
+
+
 def test_an_evaluation_plans_vllm_at_the_share_the_evaluate_stage_gives_it():
     """The evaluate stage gives vLLM `rollout.eval_gpu_memory_utilization` of the GPU; the plan counts that share
     and names that key (there is no `evaluate.gpu_memory_utilization`: the schema refuses it)."""

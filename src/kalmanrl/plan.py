@@ -379,6 +379,7 @@ def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, s
     backend = rollout["backend"]
     if device == "cuda" and backend in ("vllm", "auto"):
         engine_live, engine_asleep = _colocated_vllm(shape, rollout, resources, parts, problems, notes)
+        notes += _kv_capacity_warning(shape, rollout, parts["kv_cache"], math.ceil(step.rows / ranks))
     elif backend == "hf" or device == "cpu" and backend == "auto":
         parts["kv_cache"] = _hf_generate_bytes(shape, step.rows, step.seq_len, step.completion_len, act_dtype)
         engine_live = parts["kv_cache"]
@@ -407,6 +408,19 @@ def _colocated_vllm(shape: ModelShape, rollout: dict, resources: Resources, part
     sleep = rollout.get("sleep", True)
     notes.append(f"vLLM {'sleeps' if sleep else 'stays awake'} during scoring and the update")
     return budget, VLLM_ASLEEP if sleep else budget
+
+
+def _kv_capacity_warning(shape: ModelShape, rollout: dict, kv_cache: float, rows: int) -> list[str]:
+    """A warning when vLLM's KV cache holds fewer whole sequences than a rank generates per step: vLLM then preempts
+    and recomputes sequences (slower, the same numbers), which nothing else would say."""
+    per_sequence = rollout["max_model_len"] * shape.kv_bytes_per_token(shape.serve_dtype) / rollout.get(
+        "tensor_parallel_size", 1)
+    held = max(0, int(kv_cache // per_sequence))
+    if held >= rows:
+        return []
+    return [f"WARNING: vLLM's KV cache holds {held} sequences of rollout.max_model_len tokens at once, fewer than the "
+            f"{rows} rows a rank generates per step, so vLLM preempts and recomputes (slower, same numbers): raise "
+            f"rollout.gpu_memory_utilization or lower rollout.max_model_len"]
 
 
 def _check_kv(shape: ModelShape, rollout: dict, kv_cache: float, tp: int, problems: list[str], key: str,
