@@ -107,6 +107,21 @@ def test_the_engine_sleeps_before_the_scoring_pass_and_wakes_after_the_update(tm
     assert calls == ["generate", "sleep", "score", "update", "sync_weights"] * 2
 
 
+@pytest.mark.parametrize("precision, autocast", [("autocast_bf16", True), ("float32", False)])
+def test_the_hf_engine_samples_under_the_precision_that_scores(tmp_path, tiny_model_dir, arithmetic_parquet,
+                                                               monkeypatch, precision, autocast):
+    """Under autocast_bf16 the old log-probs come from the bf16-autocast forward: the hf engine, which runs the policy
+    module itself, must sample from that same function, not from the float32 one."""
+    from kalmanrl import rollout
+
+    seen: list[bool] = []
+    original = rollout.HFEngine.generate
+    monkeypatch.setattr(rollout.HFEngine, "generate", lambda self, *a, **k: (
+        seen.append(torch.is_autocast_enabled("cpu")), original(self, *a, **k))[1])
+    train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for("grpo", steps=1, precision=precision))
+    assert seen == [autocast]
+
+
 def test_policy_moves_off_policy_within_a_rollout_batch(tmp_path, tiny_model_dir, arithmetic_parquet):
     metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_for("grpo"))
     assert (metrics["ratio_max"] > metrics["ratio_min"]).any(), "ratios never left 1: updates were not off-policy"

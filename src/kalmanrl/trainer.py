@@ -227,7 +227,9 @@ def has_dropout(model: torch.nn.Module) -> bool:
 
 def sample(run: Run, step: int) -> Rollout:
     """This rank's share of the step's prompts (a pure function of the step) and G completions of each from the
-    current policy."""
+    current policy, sampled under the precision policy that scores them (an engine that runs the policy module
+    itself, as the hf one does, would otherwise sample from the float32 function while the old log-probs come from
+    the bf16-autocast one)."""
     cfg = run.cfg
     mine = distributed.share(cfg["prompts_per_step"], run.ranks, "train.prompts_per_step")
     indices = _step_problems(len(run.problems), step, cfg["prompts_per_step"], run.seed)
@@ -238,7 +240,8 @@ def sample(run: Run, step: int) -> Rollout:
                               budgets=completion_budgets(prompt_ids, cfg["max_tokens"], run.limit))
     run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through generation
     run.policy.eval()
-    return Rollout(problems, prompt_ids, run.engine.generate(prompt_ids, sampling))
+    with run.precision.autocast():
+        return Rollout(problems, prompt_ids, run.engine.generate(prompt_ids, sampling))
 
 
 def score_rewards(run: Run, rollout: Rollout) -> tuple[list, torch.Tensor]:
