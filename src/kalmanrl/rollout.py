@@ -323,9 +323,9 @@ class VLLMEngine(_ContextManaged):
 
     The engine serves `dtype` (the model's configured dtype, bf16 for hub models), whatever the trainer's master
     weights are: pushed weights are cast to it one tensor at a time. With `sleep` (and a GPU build of vLLM) the engine
-    sleeps during the policy update: level 1 moves its weights to CPU memory and drops the KV cache; `sync_weights`
-    wakes the weights, pushes the new ones, and only then re-allocates the KV cache (pushing before waking would be
-    overwritten by the offloaded copy)."""
+    sleeps from the scoring pass through the policy update: level 1 moves its weights to CPU memory and drops the KV
+    cache; `sync_weights` wakes the weights, pushes the new ones, and only then re-allocates the KV cache (pushing
+    before waking would be overwritten by the offloaded copy)."""
 
     def __init__(self, model_dir: str | Path, tokenizer, *, dtype: str = "float32", max_model_len: int = 512,
                  gpu_memory_utilization: float = 0.3, kv_cache_gib: float = 1, enforce_eager: bool = True,
