@@ -21,7 +21,7 @@ from kalmanrl.config import (ConfigError, check_data_dir, load_config, load_sche
                              stage_settings)
 from kalmanrl.devices import gpu_placement
 from kalmanrl.dispatch import DISPATCH_ENV, DispatchError, pin_cpu_dispatch
-from kalmanrl.layout import CHECKPOINTS, FINAL, METRICS, REPORT_FILES, ResultsTree
+from kalmanrl.layout import CHECKPOINTS, FINAL, METRICS, REPORT_FILES
 from kalmanrl.runlock import RunDirectoryBusy, run_writer
 
 log = logging.getLogger("kalmanrl")
