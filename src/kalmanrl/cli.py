@@ -327,17 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare-summary", help="Compare a finished run with the numbers recorded for its config.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Compare the run whose report summary is SUMMARY (its results tree: the stage fingerprints of "
-                    "datasets, tokenizer, base model, warm start and training runs, the summary rows, the report's "
-                    "accuracy and comparison tables) with every record of EXPECTED (e.g. config/smoke.expected.json, "
+        description="Compare the run whose report summary is SUMMARY (its results tree: the stage fingerprints of\n"
+                    "datasets, tokenizer, base model, warm start and training runs; the summary rows; the report's\n"
+                    "accuracy and comparison tables) with every record of EXPECTED (e.g. config/smoke.expected.json,\n"
                     "one record per machine class: CPU vendor, dispatch, threads). Prints one verdict:\n"
                     "  identical         equal to a record bit for bit (exit 0)\n"
-                    "  within tolerance  no record of this machine class; every metric inside the recorded "
-                    "interval and every\n                    conclusion (significance, and sign where significant) "
-                    "unchanged (exit 0)\n"
+                    "  within tolerance  no record of this machine class; every metric within its tolerance of the\n"
+                    "                    recorded value (its interval x sqrt(2), Bonferroni over the metrics) and\n"
+                    "                    every conclusion (significance, and sign where significant) unchanged (exit 0)\n"
                     "  different         anything else, e.g. not exactly its own class's record (exit 1)\n"
-                    "with the first stage and step at which the run departs from each record. Provenance (versions, "
-                    "paths, times) is not compared.")
+                    "with the first stage and step at which the run departs from each record. Provenance\n"
+                    "(versions, paths, times) is not compared.")
     compare.add_argument("summary", type=Path, help=f"the run's report {REPORT_FILES['summary']}")
     compare.add_argument("expected", type=Path, help="the expected file (JSON)")
     record = compare.add_mutually_exclusive_group()
