@@ -6,9 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
+from kalmanrl.batch import RolloutBatch, build_batch
 from kalmanrl.dataset import read_dataset, write_dataset
 from kalmanrl.loaders import build_dataset
 from kalmanrl.model import build_tiny_model, tokenizer_corpus
+from kalmanrl.rollout import Completion
 
 EASY_PRESETS = {"easy": [3, 3]}  # the KRPO paper's easy Arithmetic: three terms of up to three digits
 
@@ -37,3 +41,15 @@ def build_data_and_model(directory: Path, dataset: dict, spec: dict, *, presets:
              else read_dataset(data).column("problem").to_pylist())
     build_tiny_model(model, texts, spec=spec, seed=0)
     return model, data
+
+
+def synthetic_batch(vocab: int, *, rows: int, group: int, prompt_len: int, completion_len: int,
+                    seed: int = 0) -> RolloutBatch:
+    """A rollout batch of `rows` sequences (groups of `group`) whose prompts and completions all have the given
+    lengths, random token ids below `vocab` and random advantages: what a step's memory and speed depend on."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda n: torch.randint(3, vocab, (n,), generator=generator).tolist()  # noqa: E731
+    completions = [[Completion(token_ids=draw(completion_len), logprobs=[], text="", finish_reason="length")
+                    for _ in range(group)] for _ in range(rows // group)]
+    return build_batch([draw(prompt_len) for _ in completions], completions,
+                       torch.randn(rows // group, group, generator=generator), pad_id=0)

@@ -37,12 +37,12 @@ from kalmanrl.model import build_tiny_model, load_policy
 from kalmanrl.optim import adamw
 from kalmanrl.precision import resolve_precision
 from kalmanrl.prompts import get_template
-from kalmanrl.rollout import Completion, SamplingConfig, make_engine
+from kalmanrl.rollout import SamplingConfig, make_engine
 from kalmanrl.tensor_memory import TensorMemory
 from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests/test_memory.py)
-from _setup import build_data_and_model, easy_arithmetic, tiny_spec  # noqa: E402
+from _setup import build_data_and_model, easy_arithmetic, synthetic_batch, tiny_spec  # noqa: E402
 
 PHASES = ["time_rollout", "time_reward", "time_score", "time_update"]
 
@@ -130,12 +130,8 @@ def step_peak_memory(policy, *, rows: int, group: int, prompt_len: int, completi
     """Peak bytes of the tensors one training step creates (old log-probs, then the update of GRPO at float32) on a
     synthetic rollout batch of `rows` sequences, every prompt and completion of the given lengths; the optimiser
     state is created inside the step, so it counts as well."""
-    generator = torch.Generator().manual_seed(seed)
-    draw = lambda n: torch.randint(3, policy.config.vocab_size, (n,), generator=generator).tolist()  # noqa: E731
-    completions = [[Completion(token_ids=draw(completion_len), logprobs=[], text="", finish_reason="length")
-                    for _ in range(group)] for _ in range(rows // group)]
-    batch = build_batch([draw(prompt_len) for _ in completions], completions,
-                        torch.randn(rows // group, group, generator=generator), pad_id=0)
+    batch = synthetic_batch(policy.config.vocab_size, rows=rows, group=group, prompt_len=prompt_len,
+                            completion_len=completion_len, seed=seed)
     alg = validate_config({})["algorithms"]["grpo"]
     precision = resolve_precision("float32", torch.device("cpu"))
     schedule = mini_batch_schedule(rows, cfg, seed, 0)

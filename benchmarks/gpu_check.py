@@ -42,17 +42,15 @@ from pathlib import Path
 import torch
 
 from kalmanrl import algorithms, distributed, plan
-from kalmanrl.batch import build_batch
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.model import load_policy
 from kalmanrl.optim import adamw
 from kalmanrl.precision import PRECISIONS, resolve_precision
 from kalmanrl.rewards import RewardFunction, Verdict, register_reward
-from kalmanrl.rollout import Completion
 from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import build_data_and_model, easy_arithmetic, tiny_spec  # noqa: E402
+from _setup import build_data_and_model, easy_arithmetic, synthetic_batch, tiny_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,16 +120,6 @@ def checkpoint_round_trip(model_dir: Path, path: Path, gpus: int | None) -> dict
     return {"weights_identical": weights, "adam_state_identical": moments, "ok": weights and moments}
 
 
-def synthetic_batch(vocab: int, rows: int, group: int, prompt_len: int, completion_len: int, device: torch.device):
-    """A rollout batch of `rows` sequences whose prompts and completions all have the given lengths (seed 0)."""
-    generator = torch.Generator().manual_seed(0)
-    draw = lambda n: torch.randint(3, vocab, (n,), generator=generator).tolist()  # noqa: E731
-    completions = [[Completion(token_ids=draw(completion_len), logprobs=[], text="", finish_reason="length")
-                    for _ in range(group)] for _ in range(rows // group)]
-    return build_batch([draw(prompt_len) for _ in completions], completions,
-                       torch.randn(rows // group, group, generator=generator), pad_id=0).to(device)
-
-
 def step_cost(policy, cfg: dict, shape: plan.ModelShape, *, rows: int, prompt_len: int, completion_len: int,
               gpus: int | None, source: str) -> dict:
     """Check 3 for one micro-batch budget: memory held between steps and the peak above it while scoring and while
@@ -141,7 +129,8 @@ def step_cost(policy, cfg: dict, shape: plan.ModelShape, *, rows: int, prompt_le
     cuda = device.type == "cuda"
     precision = resolve_precision(cfg["precision"], device)
     alg = validate_config({})["algorithms"]["grpo"]
-    batch = synthetic_batch(shape.vocab, rows, 8, prompt_len, completion_len, device)
+    batch = synthetic_batch(shape.vocab, rows=rows, group=8, prompt_len=prompt_len,
+                            completion_len=completion_len).to(device)
     schedule = mini_batch_schedule(rows, cfg, 0, 0)
     optimizer = adamw(policy.parameters(), cfg)
     ratio = algorithms.get_ratio_transform("token")

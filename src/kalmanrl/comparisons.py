@@ -17,8 +17,7 @@ def problem_matrices(details: pd.DataFrame, metrics: list[str]) -> dict[str, pd.
     maj_at_k, mean_length, truncation_rate), so that each gets its interval the same way. A metric the details
     cannot give per problem (its column absent, or pass@k with fewer than k samples) has no matrix."""
     samples = int(details.groupby(["seed", "problem_id"]).size().min())
-    per_problem = {("avg_at_k", "correct"): lambda g: g["correct"].mean(),
-                   ("maj_at_k", "extracted"): lambda g: float(majority_correct(list(g["extracted"]),
+    per_problem = {("maj_at_k", "extracted"): lambda g: float(majority_correct(list(g["extracted"]),
                                                                                list(g["correct"]))),
                    ("mean_length", "num_tokens"): lambda g: g["num_tokens"].mean(),
                    ("truncation_rate", "finish_reason"): lambda g: (g["finish_reason"] == "length").mean()}
@@ -26,8 +25,9 @@ def problem_matrices(details: pd.DataFrame, metrics: list[str]) -> dict[str, pd.
         len(g), int(g["correct"].sum()), k) for m in metrics
         if m.startswith("pass_at_") and int(m.removeprefix("pass_at_")) <= samples})
     groups = details.groupby(["seed", "problem_id"], sort=True)
-    return {metric: groups.apply(function, include_groups=False).unstack("problem_id")
-            for (metric, column), function in per_problem.items() if metric in metrics and column in details}
+    matrices = {metric: groups.apply(function, include_groups=False).unstack("problem_id")
+                for (metric, column), function in per_problem.items() if metric in metrics and column in details}
+    return {"avg_at_k": correctness_matrix(details), **matrices} if "avg_at_k" in metrics else matrices
 
 
 def accuracy_table(summary: pd.DataFrame, details: pd.DataFrame, expected: pd.DataFrame, *, samples: int,
