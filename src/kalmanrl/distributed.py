@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import shutil
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,20 +78,20 @@ def close_ranks(ranks: Ranks) -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: torch.nn.Module, ranks: Ranks, *, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, head), so only one layer's
     full parameters exist at a time in forward and backward, and the optimiser (made after this call, from the
     sharded parameters) keeps only this rank's shard of its state.
 
-    `compute_dtype` (e.g. bfloat16 on CUDA) is the dtype parameters are gathered in for forward/backward while the
-    sharded master weights keep their dtype and gradients are reduced in float32. One rank: the model is returned as
-    it is (the trainer's own autocast handles the compute dtype there)."""
+    Parameters are gathered in their own dtype and gradients reduced in float32, so N ranks compute the function one
+    rank does: under `autocast_bf16` the float32 weights meet autocast's bf16 matrix products on both (FSDP's bf16
+    parameter cast would also round embeddings, norms and the residual stream, which one rank keeps in float32).
+    One rank: the model is returned as it is."""
     if not ranks.sharded:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    mp = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype is not None
-          else MixedPrecisionPolicy())
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, mesh=ranks.mesh, mp_policy=mp)
@@ -101,6 +102,16 @@ def shard_model(model: torch.nn.Module, ranks: Ranks, *, compute_dtype: torch.dt
     model.kalmanrl_forward = types.MethodType(_call_with_model, model)
     register_fsdp_forward_method(model, "kalmanrl_forward")
     return model
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered parameters of a sharded model's root (embeddings, final norm, head) after forward passes
+    with no backward to follow, as the frozen reference's: FSDP2 keeps a root gathered after its forward, expecting
+    the backward that would free it. The layers reshard by themselves."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def _call_with_model(model: torch.nn.Module, fn: Callable, *args, **kwargs):
@@ -354,6 +365,27 @@ def launch_command(command: Sequence[str], *, gpus: int, nodes: int = 1, tasks_p
             "--kill-on-bad-exit=1", "torchrun", f"--nnodes={tasks}", f"--nproc-per-node={gpus}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={first_node}:{port}", f"--rdzv-id={job_id}", "--no-python",
             *command]
+
+
+def missing_slurm_client(env: Mapping[str, str] = os.environ) -> str | None:
+    """Why a job of several SLURM tasks cannot start here, or None. It starts them with `srun` and finds its
+    rendezvous host with `scontrol`, from where `kalmanrl train` runs; an Apptainer image has neither (and srun would
+    start the other nodes' ranks outside it anyway)."""
+    missing = [tool for tool in ("srun", "scontrol") if shutil.which(tool, path=env.get("PATH")) is None]
+    if not missing:
+        return None
+    inside = env.get("APPTAINER_CONTAINER") or env.get("SINGULARITY_CONTAINER")
+    return (f"a training job over several nodes (or SLURM tasks) starts its ranks with srun and scontrol, and "
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH "
+            f"{f'inside the image {inside}' if inside else 'on this host'}. Run it with the software on the nodes "
+            "themselves (a virtual environment, or `--sdm conda` rather than `--sdm apptainer`), or on one node "
+            "(resources.train.nodes: 1)")
+
+
+def rank_cpus(env: Mapping[str, str] = os.environ) -> int:
+    """The CPUs one rank's helper processes (the reward workers) may use: the ranks torchrun started on this node
+    (LOCAL_WORLD_SIZE) share the process's CPU set, rather than each starting one worker per CPU."""
+    return max(1, len(os.sched_getaffinity(0)) // int(env.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def slurm_first_node(env: Mapping[str, str] = os.environ) -> str:

@@ -9,11 +9,11 @@ CPU) that keeps query, key, value, output and log-sum-exp, never a [T, T] matrix
 
 What one training rank holds (FSDP2 shards weights, gradients, optimiser state and the reference model over
 gpus x nodes ranks):
-- static: weights, gradients, AdamW's two moments, the reference model (when `beta > 0`);
+- static: weights, AdamW's two moments, the reference model (when `beta > 0`, stored as the policy is);
 - while scoring (old and reference log-probs, no grad) and updating (forward + backward of one micro-batch of
   `train.micro_batch_tokens`): activations, one `train.logit_chunk_tokens` chunk of the log-prob head's float32
-  logits, and the compute copy of the weights (autocast's bf16 cache on one rank; FSDP2's all-gathered bf16 layers
-  on several);
+  logits, and the compute copy of the weights (autocast's bf16 cache; on several ranks also FSDP2's all-gathered
+  layers); gradients while updating and at the optimiser step (freed before generating);
 - the colocated vLLM engine: `rollout.gpu_memory_utilization` of the GPU while generating; with `rollout.sleep`,
   only a residue during scoring and the update.
 The peak is the static part plus the largest phase: generating, scoring, updating or the optimiser step.
@@ -236,7 +236,7 @@ class Estimate:
     limit: float
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    static: float = 0.0  # training: bytes held throughout (weights, gradients, optimiser state, reference, overhead)
+    static: float = 0.0  # training: bytes held throughout (weights, optimiser state, reference, overhead)
     phases: dict[str, float] = field(default_factory=dict)  # training: bytes above `static` in each phase of a step
 
     @property
@@ -341,16 +341,12 @@ def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, s
         "weights": p * weight_bytes / ranks,
         "gradients": p * weight_bytes / ranks,
         "optimizer": 2 * p * state_bytes / ranks,
-        "reference": p * DTYPE_BYTES[act_dtype] / ranks if beta > 0 else 0.0,
+        "reference": p * weight_bytes / ranks if beta > 0 else 0.0,  # stored as the policy is
     }
-    # The compute copy: FSDP2 all-gathers one layer ahead in bf16 (two layers live) plus the root group's embedding;
-    # on one rank autocast caches a bf16 copy of every weight it casts during the forward.
-    if mode == "autocast_bf16":
-        parts["compute_copy"] = (2 * (2 * shape.layer_params + shape.embedding_params) if ranks > 1 else 2 * p)
-    elif ranks > 1:
-        parts["compute_copy"] = DTYPE_BYTES[act_dtype] * (2 * shape.layer_params + shape.embedding_params)
-    else:
-        parts["compute_copy"] = 0.0
+    # The compute copy: FSDP2 all-gathers one layer ahead in the weights' dtype (two layers live) plus the root
+    # group's embedding; autocast caches a bf16 copy of every weight it casts during a forward (one rank or N).
+    gathered = weight_bytes * (2 * shape.layer_params + shape.embedding_params) if ranks > 1 else 0.0
+    parts["compute_copy"] = gathered + (2 * p if mode == "autocast_bf16" else 0.0)
     # Counted with the model in the activation dtype. Under autocast the residual stream between layers stays float32
     # (float32 embedding plus bf16 branches): what checkpointing keeps per layer is that float32 hidden state.
     act = shape.activations(act_dtype)
@@ -388,9 +384,12 @@ def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, s
         parts["kv_cache"] = rollout["kv_cache_gib"] * GIB
         engine_live = engine_asleep = parts["vllm_weights"] + parts["kv_cache"]
     parts["overhead"] = CUDA_OVERHEAD if device == "cuda" else 0.0
-    static = sum(parts[k] for k in ("weights", "gradients", "optimizer", "reference", "overhead"))
-    phases = {"generating": engine_live, "scoring": engine_asleep + score, "updating": engine_asleep + update,
-              "optimiser step": engine_asleep + optimizer_step}
+    # Gradients exist from the first backward of a rollout batch to its last optimiser step (the trainer frees them
+    # before generating).
+    static = sum(parts[k] for k in ("weights", "optimizer", "reference", "overhead"))
+    grads = parts["gradients"]
+    phases = {"generating": engine_live, "scoring": engine_asleep + score, "updating": engine_asleep + grads + update,
+              "optimiser step": engine_asleep + grads + optimizer_step}
     parts["total"] = static + max(phases.values())
     return Estimate("train", device, ranks, parts, resources.gpu_mem_gb * GIB if device == "cuda" else 0.0,
                     notes, problems, static, phases)
@@ -614,7 +613,7 @@ def plan_config(config: dict, shapes: dict[str, ModelShape]) -> list[PlannedGrou
 
 
 ROWS = [("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimiser state (AdamW)"),
-        ("reference", "reference model"), ("compute_copy", "bf16 compute copy of weights"),
+        ("reference", "reference model"), ("compute_copy", "compute copy of weights"),
         ("activations_full", "activations, no checkpointing"), ("activations_ckpt", "activations, checkpointing"),
         ("logits", "log-prob logits (largest pass)"), ("vllm_weights", "vLLM weights"),
         ("kv_cache", "vLLM KV cache / generation"), ("overhead", "CUDA context and slack")]

@@ -22,13 +22,8 @@ class Precision:
 
     @property
     def weights_dtype(self) -> torch.dtype:
-        """The trained policy's parameters."""
+        """The trained policy's parameters, and the frozen reference's."""
         return torch.bfloat16 if self.name == "bfloat16" else torch.float32
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype matrix products run in: the frozen reference model is stored in it."""
-        return torch.float32 if self.name == "float32" else torch.bfloat16
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context every log-prob forward runs under."""

@@ -323,9 +323,10 @@ class VLLMEngine(_ContextManaged):
 
     The engine serves `dtype` (the model's configured dtype, bf16 for hub models), whatever the trainer's master
     weights are: pushed weights are cast to it one tensor at a time. With `sleep` (and a GPU build of vLLM) the engine
-    sleeps from the scoring pass through the policy update: level 1 moves its weights to CPU memory and drops the KV
-    cache; `sync_weights` wakes the weights, pushes the new ones, and only then re-allocates the KV cache (pushing
-    before waking would be overwritten by the offloaded copy)."""
+    sleeps from the scoring pass through the policy update at level 2: its weights and KV cache are discarded (vLLM
+    keeps the model's buffers), since the next push replaces every weight anyway (level 1 would copy them to host
+    memory and back each step). `sync_weights` re-allocates the weights, pushes the new ones (a push that leaves a
+    weight of the engine out raises), and only then re-allocates the KV cache."""
 
     def __init__(self, model_dir: str | Path, tokenizer, *, dtype: str = "float32", max_model_len: int = 512,
                  gpu_memory_utilization: float = 0.3, kv_cache_gib: float = 1, enforce_eager: bool = True,
@@ -344,7 +345,8 @@ class VLLMEngine(_ContextManaged):
             self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len,
                            enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
                            tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=self.sleep_mode,
-                           logprobs_mode="raw_logprobs", seed=0, **kv_cache)
+                           logprobs_mode="raw_logprobs", seed=0, **kv_cache,
+                           **executor_options(tensor_parallel_size))
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt
@@ -363,7 +365,7 @@ class VLLMEngine(_ContextManaged):
 
     def sleep(self) -> None:
         if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
             self.asleep = True
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
@@ -378,6 +380,22 @@ class VLLMEngine(_ContextManaged):
 
     def close(self) -> None:
         del self.llm
+
+
+def executor_options(tensor_parallel_size: int, env: dict[str, str] | None = None) -> dict[str, str]:
+    """How vLLM runs the engine of one rank. Under torchrun (WORLD_SIZE > 1) every rank has an engine of its own for
+    its share of the prompts: vLLM's torchrun executor (`external_launcher`, as TRL's colocate mode) puts it on this
+    rank's device (LOCAL_RANK), joins the job's process group as one data-parallel replica and keys its caches by
+    rank. The default single-process executor would take `cuda:0` on every rank (and make it the rank's current
+    device). A tensor-parallel engine would need every rank of its group to get the same prompts, which per-rank
+    shares are not."""
+    env = os.environ if env is None else env
+    if int(env.get("WORLD_SIZE", "1")) == 1:
+        return {}
+    if tensor_parallel_size > 1:
+        raise ValueError(f"rollout.tensor_parallel_size = {tensor_parallel_size} under torchrun: each rank samples "
+                         "its own prompts with an engine of its own, which needs rollout.tensor_parallel_size = 1")
+    return {"distributed_executor_backend": "external_launcher"}
 
 
 def sleep_mode_available() -> bool:
@@ -398,9 +416,37 @@ def push_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None
 
     The worker's `reload_weights` (vLLM 0.32) reloads in place and re-runs the backend's post-load processing (the CPU
     backend repacks linear weights, so the model's own `load_weights` alone fails there). It is reached through
-    `collective_rpc`, a public method; in-process the iterator is passed by reference, nothing is serialised."""
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+    `collective_rpc`, a public method; in-process the iterator is passed by reference, nothing is serialised. vLLM
+    only logs a warning when the tensors leave some of its weights as they were (stale, or uninitialised after a
+    level-2 sleep): that raises here."""
+    with _warnings_of(RELOAD_LOGGER) as warnings:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+    if stale := [w for w in warnings if "were not loaded" in w]:
+        raise RuntimeError(f"the weight push left weights of the vLLM engine as they were: {'; '.join(stale)}")
     llm.reset_prefix_cache()
+
+
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.inplace"
+
+
+@contextlib.contextmanager
+def _warnings_of(logger_name: str) -> Iterator[list[str]]:
+    """The warnings `logger_name` emits inside the block, whatever level the user set for it."""
+    caught: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            caught.append(record.getMessage())
+
+    logger, handler = logging.getLogger(logger_name), Catch(logging.WARNING)
+    level = logger.level
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.WARNING))
+    logger.addHandler(handler)
+    try:
+        yield caught
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager

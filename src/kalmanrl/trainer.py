@@ -164,14 +164,14 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
         raise ValueError("rollout.tensor_parallel_size > 1 is for evaluation: training pushes new weights into an "
                          "in-process vLLM engine per rank, which needs rollout.tensor_parallel_size = 1")
 
-    # Sharded on CUDA: layers gathered in bf16 for compute, gradients reduced in float32.
-    compute_dtype = precision.compute_dtype if device.type == "cuda" and precision.name != "float32" else None
     policy, tokenizer = load_policy(policy_dir, device=device, dtype=precision.weights_dtype)
     if gradient_checkpointing(settings):
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = distributed.shard_model(policy, ranks, compute_dtype=compute_dtype)
-    reference = (distributed.shard_model(load_policy(policy_dir, device=device, dtype=precision.compute_dtype)[0],
-                                         ranks, compute_dtype=compute_dtype).eval().requires_grad_(False)
+    policy = distributed.shard_model(policy, ranks)
+    # The reference is the initial policy, stored as the policy is: under autocast its log-probs equal the policy's
+    # until the first update (KL exactly 0), on one rank and on N.
+    reference = (distributed.shard_model(load_policy(policy_dir, device=device, dtype=precision.weights_dtype)[0],
+                                         ranks).eval().requires_grad_(False)
                  if alg["beta"] > 0 else None)
     problems = read_dataset(dataset, split="train").to_pandas()
     template = get_template(settings["task"]["template"], settings["task"]["chat_template_kwargs"])
@@ -184,7 +184,8 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
         raise ValueError(f"every train prompt of {dataset} is overlong for {limit} tokens: raise "
                          "rollout.max_model_len or train.max_length")
     overlong_dropped, problems = len(problems) - len(kept), problems.iloc[kept].reset_index(drop=True)
-    reward_fn = get_reward(settings["task"]["reward"], **settings["task"]["reward_params"])
+    reward_fn = get_reward(settings["task"]["reward"],
+                           **{"num_workers": distributed.rank_cpus(), **settings["task"]["reward_params"]})
     advantage_fn = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])
     ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
     kpo_params = alg["ratio_params"] if alg["ratio"] == "kpo" else {}
@@ -271,6 +272,7 @@ def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> 
                                     run.precision, run.ranks)
     if run.reference is not None:
         batch.ref_logp = batch_logprobs(run.reference, batch, minis, run.cfg, run.precision, run.ranks)
+        distributed.reshard(run.reference)
 
 
 def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: dict, precision: Precision,
