@@ -6,7 +6,7 @@ the importance ratio rho the surrogate uses). Both are registries filled by deco
     rho = ratio_transform(logp, old_logp, mask)                        # [B, T] differentiable in logp only
     L   = max(-rho A, -clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3     # surrogate "clipped"
           (dual-clip, clip_ratio_c = c: L = min(L, -c A) where A < 0, verl's vanilla GRPO loss)
-    loss = aggregate(L, mask)
+    loss = aggregate(L, mask)                                          # a registry too: each with its micro-batch share
 
 GMPO (arXiv 2507.20673, verl's `geo_mean`) clips each token's log-ratio with the sign of its advantage *before*
 averaging over the sequence, so it cannot be a ratio transform (which never sees advantages) followed by the token
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +34,19 @@ RatioTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
 ADVANTAGE_ESTIMATORS: Registry[Callable[..., torch.Tensor]] = Registry("advantage estimator")
 RATIO_TRANSFORMS: Registry[Callable[..., torch.Tensor]] = Registry("ratio transform")
 SURROGATES: Registry[Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = Registry("surrogate")
-AGGREGATES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """How a per-token loss [B, T] becomes one scalar (`reduce(per_token, mask, *, num_active_tokens, max_length)`),
+    and the share of its mini-batch's loss one micro-batch carries (`share(mask, mini_rows, mini_active)`), so that
+    micro-batch losses, each weighted by its share, sum to the loss of the whole mini-batch however it is split."""
+
+    reduce: Callable[..., torch.Tensor]
+    share: Callable[[torch.Tensor, int, int], float]
+
+
+AGGREGATES: Registry[Aggregate] = Registry("loss aggregate")
 
 
 def register_advantage_estimator(name: str) -> Callable:
@@ -221,27 +234,52 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def register_aggregate(name: str, *, share: Callable[[torch.Tensor, int, int], float]) -> Callable:
+    """Register `reduce(per_token, mask, *, num_active_tokens, max_length) -> scalar` under `name`, with the
+    micro-batch `share` that makes its micro-batch losses add up to the mini-batch's (see `Aggregate`)."""
+    def add(reduce: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        AGGREGATES.register(name, Aggregate(reduce, share))
+        return reduce
+
+    return add
+
+
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "grpo", *,
                    num_active_tokens: int | None = None, max_length: int | None = None) -> torch.Tensor:
-    """Reduce a per-token loss [B, T] to a scalar (names as in TRL).
+    """Reduce a per-token loss [B, T] to a scalar with the aggregate `mode` (names as in TRL; see each entry)."""
+    return AGGREGATES.get(mode).reduce(per_token, mask.to(per_token.dtype), num_active_tokens=num_active_tokens,
+                                       max_length=max_length)
 
-    grpo: mean over sequences of each sequence's masked token mean; bnpo: masked token mean of this micro-batch;
-    dr_grpo: masked sum / (B * max_length), max_length = the configured maximum completion length (default T);
-    dapo: masked sum / num_active_tokens, the active-token count of the whole accumulated batch (default: this
-    micro-batch's), so that summing the micro-batch losses gives the token mean of the whole batch.
-    """
-    mask = mask.to(per_token.dtype)
-    masked = per_token * mask
-    if mode == "grpo":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    total = masked.sum()
-    if mode == "bnpo":
-        return total / mask.sum().clamp(min=1)
-    if mode == "dr_grpo":
-        return total / (per_token.shape[0] * (max_length or per_token.shape[-1]))
-    if mode == "dapo":
-        return total / max(1, num_active_tokens if num_active_tokens is not None else int(mask.sum()))
-    raise ValueError(f"unknown aggregate {mode!r}; known: {', '.join(AGGREGATES)}")
+
+def _share_of_rows(mask: torch.Tensor, mini_rows: int, mini_active: int) -> float:
+    return mask.shape[0] / mini_rows
+
+
+@register_aggregate("grpo", share=_share_of_rows)
+def _sequence_mean(per_token: torch.Tensor, mask: torch.Tensor, **_) -> torch.Tensor:
+    """The mean over sequences of each sequence's masked token mean."""
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+@register_aggregate("bnpo", share=lambda mask, mini_rows, mini_active: mask.sum().item() / max(1, mini_active))
+def _token_mean(per_token: torch.Tensor, mask: torch.Tensor, **_) -> torch.Tensor:
+    """The masked token mean of this micro-batch."""
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+@register_aggregate("dr_grpo", share=_share_of_rows)
+def _sum_over_max_length(per_token: torch.Tensor, mask: torch.Tensor, *, max_length: int | None = None,
+                         **_) -> torch.Tensor:
+    """The masked sum over B x max_length, max_length = the configured maximum completion length (default T)."""
+    return (per_token * mask).sum() / (per_token.shape[0] * (max_length or per_token.shape[-1]))
+
+
+@register_aggregate("dapo", share=lambda mask, mini_rows, mini_active: 1.0)
+def _sum_over_active_tokens(per_token: torch.Tensor, mask: torch.Tensor, *, num_active_tokens: int | None = None,
+                            **_) -> torch.Tensor:
+    """The masked sum over the active tokens of the whole accumulated batch (default: this micro-batch's), so that
+    summing the micro-batch losses gives the token mean of the whole batch."""
+    return (per_token * mask).sum() / max(1, num_active_tokens if num_active_tokens is not None else int(mask.sum()))
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

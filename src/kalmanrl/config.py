@@ -228,7 +228,7 @@ def _bound(name_key: str, params_key: str | None, bind: Callable[[], Any]) -> An
 
 
 def check_algorithm_names(where: str, algorithm: dict, train: dict) -> None:
-    """Bind an algorithm's estimator, ratio transform and surrogate by name with their parameters, and try the
+    """Bind an algorithm's estimator, ratio transform, surrogate and aggregate by name with their parameters, and try the
     estimator and the transform on a zero batch of the run's group size, so a bad name or value fails at
     validation (naming its key) instead of at the first training step. Needs torch, nothing else."""
     import torch
@@ -241,6 +241,7 @@ def check_algorithm_names(where: str, algorithm: dict, train: dict) -> None:
     ratio = _bound(f"{where}.ratio", f"{where}.ratio_params",
                    lambda: algorithms.get_ratio_transform(algorithm["ratio"], **algorithm["ratio_params"]))
     _bound(f"{where}.surrogate", None, lambda: algorithms.SURROGATES.get(algorithm["surrogate"]))
+    _bound(f"{where}.aggregate", None, lambda: algorithms.AGGREGATES.get(algorithm["aggregate"]))
     rewards, tokens = torch.zeros(1, train["group_size"], dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
     _bound(f"{where}.advantage", f"{where}.advantage_params", lambda: estimator(rewards))
     _bound(f"{where}.ratio", f"{where}.ratio_params", lambda: ratio(tokens, tokens, torch.ones_like(tokens)))

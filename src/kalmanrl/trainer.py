@@ -434,25 +434,11 @@ def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, ratio_f
         if not real:  # keeps this rank's gathers and reductions in step with the others; adds nothing
             (logp.sum() * 0.0).backward()
             continue
-        loss = loss * micro_batch_share(alg["aggregate"], part.completion_mask, mini_rows, active)
+        loss = loss * algorithms.AGGREGATES.get(alg["aggregate"]).share(part.completion_mask, mini_rows, active)
         loss.backward()
         losses.append(loss.detach())
         _record(sums, metrics, logp.detach() - part.old_logp, entropy, part.completion_mask, kpo_params)
     return losses
-
-
-def micro_batch_share(aggregate: str, mask: torch.Tensor, mini_rows: int, mini_active: int) -> float:
-    """The weight of a micro-batch's loss (`mask` [b, T]: its completion tokens) in its mini-batch's, so that the
-    weighted micro-batch losses sum to the loss of the whole mini-batch however it is split: grpo and dr_grpo are
-    means over sequences (b / rows), bnpo a mean over tokens (active tokens / the mini-batch's), and dapo's loss is
-    already divided by the mini-batch's active tokens (1)."""
-    if aggregate in ("grpo", "dr_grpo"):
-        return mask.shape[0] / mini_rows
-    if aggregate == "bnpo":
-        return mask.sum().item() / max(1, mini_active)
-    if aggregate == "dapo":
-        return 1.0
-    raise ValueError(f"unknown aggregate {aggregate!r}; known: {', '.join(algorithms.AGGREGATES)}")
 
 
 def _record(sums, metrics: dict, z: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor,
