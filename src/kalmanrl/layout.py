@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,31 @@ def parse_run_name(run: str) -> dict[str, str]:
         if (ident := parse(template, run)) is not None and fill(template, **ident) == run:
             return ident
     raise ValueError(f"{run!r} is not a run of the results tree ({WARM_START!r}, {TRAINED_RUN!r} or {KEPT_STEP!r})")
+
+
+def kept_steps(train: dict) -> range:
+    """The intermediate steps whose checkpoints are kept and evaluated (`train.keep_every`; the final step is the run
+    itself)."""
+    every = train["keep_every"]
+    return range(every, train["steps"], every) if every else range(0)
+
+
+def config_jobs(config: dict) -> Iterator[tuple[str, dict[str, str]]]:
+    """("train", wildcards) and ("evaluate", wildcards) of every training and evaluation job of a validated config,
+    the wildcards as text, as the rules match them: per model and task, each algorithm x seed trained ({model, task,
+    algorithm, seed}), then the warm start, each trained policy and each of its kept checkpoints evaluated on every
+    benchmark ({model, task, run, benchmark}). The one list of jobs: the workflow's targets (common.smk) and the
+    memory plan (`kalmanrl plan`) both read it, so the plan covers exactly the jobs Snakemake runs."""
+    trained = [(algorithm, str(seed)) for algorithm in config["algorithms"] for seed in config["seeds"]]
+    runs = [run_name(WARM_START)] + [run_name(algorithm, seed, step) for algorithm, seed in trained
+                                     for step in [None, *kept_steps(config["train"])]]
+    for model in config["models"]:
+        for task in config["tasks"]:
+            for algorithm, seed in trained:
+                yield "train", {"model": model, "task": task, "algorithm": algorithm, "seed": seed}
+            for run in runs:
+                for benchmark in config["benchmarks"]:
+                    yield "evaluate", {"model": model, "task": task, "run": run, "benchmark": benchmark}
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ import sys
 
 from kalmanrl.config import check_data_dir, stage_settings, validate_config
 from kalmanrl.devices import local_gpu_problem, machine_devices
-from kalmanrl.layout import (FIGURES, REPORT_FILES, RUN, WARM_START, WILDCARD_CONSTRAINTS, ResultsTree, fields,
-                             parse_run_name, run_name)
+from kalmanrl.layout import (FIGURES, REPORT_FILES, RUN, WARM_START, WILDCARD_CONSTRAINTS, ResultsTree, config_jobs,
+                             fields, parse_run_name)
 
 _validated = validate_config(config)
 if workflow.is_main_process:  # not in a cluster job: its node need not see the dataset copies
@@ -80,25 +80,6 @@ def conda_env(stage):
     return f"../../envs/{flavour(stage)}.yaml"
 
 
-def kept_steps():
-    """The intermediate steps whose checkpoints are kept and evaluated (train.keep_every; the final step is the run)."""
-    every, steps = config["train"]["keep_every"], config["train"]["steps"]
-    return range(every, steps, every) if every else range(0)
-
-
-def runs():
-    """Every (model, task, run) evaluated: the warm start, each algorithm x seed, and each kept intermediate
-    checkpoint of those (kalmanrl.layout.run_name)."""
-    for model in config["models"]:
-        for task in config["tasks"]:
-            yield model, task, run_name(WARM_START)
-            for algorithm in config["algorithms"]:
-                for seed in config["seeds"]:
-                    yield model, task, run_name(algorithm, seed)
-                    for step in kept_steps():
-                        yield model, task, run_name(algorithm, seed, step)
-
-
 def run_ident(wildcards):
     """An evaluation's model, task, benchmark and what its {run} names (algorithm, and seed and step where it has
     them), as text."""
@@ -129,16 +110,9 @@ def eval_model_dir(wildcards):
     return TREE.kept_model(int(ident["step"]), **trained_run(ident))
 
 
-SUMMARIES = [
-    TREE.evaluation("summary", model=model, task=task, run=run, benchmark=benchmark)
-    for model, task, run in runs()
-    for benchmark in config["benchmarks"]
-]
-METRICS = [
-    TREE.metrics(model=model, task=task, algorithm=algorithm, seed=seed)
-    for model in config["models"]
-    for task in config["tasks"]
-    for algorithm in config["algorithms"]
-    for seed in config["seeds"]
-]
+# The report's inputs: every evaluation's summary and every training run's metrics, from the one list of jobs that
+# `kalmanrl plan` reads too (kalmanrl.layout.config_jobs).
+_jobs = list(config_jobs(config))
+SUMMARIES = [TREE.evaluation("summary", **wildcards) for stage, wildcards in _jobs if stage == "evaluate"]
+METRICS = [TREE.metrics(**wildcards) for stage, wildcards in _jobs if stage == "train"]
 REPORT_OUTPUTS = [TREE.report_file(name) for name in REPORT_FILES]
