@@ -84,29 +84,26 @@ def rollout_batch(spec: dict, shape: dict):
 def train_steps(spec: dict, shape: dict, steps: int) -> None:
     """`steps` RL steps of the trainer after generation, as `trainer.train` runs them: scoring (old log-probs over the
     first epoch's mini-batches, micro-batch by micro-batch), then update_policy and the schedule's step."""
-    import torch
     from transformers import Qwen2ForCausalLM
 
-    from kalmanrl import algorithms
+    from kalmanrl.config import validate_config
     from kalmanrl.model import tiny_config
     from kalmanrl.optim import make_rollout_optimizer
     from kalmanrl.plan import _VocabularyOfSpec
-    from kalmanrl.precision import resolve_precision
+    from kalmanrl.settings import config_train_settings
     from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, update_policy
 
     given = settings(shape)
-    cfg, alg = given["train"], given["algorithm"]
+    run = config_train_settings(validate_config({"train": given["train"], "algorithms": {"bench": given["algorithm"]}}))
     batch = rollout_batch(spec, shape)
-    ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
-    precision = resolve_precision(cfg["precision"], torch.device("cpu"))
     policy = Qwen2ForCausalLM(tiny_config(spec, _VocabularyOfSpec(spec["vocab_size"])))
-    optimizer, scheduler = make_rollout_optimizer(policy.parameters(), cfg)
+    optimizer, scheduler = make_rollout_optimizer(policy.parameters(), run.train.optimizer())
     for step in range(steps):
-        schedule = mini_batch_schedule(len(batch.advantages), cfg, 0, step)
+        schedule = mini_batch_schedule(len(batch.advantages), run.train, 0, step)
         policy.eval()
-        batch.old_logp = batch_logprobs(policy, batch, schedule[0], cfg, precision)
+        batch.old_logp = batch_logprobs(policy, batch, schedule[0], run.train)
         policy.train()
-        update_policy(policy, optimizer, batch, schedule, ratio_fn, alg, cfg, precision, {})
+        update_policy(policy, optimizer, batch, schedule, run)
         scheduler.step()
 
 

@@ -29,15 +29,14 @@ from pathlib import Path
 
 import torch
 
-from kalmanrl import algorithms
 from kalmanrl.batch import build_batch
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.dataset import read_dataset
 from kalmanrl.model import build_tiny_model, load_policy
 from kalmanrl.optim import adamw
-from kalmanrl.precision import resolve_precision
 from kalmanrl.prompts import get_template
 from kalmanrl.rollout import SamplingConfig, make_engine
+from kalmanrl.settings import config_train_settings
 from kalmanrl.tensor_memory import TensorMemory
 from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
 
@@ -104,43 +103,42 @@ def update_times(model_dir: Path, data: Path, config: dict, repeats: int) -> dic
                                                                  seed=0))
     rewards = torch.rand(len(prompt_ids), cfg["group_size"], generator=torch.Generator().manual_seed(0),
                          dtype=torch.float64)
-    precision = resolve_precision(cfg["precision"], torch.device("cpu"))
     runs = {}
-    for name, alg in config["algorithms"].items():
-        advantages = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])(rewards)
-        batch = build_batch(prompt_ids, completions, advantages, tokenizer.pad_token_id)
-        schedule = mini_batch_schedule(len(batch.advantages), cfg, 0, 0)
-        batch.old_logp = batch_logprobs(policy, batch, schedule[0], cfg, precision)
-        ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
-        runs[name] = (batch, schedule, ratio_fn, alg, alg["ratio_params"] if alg["ratio"] == "kpo" else {})
+    for name in config["algorithms"]:
+        settings = config_train_settings(config, algorithm=name)
+        batch = build_batch(prompt_ids, completions, settings.algorithm.estimator(rewards), tokenizer.pad_token_id)
+        schedule = mini_batch_schedule(len(batch.advantages), settings.train, 0, 0)
+        batch.old_logp = batch_logprobs(policy, batch, schedule[0], settings.train)
+        runs[name] = (batch, schedule, settings)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        for name, (batch, schedule, ratio_fn, alg, kpo_params) in runs.items():
+        for name, (batch, schedule, settings) in runs.items():
             policy.load_state_dict(initial)
-            optimizer = adamw(policy.parameters(), cfg)
+            optimizer = adamw(policy.parameters(), settings.train.optimizer())
             policy.train()
             start = time.perf_counter()
-            update_policy(policy, optimizer, batch, schedule, ratio_fn, alg, cfg, precision, kpo_params)
+            update_policy(policy, optimizer, batch, schedule, settings)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def step_peak_memory(policy, *, rows: int, group: int, prompt_len: int, completion_len: int, cfg: dict,
-                     seed: int = 0) -> int:
-    """Peak bytes of the tensors one training step creates (old log-probs, then the update of GRPO at float32) on a
-    synthetic rollout batch of `rows` sequences, every prompt and completion of the given lengths; the optimiser
-    state is created inside the step, so it counts as well."""
+def step_peak_memory(policy, *, rows: int, group: int, prompt_len: int, completion_len: int,
+                     micro_batch_tokens: int, seed: int = 0) -> int:
+    """Peak bytes of the tensors one training step creates (old log-probs, then the update of GRPO at float32, two
+    mini-batches of micro-batches of at most `micro_batch_tokens`) on a synthetic rollout batch of `rows` sequences,
+    every prompt and completion of the given lengths; the optimiser state is created inside the step, so it counts
+    as well."""
     batch = synthetic_batch(policy.config.vocab_size, rows=rows, group=group, prompt_len=prompt_len,
                             completion_len=completion_len, seed=seed)
-    alg = validate_config({})["algorithms"]["grpo"]
-    precision = resolve_precision("float32", torch.device("cpu"))
-    schedule = mini_batch_schedule(rows, cfg, seed, 0)
-    optimizer = adamw(policy.parameters(), cfg)
+    settings = config_train_settings(validate_config({"train": {"mini_batches": 2, "precision": "float32",
+                                                                "micro_batch_tokens": micro_batch_tokens}}),
+                                     algorithm="grpo")
+    schedule = mini_batch_schedule(rows, settings.train, seed, 0)
+    optimizer = adamw(policy.parameters(), settings.train.optimizer())
     policy.train()
     with TensorMemory() as memory:
-        batch.old_logp = batch_logprobs(policy, batch, schedule[0], cfg, precision)
-        update_policy(policy, optimizer, batch, schedule, algorithms.get_ratio_transform("token"), alg, cfg,
-                      precision, {})
+        batch.old_logp = batch_logprobs(policy, batch, schedule[0], settings.train)
+        update_policy(policy, optimizer, batch, schedule, settings)
     policy.zero_grad(set_to_none=True)
     return memory.peak
 
@@ -151,7 +149,6 @@ def memory_table(hidden: int, layers: int) -> None:
         build_tiny_model(Path(tmp) / "model", ["1 + 2 = 3"] * 50, spec=tiny_spec(hidden, layers), seed=0)
         policy = load_policy(Path(tmp) / "model")[0]
     budget = 8 * (64 + 192)
-    cfg = {**validate_config({})["train"], "mini_batches": 2, "micro_batch_tokens": budget}
     print(f"torch {torch.__version__}; model hidden {hidden} x {layers} layers, vocabulary 512; prompts 64 tokens, "
           f"completions 192, 2 mini-batches; micro_batch_tokens {budget} (8 rows)")
     print(f"| rollout batch (rows) | peak MiB, micro_batch_tokens {budget} "
@@ -159,7 +156,7 @@ def memory_table(hidden: int, layers: int) -> None:
     print("|---|---|---|")
     for rows in (64, 128, 256):
         peaks = [step_peak_memory(policy, rows=rows, group=8, prompt_len=64, completion_len=192,
-                                  cfg={**cfg, "micro_batch_tokens": tokens}) / 2**20 for tokens in (budget, 10**9)]
+                                  micro_batch_tokens=tokens) / 2**20 for tokens in (budget, 10**9)]
         print(f"| {rows} | {peaks[0]:.1f} | {peaks[1]:.1f} |")
 
 

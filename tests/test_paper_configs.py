@@ -14,8 +14,9 @@ import pytest
 
 from kalmanrl.comparisons import comparisons
 from kalmanrl.config import load_config
+from kalmanrl.layout import WARM_START
 from kalmanrl.published import paper_matches, published_numbers
-from kalmanrl.results import CELL, WARM_START
+from kalmanrl.results import CELL
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_LINE = re.compile(r"^(\w+)\s+(\d+)$", re.M)

@@ -13,7 +13,7 @@ import torch
 
 from kalmanrl import plan
 from kalmanrl.cli import main
-from kalmanrl.config import load_config, stage_settings
+from kalmanrl.config import load_config, stage_settings, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "model_configs"
@@ -76,10 +76,11 @@ def test_activations_counted_on_meta_equal_what_a_real_cpu_forward_keeps():
 
 
 def train_settings(**train) -> dict:
-    return {"train": {"prompts_per_step": 32, "group_size": 8, "mini_batches": 4, "max_tokens": 1024,
-                      "micro_batch_tokens": 16384, "logit_chunk_tokens": 4096, **train},
-            "algorithm": {"beta": 0.0}, "rollout": {"backend": "vllm", "max_model_len": 2048,
-                                                    "gpu_memory_utilization": 0.3, "kv_cache_gib": 1}}
+    """A training job's settings as the stage gets them (every default filled), vLLM with a 2048-token context."""
+    config = validate_config({"train": {"prompts_per_step": 32, "group_size": 8, "mini_batches": 4, "max_tokens": 1024,
+                                        **train},
+                              "rollout": {"backend": "vllm", "max_model_len": 2048}})
+    return {"train": config["train"], "algorithm": {"beta": 0.0}, "rollout": config["rollout"]}
 
 
 def qwen3() -> plan.ModelShape:

@@ -10,7 +10,8 @@ import torch
 
 import digit_share  # noqa: F401  (registers the "digit_share" reward)
 from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.precision import Precision, resolve_precision
+from kalmanrl.precision import Precision
+from kalmanrl.settings import resolve_precision
 from kalmanrl.trainer import batch_logprobs, mini_batch_backward, score_logprobs, setup, update
 from test_trainer import rollout_batch
 
@@ -26,12 +27,12 @@ def settings_for(ratio: str, **train) -> dict:
 
 
 def test_auto_is_bf16_autocast_on_cuda_and_float32_on_the_cpu():
-    assert resolve_precision("auto", torch.device("cpu")) == Precision("float32", "cpu")
-    cuda = resolve_precision("auto", torch.device("cuda"))
+    assert resolve_precision("auto", "cpu") == Precision("float32", "cpu")
+    cuda = resolve_precision("auto", "cuda")
     assert cuda.name == "autocast_bf16" and cuda.weights_dtype == torch.float32
-    assert resolve_precision("bfloat16", torch.device("cpu")).weights_dtype == torch.bfloat16
+    assert resolve_precision("bfloat16", "cpu").weights_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="train.precision"):
-        resolve_precision("fp8", torch.device("cpu"))
+        resolve_precision("fp8", "cpu")
 
 
 @pytest.mark.parametrize(("ratio", "micro_batch_tokens"), [("token", 16384), ("token", 150), ("sequence", 150),
@@ -51,12 +52,12 @@ def test_the_first_update_of_each_batch_sees_ratio_one_under_bf16_autocast(tmp_p
             if step == 0:  # before any update the reference is the policy, to the last bit (KL exactly 0)
                 assert torch.equal(batch.ref_logp, batch.old_logp)
                 # the control: autocast is on, so float32 old log-probs would differ from these
-                in_float32 = batch_logprobs(run.policy, batch, schedule[0], run.cfg, Precision("float32", "cpu"))
+                in_float32 = batch_logprobs(run.policy, batch, schedule[0],
+                                            run.settings.with_train(precision=Precision("float32", "cpu")).train)
                 mask = batch.completion_mask.bool()
                 assert (in_float32[mask] - batch.old_logp[mask]).abs().max() > 1e-4
             sums = defaultdict(list)
-            mini_batch_backward(run.policy, batch, schedule[0][0], run.ratio_fn, run.alg, run.cfg, run.precision,
-                                sums, run.kpo_params)
+            mini_batch_backward(run.policy, batch, schedule[0][0], run.settings, sums)
             assert sums["ratio_min"] == sums["ratio_max"] == [1.0] * len(sums["ratio_min"])
             assert sums["clip_frac"] == [0.0] * len(sums["clip_frac"])
             update(run, batch, schedule)

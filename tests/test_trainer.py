@@ -17,18 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 import digit_share  # noqa: F401  (registers the "digit_share" reward)
-from kalmanrl import algorithms
 from kalmanrl.batch import build_batch, micro_batches
 from kalmanrl.config import stage_settings, validate_config
 from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
-from kalmanrl.precision import Precision
 from kalmanrl.rollout import Completion
-from kalmanrl.trainer import (NonFiniteLossError, _step_problems, gradient_checkpointing, has_dropout,
-                              mini_batch_backward, mini_batch_schedule, sample, score_logprobs, score_rewards, setup,
-                              train, update)
+from kalmanrl.settings import resolve_gradient_checkpointing, resolve_train
+from kalmanrl.trainer import (NonFiniteLossError, _step_problems, has_dropout, mini_batch_backward, mini_batch_schedule,
+                              sample, score_logprobs, score_rewards, setup, train, update)
 
-FLOAT32 = Precision("float32", "cpu")
 TIMING = {"wall_time", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward", "time_score",
           "time_update"}
 
@@ -131,8 +128,9 @@ def rollout_batch(run, step: int):
     """The trainer's phases up to the update for one step: (the batch with its advantages, its mini-batch schedule)."""
     rollout = sample(run, step)
     _, rewards = score_rewards(run, rollout)
-    batch = build_batch(rollout.prompt_ids, rollout.completions, run.advantage_fn(rewards), run.tokenizer.pad_token_id)
-    return batch, mini_batch_schedule(len(batch.advantages), run.cfg, run.seed, step)
+    batch = build_batch(rollout.prompt_ids, rollout.completions, run.settings.algorithm.estimator(rewards),
+                        run.tokenizer.pad_token_id)
+    return batch, mini_batch_schedule(len(batch.advantages), run.settings.train, run.seed, step)
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "kpo"])
@@ -274,15 +272,15 @@ def test_a_mini_batch_gradient_does_not_depend_on_its_micro_batches(tiny_model_d
         exact = token_logprobs(policy, batch)
     batch.old_logp = exact + 0.3 * torch.randn(exact.shape, generator=generator)
     batch.ref_logp = exact + 0.1 * torch.randn(exact.shape, generator=generator)
-    alg = {"eps_low": 0.2, "eps_high": 0.2, "clip": True, "beta": 0.05, "aggregate": aggregate, "surrogate": "clipped",
-           "clip_ratio_c": None}
-    ratio_fn = algorithms.get_ratio_transform("token")
+    raw = settings_for("grpo", logit_chunk_tokens=7)
+    raw["algorithm"] = {**raw["algorithm"], "beta": 0.05, "aggregate": aggregate}
+    settings = resolve_train(raw, "cpu", vllm_installed=False)
     mini = torch.tensor([4, 0, 5, 2, 1])
 
     def gradient(budget):
         policy.zero_grad(set_to_none=True)
-        cfg = {"micro_batch_tokens": budget, "logit_chunk_tokens": 7, "max_tokens": 12}
-        losses = mini_batch_backward(policy, batch, mini, ratio_fn, alg, cfg, FLOAT32, defaultdict(list), {})
+        losses = mini_batch_backward(policy, batch, mini, settings.with_train(micro_batch_tokens=budget),
+                                     defaultdict(list))
         return torch.stack(losses).sum(), {n: p.grad.clone() for n, p in policy.named_parameters()}
 
     whole_loss, whole = gradient(10**6)
@@ -295,11 +293,11 @@ def test_a_mini_batch_gradient_does_not_depend_on_its_micro_batches(tiny_model_d
 
 def test_gradient_checkpointing_is_on_for_hub_and_local_models_unless_set():
     settings = settings_for("grpo")
-    assert settings["model"]["source"] == "tiny" and not gradient_checkpointing(settings)
+    assert settings["model"]["source"] == "tiny" and not resolve_train(settings, "cpu").train.gradient_checkpointing
     for source in ("hub", "local"):
-        assert gradient_checkpointing({**settings, "model": {"source": source}})
-    settings["train"]["gradient_checkpointing"] = True
-    assert gradient_checkpointing(settings)
+        assert resolve_gradient_checkpointing(None, source)
+        assert not resolve_gradient_checkpointing(False, source)
+    assert resolve_gradient_checkpointing(True, "tiny")
 
 
 def test_training_with_small_micro_batches_and_checkpointing_matches_one_micro_batch(tmp_path, tiny_model_dir,

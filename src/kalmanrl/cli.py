@@ -191,7 +191,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_settings(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     wildcards = dict(item.split("=", 1) for item in args.select)
-    print(json.dumps(stage_settings(config, args.stage, **wildcards), indent=2))
+    settings = stage_settings(config, args.stage, **wildcards)
+    if args.resolved:
+        from kalmanrl.settings import as_dict, resolve_train
+
+        if args.stage != "train":
+            raise ConfigError(f"--resolved resolves a training job's settings, not a {args.stage} job's")
+        settings = as_dict(resolve_train(settings, args.resolved))
+    print(json.dumps(settings, indent=2, default=str))
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -309,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--config", type=Path, default=Path("config/config.yaml"))
     settings.add_argument("select", nargs="*", metavar="KEY=VALUE",
                           help="wildcards of the job, e.g. model=tiny task=arithmetic_easy algorithm=krpo seed=0")
+    settings.add_argument("--resolved", choices=["cpu", "cuda"],
+                          help="train: print the settings as the job resolves them on this device (precision, "
+                               "gradient checkpointing, rollout backend as installed here)")
     settings.set_defaults(func=cmd_settings)
     plan = sub.add_parser(
         "plan", help="Estimated peak memory per GPU of every training and evaluation job of a config.",

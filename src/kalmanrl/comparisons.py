@@ -6,10 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from kalmanrl.layout import WARM_START
 from kalmanrl.metrics import majority_correct, pass_at_k
-from kalmanrl.results import BASELINE, CELL, RUN, WARM_START, correctness_matrix, select
-from kalmanrl.stats import (GridVariance, Interval, bootstrap, detectable_difference, holm, paired_test,
-                            seeds_needed)
+from kalmanrl.results import BASELINE, CELL, RUN, correctness_matrix, select
+from kalmanrl.stats import (
+    GridVariance,
+    Interval,
+    bootstrap,
+    detectable_difference,
+    holm,
+    paired_test,
+    seeds_needed,
+)
 
 
 def problem_matrices(details: pd.DataFrame, metrics: list[str]) -> dict[str, pd.DataFrame]:

@@ -20,9 +20,9 @@ from kalmanrl.progress import progress
 from kalmanrl.prompts import get_template
 from kalmanrl.provenance import provenance
 from kalmanrl.rewards import get_reward, limit_hits
-from kalmanrl.rollout import SamplingConfig, resolve_backend
-from kalmanrl.stage import (completion_budgets, context_length, drop_overlong, encode_prompts, engine_from_settings,
-                            length_limit)
+from kalmanrl.rollout import SamplingConfig, vllm_available
+from kalmanrl.settings import resolve_rollout
+from kalmanrl.stage import completion_budgets, drop_overlong, encode_prompts, engine_from_settings, length_limit
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +38,16 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
              out_summary: str | Path, gpus: int | None = None) -> dict:
     """Sample settings["evaluate"]["k"] completions per test problem; write details and the summary row."""
     cfg, benchmark, ident = settings["evaluate"], settings["benchmark"], settings["ident"]
-    rollout = settings["rollout"]
+    rollout = resolve_rollout(settings["rollout"], vllm_installed=vllm_available())
     # vLLM loads its own copy of the weights and is the only user of the GPU here: no torch policy, and the
     # engine gets the memory a training job would have shared with the policy.
-    vllm = resolve_backend(rollout["backend"]) == "vllm"
+    vllm = rollout.backend == "vllm"
     if vllm:
-        policy, tokenizer = None, load_tokenizer(model_dir)
+        policy, tokenizer, positions = None, load_tokenizer(model_dir), None
     else:
         policy, tokenizer = load_policy(model_dir, device=resolve_device(gpus))
         policy.eval()
+        positions = getattr(policy.config, "max_position_embeddings", None)
     problems = read_dataset(dataset, split="test").to_pandas()
     if cfg["max_problems"]:
         problems = problems.iloc[:cfg["max_problems"]]
@@ -54,8 +55,8 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
     prompt_ids = encode_prompts(tokenizer, template, problems["problem"])
     # Prompts that leave no room for a completion in the engine's context or evaluate.max_length are dropped
     # (counted in the summary) or refused, per rollout.overlong_prompts; the others get at most what is left.
-    limit = length_limit(context_length(rollout, policy), cfg["max_length"])
-    kept = drop_overlong(prompt_ids, limit, rollout["overlong_prompts"], f"the test split of {dataset}")
+    limit = length_limit(rollout.context(positions), cfg["max_length"])
+    kept = drop_overlong(prompt_ids, limit, rollout.overlong_prompts, f"the test split of {dataset}")
     if not kept:
         raise ValueError(f"every test prompt of {dataset} is overlong for {limit} tokens: raise rollout.max_model_len "
                          "(vLLM) or evaluate.max_length, or evaluate a model with a longer context")
@@ -63,7 +64,7 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
     problems, prompt_ids = problems.iloc[kept].reset_index(drop=True), [prompt_ids[i] for i in kept]
     sampling = dict(n=cfg["k"], temperature=cfg["temperature"], top_p=cfg["top_p"], max_tokens=cfg["max_tokens"])
     completions = []
-    overrides = {"gpu_memory_utilization": rollout["eval_gpu_memory_utilization"]} if vllm else {}
+    overrides = {"gpu_memory_utilization": rollout.eval_gpu_memory_utilization} if vllm else {}
     with engine_from_settings(rollout, policy=policy, tokenizer=tokenizer, model_dir=model_dir,
                               dtype=settings["model"]["dtype"], **overrides) as engine:
         for start in progress(range(0, len(prompt_ids), cfg["batch_size"]), desc=f"evaluate {ident['benchmark']}",
@@ -91,7 +92,7 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
                "limit_hits": limit_hits(verdicts),  # samples scored 0 for hitting a reward limit, not judged
                "overlong_prompts_dropped": overlong_dropped,  # test problems left out before sampling
                **{f"sampling_{k}": v for k, v in sampling.items()},
-               "rollout_backend": resolve_backend(rollout["backend"]),  # the engine that ran ("auto" resolved)
+               "rollout_backend": rollout.backend,  # the engine that ran ("auto" resolved)
                **provenance(config_hash(settings), {"data": [dataset],
                                                     "model": sorted(Path(model_dir).glob("model*.safetensors"))}),
                "command": command_line(model_dir, dataset, settings)}

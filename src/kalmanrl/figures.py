@@ -14,9 +14,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from kalmanrl.io import atomic_path  # noqa: E402
-from kalmanrl.layout import FIGURE_FILE, fill  # noqa: E402
+from kalmanrl.layout import FIGURE_FILE, WARM_START, fill  # noqa: E402
 from kalmanrl.published import paper_matches  # noqa: E402
-from kalmanrl.results import CELL, WARM_START  # noqa: E402
+from kalmanrl.results import CELL  # noqa: E402
 
 CURVES = {"reward_mean": "reward", "accuracy": "training accuracy", "kl": "KL to the reference (k3)",
           "clip_frac": "clip fraction", "response_length": "response length (tokens)", "entropy": "entropy"}

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 
 from kalmanrl.config import ConfigError, stage_settings
+from kalmanrl.layout import config_jobs, parse_run_name
+from kalmanrl.settings import engine_context, resolve_backend, resolve_gradient_checkpointing, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -259,18 +261,10 @@ class Resources:
         return max(1, self.gpus) * self.nodes
 
 
-def precision(train: dict, device: str) -> str:
-    """`train.precision` with auto resolved: bf16 autocast over float32 weights on a GPU, float32 on the CPU."""
-    value = train.get("precision", "auto")
-    if value == "auto":
-        return "autocast_bf16" if device == "cuda" else "float32"
-    return value
-
-
-def checkpointing(train: dict, source: str) -> bool:
-    """`train.gradient_checkpointing`; null = on for hub and local models, off for the tiny one."""
-    value = train.get("gradient_checkpointing")
-    return source != "tiny" if value is None else bool(value)
+def planned_backend(rollout: dict, device: str) -> str:
+    """The engine a job will run, as planned before it starts: `auto` taken as vLLM on a GPU machine (where the GPU
+    lock installs it) and transformers on the CPU."""
+    return resolve_backend(rollout["backend"], vllm_installed=device == "cuda")
 
 
 @dataclass(frozen=True)
@@ -295,9 +289,10 @@ def sequence_lengths(section: dict, rollout: dict, shape: ModelShape, device: st
     prompts the rest. `auto` counts as vLLM on a GPU and transformers on the CPU, as the estimates do."""
     from kalmanrl.stage import length_limit
 
-    vllm = rollout["backend"] == "vllm" or rollout["backend"] == "auto" and device == "cuda"
+    backend = planned_backend(rollout, device)
     positions = json.loads(shape.config_json).get("max_position_embeddings")
-    context = rollout["max_model_len"] if vllm or not positions else positions
+    # An estimate needs a finite row: a model without max_position_embeddings is taken at rollout.max_model_len.
+    context = engine_context(backend, rollout["max_model_len"], positions) or rollout["max_model_len"]
     limit = int(length_limit(context, section.get("max_length")))
     completion = min(section["max_tokens"], limit - 1)
     return limit - completion, completion
@@ -328,8 +323,8 @@ def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, s
     train, rollout, beta = settings["train"], settings["rollout"], settings["algorithm"]["beta"]
     device = "cuda" if resources.gpus else "cpu"
     ranks = resources.ranks if device == "cuda" else 1
-    mode = precision(train, device)
-    ckpt = checkpointing(train, source)
+    mode = resolve_precision(train["precision"], device).name
+    ckpt = resolve_gradient_checkpointing(train["gradient_checkpointing"], source)
     if prompt_len is None:
         prompt_len, longest_completion = sequence_lengths(train, rollout, shape, device)
         completion_len = longest_completion if completion_len is None else completion_len
@@ -372,11 +367,11 @@ def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, s
     problems: list[str] = []
     engine_live = engine_asleep = 0.0
     parts["vllm_weights"] = parts["kv_cache"] = 0.0
-    backend = rollout["backend"]
-    if device == "cuda" and backend in ("vllm", "auto"):
+    backend = planned_backend(rollout, device)
+    if device == "cuda" and backend == "vllm":
         engine_live, engine_asleep = _colocated_vllm(shape, rollout, resources, parts, problems, notes)
         notes += _kv_capacity_warning(shape, rollout, parts["kv_cache"], math.ceil(step.rows / ranks))
-    elif backend == "hf" or device == "cpu" and backend == "auto":
+    elif backend == "hf":
         parts["kv_cache"] = _hf_generate_bytes(shape, step.rows, step.seq_len, step.completion_len, act_dtype)
         engine_live = parts["kv_cache"]
     else:  # vLLM on the CPU: weights in the policy's dtype (float32) and a fixed KV cache
@@ -450,7 +445,8 @@ def estimate_evaluate(shape: ModelShape, settings: dict, resources: Resources) -
     problems: list[str] = []
     notes: list[str] = []
     rows = evaluate["batch_size"] * evaluate["k"]
-    if device == "cuda" and rollout["backend"] in ("vllm", "auto"):
+    backend = planned_backend(rollout, device)
+    if device == "cuda" and backend == "vllm":
         tp = rollout.get("tensor_parallel_size", 1)
         utilization = rollout["eval_gpu_memory_utilization"]
         budget = utilization * resources.gpu_mem_gb * GIB
@@ -465,7 +461,7 @@ def estimate_evaluate(shape: ModelShape, settings: dict, resources: Resources) -
         parts["total"] = budget + CUDA_OVERHEAD
     else:  # the float32 policy loaded for generation, and beside it on the CPU vLLM's float32 copy and KV cache
         parts["weights"] = shape.params * 4
-        if rollout["backend"] == "vllm":
+        if backend == "vllm":
             parts["vllm_weights"], parts["kv_cache"] = shape.params * 4, rollout["kv_cache_gib"] * GIB
         else:
             parts["vllm_weights"] = 0.0
@@ -487,22 +483,14 @@ def resources_of(config: dict, stage: str) -> Resources:
 
 
 def jobs(config: dict) -> Iterator[tuple[str, dict]]:
-    """(stage, wildcards) of every training and evaluation job, as workflow/rules/common.smk lists them: each model x
-    task x algorithm x seed trained; the warm start, each run and each kept checkpoint evaluated on every benchmark."""
-    train = config["train"]
-    kept = range(train["keep_every"], train["steps"], train["keep_every"]) if train["keep_every"] else range(0)
-    for model in config["models"]:
-        for task in config["tasks"]:
-            base = {"model": model, "task": task}
-            for algorithm in config["algorithms"]:
-                for seed in config["seeds"]:
-                    yield "train", {**base, "algorithm": algorithm, "seed": seed}
-            runs = [{"algorithm": "sft"}] + [{"algorithm": a, "seed": s, **({"step": k} if k else {})}
-                                             for a in config["algorithms"] for s in config["seeds"]
-                                             for k in [None, *kept]]
-            for run in runs:
-                for benchmark in config["benchmarks"]:
-                    yield "evaluate", {**base, **run, "benchmark": benchmark}
+    """(stage, wildcards) of every training and evaluation job, in the workflow's own list of them
+    (kalmanrl.layout.config_jobs), an evaluation's {run} read back into the algorithm, seed and step that
+    `stage_settings` takes, as the evaluate rule does."""
+    for stage, wildcards in config_jobs(config):
+        if stage == "evaluate":
+            wildcards = {"model": wildcards["model"], "task": wildcards["task"], **parse_run_name(wildcards["run"]),
+                         "benchmark": wildcards["benchmark"]}
+        yield stage, wildcards
 
 
 def estimate_job(stage: str, settings: dict, shape: ModelShape, resources: Resources, *, source: str) -> Estimate:
@@ -544,7 +532,7 @@ def suggestions(stage: str, settings: dict, shape: ModelShape, resources: Resour
     if train["logit_chunk_tokens"] > 4096:
         train["logit_chunk_tokens"] = 4096
         changes.append("train.logit_chunk_tokens: 4096")
-    if not checkpointing(train, source):
+    if not resolve_gradient_checkpointing(train["gradient_checkpointing"], source):
         train["gradient_checkpointing"] = True
         changes.append("train.gradient_checkpointing: true")
     seq = sum(sequence_lengths(train, settings["rollout"], shape, first.device))

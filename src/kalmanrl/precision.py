@@ -28,12 +28,3 @@ class Precision:
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context every log-prob forward runs under."""
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.name == "autocast_bf16")
-
-
-def resolve_precision(name: str, device: torch.device) -> Precision:
-    """train.precision on `device`: auto = autocast_bf16 on CUDA, float32 elsewhere."""
-    if name not in PRECISIONS:
-        raise ValueError(f"train.precision = {name!r}; known: {', '.join(PRECISIONS)}")
-    if name == "auto":
-        name = "autocast_bf16" if device.type == "cuda" else "float32"
-    return Precision(name, device.type)

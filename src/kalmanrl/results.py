@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from kalmanrl.io import read_parquet
-from kalmanrl.layout import WARM_START, parse_evaluation, parse_run_name
+from kalmanrl.layout import parse_evaluation, parse_run_name
 
 BASELINE = "grpo"
 CELL = ["model", "task", "benchmark"]

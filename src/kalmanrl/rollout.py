@@ -468,21 +468,14 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def resolve_backend(backend: str) -> str:
-    """`auto` -> `vllm` when importable, else `hf`; the others as they are."""
-    if backend == "auto":
-        return "vllm" if vllm_available() else "hf"
-    if backend not in ("hf", "vllm"):
-        raise ValueError(f"unknown rollout backend {backend!r}; known: auto, hf, vllm")
-    return backend
-
-
 def make_engine(backend: str, *, policy: torch.nn.Module | None, tokenizer, model_dir: str | Path,
                 dtype: str = "float32", **options) -> RolloutEngine:
-    """`hf`, `vllm`, or `auto` (vllm when importable). `hf` samples from `policy`; `vllm` loads its own copy of
-    `model_dir` in `dtype` (the model's configured dtype), so `policy` may be None. Options are the config's `rollout`
-    section; each engine takes the ones it uses."""
-    backend = resolve_backend(backend)
+    """`hf` or `vllm` (`rollout.backend` resolved: `kalmanrl.settings.resolve_backend`). `hf` samples from `policy`;
+    `vllm` loads its own copy of `model_dir` in `dtype` (the model's configured dtype), so `policy` may be None.
+    Options are the config's `rollout` section; each engine takes the ones it uses."""
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"unknown rollout backend {backend!r} (resolve `auto` with kalmanrl.settings first); known: "
+                         "hf, vllm")
     if backend == "hf":
         if policy is None:
             raise ValueError("the hf rollout engine samples from the policy: load it first")

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from kalmanrl.prompts import PromptTemplate
-from kalmanrl.rollout import RolloutEngine, make_engine, resolve_backend
+from kalmanrl.rollout import RolloutEngine, make_engine
+from kalmanrl.settings import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -20,14 +21,6 @@ log = logging.getLogger(__name__)
 def encode_prompts(tokenizer, template: PromptTemplate, problems: Iterable[str]) -> list[list[int]]:
     """Token ids of each problem rendered by `template` (the template adds any special tokens itself)."""
     return [tokenizer(template.render(tokenizer, p), add_special_tokens=False)["input_ids"] for p in problems]
-
-
-def context_length(rollout: dict, policy: torch.nn.Module | None) -> int | None:
-    """The most tokens (prompt plus completion) the engine can hold: vLLM's `rollout.max_model_len`, the hf engine's
-    model's `max_position_embeddings` (None when its config gives none)."""
-    if resolve_backend(rollout["backend"]) == "vllm":
-        return rollout["max_model_len"]
-    return getattr(policy.config, "max_position_embeddings", None)
 
 
 def length_limit(context: int | None, max_length: int | None) -> float:
@@ -66,10 +59,9 @@ def drop_overlong(prompt_ids: Sequence[Sequence[int]], limit: float, policy: str
     return kept
 
 
-def engine_from_settings(rollout: dict, *, policy: torch.nn.Module | None, tokenizer, model_dir: str | Path,
+def engine_from_settings(rollout: Rollout, *, policy: torch.nn.Module | None, tokenizer, model_dir: str | Path,
                          dtype: str = "float32", **overrides) -> RolloutEngine:
-    """The rollout engine of a stage's `rollout` settings (backend plus the options its engine reads, `overrides`
-    winning), serving the model's configured `dtype`."""
-    options = {k: v for k, v in rollout.items() if k not in ("backend", "overlong_prompts")}
-    return make_engine(rollout["backend"], policy=policy, tokenizer=tokenizer, model_dir=model_dir, dtype=dtype,
-                       **{**options, **overrides})
+    """The rollout engine of a stage's resolved `rollout` settings (its backend and the options its engine reads,
+    `overrides` winning), serving the model's configured `dtype`."""
+    return make_engine(rollout.backend, policy=policy, tokenizer=tokenizer, model_dir=model_dir, dtype=dtype,
+                       **{**rollout.engine_options(), **overrides})

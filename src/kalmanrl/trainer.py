@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,14 +36,13 @@ from kalmanrl.layout import TRAINING_PROVENANCE, checkpoints_root, final_model_d
 from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
 from kalmanrl.optim import make_rollout_optimizer
-from kalmanrl.precision import Precision, resolve_precision
 from kalmanrl.progress import progress
 from kalmanrl.provenance import environment
 from kalmanrl.prompts import PromptTemplate, get_template
-from kalmanrl.rewards import get_reward, limit_hits
+from kalmanrl.rewards import RewardFunction, get_reward, limit_hits
 from kalmanrl.rollout import Completion, RolloutEngine, SamplingConfig
-from kalmanrl.stage import (completion_budgets, context_length, drop_overlong, encode_prompts, engine_from_settings,
-                            length_limit)
+from kalmanrl.settings import Train, TrainSettings, resolve_train
+from kalmanrl.stage import completion_budgets, drop_overlong, encode_prompts, engine_from_settings, length_limit
 
 __all__ = ["NonFiniteLossError", "RolloutBatch", "build_batch", "token_logprobs", "train", "update_policy"]
 
@@ -55,11 +55,8 @@ class NonFiniteLossError(RuntimeError):
 class Run:
     """Everything the loop reads, built once by `setup`; `rows` and `nonfinite` grow as it runs."""
 
-    cfg: dict
-    alg: dict
-    ident: dict
+    settings: TrainSettings
     device: torch.device
-    precision: Precision
     policy: torch.nn.Module
     reference: torch.nn.Module | None
     tokenizer: object
@@ -67,15 +64,11 @@ class Run:
     problems: pd.DataFrame  # the train split without its overlong prompts
     overlong_dropped: int  # train problems dropped at setup (rollout.overlong_prompts), recorded in each metrics row
     limit: float  # the most prompt plus completion tokens: engine context and train.max_length (inf: none)
-    reward_fn: object
-    advantage_fn: object
-    ratio_fn: object
-    kpo_params: dict  # the token-noise diagnostic filters z the way KPO would, for every algorithm
+    reward_fn: RewardFunction
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     engine: RolloutEngine
     old_from_update: bool  # the first mini-batch's old log-probs come from its update forward (no dropout)
-    dtype: str  # the model's configured dtype: what checkpoints and the final policy are saved in
     checkpoints: Path
     settings_hash: str
     ranks: Ranks
@@ -86,7 +79,7 @@ class Run:
 
     @property
     def seed(self) -> int:
-        return self.ident["seed"]
+        return self.settings.seed
 
 
 @dataclass
@@ -113,10 +106,10 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
 
 def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int, ranks: Ranks) -> pd.DataFrame:
     run = setup(policy_dir, dataset, out_dir, settings, threads, ranks)
-    cfg = run.cfg
-    writer = _tensorboard(out_dir) if cfg["tensorboard"] and ranks.is_main else None
-    with run.engine, run.reward_fn, progress(range(run.start, cfg["steps"]), initial=run.start, total=cfg["steps"],
-                                             desc=f"{run.ident['algorithm']} seed {run.seed}", unit="step",
+    cfg = run.settings.train
+    writer = _tensorboard(out_dir) if cfg.tensorboard and ranks.is_main else None
+    with run.engine, run.reward_fn, progress(range(run.start, cfg.steps), initial=run.start, total=cfg.steps,
+                                             desc=f"{run.settings.ident['algorithm']} seed {run.seed}", unit="step",
                                              disable=not ranks.is_main) as bar:
         if run.start:
             run.engine.sync_weights(run.policy)
@@ -125,10 +118,10 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
             rollout = sample(run, step)
             clock.append(time.perf_counter())
             verdicts, rewards = score_rewards(run, rollout)
-            advantages = run.advantage_fn(rewards)
+            advantages = run.settings.algorithm.estimator(rewards)
             clock.append(time.perf_counter())
             batch = build_batch(rollout.prompt_ids, rollout.completions, advantages, run.tokenizer.pad_token_id,
-                                untrained_eos=None if cfg["loss_on_eos"] else run.tokenizer.eos_token_id
+                                untrained_eos=None if cfg.loss_on_eos else run.tokenizer.eos_token_id
                                 ).to(run.device)
             schedule = mini_batch_schedule(len(batch.advantages) * ranks.world_size, cfg, run.seed, step)
             run.engine.sleep()  # before scoring: its forward passes get the memory the engine held while sampling
@@ -139,7 +132,7 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
             clock.append(time.perf_counter())
             row = record(run, step, rollout, verdicts, rewards, advantages, batch, stats, clock, writer)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
-            if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 checkpoint(run, step + 1)
         if writer is not None:
             writer.close()
@@ -152,44 +145,36 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     """Seed, load the policy (and the frozen reference when beta > 0; both sharded over the ranks), the data, the
     named algorithm parts, the optimiser and the rollout engine; restore the newest checkpoint of a run with the same
     settings."""
-    cfg, alg, ident = settings["train"], settings["algorithm"], settings["ident"]
-    torch.manual_seed(ident["seed"])
-    torch.set_num_threads(threads)
     device = ranks.device
-    precision = resolve_precision(cfg["precision"], device)
-    optimizer_steps = cfg["ppo_epochs"] * cfg["mini_batches"]
-    algorithms.check_off_policy(alg["ratio"], optimizer_steps)
-    distributed.share(cfg["prompts_per_step"], ranks, "train.prompts_per_step")
-    if settings["rollout"]["tensor_parallel_size"] > 1:
-        raise ValueError("rollout.tensor_parallel_size > 1 is for evaluation: training pushes new weights into an "
-                         "in-process vLLM engine per rank, which needs rollout.tensor_parallel_size = 1")
+    resolved = resolve_train(settings, device.type)
+    cfg = resolved.train
+    torch.manual_seed(resolved.seed)
+    torch.set_num_threads(threads)
+    distributed.share(cfg.prompts_per_step, ranks, "train.prompts_per_step")
 
-    policy, tokenizer = load_policy(policy_dir, device=device, dtype=precision.weights_dtype)
-    if gradient_checkpointing(settings):
+    policy, tokenizer = load_policy(policy_dir, device=device, dtype=cfg.precision.weights_dtype)
+    if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = distributed.shard_model(policy, ranks)
     # The reference is the initial policy, stored as the policy is: under autocast its log-probs equal the policy's
     # until the first update (KL exactly 0), on one rank and on N.
-    reference = (distributed.shard_model(load_policy(policy_dir, device=device, dtype=precision.weights_dtype)[0],
+    reference = (distributed.shard_model(load_policy(policy_dir, device=device, dtype=cfg.precision.weights_dtype)[0],
                                          ranks).eval().requires_grad_(False)
-                 if alg["beta"] > 0 else None)
+                 if resolved.algorithm.beta > 0 else None)
     problems = read_dataset(dataset, split="train").to_pandas()
-    template = get_template(settings["task"]["template"], settings["task"]["chat_template_kwargs"])
+    template = get_template(resolved.template, resolved.chat_template_kwargs)
     # Overlong prompts leave once, here (as verl's filter at dataset load): the step's prompts stay a pure function
     # of the step, the same on every rank.
-    limit = length_limit(context_length(settings["rollout"], policy), cfg["max_length"])
+    context = resolved.rollout.context(getattr(policy.config, "max_position_embeddings", None))
+    limit = length_limit(context, cfg.max_length)
     kept = drop_overlong(encode_prompts(tokenizer, template, problems["problem"]), limit,
-                         settings["rollout"]["overlong_prompts"], f"the train split of {dataset}")
+                         resolved.rollout.overlong_prompts, f"the train split of {dataset}")
     if not kept:
         raise ValueError(f"every train prompt of {dataset} is overlong for {limit} tokens: raise "
                          "rollout.max_model_len or train.max_length")
     overlong_dropped, problems = len(problems) - len(kept), problems.iloc[kept].reset_index(drop=True)
-    reward_fn = get_reward(settings["task"]["reward"],
-                           **{"num_workers": distributed.rank_cpus(), **settings["task"]["reward_params"]})
-    advantage_fn = algorithms.get_advantage_estimator(alg["advantage"], **alg["advantage_params"])
-    ratio_fn = algorithms.get_ratio_transform(alg["ratio"], **alg["ratio_params"])
-    kpo_params = alg["ratio_params"] if alg["ratio"] == "kpo" else {}
-    optimizer, scheduler = make_rollout_optimizer(policy.parameters(), cfg)
+    reward_fn = get_reward(resolved.reward, **{"num_workers": distributed.rank_cpus(), **resolved.reward_params})
+    optimizer, scheduler = make_rollout_optimizer(policy.parameters(), cfg.optimizer())
 
     settings_hash = config_hash(settings)
     checkpoints = checkpoints_root(out_dir)
@@ -200,22 +185,14 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
         resumed = load_checkpoint(found, policy=policy, optimizer=optimizer, scheduler=scheduler)
         start, rows, environments = resumed.step, resumed.metrics.to_dict("records"), resumed.environments
     environments = [*environments, {"from_step": start, "ranks": ranks.world_size, **environment()}]
-    engine = engine_from_settings(settings["rollout"], policy=policy, tokenizer=tokenizer, model_dir=policy_dir,
-                                  dtype=settings["model"]["dtype"])
-    return Run(cfg=cfg, alg=alg, ident=ident, device=device, precision=precision, policy=policy, reference=reference,
-               tokenizer=tokenizer, template=template, problems=problems, overlong_dropped=overlong_dropped,
-               limit=limit, reward_fn=reward_fn,
-               advantage_fn=advantage_fn, ratio_fn=ratio_fn, kpo_params=kpo_params, optimizer=optimizer,
-               scheduler=scheduler, engine=engine, old_from_update=not has_dropout(policy),
-               dtype=settings["model"]["dtype"], checkpoints=checkpoints,
-               settings_hash=settings_hash, ranks=ranks, start=start, rows=rows, environments=environments,
+    engine = engine_from_settings(resolved.rollout, policy=policy, tokenizer=tokenizer, model_dir=policy_dir,
+                                  dtype=resolved.model_dtype)
+    return Run(settings=resolved, device=device, policy=policy, reference=reference, tokenizer=tokenizer,
+               template=template, problems=problems, overlong_dropped=overlong_dropped, limit=limit,
+               reward_fn=reward_fn, optimizer=optimizer, scheduler=scheduler, engine=engine,
+               old_from_update=not has_dropout(policy), checkpoints=checkpoints, settings_hash=settings_hash,
+               ranks=ranks, start=start, rows=rows, environments=environments,
                nonfinite=int(rows[-1]["nonfinite_total"]) if rows else 0)
-
-
-def gradient_checkpointing(settings: dict) -> bool:
-    """train.gradient_checkpointing, where null means on for hub and local models and off for the tiny one."""
-    chosen = settings["train"]["gradient_checkpointing"]
-    return settings.get("model", {}).get("source", "tiny") != "tiny" if chosen is None else chosen
 
 
 def has_dropout(model: torch.nn.Module) -> bool:
@@ -231,35 +208,34 @@ def sample(run: Run, step: int) -> Rollout:
     current policy, sampled under the precision policy that scores them (an engine that runs the policy module
     itself, as the hf one does, would otherwise sample from the float32 function while the old log-probs come from
     the bf16-autocast one)."""
-    cfg = run.cfg
-    mine = distributed.share(cfg["prompts_per_step"], run.ranks, "train.prompts_per_step")
-    indices = _step_problems(len(run.problems), step, cfg["prompts_per_step"], run.seed)
+    cfg = run.settings.train
+    mine = distributed.share(cfg.prompts_per_step, run.ranks, "train.prompts_per_step")
+    indices = _step_problems(len(run.problems), step, cfg.prompts_per_step, run.seed)
     problems = run.problems.iloc[indices[mine.start:mine.stop]]
     prompt_ids = encode_prompts(run.tokenizer, run.template, problems["problem"])
-    sampling = SamplingConfig(n=cfg["group_size"], temperature=cfg["temperature"], top_p=cfg["top_p"],
-                              max_tokens=cfg["max_tokens"], seed=run.seed * 1_000_003 + step, first_prompt=mine.start,
-                              budgets=completion_budgets(prompt_ids, cfg["max_tokens"], run.limit))
+    sampling = SamplingConfig(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_tokens=cfg.max_tokens, seed=run.seed * 1_000_003 + step, first_prompt=mine.start,
+                              budgets=completion_budgets(prompt_ids, cfg.max_tokens, run.limit))
     run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through generation
     run.policy.eval()
-    with run.precision.autocast():
+    with cfg.precision.autocast():
         return Rollout(problems, prompt_ids, run.engine.generate(prompt_ids, sampling))
 
 
 def score_rewards(run: Run, rollout: Rollout) -> tuple[list, torch.Tensor]:
     """The task reward's verdict on every completion, and the rewards [N, G] (float64)."""
-    group = run.cfg["group_size"]
+    group = run.settings.train.group_size
     texts = [c.text for completions in rollout.completions for c in completions]
     golds = [g for g in rollout.problems["answer"] for _ in range(group)]
     verdicts = run.reward_fn.judge(texts, golds)
     return verdicts, torch.tensor([v.reward for v in verdicts], dtype=torch.float64).view(-1, group)
 
 
-def mini_batch_schedule(size: int, cfg: dict, seed: int, step: int) -> list[list[torch.Tensor]]:
+def mini_batch_schedule(size: int, cfg: Train, seed: int, step: int) -> list[list[torch.Tensor]]:
     """The rows [n] of each mini-batch, per epoch: a fresh permutation per epoch (seeded by the step, so a resumed
     run draws the same), cut into train.mini_batches parts."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return [list(torch.randperm(size, generator=generator).chunk(cfg["mini_batches"]))
-            for _ in range(cfg["ppo_epochs"])]
+    return [list(torch.randperm(size, generator=generator).chunk(cfg.mini_batches)) for _ in range(cfg.ppo_epochs)]
 
 
 def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> None:
@@ -268,14 +244,14 @@ def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> 
     so its ratio is exactly 1. With `run.old_from_update` the first mini-batch's old log-probs are left (0) to the
     update's first forward pass (`update_policy(old_from_first=True)`), which computes exactly these numbers: the
     policy has not changed yet."""
-    batch.old_logp = batch_logprobs(run.policy, batch, minis[1:] if run.old_from_update else minis, run.cfg,
-                                    run.precision, run.ranks)
+    cfg = run.settings.train
+    batch.old_logp = batch_logprobs(run.policy, batch, minis[1:] if run.old_from_update else minis, cfg, run.ranks)
     if run.reference is not None:
-        batch.ref_logp = batch_logprobs(run.reference, batch, minis, run.cfg, run.precision, run.ranks)
+        batch.ref_logp = batch_logprobs(run.reference, batch, minis, cfg, run.ranks)
         distributed.reshard(run.reference)
 
 
-def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: dict, precision: Precision,
+def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: Train,
                    ranks: Ranks = Ranks()) -> torch.Tensor:
     """Log-probs [B, T] of the rows of `minis` without gradient, micro-batch by micro-batch (0 on padding). With N
     ranks `minis` are mini-batches of the whole batch, and this rank computes its own rows of each."""
@@ -284,11 +260,11 @@ def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: d
     with torch.no_grad():
         for mini in minis:
             rows = distributed.local_rows(mini, mine).to(out.device)
-            for micro, real in distributed.in_step(micro_batches(batch, rows, cfg["micro_batch_tokens"]), ranks,
+            for micro, real in distributed.in_step(micro_batches(batch, rows, cfg.micro_batch_tokens), ranks,
                                                    stand_in=torch.zeros(1, dtype=torch.long, device=out.device)):
                 part = batch.select(micro).trimmed()
-                with precision.autocast():
-                    logp = token_logprobs(model, part, chunk_tokens=cfg["logit_chunk_tokens"])
+                with cfg.precision.autocast():
+                    logp = token_logprobs(model, part, chunk_tokens=cfg.logit_chunk_tokens)
                 if real:
                     out[micro, :part.completion_mask.shape[1]] = logp
     return out
@@ -305,13 +281,13 @@ def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) ->
     provides its old log-probs (see `update_policy`)."""
     run.policy.train()
     lr = run.scheduler.get_last_lr()[0]
-    stats, skipped = update_policy(run.policy, run.optimizer, batch, schedule, run.ratio_fn, run.alg, run.cfg,
-                                   run.precision, run.kpo_params, run.ranks, old_from_first=run.old_from_update)
+    stats, skipped = update_policy(run.policy, run.optimizer, batch, schedule, run.settings, run.ranks,
+                                   old_from_first=run.old_from_update)
     run.scheduler.step()
     run.nonfinite += skipped
-    if run.nonfinite > run.cfg["max_nonfinite"]:
+    if run.nonfinite > run.settings.train.max_nonfinite:
         raise NonFiniteLossError(
-            f"{run.nonfinite} non-finite losses (train.max_nonfinite = {run.cfg['max_nonfinite']}); lower train.lr or "
+            f"{run.nonfinite} non-finite losses (train.max_nonfinite = {run.settings.train.max_nonfinite}); lower train.lr or "
             "check the reward scale")
     return {"lr": lr, "nonfinite_skipped": skipped, "nonfinite_total": run.nonfinite, **stats}
 
@@ -330,7 +306,7 @@ def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch
         [[len(c.token_ids), c.finish_reason == "length", v.correct] for c, v in zip(completions, verdicts)],
         dtype=torch.float), ranks)
     lengths, truncated, correct = per_completion.T
-    row = {**run.ident, "step": step + 1, "wall_time": t_end - t0,
+    row = {**run.settings.ident, "step": step + 1, "wall_time": t_end - t0,
            "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
            "accuracy": correct.mean().item(),
            "advantage_mean": advantages.mean().item(), "advantage_std": advantages.std().item(),
@@ -339,7 +315,7 @@ def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch
            "truncation_rate": truncated.mean().item(), "overlong_prompts_dropped": run.overlong_dropped,
            "limit_hits": int(distributed.global_sum(limit_hits(verdicts), ranks).item()),  # scored 0, not judged
            "rollout_tokens_per_s": lengths.sum().item() / (t_rollout - t0),
-           "train_tokens_per_s": run.cfg["ppo_epochs"] * distributed.global_sum(batch.attention_mask.sum(), ranks
+           "train_tokens_per_s": run.settings.train.ppo_epochs * distributed.global_sum(batch.attention_mask.sum(), ranks
                                                                                 ).item() / (t_end - t_score),
            "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout,
            "time_score": t_score - t_reward, "time_update": t_end - t_score,
@@ -356,7 +332,8 @@ def checkpoint(run: Run, step: int) -> None:
     """Resumable state after `step` rollout batches."""
     save_checkpoint(run.checkpoints, step, policy=run.policy, tokenizer=run.tokenizer, optimizer=run.optimizer,
                     scheduler=run.scheduler, metrics=pd.DataFrame(run.rows), settings_hash=run.settings_hash,
-                    dtype=run.dtype, keep_every=run.cfg["keep_every"], environments=run.environments,
+                    dtype=run.settings.model_dtype, keep_every=run.settings.train.keep_every,
+                    environments=run.environments,
                     ranks=run.ranks)
 
 
@@ -366,7 +343,7 @@ def finish(run: Run, out_dir: Path) -> pd.DataFrame:
     every start and resume of the run with the step it started from: a run resumed elsewhere says so."""
     metrics = pd.DataFrame(run.rows)
     with distributed.shared_atomic_dir(final_model_dir(out_dir), run.ranks) as tmp:
-        distributed.write_full_model(run.policy, run.tokenizer, tmp, run.ranks, dtype=run.dtype)
+        distributed.write_full_model(run.policy, run.tokenizer, tmp, run.ranks, dtype=run.settings.model_dtype)
         if run.ranks.is_main:
             provenance = {"settings_hash": run.settings_hash, "environments": run.environments}
             (tmp / TRAINING_PROVENANCE).write_text(json.dumps(provenance, indent=1))
@@ -375,9 +352,9 @@ def finish(run: Run, out_dir: Path) -> pd.DataFrame:
     return metrics
 
 
-def update_policy(policy, optimizer, batch: RolloutBatch, schedule: list[list[torch.Tensor]], ratio_fn,
-                  alg: dict, cfg: dict, precision: Precision, kpo_params: dict,
-                  ranks: Ranks = Ranks(), *, old_from_first: bool = False) -> tuple[dict[str, float], int]:
+def update_policy(policy, optimizer, batch: RolloutBatch, schedule: list[list[torch.Tensor]],
+                  settings: TrainSettings, ranks: Ranks = Ranks(), *,
+                  old_from_first: bool = False) -> tuple[dict[str, float], int]:
     """One optimiser step per mini-batch of `schedule` (ppo_epochs x mini_batches) over one rollout batch; returns
     step metrics and skipped updates. With N ranks the schedule's mini-batches are of the whole batch, and `batch`
     holds this rank's rows of it. `old_from_first`: the policy is the sampling policy (no dropout) and the first
@@ -389,21 +366,20 @@ def update_policy(policy, optimizer, batch: RolloutBatch, schedule: list[list[to
         for position, mini in enumerate(minis):
             optimizer.zero_grad(set_to_none=True)
             losses = mini_batch_backward(policy, batch, distributed.local_rows(mini, mine).to(batch.input_ids.device),
-                                         ratio_fn, alg, cfg, precision, sums, kpo_params, mini_rows=len(mini),
-                                         ranks=ranks, old_from_forward=old_from_first and epoch == position == 0)
+                                         settings, sums, mini_rows=len(mini), ranks=ranks,
+                                         old_from_forward=old_from_first and epoch == position == 0)
             if not distributed.all_finite(losses, ranks):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
-            sums["grad_norm"].append(distributed.clip_grad_norm(policy, cfg["max_grad_norm"]))
+            sums["grad_norm"].append(distributed.clip_grad_norm(policy, settings.train.max_grad_norm))
             sums["loss"].append(distributed.global_sum(sum(x.item() for x in losses), ranks).item())
             optimizer.step()
     return _summarise(sums), skipped
 
 
-def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, ratio_fn, alg: dict, cfg: dict,
-                        precision: Precision, sums: dict[str, list[float]], kpo_params: dict, *,
-                        mini_rows: int | None = None, ranks: Ranks = Ranks(),
+def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, settings: TrainSettings,
+                        sums: dict[str, list[float]], *, mini_rows: int | None = None, ranks: Ranks = Ranks(),
                         old_from_forward: bool = False) -> list[torch.Tensor]:
     """Accumulate the gradient of the loss of the rows `mini` into the policy, micro-batch by micro-batch (at most
     train.micro_batch_tokens tokens per forward); returns the weighted micro-batch losses (their sum is the
@@ -412,41 +388,42 @@ def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, ratio_f
     gradients are the one-process gradient. With `old_from_forward` the policy is still the sampling policy: each
     micro-batch's log-probs, detached, are its old log-probs (the very numbers `batch_logprobs` would compute over
     the same micro-batch) and are written into `batch.old_logp` for later epochs; this saves that forward pass."""
+    cfg, alg = settings.train, settings.algorithm
     active = int(distributed.global_sum(batch.completion_mask[mini].sum(), ranks).item())
     mini_rows = len(mini) if mini_rows is None else mini_rows
     losses = []
     stand_in = torch.zeros(1, dtype=torch.long, device=mini.device)
-    for micro, real in distributed.in_step(micro_batches(batch, mini, cfg["micro_batch_tokens"]), ranks,
+    for micro, real in distributed.in_step(micro_batches(batch, mini, cfg.micro_batch_tokens), ranks,
                                            stand_in=stand_in):
         part = batch.select(micro).trimmed()
-        with precision.autocast():
-            logp, entropy = token_logprobs(policy, part, with_entropy=True, chunk_tokens=cfg["logit_chunk_tokens"])
+        with cfg.precision.autocast():
+            logp, entropy = token_logprobs(policy, part, with_entropy=True, chunk_tokens=cfg.logit_chunk_tokens)
         if old_from_forward:
             part.old_logp = logp.detach()
             if real:
                 batch.old_logp[micro, :logp.shape[1]] = part.old_logp
-        rho = ratio_fn(logp, part.old_logp, part.completion_mask)
+        rho = alg.ratio_transform(logp, part.old_logp, part.completion_mask)
         loss, metrics = algorithms.policy_loss(
             rho, part.advantages.unsqueeze(-1).expand_as(logp), part.completion_mask,
-            eps_low=alg["eps_low"], eps_high=alg["eps_high"], clip=alg["clip"], beta=alg["beta"], logp=logp,
-            ref_logp=part.ref_logp, aggregate=alg["aggregate"], num_active_tokens=active,
-            max_length=cfg["max_tokens"], surrogate=alg["surrogate"], clip_ratio_c=alg["clip_ratio_c"])
+            eps_low=alg.eps_low, eps_high=alg.eps_high, clip=alg.clip, beta=alg.beta, logp=logp,
+            ref_logp=part.ref_logp, aggregate=alg.aggregate, num_active_tokens=active,
+            max_length=cfg.max_tokens, surrogate=alg.surrogate, clip_ratio_c=alg.clip_ratio_c)
         if not real:  # keeps this rank's gathers and reductions in step with the others; adds nothing
             (logp.sum() * 0.0).backward()
             continue
-        loss = loss * algorithms.AGGREGATES.get(alg["aggregate"]).share(part.completion_mask, mini_rows, active)
+        loss = loss * alg.aggregation.share(part.completion_mask, mini_rows, active)
         loss.backward()
         losses.append(loss.detach())
-        _record(sums, metrics, logp.detach() - part.old_logp, entropy, part.completion_mask, kpo_params)
+        _record(sums, metrics, logp.detach() - part.old_logp, entropy, part.completion_mask, alg.noise_filter)
     return losses
 
 
 def _record(sums, metrics: dict, z: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor,
-            kpo_params: dict) -> None:
+            noise_filter: Mapping[str, float]) -> None:
     for key, value in metrics.items():
         sums[key].append(float(value))
     sums["entropy"].append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
-    filtered = algorithms.filtered_log_ratio(z, mask, **{k: v for k, v in kpo_params.items() if k != "clamp"})
+    filtered = algorithms.filtered_log_ratio(z, mask, **noise_filter)
     for prefix, series in (("raw", z), ("filtered", filtered)):
         for key, value in algorithms.token_noise_stats(series, mask).items():
             sums[f"{key}_{prefix}"].append(float(value))
