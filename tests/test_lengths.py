@@ -102,7 +102,7 @@ def test_training_refuses_overlong_prompts_when_asked(tmp_path, tiny_model_dir, 
     settings = train_settings(train={"max_length": 435}, rollout={"overlong_prompts": "error"})
     with pytest.raises(ValueError, match="train split.*rollout.overlong_prompts: drop"):
         train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings)
-    with pytest.raises(ValueError, match="every train prompt"):
+    with pytest.raises(ValueError, match="every prompt of the train split"):
         train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=train_settings(train={"max_length": 400}))
 
 
@@ -152,7 +152,7 @@ def test_evaluate_max_length_limits_like_a_shorter_context(tmp_path, tiny_model_
 
 
 def test_an_evaluation_that_drops_everything_raises(tmp_path, tiny_model_dir, arithmetic_parquet):
-    with pytest.raises(ValueError, match="every test prompt.*rollout.max_model_len"):
+    with pytest.raises(ValueError, match="every prompt of the test split.*rollout.max_model_len"):
         run_eval(tiny_model_dir, arithmetic_parquet, eval_settings("vllm", max_model_len=400), tmp_path)
 
 

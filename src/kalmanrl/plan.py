@@ -537,7 +537,10 @@ def suggestions(stage: str, settings: dict, shape: ModelShape, resources: Resour
         changes.append("train.gradient_checkpointing: true")
     seq = sum(sequence_lengths(train, settings["rollout"], shape, first.device))
     rows = train["prompts_per_step"] * train["group_size"]
-    with_budget = lambda tokens: {**settings, "train": {**train, "micro_batch_tokens": tokens}}  # noqa: E731
+
+    def with_budget(tokens: int) -> dict:
+        return {**settings, "train": {**train, "micro_batch_tokens": tokens}}
+
     target = resources if fits(with_budget(seq), resources) else fewest_ranks(with_budget(seq))
     if target is None or target is not resources and more is not None and not changes:
         return found  # nothing fits, or only more GPUs help and that is already said

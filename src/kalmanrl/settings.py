@@ -1,14 +1,15 @@
 """Settings resolved once. A stage job receives its settings as plain JSON (`config.stage_settings`: the Snakemake
-param, hashed into checkpoints); `resolve_train` turns a training job's into frozen, typed objects and decides, here
-and nowhere else, every default that depends on the run: the precision (`auto`: by device), gradient checkpointing
-(null: by the model's source), the rollout backend (`auto`: by what is installed), the engine's context (vLLM's
-`max_model_len` or the model's `max_position_embeddings`) and the bound algorithm parts. The trainer, evaluation and
-`kalmanrl plan` read these rules and objects instead of working them out again."""
+param, hashed into checkpoints); `resolve_train` and `resolve_evaluate` turn a training or evaluation job's into
+frozen, typed objects and decide, here and nowhere else, every default that depends on the run: the precision
+(`auto`: by device), gradient checkpointing (null: by the model's source), the rollout backend (`auto`: by what is
+installed), the engine's context (vLLM's `max_model_len` or the model's `max_position_embeddings`) and the bound
+algorithm parts. The trainer, evaluation and `kalmanrl plan` read these rules and objects instead of working them out
+again."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +134,37 @@ class Algorithm:
 
 
 @dataclass(frozen=True)
+class Evaluate:
+    """The `evaluate` section."""
+
+    k: int
+    pass_k: Sequence[int]
+    extra_metrics: Sequence[str]
+    temperature: float
+    top_p: float
+    max_tokens: int
+    max_length: int | None
+    max_problems: int
+    batch_size: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """Everything an evaluation job reads, resolved. `raw` is the job's settings as given (what its summary hashes)."""
+
+    evaluate: Evaluate
+    rollout: Rollout
+    ident: Mapping[str, Any]
+    model_dtype: str
+    template: str
+    chat_template_kwargs: Mapping[str, Any]
+    reward: str
+    reward_params: Mapping[str, Any]
+    raw: Mapping[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     """Everything a training job reads, resolved. `raw` is the job's settings as given (what checkpoints hash)."""
 
@@ -179,6 +211,21 @@ def resolve_train(settings: Mapping[str, Any], device_type: str, *, vllm_install
                          ident=settings["ident"], model_source=model["source"], model_dtype=model["dtype"],
                          template=task["template"], chat_template_kwargs=task["chat_template_kwargs"],
                          reward=task["reward"], reward_params=task["reward_params"], raw=settings)
+
+
+def resolve_evaluate(settings: Mapping[str, Any], *, vllm_installed: bool | None = None) -> EvaluateSettings:
+    """An evaluation job's settings (`config.stage_settings(config, "evaluate", ...)`) resolved; `vllm_installed`
+    (default: whether vllm imports here) decides `rollout.backend: auto`."""
+    if vllm_installed is None:
+        from kalmanrl.rollout import vllm_available
+
+        vllm_installed = vllm_available()
+    benchmark = settings["benchmark"]
+    return EvaluateSettings(evaluate=Evaluate(**settings["evaluate"]),
+                            rollout=resolve_rollout(settings["rollout"], vllm_installed=vllm_installed),
+                            ident=settings["ident"], model_dtype=settings["model"]["dtype"],
+                            template=benchmark["template"], chat_template_kwargs=benchmark["chat_template_kwargs"],
+                            reward=benchmark["reward"], reward_params=benchmark["reward_params"], raw=settings)
 
 
 def config_train_settings(config: Mapping[str, Any], device_type: str = "cpu", *, algorithm: str | None = None,

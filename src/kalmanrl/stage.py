@@ -59,6 +59,15 @@ def drop_overlong(prompt_ids: Sequence[Sequence[int]], limit: float, policy: str
     return kept
 
 
+def fitting_prompts(prompt_ids: Sequence[Sequence[int]], limit: float, policy: str, what: str, *, fix: str
+                    ) -> list[int]:
+    """`drop_overlong`, refusing (with `fix`, what to change) a stage whose every prompt is overlong."""
+    kept = drop_overlong(prompt_ids, limit, policy, what)
+    if not kept:
+        raise ValueError(f"every prompt of {what} is overlong for {limit} tokens: {fix}")
+    return kept
+
+
 def engine_from_settings(rollout: Rollout, *, policy: torch.nn.Module | None, tokenizer, model_dir: str | Path,
                          dtype: str = "float32", **overrides) -> RolloutEngine:
     """The rollout engine of a stage's resolved `rollout` settings (its backend and the options its engine reads,

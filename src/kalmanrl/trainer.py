@@ -42,7 +42,7 @@ from kalmanrl.prompts import PromptTemplate, get_template
 from kalmanrl.rewards import RewardFunction, get_reward, limit_hits
 from kalmanrl.rollout import Completion, RolloutEngine, SamplingConfig
 from kalmanrl.settings import Train, TrainSettings, resolve_train
-from kalmanrl.stage import completion_budgets, drop_overlong, encode_prompts, engine_from_settings, length_limit
+from kalmanrl.stage import completion_budgets, encode_prompts, engine_from_settings, fitting_prompts, length_limit
 
 __all__ = ["NonFiniteLossError", "RolloutBatch", "build_batch", "token_logprobs", "train", "update_policy"]
 
@@ -167,11 +167,9 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     # of the step, the same on every rank.
     context = resolved.rollout.context(getattr(policy.config, "max_position_embeddings", None))
     limit = length_limit(context, cfg.max_length)
-    kept = drop_overlong(encode_prompts(tokenizer, template, problems["problem"]), limit,
-                         resolved.rollout.overlong_prompts, f"the train split of {dataset}")
-    if not kept:
-        raise ValueError(f"every train prompt of {dataset} is overlong for {limit} tokens: raise "
-                         "rollout.max_model_len or train.max_length")
+    kept = fitting_prompts(encode_prompts(tokenizer, template, problems["problem"]), limit,
+                           resolved.rollout.overlong_prompts, f"the train split of {dataset}",
+                           fix="raise rollout.max_model_len or train.max_length")
     overlong_dropped, problems = len(problems) - len(kept), problems.iloc[kept].reset_index(drop=True)
     reward_fn = get_reward(resolved.reward, **{"num_workers": distributed.rank_cpus(), **resolved.reward_params})
     optimizer, scheduler = make_rollout_optimizer(policy.parameters(), cfg.optimizer())
@@ -198,8 +196,8 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
 def has_dropout(model: torch.nn.Module) -> bool:
     """Whether a forward pass in training mode may drop anything (a dropout module or a config's dropout rate above
     0): then the update's forward differs from the sampling policy's, and the old log-probs need their own pass."""
-    rates = [value for key, value in model.config.to_dict().items()
-             if ("dropout" in key or "pdrop" in key) and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    rates = [value for key, value in model.config.to_dict().items() if ("dropout" in key or "pdrop" in key)
+             and isinstance(value, (int, float)) and not isinstance(value, bool)]
     return any(rate > 0 for rate in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
@@ -285,10 +283,10 @@ def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) ->
                                    old_from_first=run.old_from_update)
     run.scheduler.step()
     run.nonfinite += skipped
-    if run.nonfinite > run.settings.train.max_nonfinite:
-        raise NonFiniteLossError(
-            f"{run.nonfinite} non-finite losses (train.max_nonfinite = {run.settings.train.max_nonfinite}); lower train.lr or "
-            "check the reward scale")
+    limit = run.settings.train.max_nonfinite
+    if run.nonfinite > limit:
+        raise NonFiniteLossError(f"{run.nonfinite} non-finite losses (train.max_nonfinite = {limit}); lower train.lr "
+                                 "or check the reward scale")
     return {"lr": lr, "nonfinite_skipped": skipped, "nonfinite_total": run.nonfinite, **stats}
 
 
@@ -315,8 +313,8 @@ def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch
            "truncation_rate": truncated.mean().item(), "overlong_prompts_dropped": run.overlong_dropped,
            "limit_hits": int(distributed.global_sum(limit_hits(verdicts), ranks).item()),  # scored 0, not judged
            "rollout_tokens_per_s": lengths.sum().item() / (t_rollout - t0),
-           "train_tokens_per_s": run.settings.train.ppo_epochs * distributed.global_sum(batch.attention_mask.sum(), ranks
-                                                                                ).item() / (t_end - t_score),
+           "train_tokens_per_s": run.settings.train.ppo_epochs
+           * distributed.global_sum(batch.attention_mask.sum(), ranks).item() / (t_end - t_score),
            "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout,
            "time_score": t_score - t_reward, "time_update": t_end - t_score,
            **distributed.reduce_metrics(stats, ranks)}
