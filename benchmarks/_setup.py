@@ -48,7 +48,10 @@ def synthetic_batch(vocab: int, *, rows: int, group: int, prompt_len: int, compl
     """A rollout batch of `rows` sequences (groups of `group`) whose prompts and completions all have the given
     lengths, random token ids below `vocab` and random advantages: what a step's memory and speed depend on."""
     generator = torch.Generator().manual_seed(seed)
-    draw = lambda n: torch.randint(3, vocab, (n,), generator=generator).tolist()  # noqa: E731
+
+    def draw(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=generator).tolist()
+
     completions = [[Completion(token_ids=draw(completion_len), logprobs=[], text="", finish_reason="length")
                     for _ in range(group)] for _ in range(rows // group)]
     return build_batch([draw(prompt_len) for _ in completions], completions,

@@ -55,7 +55,7 @@ def worker(settings: Path, model: Path, data: Path, out: Path, threads: int) -> 
 
 def settings_for(args) -> dict:
     sys.path.insert(0, str(TESTS))
-    import digit_share  # noqa: F401
+    import digit_share  # noqa: F401  (registers the "digit_share" reward)
     from kalmanrl.config import stage_settings, validate_config
 
     config = validate_config({

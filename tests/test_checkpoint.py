@@ -123,7 +123,8 @@ def test_a_resume_refuses_a_checkpoint_of_another_model_and_names_it(tiny_model_
     config = AutoConfig.from_pretrained(tiny_model_dir)
     layers = config.num_hidden_layers
     last = f"model.layers.{layers - 1}"
-    fewer, more = ({"num_hidden_layers": n, "layer_types": config.layer_types[:1] * n} for n in (layers - 1, layers + 1))
+    fewer, more = ({"num_hidden_layers": n, "layer_types": config.layer_types[:1] * n}
+                   for n in (layers - 1, layers + 1))
     for changes, match in ((fewer, rf"unexpected \[.*'{last}.mlp.down_proj.weight'"),
                            (more, rf"missing \[.*'model.layers.{layers}.mlp.down_proj"),
                            ({"intermediate_size": config.intermediate_size + 8},

@@ -1,15 +1,23 @@
 """The config schema is the single source of defaults and validation; errors name the key that is wrong."""
 
 import copy
+import json
 import os
 import re
-import json
 
 import pytest
 import yaml
 
-from kalmanrl.config import (ConfigError, config_hash, fill_defaults, load_config, load_schema, parse_settings,
-                             stage_settings, validate_config)
+from kalmanrl.config import (
+    ConfigError,
+    config_hash,
+    fill_defaults,
+    load_config,
+    load_schema,
+    parse_settings,
+    stage_settings,
+    validate_config,
+)
 from kalmanrl.sources import DATA_DIR_ENV
 from smoke_runs import smoke_workdir, snakemake
 

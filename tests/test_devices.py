@@ -12,9 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from kalmanrl.devices import (VISIBLE, CudaUnavailable, DevicesBusy, Gpu, claim_devices, cuda_unavailable_message,
-                              gpu_placement, local_gpu_problem, machine_devices, parse_nvidia_smi_list, resolve_device,
-                              visible_pool)
+from kalmanrl.devices import (
+    VISIBLE,
+    CudaUnavailable,
+    DevicesBusy,
+    Gpu,
+    claim_devices,
+    cuda_unavailable_message,
+    gpu_placement,
+    local_gpu_problem,
+    machine_devices,
+    parse_nvidia_smi_list,
+    resolve_device,
+    visible_pool,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FOUR = ["0", "1", "2", "3"]
@@ -91,7 +102,8 @@ def test_cpu_job_sees_no_gpu_and_the_environment_is_restored(tmp_path):
 
 def test_gpu_job_claims_from_the_user_narrowed_pool(tmp_path):
     env, other = {VISIBLE: "2,3"}, {VISIBLE: "2,3"}
-    with gpu_placement(1, env=env, lock_dir=tmp_path) as first, gpu_placement(1, env=other, lock_dir=tmp_path) as second:
+    with (gpu_placement(1, env=env, lock_dir=tmp_path) as first,
+          gpu_placement(1, env=other, lock_dir=tmp_path) as second):
         assert {first, second} == {"2", "3"}
     assert env == other == {VISIBLE: "2,3"}
 
@@ -233,7 +245,7 @@ def test_every_stage_given_gpus_refuses_without_cuda(tiny_model_dir, arithmetic_
                                      settings=stage_settings(config, "evaluate", model="tiny", task="arith",
                                                              algorithm="sft", benchmark="arith")),
     }
-    for name, run in stages.items():
+    for run in stages.values():
         with pytest.raises(CudaUnavailable, match="1 GPU"):
             run()
     assert not any(tmp_path.iterdir()), "a stage wrote output before refusing"

@@ -62,8 +62,18 @@ def flat_optimizer_state(model, optimizer) -> dict[str, torch.Tensor]:
 
 
 def worker(out: Path, steps: int, first_step: int, load: Path | None, save: Path | None) -> None:
-    from kalmanrl.distributed import (clip_grad_norm, close_ranks, full_parameters, global_sum, init_ranks,
-                                      load_sharded, reduce_metrics, reshard, save_sharded, shard_model)
+    from kalmanrl.distributed import (
+        clip_grad_norm,
+        close_ranks,
+        full_parameters,
+        global_sum,
+        init_ranks,
+        load_sharded,
+        reduce_metrics,
+        reshard,
+        save_sharded,
+        shard_model,
+    )
 
     torch.set_num_threads(1)
     ranks = init_ranks()
@@ -259,8 +269,8 @@ def test_two_ranks_train_like_one(tmp_path, one_rank_training, tiny_model_dir, a
 def test_two_ranks_train_like_one_under_bf16_autocast_with_a_reference(tmp_path, tiny_model_dir, arithmetic_parquet):
     """autocast_bf16 with beta > 0: N ranks gather the float32 weights and autocast casts the matrix products, as on
     one rank, and the reference is stored as the policy is (FSDP's bf16 parameter cast and a bf16 reference made the
-    two layouts compute different functions). At a vanishing learning rate the policy stays the reference: KL exactly 0 and
-    ratio exactly 1 on two ranks; trained, two ranks follow one to bf16 rounding (Adam turns the rounding of
+    two layouts compute different functions). At a vanishing learning rate the policy stays the reference: KL exactly 0
+    and ratio exactly 1 on two ranks; trained, two ranks follow one to bf16 rounding (Adam turns the rounding of
     near-zero gradients into steps of up to lr, hence the weights' tolerance)."""
     settings = train_settings(steps=2, precision="autocast_bf16")
     settings["algorithm"]["beta"] = 0.1

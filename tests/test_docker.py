@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from smoke_runs import REPO, smoke_workdir
 
 from kalmanrl.expected import expected_rows
+from smoke_runs import REPO, smoke_workdir
 
 pytestmark = pytest.mark.slow
 
@@ -69,8 +69,8 @@ def cpu_image(docker_engine) -> str:
     return IMAGE
 
 
-def docker_run(image: str, *command: str, volumes: dict[Path, str] = {}) -> subprocess.CompletedProcess:
-    mounts = [arg for host, target in volumes.items() for arg in ("-v", f"{host}:{target}")]
+def docker_run(image: str, *command: str, volumes: dict[Path, str] | None = None) -> subprocess.CompletedProcess:
+    mounts = [arg for host, target in (volumes or {}).items() for arg in ("-v", f"{host}:{target}")]
     return subprocess.run(["docker", "run", "--rm", *mounts, "-w", "/smoke", image, *command],
                           capture_output=True, text=True)
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from kalmanrl.config import stage_settings, validate_config
-import numpy as np
-
 from kalmanrl.evaluate import evaluate
-from kalmanrl.metrics import (krpo_summed_reward, majority_correct, pass_at_k, summarise,
-                              verl_best_at_k)
+from kalmanrl.metrics import krpo_summed_reward, majority_correct, pass_at_k, summarise, verl_best_at_k
 from kalmanrl.rollout import vllm_available
 
 

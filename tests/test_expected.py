@@ -11,8 +11,18 @@ import pandas as pd
 import pytest
 
 from kalmanrl.cli import main
-from kalmanrl.expected import (DIFFERENT, IDENTICAL, WITHIN_TOLERANCE, ExpectedError, RunResults, compare,
-                               expected_rows, machine_class, tolerance_factor, write_expected)
+from kalmanrl.expected import (
+    DIFFERENT,
+    IDENTICAL,
+    WITHIN_TOLERANCE,
+    ExpectedError,
+    RunResults,
+    compare,
+    expected_rows,
+    machine_class,
+    tolerance_factor,
+    write_expected,
+)
 from kalmanrl.fingerprint import Fingerprint, departures, series_departure
 
 INTEL = {"cpu_vendor": "GenuineIntel", "dispatch_env": "ATEN_CPU_CAPABILITY=avx2", "torch_threads": "1"}

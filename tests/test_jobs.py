@@ -11,11 +11,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from smoke_runs import REPO, snakemake
 
 from kalmanrl import plan
 from kalmanrl.config import load_config
 from kalmanrl.layout import parse_run_name
+from smoke_runs import REPO, snakemake
 
 # One job of a dry run's listing: its rule, then its indented details (the wildcards among them).
 JOB = re.compile(r"^(?:local)?rule (\w+):\n((?: {4}.*\n)*)", re.M)

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from kalmanrl import layout
-from kalmanrl.layout import (ResultsTree, evaluation_sibling, fill, parse, parse_evaluation, parse_run_name,
-                             run_name)
+from kalmanrl.layout import ResultsTree, evaluation_sibling, fill, parse, parse_evaluation, parse_run_name, run_name
 from kalmanrl.results import NO_SEED, summary_ident
 
 TREE = ResultsTree("results/study")
@@ -21,7 +20,8 @@ RUN = {"model": "tiny", "task": "arith", "algorithm": "krpo", "seed": 2}
 def test_fields_left_out_stay_snakemake_wildcards():
     assert TREE.run_dir() == "results/study/runs/{model}/{task}/{algorithm}/seed{seed}"
     assert TREE.dataset(dataset="{task}") == "results/study/data/{task}.parquet"
-    assert TREE.metrics(model="tiny", task="arith") == "results/study/runs/tiny/arith/{algorithm}/seed{seed}/metrics.parquet"
+    assert (TREE.metrics(model="tiny", task="arith")
+            == "results/study/runs/tiny/arith/{algorithm}/seed{seed}/metrics.parquet")
 
 
 def test_a_value_for_a_field_the_template_lacks_is_refused():
@@ -86,7 +86,9 @@ def test_the_report_finds_details_beside_their_summary():
 
 
 def test_summary_paths_name_the_final_evaluation_of_their_cell():
-    path = lambda run: TREE.evaluation("summary", run=run, model="tiny", task="arith", benchmark="gsm8k")  # noqa: E731
+    def path(run: str) -> str:
+        return TREE.evaluation("summary", run=run, model="tiny", task="arith", benchmark="gsm8k")
+
     assert summary_ident(path("sft")) == {"model": "tiny", "task": "arith", "algorithm": "sft", "seed": NO_SEED,
                                           "benchmark": "gsm8k"}
     assert summary_ident(path("krpo/seed2"))["seed"] == 2
@@ -122,6 +124,7 @@ def test_no_module_or_rule_spells_a_path_of_the_tree(repo_root):
         found += [f"{path.name}:{line}: {s!r}" for line, s in strings
                   if s in TREE_NAMES or any(piece in s for piece in TREE_PIECES)]
     for path in [repo_root / "Snakefile", *sorted((repo_root / "workflow" / "rules").glob("*.smk"))]:
-        found += [f"{path.name}:{number}: {line.strip()}" for number, line in enumerate(path.read_text().splitlines(), 1)
+        found += [f"{path.name}:{number}: {line.strip()}"
+                  for number, line in enumerate(path.read_text().splitlines(), 1)
                   if any(piece in line for piece in TREE_PIECES) and not line.lstrip().startswith("#")]
     assert not found, "paths of the results tree spelt outside kalmanrl.layout:\n" + "\n".join(found)

@@ -12,9 +12,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from kalmanrl.io import write_parquet
 from kalmanrl.comparisons import family_tests, paired_differences
 from kalmanrl.figures import plot_token_noise
+from kalmanrl.io import write_parquet
 from kalmanrl.published import published_numbers
 from kalmanrl.report import build_report, left_out_table, provenance_table
 from kalmanrl.results import final_steps, summary_ident

@@ -12,7 +12,8 @@ import re
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kalmanrl.rewards import Verdict, get_reward, last_boxed, limit_hits, list_rewards, register_reward
 from kalmanrl.workers import CheckError, LimitHit, WorkerPool, WorkerStartError

@@ -12,8 +12,15 @@ import torch
 
 from conftest import TINY_SPEC
 from kalmanrl.model import load_policy
-from kalmanrl.rollout import (HFEngine, SamplingConfig, executor_options, make_engine, push_weights,
-                              sleep_mode_available, vllm_available)
+from kalmanrl.rollout import (
+    HFEngine,
+    SamplingConfig,
+    executor_options,
+    make_engine,
+    push_weights,
+    sleep_mode_available,
+    vllm_available,
+)
 from kalmanrl.trainer import build_batch, token_logprobs
 
 PROMPTS = ["What is 1 + 2?", "Solve 3*4 =", "7 - 9"]
@@ -88,8 +95,10 @@ def test_hf_sampling_logprobs_match_the_trainers_recomputation(policy, tiny_mode
 
 def test_unknown_backend_is_refused(policy, tiny_model_dir):
     model, tokenizer, _ = policy
-    with pytest.raises(ValueError, match="known: auto, hf, vllm"):
+    with pytest.raises(ValueError, match="known: hf, vllm"):
         make_engine("sglang", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
+    with pytest.raises(ValueError, match="resolve `auto` with kalmanrl.settings first"):
+        make_engine("auto", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
 
 
 def test_the_hf_engine_needs_the_policy(policy, tiny_model_dir):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-
 from kalmanrl.config import validate_config
 from kalmanrl.model import load_policy
 from kalmanrl.prompts import get_template
 from kalmanrl.rollout import HFEngine
+from kalmanrl.settings import resolve_rollout
 from kalmanrl.stage import encode_prompts, engine_from_settings
 
 
@@ -20,6 +20,6 @@ def test_prompts_are_the_rendered_template_without_added_special_tokens(tiny_mod
 
 def test_the_engine_follows_the_rollout_settings(tiny_model_dir):
     policy, tokenizer = load_policy(tiny_model_dir)
-    rollout = validate_config({})["rollout"]
+    rollout = resolve_rollout(validate_config({})["rollout"], vllm_installed=False)
     with engine_from_settings(rollout, policy=policy, tokenizer=tokenizer, model_dir=tiny_model_dir) as engine:
         assert isinstance(engine, HFEngine)

@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import yaml
-from smoke_runs import snakemake
 
 from kalmanrl.config import stage_settings, validate_config
+from smoke_runs import snakemake
 
 TARGET = "results/data/arithmetic_laptop.train.parquet"
 

@@ -4,13 +4,21 @@ time and the seeds needed reach the power (both checked on simulated Bernoulli g
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import numpy as np
 import pytest
 
-from dataclasses import astuple
-
-from kalmanrl.stats import (SEED_EFFECT_COVERAGE, GridVariance, bootstrap, detectable_difference, holm, paired_test,
-                            rejection_probability, seeds_needed)
+from kalmanrl.stats import (
+    SEED_EFFECT_COVERAGE,
+    GridVariance,
+    bootstrap,
+    detectable_difference,
+    holm,
+    paired_test,
+    rejection_probability,
+    seeds_needed,
+)
 
 
 @pytest.mark.parametrize("seed_sd,coverage", [(0.0, 0.95), (0.1, SEED_EFFECT_COVERAGE)])
@@ -57,7 +65,10 @@ def simulate_grid(rng: np.random.Generator, difference: float, *, seeds: int = 3
     normal with sd seed_sd cut at 3 sd: every probability stays inside [0, 1], so no clipping bends the mean); each
     run scores each problem as the mean of k Bernoulli samples."""
     r = rng.uniform(0.25, 0.55, problems)
-    run = lambda: np.clip(rng.normal(0, seed_sd, (seeds, 1)), -3 * seed_sd, 3 * seed_sd)  # noqa: E731
+
+    def run() -> np.ndarray:
+        return np.clip(rng.normal(0, seed_sd, (seeds, 1)), -3 * seed_sd, 3 * seed_sd)
+
     algorithm = r + difference + rng.uniform(-1, 1, problems) * np.sqrt(3) * problem_sd + run()
     reference = np.broadcast_to(r, (1, problems)) if warm_start else r + run()
     assert algorithm.min() >= 0 and algorithm.max() <= 1 and reference.min() >= 0 and reference.max() <= 1

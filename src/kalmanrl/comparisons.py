@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
@@ -20,6 +22,11 @@ from kalmanrl.stats import (
 )
 
 
+def _problem_pass_at_k(group: pd.DataFrame, k: int) -> float:
+    """pass@k of one problem from its samples: how many there are and how many are correct."""
+    return pass_at_k(len(group), int(group["correct"].sum()), k)
+
+
 def problem_matrices(details: pd.DataFrame, metrics: list[str]) -> dict[str, pd.DataFrame]:
     """Seeds x problems matrices [S, P] of each summary metric that is a mean over problems (avg_at_k, pass_at_<k>,
     maj_at_k, mean_length, truncation_rate), so that each gets its interval the same way. A metric the details
@@ -29,9 +36,9 @@ def problem_matrices(details: pd.DataFrame, metrics: list[str]) -> dict[str, pd.
                                                                                list(g["correct"]))),
                    ("mean_length", "num_tokens"): lambda g: g["num_tokens"].mean(),
                    ("truncation_rate", "finish_reason"): lambda g: (g["finish_reason"] == "length").mean()}
-    per_problem.update({(m, "correct"): lambda g, k=int(m.removeprefix("pass_at_")): pass_at_k(
-        len(g), int(g["correct"].sum()), k) for m in metrics
-        if m.startswith("pass_at_") and int(m.removeprefix("pass_at_")) <= samples})
+    pass_ks = {m: int(m.removeprefix("pass_at_")) for m in metrics if m.startswith("pass_at_")}
+    per_problem.update({(m, "correct"): functools.partial(_problem_pass_at_k, k=k)
+                        for m, k in pass_ks.items() if k <= samples})
     groups = details.groupby(["seed", "problem_id"], sort=True)
     matrices = {metric: groups.apply(function, include_groups=False).unstack("problem_id")
                 for (metric, column), function in per_problem.items() if metric in metrics and column in details}

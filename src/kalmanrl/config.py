@@ -183,7 +183,8 @@ def _check_references(config: dict) -> None:
     for key in ("tasks", "benchmarks"):
         for name in config[key]:
             if name not in config["datasets"]:
-                raise ConfigError(f"config.{key}: unknown dataset {name!r} (known: {', '.join(sorted(config['datasets']))})")
+                raise ConfigError(f"config.{key}: unknown dataset {name!r} "
+                                  f"(known: {', '.join(sorted(config['datasets']))})")
     for name, model in config["models"].items():
         needed = {"hub": "id", "local": "path"}.get(model["source"])
         if needed and needed not in model:
@@ -212,7 +213,8 @@ def _check_references(config: dict) -> None:
         check_dataset_names(f"config.datasets.{name}", dataset)
     evaluate = config["evaluate"]
     if max(evaluate["pass_k"]) > evaluate["k"]:
-        raise ConfigError(f"config.evaluate.pass_k: {evaluate['pass_k']} asks for more than k = {evaluate['k']} samples")
+        raise ConfigError(f"config.evaluate.pass_k: {evaluate['pass_k']} asks for more than "
+                          f"k = {evaluate['k']} samples")
 
 
 def _bound(name_key: str, params_key: str | None, bind: Callable[[], Any]) -> Any:
@@ -228,8 +230,8 @@ def _bound(name_key: str, params_key: str | None, bind: Callable[[], Any]) -> An
 
 
 def check_algorithm_names(where: str, algorithm: dict, train: dict) -> None:
-    """Bind an algorithm's estimator, ratio transform, surrogate and aggregate by name with their parameters, and try the
-    estimator and the transform on a zero batch of the run's group size, so a bad name or value fails at
+    """Bind an algorithm's estimator, ratio transform, surrogate and aggregate by name with their parameters, and try
+    the estimator and the transform on a zero batch of the run's group size, so a bad name or value fails at
     validation (naming its key) instead of at the first training step. Needs torch, nothing else."""
     import torch
 
@@ -287,8 +289,8 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
         return {"model": model, **({"templates": sorted({datasets[t]["template"] for t in config["tasks"]})}
                                    if model["source"] == "tiny" else {}), **plugins}
     if stage == "sft":
-        return {"sft": config["sft"], "template": datasets[wildcards["task"]]["template"], "seed": config["data"]["seed"],
-                "dtype": config["models"][wildcards["model"]]["dtype"], **plugins}
+        return {"sft": config["sft"], "template": datasets[wildcards["task"]]["template"],
+                "seed": config["data"]["seed"], "dtype": config["models"][wildcards["model"]]["dtype"], **plugins}
     ident = {k: wildcards[k] for k in ("model", "task", "algorithm", "benchmark") if k in wildcards}
     if "seed" in wildcards:
         ident["seed"] = int(wildcards["seed"])
@@ -307,9 +309,9 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
     raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
 
 
-_SETTINGS_PARTS = {"plugins": "plugins", "dataset": "dataset", "data": "data", "model": "model", "sft": "sft", "train": "train",
-                   "algorithm": "algorithm", "rollout": "rollout", "task": "dataset", "evaluate": "evaluate",
-                   "benchmark": "dataset", "report": "report"}
+_SETTINGS_PARTS = {"plugins": "plugins", "dataset": "dataset", "data": "data", "model": "model", "sft": "sft",
+                   "train": "train", "algorithm": "algorithm", "rollout": "rollout", "task": "dataset",
+                   "evaluate": "evaluate", "benchmark": "dataset", "report": "report"}
 
 
 def parse_settings(text: str) -> dict:

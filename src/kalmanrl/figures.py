@@ -8,15 +8,15 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+matplotlib.use("Agg")  # no display: chosen before pyplot is imported (ruff's E402 allows imports after this call)
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from kalmanrl.io import atomic_path  # noqa: E402
-from kalmanrl.layout import FIGURE_FILE, WARM_START, fill  # noqa: E402
-from kalmanrl.published import paper_matches  # noqa: E402
-from kalmanrl.results import CELL  # noqa: E402
+from kalmanrl.io import atomic_path
+from kalmanrl.layout import FIGURE_FILE, WARM_START, fill
+from kalmanrl.published import paper_matches
+from kalmanrl.results import CELL
 
 CURVES = {"reward_mean": "reward", "accuracy": "training accuracy", "kl": "KL to the reference (k3)",
           "clip_frac": "clip fraction", "response_length": "response length (tokens)", "entropy": "entropy"}

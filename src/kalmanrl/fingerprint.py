@@ -19,8 +19,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from kalmanrl.layout import (BASE_MODEL, DATASET, FINAL, METRICS, RUN_DIR, TRAIN_SPLIT, WARM_START_MODEL, fields,
-                             fill, parse)
+from kalmanrl.layout import (
+    BASE_MODEL,
+    DATASET,
+    FINAL,
+    METRICS,
+    RUN_DIR,
+    TRAIN_SPLIT,
+    WARM_START_MODEL,
+    fields,
+    fill,
+    parse,
+)
 from kalmanrl.provenance import files_sha256
 
 STAGES = ("data", "tokenizer", "base model", "warm start", "train")

@@ -18,8 +18,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kalmanrl import arithmetic
-from kalmanrl.answers import (ANSWER_RULES, MATH_SUBJECTS, gsm8k_answer, last_box_is_empty, math_level, math_subject,
-                              number_text, require_gold)
+from kalmanrl.answers import (
+    ANSWER_RULES,
+    MATH_SUBJECTS,
+    gsm8k_answer,
+    last_box_is_empty,
+    math_level,
+    math_subject,
+    number_text,
+    require_gold,
+)
 from kalmanrl.dataset import DATASET_SCHEMA, SPLITS, DataError, check_table
 from kalmanrl.decontamination import drop_problems, normalize_problem
 from kalmanrl.prompts import strip_boxed_instruction

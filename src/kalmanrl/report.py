@@ -16,14 +16,18 @@ import pandas as pd
 import yaml
 
 from kalmanrl.comparisons import accuracy_table, family_tests, paired_differences, seeds_for
-from kalmanrl.figures import (TOKEN_NOISE_NOTE, plot_accuracy_vs_step, plot_curves, plot_differences,
-                              plot_token_noise)
+from kalmanrl.figures import TOKEN_NOISE_NOTE, plot_accuracy_vs_step, plot_curves, plot_differences, plot_token_noise
 from kalmanrl.io import atomic_path, write_parquet
-from kalmanrl.layout import (FIGURES, REPORT_FILES, ResultsTree, evaluation_sibling, figure_dir, report_file,
-                             run_name)
+from kalmanrl.layout import FIGURES, REPORT_FILES, ResultsTree, evaluation_sibling, figure_dir, report_file, run_name
 from kalmanrl.provenance import ENVIRONMENT_COLUMNS
-from kalmanrl.published import (SECONDARY_NOTE, paper_column, paper_matches, published_display, published_numbers,
-                                published_sources)
+from kalmanrl.published import (
+    SECONDARY_NOTE,
+    paper_column,
+    paper_matches,
+    published_display,
+    published_numbers,
+    published_sources,
+)
 from kalmanrl.results import CELL, NO_SEED, RUN, final_steps, load_frames, summary_ident, with_seed_label
 from kalmanrl.stats import SEED_EFFECT_COVERAGE, Interval
 

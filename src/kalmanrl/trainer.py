@@ -37,8 +37,8 @@ from kalmanrl.logprobs import token_logprobs
 from kalmanrl.model import load_policy
 from kalmanrl.optim import make_rollout_optimizer
 from kalmanrl.progress import progress
-from kalmanrl.provenance import environment
 from kalmanrl.prompts import PromptTemplate, get_template
+from kalmanrl.provenance import environment
 from kalmanrl.rewards import RewardFunction, get_reward, limit_hits
 from kalmanrl.rollout import Completion, RolloutEngine, SamplingConfig
 from kalmanrl.settings import Train, TrainSettings, resolve_train
