@@ -45,14 +45,17 @@ HEAD_MODES = {"score": "scoring (no grad)", "update": "update, one chunk (grad, 
               "update-chunks": "update, four recomputed chunks (grad, entropy)"}
 
 
-def settings(shape: dict, **train) -> dict:
-    """Train and algorithm settings as the train stage gets them: the schema's defaults, validated."""
-    from kalmanrl.config import parse_settings
+def settings(shape: dict):
+    """The training settings of a shape, resolved for the CPU as a train job resolves them (the schema's defaults
+    for everything TRAIN and the shape leave out; transformers generate, as the measurement has no engine)."""
+    from kalmanrl.config import validate_config
+    from kalmanrl.settings import config_train_settings
 
-    return parse_settings(json.dumps({
+    config = validate_config({
         "train": {**TRAIN, "prompts_per_step": shape["prompts_per_step"], "group_size": shape["group_size"],
-                  "max_tokens": shape["completion_len"], **train},
-        "algorithm": ALGORITHM}))
+                  "max_tokens": shape["completion_len"]},
+        "algorithms": {"bench": ALGORITHM}, "rollout": {"backend": "hf"}})
+    return config_train_settings(config, "cpu")
 
 
 def rss_bytes() -> int:
@@ -86,15 +89,12 @@ def train_steps(spec: dict, shape: dict, steps: int) -> None:
     first epoch's mini-batches, micro-batch by micro-batch), then update_policy and the schedule's step."""
     from transformers import Qwen2ForCausalLM
 
-    from kalmanrl.config import validate_config
     from kalmanrl.model import tiny_config
     from kalmanrl.optim import make_rollout_optimizer
     from kalmanrl.plan import _VocabularyOfSpec
-    from kalmanrl.settings import config_train_settings
     from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, update_policy
 
-    given = settings(shape)
-    run = config_train_settings(validate_config({"train": given["train"], "algorithms": {"bench": given["algorithm"]}}))
+    run = settings(shape)
     batch = rollout_batch(spec, shape)
     policy = Qwen2ForCausalLM(tiny_config(spec, _VocabularyOfSpec(spec["vocab_size"])))
     optimizer, scheduler = make_rollout_optimizer(policy.parameters(), run.train.optimizer())
@@ -129,8 +129,7 @@ def estimate(size: str, shape_name: str) -> dict:
 
     spec, shape = SIZES[size], SHAPES[shape_name]
     model = model_shape(tiny_config(spec, _VocabularyOfSpec(spec["vocab_size"])))
-    planned = {**settings(shape), "rollout": {"backend": "hf", "max_model_len": 512}}
-    est = estimate_train(model, planned, Resources(gpus=0), source="tiny", prompt_len=shape["prompt_len"],
+    est = estimate_train(model, settings(shape), Resources(gpus=0), prompt_len=shape["prompt_len"],
                          completion_len=shape["completion_len"])
     step = {name: value for name, value in est.phases.items() if name != "generating"}
     return {"estimate": est.static + max(step.values()), "params": model.params, "static": est.static,

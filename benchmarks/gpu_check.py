@@ -119,7 +119,7 @@ def checkpoint_round_trip(model_dir: Path, path: Path, gpus: int | None) -> dict
 
 
 def step_cost(policy, settings: TrainSettings, shape: plan.ModelShape, *, rows: int, prompt_len: int,
-              completion_len: int, gpus: int | None, source: str) -> dict:
+              completion_len: int, gpus: int | None) -> dict:
     """Check 3 for one micro-batch budget: memory held between steps and the peak above it while scoring and while
     updating (CUDA's allocator statistics; on the CPU no allocator keeps them, so only times are measured), beside
     the plan's figures for the same settings, and the update's throughput."""
@@ -151,8 +151,8 @@ def step_cost(policy, settings: TrainSettings, shape: plan.ModelShape, *, rows: 
     score_s = run("scoring", lambda: setattr(batch, "old_logp", batch_logprobs(policy, batch, schedule[0], cfg)))
     update_s = run("updating", lambda: update_policy(policy, optimizer, batch, schedule, settings))
     tokens = int(batch.attention_mask.sum())
-    estimate = plan.estimate_train(shape, dict(settings.raw), plan.Resources(gpus=1 if cuda else 0), source=source,
-                                   prompt_len=prompt_len, completion_len=completion_len)
+    estimate = plan.estimate_train(shape, settings, plan.Resources(gpus=1 if cuda else 0), prompt_len=prompt_len,
+                                   completion_len=completion_len)
     planned = {"held": (estimate.static - estimate.parts["overhead"]) / GIB,
                **{name: estimate.phases[name] / GIB for name in ("scoring", "updating")}}
     measured = {"held": held / GIB, **phases} if cuda else {}
@@ -182,12 +182,12 @@ def costs(work: Path, gpus: int | None, peak_tflops: float) -> dict:
     if cuda:
         config = AutoConfig.from_pretrained(QWEN3_4B)
         policy = random_policy(config, torch.device("cuda"))
-        shape, source, rows, prompt_len, completion_len = plan.model_shape(config), "hub", 64, 256, 1024
+        shape, rows, prompt_len, completion_len = plan.model_shape(config), 64, 256, 1024
     else:
         model_dir, _ = build_data_and_model(work, easy_arithmetic(16), tiny_spec(128, 2))
         policy = load_policy(model_dir)[0]
         shape = plan.model_shape(policy.config)
-        source, rows, prompt_len, completion_len = "tiny", 16, 16, 32
+        rows, prompt_len, completion_len = 16, 16, 32
     policy.train()
     budgets = [4 * (prompt_len + completion_len), 16 * (prompt_len + completion_len)]
     results = []
@@ -198,7 +198,7 @@ def costs(work: Path, gpus: int | None, peak_tflops: float) -> dict:
             "rollout": {"backend": "hf"}})  # the plan below is given the rows' lengths
         settings = config_train_settings(config, "cuda" if cuda else "cpu", algorithm="grpo")
         results.append(step_cost(policy, settings, shape, rows=rows, prompt_len=prompt_len,
-                                 completion_len=completion_len, gpus=gpus, source=source))
+                                 completion_len=completion_len, gpus=gpus))
     context = None
     if cuda:
         free, total = torch.cuda.mem_get_info()

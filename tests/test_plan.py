@@ -14,6 +14,7 @@ import torch
 from kalmanrl import plan
 from kalmanrl.cli import main
 from kalmanrl.config import load_config, stage_settings, validate_config
+from kalmanrl.settings import resolve_rollout
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "model_configs"
@@ -80,7 +81,15 @@ def train_settings(**train) -> dict:
     config = validate_config({"train": {"prompts_per_step": 32, "group_size": 8, "mini_batches": 4, "max_tokens": 1024,
                                         **train},
                               "rollout": {"backend": "vllm", "max_model_len": 2048}})
-    return {"train": config["train"], "algorithm": {"beta": 0.0}, "rollout": config["rollout"]}
+    return stage_settings(config, "train", model="tiny", task=config["tasks"][0], algorithm="grpo", seed="0")
+
+
+def estimate(shape: plan.ModelShape, settings: dict, resources: plan.Resources, *, source: str,
+             **lengths) -> plan.Estimate:
+    """`plan.estimate_train` of a training job's settings, resolved as the plan resolves them for `resources`, the
+    model's source taken as `source`."""
+    settings = {**settings, "model": {**settings["model"], "source": source}}
+    return plan.estimate_train(shape, plan.resolve_for_plan("train", settings, resources), resources, **lengths)
 
 
 def qwen3() -> plan.ModelShape:
@@ -93,7 +102,7 @@ def test_logits_are_one_chunk_of_the_micro_batch_as_token_logprobs_cuts_it():
     shape = qwen3()
 
     def logits(chunk: int) -> float:
-        return plan.estimate_train(shape, train_settings(micro_batch_tokens=8192, logit_chunk_tokens=chunk),
+        return estimate(shape, train_settings(micro_batch_tokens=8192, logit_chunk_tokens=chunk),
                                    plan.Resources(gpus=1), source="hub").parts["logits"]
 
     copy = shape.vocab * 4 * plan.LOGIT_COPIES_UPDATE
@@ -108,21 +117,21 @@ def test_rows_are_as_long_as_train_max_length_lets_them_grow():
     P tokens at most min(max_tokens, max_length - P) completion tokens, so no row is longer than max_length: the plan
     sizes rows, micro-batches, activations and the generation's KV cache by it, not by rollout.max_model_len."""
     shape = qwen3()
-    capped = plan.estimate_train(shape, train_settings(max_length=1024), plan.Resources(gpus=1), source="hub")
-    same = plan.estimate_train(shape, train_settings(), plan.Resources(gpus=1), source="hub", prompt_len=1,
+    capped = estimate(shape, train_settings(max_length=1024), plan.Resources(gpus=1), source="hub")
+    same = estimate(shape, train_settings(), plan.Resources(gpus=1), source="hub", prompt_len=1,
                                completion_len=1023)
     assert "256 rows x 1024 tokens; micro-batches of 16 rows" in capped.notes
     assert capped.parts == same.parts
-    unlimited = plan.estimate_train(shape, train_settings(), plan.Resources(gpus=1), source="hub")
+    unlimited = estimate(shape, train_settings(), plan.Resources(gpus=1), source="hub")
     assert "256 rows x 2048 tokens; micro-batches of 8 rows" in unlimited.notes
     # Micro-batches hold micro_batch_tokens either way; a budget below one row is where the old sizing doubled.
     small = {"micro_batch_tokens": 1024}
-    one_row = plan.estimate_train(shape, train_settings(max_length=1024, **small), plan.Resources(gpus=1), source="hub")
-    two_rows = plan.estimate_train(shape, train_settings(**small), plan.Resources(gpus=1), source="hub")
+    one_row = estimate(shape, train_settings(max_length=1024, **small), plan.Resources(gpus=1), source="hub")
+    two_rows = estimate(shape, train_settings(**small), plan.Resources(gpus=1), source="hub")
     assert one_row.parts["activations"] == pytest.approx(two_rows.parts["activations"] / 2, rel=1e-3)
     assert one_row.phases["updating"] < two_rows.phases["updating"]
     # A limit above the engine's context changes nothing: the context binds.
-    assert plan.estimate_train(shape, train_settings(max_length=4096), plan.Resources(gpus=1),
+    assert estimate(shape, train_settings(max_length=4096), plan.Resources(gpus=1),
                                source="hub").parts == unlimited.parts
 
 
@@ -137,40 +146,45 @@ def test_sequence_lengths_follow_the_trainers_length_limit(backend, max_length, 
     from kalmanrl.stage import length_limit
 
     shape = plan.model_shape(plan.model_config({"source": "tiny", "tiny": TINY}), "float32")
-    rollout = {"backend": backend, "max_model_len": 2048}
-    train = {"max_tokens": 1024 if backend == "vllm" else 256, "max_length": max_length}
-    assert plan.sequence_lengths(train, rollout, shape, "cpu") == expected
+    section = {**validate_config({})["rollout"], "max_model_len": 2048}
+
+    max_tokens = 1024 if backend == "vllm" else 256
+
+    def lengths(engine: str, device: str) -> tuple[int, int]:  # `auto` resolved as the plan does for the device
+        rollout = resolve_rollout({**section, "backend": engine}, vllm_installed=device == "cuda")
+        return plan.sequence_lengths(max_tokens, max_length, rollout, shape)
+
+    assert lengths(backend, "cpu") == expected
     context = 2048 if backend == "vllm" else TINY["max_position_embeddings"]
     assert sum(expected) == length_limit(context, max_length)
-    assert plan.sequence_lengths(train, {**rollout, "backend": "auto"}, shape, "cuda") == \
-        plan.sequence_lengths(train, {**rollout, "backend": "vllm"}, shape, "cuda")
+    assert lengths("auto", "cuda") == lengths("vllm", "cuda")
 
 
 def test_sharding_divides_weights_gradients_and_optimizer_state_by_the_ranks():
     shape, settings = qwen3(), train_settings(micro_batch_tokens=8192, logit_chunk_tokens=1024)
-    one = plan.estimate_train(shape, settings, plan.Resources(gpus=1), source="hub")
-    eight = plan.estimate_train(shape, settings, plan.Resources(gpus=4, nodes=2), source="hub")
+    one = estimate(shape, settings, plan.Resources(gpus=1), source="hub")
+    eight = estimate(shape, settings, plan.Resources(gpus=4, nodes=2), source="hub")
     assert eight.ranks == 8
     for part in ("weights", "gradients", "optimizer"):
         assert eight.parts[part] == pytest.approx(one.parts[part] / 8)
     assert one.parts["weights"] == shape.params * 4 and one.parts["optimizer"] == shape.params * 8
-    pure = plan.estimate_train(shape, train_settings(micro_batch_tokens=8192, logit_chunk_tokens=1024,
+    pure = estimate(shape, train_settings(micro_batch_tokens=8192, logit_chunk_tokens=1024,
                                                      precision="bfloat16"), plan.Resources(gpus=1), source="hub")
     assert pure.parts["weights"] == shape.params * 2 and pure.parts["optimizer"] == shape.params * 4
 
 
 def test_checkpointing_keeps_far_fewer_activations_and_is_on_for_hub_models_only():
     shape, settings = qwen3(), train_settings(micro_batch_tokens=8192)
-    hub = plan.estimate_train(shape, settings, plan.Resources(gpus=1), source="hub")
+    hub = estimate(shape, settings, plan.Resources(gpus=1), source="hub")
     assert hub.parts["activations"] == hub.parts["activations_ckpt"] < hub.parts["activations_full"] / 5
-    tiny = plan.estimate_train(shape, settings, plan.Resources(gpus=1), source="tiny")
+    tiny = estimate(shape, settings, plan.Resources(gpus=1), source="tiny")
     assert tiny.parts["activations"] == tiny.parts["activations_full"]
 
 
 def test_a_small_vllm_share_is_refused_naming_gpu_memory_utilization():
     settings = train_settings(micro_batch_tokens=8192, logit_chunk_tokens=1024)
     settings["rollout"]["gpu_memory_utilization"] = 0.1  # 8 GiB: less than Qwen3-4B's bf16 weights and workspace
-    est = plan.estimate_train(qwen3(), settings, plan.Resources(gpus=1), source="hub")
+    est = estimate(qwen3(), settings, plan.Resources(gpus=1), source="hub")
     assert not est.fits
     assert re.search(r"raise rollout.gpu_memory_utilization from 0.1 to 0\.\d+", est.problems[0])
 
@@ -180,30 +194,36 @@ def test_a_kv_cache_smaller_than_a_ranks_rows_is_warned_about():
     (about 14 GiB: 55 sequences): vLLM would preempt and recompute, and the plan says so; half the GPU holds every
     512-token row."""
     settings = train_settings(micro_batch_tokens=8192, logit_chunk_tokens=1024)
-    est = plan.estimate_train(qwen3(), settings, plan.Resources(gpus=1), source="hub")
+    est = estimate(qwen3(), settings, plan.Resources(gpus=1), source="hub")
     warning = [n for n in est.notes if n.startswith("WARNING: vLLM's KV cache holds")]
     assert len(warning) == 1 and "fewer than the 256 rows a rank generates per step" in warning[0]
     settings["rollout"].update(max_model_len=512, gpu_memory_utilization=0.5)
     settings["train"]["max_tokens"] = 256
-    est = plan.estimate_train(qwen3(), settings, plan.Resources(gpus=1), source="hub")
+    est = estimate(qwen3(), settings, plan.Resources(gpus=1), source="hub")
     assert not [n for n in est.notes if n.startswith("WARNING")]
 
 
 def test_an_evaluation_plans_vllm_at_the_share_the_evaluate_stage_gives_it():
     """The evaluate stage gives vLLM `rollout.eval_gpu_memory_utilization` of the GPU; the plan counts that share
     and names that key (there is no `evaluate.gpu_memory_utilization`: the schema refuses it)."""
-    settings = {"evaluate": {"batch_size": 64, "k": 16, "max_tokens": 1024},
-                "rollout": {"backend": "vllm", "max_model_len": 2048, "tensor_parallel_size": 1,
-                            "eval_gpu_memory_utilization": 0.5}}
-    est = plan.estimate_evaluate(qwen3(), settings, plan.Resources(gpus=1, gpu_mem_gb=80))
+    resources = plan.Resources(gpus=1, gpu_mem_gb=80)
+
+    def evaluation(utilization: float) -> plan.Estimate:
+        config = validate_config({"evaluate": {"batch_size": 64, "k": 16, "max_tokens": 1024},
+                                  "rollout": {"backend": "vllm", "max_model_len": 2048,
+                                              "eval_gpu_memory_utilization": utilization}})
+        settings = stage_settings(config, "evaluate", model="tiny", task=config["tasks"][0], algorithm="sft",
+                                  benchmark=config["benchmarks"][0])
+        return plan.estimate_evaluate(qwen3(), plan.resolve_for_plan("evaluate", settings, resources), resources)
+
+    est = evaluation(0.5)
     assert est.parts["total"] == 0.5 * 80 * plan.GIB + plan.CUDA_OVERHEAD
-    settings["rollout"]["eval_gpu_memory_utilization"] = 0.05  # 4 GiB: less than Qwen3-4B's bf16 weights
-    est = plan.estimate_evaluate(qwen3(), settings, plan.Resources(gpus=1, gpu_mem_gb=80))
+    est = evaluation(0.05)  # 4 GiB: less than Qwen3-4B's bf16 weights
     assert not est.fits and "rollout.eval_gpu_memory_utilization" in est.problems[0]
 
 
 def test_cpu_jobs_are_estimated_but_never_refused():
-    est = plan.estimate_train(qwen3(), train_settings(), plan.Resources(gpus=0), source="hub")
+    est = estimate(qwen3(), train_settings(), plan.Resources(gpus=0), source="hub")
     assert est.device == "cpu" and est.total > est.static > 40 * plan.GIB and est.fits  # far over any GPU asked for
 
 
@@ -269,3 +289,11 @@ def test_config_files_merge_in_order_and_dotted_overrides_reach_into_sections(tm
     assert config["train"]["micro_batch_tokens"] == 4096 and config["train"]["logit_chunk_tokens"] == 512
     assert config["train"]["max_tokens"] == 4096  # kept from the first file
     assert config["resources"]["train"]["gpus"] == 4 and config["resources"]["train"]["gpu_mem_gb"] == 80
+
+
+def test_settings_a_job_would_refuse_are_refused_by_the_plan_naming_the_job(capsys):
+    """The plan resolves each job's settings as the job will (kalmanrl.settings), so what a training job would refuse
+    at start-up (a tensor-parallel engine) is refused here, before anything is submitted."""
+    assert main(["plan", "--config", "rollout.tensor_parallel_size=2"]) == 2
+    assert re.search(r"train model=tiny .*seed=0: rollout.tensor_parallel_size > 1 is for evaluation",
+                     capsys.readouterr().err)

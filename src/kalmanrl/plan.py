@@ -37,7 +37,7 @@ import torch
 
 from kalmanrl.config import ConfigError, stage_settings
 from kalmanrl.layout import config_jobs, parse_run_name
-from kalmanrl.settings import engine_context, resolve_backend, resolve_gradient_checkpointing, resolve_precision
+from kalmanrl.settings import EvaluateSettings, Rollout, Train, TrainSettings, resolve_evaluate, resolve_train
 
 log = logging.getLogger(__name__)
 
@@ -261,10 +261,20 @@ class Resources:
         return max(1, self.gpus) * self.nodes
 
 
-def planned_backend(rollout: dict, device: str) -> str:
-    """The engine a job will run, as planned before it starts: `auto` taken as vLLM on a GPU machine (where the GPU
-    lock installs it) and transformers on the CPU."""
-    return resolve_backend(rollout["backend"], vllm_installed=device == "cuda")
+def resolve_for_plan(stage: str, settings: dict, resources: Resources) -> TrainSettings | EvaluateSettings:
+    """A job's settings resolved as the job will resolve them on the devices it asks for, before it starts:
+    `rollout.backend: auto` taken as vLLM on a GPU machine (where the GPU lock installs it) and transformers on the
+    CPU. A setting the job would refuse is refused here, naming it."""
+    device = "cuda" if resources.gpus else "cpu"
+    try:
+        if stage == "train":
+            return resolve_train(settings, device, vllm_installed=device == "cuda")
+        if stage == "evaluate":
+            return resolve_evaluate(settings, vllm_installed=device == "cuda")
+    except ValueError as err:
+        raise ConfigError(f"{stage} {' '.join(f'{k}={v}' for k, v in settings.get('ident', {}).items())}: {err}"
+                          ) from None
+    raise ValueError(f"the memory plan covers train and evaluate, not {stage!r}")
 
 
 @dataclass(frozen=True)
@@ -281,52 +291,50 @@ class TrainShape:
         return self.prompt_len + self.completion_len
 
 
-def sequence_lengths(section: dict, rollout: dict, shape: ModelShape, device: str) -> tuple[int, int]:
-    """(prompt, completion) tokens of the longest row a stage (`section`: train or evaluate) can produce, where the
-    stage cuts it (`stage.length_limit`): the engine's context (vLLM's `rollout.max_model_len`; the model's
-    max_position_embeddings for transformers generate, whose absence leaves max_model_len) and the stage's
-    `max_length` (prompt plus completion, the KRPO authors' limit). Completions take at most `max_tokens` of it,
-    prompts the rest. `auto` counts as vLLM on a GPU and transformers on the CPU, as the estimates do."""
+def sequence_lengths(max_tokens: int, max_length: int | None, rollout: Rollout, shape: ModelShape
+                     ) -> tuple[int, int]:
+    """(prompt, completion) tokens of the longest row a stage can produce, where the stage cuts it
+    (`stage.length_limit`): the engine's context (`Rollout.context`: vLLM's `rollout.max_model_len`, the model's
+    max_position_embeddings for transformers generate) and the stage's `max_length` (prompt plus completion, the KRPO
+    authors' limit). Completions take at most `max_tokens` of it, prompts the rest."""
     from kalmanrl.stage import length_limit
 
-    backend = planned_backend(rollout, device)
     positions = json.loads(shape.config_json).get("max_position_embeddings")
     # An estimate needs a finite row: a model without max_position_embeddings is taken at rollout.max_model_len.
-    context = engine_context(backend, rollout["max_model_len"], positions) or rollout["max_model_len"]
-    limit = int(length_limit(context, section.get("max_length")))
-    completion = min(section["max_tokens"], limit - 1)
+    context = rollout.context(positions) or rollout.max_model_len
+    limit = int(length_limit(context, max_length))
+    completion = min(max_tokens, limit - 1)
     return limit - completion, completion
 
 
-def train_shape(train: dict, *, prompt_len: int, completion_len: int | None = None) -> TrainShape:
+def train_shape(train: Train, *, prompt_len: int, completion_len: int | None = None) -> TrainShape:
     """Micro-batches as `batch.micro_batches` cuts every mini-batch (for scoring and the update alike): as many rows
     of padded length as `train.micro_batch_tokens` holds, at least one, at most a mini-batch."""
-    rows = train["prompts_per_step"] * train["group_size"]
-    completion_len = train["max_tokens"] if completion_len is None else completion_len
+    rows = train.prompts_per_step * train.group_size
+    completion_len = train.max_tokens if completion_len is None else completion_len
     seq = prompt_len + completion_len
-    mini = math.ceil(rows / train["mini_batches"])
-    return TrainShape(rows, prompt_len, completion_len, min(mini, max(1, train["micro_batch_tokens"] // seq)))
+    mini = math.ceil(rows / train.mini_batches)
+    return TrainShape(rows, prompt_len, completion_len, min(mini, max(1, train.micro_batch_tokens // seq)))
 
 
-def logit_bytes(train: dict, vocab: int, rows: int, completion_len: int, *, grad: bool) -> float:
+def logit_bytes(train: Train, vocab: int, rows: int, completion_len: int, *, grad: bool) -> float:
     """The log-prob head's float32 tensors of one chunk: `logprobs.token_logprobs` takes chunk_tokens // rows
     positions (at least one) of every row of the micro-batch at a time, at most its completion_len positions."""
-    width = min(completion_len, max(1, train["logit_chunk_tokens"] // max(1, rows)))
+    width = min(completion_len, max(1, train.logit_chunk_tokens // max(1, rows)))
     return rows * width * vocab * 4 * (LOGIT_COPIES_UPDATE if grad else LOGIT_COPIES_SCORE)
 
 
-def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, source: str,
+def estimate_train(shape: ModelShape, settings: TrainSettings, resources: Resources, *,
                    prompt_len: int | None = None, completion_len: int | None = None) -> Estimate:
-    """Peak memory per rank of one training job (settings as the train stage gets them). Rows are taken as long as
-    the trainer lets them grow (`sequence_lengths`: the engine's context and `train.max_length`) unless the lengths
-    are given."""
-    train, rollout, beta = settings["train"], settings["rollout"], settings["algorithm"]["beta"]
+    """Peak memory per rank of one training job (its settings resolved for these resources: `resolve_for_plan`).
+    Rows are taken as long as the trainer lets them grow (`sequence_lengths`: the engine's context and
+    `train.max_length`) unless the lengths are given."""
+    train, rollout, beta = settings.train, settings.rollout, settings.algorithm.beta
     device = "cuda" if resources.gpus else "cpu"
     ranks = resources.ranks if device == "cuda" else 1
-    mode = resolve_precision(train["precision"], device).name
-    ckpt = resolve_gradient_checkpointing(train["gradient_checkpointing"], source)
+    mode, ckpt = train.precision.name, train.gradient_checkpointing
     if prompt_len is None:
-        prompt_len, longest_completion = sequence_lengths(train, rollout, shape, device)
+        prompt_len, longest_completion = sequence_lengths(train.max_tokens, train.max_length, rollout, shape)
         completion_len = longest_completion if completion_len is None else completion_len
     step = train_shape(train, prompt_len=prompt_len, completion_len=completion_len)
     weight_bytes, state_bytes = (2, 2) if mode == "bfloat16" else (4, 4)
@@ -367,7 +375,7 @@ def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, s
     problems: list[str] = []
     engine_live = engine_asleep = 0.0
     parts["vllm_weights"] = parts["kv_cache"] = 0.0
-    backend = planned_backend(rollout, device)
+    backend = rollout.backend
     if device == "cuda" and backend == "vllm":
         engine_live, engine_asleep = _colocated_vllm(shape, rollout, resources, parts, problems, notes)
         notes += _kv_capacity_warning(shape, rollout, parts["kv_cache"], math.ceil(step.rows / ranks))
@@ -376,7 +384,7 @@ def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, s
         engine_live = parts["kv_cache"]
     else:  # vLLM on the CPU: weights in the policy's dtype (float32) and a fixed KV cache
         parts["vllm_weights"] = p * 4
-        parts["kv_cache"] = rollout["kv_cache_gib"] * GIB
+        parts["kv_cache"] = rollout.kv_cache_gib * GIB
         engine_live = engine_asleep = parts["vllm_weights"] + parts["kv_cache"]
     parts["overhead"] = CUDA_OVERHEAD if device == "cuda" else 0.0
     # Gradients exist from the first backward of a rollout batch to its last optimiser step (the trainer frees them
@@ -390,25 +398,23 @@ def estimate_train(shape: ModelShape, settings: dict, resources: Resources, *, s
                     notes, problems, static, phases)
 
 
-def _colocated_vllm(shape: ModelShape, rollout: dict, resources: Resources, parts: dict, problems: list[str],
+def _colocated_vllm(shape: ModelShape, rollout: Rollout, resources: Resources, parts: dict, problems: list[str],
                     notes: list[str]) -> tuple[float, float]:
     """The engine's share of the GPU while live, and its residue asleep; checks its KV cache holds one sequence."""
-    tp = rollout.get("tensor_parallel_size", 1)
-    budget = rollout["gpu_memory_utilization"] * resources.gpu_mem_gb * GIB
+    tp = rollout.tensor_parallel_size
+    budget = rollout.gpu_memory_utilization * resources.gpu_mem_gb * GIB
     parts["vllm_weights"] = shape.params * DTYPE_BYTES[shape.serve_dtype] / tp
     parts["kv_cache"] = budget - parts["vllm_weights"] - VLLM_WORKSPACE
     _check_kv(shape, rollout, parts["kv_cache"], tp, problems, "rollout.gpu_memory_utilization",
-              rollout["gpu_memory_utilization"], resources.gpu_mem_gb)
-    sleep = rollout.get("sleep", True)
-    notes.append(f"vLLM {'sleeps' if sleep else 'stays awake'} during scoring and the update")
-    return budget, VLLM_ASLEEP if sleep else budget
+              rollout.gpu_memory_utilization, resources.gpu_mem_gb)
+    notes.append(f"vLLM {'sleeps' if rollout.sleep else 'stays awake'} during scoring and the update")
+    return budget, VLLM_ASLEEP if rollout.sleep else budget
 
 
-def _kv_capacity_warning(shape: ModelShape, rollout: dict, kv_cache: float, rows: int) -> list[str]:
+def _kv_capacity_warning(shape: ModelShape, rollout: Rollout, kv_cache: float, rows: int) -> list[str]:
     """A warning when vLLM's KV cache holds fewer whole sequences than a rank generates per step: vLLM then preempts
     and recomputes sequences (slower, the same numbers), which nothing else would say."""
-    per_sequence = rollout["max_model_len"] * shape.kv_bytes_per_token(shape.serve_dtype) / rollout.get(
-        "tensor_parallel_size", 1)
+    per_sequence = rollout.max_model_len * shape.kv_bytes_per_token(shape.serve_dtype) / rollout.tensor_parallel_size
     held = max(0, int(kv_cache // per_sequence))
     if held >= rows:
         return []
@@ -417,14 +423,14 @@ def _kv_capacity_warning(shape: ModelShape, rollout: dict, kv_cache: float, rows
             f"rollout.gpu_memory_utilization or lower rollout.max_model_len"]
 
 
-def _check_kv(shape: ModelShape, rollout: dict, kv_cache: float, tp: int, problems: list[str], key: str,
+def _check_kv(shape: ModelShape, rollout: Rollout, kv_cache: float, tp: int, problems: list[str], key: str,
               utilization: float, gpu_mem_gb: float) -> None:
     per_token = shape.kv_bytes_per_token(shape.serve_dtype) / tp
-    need = rollout["max_model_len"] * per_token
+    need = rollout.max_model_len * per_token
     if kv_cache < need:
         wanted = (shape.params * DTYPE_BYTES[shape.serve_dtype] / tp + VLLM_WORKSPACE + need) / (gpu_mem_gb * GIB)
         problems.append(f"vLLM's KV cache ({kv_cache / GIB:.1f} GiB) cannot hold one sequence of rollout.max_model_len"
-                        f" = {rollout['max_model_len']} tokens ({need / GIB:.2f} GiB): raise {key} from "
+                        f" = {rollout.max_model_len} tokens ({need / GIB:.2f} GiB): raise {key} from "
                         f"{utilization} to {math.ceil(wanted * 100) / 100}")
 
 
@@ -435,26 +441,26 @@ def _hf_generate_bytes(shape: ModelShape, rows: int, seq_len: int, completion_le
     return batch * seq_len * shape.kv_bytes_per_token(dtype) + 2 * batch * completion_len * shape.vocab * 4
 
 
-def estimate_evaluate(shape: ModelShape, settings: dict, resources: Resources) -> Estimate:
+def estimate_evaluate(shape: ModelShape, settings: EvaluateSettings, resources: Resources) -> Estimate:
     """Peak memory per GPU of one evaluation job: with vLLM, the engine alone at `rollout.eval_gpu_memory_utilization`
     (what the evaluate stage gives vLLM); with transformers, the float32 policy and its generation."""
-    evaluate, rollout = settings["evaluate"], settings["rollout"]
+    evaluate, rollout = settings.evaluate, settings.rollout
     device = "cuda" if resources.gpus else "cpu"
     parts = {key: 0.0 for key in ("weights", "gradients", "optimizer", "reference", "compute_copy",
                                   "activations_full", "activations_ckpt", "activations", "logits")}
     problems: list[str] = []
     notes: list[str] = []
-    rows = evaluate["batch_size"] * evaluate["k"]
-    backend = planned_backend(rollout, device)
+    rows = evaluate.batch_size * evaluate.k
+    backend = rollout.backend
     if device == "cuda" and backend == "vllm":
-        tp = rollout.get("tensor_parallel_size", 1)
-        utilization = rollout["eval_gpu_memory_utilization"]
+        tp = rollout.tensor_parallel_size
+        utilization = rollout.eval_gpu_memory_utilization
         budget = utilization * resources.gpu_mem_gb * GIB
         parts["vllm_weights"] = shape.params * DTYPE_BYTES[shape.serve_dtype] / tp
         parts["kv_cache"] = budget - parts["vllm_weights"] - VLLM_WORKSPACE
         _check_kv(shape, rollout, parts["kv_cache"], tp, problems, "rollout.eval_gpu_memory_utilization", utilization,
                   resources.gpu_mem_gb)
-        per_sequence = rollout["max_model_len"] * shape.kv_bytes_per_token(shape.serve_dtype) / tp
+        per_sequence = rollout.max_model_len * shape.kv_bytes_per_token(shape.serve_dtype) / tp
         notes.append(f"vLLM alone; its KV cache holds {max(0, int(parts['kv_cache'] // per_sequence))} sequences of "
                      f"rollout.max_model_len tokens at once ({rows} per generate call)")
         parts["overhead"] = CUDA_OVERHEAD
@@ -462,10 +468,10 @@ def estimate_evaluate(shape: ModelShape, settings: dict, resources: Resources) -
     else:  # the float32 policy loaded for generation, and beside it on the CPU vLLM's float32 copy and KV cache
         parts["weights"] = shape.params * 4
         if backend == "vllm":
-            parts["vllm_weights"], parts["kv_cache"] = shape.params * 4, rollout["kv_cache_gib"] * GIB
+            parts["vllm_weights"], parts["kv_cache"] = shape.params * 4, rollout.kv_cache_gib * GIB
         else:
             parts["vllm_weights"] = 0.0
-            prompt_len, completion_len = sequence_lengths(evaluate, rollout, shape, device)
+            prompt_len, completion_len = sequence_lengths(evaluate.max_tokens, evaluate.max_length, rollout, shape)
             parts["kv_cache"] = _hf_generate_bytes(shape, rows, prompt_len + completion_len, completion_len,
                                                    "float32")
         parts["overhead"] = CUDA_OVERHEAD if device == "cuda" else 0.0
@@ -493,27 +499,29 @@ def jobs(config: dict) -> Iterator[tuple[str, dict]]:
         yield stage, wildcards
 
 
-def estimate_job(stage: str, settings: dict, shape: ModelShape, resources: Resources, *, source: str) -> Estimate:
+def estimate_job(stage: str, settings: TrainSettings | EvaluateSettings, shape: ModelShape,
+                 resources: Resources) -> Estimate:
     if stage == "train":
-        return estimate_train(shape, settings, resources, source=source)
+        return estimate_train(shape, settings, resources)
     if stage == "evaluate":
         return estimate_evaluate(shape, settings, resources)
     raise ValueError(f"the memory plan covers train and evaluate, not {stage!r}")
 
 
-def suggestions(stage: str, settings: dict, shape: ModelShape, resources: Resources, *, source: str) -> list[str]:
+def suggestions(stage: str, settings: TrainSettings | EvaluateSettings, shape: ModelShape,
+                resources: Resources) -> list[str]:
     """Alternative changes that make a job fit, each checked with the plan itself: more GPUs (or nodes) alone; or,
     for training, smaller logit chunks, gradient checkpointing and the largest micro-batch budget that fits (on the
     GPUs asked for, else on the fewest that suffice). The plan's own problems (vLLM's KV cache) come first."""
-    first = estimate_job(stage, settings, shape, resources, source=source)
+    first = estimate_job(stage, settings, shape, resources)
     found = list(first.problems)
     if first.device != "cuda" or first.fits or found:
         return found
 
-    def fits(new_settings: dict, new_resources: Resources) -> bool:
-        return estimate_job(stage, new_settings, shape, new_resources, source=source).fits
+    def fits(new_settings: TrainSettings | EvaluateSettings, new_resources: Resources) -> bool:
+        return estimate_job(stage, new_settings, shape, new_resources).fits
 
-    def fewest_ranks(new_settings: dict) -> Resources | None:
+    def fewest_ranks(new_settings: TrainSettings | EvaluateSettings) -> Resources | None:
         for ranks in range(resources.ranks + 1, 8 * GPUS_PER_NODE + 1):
             gpus, nodes = (ranks, 1) if ranks <= GPUS_PER_NODE else (GPUS_PER_NODE, ranks // GPUS_PER_NODE)
             if gpus * nodes == ranks and fits(new_settings, replace(resources, gpus=gpus, nodes=nodes)):
@@ -528,18 +536,18 @@ def suggestions(stage: str, settings: dict, shape: ModelShape, resources: Resour
         found.append(asking(more))
     if stage != "train":
         return found
-    train, changes = dict(settings["train"]), []
-    if train["logit_chunk_tokens"] > 4096:
-        train["logit_chunk_tokens"] = 4096
+    changes = []
+    if settings.train.logit_chunk_tokens > 4096:
+        settings = settings.with_train(logit_chunk_tokens=4096)
         changes.append("train.logit_chunk_tokens: 4096")
-    if not resolve_gradient_checkpointing(train["gradient_checkpointing"], source):
-        train["gradient_checkpointing"] = True
+    if not settings.train.gradient_checkpointing:
+        settings = settings.with_train(gradient_checkpointing=True)
         changes.append("train.gradient_checkpointing: true")
-    seq = sum(sequence_lengths(train, settings["rollout"], shape, first.device))
-    rows = train["prompts_per_step"] * train["group_size"]
+    seq = sum(sequence_lengths(settings.train.max_tokens, settings.train.max_length, settings.rollout, shape))
+    rows = settings.train.prompts_per_step * settings.train.group_size
 
-    def with_budget(tokens: int) -> dict:
-        return {**settings, "train": {**train, "micro_batch_tokens": tokens}}
+    def with_budget(tokens: int) -> TrainSettings:
+        return settings.with_train(micro_batch_tokens=tokens)
 
     target = resources if fits(with_budget(seq), resources) else fewest_ranks(with_budget(seq))
     if target is None or target is not resources and more is not None and not changes:
@@ -589,15 +597,13 @@ def plan_config(config: dict, shapes: dict[str, ModelShape]) -> list[PlannedGrou
     """Estimate every training and evaluation job of a validated config; `shapes` by model name."""
     groups: dict[str, PlannedGroup] = {}
     for stage, wildcards in jobs(config):
-        settings = settings_of(config, stage, wildcards)
         resources = resources_of(config, stage)
-        source = settings["model"]["source"]
-        estimate = estimate_job(stage, settings, shapes[wildcards["model"]], resources, source=source)
+        settings = resolve_for_plan(stage, settings_of(config, stage, wildcards), resources)
+        estimate = estimate_job(stage, settings, shapes[wildcards["model"]], resources)
         key = json.dumps([stage, wildcards["model"], {k: round(v) for k, v in estimate.parts.items()},
                           estimate.notes, estimate.problems])
         if key not in groups:
-            fixes = [] if estimate.fits else suggestions(stage, settings, shapes[wildcards["model"]], resources,
-                                                         source=source)
+            fixes = [] if estimate.fits else suggestions(stage, settings, shapes[wildcards["model"]], resources)
             groups[key] = PlannedGroup(stage, estimate, resources, fixes=fixes)
         groups[key].wildcards.append(wildcards)
     return list(groups.values())
@@ -701,11 +707,10 @@ def check_fits(stage: str, settings: dict, model_dir: str | Path) -> Estimate:
         memory = torch.cuda.get_device_properties(0).total_memory / GIB
         resources = Resources(gpus=given.get("gpus") or ranks, nodes=given.get("nodes", 1),
                               gpu_mem_gb=given.get("gpu_mem_gb") or memory)
-    source = model.get("source", "local")
-    estimate = estimate_job(stage, settings, shape, resources, source=source)
+    resolved = resolve_for_plan(stage, settings, resources)
+    estimate = estimate_job(stage, resolved, shape, resources)
     log.info("memory plan (%s, %s): %.2f GiB per device", stage, estimate.device, estimate.total / GIB)
     if not estimate.fits:
         label = " ".join(f"{k}={v}" for k, v in settings.get("ident", {}).items())
-        raise MemoryPlanError(refusal(stage, label, estimate, suggestions(stage, settings, shape, resources,
-                                                                          source=source)))
+        raise MemoryPlanError(refusal(stage, label, estimate, suggestions(stage, resolved, shape, resources)))
     return estimate
