@@ -11,7 +11,7 @@ TORCH_CPU_SOURCE ?= --index https://download.pytorch.org/whl/cpu --index-strateg
 LOCK_TARGET = --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
               --custom-compile-command "make lock"
 
-.PHONY: install test smoke lock
+.PHONY: install test check smoke lock
 
 # Exactly the locked versions, every file checked against its hash, nothing resolved at install time (--no-deps:
 # the lock is complete); then this package itself, editable, without touching the locked packages.
@@ -23,6 +23,12 @@ install:
 test: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q -rs --durations=25
+
+# The contributors' fast lane: the linter and every test not marked slow or vllm (no real Snakemake, SLURM, Docker
+# or vLLM runs; about 3 min on 2 cores). `make test` runs everything, as CI does.
+check: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest -q -rs -m "not slow and not vllm"
 
 smoke: install
 	snakemake --cores all --configfile config/smoke.yaml
