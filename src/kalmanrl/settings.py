@@ -42,12 +42,6 @@ def resolve_backend(chosen: str, *, vllm_installed: bool) -> str:
     return chosen
 
 
-def engine_context(backend: str, max_model_len: int, max_position_embeddings: int | None) -> int | None:
-    """The most tokens (prompt plus completion) a rollout engine holds: vLLM's `rollout.max_model_len`; for the hf
-    engine its model's `max_position_embeddings` (None when the model's config gives none)."""
-    return max_model_len if backend == "vllm" else max_position_embeddings
-
-
 @dataclass(frozen=True)
 class Train:
     """The `train` section, with `precision` and `gradient_checkpointing` resolved."""
@@ -101,8 +95,9 @@ class Rollout:
     overlong_prompts: str
 
     def context(self, max_position_embeddings: int | None) -> int | None:
-        """The engine's context for a model (see `engine_context`)."""
-        return engine_context(self.backend, self.max_model_len, max_position_embeddings)
+        """The most tokens (prompt plus completion) the engine holds for a model: vLLM's `rollout.max_model_len`; for
+        the hf engine the model's `max_position_embeddings` (None when the model's config gives none)."""
+        return self.max_model_len if self.backend == "vllm" else max_position_embeddings
 
     def engine_options(self) -> dict[str, Any]:
         """The options `rollout.make_engine` passes on to the engine."""
@@ -193,10 +188,6 @@ def resolve_train(settings: Mapping[str, Any], device_type: str, *, vllm_install
                   ) -> TrainSettings:
     """A training job's settings (`config.stage_settings(config, "train", ...)`) resolved for a device ("cuda",
     "cpu"). `vllm_installed` (default: whether vllm imports here) decides `rollout.backend: auto`."""
-    if vllm_installed is None:
-        from kalmanrl.rollout import vllm_available
-
-        vllm_installed = vllm_available()
     section, model = dict(settings["train"]), settings["model"]
     train = Train(**{**section, "precision": resolve_precision(section["precision"], device_type),
                      "gradient_checkpointing": resolve_gradient_checkpointing(section["gradient_checkpointing"],
@@ -216,10 +207,6 @@ def resolve_train(settings: Mapping[str, Any], device_type: str, *, vllm_install
 def resolve_evaluate(settings: Mapping[str, Any], *, vllm_installed: bool | None = None) -> EvaluateSettings:
     """An evaluation job's settings (`config.stage_settings(config, "evaluate", ...)`) resolved; `vllm_installed`
     (default: whether vllm imports here) decides `rollout.backend: auto`."""
-    if vllm_installed is None:
-        from kalmanrl.rollout import vllm_available
-
-        vllm_installed = vllm_available()
     benchmark = settings["benchmark"]
     return EvaluateSettings(evaluate=Evaluate(**settings["evaluate"]),
                             rollout=resolve_rollout(settings["rollout"], vllm_installed=vllm_installed),
@@ -240,8 +227,13 @@ def config_train_settings(config: Mapping[str, Any], device_type: str = "cpu", *
     return resolve_train(raw, device_type, vllm_installed=vllm_installed)
 
 
-def resolve_rollout(section: Mapping[str, Any], *, vllm_installed: bool) -> Rollout:
-    """The `rollout` section with its backend resolved."""
+def resolve_rollout(section: Mapping[str, Any], *, vllm_installed: bool | None = None) -> Rollout:
+    """The `rollout` section with its backend resolved (`auto`: by `vllm_installed`, default whether vllm imports
+    here)."""
+    if vllm_installed is None:
+        from kalmanrl.rollout import vllm_available
+
+        vllm_installed = vllm_available()
     return Rollout(**{**section, "backend": resolve_backend(section["backend"], vllm_installed=vllm_installed)})
 
 
