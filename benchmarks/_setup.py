@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from kalmanrl.batch import RolloutBatch, build_batch
-from kalmanrl.dataset import read_dataset, write_dataset
-from kalmanrl.loaders import build_dataset
-from kalmanrl.model import build_tiny_model, tokenizer_corpus
-from kalmanrl.rollout import Completion
+from kalmanrl.data.dataset import read_dataset, write_dataset
+from kalmanrl.data.loaders import build_dataset
+from kalmanrl.policy.batch import RolloutBatch, build_batch
+from kalmanrl.policy.model import build_tiny_model, tokenizer_corpus
+from kalmanrl.policy.rollout import Completion
 
 EASY_PRESETS = {"easy": [3, 3]}  # the KRPO paper's easy Arithmetic: three terms of up to three digits
 

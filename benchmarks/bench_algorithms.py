@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 import torch
 
-from kalmanrl.algorithms import KPO_DEFAULTS as KPO
-from kalmanrl.algorithms import get_advantage_estimator, get_ratio_transform, policy_loss
-from kalmanrl.kalman import kalman_filter
+from kalmanrl.rl.algorithms import KPO_DEFAULTS as KPO
+from kalmanrl.rl.algorithms import get_advantage_estimator, get_ratio_transform, policy_loss
+from kalmanrl.rl.kalman import kalman_filter
 
 
 def timings(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:

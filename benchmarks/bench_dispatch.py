@@ -17,11 +17,11 @@ import statistics
 import subprocess
 import sys
 
-from kalmanrl.dispatch import DISPATCH_ENV, LEVELS
+from kalmanrl.runtime.cpu import DISPATCH_ENV, LEVELS
 
 STEP = r"""
 import hashlib, os, sys, time
-from kalmanrl.dispatch import pin_cpu_dispatch
+from kalmanrl.runtime.cpu import pin_cpu_dispatch
 pin_cpu_dispatch()
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM

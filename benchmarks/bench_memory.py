@@ -1,7 +1,7 @@
 """The memory plan against measured peaks: peak host memory of real training steps on the CPU (the trainer's scoring
 pass `batch_logprobs` and `update_policy`, float32, AdamW, the default `train.micro_batch_tokens` and
 `train.logit_chunk_tokens`) for tiny Qwen2 models of several sizes and two rollout batch shapes, next to
-`kalmanrl.plan`'s estimate for the same shapes.
+`kalmanrl.jobs.plan`'s estimate for the same shapes.
 
 Each case runs in a fresh subprocess: imports, one warm-up step of a 1-layer model on 2 rows (so the code pages of
 torch's forward, backward and AdamW kernels, touched once per process, are in the baseline and not counted as step
@@ -48,8 +48,8 @@ HEAD_MODES = {"score": "scoring (no grad)", "update": "update, one chunk (grad, 
 def settings(shape: dict):
     """The training settings of a shape, resolved for the CPU as a train job resolves them (the schema's defaults
     for everything TRAIN and the shape leave out; transformers generate, as the measurement has no engine)."""
-    from kalmanrl.config import validate_config
-    from kalmanrl.settings import config_train_settings
+    from kalmanrl.configuration.config import validate_config
+    from kalmanrl.configuration.settings import config_train_settings
 
     config = validate_config({
         "train": {**TRAIN, "prompts_per_step": shape["prompts_per_step"], "group_size": shape["group_size"],
@@ -74,8 +74,8 @@ def rollout_batch(spec: dict, shape: dict):
     """Random prompts and full-length completions, packed as the trainer packs a rollout batch."""
     import torch
 
-    from kalmanrl.batch import build_batch
-    from kalmanrl.rollout import Completion
+    from kalmanrl.policy.batch import build_batch
+    from kalmanrl.policy.rollout import Completion
 
     vocab, rows = spec["vocab_size"], shape["prompts_per_step"] * shape["group_size"]
     prompts = [torch.randint(3, vocab, (shape["prompt_len"],)).tolist() for _ in range(shape["prompts_per_step"])]
@@ -89,10 +89,10 @@ def train_steps(spec: dict, shape: dict, steps: int) -> None:
     first epoch's mini-batches, micro-batch by micro-batch), then update_policy and the schedule's step."""
     from transformers import Qwen2ForCausalLM
 
-    from kalmanrl.model import tiny_config
-    from kalmanrl.optim import make_rollout_optimizer
-    from kalmanrl.plan import _VocabularyOfSpec
-    from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, update_policy
+    from kalmanrl.jobs.plan import _VocabularyOfSpec
+    from kalmanrl.jobs.trainer import batch_logprobs, mini_batch_schedule, update_policy
+    from kalmanrl.policy.model import tiny_config
+    from kalmanrl.policy.optim import make_rollout_optimizer
 
     run = settings(shape)
     batch = rollout_batch(spec, shape)
@@ -124,8 +124,8 @@ def measure(size: str, shape_name: str) -> dict:
 
 def estimate(size: str, shape_name: str) -> dict:
     """The plan's CPU estimate of the same training step (no rollout engine: the measurement generates nothing)."""
-    from kalmanrl.model import tiny_config
-    from kalmanrl.plan import Resources, _VocabularyOfSpec, estimate_train, model_shape
+    from kalmanrl.jobs.plan import Resources, _VocabularyOfSpec, estimate_train, model_shape
+    from kalmanrl.policy.model import tiny_config
 
     spec, shape = SIZES[size], SHAPES[shape_name]
     model = model_shape(tiny_config(spec, _VocabularyOfSpec(spec["vocab_size"])))
@@ -144,9 +144,9 @@ def measure_head(mode: str) -> dict:
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from kalmanrl.logprobs import token_logprobs
-    from kalmanrl.model import tiny_config
-    from kalmanrl.plan import _VocabularyOfSpec
+    from kalmanrl.jobs.plan import _VocabularyOfSpec
+    from kalmanrl.policy.logprobs import token_logprobs
+    from kalmanrl.policy.model import tiny_config
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

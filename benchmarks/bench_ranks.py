@@ -3,8 +3,8 @@
     python benchmarks/bench_ranks.py [--steps 4] [--prompts 8] [--group 8] [--max-tokens 32] [--hidden 128]
                                      [--layers 2]
 
-Builds a tiny Qwen2 and an Arithmetic dataset in a temporary directory, then runs `kalmanrl.trainer.train` (KPO, the
-same settings and seed, so the same global batch each step) three times, each in fresh processes:
+Builds a tiny Qwen2 and an Arithmetic dataset in a temporary directory, then runs `kalmanrl.jobs.trainer.train` (KPO,
+the same settings and seed, so the same global batch each step) three times, each in fresh processes:
 1 rank with 1 torch thread, 1 rank with 2 threads, and `torchrun --standalone --nproc-per-node 2` with 1 thread per
 rank (gloo). Prints per configuration the median wall time of a step and of its phases (the metrics rows' time_*
 columns, rank 0's clock) over the steps after the first (warm-up), the peak RSS of each rank (VmHWM) and the
@@ -44,8 +44,8 @@ def worker(settings: Path, model: Path, data: Path, out: Path, threads: int) -> 
     sys.path.insert(0, str(TESTS))
     import digit_share  # noqa: F401  (registers the "digit_share" reward)
     from bench_memory import peak_rss_bytes
-    from kalmanrl.config import parse_settings
-    from kalmanrl.trainer import train
+    from kalmanrl.configuration.config import parse_settings
+    from kalmanrl.jobs.trainer import train
 
     train(model, data, out, settings=parse_settings(f"@{settings}"), threads=threads)
     rank = int(os.environ.get("RANK", "0"))
@@ -56,7 +56,7 @@ def worker(settings: Path, model: Path, data: Path, out: Path, threads: int) -> 
 def settings_for(args) -> dict:
     sys.path.insert(0, str(TESTS))
     import digit_share  # noqa: F401  (registers the "digit_share" reward)
-    from kalmanrl.config import stage_settings, validate_config
+    from kalmanrl.configuration.config import stage_settings, validate_config
 
     config = validate_config({
         "train": {"steps": args.steps, "prompts_per_step": args.prompts, "group_size": args.group,

@@ -19,7 +19,7 @@ import re
 import time
 from pathlib import Path
 
-from kalmanrl.rewards import Check, get_reward
+from kalmanrl.data.rewards import Check, get_reward
 
 # MATH-500's local copy in the directory of dataset copies ($KALMANRL_DATA_DIR, as for `kalmanrl data`).
 MATH500 = Path(os.environ.get("KALMANRL_DATA_DIR", "data")) / "math500" / "test.jsonl"

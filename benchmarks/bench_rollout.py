@@ -35,9 +35,9 @@ SIZES = {
 
 def build(root: Path, size: str) -> tuple[Path, list[list[int]]]:
     """The model directory of `size` and the benchmark's prompt ids (problems of the generated arithmetic task)."""
-    from kalmanrl.arithmetic import generate
-    from kalmanrl.model import build_tiny_model, load_policy
-    from kalmanrl.prompts import get_template
+    from kalmanrl.data.arithmetic import generate
+    from kalmanrl.data.prompts import get_template
+    from kalmanrl.policy.model import build_tiny_model, load_policy
 
     problems = generate(2000, 0, max_terms=3, max_digits=3, seed=0)["train"]
     model_dir = root / size
@@ -54,8 +54,8 @@ def measure(root: Path, size: str, backend: str, args: argparse.Namespace) -> di
     """Tokens/s of one engine on one model size (and, for vLLM, the median time of a weight sync)."""
     import torch
 
-    from kalmanrl.model import load_policy
-    from kalmanrl.rollout import SamplingConfig, make_engine
+    from kalmanrl.policy.model import load_policy
+    from kalmanrl.policy.rollout import SamplingConfig, make_engine
 
     torch.set_num_threads(args.threads)
     model_dir, prompt_ids = build(root, size)

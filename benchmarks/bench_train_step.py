@@ -29,19 +29,19 @@ from pathlib import Path
 
 import torch
 
-from kalmanrl.batch import build_batch
-from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.dataset import read_dataset
-from kalmanrl.model import build_tiny_model, load_policy
-from kalmanrl.optim import adamw
-from kalmanrl.prompts import get_template
-from kalmanrl.rollout import SamplingConfig, make_engine
-from kalmanrl.settings import config_train_settings
-from kalmanrl.tensor_memory import TensorMemory
-from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
+from kalmanrl.configuration.config import stage_settings, validate_config
+from kalmanrl.configuration.settings import config_train_settings
+from kalmanrl.data.dataset import read_dataset
+from kalmanrl.data.prompts import get_template
+from kalmanrl.jobs.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
+from kalmanrl.policy.batch import build_batch
+from kalmanrl.policy.model import build_tiny_model, load_policy
+from kalmanrl.policy.optim import adamw
+from kalmanrl.policy.rollout import SamplingConfig, make_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests/test_memory.py)
 from _setup import build_data_and_model, easy_arithmetic, synthetic_batch, tiny_spec
+from tensor_memory import TensorMemory
 
 PHASES = ["time_rollout", "time_reward", "time_score", "time_update"]
 

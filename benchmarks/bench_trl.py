@@ -9,9 +9,9 @@ warm start): a random policy rarely ends its turn, so nearly every completion ru
 Both sides then train in the default study's shape: 32 prompts x 8 completions per rollout batch, at most 16 new
 tokens, 2 optimiser steps of 128 completions per rollout batch (one epoch), float32, hf (transformers) generation,
 no reference model (beta 0), --threads torch threads:
-- kalmanrl: `kalmanrl.trainer.train`, what `kalmanrl train` runs, with the default study's train settings and
+- kalmanrl: `kalmanrl.jobs.trainer.train`, what `kalmanrl train` runs, with the default study's train settings and
   algorithm (--algorithm; checkpoints only after the last batch, no TensorBoard), in a process set up as the CLI
-  sets up every stage's: glibc's malloc keeps the memory a step frees (kalmanrl.allocator);
+  sets up every stage's: glibc's malloc keeps the memory a step frees (kalmanrl.runtime.cpu);
 - TRL: `GRPOTrainer` set to the same (per-device batch 128, steps_per_generation 2, num_generations 8,
   max_completion_length 16, loss_type "grpo", epsilon 0.2, the same learning rate, weight decay and gradient
   clipping), with its own defaults that would change the computation turned off (bf16 autocast, gradient
@@ -65,7 +65,7 @@ def study_config(batches: int) -> dict:
     end (the trainer always writes one after its last step) and no intermediate kept checkpoints."""
     sys.path.insert(0, str(TESTS))
     import digit_share  # noqa: F401  (registers the "digit_share" reward)
-    from kalmanrl.config import load_config
+    from kalmanrl.configuration.config import load_config
 
     config = load_config(REPO / "config" / "config.yaml")
     config["train"].update(steps=batches, checkpoint_every=batches, keep_every=0, tensorboard=False)
@@ -76,9 +76,9 @@ def study_config(batches: int) -> dict:
 def prompts_in_order(config: dict, data: Path, tokenizer, batches: int) -> tuple[list[str], list[str]]:
     """The prompt texts (rendered by the task's template) and golds kalmanrl's trainer samples in its first
     `batches` rollout batches (seed 0), in its order."""
-    from kalmanrl.dataset import read_dataset
-    from kalmanrl.prompts import get_template
-    from kalmanrl.trainer import _step_problems
+    from kalmanrl.data.dataset import read_dataset
+    from kalmanrl.data.prompts import get_template
+    from kalmanrl.jobs.trainer import _step_problems
 
     train, task = config["train"], config["datasets"][TASK]
     problems = read_dataset(data, split="train").to_pandas()
@@ -100,9 +100,9 @@ def intervals(stamps: list[tuple[float, float]]) -> dict[str, list[float]]:
 
 
 def run_kalmanrl(directory: Path, batches: int, threads: int, algorithm: str) -> dict:
-    """`kalmanrl.trainer.train` on the default study's settings; a time stamp after each step's metrics row."""
-    from kalmanrl import trainer
-    from kalmanrl.config import stage_settings
+    """`kalmanrl.jobs.trainer.train` on the default study's settings; a time stamp after each step's metrics row."""
+    from kalmanrl.configuration.config import stage_settings
+    from kalmanrl.jobs import trainer
 
     config = study_config(batches)
     settings = stage_settings(config, "train", model=MODEL, task=TASK, algorithm=algorithm, seed="0")
@@ -129,7 +129,7 @@ def run_trl(directory: Path, batches: int, threads: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from kalmanrl.rewards import get_reward
+    from kalmanrl.data.rewards import get_reward
 
     torch.set_num_threads(threads)
     config = study_config(batches)
@@ -178,8 +178,8 @@ def run_trl(directory: Path, batches: int, threads: int) -> dict:
 
 
 def worker(side: str, directory: Path, batches: int, threads: int, algorithm: str, allocator: str) -> None:
-    if allocator == "kept":  # what every `kalmanrl` stage command does first (kalmanrl.allocator)
-        from kalmanrl.allocator import keep_freed_memory
+    if allocator == "kept":  # what every `kalmanrl` stage command does first (kalmanrl.runtime.cpu)
+        from kalmanrl.runtime.cpu import keep_freed_memory
 
         keep_freed_memory()
     for run in ("kalmanrl_run", "trl_run"):  # a fresh run each round: kalmanrl would resume a finished one
@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--side", choices=["both", "kalmanrl", "trl"], default="both")
     parser.add_argument("--trl-allocator", choices=["default", "kept"], default="default",
                         help="TRL's process with glibc's default malloc, as a TRL user runs it (default), or with the "
-                             "freed-memory reuse every kalmanrl stage sets up (kalmanrl.allocator): the two "
+                             "freed-memory reuse every kalmanrl stage sets up (kalmanrl.runtime.cpu): the two "
                              "frameworks' steps on the same allocator")
     args = parser.parse_args()
     if args.batches < 2:

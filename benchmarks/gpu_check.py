@@ -14,7 +14,7 @@ the versions of locks/cpu.txt, fetched here beforehand into an ignored folder an
     # there: pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:src ...
 
 What it checks and measures:
-1. Correctness through the real trainer (`kalmanrl.trainer.train`: one rank, the hf engine, the arithmetic task, a
+1. Correctness through the real trainer (`kalmanrl.jobs.trainer.train`: one rank, the hf engine, the arithmetic task, a
    tiny Qwen2), for each train.precision: one rollout batch at learning rate 0 with beta 0.04 must give a ratio of
    exactly 1 on every token and a KL of exactly 0 (the reference is the policy, stored as the policy is).
    Then three steps at learning rate 1e-3 (rewarded by the share of digits, which a random policy already varies)
@@ -40,14 +40,14 @@ from pathlib import Path
 
 import torch
 
-from kalmanrl import distributed, plan
-from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.model import load_policy
-from kalmanrl.optim import adamw
-from kalmanrl.precision import PRECISIONS
-from kalmanrl.rewards import RewardFunction, Verdict, register_reward
-from kalmanrl.settings import TrainSettings, config_train_settings
-from kalmanrl.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
+from kalmanrl.configuration.config import stage_settings, validate_config
+from kalmanrl.configuration.settings import PRECISIONS, TrainSettings, config_train_settings
+from kalmanrl.data.rewards import RewardFunction, Verdict, register_reward
+from kalmanrl.jobs import plan
+from kalmanrl.jobs.trainer import batch_logprobs, mini_batch_schedule, train, update_policy
+from kalmanrl.policy.model import load_policy
+from kalmanrl.policy.optim import adamw
+from kalmanrl.runtime import distributed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _setup import build_data_and_model, easy_arithmetic, synthetic_batch, tiny_spec

@@ -33,7 +33,7 @@ COPY locks/gpu.txt /opt/kalmanrl/locks/gpu.txt
 # so the build needs nothing from the network).
 COPY pyproject.toml README.md /opt/kalmanrl/
 COPY src /opt/kalmanrl/src
-# src/kalmanrl/config.schema.yaml links to the workflow's schema (one source of the config's defaults).
+# src/kalmanrl/configuration/config.schema.yaml links to the workflow's schema (one source of the config's defaults).
 COPY workflow/schemas /opt/kalmanrl/workflow/schemas
 RUN pip install --no-deps --no-build-isolation /opt/kalmanrl \
  && kalmanrl --version \

@@ -29,7 +29,7 @@ def smoke_run(tmp_path_factory) -> Path:
 def shared_data() -> Path:
     """The directory of the real datasets' local copies, named by $KALMANRL_DATA_DIR (`.ci/run` names one when it
     exists beside the repository); tests of the loaders against the real data skip without it."""
-    from kalmanrl.sources import DATA_DIR_ENV
+    from kalmanrl.data.sources import DATA_DIR_ENV
 
     value = os.environ.get(DATA_DIR_ENV)
     if not value:
@@ -47,8 +47,8 @@ TINY_SPEC = {"vocab_size": 384, "hidden_size": 64, "num_layers": 1, "num_heads":
 @pytest.fixture(scope="session")
 def arithmetic_parquet(tmp_path_factory) -> Path:
     """A small generated Arithmetic dataset (train 200 / test 20) as the data stage writes it."""
-    from kalmanrl.dataset import write_dataset
-    from kalmanrl.loaders import build_dataset
+    from kalmanrl.data.dataset import write_dataset
+    from kalmanrl.data.loaders import build_dataset
 
     table, _ = build_dataset({"loader": "arithmetic", "params": {"difficulty": "easy", "train_size": 200,
                                                                  "test_size": 20}},
@@ -62,8 +62,8 @@ def arithmetic_parquet(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, arithmetic_parquet) -> Path:
     """A tiny Qwen2 (head_dim 32) with a tokenizer trained on the arithmetic text, as the model stage builds it."""
-    from kalmanrl.dataset import read_dataset
-    from kalmanrl.model import build_tiny_model
+    from kalmanrl.data.dataset import read_dataset
+    from kalmanrl.policy.model import build_tiny_model
 
     table = read_dataset(arithmetic_parquet)
     texts = table.column("problem").to_pylist() + table.column("answer").to_pylist()

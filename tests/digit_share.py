@@ -2,7 +2,7 @@
 and non-zero advantages (the task's real reward is 0 for every completion of an untrained model). Imported by the
 tests and, through `python -c`, by the training subprocesses they start."""
 
-from kalmanrl.rewards import RewardFunction, Verdict, register_reward
+from kalmanrl.data.rewards import RewardFunction, Verdict, register_reward
 
 
 @register_reward("digit_share")

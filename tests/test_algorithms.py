@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kalmanrl import algorithms
-from kalmanrl.algorithms import (
+from kalmanrl.rl import algorithms
+from kalmanrl.rl.algorithms import (
     check_off_policy,
     filtered_log_ratio,
     get_advantage_estimator,
@@ -20,7 +20,7 @@ from kalmanrl.algorithms import (
     register_advantage_estimator,
     token_noise_stats,
 )
-from kalmanrl.kalman import kalman_gains
+from kalmanrl.rl.kalman import kalman_gains
 
 
 def log_probs(rows: int = 4, steps: int = 30, seed: int = 0, spread: float = 0.3):

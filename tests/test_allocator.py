@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from kalmanrl.allocator import GLIBC_SETTINGS, keep_freed_memory
+from kalmanrl.runtime.cpu import GLIBC_SETTINGS, keep_freed_memory
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 # defaults and then after keep_freed_memory(), in one fresh process.
 ROUNDS = r"""
 import resource, torch
-from kalmanrl.allocator import keep_freed_memory
+from kalmanrl.runtime.cpu import keep_freed_memory
 
 def faults_per_round(rounds=5):
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -17,12 +17,12 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kalmanrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.layout import checkpoint_model_dir, checkpoint_state_dir
-from kalmanrl.model import load_policy
-from kalmanrl.optim import make_optimizer
-from kalmanrl.rollout import vllm_available
+from kalmanrl.configuration.config import stage_settings, validate_config
+from kalmanrl.core.layout import checkpoint_model_dir, checkpoint_state_dir
+from kalmanrl.jobs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kalmanrl.policy.model import load_policy
+from kalmanrl.policy.optim import make_optimizer
+from kalmanrl.policy.rollout import vllm_available
 
 OPTIM = {"lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant"}
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",

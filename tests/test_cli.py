@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from kalmanrl.cli import build_parser, main
-from kalmanrl.config import load_schema
+from kalmanrl.configuration.config import load_schema
 
 
 def run(*args):

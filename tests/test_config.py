@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from kalmanrl.config import (
+from kalmanrl.configuration.config import (
     ConfigError,
     config_hash,
     fill_defaults,
@@ -18,7 +18,7 @@ from kalmanrl.config import (
     stage_settings,
     validate_config,
 )
-from kalmanrl.sources import DATA_DIR_ENV
+from kalmanrl.data.sources import DATA_DIR_ENV
 from smoke_runs import smoke_workdir, snakemake
 
 
@@ -138,12 +138,12 @@ def test_a_string_that_is_no_number_is_still_refused_naming_the_key():
 
 
 @pytest.mark.parametrize("definition, key, registry", [
-    ("dataset", "template", "kalmanrl.prompts:TEMPLATES"),
-    ("dataset", "loader", "kalmanrl.loaders:LOADERS"),
-    ("dataset", "reward", "kalmanrl.rewards:REWARDS"),
-    ("algorithm", "advantage", "kalmanrl.algorithms:ADVANTAGE_ESTIMATORS"),
-    ("algorithm", "ratio", "kalmanrl.algorithms:RATIO_TRANSFORMS"),
-    ("algorithm", "surrogate", "kalmanrl.algorithms:SURROGATES"),
+    ("dataset", "template", "kalmanrl.data.prompts:TEMPLATES"),
+    ("dataset", "loader", "kalmanrl.data.loaders:LOADERS"),
+    ("dataset", "reward", "kalmanrl.data.rewards:REWARDS"),
+    ("algorithm", "advantage", "kalmanrl.rl.algorithms:ADVANTAGE_ESTIMATORS"),
+    ("algorithm", "ratio", "kalmanrl.rl.algorithms:RATIO_TRANSFORMS"),
+    ("algorithm", "surrogate", "kalmanrl.rl.algorithms:SURROGATES"),
 ])
 def test_the_schema_lists_every_built_in_name_of_a_registry(definition, key, registry):
     """The schema is the reference `kalmanrl config` prints: its lists of names must not fall behind the code. Built-in

@@ -10,12 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kalmanrl import arithmetic
-from kalmanrl.dataset import DATASET_SCHEMA, DataError, read_dataset, write_dataset
-from kalmanrl.decontamination import decontaminate, normalize_problem
-from kalmanrl.loaders import build_dataset
-from kalmanrl.registry import UnknownNameError
-from kalmanrl.rewards import last_boxed
+from kalmanrl.core.registry import UnknownNameError
+from kalmanrl.data import arithmetic
+from kalmanrl.data.dataset import DATASET_SCHEMA, DataError, read_dataset, write_dataset
+from kalmanrl.data.loaders import build_dataset, decontaminate, normalize_problem
+from kalmanrl.data.rewards import last_boxed
 
 PRESETS = {"easy": [3, 3], "normal": [5, 5], "hard": [6, 6]}
 QUESTION = re.compile(r"(?P<pre>Solve |What is )?(?P<expr>.*?)(?P<post>\?| = \?| =)?")
@@ -544,7 +543,7 @@ def test_dapo_filter_strips_the_boxed_instruction_and_keeps_the_gold(tmp_path, f
 ])
 def test_the_kpo_authors_aime25_and_amc23_copies_are_catalogue_entries(tmp_path, fake_hub, name, hub_id, answer,
                                                                         gold):
-    from kalmanrl.config import builtin_datasets
+    from kalmanrl.configuration.config import builtin_datasets
 
     spec = builtin_datasets()[name]
     assert spec["params"]["hub_id"] == hub_id

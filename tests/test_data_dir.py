@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from kalmanrl.config import validate_config
-from kalmanrl.dataset import DataError
-from kalmanrl.loaders import build_dataset
-from kalmanrl.sources import DATA_DIR_ENV, resolve_local_dir
+from kalmanrl.configuration.config import validate_config
+from kalmanrl.data.dataset import DataError
+from kalmanrl.data.loaders import build_dataset
+from kalmanrl.data.sources import DATA_DIR_ENV, resolve_local_dir
 
 PRESETS = {"easy": [3, 3]}
 

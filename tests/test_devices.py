@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kalmanrl.devices import (
+from kalmanrl.runtime.devices import (
     VISIBLE,
     CudaUnavailable,
     DevicesBusy,
@@ -37,7 +37,7 @@ def start_job(count: int, lock_dir: Path, devices: list[str]) -> tuple[subproces
     code = textwrap.dedent(f"""
         import os, sys
         from pathlib import Path
-        from kalmanrl.devices import gpu_placement
+        from kalmanrl.runtime.devices import gpu_placement
         env = {{k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES")}}
         with gpu_placement({count}, env=env, lock_dir=Path({str(lock_dir)!r}), devices={devices!r}, timeout=30):
             print(env["CUDA_VISIBLE_DEVICES"], flush=True)
@@ -185,7 +185,7 @@ def test_without_nvml_or_nvidia_smi_the_users_devices_are_taken_as_given():
 def test_this_machine_enumerates_its_devices_without_initialising_cuda():
     import torch
 
-    from kalmanrl.devices import enumerate_gpus
+    from kalmanrl.runtime.devices import enumerate_gpus
 
     found = enumerate_gpus()
     if found is None:  # no NVML and no nvidia-smi (this CPU machine): nothing to hand out but what the user names
@@ -224,10 +224,10 @@ def test_every_stage_given_gpus_refuses_without_cuda(tiny_model_dir, arithmetic_
     """sft, train and evaluate, as `kalmanrl <stage> --gpus 1` calls them, on this machine (no usable CUDA)."""
     import torch
 
-    from kalmanrl.config import stage_settings, validate_config
-    from kalmanrl.evaluate import evaluate
-    from kalmanrl.sft import run_sft
-    from kalmanrl.trainer import train
+    from kalmanrl.configuration.config import stage_settings, validate_config
+    from kalmanrl.jobs.evaluate import evaluate
+    from kalmanrl.jobs.sft import run_sft
+    from kalmanrl.jobs.trainer import train
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a usable GPU")
@@ -308,7 +308,7 @@ class FakeNvml:
 
 
 def test_nvml_enumeration_lists_whole_gpus_and_the_mig_instances_of_gpus_in_mig_mode(monkeypatch):
-    from kalmanrl.devices import enumerate_gpus, nvml_gpus
+    from kalmanrl.runtime.devices import enumerate_gpus, nvml_gpus
 
     fake = FakeNvml()
     monkeypatch.setitem(sys.modules, "pynvml", fake)

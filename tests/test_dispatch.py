@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from kalmanrl.dispatch import DISPATCH_ENV, LEVELS, DispatchError, cpu_flags, pin_cpu_dispatch
+from kalmanrl.runtime.cpu import DISPATCH_ENV, LEVELS, DispatchError, cpu_flags, pin_cpu_dispatch
 
 HOST_HAS_AVX2 = {"avx2", "fma"} <= cpu_flags()
 
 # A few AdamW steps of a small Qwen2 through the CLI's own pin; prints torch's capability and a hash of the weights.
 TRAIN = r"""
 import hashlib, sys
-from kalmanrl.dispatch import pin_cpu_dispatch
+from kalmanrl.runtime.cpu import pin_cpu_dispatch
 pin_cpu_dispatch()
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import digit_share  # noqa: F401  (registers the "digit_share" reward the settings below name)
-from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.distributed import launch_command
-from kalmanrl.rollout import vllm_available
+from kalmanrl.configuration.config import stage_settings, validate_config
+from kalmanrl.policy.rollout import vllm_available
+from kalmanrl.runtime.distributed import launch_command
 
 HERE = Path(__file__).resolve()
 ROWS, WIDTH, VOCAB = 8, 12, 96
@@ -62,7 +62,7 @@ def flat_optimizer_state(model, optimizer) -> dict[str, torch.Tensor]:
 
 
 def worker(out: Path, steps: int, first_step: int, load: Path | None, save: Path | None) -> None:
-    from kalmanrl.distributed import (
+    from kalmanrl.runtime.distributed import (
         clip_grad_norm,
         close_ranks,
         full_parameters,
@@ -120,7 +120,7 @@ def worker(out: Path, steps: int, first_step: int, load: Path | None, save: Path
 
 
 def dump(path: Path, model, optimizer, ranks, extra: dict | None = None) -> None:
-    from kalmanrl.distributed import full_parameters
+    from kalmanrl.runtime.distributed import full_parameters
 
     weights = {f"model.{k}": v.clone() for k, v in full_parameters(model)}
     state = flat_optimizer_state(model, optimizer)
@@ -328,8 +328,8 @@ def test_two_ranks_with_their_own_vllm_engines_train_like_one(tmp_path, tiny_mod
 def train_worker(settings: Path, model: Path, data: Path, out: Path) -> None:
     sys.path.insert(0, str(HERE.parent))
     import digit_share  # noqa: F401,F811  (registers the "digit_share" reward in this worker process)
-    from kalmanrl.config import parse_settings
-    from kalmanrl.trainer import train
+    from kalmanrl.configuration.config import parse_settings
+    from kalmanrl.jobs.trainer import train
 
     train(model, data, out, settings=parse_settings(f"@{settings}"))
 

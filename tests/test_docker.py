@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kalmanrl.expected import expected_rows
+from kalmanrl.reporting.expected import expected_rows
 from smoke_runs import REPO, smoke_workdir
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ def test_the_image_has_a_compiler_and_its_lock(cpu_image):
     """gcc is there (Triton builds kernels at run time), and the installed packages match the lock it names."""
     result = docker_run(cpu_image, "gcc", "--version")
     assert result.returncode == 0 and "gcc" in result.stdout, result.stderr
-    check = ("from kalmanrl.provenance import lock_status; s = lock_status(); "
+    check = ("from kalmanrl.runtime.provenance import lock_status; s = lock_status(); "
              "print(s['lock'], s['lock_matches'], s['lock_mismatches'])")
     result = docker_run(cpu_image, "python", "-c", check)
     assert result.returncode == 0, result.stderr

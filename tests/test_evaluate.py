@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.evaluate import evaluate
-from kalmanrl.metrics import krpo_summed_reward, majority_correct, pass_at_k, summarise, verl_best_at_k
-from kalmanrl.rollout import vllm_available
+from kalmanrl.configuration.config import stage_settings, validate_config
+from kalmanrl.jobs.evaluate import evaluate
+from kalmanrl.policy.rollout import vllm_available
+from kalmanrl.reporting.metrics import krpo_summed_reward, majority_correct, pass_at_k, summarise, verl_best_at_k
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 3), (6, 3, 6), (8, 1, 4), (4, 4, 2)])
@@ -145,7 +145,7 @@ def test_vllm_evaluation_equals_transformers_without_loading_the_torch_policy(tm
     def no_policy(*args, **kwargs):
         raise AssertionError("the vllm backend loaded the torch policy")
 
-    monkeypatch.setattr("kalmanrl.evaluate.load_policy", no_policy)
+    monkeypatch.setattr("kalmanrl.jobs.evaluate.load_policy", no_policy)
     vllm_settings = {**hf_settings, "rollout": {**hf_settings["rollout"], "backend": "vllm"}}
     evaluate(tiny_model_dir, arithmetic_parquet, settings=vllm_settings, out_details=tmp_path / "vllm.parquet",
              out_summary=tmp_path / "vllm.s.parquet")

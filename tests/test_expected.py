@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from kalmanrl.cli import main
-from kalmanrl.expected import (
+from kalmanrl.reporting.expected import (
     DIFFERENT,
     IDENTICAL,
     WITHIN_TOLERANCE,
@@ -23,7 +23,7 @@ from kalmanrl.expected import (
     tolerance_factor,
     write_expected,
 )
-from kalmanrl.fingerprint import Fingerprint, departures, series_departure
+from kalmanrl.reporting.fingerprint import Fingerprint, departures, series_departure
 
 INTEL = {"cpu_vendor": "GenuineIntel", "dispatch_env": "ATEN_CPU_CAPABILITY=avx2", "torch_threads": "1"}
 AMD = {**INTEL, "cpu_vendor": "AuthenticAMD"}
@@ -192,7 +192,7 @@ def test_each_recorded_expectation_covers_its_configs_whole_grid(repo_root, name
     algorithm, and a fingerprint of every stage of its grid."""
     import yaml
 
-    from kalmanrl.config import validate_config
+    from kalmanrl.configuration.config import validate_config
 
     config = validate_config(yaml.safe_load((repo_root / "config" / f"{name}.yaml").read_text()))
     train = config["train"]

@@ -1,6 +1,6 @@
-"""The memory plan covers exactly the jobs the workflow runs: `kalmanrl.plan.jobs` of a config lists, job for job, the
-train and evaluate jobs a Snakemake dry run of that config schedules. Both read kalmanrl.layout.config_jobs; this
-checks that list against Snakemake's own DAG, not against another copy of its loops."""
+"""The memory plan covers exactly the jobs the workflow runs: `kalmanrl.jobs.plan.jobs` of a config lists, job for job,
+the train and evaluate jobs a Snakemake dry run of that config schedules. Both read kalmanrl.core.layout.config_jobs;
+this checks that list against Snakemake's own DAG, not against another copy of its loops."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kalmanrl import plan
-from kalmanrl.config import load_config
-from kalmanrl.layout import parse_run_name
+from kalmanrl.configuration.config import load_config
+from kalmanrl.core.layout import parse_run_name
+from kalmanrl.jobs import plan
 from smoke_runs import REPO, snakemake
 
 # One job of a dry run's listing: its rule, then its indented details (the wildcards among them).

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kalmanrl.kalman import kalman_filter, kalman_gains
+from kalmanrl.rl.kalman import kalman_filter, kalman_gains
 
 
 def sequential_filter(z: torch.Tensor, mask: torch.Tensor | None, q: float, r: float, x0: float,

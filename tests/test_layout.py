@@ -1,5 +1,6 @@
-"""The results tree has one home, kalmanrl.layout: its templates fill and read back, the paths it gives are the tree
-the workflow has always written, and no other module of the package or rule file spells a path of the tree itself."""
+"""The results tree has one home, kalmanrl.core.layout: its templates fill and read back, the paths it gives are the
+tree the workflow has always written, and no other module of the package or rule file spells a path of the tree
+itself."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from kalmanrl import layout
-from kalmanrl.layout import ResultsTree, evaluation_sibling, fill, parse, parse_evaluation, parse_run_name, run_name
-from kalmanrl.results import NO_SEED, summary_ident
+from kalmanrl.core import layout
+from kalmanrl.core.layout import (
+    ResultsTree,
+    evaluation_sibling,
+    fill,
+    parse,
+    parse_evaluation,
+    parse_run_name,
+    run_name,
+)
+from kalmanrl.reporting.results import NO_SEED, summary_ident
 
 TREE = ResultsTree("results/study")
 RUN = {"model": "tiny", "task": "arith", "algorithm": "krpo", "seed": 2}
@@ -98,7 +107,7 @@ def test_summary_paths_name_the_final_evaluation_of_their_cell():
     assert summary_ident("elsewhere/krpo/seed2/gsm8k.summary.parquet") is None  # not under eval/
 
 
-# Pieces of the tree's paths that only kalmanrl.layout may spell (a module or rule spelling one has its own copy).
+# Pieces of the tree's paths that only kalmanrl.core.layout may spell (a module or rule spelling one has its own copy).
 TREE_PIECES = ["runs/", "eval/", "models/", "data/", "logs/", "benchmarks/", ".summary.parquet", ".details.parquet",
                ".train.parquet", "metrics.parquet", "report.html", "report.md", "/final", "seed{", "step{",
                "__{task}", "figures/"]
@@ -127,4 +136,4 @@ def test_no_module_or_rule_spells_a_path_of_the_tree(repo_root):
         found += [f"{path.name}:{number}: {line.strip()}"
                   for number, line in enumerate(path.read_text().splitlines(), 1)
                   if any(piece in line for piece in TREE_PIECES) and not line.lstrip().startswith("#")]
-    assert not found, "paths of the results tree spelt outside kalmanrl.layout:\n" + "\n".join(found)
+    assert not found, "paths of the results tree spelt outside kalmanrl.core.layout:\n" + "\n".join(found)

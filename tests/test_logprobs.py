@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kalmanrl.batch import build_batch
-from kalmanrl.logprobs import token_logprobs
-from kalmanrl.model import load_policy
-from kalmanrl.rollout import Completion
+from kalmanrl.policy.batch import build_batch
+from kalmanrl.policy.logprobs import token_logprobs
+from kalmanrl.policy.model import load_policy
+from kalmanrl.policy.rollout import Completion
 
 
 def unchunked(model, batch):

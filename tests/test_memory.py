@@ -1,5 +1,5 @@
 """A training step's memory does not grow with the rollout batch at a fixed micro-batch budget (it does without
-one), measured as the peak bytes of the tensors the step creates (kalmanrl.tensor_memory)."""
+one), measured as the peak bytes of the tensors the step creates (benchmarks/tensor_memory.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from kalmanrl.model import load_policy
-from kalmanrl.tensor_memory import TensorMemory
+from kalmanrl.policy.model import load_policy
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +19,9 @@ def bench(repo_root):
     return module
 
 
-def test_tensor_memory_counts_new_storages_until_freed_and_not_views():
+def test_tensor_memory_counts_new_storages_until_freed_and_not_views(bench):
     weight = torch.zeros(1000, 1000)
-    with TensorMemory() as memory:
+    with bench.TensorMemory() as memory:
         view = weight.t()  # no new storage
         a = torch.ones(500, 1000)  # 2 MB
         b = a * 2  # 2 MB

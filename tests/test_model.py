@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kalmanrl.model import build_tiny_model, fetch_pretrained, load_policy, tokenizer_corpus
+from kalmanrl.policy.model import build_tiny_model, fetch_pretrained, load_policy, tokenizer_corpus
 
 SPEC = {"vocab_size": 320, "hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
         "intermediate_size": 96, "max_position_embeddings": 128, "tie_word_embeddings": True}
@@ -140,7 +140,7 @@ def model_without_pad(out, special_tokens: list[str]):
     from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from kalmanrl.model import CHATML_TEMPLATE
+    from kalmanrl.policy.model import CHATML_TEMPLATE
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -171,10 +171,10 @@ def test_a_tokenizer_without_pad_token_gets_its_dedicated_one_or_eos(tmp_path):
 
 def test_a_policy_whose_tokenizer_had_no_pad_token_trains(tmp_path, arithmetic_parquet):
     import digit_share  # noqa: F401  (registers the "digit_share" reward)
-    from kalmanrl.batch import build_batch
-    from kalmanrl.config import stage_settings, validate_config
-    from kalmanrl.rollout import Completion
-    from kalmanrl.trainer import train
+    from kalmanrl.configuration.config import stage_settings, validate_config
+    from kalmanrl.jobs.trainer import train
+    from kalmanrl.policy.batch import build_batch
+    from kalmanrl.policy.rollout import Completion
 
     model_dir = model_without_pad(tmp_path / "bare", ["<|im_start|>", "<|im_end|>"])
     tokenizer = load_policy(model_dir)[1]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kalmanrl.optim import adamw, lr_factor, make_rollout_optimizer, rollout_lr_factor, warmup_batches
+from kalmanrl.policy.optim import adamw, lr_factor, make_rollout_optimizer, rollout_lr_factor, warmup_batches
 
 
 def test_warmup_batches_round_down_as_verl():

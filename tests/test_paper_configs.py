@@ -1,6 +1,6 @@
 """The paper-scale grids validate against the schema, state the papers' hyper-parameters, plan their whole DAG
 (`snakemake -n`), so launching one on a cluster is one command, and have a cell for every number the papers publish
-(src/kalmanrl/published.yaml), so the report can show it beside ours."""
+(src/kalmanrl/reporting/published.yaml), so the report can show it beside ours."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kalmanrl.comparisons import comparisons
-from kalmanrl.config import load_config
-from kalmanrl.layout import WARM_START
-from kalmanrl.published import paper_matches, published_numbers
-from kalmanrl.results import CELL
+from kalmanrl.configuration.config import load_config
+from kalmanrl.core.layout import WARM_START
+from kalmanrl.reporting.comparisons import comparisons
+from kalmanrl.reporting.published import paper_matches, published_numbers
+from kalmanrl.reporting.results import CELL
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_LINE = re.compile(r"^(\w+)\s+(\d+)$", re.M)

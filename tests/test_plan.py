@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kalmanrl import plan
 from kalmanrl.cli import main
-from kalmanrl.config import load_config, stage_settings, validate_config
-from kalmanrl.settings import resolve_rollout
+from kalmanrl.configuration.config import load_config, stage_settings, validate_config
+from kalmanrl.configuration.settings import resolve_rollout
+from kalmanrl.jobs import plan
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "model_configs"
@@ -50,7 +50,7 @@ def saved_bytes_on_cpu(spec: dict, rows: int, length: int) -> int:
     """Bytes autograd keeps for backward in a real CPU forward (weights excluded), by distinct storage."""
     from transformers import Qwen2ForCausalLM
 
-    from kalmanrl.model import tiny_config
+    from kalmanrl.policy.model import tiny_config
 
     model = Qwen2ForCausalLM(tiny_config(spec, plan._VocabularyOfSpec(spec["vocab_size"]))).train()
     params = {p.data_ptr() for p in model.parameters()}
@@ -143,7 +143,7 @@ def test_rows_are_as_long_as_train_max_length_lets_them_grow():
     ("auto", None, (512 - 256, 256)),     # auto on the CPU: transformers
 ])
 def test_sequence_lengths_follow_the_trainers_length_limit(backend, max_length, expected):
-    from kalmanrl.stage import length_limit
+    from kalmanrl.jobs.stage import length_limit
 
     shape = plan.model_shape(plan.model_config({"source": "tiny", "tiny": TINY}), "float32")
     section = {**validate_config({})["rollout"], "max_model_len": 2048}
@@ -292,8 +292,8 @@ def test_config_files_merge_in_order_and_dotted_overrides_reach_into_sections(tm
 
 
 def test_settings_a_job_would_refuse_are_refused_by_the_plan_naming_the_job(capsys):
-    """The plan resolves each job's settings as the job will (kalmanrl.settings), so what a training job would refuse
-    at start-up (a tensor-parallel engine) is refused here, before anything is submitted."""
+    """The plan resolves each job's settings as the job will (kalmanrl.configuration.settings), so what a training job
+    would refuse at start-up (a tensor-parallel engine) is refused here, before anything is submitted."""
     assert main(["plan", "--config", "rollout.tensor_parallel_size=2"]) == 2
     assert re.search(r"train model=tiny .*seed=0: rollout.tensor_parallel_size > 1 is for evaluation",
                      capsys.readouterr().err)

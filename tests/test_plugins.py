@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kalmanrl.config import ConfigError, import_plugins, stage_settings, validate_config
+from kalmanrl.configuration.config import ConfigError, import_plugins, stage_settings, validate_config
 
 
 def readme_example(repo_root: Path) -> tuple[str, dict]:
@@ -35,7 +35,7 @@ def rloo_dir(tmp_path, repo_root, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
     yield tmp_path, config
-    from kalmanrl import algorithms
+    from kalmanrl.rl import algorithms
 
     if "rloo" in algorithms.ADVANTAGE_ESTIMATORS:
         algorithms.ADVANTAGE_ESTIMATORS.unregister("rloo")
@@ -55,7 +55,7 @@ def test_readme_example_names_a_plugin_and_its_estimator(repo_root):
 def test_readme_rloo_validates_and_computes_leave_one_out(rloo_dir):
     import torch
 
-    from kalmanrl.algorithms import get_advantage_estimator
+    from kalmanrl.rl.algorithms import get_advantage_estimator
 
     workdir, config = rloo_dir
     validated = validate_config(config)
@@ -76,16 +76,16 @@ def test_a_job_imports_the_plugins_its_settings_name(rloo_dir):
                    "algorithm=rloo", "seed=0"], workdir)
     assert printed.returncode == 0, printed.stderr
     (workdir / "settings.json").write_text(printed.stdout)
-    job = run([sys.executable, "-c", "from kalmanrl.config import parse_settings\n"
-               "from kalmanrl.algorithms import get_advantage_estimator\nimport torch\n"
+    job = run([sys.executable, "-c", "from kalmanrl.configuration.config import parse_settings\n"
+               "from kalmanrl.rl.algorithms import get_advantage_estimator\nimport torch\n"
                "s = parse_settings('@settings.json')\n"
                "print(get_advantage_estimator(s['algorithm']['advantage'])(torch.tensor([[2.0, 0.0]])).tolist())"],
               workdir)
     assert job.returncode == 0, job.stderr
     assert json.loads(job.stdout) == [[2.0, -2.0]]
-    without = run([sys.executable, "-c", "from kalmanrl.config import parse_settings\n"
+    without = run([sys.executable, "-c", "from kalmanrl.configuration.config import parse_settings\n"
                    "import json, sys\ns = json.load(open('settings.json')); del s['plugins']\n"
-                   "from kalmanrl.algorithms import get_advantage_estimator\n"
+                   "from kalmanrl.rl.algorithms import get_advantage_estimator\n"
                    "get_advantage_estimator(s['algorithm']['advantage'])"], workdir)
     assert "unknown advantage estimator 'rloo'" in without.stderr  # the plugins list is what makes it known
 
@@ -114,7 +114,7 @@ def test_plugins_fail_naming_the_entry(tmp_path, monkeypatch):
     (tmp_path / "json.py").write_text("")
     with pytest.raises(ConfigError, match=r"config\.plugins\[0\]: plugin 'json\.py' is shadowed by the module 'json'"):
         import_plugins(["json.py"])
-    (tmp_path / "clash.py").write_text("from kalmanrl.rewards import register_reward\n"
+    (tmp_path / "clash.py").write_text("from kalmanrl.data.rewards import register_reward\n"
                                        "register_reward('math_verify')(object)\n")
     with pytest.raises(ConfigError, match=r"clash\.py' failed: DuplicateNameError: reward 'math_verify' is already"):
         import_plugins(["clash.py"])
@@ -125,11 +125,11 @@ def test_a_dotted_plugin_is_imported_from_the_working_directory(tmp_path, monkey
     (tmp_path / "mypkg").mkdir()
     (tmp_path / "mypkg" / "__init__.py").write_text("")
     (tmp_path / "mypkg" / "templates.py").write_text(
-        "from kalmanrl.prompts import PromptTemplate, register_template\n"
+        "from kalmanrl.data.prompts import PromptTemplate, register_template\n"
         "register_template(PromptTemplate('plain_test', '', lambda answer, solution: answer))\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    from kalmanrl import prompts
+    from kalmanrl.data import prompts
 
     try:
         config = validate_config({"plugins": ["mypkg.templates"],

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import digit_share  # noqa: F401  (registers the "digit_share" reward)
-from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.precision import Precision
-from kalmanrl.settings import resolve_precision
-from kalmanrl.trainer import batch_logprobs, mini_batch_backward, score_logprobs, setup, update
+from kalmanrl.configuration.config import stage_settings, validate_config
+from kalmanrl.configuration.settings import Precision, resolve_precision
+from kalmanrl.jobs.trainer import batch_logprobs, mini_batch_backward, score_logprobs, setup, update
 from test_trainer import rollout_batch
 
 

@@ -7,8 +7,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from kalmanrl.prompts import get_template
-from kalmanrl.rewards import last_boxed
+from kalmanrl.data.prompts import get_template
+from kalmanrl.data.rewards import last_boxed
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -73,7 +73,7 @@ def test_unknown_template_fails_listing_the_known_ones():
 
 
 def test_answer_tag_template_has_no_system_turn_and_scores_like_krpo():
-    from kalmanrl.rewards import get_reward
+    from kalmanrl.data.rewards import get_reward
 
     template = get_template("answer_tag")
     assert template.messages("1 + 2") == [{"role": "user", "content": "1 + 2"}]

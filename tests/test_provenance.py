@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from kalmanrl import provenance as prov
+from kalmanrl.runtime import provenance as prov
 
 REPO_LOCKS = {flavour: prov.LOCK_DIR / f"{flavour}.txt" for flavour in ("cpu", "gpu")}
 

@@ -8,9 +8,10 @@ import multiprocessing
 
 import pytest
 
-from kalmanrl import algorithms, loaders, prompts, rewards
-from kalmanrl.config import ConfigError, validate_config
-from kalmanrl.registry import DuplicateNameError, ParameterError, Registry, RegistryError, UnknownNameError
+from kalmanrl.configuration.config import ConfigError, validate_config
+from kalmanrl.core.registry import DuplicateNameError, ParameterError, Registry, RegistryError, UnknownNameError
+from kalmanrl.data import loaders, prompts, rewards
+from kalmanrl.rl import algorithms
 
 REGISTRIES = {
     "advantage estimator": (algorithms.ADVANTAGE_ESTIMATORS, "grpo"),

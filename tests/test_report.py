@@ -12,12 +12,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from kalmanrl.comparisons import family_tests, paired_differences
-from kalmanrl.figures import plot_token_noise
-from kalmanrl.io import write_parquet
-from kalmanrl.published import published_numbers
-from kalmanrl.report import build_report, left_out_table, provenance_table
-from kalmanrl.results import final_steps, summary_ident
+from kalmanrl.core.io import write_parquet
+from kalmanrl.reporting.comparisons import family_tests, paired_differences
+from kalmanrl.reporting.figures import plot_token_noise
+from kalmanrl.reporting.published import published_numbers
+from kalmanrl.reporting.report import build_report, left_out_table, provenance_table
+from kalmanrl.reporting.results import final_steps, summary_ident
 
 SETTINGS = {"report": {"bootstrap_samples": 400, "confidence": 0.95, "alpha": 0.05, "power": 0.8, "detect": [5]},
             "reproduce": {"configfiles": ["config/config.yaml"],

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kalmanrl.rewards import Verdict, get_reward, last_boxed, limit_hits, list_rewards, register_reward
-from kalmanrl.workers import CheckError, LimitHit, WorkerPool, WorkerStartError
+from kalmanrl.data.rewards import Verdict, get_reward, last_boxed, limit_hits, list_rewards, register_reward
+from kalmanrl.runtime.workers import CheckError, LimitHit, WorkerPool, WorkerStartError
 
 TIMEOUT_S = 1.0
 
@@ -279,7 +279,7 @@ def test_strict_last_boxed_reads_only_boxed_brace_as_the_kpo_authors_do(text, bo
 
 
 def test_data_and_rewards_share_one_box_reader():
-    from kalmanrl import answers, loaders, rewards
+    from kalmanrl.data import answers, loaders, rewards
     assert loaders.last_boxed is rewards.last_boxed and answers.ANSWER_RULES["boxed"] is rewards.last_boxed
 
 
@@ -452,7 +452,7 @@ def test_a_check_that_fails_otherwise_raises_naming_it():
 
 
 SCRIPT = """
-from kalmanrl.rewards import get_reward
+from kalmanrl.data.rewards import get_reward
 
 if __name__ == "__main__":  # the workers re-import the main module
     with get_reward("math_verify", num_workers=1) as reward:

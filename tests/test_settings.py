@@ -1,5 +1,6 @@
-"""Settings resolved once: `kalmanrl.settings` turns a training job's settings into frozen, typed objects and is the
-only module that decides a default depending on the run (precision, gradient checkpointing, backend, context)."""
+"""Settings resolved once: `kalmanrl.configuration.settings` turns a training job's settings into frozen, typed objects
+and is the only module that decides a default depending on the run (precision, gradient checkpointing, backend,
+context)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kalmanrl import algorithms, settings
-from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.settings import Algorithm, Rollout, Train, resolve_train
+from kalmanrl.configuration import settings
+from kalmanrl.configuration.config import stage_settings, validate_config
+from kalmanrl.configuration.settings import Algorithm, Rollout, Train, resolve_train
+from kalmanrl.rl import algorithms
 
 SRC = Path(settings.__file__).parent
 
@@ -79,7 +81,7 @@ def test_no_module_but_settings_resolves_a_run_dependent_default():
              for path in sorted(SRC.rglob("*.py")) if path != Path(settings.__file__)
              for number, line in enumerate(path.read_text().splitlines(), 1)
              for rule, pattern in RULES.items() if pattern.search(line)]
-    assert not found, "resolve these in kalmanrl.settings:\n" + "\n".join(found)
+    assert not found, "resolve these in kalmanrl.configuration.settings:\n" + "\n".join(found)
 
 
 OLD_SPELLINGS = {

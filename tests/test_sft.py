@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kalmanrl.dataset import read_dataset
-from kalmanrl.model import load_policy
-from kalmanrl.prompts import get_template
-from kalmanrl.rollout import SamplingConfig, make_engine
-from kalmanrl.sft import IGNORE, collate, run_sft, tokenize_examples
+from kalmanrl.data.dataset import read_dataset
+from kalmanrl.data.prompts import get_template
+from kalmanrl.jobs.sft import IGNORE, collate, run_sft, tokenize_examples
+from kalmanrl.policy.model import load_policy
+from kalmanrl.policy.rollout import SamplingConfig, make_engine
 
 SETTINGS = {"steps": 8, "batch_size": 8, "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 2, "schedule": "cosine",
             "max_length": 64, "max_grad_norm": 1.0, "log_every": 4}

@@ -225,7 +225,7 @@ def test_a_two_task_cpu_training_job_trains_like_one_rank(slurm_cluster, smoke_r
 
 
 def test_cpu_ranks_with_gpus_are_refused_by_the_config():
-    from kalmanrl.config import ConfigError, validate_config
+    from kalmanrl.configuration.config import ConfigError, validate_config
 
     with pytest.raises(ConfigError, match=r"config\.resources\.train\.cpu_ranks: 2 with gpus = 1"):
         validate_config({"resources": {"train": {"cpu_ranks": 2, "gpus": 1}}})
@@ -241,7 +241,8 @@ def test_kalmanrl_train_starts_cpu_ranks_with_torchrun_or_one_srun_task_each(mon
     """`kalmanrl train --gpus 0 --cpu-ranks 2`: outside SLURM one standalone torchrun of 2 ranks; inside a SLURM job
     srun with one task (one torchrun of one rank) per CPU rank. The ranks see no GPU; torchrun or srun holds the run
     directory's writer lock and ends with the launching process."""
-    from kalmanrl import cli, distributed
+    from kalmanrl import cli
+    from kalmanrl.runtime import distributed
 
     started = []
     monkeypatch.setattr(cli.subprocess, "run", lambda command, env, **options: started.append((command, env, options))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from kalmanrl.config import validate_config
-from kalmanrl.model import load_policy
-from kalmanrl.prompts import get_template
-from kalmanrl.rollout import HFEngine
-from kalmanrl.settings import resolve_rollout
-from kalmanrl.stage import encode_prompts, engine_from_settings
+from kalmanrl.configuration.config import validate_config
+from kalmanrl.configuration.settings import resolve_rollout
+from kalmanrl.data.prompts import get_template
+from kalmanrl.jobs.stage import encode_prompts, engine_from_settings
+from kalmanrl.policy.model import load_policy
+from kalmanrl.policy.rollout import HFEngine
 
 
 def test_prompts_are_the_rendered_template_without_added_special_tokens(tiny_model_dir):

@@ -9,7 +9,7 @@ import copy
 import pytest
 import yaml
 
-from kalmanrl.config import stage_settings, validate_config
+from kalmanrl.configuration.config import stage_settings, validate_config
 from smoke_runs import snakemake
 
 TARGET = "results/data/arithmetic_laptop.train.parquet"

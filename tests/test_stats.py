@@ -9,7 +9,7 @@ from dataclasses import astuple
 import numpy as np
 import pytest
 
-from kalmanrl.stats import (
+from kalmanrl.reporting.stats import (
     SEED_EFFECT_COVERAGE,
     GridVariance,
     bootstrap,

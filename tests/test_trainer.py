@@ -17,13 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 import digit_share  # noqa: F401  (registers the "digit_share" reward)
-from kalmanrl.batch import build_batch, micro_batches
-from kalmanrl.config import stage_settings, validate_config
-from kalmanrl.logprobs import token_logprobs
-from kalmanrl.model import load_policy
-from kalmanrl.rollout import Completion
-from kalmanrl.settings import resolve_gradient_checkpointing, resolve_train
-from kalmanrl.trainer import (
+from kalmanrl.configuration.config import stage_settings, validate_config
+from kalmanrl.configuration.settings import resolve_gradient_checkpointing, resolve_train
+from kalmanrl.jobs.trainer import (
     NonFiniteLossError,
     _step_problems,
     has_dropout,
@@ -36,6 +32,10 @@ from kalmanrl.trainer import (
     train,
     update,
 )
+from kalmanrl.policy.batch import build_batch, micro_batches
+from kalmanrl.policy.logprobs import token_logprobs
+from kalmanrl.policy.model import load_policy
+from kalmanrl.policy.rollout import Completion
 
 TIMING = {"wall_time", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward", "time_score",
           "time_update"}
@@ -66,7 +66,7 @@ def test_batch_is_left_padded_prompts_then_aligned_completions():
 
 
 def test_token_logprobs_do_not_depend_on_padding(tiny_model_dir):
-    from kalmanrl.model import load_policy
+    from kalmanrl.policy.model import load_policy
 
     model, _ = load_policy(tiny_model_dir)
     prompts, outs = [[11, 12, 13, 14], [15]], [[completion([20, 21, 22])], [completion([23])]]
@@ -101,7 +101,8 @@ def test_the_engine_sleeps_before_the_scoring_pass_and_wakes_after_the_update(tm
     """On a GPU the colocated vLLM engine holds its weights and KV cache until it sleeps: scoring the old log-probs
     beside it would need both at once (what `kalmanrl plan` does not count). Each step must run sample, sleep,
     score, update, sync in that order (recorded here through the hf engine, whose sleep is a no-op on the CPU)."""
-    from kalmanrl import rollout, trainer
+    from kalmanrl.jobs import trainer
+    from kalmanrl.policy import rollout
 
     calls: list[str] = []
     for name in ("generate", "sleep", "sync_weights"):
@@ -120,7 +121,7 @@ def test_the_hf_engine_samples_under_the_precision_that_scores(tmp_path, tiny_mo
                                                                monkeypatch, precision, autocast):
     """Under autocast_bf16 the old log-probs come from the bf16-autocast forward: the hf engine, which runs the policy
     module itself, must sample from that same function, not from the float32 one."""
-    from kalmanrl import rollout
+    from kalmanrl.policy import rollout
 
     seen: list[bool] = []
     original = rollout.HFEngine.generate
@@ -329,9 +330,9 @@ def test_training_with_small_micro_batches_and_checkpointing_matches_one_micro_b
 def test_the_default_study_keeps_one_micro_batch_per_mini_batch(repo_root, tiny_model_dir):
     """config/config.yaml's mini-batch (rows x (prompt + max_tokens)) fits train.micro_batch_tokens; a rendered
     prompt's length in bytes bounds its byte-level BPE token count."""
-    from kalmanrl.config import load_config
-    from kalmanrl.loaders import build_dataset
-    from kalmanrl.prompts import get_template
+    from kalmanrl.configuration.config import load_config
+    from kalmanrl.data.loaders import build_dataset
+    from kalmanrl.data.prompts import get_template
 
     config = load_config(repo_root / "config" / "config.yaml")
     cfg, tokenizer = config["train"], load_policy(tiny_model_dir)[1]

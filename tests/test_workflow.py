@@ -101,7 +101,7 @@ def test_intermediate_checkpoints_are_kept_and_evaluated_at_their_step(smoke):
 
 
 def test_keep_every_must_be_a_multiple_of_checkpoint_every():
-    from kalmanrl.config import ConfigError, validate_config
+    from kalmanrl.configuration.config import ConfigError, validate_config
 
     with pytest.raises(ConfigError, match="config.train.keep_every: 3 is not a multiple of train.checkpoint_every = 2"):
         validate_config({"train": {"checkpoint_every": 2, "keep_every": 3}})
@@ -175,7 +175,7 @@ def compare_summary(workdir: Path, expected: Path, *args: str) -> subprocess.Com
 
 
 def test_the_smoke_run_reproduces_its_recorded_numbers(smoke, repo_root):
-    """config/smoke.expected.json records the smoke run per machine class (kalmanrl.expected): a machine of a
+    """config/smoke.expected.json records the smoke run per machine class (kalmanrl.reporting.expected): a machine of a
     recorded class reproduces its record bit for bit; another one must stay within the recorded intervals with the
     same conclusions, and the test says which comparison it made. After a deliberate change of results, rerecord it
     with `kalmanrl compare-summary results/smoke/report/summary.parquet config/smoke.expected.json --write`."""

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from kalmanrl.rollout import vllm_available
+from kalmanrl.policy.rollout import vllm_available
 from smoke_runs import smoke_config, snakemake
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm,
@@ -77,9 +77,9 @@ def shell_command(output: str, stage: str, *markers: str) -> list[str]:
 def prompt_lengths(workdir: Path, dataset: str, split: str, template: str) -> pd.Series:
     """Token count of each problem of a split rendered through its template with the warm start's tokenizer, by id,
     computed here from the tokenizer (not from kalmanrl's length rules)."""
-    from kalmanrl.dataset import read_dataset
-    from kalmanrl.model import load_tokenizer
-    from kalmanrl.prompts import get_template
+    from kalmanrl.data.dataset import read_dataset
+    from kalmanrl.data.prompts import get_template
+    from kalmanrl.policy.model import load_tokenizer
 
     tokenizer = load_tokenizer(workdir / "results" / "models" / "tiny" / "arithmetic_easy" / "sft")
     problems = read_dataset(workdir / "results" / "data" / f"{dataset}.parquet", split=split).to_pandas()

@@ -16,8 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kalmanrl import __version__
-from kalmanrl.allocator import keep_freed_memory
-from kalmanrl.config import (
+from kalmanrl.configuration.config import (
     ConfigError,
     check_data_dir,
     load_config,
@@ -26,10 +25,10 @@ from kalmanrl.config import (
     resolve_ref,
     stage_settings,
 )
-from kalmanrl.devices import gpu_placement
-from kalmanrl.dispatch import DISPATCH_ENV, DispatchError, pin_cpu_dispatch
-from kalmanrl.layout import CHECKPOINTS, FINAL, METRICS, REPORT_FILES
-from kalmanrl.runlock import RunDirectoryBusy, run_writer
+from kalmanrl.core.layout import CHECKPOINTS, FINAL, METRICS, REPORT_FILES
+from kalmanrl.runtime.cpu import DISPATCH_ENV, DispatchError, keep_freed_memory, pin_cpu_dispatch
+from kalmanrl.runtime.devices import gpu_placement
+from kalmanrl.runtime.runlock import RunDirectoryBusy, run_writer
 
 log = logging.getLogger("kalmanrl")
 
@@ -69,9 +68,9 @@ def _settings_help(stage: str) -> str:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from kalmanrl.dataset import write_dataset
-    from kalmanrl.loaders import build_dataset
-    from kalmanrl.sources import resolve_local_dir
+    from kalmanrl.data.dataset import write_dataset
+    from kalmanrl.data.loaders import build_dataset
+    from kalmanrl.data.sources import resolve_local_dir
 
     s = args.settings
     local_dir = resolve_local_dir(s["data"]["local_dir"])
@@ -83,8 +82,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_decontaminate(args: argparse.Namespace) -> None:
-    from kalmanrl.dataset import read_dataset, write_dataset
-    from kalmanrl.decontamination import decontaminate
+    from kalmanrl.data.dataset import read_dataset, write_dataset
+    from kalmanrl.data.loaders import decontaminate
 
     benchmarks = [read_dataset(path, split="test") for path in args.exclude]
     table, dropped = decontaminate(read_dataset(args.dataset, split="train"), benchmarks)
@@ -94,8 +93,8 @@ def cmd_decontaminate(args: argparse.Namespace) -> None:
 
 
 def cmd_model(args: argparse.Namespace) -> None:
-    from kalmanrl.dataset import read_dataset
-    from kalmanrl.model import build_tiny_model, fetch_pretrained, tokenizer_corpus
+    from kalmanrl.data.dataset import read_dataset
+    from kalmanrl.policy.model import build_tiny_model, fetch_pretrained, tokenizer_corpus
 
     model = args.settings["model"]
     if model["source"] == "tiny":
@@ -108,7 +107,7 @@ def cmd_model(args: argparse.Namespace) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
-    from kalmanrl.sft import run_sft
+    from kalmanrl.jobs.sft import run_sft
 
     s = args.settings
     _threads(args.threads)
@@ -123,8 +122,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     srun on several nodes), or with no GPUs (--gpus 0 or unset) --cpu-ranks x --nodes CPU ranks (gloo), which inside a
     SLURM job are one task each, one torchrun per task started by srun (the multi-node launch path).
 
-    The job holds the run directory's writer lock for its whole life (`kalmanrl.runlock`; the torchrun or srun it
-    starts inherits it), and what it starts ends with it, however it ends (`kalmanrl.lifetime`)."""
+    The job holds the run directory's writer lock for its whole life (`kalmanrl.runtime.runlock`; the torchrun or srun
+    it starts inherits it), and what it starts ends with it, however it ends (`kalmanrl.runtime.lifetime`)."""
     cpu = not args.gpus
     if not cpu and args.cpu_ranks != 1:
         raise ConfigError(f"--cpu-ranks {args.cpu_ranks} with --gpus {args.gpus}: CPU ranks are for jobs without GPUs")
@@ -143,9 +142,9 @@ def _launch_ranks(args: argparse.Namespace, cpu: bool, per_node: int, lock_fd: i
     """Run this training job as per_node x --nodes ranks (see `cmd_train`). torchrun (or srun) gets SIGTERM when
     this process ends, so that it stops its ranks (which also end with it), and holds the writer lock `lock_fd`
     until it ends."""
-    from kalmanrl.devices import resolve_device
-    from kalmanrl.distributed import launch_command, missing_slurm_client, slurm_first_node
-    from kalmanrl.lifetime import ending_with_this_process
+    from kalmanrl.runtime.devices import resolve_device
+    from kalmanrl.runtime.distributed import launch_command, missing_slurm_client, slurm_first_node
+    from kalmanrl.runtime.lifetime import ending_with_this_process
 
     if not cpu:
         resolve_device(args.gpus)  # never a silent CPU run: each rank needs its CUDA device
@@ -171,8 +170,8 @@ def _launch_ranks(args: argparse.Namespace, cpu: bool, per_node: int, lock_fd: i
 
 def _train_here(args: argparse.Namespace) -> None:
     """Train in this process: the only one, or one rank of several."""
-    from kalmanrl.plan import check_fits
-    from kalmanrl.trainer import train
+    from kalmanrl.jobs.plan import check_fits
+    from kalmanrl.jobs.trainer import train
 
     check_fits("train", args.settings, args.model)
     _threads(args.threads)
@@ -180,8 +179,8 @@ def _train_here(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from kalmanrl.evaluate import evaluate
-    from kalmanrl.plan import check_fits
+    from kalmanrl.jobs.evaluate import evaluate
+    from kalmanrl.jobs.plan import check_fits
 
     check_fits("evaluate", args.settings, args.model)
     _threads(args.threads)
@@ -190,7 +189,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from kalmanrl.report import build_report
+    from kalmanrl.reporting.report import build_report
 
     build_report(args.summaries, args.metrics, args.out, settings=args.settings)
 
@@ -200,7 +199,7 @@ def cmd_settings(args: argparse.Namespace) -> None:
     wildcards = dict(item.split("=", 1) for item in args.select)
     settings = stage_settings(config, args.stage, **wildcards)
     if args.resolved:
-        from kalmanrl.settings import as_dict, resolve_train
+        from kalmanrl.configuration.settings import as_dict, resolve_train
 
         if args.stage != "train":
             raise ConfigError(f"--resolved resolves a training job's settings, not a {args.stage} job's")
@@ -209,7 +208,7 @@ def cmd_settings(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from kalmanrl.plan import run_plan
+    from kalmanrl.jobs.plan import run_plan
 
     config_dirs = dict(item.split("=", 1) for item in args.model_config)
     run_plan(args.configfile, args.config, config_dirs)
@@ -226,7 +225,7 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_compare_summary(args: argparse.Namespace) -> int:
-    from kalmanrl.expected import (
+    from kalmanrl.reporting.expected import (
         DIFFERENT,
         IDENTICAL,
         ExpectedError,
@@ -281,9 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kalmanrl", description="GRPO, KRPO and KPO for language-model reasoning: each workflow stage by hand.",
         epilog=f"Every stage command first pins the CPU instruction set torch, oneDNN and MKL dispatch to, so that "
                f"CPU runs give the same numbers on any x86-64 machine: ${DISPATCH_ENV}=avx2 (default; any CPU with "
-               f"AVX2), baseline (any x86-64, slower) or native (unpinned); see kalmanrl.dispatch. It also keeps the "
-               f"memory a step frees for the next step (glibc's malloc thresholds, unless MALLOC_*_ or GLIBC_TUNABLES "
-               f"set them: same results, faster on the CPU); see kalmanrl.allocator.")
+               f"AVX2), baseline (any x86-64, slower) or native (unpinned). It also keeps the memory a "
+               f"step frees for the next step (glibc's malloc thresholds, unless MALLOC_*_ or GLIBC_TUNABLES set them: "
+               f"same results, faster on the CPU). Both: kalmanrl.runtime.cpu.")
     parser.add_argument("--version", action="version", version=f"kalmanrl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")

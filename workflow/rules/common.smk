@@ -1,10 +1,10 @@
-# Config -> target lists. All validation and every default come from kalmanrl.config and the schema.
+# Config -> target lists. All validation and every default come from kalmanrl.configuration.config and the schema.
 import json
 import sys
 
-from kalmanrl.config import check_data_dir, stage_settings, validate_config
-from kalmanrl.devices import local_gpu_problem, machine_devices
-from kalmanrl.layout import (FIGURES, REPORT_FILES, RUN, WARM_START, WILDCARD_CONSTRAINTS, ResultsTree, config_jobs,
+from kalmanrl.configuration.config import check_data_dir, stage_settings, validate_config
+from kalmanrl.runtime.devices import local_gpu_problem, machine_devices
+from kalmanrl.core.layout import (FIGURES, REPORT_FILES, RUN, WARM_START, WILDCARD_CONSTRAINTS, ResultsTree, config_jobs,
                              fields, parse_run_name)
 
 _validated = validate_config(config)
@@ -13,7 +13,7 @@ if workflow.is_main_process:  # not in a cluster job: its node need not see the 
 config.clear()
 config.update(_validated)
 
-# Every path of the results tree, as a Snakemake pattern or a file (kalmanrl.layout).
+# Every path of the results tree, as a Snakemake pattern or a file (kalmanrl.core.layout).
 TREE = ResultsTree(config["results_dir"])
 
 
@@ -45,7 +45,7 @@ def scaled(stage, key):
 
 
 def check_local_gpus():
-    """Refuse, before any job starts, a local run whose GPU jobs could not all get devices (kalmanrl.devices.
+    """Refuse, before any job starts, a local run whose GPU jobs could not all get devices (kalmanrl.runtime.devices.
     local_gpu_problem); a dry run only warns, since it also plans cluster runs from a login node without GPUs.
     Skipped in cluster runs (Snakemake's --jobs sets nodes there) and in the jobs they start."""
     if not workflow.is_main_process or workflow.resource_settings.nodes is not None:
@@ -88,7 +88,7 @@ def run_ident(wildcards):
 
 
 def trained_run(ident):
-    """The training run (kalmanrl.layout.RUN's fields) an evaluation of a trained policy or kept checkpoint belongs to."""
+    """The training run (kalmanrl.core.layout.RUN's fields) an evaluation of a trained policy or kept checkpoint belongs to."""
     return {key: ident[key] for key in fields(RUN)}
 
 
@@ -111,7 +111,7 @@ def eval_model_dir(wildcards):
 
 
 # The report's inputs: every evaluation's summary and every training run's metrics, from the one list of jobs that
-# `kalmanrl plan` reads too (kalmanrl.layout.config_jobs).
+# `kalmanrl plan` reads too (kalmanrl.core.layout.config_jobs).
 _jobs = list(config_jobs(config))
 SUMMARIES = [TREE.evaluation("summary", **wildcards) for stage, wildcards in _jobs if stage == "evaluate"]
 METRICS = [TREE.metrics(**wildcards) for stage, wildcards in _jobs if stage == "train"]

@@ -1,0 +1,339 @@
+"""The experiment config: one JSON Schema (workflow/schemas/config.schema.yaml) is the single source of defaults,
+types and documentation. The Snakefile and every `kalmanrl <stage>` call validate through this module, so a typo fails
+the same way everywhere, with the key that is wrong."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+STAGES = ("data", "model", "sft", "train", "evaluate", "report")
+
+
+class ConfigError(ValueError):
+    """A config or stage settings value is invalid; the message names the key."""
+
+
+@functools.cache
+def load_schema() -> dict:
+    """The config schema shipped with the package (a link to workflow/schemas/config.schema.yaml)."""
+    return yaml.safe_load(resources.files("kalmanrl.configuration").joinpath("config.schema.yaml").read_text())
+
+
+@functools.cache
+def builtin_datasets() -> dict:
+    """The dataset catalogue every config starts from."""
+    return yaml.safe_load(resources.files("kalmanrl.data").joinpath("catalogue.yaml").read_text())
+
+
+def resolve_ref(schema: dict) -> dict:
+    """The schema node a `$ref` points to (followed until there is none), or `schema` itself."""
+    ref = schema.get("$ref")
+    if ref is None:
+        return schema
+    node: Any = load_schema()
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return resolve_ref(node)
+
+
+def fill_defaults(value: Any, schema: dict) -> Any:
+    """Return `value` with every missing key that has a schema default filled in, recursively (through $ref,
+    nested objects and name -> object mappings)."""
+    schema = resolve_ref(schema)
+    if not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for key, sub in schema.get("properties", {}).items():
+        sub = resolve_ref(sub)
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        if key in out:
+            out[key] = fill_defaults(out[key], sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key in set(out) - set(schema.get("properties", {})):
+            out[key] = fill_defaults(out[key], extra)
+    return out
+
+
+def _accepts_string(schema: dict) -> bool:
+    types = schema.get("type")
+    if types is None:
+        return "enum" not in schema or any(isinstance(v, str) for v in schema["enum"])
+    return "string" in ([types] if isinstance(types, str) else types)
+
+
+def parse_text(text: str) -> Any:
+    """A value written as JSON or YAML: JSON first (YAML 1.1 reads 1e-06 as a string), then YAML, which raises
+    yaml.YAMLError when neither parses."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return yaml.safe_load(text)
+
+
+def coerce_strings(value: Any, schema: dict) -> Any:
+    """Read strings as JSON/YAML values wherever the schema does not take a string: `snakemake --config` passes
+    `seeds='[0,1]'` as ['0', '1'] and `train={lr: 1e-4}` with '1e-4', and YAML 1.1 files read 1e-4 as a string.
+    What still does not fit is left for validation to name."""
+    schema = resolve_ref(schema)
+    if isinstance(value, str) and not _accepts_string(schema):
+        try:
+            value = parse_text(value)
+        except yaml.YAMLError:
+            pass  # left as text, for validation to name
+    if isinstance(value, dict):
+        properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        return {key: coerce_strings(item, properties.get(key, extra if isinstance(extra, dict) else {}))
+                for key, item in value.items()}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [coerce_strings(item, schema["items"]) for item in value]
+    return value
+
+
+def _describe(error: jsonschema.ValidationError, root: str) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    where = f"{root}.{path}" if path else root
+    if error.validator == "additionalProperties":
+        known = sorted(resolve_ref(error.schema).get("properties", {}))
+        unexpected = sorted(set(error.instance) - set(known))
+        return f"unknown key {', '.join(repr(f'{where}.{k}') for k in unexpected)} (known keys: {', '.join(known)})"
+    return f"{where}: {error.message}"
+
+
+def check(value: Any, schema: dict, root: str) -> None:
+    """Validate against a (sub)schema; raise ConfigError listing every problem with its key path."""
+    validator = jsonschema.Draft202012Validator({**schema, "$defs": load_schema()["$defs"]})
+    errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e, root) for e in errors))
+
+
+def validate_config(config: dict) -> dict:
+    """Read command-line strings, fill defaults, validate, merge the dataset catalogue and check cross-references.
+    Returns a new dict."""
+    schema = load_schema()
+    config = coerce_strings(config, schema)
+    check(config, schema, "config")
+    config = fill_defaults(config, schema)
+    config["datasets"] = {**fill_defaults(builtin_datasets(), schema["properties"]["datasets"]), **config["datasets"]}
+    check(config, schema, "config")
+    import_plugins(config["plugins"])
+    _check_references(config)
+    return config
+
+
+def check_data_dir(config: dict, environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse a copy directory that does not exist (`data.local_dir`, else $KALMANRL_DATA_DIR; relative to the
+    working directory, as the data jobs read it), naming the setting: before any job runs, not when a data job does.
+    Separate from `validate_config`, which also runs where the copies need not be (a cluster job's node)."""
+    from kalmanrl.data.dataset import DataError
+    from kalmanrl.data.sources import resolve_local_dir
+
+    try:
+        resolve_local_dir(config["data"]["local_dir"], environ)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+
+
+def import_plugins(plugins: Iterable[str], where: str = "config.plugins") -> None:
+    """Import the user's modules so that what they register (estimators, rewards, loaders, templates) can be named
+    in the config: a dotted module name importable from the working directory, or a `.py` file relative to it (its
+    directory goes on sys.path, so reward worker processes can import it by name too). Importing twice is a no-op."""
+    plugins = list(plugins)
+    if not plugins:
+        return
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    for index, plugin in enumerate(plugins):
+        key = f"{where}[{index}]"
+        if plugin.endswith(".py"):
+            path = Path(plugin).resolve()
+            if not path.is_file():
+                raise ConfigError(f"{key}: no file {plugin!r} (relative to the working directory {cwd})")
+            if str(path.parent) not in sys.path:
+                sys.path.insert(0, str(path.parent))
+            name = path.stem
+        else:
+            name, path = plugin, None
+        try:
+            module = importlib.import_module(name)
+        except Exception as err:
+            raise ConfigError(f"{key}: importing plugin {plugin!r} failed: {type(err).__name__}: {err}") from err
+        if path is not None and Path(getattr(module, "__file__", "") or "").resolve() != path:
+            raise ConfigError(f"{key}: plugin {plugin!r} is shadowed by the module {name!r} at "
+                              f"{getattr(module, '__file__', None)}: rename the file")
+
+
+def _check_references(config: dict) -> None:
+    for key in ("tasks", "benchmarks"):
+        for name in config[key]:
+            if name not in config["datasets"]:
+                raise ConfigError(f"config.{key}: unknown dataset {name!r} "
+                                  f"(known: {', '.join(sorted(config['datasets']))})")
+    for name, model in config["models"].items():
+        needed = {"hub": "id", "local": "path"}.get(model["source"])
+        if needed and needed not in model:
+            raise ConfigError(f"config.models.{name}: source {model['source']!r} needs key {needed!r}")
+        if model["source"] == "tiny":
+            tiny = model["tiny"]
+            head_dim, rest = divmod(tiny["hidden_size"], tiny["num_heads"])
+            if rest or head_dim not in (32, 64):
+                raise ConfigError(
+                    f"config.models.{name}.tiny: hidden_size / num_heads = {tiny['hidden_size'] / tiny['num_heads']:g}"
+                    " must be 32 or 64 (head sizes vLLM's CPU attention supports)")
+    for stage, limits in config["resources"].items():
+        for key, cap in (("mem_mb", "max_mem_mb"), ("runtime", "max_runtime")):
+            if limits[cap] < limits[key]:
+                raise ConfigError(f"config.resources.{stage}.{cap}: {limits[cap]} is below {key} = {limits[key]}")
+        if limits["cpu_ranks"] > 1 and limits["gpus"]:
+            raise ConfigError(f"config.resources.{stage}.cpu_ranks: {limits['cpu_ranks']} with gpus = "
+                              f"{limits['gpus']}; CPU ranks are for jobs without GPUs (gpus: 0)")
+    train = config["train"]
+    if train["keep_every"] % train["checkpoint_every"]:
+        raise ConfigError(f"config.train.keep_every: {train['keep_every']} is not a multiple of "
+                          f"train.checkpoint_every = {train['checkpoint_every']}")
+    for name, algorithm in config["algorithms"].items():
+        check_algorithm_names(f"config.algorithms.{name}", algorithm, train)
+    for name, dataset in config["datasets"].items():
+        check_dataset_names(f"config.datasets.{name}", dataset)
+    evaluate = config["evaluate"]
+    if max(evaluate["pass_k"]) > evaluate["k"]:
+        raise ConfigError(f"config.evaluate.pass_k: {evaluate['pass_k']} asks for more than "
+                          f"k = {evaluate['k']} samples")
+
+
+def _bound(name_key: str, params_key: str | None, bind: Callable[[], Any]) -> Any:
+    """`bind()`, with a registry's unknown name reported at `name_key` and a bad parameter at `params_key`."""
+    from kalmanrl.core.registry import ParameterError, UnknownNameError
+
+    try:
+        return bind()
+    except UnknownNameError as err:
+        raise ConfigError(f"{name_key}: {err}") from None
+    except (ParameterError, ValueError, TypeError) as err:
+        raise ConfigError(f"{params_key or name_key}: {err}") from None
+
+
+def check_algorithm_names(where: str, algorithm: dict, train: dict) -> None:
+    """Bind an algorithm's estimator, ratio transform, surrogate and aggregate by name with their parameters, and try
+    the estimator and the transform on a zero batch of the run's group size, so a bad name or value fails at
+    validation (naming its key) instead of at the first training step. Needs torch, nothing else."""
+    import torch
+
+    from kalmanrl.rl import algorithms
+
+    estimator = _bound(f"{where}.advantage", f"{where}.advantage_params",
+                       lambda: algorithms.get_advantage_estimator(algorithm["advantage"],
+                                                                  **algorithm["advantage_params"]))
+    ratio = _bound(f"{where}.ratio", f"{where}.ratio_params",
+                   lambda: algorithms.get_ratio_transform(algorithm["ratio"], **algorithm["ratio_params"]))
+    _bound(f"{where}.surrogate", None, lambda: algorithms.SURROGATES.get(algorithm["surrogate"]))
+    _bound(f"{where}.aggregate", None, lambda: algorithms.AGGREGATES.get(algorithm["aggregate"]))
+    rewards, tokens = torch.zeros(1, train["group_size"], dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
+    _bound(f"{where}.advantage", f"{where}.advantage_params", lambda: estimator(rewards))
+    _bound(f"{where}.ratio", f"{where}.ratio_params", lambda: ratio(tokens, tokens, torch.ones_like(tokens)))
+    _bound(where, None, lambda: algorithms.check_algorithm(algorithm, train["ppo_epochs"] * train["mini_batches"]))
+
+
+def check_dataset_names(where: str, dataset: dict) -> None:
+    """Check a dataset's loader, template and reward names and parameters against their registries, without
+    loading data or starting reward worker processes (a reward is built, which starts none, and closed)."""
+    from kalmanrl.data.loaders import LOADERS
+    from kalmanrl.data.prompts import TEMPLATES
+    from kalmanrl.data.rewards import get_reward
+
+    _bound(f"{where}.loader", f"{where}.params", lambda: LOADERS.check_params(dataset["loader"], dataset["params"]))
+    _bound(f"{where}.template", None, lambda: TEMPLATES.get(dataset["template"]))
+    _bound(f"{where}.reward", f"{where}.reward_params",
+           lambda: get_reward(dataset["reward"], **dataset["reward_params"]).close())
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML config file and validate it."""
+    with open(path) as fh:
+        return validate_config(yaml.safe_load(fh) or {})
+
+
+def config_hash(value: Any) -> str:
+    """A short stable hash of any JSON-serialisable value (settings, configs) for provenance."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
+    """Everything one stage needs from the config, and nothing else: the rule passes it as a Snakemake param, so a
+    change reruns exactly the jobs it affects. Evaluation takes an optional `step` (an intermediate checkpoint)."""
+    datasets = config["datasets"]
+    plugins = {"plugins": config["plugins"]} if config.get("plugins") else {}  # the job imports them first
+    if stage == "data":
+        name = wildcards["dataset"]
+        # Not `decontaminate`: the decontaminate rule reads it, and toggling it must not rebuild every dataset.
+        data = {key: value for key, value in config["data"].items() if key != "decontaminate"}
+        return {"name": name, "dataset": datasets[name], "data": data, **plugins}
+    if stage == "model":
+        model = config["models"][wildcards["model"]]
+        return {"model": model, **({"templates": sorted({datasets[t]["template"] for t in config["tasks"]})}
+                                   if model["source"] == "tiny" else {}), **plugins}
+    if stage == "sft":
+        return {"sft": config["sft"], "template": datasets[wildcards["task"]]["template"],
+                "seed": config["data"]["seed"], "dtype": config["models"][wildcards["model"]]["dtype"], **plugins}
+    ident = {k: wildcards[k] for k in ("model", "task", "algorithm", "benchmark") if k in wildcards}
+    if "seed" in wildcards:
+        ident["seed"] = int(wildcards["seed"])
+    if stage == "train":
+        return {"train": config["train"], "model": config["models"][wildcards["model"]],
+                "algorithm": config["algorithms"][wildcards["algorithm"]],
+                "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident, **plugins}
+    if stage == "evaluate":
+        final = 0 if ident["algorithm"] == "sft" else config["train"]["steps"]
+        ident["step"] = int(wildcards.get("step") or final)
+        return {"evaluate": config["evaluate"], "rollout": config["rollout"],
+                "model": config["models"][wildcards["model"]], "benchmark": datasets[wildcards["benchmark"]],
+                "ident": ident, **plugins}
+    if stage == "report":
+        return {"report": config["report"]}
+    raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+
+
+_SETTINGS_PARTS = {"plugins": "plugins", "dataset": "dataset", "data": "data", "model": "model", "sft": "sft",
+                   "train": "train", "algorithm": "algorithm", "rollout": "rollout", "task": "dataset",
+                   "evaluate": "evaluate", "benchmark": "dataset", "report": "report"}
+
+
+def parse_settings(text: str) -> dict:
+    """Stage settings from the command line: JSON, or @path to a JSON/YAML file. Each part is validated against its
+    schema definition and completed with defaults, so a hand-written settings file only states what differs."""
+    source = "--settings"
+    if text.startswith("@"):
+        source = text[1:]
+        text = Path(source).read_text()
+    try:
+        settings = parse_text(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is neither JSON nor YAML: {err}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError("--settings must be a mapping")
+    defs = load_schema()["$defs"]
+    for key, def_name in _SETTINGS_PARTS.items():
+        if key in settings:
+            check(settings[key], defs[def_name], key)
+            settings[key] = fill_defaults(settings[key], defs[def_name])
+    import_plugins(settings.get("plugins", []), "plugins")
+    for key in ("dataset", "task", "benchmark"):
+        if key in settings:
+            check_dataset_names(key, settings[key])
+    return settings

@@ -1,0 +1,68 @@
+"""Gold answers as the field normalises them: the answer rules (a field as is, a solution's last box, GSM8K's text
+after `####`), numbers stored as floats or zero-padded text, and MATH's subject and level labels.
+
+The box reader is the rewards' own (`rewards.last_boxed`), so a gold is read from a solution exactly as an answer is
+read from a completion.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from kalmanrl.data.dataset import DataError
+from kalmanrl.data.rewards import last_boxed
+
+# MATH subjects: hub config name -> the `type` / `subject` field's value.
+MATH_SUBJECTS = {"algebra": "Algebra", "counting_and_probability": "Counting & Probability", "geometry": "Geometry",
+                 "intermediate_algebra": "Intermediate Algebra", "number_theory": "Number Theory",
+                 "prealgebra": "Prealgebra", "precalculus": "Precalculus"}
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """GSM8K's gold: the text after the last `####`, thousands separators removed."""
+    if "####" not in text:
+        return None
+    return text.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def number_text(value: Any) -> str:
+    """A numeric field as answer text: 27.0 -> "27" (AMC stores floats), "025" -> "25" (AIME pads with zeros);
+    other text is returned stripped."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return str(int(text)) if re.fullmatch(r"[+-]?\d+", text) else text
+
+
+ANSWER_RULES: dict[str, Callable[[str], str | None]] = {"field": str.strip, "boxed": last_boxed,
+                                                         "gsm8k": gsm8k_answer}
+
+
+def require_gold(value: str | None, rule: str, where: str) -> str:
+    """The gold an answer rule found; none (or empty) fails naming the row and the rule."""
+    if not value:
+        raise DataError(f"{where}: no gold answer (answer rule {rule!r})")
+    return value
+
+
+def last_box_is_empty(solution: str) -> bool:
+    r"""Whether a solution ends its last box empty (`\boxed{}`): two MATH training solutions do, and have no gold."""
+    return re.match(r"\\boxed\s*\{\s*\}", solution[solution.rfind("\\boxed"):]) is not None
+
+
+def math_level(value: Any) -> int | None:
+    """MATH levels: "Level 3" -> 3; the two "Level ?" training rows -> None."""
+    match = re.fullmatch(r"(?:Level )?(\d+)", str(value).strip())
+    return int(match.group(1)) if match else None
+
+
+def math_subject(name: str) -> str:
+    """A MATH subject from its name or config name; "Probability" (the KRPO paper's label) is accepted too."""
+    aliases = {**MATH_SUBJECTS, **{s.lower(): s for s in MATH_SUBJECTS.values()},
+               "probability": "Counting & Probability"}
+    subject = aliases.get(name) or aliases.get(name.lower())
+    if subject is None:
+        raise DataError(f"unknown MATH subject {name!r}; known: {', '.join(MATH_SUBJECTS.values())}")
+    return subject

@@ -1,0 +1,165 @@
+"""Resumable training state without pickle. A checkpoint is a directory
+
+    step_NNNNNN/trainer_state.json   the step and the settings hash it was written with
+    step_NNNNNN/state/               what only a resume needs: policy and optimiser sharded with
+                                     `torch.distributed.checkpoint` (each rank writes its own shards, keyed by parameter
+                                     name, so a run saved on N ranks resumes on any number, in full precision), rank
+                                     0's RNG tensors (safetensors), scheduler and Python/NumPy RNG (JSON), the metrics
+    step_NNNNNN/model/               kept checkpoints only (`train.keep_every`): the policy, save_pretrained in the
+                                     model's configured dtype, and its tokenizer, nothing else, so vLLM and
+                                     `kalmanrl evaluate` load it like any model directory
+
+Only the newest checkpoint keeps its state/; a kept checkpoint is thinned to its model/ once a newer one exists. A
+checkpoint written from a different settings hash is never resumed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from kalmanrl.core.io import read_parquet, write_parquet
+from kalmanrl.core.layout import checkpoint_dir, checkpoint_model_dir, checkpoint_state_dir
+from kalmanrl.policy.model import save_policy
+from kalmanrl.runtime import distributed
+from kalmanrl.runtime.distributed import Ranks, load_sharded, save_sharded, shared_atomic_dir
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "trainer_state.json"
+RESUME = "resume.json"   # in state/: scheduler, Python and NumPy RNG; written last: its presence marks state/ complete
+SHARDED = "sharded"      # in state/: the torch.distributed.checkpoint directory (policy and optimiser)
+
+
+
+def write_full_model(model: torch.nn.Module, tokenizer, directory: Path, ranks: Ranks, *, dtype: str) -> None:
+    """A plain `save_pretrained` model in `dtype` (transformers and vLLM load it) from a sharded or plain model,
+    written by rank 0 into `directory`. Every rank must call it (the full state dict is gathered to rank 0's CPU)."""
+    state = None
+    if ranks.sharded:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = distributed.without_tied_aliases(state, model)  # written once, as save_pretrained does
+    if ranks.is_main:
+        save_policy(model, tokenizer, directory, dtype=dtype, state_dict=state)
+    distributed.barrier(ranks)
+
+
+@dataclass
+class Resumed:
+    step: int
+    metrics: pd.DataFrame
+    environments: list[dict]  # where the run ran so far (see `kalmanrl.jobs.trainer.finish`)
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    """The CPU generator and one generator per visible CUDA device (`get_rng_state` alone is the current device's)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch_cpu": torch.get_rng_state(), **{f"torch_cuda_{i}": state for i, state in enumerate(cuda)}}
+
+
+def _restore_rng(rng: dict[str, torch.Tensor], source: Path) -> None:
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda = [rng[f"torch_cuda_{i}"] for i in range(sum(k.startswith("torch_cuda_") for k in rng))]
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda and len(cuda) == available:
+        torch.cuda.set_rng_state_all(cuda)
+    elif cuda or available:
+        log.warning("%s holds the CUDA generators of %d device(s), this process sees %d: CUDA random streams are not "
+                    "restored, so the resumed run may differ from an uninterrupted one", source, len(cuda), available)
+
+
+def save_checkpoint(root: Path, step: int, *, policy, tokenizer, optimizer, scheduler, metrics: pd.DataFrame,
+                    settings_hash: str, dtype: str, keep_every: int = 0, environments: list[dict] = (),
+                    ranks: Ranks = Ranks()) -> Path:
+    """Write checkpoints/step_{step} atomically (every rank must call it), then drop older checkpoints (the newest is
+    all a resume needs) except those of every `keep_every`-th step, which are kept for evaluation as weights only
+    (model/, in `dtype`, the model's configured dtype). The RNG states are rank 0's."""
+    target = checkpoint_dir(root, step)
+    kept = bool(keep_every) and step % keep_every == 0
+    with shared_atomic_dir(target, ranks) as tmp:
+        state = checkpoint_state_dir(tmp)
+        state.mkdir(parents=True, exist_ok=True)
+        save_sharded(state / SHARDED, policy, optimizer)
+        if kept:
+            write_full_model(policy, tokenizer, checkpoint_model_dir(tmp), ranks, dtype=dtype)
+        if ranks.is_main:
+            save_file(_rng_tensors(), state / "rng.safetensors")
+            write_parquet(metrics, state / "metrics.parquet")
+            resume = {"scheduler": scheduler.state_dict(), "python_random": _jsonable(random.getstate()),
+                      "numpy_random": _jsonable(np.random.get_state()), "environments": list(environments)}
+            (state / RESUME).write_text(json.dumps(resume))
+            (tmp / MANIFEST).write_text(json.dumps({"step": step, "settings_hash": settings_hash}))
+    if not ranks.is_main:
+        return target
+    for old in root.glob("step_*"):
+        if old == target:
+            continue
+        if keep_every and int(old.name.removeprefix("step_")) % keep_every == 0:
+            _drop_state(old)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _drop_state(checkpoint: Path) -> None:
+    """Thin a checkpoint to its model/. The resume manifest goes first, so a thinning cut short leaves a state/ that
+    is never mistaken for a complete one."""
+    state = checkpoint_state_dir(checkpoint)
+    (state / RESUME).unlink(missing_ok=True)
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path, settings_hash: str) -> Path | None:
+    """The newest resumable checkpoint (one with a complete state/) written with the same settings, or None.
+    Checkpoints of other settings are deleted, so a changed config restarts cleanly instead of resuming someone else's
+    run; weights-only checkpoints of the same settings are kept."""
+    found = None
+    for path in sorted(root.glob("step_*")):
+        manifest = path / MANIFEST
+        if not manifest.exists() or json.loads(manifest.read_text())["settings_hash"] != settings_hash:
+            shutil.rmtree(path, ignore_errors=True)
+        elif (checkpoint_state_dir(path) / RESUME).exists():
+            found = path
+        else:
+            _drop_state(path)
+    return found
+
+
+def load_checkpoint(path: Path, *, policy, optimizer, scheduler) -> Resumed:
+    """Restore weights and optimizer (strictly, on any number of ranks: every rank must call it), scheduler and RNG
+    streams in place; return the step to continue from."""
+    state = checkpoint_state_dir(path)
+    load_sharded(state / SHARDED, policy, optimizer)
+    resume = json.loads((state / RESUME).read_text())
+    scheduler.load_state_dict(resume["scheduler"])
+    _restore_rng(load_file(state / "rng.safetensors"), state / "rng.safetensors")
+    random.setstate(_tuples(resume["python_random"]))
+    np.random.set_state(_tuples(resume["numpy_random"]))
+    step = json.loads((path / MANIFEST).read_text())["step"]
+    return Resumed(step=step, metrics=read_parquet(state / "metrics.parquet"),
+                   environments=resume.get("environments", []))
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tuples(value):
+    if isinstance(value, dict) and "__ndarray__" in value:
+        return np.asarray(value["__ndarray__"], dtype=value["dtype"])
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value

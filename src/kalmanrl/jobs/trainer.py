@@ -1,0 +1,457 @@
+"""The GRPO-family RL loop. One loop serves every algorithm: an algorithm is only an advantage estimator, a ratio
+transform and loss knobs, looked up by name in `kalmanrl.rl.algorithms`.
+
+`train` is `setup` then, per rollout batch, the phases of docs/algorithms.md in order, each a function of its own:
+`sample` (prompts -> G completions each), `score_rewards`, advantages, `score_logprobs` (old and reference
+log-probs), `update` (ppo_epochs x mini_batches optimiser steps, so ratios and clipping act off-policy; the first
+takes its old log-probs from its own forward pass, since the policy is still the sampling one),
+`record` (one metrics row) and `checkpoint`; `finish` writes the final policy and the metrics.
+
+One code path for one process and for N ranks under torchrun (`kalmanrl.runtime.distributed`): each rank samples whole
+groups for its share of the step's prompts (so advantages need no communication), takes part in every mini-batch of the
+one-process schedule with its own rows, normalised by the whole mini-batch's rows and tokens; metrics are computed
+over all ranks, and rank 0 writes them and the final policy."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from kalmanrl.configuration.config import config_hash
+from kalmanrl.configuration.settings import Train, TrainSettings, resolve_train
+from kalmanrl.core.io import write_parquet
+from kalmanrl.core.layout import TRAINING_PROVENANCE, checkpoints_root, final_model_dir, metrics_file
+from kalmanrl.core.progress import progress
+from kalmanrl.data.dataset import read_dataset
+from kalmanrl.data.prompts import PromptTemplate, get_template
+from kalmanrl.data.rewards import RewardFunction, get_reward, limit_hits
+from kalmanrl.jobs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_full_model
+from kalmanrl.jobs.stage import completion_budgets, encode_prompts, engine_from_settings, fitting_prompts, length_limit
+from kalmanrl.policy.batch import RolloutBatch, build_batch, micro_batches
+from kalmanrl.policy.logprobs import token_logprobs
+from kalmanrl.policy.model import load_policy
+from kalmanrl.policy.optim import make_rollout_optimizer
+from kalmanrl.policy.rollout import Completion, RolloutEngine, SamplingConfig
+from kalmanrl.rl import algorithms
+from kalmanrl.runtime import distributed
+from kalmanrl.runtime.devices import resolve_device
+from kalmanrl.runtime.distributed import Ranks
+from kalmanrl.runtime.provenance import environment
+
+__all__ = ["NonFiniteLossError", "RolloutBatch", "build_batch", "token_logprobs", "train", "update_policy"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses: the run diverged."""
+
+
+@dataclass
+class Run:
+    """Everything the loop reads, built once by `setup`; `rows` and `nonfinite` grow as it runs."""
+
+    settings: TrainSettings
+    device: torch.device
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    tokenizer: object
+    template: PromptTemplate
+    problems: pd.DataFrame  # the train split without its overlong prompts
+    overlong_dropped: int  # train problems dropped at setup (rollout.overlong_prompts), recorded in each metrics row
+    limit: float  # the most prompt plus completion tokens: engine context and train.max_length (inf: none)
+    reward_fn: RewardFunction
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: RolloutEngine
+    old_from_update: bool  # the first mini-batch's old log-probs come from its update forward (no dropout)
+    checkpoints: Path
+    settings_hash: str
+    ranks: Ranks
+    start: int = 0
+    rows: list[dict] = field(default_factory=list)
+    environments: list[dict] = field(default_factory=list)  # one per start or resume, see `finish`
+    nonfinite: int = 0
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+
+@dataclass
+class Rollout:
+    """One rollout batch as sampled: N problems, their prompt ids and G completions each."""
+
+    problems: pd.DataFrame
+    prompt_ids: list[list[int]]
+    completions: list[list[Completion]]
+
+
+def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, threads: int = 1,
+          gpus: int | None = None) -> pd.DataFrame:
+    """RL-train the policy in `policy_dir` on the train split of `dataset`. Writes `out_dir/final` (save_pretrained)
+    and `out_dir/metrics.parquet`; resumes from `out_dir/checkpoints` when a run with the same settings was cut off.
+    `gpus`: the GPUs the job was granted (`resolve_device`: refused when CUDA cannot give them)."""
+    resolve_device(gpus)
+    ranks = distributed.init_ranks()
+    try:
+        return _train(policy_dir, dataset, out_dir, settings, threads, ranks)
+    finally:
+        distributed.close_ranks(ranks)
+
+
+def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int, ranks: Ranks) -> pd.DataFrame:
+    run = setup(policy_dir, dataset, out_dir, settings, threads, ranks)
+    cfg = run.settings.train
+    writer = _tensorboard(out_dir) if cfg.tensorboard and ranks.is_main else None
+    with run.engine, run.reward_fn, progress(range(run.start, cfg.steps), initial=run.start, total=cfg.steps,
+                                             desc=f"{run.settings.ident['algorithm']} seed {run.seed}", unit="step",
+                                             disable=not ranks.is_main) as bar:
+        if run.start:
+            run.engine.sync_weights(run.policy)
+        for step in bar:
+            clock = [time.perf_counter()]
+            rollout = sample(run, step)
+            clock.append(time.perf_counter())
+            verdicts, rewards = score_rewards(run, rollout)
+            advantages = run.settings.algorithm.estimator(rewards)
+            clock.append(time.perf_counter())
+            batch = build_batch(rollout.prompt_ids, rollout.completions, advantages, run.tokenizer.pad_token_id,
+                                untrained_eos=None if cfg.loss_on_eos else run.tokenizer.eos_token_id
+                                ).to(run.device)
+            schedule = mini_batch_schedule(len(batch.advantages) * ranks.world_size, cfg, run.seed, step)
+            run.engine.sleep()  # before scoring: its forward passes get the memory the engine held while sampling
+            score_logprobs(run, batch, schedule[0])
+            clock.append(time.perf_counter())
+            stats = update(run, batch, schedule)
+            run.engine.sync_weights(run.policy)
+            clock.append(time.perf_counter())
+            row = record(run, step, rollout, verdicts, rewards, advantages, batch, stats, clock, writer)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                checkpoint(run, step + 1)
+        if writer is not None:
+            writer.close()
+        # Before the engine closes: an in-process vLLM engine tears the process group down with it.
+        return finish(run, out_dir)
+
+
+def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int,
+          ranks: Ranks = Ranks()) -> Run:
+    """Seed, load the policy (and the frozen reference when beta > 0; both sharded over the ranks), the data, the
+    named algorithm parts, the optimiser and the rollout engine; restore the newest checkpoint of a run with the same
+    settings."""
+    device = ranks.device
+    resolved = resolve_train(settings, device.type)
+    cfg = resolved.train
+    torch.manual_seed(resolved.seed)
+    torch.set_num_threads(threads)
+    distributed.share(cfg.prompts_per_step, ranks, "train.prompts_per_step")
+
+    policy, tokenizer = load_policy(policy_dir, device=device, dtype=cfg.precision.weights_dtype)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = distributed.shard_model(policy, ranks)
+    # The reference is the initial policy, stored as the policy is: under autocast its log-probs equal the policy's
+    # until the first update (KL exactly 0), on one rank and on N.
+    reference = (distributed.shard_model(load_policy(policy_dir, device=device, dtype=cfg.precision.weights_dtype)[0],
+                                         ranks).eval().requires_grad_(False)
+                 if resolved.algorithm.beta > 0 else None)
+    problems = read_dataset(dataset, split="train").to_pandas()
+    template = get_template(resolved.template, resolved.chat_template_kwargs)
+    # Overlong prompts leave once, here (as verl's filter at dataset load): the step's prompts stay a pure function
+    # of the step, the same on every rank.
+    context = resolved.rollout.context(getattr(policy.config, "max_position_embeddings", None))
+    limit = length_limit(context, cfg.max_length)
+    kept = fitting_prompts(encode_prompts(tokenizer, template, problems["problem"]), limit,
+                           resolved.rollout.overlong_prompts, f"the train split of {dataset}",
+                           fix="raise rollout.max_model_len or train.max_length")
+    overlong_dropped, problems = len(problems) - len(kept), problems.iloc[kept].reset_index(drop=True)
+    reward_fn = get_reward(resolved.reward, **{"num_workers": distributed.rank_cpus(), **resolved.reward_params})
+    optimizer, scheduler = make_rollout_optimizer(policy.parameters(), cfg.optimizer())
+
+    settings_hash = config_hash(settings)
+    checkpoints = checkpoints_root(out_dir)
+    start, rows, environments = 0, [], []
+    found = distributed.broadcast_object(latest_checkpoint(checkpoints, settings_hash) if ranks.is_main else None,
+                                         ranks)
+    if found is not None:
+        resumed = load_checkpoint(found, policy=policy, optimizer=optimizer, scheduler=scheduler)
+        start, rows, environments = resumed.step, resumed.metrics.to_dict("records"), resumed.environments
+    environments = [*environments, {"from_step": start, "ranks": ranks.world_size, **environment()}]
+    engine = engine_from_settings(resolved.rollout, policy=policy, tokenizer=tokenizer, model_dir=policy_dir,
+                                  dtype=resolved.model_dtype)
+    return Run(settings=resolved, device=device, policy=policy, reference=reference, tokenizer=tokenizer,
+               template=template, problems=problems, overlong_dropped=overlong_dropped, limit=limit,
+               reward_fn=reward_fn, optimizer=optimizer, scheduler=scheduler, engine=engine,
+               old_from_update=not has_dropout(policy), checkpoints=checkpoints, settings_hash=settings_hash,
+               ranks=ranks, start=start, rows=rows, environments=environments,
+               nonfinite=int(rows[-1]["nonfinite_total"]) if rows else 0)
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether a forward pass in training mode may drop anything (a dropout module or a config's dropout rate above
+    0): then the update's forward differs from the sampling policy's, and the old log-probs need their own pass."""
+    rates = [value for key, value in model.config.to_dict().items() if ("dropout" in key or "pdrop" in key)
+             and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return any(rate > 0 for rate in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def sample(run: Run, step: int) -> Rollout:
+    """This rank's share of the step's prompts (a pure function of the step) and G completions of each from the
+    current policy, sampled under the precision policy that scores them (an engine that runs the policy module
+    itself, as the hf one does, would otherwise sample from the float32 function while the old log-probs come from
+    the bf16-autocast one)."""
+    cfg = run.settings.train
+    mine = distributed.share(cfg.prompts_per_step, run.ranks, "train.prompts_per_step")
+    indices = _step_problems(len(run.problems), step, cfg.prompts_per_step, run.seed)
+    problems = run.problems.iloc[indices[mine.start:mine.stop]]
+    prompt_ids = encode_prompts(run.tokenizer, run.template, problems["problem"])
+    sampling = SamplingConfig(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_tokens=cfg.max_tokens, seed=run.seed * 1_000_003 + step, first_prompt=mine.start,
+                              budgets=completion_budgets(prompt_ids, cfg.max_tokens, run.limit))
+    run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through generation
+    run.policy.eval()
+    with cfg.precision.autocast():
+        return Rollout(problems, prompt_ids, run.engine.generate(prompt_ids, sampling))
+
+
+def score_rewards(run: Run, rollout: Rollout) -> tuple[list, torch.Tensor]:
+    """The task reward's verdict on every completion, and the rewards [N, G] (float64)."""
+    group = run.settings.train.group_size
+    texts = [c.text for completions in rollout.completions for c in completions]
+    golds = [g for g in rollout.problems["answer"] for _ in range(group)]
+    verdicts = run.reward_fn.judge(texts, golds)
+    return verdicts, torch.tensor([v.reward for v in verdicts], dtype=torch.float64).view(-1, group)
+
+
+def mini_batch_schedule(size: int, cfg: Train, seed: int, step: int) -> list[list[torch.Tensor]]:
+    """The rows [n] of each mini-batch, per epoch: a fresh permutation per epoch (seeded by the step, so a resumed
+    run draws the same), cut into train.mini_batches parts."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return [list(torch.randperm(size, generator=generator).chunk(cfg.mini_batches)) for _ in range(cfg.ppo_epochs)]
+
+
+def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> None:
+    """Fill the batch's old log-probs (the sampling policy's) and, when beta > 0, the reference model's, over the
+    micro-batches of the first epoch's mini-batches `minis`: the first update then runs the very same forward passes,
+    so its ratio is exactly 1. With `run.old_from_update` the first mini-batch's old log-probs are left (0) to the
+    update's first forward pass (`update_policy(old_from_first=True)`), which computes exactly these numbers: the
+    policy has not changed yet."""
+    cfg = run.settings.train
+    batch.old_logp = batch_logprobs(run.policy, batch, minis[1:] if run.old_from_update else minis, cfg, run.ranks)
+    if run.reference is not None:
+        batch.ref_logp = batch_logprobs(run.reference, batch, minis, cfg, run.ranks)
+        distributed.reshard(run.reference)
+
+
+def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: Train,
+                   ranks: Ranks = Ranks()) -> torch.Tensor:
+    """Log-probs [B, T] of the rows of `minis` without gradient, micro-batch by micro-batch (0 on padding). With N
+    ranks `minis` are mini-batches of the whole batch, and this rank computes its own rows of each."""
+    out = torch.zeros_like(batch.completion_mask)
+    mine = _rows_of_rank(batch, ranks)
+    with torch.no_grad():
+        for mini in minis:
+            rows = distributed.local_rows(mini, mine).to(out.device)
+            for micro, real in distributed.in_step(micro_batches(batch, rows, cfg.micro_batch_tokens), ranks,
+                                                   stand_in=torch.zeros(1, dtype=torch.long, device=out.device)):
+                part = batch.select(micro).trimmed()
+                with cfg.precision.autocast():
+                    logp = token_logprobs(model, part, chunk_tokens=cfg.logit_chunk_tokens)
+                if real:
+                    out[micro, :part.completion_mask.shape[1]] = logp
+    return out
+
+
+def _rows_of_rank(batch: RolloutBatch, ranks: Ranks) -> range:
+    """The rows of the whole rollout batch (all ranks' rows in rank order) that `batch` holds."""
+    return distributed.share(len(batch.advantages) * ranks.world_size, ranks, "rollout rows")
+
+
+def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) -> dict[str, float]:
+    """The optimiser steps of one rollout batch at this batch's learning rate, then the schedule's step; counts
+    skipped non-finite updates and aborts past the limit. With `run.old_from_update` the first mini-batch's forward
+    provides its old log-probs (see `update_policy`)."""
+    run.policy.train()
+    lr = run.scheduler.get_last_lr()[0]
+    stats, skipped = update_policy(run.policy, run.optimizer, batch, schedule, run.settings, run.ranks,
+                                   old_from_first=run.old_from_update)
+    run.scheduler.step()
+    run.nonfinite += skipped
+    limit = run.settings.train.max_nonfinite
+    if run.nonfinite > limit:
+        raise NonFiniteLossError(f"{run.nonfinite} non-finite losses (train.max_nonfinite = {limit}); lower train.lr "
+                                 "or check the reward scale")
+    return {"lr": lr, "nonfinite_skipped": skipped, "nonfinite_total": run.nonfinite, **stats}
+
+
+def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch.Tensor,
+           advantages: torch.Tensor, batch: RolloutBatch, stats: dict[str, float], clock: list[float],
+           writer) -> dict:
+    """Append this step's metrics row (rewards, advantages, lengths, reward limit hits, phase timings, update
+    statistics) for the whole step: per-completion values are gathered from all ranks, update statistics reduced over
+    them (timings and throughputs are rank 0's)."""
+    t0, t_rollout, t_reward, t_score, t_end = clock
+    ranks = run.ranks
+    completions = [c for group in rollout.completions for c in group]
+    rewards, advantages = distributed.gather_rows(rewards, ranks), distributed.gather_rows(advantages, ranks)
+    per_completion = distributed.gather_rows(torch.tensor(
+        [[len(c.token_ids), c.finish_reason == "length", v.correct] for c, v in zip(completions, verdicts)],
+        dtype=torch.float), ranks)
+    lengths, truncated, correct = per_completion.T
+    row = {**run.settings.ident, "step": step + 1, "wall_time": t_end - t0,
+           "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+           "accuracy": correct.mean().item(),
+           "advantage_mean": advantages.mean().item(), "advantage_std": advantages.std().item(),
+           "advantage_abs_max": advantages.abs().max().item(),
+           "response_length": lengths.mean().item(),
+           "truncation_rate": truncated.mean().item(), "overlong_prompts_dropped": run.overlong_dropped,
+           "limit_hits": int(distributed.global_sum(limit_hits(verdicts), ranks).item()),  # scored 0, not judged
+           "rollout_tokens_per_s": lengths.sum().item() / (t_rollout - t0),
+           "train_tokens_per_s": run.settings.train.ppo_epochs
+           * distributed.global_sum(batch.attention_mask.sum(), ranks).item() / (t_end - t_score),
+           "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout,
+           "time_score": t_score - t_reward, "time_update": t_end - t_score,
+           **distributed.reduce_metrics(stats, ranks)}
+    run.rows.append(row)
+    if writer is not None:
+        for key, value in row.items():
+            if isinstance(value, float):
+                writer.add_scalar(key, value, step + 1)
+    return row
+
+
+def checkpoint(run: Run, step: int) -> None:
+    """Resumable state after `step` rollout batches."""
+    save_checkpoint(run.checkpoints, step, policy=run.policy, tokenizer=run.tokenizer, optimizer=run.optimizer,
+                    scheduler=run.scheduler, metrics=pd.DataFrame(run.rows), settings_hash=run.settings_hash,
+                    dtype=run.settings.model_dtype, keep_every=run.settings.train.keep_every,
+                    environments=run.environments,
+                    ranks=run.ranks)
+
+
+def finish(run: Run, out_dir: Path) -> pd.DataFrame:
+    """Write the final policy (a plain save_pretrained directory, also from a sharded model) with its provenance and
+    the metrics table (rank 0). `final/provenance.json` lists the environment (versions, lock, machine, commit) of
+    every start and resume of the run with the step it started from: a run resumed elsewhere says so."""
+    metrics = pd.DataFrame(run.rows)
+    with distributed.shared_atomic_dir(final_model_dir(out_dir), run.ranks) as tmp:
+        write_full_model(run.policy, run.tokenizer, tmp, run.ranks, dtype=run.settings.model_dtype)
+        if run.ranks.is_main:
+            provenance = {"settings_hash": run.settings_hash, "environments": run.environments}
+            (tmp / TRAINING_PROVENANCE).write_text(json.dumps(provenance, indent=1))
+    if run.ranks.is_main:
+        write_parquet(metrics, metrics_file(out_dir))
+    return metrics
+
+
+def update_policy(policy, optimizer, batch: RolloutBatch, schedule: list[list[torch.Tensor]],
+                  settings: TrainSettings, ranks: Ranks = Ranks(), *,
+                  old_from_first: bool = False) -> tuple[dict[str, float], int]:
+    """One optimiser step per mini-batch of `schedule` (ppo_epochs x mini_batches) over one rollout batch; returns
+    step metrics and skipped updates. With N ranks the schedule's mini-batches are of the whole batch, and `batch`
+    holds this rank's rows of it. `old_from_first`: the policy is the sampling policy (no dropout) and the first
+    mini-batch's old log-probs are not yet in `batch`: its forward pass provides them (`mini_batch_backward`)."""
+    sums: dict[str, list[float]] = defaultdict(list)
+    skipped = 0
+    mine = _rows_of_rank(batch, ranks)
+    for epoch, minis in enumerate(schedule):
+        for position, mini in enumerate(minis):
+            optimizer.zero_grad(set_to_none=True)
+            losses = mini_batch_backward(policy, batch, distributed.local_rows(mini, mine).to(batch.input_ids.device),
+                                         settings, sums, mini_rows=len(mini), ranks=ranks,
+                                         old_from_forward=old_from_first and epoch == position == 0)
+            if not distributed.all_finite(losses, ranks):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            sums["grad_norm"].append(distributed.clip_grad_norm(policy, settings.train.max_grad_norm))
+            sums["loss"].append(distributed.global_sum(sum(x.item() for x in losses), ranks).item())
+            optimizer.step()
+    return _summarise(sums), skipped
+
+
+def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, settings: TrainSettings,
+                        sums: dict[str, list[float]], *, mini_rows: int | None = None, ranks: Ranks = Ranks(),
+                        old_from_forward: bool = False) -> list[torch.Tensor]:
+    """Accumulate the gradient of the loss of the rows `mini` into the policy, micro-batch by micro-batch (at most
+    train.micro_batch_tokens tokens per forward); returns the weighted micro-batch losses (their sum is the
+    mini-batch's loss) and appends the loss metrics to `sums`. With N ranks `mini` is this rank's part of a
+    mini-batch of `mini_rows` rows: weights use the whole mini-batch's rows and tokens, so the ranks' summed
+    gradients are the one-process gradient. With `old_from_forward` the policy is still the sampling policy: each
+    micro-batch's log-probs, detached, are its old log-probs (the very numbers `batch_logprobs` would compute over
+    the same micro-batch) and are written into `batch.old_logp` for later epochs; this saves that forward pass."""
+    cfg, alg = settings.train, settings.algorithm
+    active = int(distributed.global_sum(batch.completion_mask[mini].sum(), ranks).item())
+    mini_rows = len(mini) if mini_rows is None else mini_rows
+    losses = []
+    stand_in = torch.zeros(1, dtype=torch.long, device=mini.device)
+    for micro, real in distributed.in_step(micro_batches(batch, mini, cfg.micro_batch_tokens), ranks,
+                                           stand_in=stand_in):
+        part = batch.select(micro).trimmed()
+        with cfg.precision.autocast():
+            logp, entropy = token_logprobs(policy, part, with_entropy=True, chunk_tokens=cfg.logit_chunk_tokens)
+        if old_from_forward:
+            part.old_logp = logp.detach()
+            if real:
+                batch.old_logp[micro, :logp.shape[1]] = part.old_logp
+        rho = alg.ratio_transform(logp, part.old_logp, part.completion_mask)
+        loss, metrics = algorithms.policy_loss(
+            rho, part.advantages.unsqueeze(-1).expand_as(logp), part.completion_mask,
+            eps_low=alg.eps_low, eps_high=alg.eps_high, clip=alg.clip, beta=alg.beta, logp=logp,
+            ref_logp=part.ref_logp, aggregate=alg.aggregate, num_active_tokens=active,
+            max_length=cfg.max_tokens, surrogate=alg.surrogate, clip_ratio_c=alg.clip_ratio_c)
+        if not real:  # keeps this rank's gathers and reductions in step with the others; adds nothing
+            (logp.sum() * 0.0).backward()
+            continue
+        loss = loss * alg.aggregation.share(part.completion_mask, mini_rows, active)
+        loss.backward()
+        losses.append(loss.detach())
+        _record(sums, metrics, logp.detach() - part.old_logp, entropy, part.completion_mask, alg.noise_filter)
+    return losses
+
+
+def _record(sums, metrics: dict, z: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor,
+            noise_filter: Mapping[str, float]) -> None:
+    for key, value in metrics.items():
+        sums[key].append(float(value))
+    sums["entropy"].append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
+    filtered = algorithms.filtered_log_ratio(z, mask, **noise_filter)
+    for prefix, series in (("raw", z), ("filtered", filtered)):
+        for key, value in algorithms.token_noise_stats(series, mask).items():
+            sums[f"{key}_{prefix}"].append(float(value))
+
+
+def _summarise(sums: dict[str, list[float]]) -> dict[str, float]:
+    out = {}
+    for key, values in sums.items():
+        reduce = min if key.endswith("_min") else max if key.endswith("_max") else (lambda v: sum(v) / len(v))
+        out[key] = reduce(values) if values else float("nan")
+    return out
+
+
+def _step_problems(num_problems: int, step: int, per_step: int, seed: int) -> list[int]:
+    """The data-loader position is a pure function of the step: an epoch-wise seeded permutation, so a resumed run
+    sees exactly the prompts an uninterrupted one would."""
+    orders: dict[int, torch.Tensor] = {}
+    indices = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(position, num_problems)
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(num_problems, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        indices.append(int(orders[epoch][offset]))
+    return indices
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise RuntimeError("train.tensorboard is on but tensorboard is not installed: pip install tensorboard") from err
+    return SummaryWriter(out_dir / "tensorboard")
