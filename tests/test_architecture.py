@@ -1,6 +1,6 @@
 """docs/architecture.md stays true: its module map names every module of the package and only modules that exist,
 each row's public surface is really in that module, the repository paths it cites exist, and no module imports from
-a layer below its own in the order the document gives."""
+a layer after its own in the order the document gives (lowest first)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
 
 
 def upward_imports(package: Path, order: list[str]) -> list[str]:
-    """"file:line imports X" for every import of a module in a layer below the importer's in `order` (lowest
+    """"file:line imports X" for every import of a module in a higher layer than the importer's (`order`: lowest
     first); `cli` is above them all, the package's own `__init__` below them all."""
     rank = {layer: i for i, layer in enumerate(order)} | {TOP: len(order)}
     found = []
@@ -74,7 +74,7 @@ def test_the_layers_are_exactly_the_packages_folders(repo_root):
     assert not loose, f"modules outside every layer folder: {loose}"
 
 
-def test_no_module_imports_from_a_lower_layer(repo_root):
+def test_no_module_imports_from_a_higher_layer(repo_root):
     assert not upward_imports(repo_root / "src" / "kalmanrl", layer_order(repo_root))
 
 
