@@ -52,7 +52,8 @@ def synthetic_batch(vocab: int, *, rows: int, group: int, prompt_len: int, compl
     def draw(n: int) -> list[int]:
         return torch.randint(3, vocab, (n,), generator=generator).tolist()
 
-    completions = [[Completion(token_ids=draw(completion_len), logprobs=[], text="", finish_reason="length")
+    completions = [[Completion(token_ids=draw(completion_len), logprobs=[0.0] * completion_len, text="",
+                               finish_reason="length")
                     for _ in range(group)] for _ in range(rows // group)]
     return build_batch([draw(prompt_len) for _ in completions], completions,
                        torch.randn(rows // group, group, generator=generator), pad_id=0)

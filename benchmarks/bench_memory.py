@@ -79,7 +79,8 @@ def rollout_batch(spec: dict, shape: dict):
 
     vocab, rows = spec["vocab_size"], shape["prompts_per_step"] * shape["group_size"]
     prompts = [torch.randint(3, vocab, (shape["prompt_len"],)).tolist() for _ in range(shape["prompts_per_step"])]
-    completions = [[Completion(torch.randint(3, vocab, (shape["completion_len"],)).tolist(), [], "", "length")
+    length = shape["completion_len"]
+    completions = [[Completion(torch.randint(3, vocab, (length,)).tolist(), [0.0] * length, "", "length")
                     for _ in range(shape["group_size"])] for _ in prompts]
     return build_batch(prompts, completions, torch.randn(rows), pad_id=0)
 

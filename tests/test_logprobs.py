@@ -28,7 +28,7 @@ def random_batch(vocab: int, prompt_lens, completion_lens, seed: int = 0):
     def draw(n: int) -> list[int]:
         return torch.randint(3, vocab, (n,), generator=generator).tolist()
 
-    groups = [[Completion(token_ids=draw(n), logprobs=[], text="", finish_reason="stop") for n in lens]
+    groups = [[Completion(token_ids=draw(n), logprobs=[0.0] * n, text="", finish_reason="stop") for n in lens]
               for lens in completion_lens]
     return build_batch([draw(n) for n in prompt_lens], groups, torch.zeros(len(groups), len(groups[0])), pad_id=0)
 

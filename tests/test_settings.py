@@ -55,7 +55,7 @@ def test_every_run_dependent_default_is_resolved_by_device_source_and_installati
 def test_the_typed_sections_hold_exactly_the_schemas_keys():
     """A setting added to the schema must land in its dataclass (or resolving every job fails), and vice versa."""
     defaults = validate_config({})
-    bound = {"estimator", "ratio_transform", "aggregation", "noise_filter"}
+    bound = {"estimator", "ratio_transform", "aggregation", "correction", "noise_filter"}
     for section, name in ((Train, "train"), (Rollout, "rollout")):
         assert {f.name for f in dataclasses.fields(section)} == set(defaults[name]), name
     assert {f.name for f in dataclasses.fields(Algorithm)} - bound == set(defaults["algorithms"]["grpo"])

@@ -235,7 +235,7 @@ def check_algorithm_names(where: str, algorithm: dict, train: dict) -> None:
     validation (naming its key) instead of at the first training step. Needs torch, nothing else."""
     import torch
 
-    from kalmanrl.rl import algorithms
+    from kalmanrl.rl import algorithms, correction
 
     estimator = _bound(f"{where}.advantage", f"{where}.advantage_params",
                        lambda: algorithms.get_advantage_estimator(algorithm["advantage"],
@@ -247,6 +247,11 @@ def check_algorithm_names(where: str, algorithm: dict, train: dict) -> None:
     rewards, tokens = torch.zeros(1, train["group_size"], dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
     _bound(f"{where}.advantage", f"{where}.advantage_params", lambda: estimator(rewards))
     _bound(f"{where}.ratio", f"{where}.ratio_params", lambda: ratio(tokens, tokens, torch.ones_like(tokens)))
+    fix = algorithm["rollout_correction"]
+    bound = _bound(f"{where}.rollout_correction.name", f"{where}.rollout_correction.params",
+                   lambda: correction.get_rollout_correction(fix["name"], **fix["params"]))
+    _bound(f"{where}.rollout_correction.name", f"{where}.rollout_correction.params",
+           lambda: bound.apply(tokens, tokens, torch.ones_like(tokens)))
     _bound(where, None, lambda: algorithms.check_algorithm(algorithm, train["ppo_epochs"] * train["mini_batches"]))
 
 

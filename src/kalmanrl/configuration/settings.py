@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kalmanrl.rl import algorithms
+from kalmanrl.rl import algorithms, correction
 
 BACKENDS = ("auto", "hf", "vllm")
 PRECISIONS = ("auto", "float32", "autocast_bf16", "bfloat16")
@@ -132,9 +132,9 @@ class Rollout:
 
 @dataclass(frozen=True)
 class Algorithm:
-    """An `algorithms.<name>` entry with its parts bound: the advantage estimator, the ratio transform and the loss
-    aggregate (with its micro-batch share), plus the KPO filter the token-noise diagnostic uses for every algorithm
-    (KPO's own parameters under KPO, the defaults otherwise)."""
+    """An `algorithms.<name>` entry with its parts bound: the advantage estimator, the ratio transform, the loss
+    aggregate (with its micro-batch share) and the rollout correction, plus the KPO filter the token-noise diagnostic
+    uses for every algorithm (KPO's own parameters under KPO, the defaults otherwise)."""
 
     advantage: str
     advantage_params: Mapping[str, Any]
@@ -147,9 +147,11 @@ class Algorithm:
     clip: bool
     clip_ratio_c: float | None
     beta: float
+    rollout_correction: Mapping[str, Any]
     estimator: algorithms.AdvantageEstimator = field(repr=False, compare=False)
     ratio_transform: algorithms.RatioTransform = field(repr=False, compare=False)
     aggregation: algorithms.Aggregate = field(repr=False, compare=False)
+    correction: correction.Correction = field(repr=False, compare=False)
     noise_filter: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -269,12 +271,15 @@ def bind_algorithm(section: Mapping[str, Any]) -> Algorithm:
     return Algorithm(**section,
                      estimator=algorithms.get_advantage_estimator(section["advantage"], **section["advantage_params"]),
                      ratio_transform=algorithms.get_ratio_transform(section["ratio"], **section["ratio_params"]),
-                     aggregation=algorithms.AGGREGATES.get(section["aggregate"]), noise_filter=noise_filter)
+                     aggregation=algorithms.AGGREGATES.get(section["aggregate"]),
+                     correction=correction.get_rollout_correction(section["rollout_correction"]["name"],
+                                                                  **section["rollout_correction"]["params"]),
+                     noise_filter=noise_filter)
 
 
 def as_dict(settings: TrainSettings) -> dict[str, Any]:
     """The resolved settings as JSON-ready values (`kalmanrl settings --resolved`): bound functions left out."""
-    bound = {"estimator", "ratio_transform", "aggregation", "raw"}
+    bound = {"estimator", "ratio_transform", "aggregation", "correction", "raw"}
     out = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name not in bound}
     for name in ("train", "algorithm", "rollout"):
         part = out[name]

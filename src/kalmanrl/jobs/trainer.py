@@ -3,9 +3,10 @@ transform and loss knobs, looked up by name in `kalmanrl.rl.algorithms`.
 
 `train` is `setup` then, per rollout batch, the phases of docs/algorithms.md in order, each a function of its own:
 `sample` (prompts -> G completions each), `score_rewards`, advantages, `score_logprobs` (old and reference
-log-probs), `update` (ppo_epochs x mini_batches optimiser steps, so ratios and clipping act off-policy; the first
-takes its old log-probs from its own forward pass, since the policy is still the sampling one),
-`record` (one metrics row) and `checkpoint`; `finish` writes the final policy and the metrics.
+log-probs), `correct` (the rollout correction's weights and mask, when one is chosen), `update` (ppo_epochs x
+mini_batches optimiser steps, so ratios and clipping act off-policy; the first takes its old log-probs from its own
+forward pass, since the policy is still the sampling one), `record` (one metrics row) and `checkpoint`; `finish` writes
+the final policy and the metrics.
 
 One code path for one process and for N ranks under torchrun (`kalmanrl.runtime.distributed`): each rank samples whole
 groups for its share of the step's prompts (so advantages need no communication), takes part in every mini-batch of the
@@ -40,6 +41,7 @@ from kalmanrl.policy.model import load_policy
 from kalmanrl.policy.optim import make_rollout_optimizer
 from kalmanrl.policy.rollout import Completion, RolloutEngine, SamplingConfig
 from kalmanrl.rl import algorithms
+from kalmanrl.rl.correction import SUMMED, mismatch_metrics, mismatch_sums
 from kalmanrl.runtime import distributed
 from kalmanrl.runtime.devices import resolve_device
 from kalmanrl.runtime.distributed import Ranks
@@ -69,7 +71,9 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     engine: RolloutEngine
-    old_from_update: bool  # the first mini-batch's old log-probs come from its update forward (no dropout)
+    # The first mini-batch's old log-probs come from its update forward (no dropout, no rollout correction: a
+    # correction needs every old log-prob before the update, or takes the engine's).
+    old_from_update: bool
     checkpoints: Path
     settings_hash: str
     ranks: Ranks
@@ -127,6 +131,7 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
             schedule = mini_batch_schedule(len(batch.advantages) * ranks.world_size, cfg, run.seed, step)
             run.engine.sleep()  # before scoring: its forward passes get the memory the engine held while sampling
             score_logprobs(run, batch, schedule[0])
+            correct(run, batch)
             clock.append(time.perf_counter())
             stats = update(run, batch, schedule)
             run.engine.sync_weights(run.policy)
@@ -189,7 +194,8 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     return Run(settings=resolved, device=device, policy=policy, reference=reference, tokenizer=tokenizer,
                template=template, problems=problems, overlong_dropped=overlong_dropped, limit=limit,
                reward_fn=reward_fn, optimizer=optimizer, scheduler=scheduler, engine=engine,
-               old_from_update=not has_dropout(policy), checkpoints=checkpoints, settings_hash=settings_hash,
+               old_from_update=not has_dropout(policy) and resolved.algorithm.correction.name == "none",
+               checkpoints=checkpoints, settings_hash=settings_hash,
                ranks=ranks, start=start, rows=rows, environments=environments,
                nonfinite=int(rows[-1]["nonfinite_total"]) if rows else 0)
 
@@ -242,12 +248,37 @@ def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> 
     micro-batches of the first epoch's mini-batches `minis`: the first update then runs the very same forward passes,
     so its ratio is exactly 1. With `run.old_from_update` the first mini-batch's old log-probs are left (0) to the
     update's first forward pass (`update_policy(old_from_first=True)`), which computes exactly these numbers: the
-    policy has not changed yet."""
+    policy has not changed yet. Under the `bypass` rollout correction the engine's log-probs are the old log-probs
+    and the policy runs no scoring pass."""
     cfg = run.settings.train
-    batch.old_logp = batch_logprobs(run.policy, batch, minis[1:] if run.old_from_update else minis, cfg, run.ranks)
+    if run.settings.algorithm.correction.bypass:
+        batch.old_logp = batch.engine_logp.clone()
+    else:
+        batch.old_logp = batch_logprobs(run.policy, batch, minis[1:] if run.old_from_update else minis, cfg,
+                                        run.ranks)
     if run.reference is not None:
         batch.ref_logp = batch_logprobs(run.reference, batch, minis, cfg, run.ranks)
         distributed.reshard(run.reference)
+
+
+def correct(run: Run, batch: RolloutBatch) -> None:
+    """The rollout correction's per-token weights and loss mask (`kalmanrl.rl.correction`) from the old and the
+    engine's log-probs of this rank's rows; nothing under `none` and `bypass`."""
+    correction = run.settings.algorithm.correction
+    if correction.weighs:
+        batch.weights, batch.loss_mask = correction.apply(batch.old_logp, batch.engine_logp, batch.completion_mask)
+
+
+def mismatch(run: Run, batch: RolloutBatch) -> dict[str, float]:
+    """The step's train/inference mismatch over every rank's completion tokens (`kalmanrl.rl.correction`), from the
+    old log-probs the update has completed; none under `bypass`, where the old log-probs are the engine's."""
+    if run.settings.algorithm.correction.bypass:
+        return {}
+    sums = mismatch_sums(batch.old_logp, batch.engine_logp, batch.completion_mask)
+    added = distributed.global_sum(torch.tensor([sums[k] for k in SUMMED], dtype=torch.float64,
+                                                device=run.device), run.ranks).tolist()
+    largest = distributed.reduce_metrics({"abs_max": sums["abs_max"]}, run.ranks)["abs_max"]
+    return mismatch_metrics({**dict(zip(SUMMED, added)), "abs_max": largest})
 
 
 def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: Train,
@@ -318,7 +349,7 @@ def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch
            * distributed.global_sum(batch.attention_mask.sum(), ranks).item() / (t_end - t_score),
            "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout,
            "time_score": t_score - t_reward, "time_update": t_end - t_score,
-           **distributed.reduce_metrics(stats, ranks)}
+           **mismatch(run, batch), **distributed.reduce_metrics(stats, ranks)}
     run.rows.append(row)
     if writer is not None:
         for key, value in row.items():
@@ -386,9 +417,11 @@ def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, setting
     mini-batch of `mini_rows` rows: weights use the whole mini-batch's rows and tokens, so the ranks' summed
     gradients are the one-process gradient. With `old_from_forward` the policy is still the sampling policy: each
     micro-batch's log-probs, detached, are its old log-probs (the very numbers `batch_logprobs` would compute over
-    the same micro-batch) and are written into `batch.old_logp` for later epochs; this saves that forward pass."""
+    the same micro-batch) and are written into `batch.old_logp` for later epochs; this saves that forward pass.
+    A rollout correction's weights and mask (`correct`) weight the surrogate and decide which tokens the loss and its
+    aggregate count; the ratio transform and the diagnostics see every sampled token."""
     cfg, alg = settings.train, settings.algorithm
-    active = int(distributed.global_sum(batch.completion_mask[mini].sum(), ranks).item())
+    active = int(distributed.global_sum(batch.loss_tokens()[mini].sum(), ranks).item())
     mini_rows = len(mini) if mini_rows is None else mini_rows
     losses = []
     stand_in = torch.zeros(1, dtype=torch.long, device=mini.device)
@@ -402,15 +435,16 @@ def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, setting
             if real:
                 batch.old_logp[micro, :logp.shape[1]] = part.old_logp
         rho = alg.ratio_transform(logp, part.old_logp, part.completion_mask)
+        trained = part.loss_tokens()
         loss, metrics = algorithms.policy_loss(
-            rho, part.advantages.unsqueeze(-1).expand_as(logp), part.completion_mask,
+            rho, part.advantages.unsqueeze(-1).expand_as(logp), trained,
             eps_low=alg.eps_low, eps_high=alg.eps_high, clip=alg.clip, beta=alg.beta, logp=logp,
             ref_logp=part.ref_logp, aggregate=alg.aggregate, num_active_tokens=active,
-            max_length=cfg.max_tokens, surrogate=alg.surrogate, clip_ratio_c=alg.clip_ratio_c)
+            max_length=cfg.max_tokens, surrogate=alg.surrogate, clip_ratio_c=alg.clip_ratio_c, weights=part.weights)
         if not real:  # keeps this rank's gathers and reductions in step with the others; adds nothing
             (logp.sum() * 0.0).backward()
             continue
-        loss = loss * alg.aggregation.share(part.completion_mask, mini_rows, active)
+        loss = loss * alg.aggregation.share(trained, mini_rows, active)
         loss.backward()
         losses.append(loss.detach())
         _record(sums, metrics, logp.detach() - part.old_logp, entropy, part.completion_mask, alg.noise_filter)

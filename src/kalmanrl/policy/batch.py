@@ -21,12 +21,23 @@ class RolloutBatch:
     completion_mask: torch.Tensor  # [B, T] float
     prompt_len: int
     advantages: torch.Tensor       # [B]
+    engine_logp: torch.Tensor | None = None  # [B, T] the rollout engine's log-prob of each sampled token
     old_logp: torch.Tensor | None = None  # [B, T]
     ref_logp: torch.Tensor | None = None  # [B, T]
+    # A rollout correction's (`kalmanrl.rl.correction`; None without one): the weight of each token's policy-gradient
+    # term, and the tokens the loss keeps (completion_mask less the rejected ones).
+    weights: torch.Tensor | None = None  # [B, T]
+    loss_mask: torch.Tensor | None = None  # [B, T]
+
+    PER_TOKEN = ("completion_mask", "engine_logp", "old_logp", "ref_logp", "weights", "loss_mask")
 
     def _map(self, fn) -> RolloutBatch:
         return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
                                 if torch.is_tensor(getattr(self, f.name))})
+
+    def loss_tokens(self) -> torch.Tensor:
+        """The tokens the loss trains [B, T]: a rollout correction's mask if there is one, else the completion mask."""
+        return self.completion_mask if self.loss_mask is None else self.loss_mask
 
     def select(self, index: torch.Tensor) -> RolloutBatch:
         return self._map(lambda t: t[index])
@@ -48,7 +59,7 @@ class RolloutBatch:
         end = self.prompt_len + steps
         return replace(self, input_ids=self.input_ids[:, drop:end], attention_mask=self.attention_mask[:, drop:end],
                        position_ids=self.position_ids[:, drop:end], prompt_len=self.prompt_len - drop,
-                       **{name: getattr(self, name)[:, :steps] for name in ("completion_mask", "old_logp", "ref_logp")
+                       **{name: getattr(self, name)[:, :steps] for name in self.PER_TOKEN
                           if getattr(self, name) is not None})
 
 
@@ -72,22 +83,29 @@ def micro_batches(batch: RolloutBatch, index: torch.Tensor, budget: int) -> list
 
 def build_batch(prompt_ids: list[list[int]], completions: list[list[Completion]], advantages: torch.Tensor,
                 pad_id: int, *, untrained_eos: int | None = None) -> RolloutBatch:
-    """Pack prompts [N] and their completions [N][G] into one padded batch of N*G rows (prompt-major order).
-    With `untrained_eos` (an EOS id), a completion's final token equal to it stays an input but leaves the
-    completion mask, so the loss never trains it (the KRPO authors' loss mask, which drops pad = EOS)."""
+    """Pack prompts [N] and their completions [N][G] into one padded batch of N*G rows (prompt-major order), with
+    the engine's log-prob of every sampled token (`engine_logp`). With `untrained_eos` (an EOS id), a completion's final
+    token equal to it stays an input but leaves the completion mask, so the loss never trains it (the KRPO authors' loss
+    mask, which drops pad = EOS)."""
     rows = [(p, c.token_ids) for p, group in zip(prompt_ids, completions) for c in group]
     prompt_len = max(len(p) for p, _ in rows)
     max_completion = max(1, max(len(c) for _, c in rows))
     ids = torch.full((len(rows), prompt_len + max_completion), pad_id, dtype=torch.long)
     attention = torch.zeros_like(ids)
-    for i, (p, c) in enumerate(rows):
+    engine_logp = torch.zeros(len(rows), max_completion)
+    sampled = [c for group in completions for c in group]
+    for i, ((p, c), completion) in enumerate(zip(rows, sampled)):
         ids[i, prompt_len - len(p):prompt_len] = torch.tensor(p)
         ids[i, prompt_len:prompt_len + len(c)] = torch.tensor(c, dtype=torch.long)
         attention[i, prompt_len - len(p):prompt_len + len(c)] = 1
+        if len(completion.logprobs) != len(c):
+            raise ValueError(f"completion {i}: {len(c)} tokens but {len(completion.logprobs)} engine log-probs")
+        engine_logp[i, :len(c)] = torch.tensor(completion.logprobs, dtype=torch.float)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     completion_mask = attention[:, prompt_len:].float()
     if untrained_eos is not None:
         for i, (_, c) in enumerate(rows):
             if c and c[-1] == untrained_eos:
                 completion_mask[i, len(c) - 1] = 0
-    return RolloutBatch(ids, attention, positions, completion_mask, prompt_len, advantages.reshape(-1).float())
+    return RolloutBatch(ids, attention, positions, completion_mask, prompt_len, advantages.reshape(-1).float(),
+                        engine_logp=engine_logp)

@@ -19,7 +19,8 @@ from kalmanrl.reporting.published import paper_matches
 from kalmanrl.reporting.results import CELL
 
 CURVES = {"reward_mean": "reward", "accuracy": "training accuracy", "kl": "KL to the reference (k3)",
-          "clip_frac": "clip fraction", "response_length": "response length (tokens)", "entropy": "entropy"}
+          "clip_frac": "clip fraction", "response_length": "response length (tokens)", "entropy": "entropy",
+          "token_mult_prob_error": "train/inference mismatch (mean exp|Δ log p|)"}
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

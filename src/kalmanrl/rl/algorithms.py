@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from kalmanrl.core.registry import Registry
+from kalmanrl.rl.correction import ROLLOUT_CORRECTIONS
 from kalmanrl.rl.kalman import kalman_filter, kalman_gains
 
 AdvantageEstimator = Callable[[torch.Tensor], torch.Tensor]
@@ -96,9 +97,14 @@ def check_off_policy(ratio_name: str, optimizer_steps_per_batch: int) -> None:
 def check_algorithm(spec: dict, optimizer_steps_per_batch: int) -> None:
     """Refuse an algorithm spec (the config's `algorithms.<name>`, defaults filled) that would fail or silently do
     something else at the first training step: an off-policy ratio with one step per batch, an unknown surrogate,
-    GMPO's sequence-level surrogate with a token aggregate, dual-clip without the clipped surrogate."""
+    GMPO's sequence-level surrogate with a token aggregate or a per-token rollout correction, dual-clip without the
+    clipped surrogate."""
     check_off_policy(spec["ratio"], optimizer_steps_per_batch)
     surrogate, dual = spec.get("surrogate", "clipped"), spec.get("clip_ratio_c")
+    fix = spec.get("rollout_correction", {}).get("name", "none")
+    if SURROGATES.trait(surrogate, "per_sequence") and not ROLLOUT_CORRECTIONS.trait(fix, "per_sequence"):
+        raise ValueError(f"surrogate {surrogate!r} is one value per sequence: a rollout correction must weight whole "
+                         f"sequences too (none, sequence_tis, sequence_mask, bypass), got {fix!r}")
     if SURROGATES.trait(surrogate, "per_sequence") and spec.get("aggregate", "grpo") != "grpo":
         raise ValueError(f"surrogate {surrogate!r} is one value per sequence, averaged over sequences (aggregate "
                          f"'grpo'); got aggregate {spec['aggregate']!r}")
@@ -369,15 +375,16 @@ def geometric_mean_surrogate(rho: torch.Tensor, advantages: torch.Tensor, mask: 
 def policy_loss(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float,
                 eps_high: float, clip: bool = True, beta: float = 0.0, logp: torch.Tensor | None = None,
                 ref_logp: torch.Tensor | None = None, aggregate: str = "grpo", num_active_tokens: int | None = None,
-                max_length: int | None = None, surrogate: str = "clipped", clip_ratio_c: float | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                max_length: int | None = None, surrogate: str = "clipped", clip_ratio_c: float | None = None,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy-gradient surrogate plus beta * k3, aggregated (see `aggregate_loss`).
 
     rho, advantages, mask, logp, ref_logp: [B, T] (advantages already broadcast over tokens). surrogate "clipped":
     PPO's clipped token loss (clip=False gives the unclipped -A * rho, KPO-unclipped; clip_ratio_c = c adds verl's
     dual-clip for A < 0); "geometric_mean": GMPO's sequence loss, eps_low / eps_high bounding the log-ratio, averaged
     over sequences (aggregate must be "grpo"); others via `register_surrogate`. The KL term needs logp and ref_logp
-    when beta > 0.
+    when beta > 0. `weights` [B, T] (a rollout correction's, detached) multiply each token's surrogate term before
+    aggregation (a per-sequence surrogate's by its row's weight, the same on every token); the KL term is unweighted.
     Returns (loss, metrics); metrics are detached 0-dim tensors: pg_loss, clip_frac (share of valid tokens whose
     clip is the active term), dual_clip_frac (with clip_ratio_c: share of valid tokens capped at -c A),
     ratio_mean / ratio_min / ratio_max over valid tokens, and kl (masked mean of k3) when ref_logp is given.
@@ -391,8 +398,12 @@ def policy_loss(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
         if aggregate != "grpo":
             raise ValueError(f"surrogate {surrogate!r} is one value per sequence, averaged over sequences: it takes "
                              f"aggregate 'grpo', got {aggregate!r}")
+        if weights is not None:
+            losses = losses * (weights.detach() * mask).amax(-1)
         pg_loss = losses.mean()
     else:
+        if weights is not None:
+            losses = losses * weights.detach()
         pg_loss = aggregate_loss(losses, mask, aggregate, num_active_tokens=num_active_tokens, max_length=max_length)
     loss = pg_loss
     metrics = {"pg_loss": pg_loss.detach(), **{k: v.detach() for k, v in metrics.items()},
