@@ -418,3 +418,18 @@ def test_noise_stats_of_the_kpo_filtered_series_are_smoother_than_raw_noise():
 def test_noise_stats_without_valid_tokens_are_nan():
     stats = token_noise_stats(torch.zeros(2, 3), torch.zeros(2, 3))
     assert all(math.isnan(v) for v in stats.values())
+
+
+def test_grpo_leaves_sequences_without_a_trained_token_out_of_its_mean():
+    """verl's seq-mean-token-mean: a row with no trained token (a bare end-of-turn under loss_on_eos: false, or a
+    row a rollout correction rejected) does not count as a zero-loss sequence."""
+    per_token = torch.tensor([[1.0, 3.0, 0.0], [5.0, 0.0, 0.0], [7.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert algorithms.aggregate_loss(per_token, mask, "grpo").item() == pytest.approx((2.0 + 5.0) / 2)
+    assert algorithms.aggregate_loss(per_token, torch.zeros_like(mask), "grpo").item() == 0.0
+    # with every row trained it is the plain mean over rows
+    every = algorithms.aggregate_loss(per_token, torch.ones_like(mask), "grpo")
+    assert every.item() == pytest.approx((4 / 3 + 5 / 3 + 7) / 3)
+    share = algorithms.AGGREGATES.get("grpo").share
+    assert share(mask[:2], algorithms.MiniBatch(rows=6, trained_rows=4, tokens=5)) == 2 / 4
+    assert share(mask[2:], algorithms.MiniBatch(rows=6, trained_rows=4, tokens=5)) == 0.0

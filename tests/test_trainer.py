@@ -271,10 +271,11 @@ def test_micro_batches_respect_the_token_budget_in_order():
     assert micro_batches(batch, index[:0], 10) == []
 
 
+@pytest.mark.parametrize("empty_row", [False, True])
 @pytest.mark.parametrize("aggregate", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_a_mini_batch_gradient_does_not_depend_on_its_micro_batches(tiny_model_dir, aggregate):
+def test_a_mini_batch_gradient_does_not_depend_on_its_micro_batches(tiny_model_dir, aggregate, empty_row):
     """The weighted micro-batch losses sum to the whole mini-batch's loss, so the gradient is the same for every
-    split (clipping active, the KL term on)."""
+    split (clipping active, the KL term on), also when a row has no trained token (left out of grpo's mean)."""
     policy, _ = load_policy(tiny_model_dir)
     generator = torch.Generator().manual_seed(0)
 
@@ -287,6 +288,9 @@ def test_a_mini_batch_gradient_does_not_depend_on_its_micro_batches(tiny_model_d
         exact = token_logprobs(policy, batch)
     batch.old_logp = exact + 0.3 * torch.randn(exact.shape, generator=generator)
     batch.ref_logp = exact + 0.1 * torch.randn(exact.shape, generator=generator)
+    if empty_row:  # as a rollout correction's mask rejecting row 2
+        batch.loss_mask = batch.completion_mask.clone()
+        batch.loss_mask[2] = 0
     raw = settings_for("grpo", logit_chunk_tokens=7)
     raw["algorithm"] = {**raw["algorithm"], "beta": 0.05, "aggregate": aggregate}
     settings = resolve_train(raw, "cpu", vllm_installed=False)
@@ -361,3 +365,16 @@ def test_warmup_in_rollout_batches_and_no_loss_on_eos_train(tmp_path, tiny_model
         "grpo", steps=4, warmup_ratio=0.5, loss_on_eos=False, weight_decay=0.1))
     assert metrics["lr"].tolist() == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
     assert metrics["grad_norm"].notna().all()
+
+
+def test_mini_batches_are_shuffled_per_epoch_or_contiguous_as_verl_cuts_them():
+    shuffled = resolve_train(settings_for("grpo", ppo_epochs=2, mini_batches=2), "cpu").train
+    contiguous = resolve_train(settings_for("grpo", ppo_epochs=2, mini_batches=2, mini_batch_order="contiguous"),
+                               "cpu").train
+    epochs = mini_batch_schedule(8, shuffled, seed=0, step=3)
+    assert [sorted(torch.cat(minis).tolist()) for minis in epochs] == [list(range(8))] * 2
+    assert torch.cat(epochs[0]).tolist() != torch.cat(epochs[1]).tolist()  # a fresh permutation per epoch
+    again = mini_batch_schedule(8, shuffled, seed=0, step=3)  # a function of the step
+    assert [[m.tolist() for m in minis] for minis in again] == [[m.tolist() for m in minis] for minis in epochs]
+    assert [[m.tolist() for m in minis] for minis in mini_batch_schedule(8, contiguous, seed=0, step=3)] == [
+        [[0, 1, 2, 3], [4, 5, 6, 7]]] * 2

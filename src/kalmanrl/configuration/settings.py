@@ -76,6 +76,7 @@ class Train:
     group_size: int
     ppo_epochs: int
     mini_batches: int
+    mini_batch_order: str
     micro_batch_tokens: int
     logit_chunk_tokens: int
     precision: Precision

@@ -237,8 +237,11 @@ def score_rewards(run: Run, rollout: Rollout) -> tuple[list, torch.Tensor]:
 
 
 def mini_batch_schedule(size: int, cfg: Train, seed: int, step: int) -> list[list[torch.Tensor]]:
-    """The rows [n] of each mini-batch, per epoch: a fresh permutation per epoch (seeded by the step, so a resumed
-    run draws the same), cut into train.mini_batches parts."""
+    """The rows [n] of each mini-batch, per epoch, cut into train.mini_batches parts: of a fresh permutation per
+    epoch (`shuffled`; seeded by the step, so a resumed run draws the same) or of the rows in sampling order
+    (`contiguous`, as verl)."""
+    if cfg.mini_batch_order == "contiguous":
+        return [list(torch.arange(size).chunk(cfg.mini_batches)) for _ in range(cfg.ppo_epochs)]
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return [list(torch.randperm(size, generator=generator).chunk(cfg.mini_batches)) for _ in range(cfg.ppo_epochs)]
 
@@ -421,8 +424,12 @@ def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, setting
     A rollout correction's weights and mask (`correct`) weight the surrogate and decide which tokens the loss and its
     aggregate count; the ratio transform and the diagnostics see every sampled token."""
     cfg, alg = settings.train, settings.algorithm
-    active = int(distributed.global_sum(batch.loss_tokens()[mini].sum(), ranks).item())
-    mini_rows = len(mini) if mini_rows is None else mini_rows
+    trained_mask = batch.loss_tokens()[mini]
+    counts = distributed.global_sum(torch.stack([trained_mask.sum(), (trained_mask.sum(-1) > 0).sum()]).double(),
+                                    ranks).tolist()
+    active = int(counts[0])
+    shares = algorithms.MiniBatch(rows=len(mini) if mini_rows is None else mini_rows, trained_rows=int(counts[1]),
+                                  tokens=active)
     losses = []
     stand_in = torch.zeros(1, dtype=torch.long, device=mini.device)
     for micro, real in distributed.in_step(micro_batches(batch, mini, cfg.micro_batch_tokens), ranks,
@@ -444,7 +451,7 @@ def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, setting
         if not real:  # keeps this rank's gathers and reductions in step with the others; adds nothing
             (logp.sum() * 0.0).backward()
             continue
-        loss = loss * alg.aggregation.share(trained, mini_rows, active)
+        loss = loss * alg.aggregation.share(trained, shares)
         loss.backward()
         losses.append(loss.detach())
         _record(sums, metrics, logp.detach() - part.old_logp, entropy, part.completion_mask, alg.noise_filter)

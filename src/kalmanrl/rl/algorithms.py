@@ -38,13 +38,23 @@ SURROGATES: Registry[Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
+class MiniBatch:
+    """What an aggregate's micro-batch share needs of the whole mini-batch (over every rank): its rows, the rows with
+    at least one trained token, and the trained tokens."""
+
+    rows: int
+    trained_rows: int
+    tokens: int
+
+
+@dataclass(frozen=True)
 class Aggregate:
     """How a per-token loss [B, T] becomes one scalar (`reduce(per_token, mask, *, num_active_tokens, max_length)`),
-    and the share of its mini-batch's loss one micro-batch carries (`share(mask, mini_rows, mini_active)`), so that
+    and the share of its mini-batch's loss one micro-batch carries (`share(mask, mini: MiniBatch)`), so that
     micro-batch losses, each weighted by its share, sum to the loss of the whole mini-batch however it is split."""
 
     reduce: Callable[..., torch.Tensor]
-    share: Callable[[torch.Tensor, int, int], float]
+    share: Callable[[torch.Tensor, MiniBatch], float]
 
 
 AGGREGATES: Registry[Aggregate] = Registry("loss aggregate")
@@ -240,7 +250,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def register_aggregate(name: str, *, share: Callable[[torch.Tensor, int, int], float]) -> Callable:
+def register_aggregate(name: str, *, share: Callable[[torch.Tensor, MiniBatch], float]) -> Callable:
     """Register `reduce(per_token, mask, *, num_active_tokens, max_length) -> scalar` under `name`, with the
     micro-batch `share` that makes its micro-batch losses add up to the mini-batch's (see `Aggregate`)."""
     def add(reduce: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -257,17 +267,29 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "grp
                                        max_length=max_length)
 
 
-def _share_of_rows(mask: torch.Tensor, mini_rows: int, mini_active: int) -> float:
-    return mask.shape[0] / mini_rows
+def _share_of_rows(mask: torch.Tensor, mini: MiniBatch) -> float:
+    return mask.shape[0] / mini.rows
 
 
-@register_aggregate("grpo", share=_share_of_rows)
+def _share_of_trained_rows(mask: torch.Tensor, mini: MiniBatch) -> float:
+    trained = int((mask.sum(-1) > 0).sum())
+    return mask.shape[0] / mini.rows if mini.trained_rows == mini.rows else trained / max(1, mini.trained_rows)
+
+
+@register_aggregate("grpo", share=_share_of_trained_rows)
 def _sequence_mean(per_token: torch.Tensor, mask: torch.Tensor, **_) -> torch.Tensor:
-    """The mean over sequences of each sequence's masked token mean."""
-    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    """The mean over sequences of each sequence's masked token mean. A sequence with no trained token (a bare
+    end-of-turn under `loss_on_eos: false`, a row a rollout correction rejected) is left out of the mean, as verl's
+    seq-mean-token-mean leaves it (0 when no sequence has one)."""
+    lengths = mask.sum(-1)
+    per_sequence = (per_token * mask).sum(-1) / lengths.clamp(min=1)
+    trained = lengths > 0
+    if bool(trained.all()):
+        return per_sequence.mean()
+    return per_sequence[trained].sum() / trained.sum().clamp(min=1)
 
 
-@register_aggregate("bnpo", share=lambda mask, mini_rows, mini_active: mask.sum().item() / max(1, mini_active))
+@register_aggregate("bnpo", share=lambda mask, mini: mask.sum().item() / max(1, mini.tokens))
 def _token_mean(per_token: torch.Tensor, mask: torch.Tensor, **_) -> torch.Tensor:
     """The masked token mean of this micro-batch."""
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
@@ -280,7 +302,7 @@ def _sum_over_max_length(per_token: torch.Tensor, mask: torch.Tensor, *, max_len
     return (per_token * mask).sum() / (per_token.shape[0] * (max_length or per_token.shape[-1]))
 
 
-@register_aggregate("dapo", share=lambda mask, mini_rows, mini_active: 1.0)
+@register_aggregate("dapo", share=lambda mask, mini: 1.0)
 def _sum_over_active_tokens(per_token: torch.Tensor, mask: torch.Tensor, *, num_active_tokens: int | None = None,
                             **_) -> torch.Tensor:
     """The masked sum over the active tokens of the whole accumulated batch (default: this micro-batch's), so that
