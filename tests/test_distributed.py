@@ -209,11 +209,11 @@ EXACT = ["step", "reward_mean", "reward_std", "accuracy", "advantage_mean", "adv
          "response_length", "truncation_rate", "lr", "nonfinite_total"]
 
 
-def train_settings(**train) -> dict:
+def train_settings(reward: str = "digit_share", **train) -> dict:
     config = validate_config({
         "train": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "mini_batches": 2, "max_tokens": 12,
                   "checkpoint_every": 1, "lr": 1e-3, **train},
-        "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": "digit_share"}},
+        "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": reward}},
         "tasks": ["arith"], "benchmarks": ["arith"]})
     return stage_settings(config, "train", model="tiny", task="arith", algorithm="kpo", seed="0")
 
@@ -263,6 +263,22 @@ def test_two_ranks_train_like_one(tmp_path, one_rank_training, tiny_model_dir, a
     finished(start_training(out, 2, tiny_model_dir, arithmetic_parquet, train_settings()), out)
     assert_same_run(one_rank_training, out)
     assert pd.read_parquet(out / "metrics.parquet")["reward_std"].gt(0).all()  # the runs did learn something
+
+
+@pytest.mark.slow
+def test_two_ranks_with_dynamic_sampling_keep_the_groups_one_process_keeps(tmp_path, tiny_model_dir,
+                                                                          arithmetic_parquet):
+    """A 0/1 reward in groups of two: about half the groups are all-equal and dropped; the ranks pool what they drew
+    and each trains its share of the first prompts_per_step groups with a signal, the one-process batch."""
+    settings = train_settings("has_digit", steps=3, group_size=2)
+    settings["algorithm"]["dynamic_sampling"] = {"enabled": True, "max_draws": 8}
+    for name, ranks in (("one", 1), ("two", 2)):
+        finished(start_training(tmp_path / name, ranks, tiny_model_dir, arithmetic_parquet, settings), tmp_path / name)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    counts = ["ds_draws", "ds_groups_drawn", "ds_groups_varied"]
+    one, two = (pd.read_parquet(tmp_path / name / "metrics.parquet")[counts] for name in ("one", "two"))
+    pd.testing.assert_frame_equal(one, two)
+    assert (one["ds_groups_drawn"] > one["ds_groups_varied"]).any()  # groups were dropped
 
 
 @pytest.mark.slow

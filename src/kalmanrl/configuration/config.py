@@ -247,6 +247,10 @@ def check_algorithm_names(where: str, algorithm: dict, train: dict) -> None:
     rewards, tokens = torch.zeros(1, train["group_size"], dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
     _bound(f"{where}.advantage", f"{where}.advantage_params", lambda: estimator(rewards))
     _bound(f"{where}.ratio", f"{where}.ratio_params", lambda: ratio(tokens, tokens, torch.ones_like(tokens)))
+    buffer = algorithm["overlong_buffer"]["length"]
+    if buffer >= train["max_tokens"]:
+        raise ConfigError(f"{where}.overlong_buffer.length: {buffer} must be below train.max_tokens = "
+                          f"{train['max_tokens']} (the penalty covers the last `length` tokens)")
     fix = algorithm["rollout_correction"]
     bound = _bound(f"{where}.rollout_correction.name", f"{where}.rollout_correction.params",
                    lambda: correction.get_rollout_correction(fix["name"], **fix["params"]))

@@ -68,6 +68,23 @@ def resolve_backend(chosen: str, *, vllm_installed: bool) -> str:
 
 
 @dataclass(frozen=True)
+class OverlongBuffer:
+    """algorithms.<name>.overlong_buffer: DAPO's soft penalty over the last `length` tokens before max_tokens (0:
+    off)."""
+
+    length: int
+    penalty: float
+
+
+@dataclass(frozen=True)
+class DynamicSampling:
+    """algorithms.<name>.dynamic_sampling: draw again until a step has prompts_per_step groups with unequal rewards."""
+
+    enabled: bool
+    max_draws: int
+
+
+@dataclass(frozen=True)
 class Train:
     """The `train` section, with `precision` and `gradient_checkpointing` resolved."""
 
@@ -148,6 +165,8 @@ class Algorithm:
     clip: bool
     clip_ratio_c: float | None
     beta: float
+    overlong_buffer: OverlongBuffer
+    dynamic_sampling: DynamicSampling
     rollout_correction: Mapping[str, Any]
     estimator: algorithms.AdvantageEstimator = field(repr=False, compare=False)
     ratio_transform: algorithms.RatioTransform = field(repr=False, compare=False)
@@ -269,7 +288,8 @@ def bind_algorithm(section: Mapping[str, Any]) -> Algorithm:
     """An algorithm entry with its estimator, ratio transform and aggregate looked up and bound."""
     noise_filter = ({k: v for k, v in section["ratio_params"].items() if k != "clamp"} if section["ratio"] == "kpo"
                     else {})
-    return Algorithm(**section,
+    return Algorithm(**{**section, "overlong_buffer": OverlongBuffer(**section["overlong_buffer"]),
+                        "dynamic_sampling": DynamicSampling(**section["dynamic_sampling"])},
                      estimator=algorithms.get_advantage_estimator(section["advantage"], **section["advantage_params"]),
                      ratio_transform=algorithms.get_ratio_transform(section["ratio"], **section["ratio_params"]),
                      aggregation=algorithms.AGGREGATES.get(section["aggregate"]),
@@ -284,6 +304,7 @@ def as_dict(settings: TrainSettings) -> dict[str, Any]:
     out = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name not in bound}
     for name in ("train", "algorithm", "rollout"):
         part = out[name]
-        out[name] = {f.name: getattr(part, f.name) for f in dataclasses.fields(part) if f.name not in bound}
+        out[name] = {f.name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+                     for f in dataclasses.fields(part) if f.name not in bound for value in [getattr(part, f.name)]}
     out["train"]["precision"] = settings.train.precision.name
     return out

@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -120,9 +121,8 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
             run.engine.sync_weights(run.policy)
         for step in bar:
             clock = [time.perf_counter()]
-            rollout = sample(run, step)
-            clock.append(time.perf_counter())
-            verdicts, rewards = score_rewards(run, rollout)
+            rollout, verdicts, rewards, sampling_seconds, drawn = collect(run, step)
+            clock.append(clock[0] + sampling_seconds)  # draws interleave sampling and judging: time each apart
             advantages = run.settings.algorithm.estimator(rewards)
             clock.append(time.perf_counter())
             batch = build_batch(rollout.prompt_ids, rollout.completions, advantages, run.tokenizer.pad_token_id,
@@ -136,7 +136,7 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
             stats = update(run, batch, schedule)
             run.engine.sync_weights(run.policy)
             clock.append(time.perf_counter())
-            row = record(run, step, rollout, verdicts, rewards, advantages, batch, stats, clock, writer)
+            row = record(run, step, rollout, verdicts, rewards, advantages, batch, {**stats, **drawn}, clock, writer)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 checkpoint(run, step + 1)
@@ -208,18 +208,77 @@ def has_dropout(model: torch.nn.Module) -> bool:
     return any(rate > 0 for rate in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
-def sample(run: Run, step: int) -> Rollout:
-    """This rank's share of the step's prompts (a pure function of the step) and G completions of each from the
+def collect(run: Run, step: int) -> tuple[Rollout, list, torch.Tensor, float, dict[str, int]]:
+    """This rank's groups of the step with their verdicts and rewards [N, G], the seconds spent sampling, and the
+    dynamic-sampling counts (none without it). With the algorithm's dynamic_sampling, draws of prompts_per_step prompts
+    are sampled and judged until prompts_per_step groups with unequal rewards are in hand over all ranks; the first of
+    them in drawing order (draw, then prompt) are the step's batch, so N ranks train on the one-process batch."""
+    cfg, dynamic, ranks = run.settings.train, run.settings.algorithm.dynamic_sampling, run.ranks
+    draws, seconds, varied = [], 0.0, 0
+    for draw in range(dynamic.max_draws if dynamic.enabled else 1):
+        start = time.perf_counter()
+        rollout = sample(run, step, draw)
+        seconds += time.perf_counter() - start
+        verdicts, rewards = score_rewards(run, rollout)
+        if not dynamic.enabled:
+            return rollout, verdicts, rewards, seconds, {}
+        draws.append((rollout, verdicts, rewards))
+        varied += int(distributed.global_sum((rewards.std(-1) > 0).sum(), ranks).item())
+        if varied >= cfg.prompts_per_step:
+            break
+    else:
+        key = f"algorithms.{run.settings.ident['algorithm']}.dynamic_sampling.max_draws"
+        raise RuntimeError(f"step {step + 1}: {varied} of {len(draws) * cfg.prompts_per_step} groups drawn had "
+                           f"unequal rewards, fewer than train.prompts_per_step = {cfg.prompts_per_step} after {key} = "
+                           f"{len(draws)} draws: raise it, or train on problems the policy sometimes solves and "
+                           "sometimes not")
+    kept = _kept_groups(draws, cfg.prompts_per_step, ranks)
+    rollout = Rollout(run.problems.iloc[[g.position for g in kept]], [g.prompt_ids for g in kept],
+                      [g.completions for g in kept])
+    counts = {"ds_draws": len(draws), "ds_groups_drawn": len(draws) * cfg.prompts_per_step, "ds_groups_varied": varied}
+    return rollout, [v for g in kept for v in g.verdicts], torch.stack([g.rewards for g in kept]), seconds, counts
+
+
+class Group(NamedTuple):
+    """One prompt's group as dynamic sampling keeps it (and moves it between ranks)."""
+
+    position: int  # in run.problems
+    prompt_ids: list[int]
+    completions: list[Completion]
+    verdicts: list
+    rewards: torch.Tensor  # [G]
+
+
+def _kept_groups(draws: list[tuple[Rollout, list, torch.Tensor]], needed: int, ranks: Ranks) -> list[Group]:
+    """This rank's share of the first `needed` groups with unequal rewards over all ranks' draws, in drawing order
+    (draw, then prompt, which is rank order within a draw): the groups the one-process run keeps, split evenly."""
+    size = draws[0][2].shape[1]
+    first = distributed.share(needed, ranks, "train.prompts_per_step").start  # this rank's first prompt of a draw
+    mine = [((draw, first + i), Group(int(position), rollout.prompt_ids[i], rollout.completions[i],
+                                      verdicts[i * size:(i + 1) * size], rewards[i]))
+            for draw, (rollout, verdicts, rewards) in enumerate(draws)
+            for i, position in enumerate(rollout.problems.index) if rewards[i].std() > 0]
+    everyone = sorted((item for part in distributed.gather_objects(mine, ranks) for item in part),
+                      key=lambda item: item[0])
+    share = distributed.share(needed, ranks, "train.prompts_per_step")
+    return [group for _, group in everyone[:needed]][share.start:share.stop]
+
+
+def sample(run: Run, step: int, draw: int = 0) -> Rollout:
+    """This rank's share of the step's prompts (a pure function of the step and the draw: draw 0 is the step's own
+    prompts, dynamic sampling's further draws come from streams of their own) and G completions of each from the
     current policy, sampled under the precision policy that scores them (an engine that runs the policy module
     itself, as the hf one does, would otherwise sample from the float32 function while the old log-probs come from
     the bf16-autocast one)."""
     cfg = run.settings.train
     mine = distributed.share(cfg.prompts_per_step, run.ranks, "train.prompts_per_step")
-    indices = _step_problems(len(run.problems), step, cfg.prompts_per_step, run.seed)
+    stream = run.seed if draw == 0 else run.seed + draw * 1_000_000_007
+    indices = _step_problems(len(run.problems), step, cfg.prompts_per_step, stream)
     problems = run.problems.iloc[indices[mine.start:mine.stop]]
     prompt_ids = encode_prompts(run.tokenizer, run.template, problems["problem"])
     sampling = SamplingConfig(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_tokens=cfg.max_tokens, seed=run.seed * 1_000_003 + step, first_prompt=mine.start,
+                              max_tokens=cfg.max_tokens, seed=run.seed * 1_000_003 + step + draw * (1 << 40),
+                              first_prompt=mine.start,
                               budgets=completion_budgets(prompt_ids, cfg.max_tokens, run.limit))
     run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through generation
     run.policy.eval()
@@ -228,12 +287,17 @@ def sample(run: Run, step: int) -> Rollout:
 
 
 def score_rewards(run: Run, rollout: Rollout) -> tuple[list, torch.Tensor]:
-    """The task reward's verdict on every completion, and the rewards [N, G] (float64)."""
-    group = run.settings.train.group_size
+    """The task reward's verdict on every completion, and the rewards [N, G] (float64), less DAPO's overlong
+    penalty when the algorithm's overlong_buffer sets one."""
+    cfg, buffer = run.settings.train, run.settings.algorithm.overlong_buffer
     texts = [c.text for completions in rollout.completions for c in completions]
-    golds = [g for g in rollout.problems["answer"] for _ in range(group)]
+    golds = [g for g in rollout.problems["answer"] for _ in range(cfg.group_size)]
     verdicts = run.reward_fn.judge(texts, golds)
-    return verdicts, torch.tensor([v.reward for v in verdicts], dtype=torch.float64).view(-1, group)
+    rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float64).view(-1, cfg.group_size)
+    if buffer.length:
+        lengths = torch.tensor([[len(c.token_ids) for c in group] for group in rollout.completions])
+        rewards = rewards + algorithms.overlong_penalty(lengths, cfg.max_tokens, buffer.length, buffer.penalty)
+    return verdicts, rewards
 
 
 def mini_batch_schedule(size: int, cfg: Train, seed: int, step: int) -> list[list[torch.Tensor]]:

@@ -456,3 +456,14 @@ def token_noise_stats(z: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     runs = tokens - (num_pairs - switches)  # a valid token starts a run unless it continues its neighbour's sign
     return {"sign_switch_rate": switches / num_pairs if num_pairs else float("nan"),
             "sign_run_length": tokens / runs if runs else float("nan")}
+
+
+# ------------------------------------------------------------------------------------------------- reward shaping
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (arXiv 2503.14476; verl's overlong_buffer) for completion lengths [...]:
+    0 up to max_tokens - buffer tokens, then falling linearly to -penalty at max_tokens (0 everywhere when buffer
+    is 0). A completion cut at max_tokens gets the whole penalty."""
+    if buffer == 0:
+        return torch.zeros_like(lengths, dtype=torch.float64)
+    excess = (lengths.double() - (max_tokens - buffer)).clamp(min=0)
+    return -penalty * excess.clamp(max=buffer) / buffer

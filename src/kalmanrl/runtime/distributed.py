@@ -190,6 +190,15 @@ def gather_rows(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
+def gather_objects(value, ranks: Ranks) -> list:
+    """Every rank's picklable `value`, in rank order, on every rank (one element without ranks)."""
+    if not ranks.sharded:
+        return [value]
+    out = [None] * ranks.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def share(count: int, ranks: Ranks, what: str) -> range:
     """This rank's contiguous share of `count` items (prompts of a step): rank r takes the r-th of world_size equal
     parts, so the ranks' shares concatenated in rank order are the one-rank order. `count` must divide evenly."""
