@@ -2,13 +2,18 @@
 targets in the answer format the rewards read."""
 
 import re
+from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from kalmanrl.configuration.config import ConfigError, builtin_datasets, load_config, stage_settings, validate_config
+from kalmanrl.configuration.settings import resolve_evaluate, resolve_train
 from kalmanrl.data.prompts import get_template
 from kalmanrl.data.rewards import last_boxed
+from kalmanrl.jobs.sft import tokenize_examples
+from kalmanrl.jobs.stage import encode_prompts
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -154,3 +159,64 @@ def test_templates_that_read_the_clock_render_a_fixed_date(chat_template, expect
     assert "2024" not in unfixed
     for name in ("krpo", "boxed", "kpo_eval"):
         assert get_template(name).render(clocked, "Q") == expected
+
+
+# ------------------------------------------------------------------------------- tokenising the rendered prompt
+
+BOS = "<|begin_of_text|>"
+# Llama-3.x's chat template opens with the begin-of-text token, and its tokenizer adds one too when asked.
+LLAMA3_LIKE = ("{{- bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+               "{{ m['content'] }}<|eot_id|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def llama3_like() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, BOS: 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token=BOS,
+                                   chat_template=LLAMA3_LIKE)
+
+
+def test_add_special_tokens_gives_llama3_prompts_the_krpo_authors_second_begin_of_text(llama3_like):
+    bos = llama3_like.bos_token_id
+    assert get_template("krpo").render(llama3_like, "1 + 2").startswith(BOS)
+    [ours] = encode_prompts(llama3_like, get_template("krpo"), ["1 + 2"])
+    [theirs] = encode_prompts(llama3_like, get_template("krpo", add_special_tokens=True), ["1 + 2"])
+    assert ours[:2] == [bos, 0] and theirs[:3] == [bos, bos, 0] and theirs[1:] == ours
+    # the warm start's prompts are the ones RL and evaluation sample from
+    for flag, ids in ((False, ours), (True, theirs)):
+        [(example, labels)] = tokenize_examples(llama3_like, ["1 + 2"], ["3"], [None], max_length=1024,
+                                                template=get_template("krpo", add_special_tokens=flag))
+        assert example[:len(ids)] == ids and labels.count(-100) == len(ids)
+
+
+def test_add_special_tokens_is_off_by_default_and_reaches_every_stage():
+    assert get_template("krpo").add_special_tokens is False
+    config = validate_config({"datasets": {"theirs": {"loader": "arithmetic", "template": "krpo",
+                                                      "add_special_tokens": True}},
+                              "tasks": ["arithmetic_easy", "theirs"], "benchmarks": ["arithmetic_easy", "theirs"]})
+    algorithm = next(iter(config["algorithms"]))
+    for task, flag in (("arithmetic_easy", False), ("theirs", True)):
+        train = stage_settings(config, "train", model="tiny", task=task, algorithm=algorithm, seed="0")
+        evaluate = stage_settings(config, "evaluate", model="tiny", task=task, benchmark=task, algorithm="sft")
+        assert resolve_train(train, "cpu", vllm_installed=False).add_special_tokens is flag
+        assert resolve_evaluate(evaluate, vllm_installed=False).add_special_tokens is flag
+        assert stage_settings(config, "sft", model="tiny", task=task)["add_special_tokens"] is flag
+
+
+def test_add_special_tokens_must_be_a_boolean():
+    with pytest.raises(ConfigError, match=r"config\.datasets\.theirs\.add_special_tokens: 'sometimes' is not of type "
+                                          r"'boolean'"):
+        validate_config({"datasets": {"theirs": {"loader": "arithmetic", "add_special_tokens": "sometimes"}}})
+
+
+def test_the_krpo_grid_tokenises_every_prompt_as_the_authors_code_and_keeps_the_built_in_arithmetic():
+    config = load_config(Path(__file__).resolve().parents[1] / "config" / "paper-krpo.yaml")
+    defaults = validate_config({})["datasets"]
+    for name in {*config["tasks"], *config["benchmarks"]}:
+        assert config["datasets"][name]["add_special_tokens"] is True, name
+    for name in ("arithmetic_easy", "arithmetic_normal", "arithmetic_hard"):
+        assert {**config["datasets"][name], "add_special_tokens": False} == defaults[name], name
+    assert not any(spec.get("add_special_tokens") for spec in builtin_datasets().values())

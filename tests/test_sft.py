@@ -29,8 +29,8 @@ def tokenizer(tiny_model_dir):
 
 def test_only_the_target_and_the_end_of_turn_token_are_labelled(tokenizer):
     template = get_template("answer_tag")
-    [(ids, labels)] = tokenize_examples(tokenizer, ["What is 2 + 3?"], ["5"], [None], template="answer_tag",
-                                        max_length=64)
+    [(ids, labels)] = tokenize_examples(tokenizer, ["What is 2 + 3?"], ["5"], [None],
+                                        template=get_template("answer_tag"), max_length=64)
     prompt = tokenizer(template.render(tokenizer, "What is 2 + 3?"), add_special_tokens=False)["input_ids"]
     assert ids[:len(prompt)] == prompt
     assert labels[:len(prompt)] == [IGNORE] * len(prompt)
@@ -39,8 +39,9 @@ def test_only_the_target_and_the_end_of_turn_token_are_labelled(tokenizer):
 
 
 def test_examples_longer_than_max_length_are_dropped(tokenizer):
-    [(short, _)] = tokenize_examples(tokenizer, ["1 + 1"], ["2"], [None], template="answer_tag", max_length=256)
-    examples = tokenize_examples(tokenizer, ["1 + 1", "1 + 1 " * 40], ["2", "40"], [None, None], template="answer_tag",
+    template = get_template("answer_tag")
+    [(short, _)] = tokenize_examples(tokenizer, ["1 + 1"], ["2"], [None], template=template, max_length=256)
+    examples = tokenize_examples(tokenizer, ["1 + 1", "1 + 1 " * 40], ["2", "40"], [None, None], template=template,
                                  max_length=len(short))
     assert [ids for ids, _ in examples] == [short]
 
@@ -54,12 +55,12 @@ def test_collate_right_pads_and_masks_the_padding_out_of_the_loss():
 
 def test_no_example_fitting_max_length_is_an_error(tiny_model_dir, arithmetic_parquet, tmp_path):
     with pytest.raises(ValueError, match="max_length"):
-        run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template="krpo",
+        run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template=get_template("krpo"),
                 settings={**SETTINGS, "max_length": 8}, seed=0, dtype="float32")
 
 
 def test_same_seed_gives_the_same_weights_and_another_seed_others(tiny_model_dir, arithmetic_parquet, tmp_path):
-    runs = {name: run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / name, template="answer_tag",
+    runs = {name: run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / name, template=get_template("answer_tag"),
                           settings=SETTINGS, seed=seed, dtype="float32")
             for name, seed in (("a", 0), ("b", 0), ("c", 1))}
     a, b, c = (load_file(tmp_path / name / "model.safetensors") for name in "abc")
@@ -73,8 +74,8 @@ def test_same_seed_gives_the_same_weights_and_another_seed_others(tiny_model_dir
 def test_warm_start_teaches_the_answer_format(tiny_model_dir, arithmetic_parquet, tmp_path):
     """About 15 s on 2 cores: the CI-size model learns to answer `<answer>integer</answer>` and stop."""
     settings = {**SETTINGS, "steps": 120, "batch_size": 32, "lr": 5e-3, "warmup_steps": 10}
-    metrics = run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template="answer_tag", settings=settings,
-                      seed=0, dtype="float32")
+    metrics = run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template=get_template("answer_tag"),
+                      settings=settings, seed=0, dtype="float32")
     assert metrics["steps"] == 120 and metrics["loss"] < 1.5
     losses = pd.read_parquet(tmp_path / "sft" / "metrics.parquet")  # every step's loss, for the stage fingerprint
     assert list(losses["step"]) == list(range(1, 121)) and losses["loss"].iloc[-10:].mean() < losses["loss"].iloc[0]
@@ -96,7 +97,7 @@ def test_no_steps_links_the_base_model_instead_of_copying_it(tiny_model_dir, ari
     base_dir = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base_dir)
     (base_dir / ".snakemake_timestamp").touch()
-    metrics = run_sft(base_dir, tmp_path / "not-read.parquet", tmp_path / "sft", template="answer_tag",
+    metrics = run_sft(base_dir, tmp_path / "not-read.parquet", tmp_path / "sft", template=get_template("answer_tag"),
                       settings={**SETTINGS, "steps": 0}, seed=0, dtype="bfloat16")
     assert metrics["steps"] == 0
     base = sorted(p.name for p in tiny_model_dir.iterdir())
@@ -107,7 +108,7 @@ def test_no_steps_links_the_base_model_instead_of_copying_it(tiny_model_dir, ari
 
 
 def test_the_warm_start_is_saved_in_the_models_dtype(tiny_model_dir, arithmetic_parquet, tmp_path):
-    run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template="answer_tag",
+    run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template=get_template("answer_tag"),
             settings={**SETTINGS, "steps": 2}, seed=0, dtype="bfloat16")
     weights = load_file(tmp_path / "sft" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}

@@ -298,7 +298,9 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
         return {"model": model, **({"templates": sorted({datasets[t]["template"] for t in config["tasks"]})}
                                    if model["source"] == "tiny" else {}), **plugins}
     if stage == "sft":
-        return {"sft": config["sft"], "template": datasets[wildcards["task"]]["template"],
+        task = datasets[wildcards["task"]]
+        return {"sft": config["sft"], "template": task["template"],
+                "chat_template_kwargs": task["chat_template_kwargs"], "add_special_tokens": task["add_special_tokens"],
                 "seed": config["data"]["seed"], "dtype": config["models"][wildcards["model"]]["dtype"], **plugins}
     ident = {k: wildcards[k] for k in ("model", "task", "algorithm", "benchmark") if k in wildcards}
     if "seed" in wildcards:

@@ -201,6 +201,7 @@ class EvaluateSettings:
     model_dtype: str
     template: str
     chat_template_kwargs: Mapping[str, Any]
+    add_special_tokens: bool
     reward: str
     reward_params: Mapping[str, Any]
     raw: Mapping[str, Any] = field(repr=False)
@@ -218,6 +219,7 @@ class TrainSettings:
     model_dtype: str  # the model's configured dtype: what checkpoints, the final policy and vLLM use
     template: str
     chat_template_kwargs: Mapping[str, Any]
+    add_special_tokens: bool
     reward: str
     reward_params: Mapping[str, Any]
     raw: Mapping[str, Any] = field(repr=False)
@@ -248,6 +250,7 @@ def resolve_train(settings: Mapping[str, Any], device_type: str, *, vllm_install
     return TrainSettings(train=train, algorithm=bind_algorithm(settings["algorithm"]), rollout=rollout,
                          ident=settings["ident"], model_source=model["source"], model_dtype=model["dtype"],
                          template=task["template"], chat_template_kwargs=task["chat_template_kwargs"],
+                         add_special_tokens=task["add_special_tokens"],
                          reward=task["reward"], reward_params=task["reward_params"], raw=settings)
 
 
@@ -259,6 +262,7 @@ def resolve_evaluate(settings: Mapping[str, Any], *, vllm_installed: bool | None
                             rollout=resolve_rollout(settings["rollout"], vllm_installed=vllm_installed),
                             ident=settings["ident"], model_dtype=settings["model"]["dtype"],
                             template=benchmark["template"], chat_template_kwargs=benchmark["chat_template_kwargs"],
+                            add_special_tokens=benchmark["add_special_tokens"],
                             reward=benchmark["reward"], reward_params=benchmark["reward_params"], raw=settings)
 
 

@@ -1,8 +1,10 @@
 """Prompt templates per dataset family, rendered through the tokenizer's own chat template.
 
 A template fixes what must agree with each other and with the reward: the system prompt, how a problem becomes the
-user turn, the answer format of a correct completion (`target`, used by the supervised warm start), and the extra
-arguments the chat template is rendered with (`enable_thinking: false` for Qwen3, as the KPO authors run it).
+user turn, the answer format of a correct completion (`target`, used by the supervised warm start), the extra
+arguments the chat template is rendered with (`enable_thinking: false` for Qwen3, as the KPO authors run it), and
+whether the rendered text is tokenised with the tokenizer's special tokens added (`PromptTemplate.encode`, the one place
+a prompt becomes token ids).
 
 Rendering never reads the clock: chat templates that write today's date (Llama-3.2's calls `strftime_now`) get a
 fixed date, so a prompt is the same on every day (a resumed run or a later evaluation is the same experiment).
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any
@@ -79,7 +81,9 @@ class PromptTemplate:
 
     `format_target(answer, solution)` builds the assistant text of a supervised example; `user(problem)` the user
     turn (default: the problem verbatim); `chat_kwargs` are extra `apply_chat_template` arguments (e.g.
-    `enable_thinking: False`), which a dataset's `chat_template_kwargs` extend or override.
+    `enable_thinking: False`), which a dataset's `chat_template_kwargs` extend or override. `add_special_tokens`
+    (a dataset's) tokenises the rendered text with the tokenizer's special tokens added: off, the chat template's own
+    begin-of-text is the only one; on, Llama-3.x prompts begin with a second, as the KRPO authors' code runs them.
     """
 
     name: str
@@ -87,6 +91,7 @@ class PromptTemplate:
     format_target: Callable[[str, str | None], str]
     user: Callable[[str], str] = _bare
     chat_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    add_special_tokens: bool = False
 
     def messages(self, problem: str) -> list[dict[str, str]]:
         """The chat messages of one prompt (system, when there is one, then the user turn)."""
@@ -98,6 +103,11 @@ class PromptTemplate:
         rendered with this template's chat arguments and a fixed clock (`FIXED_CLOCK`)."""
         return tokenizer.apply_chat_template(self.messages(problem), tokenize=False, add_generation_prompt=True,
                                              **{**FIXED_CLOCK, **self.chat_kwargs})
+
+    def encode(self, tokenizer: Any, problem: str) -> list[int]:
+        """The token ids of the rendered prompt, for every stage that samples or trains on it (RL, evaluation, the
+        warm start), so that they all see the same ids."""
+        return tokenizer(self.render(tokenizer, problem), add_special_tokens=self.add_special_tokens)["input_ids"]
 
     def target(self, answer: str, solution: str | None = None) -> str:
         """The assistant completion of a correct answer in this template's format (the SFT target)."""
@@ -147,11 +157,10 @@ register_template(PromptTemplate("kpo_train", "", _boxed_target, _kpo_train_user
 register_template(PromptTemplate("kpo_eval", "", _boxed_target, _bare, {"enable_thinking": False}))
 
 
-def get_template(name: str, chat_template_kwargs: Mapping[str, Any] | None = None) -> PromptTemplate:
-    """The registered template called `name`, its chat arguments extended (or overridden) by
-    `chat_template_kwargs` (a dataset's); unknown names fail listing the known ones."""
+def get_template(name: str, chat_template_kwargs: Mapping[str, Any] | None = None, *,
+                 add_special_tokens: bool = False) -> PromptTemplate:
+    """The registered template called `name` with a dataset's prompt settings: its chat arguments extended (or
+    overridden) by `chat_template_kwargs`, and `add_special_tokens`; unknown names fail listing the known ones."""
     template = TEMPLATES.get(name)
-    if not chat_template_kwargs:
-        return template
-    return PromptTemplate(template.name, template.system, template.format_target, template.user,
-                          {**template.chat_kwargs, **chat_template_kwargs})
+    return replace(template, chat_kwargs={**template.chat_kwargs, **(chat_template_kwargs or {})},
+                   add_special_tokens=add_special_tokens)

@@ -51,7 +51,8 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
     problems = read_dataset(dataset, split="test").to_pandas()
     if cfg.max_problems:
         problems = problems.iloc[:cfg.max_problems]
-    template = get_template(resolved.template, resolved.chat_template_kwargs)
+    template = get_template(resolved.template, resolved.chat_template_kwargs,
+                            add_special_tokens=resolved.add_special_tokens)
     prompt_ids = encode_prompts(tokenizer, template, problems["problem"])
     # Prompts that leave no room for a completion in the engine's context or evaluate.max_length are dropped
     # (counted in the summary) or refused, per rollout.overlong_prompts; the others get at most what is left.

@@ -14,7 +14,7 @@ from kalmanrl.core.io import atomic_path, write_parquet
 from kalmanrl.core.layout import METRICS
 from kalmanrl.core.progress import progress
 from kalmanrl.data.dataset import read_dataset
-from kalmanrl.data.prompts import get_template
+from kalmanrl.data.prompts import PromptTemplate
 from kalmanrl.policy.model import load_policy, save_policy
 from kalmanrl.policy.optim import make_optimizer
 from kalmanrl.runtime.devices import resolve_device
@@ -24,14 +24,14 @@ IGNORE = -100
 
 
 def tokenize_examples(tokenizer, problems: list[str], answers: list[str], solutions: list[str | None], *,
-                      template: str, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per example: prompt tokens labelled IGNORE, target tokens + end-of-turn labelled as
-    themselves; examples longer than max_length are dropped."""
-    tmpl = get_template(template)
+                      template: PromptTemplate, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per example: prompt tokens (encoded by the dataset's template as RL and evaluation encode
+    them) labelled IGNORE, target tokens + end-of-turn labelled as themselves; examples longer than max_length are
+    dropped."""
     examples = []
     for problem, answer, solution in zip(problems, answers, solutions):
-        prompt = tokenizer(tmpl.render(tokenizer, problem), add_special_tokens=False)["input_ids"]
-        target = tokenizer(tmpl.target(answer, solution), add_special_tokens=False)["input_ids"]
+        prompt = template.encode(tokenizer, problem)
+        target = tokenizer(template.target(answer, solution), add_special_tokens=False)["input_ids"]
         target.append(tokenizer.eos_token_id)
         if len(prompt) + len(target) <= max_length:
             examples.append((prompt + target, [IGNORE] * len(prompt) + target))
@@ -64,7 +64,7 @@ def link_model(model_dir: str | Path, out_dir: str | Path) -> None:
                 os.symlink(os.path.relpath(source.resolve(), tmp.resolve()), tmp / source.name)
 
 
-def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Path, *, template: str,
+def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Path, *, template: PromptTemplate,
             settings: dict, seed: int, dtype: str, gpus: int | None = None) -> dict:
     """Fine-tune the model in `model_dir` on the train split; save to `out_dir` in `dtype` (the model's configured
     dtype), with every step's loss in its metrics.parquet (a run on another machine can then be placed step by step:

@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def encode_prompts(tokenizer, template: PromptTemplate, problems: Iterable[str]) -> list[list[int]]:
-    """Token ids of each problem rendered by `template` (the template adds any special tokens itself)."""
-    return [tokenizer(template.render(tokenizer, p), add_special_tokens=False)["input_ids"] for p in problems]
+    """Token ids of each problem rendered and encoded by `template` (`PromptTemplate.encode`)."""
+    return [template.encode(tokenizer, p) for p in problems]
 
 
 def length_limit(context: int | None, max_length: int | None) -> float:

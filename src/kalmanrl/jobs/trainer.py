@@ -168,7 +168,8 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
                                          ranks).eval().requires_grad_(False)
                  if resolved.algorithm.beta > 0 else None)
     problems = read_dataset(dataset, split="train").to_pandas()
-    template = get_template(resolved.template, resolved.chat_template_kwargs)
+    template = get_template(resolved.template, resolved.chat_template_kwargs,
+                            add_special_tokens=resolved.add_special_tokens)
     # Overlong prompts leave once, here (as verl's filter at dataset load): the step's prompts stay a pure function
     # of the step, the same on every rank.
     context = resolved.rollout.context(getattr(policy.config, "max_position_embeddings", None))
