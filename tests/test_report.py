@@ -19,7 +19,8 @@ from kalmanrl.reporting.published import published_numbers
 from kalmanrl.reporting.report import build_report, left_out_table, provenance_table
 from kalmanrl.reporting.results import final_steps, summary_ident
 
-SETTINGS = {"report": {"bootstrap_samples": 400, "confidence": 0.95, "alpha": 0.05, "power": 0.8, "detect": [5]},
+SETTINGS = {"report": {"bootstrap_samples": 400, "confidence": 0.95, "alpha": 0.05, "power": 0.8, "detect": [5],
+                       "pooled_benchmarks": False},
             "reproduce": {"configfiles": ["config/config.yaml"],
                           "config": {"seeds": [0, 1], "results_dir": "results/study"}}}
 

@@ -1,15 +1,17 @@
 """The report's numbers: avg@k per (model, task, benchmark, algorithm) with its interval, and every comparison
-(each algorithm against GRPO and against the warm start) as a paired difference over seeds and problems."""
+(each algorithm against GRPO and against the warm start) as a paired difference over seeds and problems; optionally
+one more benchmark that pools all of a run's benchmarks (report.pooled_benchmarks)."""
 
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pandas as pd
 
 from kalmanrl.core.layout import WARM_START
-from kalmanrl.reporting.metrics import majority_correct, pass_at_k
+from kalmanrl.reporting.metrics import EXTRA_METRICS, majority_correct, pass_at_k, summarise
 from kalmanrl.reporting.results import BASELINE, CELL, RUN, correctness_matrix, select
 from kalmanrl.reporting.stats import (
     GridVariance,
@@ -20,6 +22,8 @@ from kalmanrl.reporting.stats import (
     paired_test,
     seeds_needed,
 )
+
+POOLED = "all"  # the benchmark report.pooled_benchmarks adds
 
 
 def _problem_pass_at_k(group: pd.DataFrame, k: int) -> float:
@@ -43,6 +47,44 @@ def problem_matrices(details: pd.DataFrame, metrics: list[str]) -> dict[str, pd.
     matrices = {metric: groups.apply(function, include_groups=False).unstack("problem_id")
                 for (metric, column), function in per_problem.items() if metric in metrics and column in details}
     return {"avg_at_k": correctness_matrix(details), **matrices} if "avg_at_k" in metrics else matrices
+
+
+def with_pooled_benchmark(summary: pd.DataFrame, details: pd.DataFrame,
+                          expected: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(summary, details, expected) with one more benchmark, POOLED, per run and step: the problems of all its
+    benchmarks as one (ids "<benchmark>/<problem_id>"), summarised as any benchmark is, so every problem weighs the
+    same and a larger benchmark more. That is what the KPO authors' verl logs report: their test rows share one
+    data_source, and verl averages validation metrics per data_source. A run's pooled row waits until every
+    benchmark it expects has been evaluated at one step, so it never covers part of the problems."""
+    if POOLED in set(details.get("benchmark", [])):
+        raise ValueError(f"report.pooled_benchmarks: a benchmark is already named {POOLED!r}")
+    wanted = pd.concat([expected, summary.reindex(columns=[*RUN, "benchmark"])]).groupby(RUN)["benchmark"].agg(set)
+    pooled_details, pooled_summary = [], []
+    for (*run, step), group in details.groupby([*RUN, "step"]) if len(details) else []:
+        if set(group["benchmark"]) != wanted.get(tuple(run)):
+            continue
+        key = dict(zip(RUN, run))
+        problems = group.assign(benchmark=POOLED, problem_id=group["benchmark"] + "/" + group["problem_id"].astype(str))
+        pass_k, extra_metrics = summary_metrics(select(summary, {**key, "step": step}))
+        try:
+            metrics = summarise(problems, pass_k, extra_metrics=extra_metrics)
+        except ValueError as err:
+            raise ValueError(f"report.pooled_benchmarks: {'/'.join(map(str, run))} step {step}: {err}") from err
+        pooled_details.append(problems)
+        pooled_summary.append({**key, "benchmark": POOLED, "step": step, **metrics})
+    pooled_expected = wanted.index.to_frame(index=False).assign(benchmark=POOLED)
+    return (pd.concat([summary, pd.DataFrame(pooled_summary)], ignore_index=True) if pooled_summary else summary,
+            pd.concat([details, *pooled_details], ignore_index=True),
+            pd.concat([expected, pooled_expected], ignore_index=True))
+
+
+def summary_metrics(rows: pd.DataFrame) -> tuple[list[int], list[str]]:
+    """The pass_k and extra_metrics (metrics.summarise) that every one of the summary rows `rows` was computed with,
+    read off the columns they all fill."""
+    filled = rows.columns[rows.notna().all()]
+    pass_k = [int(c.removeprefix("pass_at_")) for c in filled if re.fullmatch(r"pass_at_\d+", c)]
+    extra_metrics = [m for m in EXTRA_METRICS if any(re.fullmatch(m.replace("_at_k", r"_at_\d+"), c) for c in filled)]
+    return pass_k, extra_metrics
 
 
 def accuracy_table(summary: pd.DataFrame, details: pd.DataFrame, expected: pd.DataFrame, *, samples: int,

@@ -25,7 +25,14 @@ from kalmanrl.core.layout import (
     report_file,
     run_name,
 )
-from kalmanrl.reporting.comparisons import accuracy_table, family_tests, paired_differences, seeds_for
+from kalmanrl.reporting.comparisons import (
+    POOLED,
+    accuracy_table,
+    family_tests,
+    paired_differences,
+    seeds_for,
+    with_pooled_benchmark,
+)
 from kalmanrl.reporting.figures import (
     TOKEN_NOISE_NOTE,
     plot_accuracy_vs_step,
@@ -180,8 +187,8 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
     (kalmanrl.core.layout.REPORT_FILES) and its figures, one directory per kind (kalmanrl.core.layout.FIGURES), from the
     inputs that exist.
 
-    settings: {"report": {"bootstrap_samples", "confidence", "alpha", "power", "detect"}, optional "reproduce":
-    {"configfiles", "config"}}.
+    settings: {"report": {"bootstrap_samples", "confidence", "alpha", "power", "detect", "pooled_benchmarks"},
+    optional "reproduce": {"configfiles", "config"}}.
     published: a published-numbers YAML in the package's format, every number with its paper version, table and
     how it was checked (default: the package's own)."""
     cfg = settings["report"]
@@ -200,10 +207,13 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
     for kind in FIGURES:  # every figure directory exists, also when there is nothing to plot in it yet
         figure_dir(out_dir, kind).mkdir(parents=True, exist_ok=True)
     final, final_details = final_steps(summary), final_steps(details)
+    # The tables' benchmarks: the evaluated ones, and with report.pooled_benchmarks all of a run's pooled as one.
+    table_summary, table_details, table_expected = (with_pooled_benchmark(final, final_details, expected)
+                                                    if cfg["pooled_benchmarks"] else (final, final_details, expected))
     paper_accuracy, paper_differences = published_numbers(published)
-    accuracy = accuracy_table(final, final_details, expected, samples=samples, confidence=confidence) \
-        if len(final) or len(expected) else pd.DataFrame()
-    differences = family_tests(paired_differences(final_details, samples=samples, confidence=confidence),
+    accuracy = accuracy_table(table_summary, table_details, table_expected, samples=samples, confidence=confidence) \
+        if len(table_summary) or len(table_expected) else pd.DataFrame()
+    differences = family_tests(paired_differences(table_details, samples=samples, confidence=confidence),
                                alpha=alpha, power=power)
     write_parquet(accuracy.assign(confidence=confidence) if len(accuracy) else accuracy,
                   report_file(out_dir, "accuracy"))
@@ -215,8 +225,11 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
           f"interval is narrow (3 seeds that differ with a standard deviation of 10 points: a nominal 95% interval "
           f"covers {SEED_EFFECT_COVERAGE:.0%} of the time, measured in tests/test_stats.py).")
     sources = "; ".join(f"{p}: {s}" for p, s in published_sources(paper_accuracy, paper_differences).items())
+    pooled = (f'Benchmark "{POOLED}" pools every benchmark of a run as one, each problem weighed the same '
+              "(report.pooled_benchmarks), as the KPO authors' verl logs do; its comparisons are in the Holm family."
+              if cfg["pooled_benchmarks"] else "")
     sections = [
-        Section("Accuracy per benchmark and algorithm", f"{ci} {SECONDARY_NOTE}",
+        Section("Accuracy per benchmark and algorithm", " ".join(filter(None, [ci, pooled, SECONDARY_NOTE])),
                 accuracy_display(accuracy, paper_accuracy, confidence) if len(accuracy) else None),
         Section("Differences to GRPO and to the warm start",
                 " ".join(filter(None, [ci, tests_note(differences, alpha, power), SECONDARY_NOTE])),
