@@ -15,4 +15,5 @@ class DigitShare(RewardFunction):
 @register_reward("has_digit")
 class HasDigit(RewardFunction):
     def screen(self, completion: str, gold: str) -> Verdict:
-        return Verdict(float(any(c.isdigit() for c in completion)), False, None)
+        has = any(c.isdigit() for c in completion)
+        return Verdict(float(has), has, None)

@@ -269,12 +269,14 @@ def test_two_ranks_train_like_one(tmp_path, one_rank_training, tiny_model_dir, a
 def test_two_ranks_with_dynamic_sampling_keep_the_groups_one_process_keeps(tmp_path, tiny_model_dir,
                                                                           arithmetic_parquet):
     """A 0/1 reward in groups of two: about half the groups are all-equal and dropped; the ranks pool what they drew
-    and each trains its share of the first prompts_per_step groups with a signal, the one-process batch."""
+    and each trains its share of the first prompts_per_step groups with a signal, the one-process batch (the same
+    rewards, counts and gradient norms). Such batches have a loss near 0, whose rounding-level gradients Adam turns
+    into steps of up to lr: the weights agree to that."""
     settings = train_settings("has_digit", steps=3, group_size=2)
     settings["algorithm"]["dynamic_sampling"] = {"enabled": True, "max_draws": 8}
     for name, ranks in (("one", 1), ("two", 2)):
         finished(start_training(tmp_path / name, ranks, tiny_model_dir, arithmetic_parquet, settings), tmp_path / name)
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two", atol=settings["train"]["steps"] * settings["train"]["lr"])
     counts = ["ds_draws", "ds_groups_drawn", "ds_groups_varied"]
     one, two = (pd.read_parquet(tmp_path / name / "metrics.parquet")[counts] for name in ("one", "two"))
     pd.testing.assert_frame_equal(one, two)

@@ -154,7 +154,8 @@ def _launch_ranks(args: argparse.Namespace, cpu: bool, per_node: int, lock_fd: i
     # The node's ranks share the job's threads: each taking all of them would oversubscribe its cores per_node times.
     rank_threads = max(1, args.threads // per_node)
     rank_command = ["kalmanrl", "train", "--settings", json.dumps(args.settings), "--model", str(args.model),
-                    "--dataset", str(args.dataset), "--out", str(args.out), "--threads", str(rank_threads)]
+                    "--dataset", str(args.dataset), "--out", str(args.out), "--threads", str(rank_threads),
+                    "--validation-data", *map(str, args.validation_data)]
     tasks_per_node = per_node if cpu and "SLURM_JOB_ID" in os.environ else 1
     several = args.nodes * tasks_per_node > 1
     if several and (missing := missing_slurm_client()):
@@ -177,7 +178,8 @@ def _train_here(args: argparse.Namespace) -> None:
 
     check_fits("train", args.settings, args.model)
     _threads(args.threads)
-    train(args.model, args.dataset, args.out, settings=args.settings, threads=args.threads, gpus=args.gpus)
+    train(args.model, args.dataset, args.out, settings=args.settings, threads=args.threads, gpus=args.gpus,
+          validation_data=args.validation_data)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -320,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "ranks under torchrun with the policy sharded (FSDP2); default 1"}),
         ("--cpu-ranks", {"type": int, "default": 1,
                          "help": "without GPUs (--gpus 0 or unset): CPU ranks (gloo) per node, sharded as GPU ranks "
-                                 "are; inside a SLURM job one task each, started by srun (default 1)"})])
+                                 "are; inside a SLURM job one task each, started by srun (default 1)"}),
+        ("--validation-data", {"type": Path, "nargs": "*", "default": [],
+                               "help": "with train.validation: the dataset Parquet of each benchmark it validates on, "
+                                       "in the order of the settings' validation datasets"})])
     _stage(sub, "evaluate", "Evaluate a model on a benchmark: avg@k, pass@k, maj@k, per-sample details.",
            cmd_evaluate, [
         ("--model", path("model directory")), ("--dataset", path("benchmark Parquet")),

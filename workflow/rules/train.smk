@@ -5,6 +5,8 @@ rule train:
     input:
         model=TREE.warm_start_model(),
         dataset=TREE.train_split(),
+        # train.validation: the benchmarks the job validates on while it trains (none when it does not)
+        validation=[TREE.dataset(dataset=name) for name in validation_benchmarks(config)],
     output:
         final=directory(TREE.final_model()),
         metrics=TREE.metrics(),
@@ -37,4 +39,4 @@ rule train:
     shell:
         "kalmanrl train --settings {params.settings:q} --model {input.model:q} --dataset {input.dataset:q}"
         " --out {params.run_dir:q} --threads {threads} --gpus {params.gpus} --nodes {resources.nodes}"
-        " --cpu-ranks {params.cpu_ranks} > {log:q} 2>&1"
+        " --cpu-ranks {params.cpu_ranks} --validation-data {input.validation:q} > {log:q} 2>&1"

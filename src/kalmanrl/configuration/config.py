@@ -180,8 +180,9 @@ def import_plugins(plugins: Iterable[str], where: str = "config.plugins") -> Non
 
 
 def _check_references(config: dict) -> None:
-    for key in ("tasks", "benchmarks"):
-        for name in config[key]:
+    for key, names in (("tasks", config["tasks"]), ("benchmarks", config["benchmarks"]),
+                       ("train.validation.benchmarks", config["train"]["validation"]["benchmarks"] or [])):
+        for name in names:
             if name not in config["datasets"]:
                 raise ConfigError(f"config.{key}: unknown dataset {name!r} "
                                   f"(known: {', '.join(sorted(config['datasets']))})")
@@ -283,6 +284,13 @@ def config_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def validation_benchmarks(config: dict) -> list[str]:
+    """The datasets a training job validates on (train.validation.benchmarks, else the config's benchmarks); none
+    when validation is off."""
+    validation = config["train"]["validation"]
+    return list(validation["benchmarks"] or config["benchmarks"]) if validation["every"] else []
+
+
 def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
     """Everything one stage needs from the config, and nothing else: the rule passes it as a Snakemake param, so a
     change reruns exactly the jobs it affects. Evaluation takes an optional `step` (an intermediate checkpoint)."""
@@ -306,9 +314,17 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
     if "seed" in wildcards:
         ident["seed"] = int(wildcards["seed"])
     if stage == "train":
+        validation = config["train"]["validation"]
+        # Only a validating job gets the benchmarks and the evaluate section's sampling: others do not rerun when
+        # those change.
+        validating = {"validation": {"datasets": {name: datasets[name] for name in validation_benchmarks(config)},
+                                     "sampling": {key: config["evaluate"][key]
+                                                  for key in ("temperature", "top_p", "max_tokens")}}
+                      } if validation["every"] else {}
         return {"train": config["train"], "model": config["models"][wildcards["model"]],
                 "algorithm": config["algorithms"][wildcards["algorithm"]],
-                "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident, **plugins}
+                "rollout": config["rollout"], "task": datasets[wildcards["task"]], "ident": ident, **validating,
+                **plugins}
     if stage == "evaluate":
         final = 0 if ident["algorithm"] == "sft" else config["train"]["steps"]
         ident["step"] = int(wildcards.get("step") or final)

@@ -85,6 +85,19 @@ class DynamicSampling:
 
 
 @dataclass(frozen=True)
+class Validation:
+    """train.validation, with what a validating job needs beside it: each benchmark's dataset entry (template,
+    reward) and the evaluate section's sampling."""
+
+    every: int
+    benchmarks: Sequence[str] | None
+    max_problems: int
+    k: int
+    datasets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Train:
     """The `train` section, with `precision` and `gradient_checkpointing` resolved."""
 
@@ -94,6 +107,7 @@ class Train:
     ppo_epochs: int
     mini_batches: int
     mini_batch_order: str
+    validation: Validation
     micro_batch_tokens: int
     logit_chunk_tokens: int
     precision: Precision
@@ -240,7 +254,8 @@ def resolve_train(settings: Mapping[str, Any], device_type: str, *, vllm_install
     section, model = dict(settings["train"]), settings["model"]
     train = Train(**{**section, "precision": resolve_precision(section["precision"], device_type),
                      "gradient_checkpointing": resolve_gradient_checkpointing(section["gradient_checkpointing"],
-                                                                              model["source"])})
+                                                                              model["source"]),
+                     "validation": resolve_validation(section["validation"], settings.get("validation"))})
     algorithms.check_algorithm(dict(settings["algorithm"]), train.optimizer_steps)
     rollout = resolve_rollout(settings["rollout"], vllm_installed=vllm_installed)
     if rollout.tensor_parallel_size > 1:
@@ -252,6 +267,17 @@ def resolve_train(settings: Mapping[str, Any], device_type: str, *, vllm_install
                          template=task["template"], chat_template_kwargs=task["chat_template_kwargs"],
                          add_special_tokens=task["add_special_tokens"],
                          reward=task["reward"], reward_params=task["reward_params"], raw=settings)
+
+
+def resolve_validation(section: Mapping[str, Any], given: Mapping[str, Any] | None) -> Validation:
+    """train.validation with the benchmarks' dataset entries and the sampling a job's settings carry beside it
+    (`config.stage_settings` adds them when validation is on)."""
+    if not section["every"]:
+        return Validation(**section)
+    if not given or not given.get("datasets"):
+        raise ValueError(f"train.validation.every = {section['every']} but the job's settings carry no validation "
+                         "datasets (`kalmanrl settings train ...` prints what a job gets)")
+    return Validation(**section, datasets=given["datasets"], sampling=given["sampling"])
 
 
 def resolve_evaluate(settings: Mapping[str, Any], *, vllm_installed: bool | None = None) -> EvaluateSettings:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -36,6 +36,7 @@ from kalmanrl.data.prompts import PromptTemplate, get_template
 from kalmanrl.data.rewards import RewardFunction, get_reward, limit_hits
 from kalmanrl.jobs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_full_model
 from kalmanrl.jobs.stage import completion_budgets, encode_prompts, engine_from_settings, fitting_prompts, length_limit
+from kalmanrl.jobs.validation import Benchmark, due, load_benchmarks, rewards_open, validate
 from kalmanrl.policy.batch import RolloutBatch, build_batch, micro_batches
 from kalmanrl.policy.logprobs import token_logprobs
 from kalmanrl.policy.model import load_policy
@@ -69,6 +70,7 @@ class Run:
     overlong_dropped: int  # train problems dropped at setup (rollout.overlong_prompts), recorded in each metrics row
     limit: float  # the most prompt plus completion tokens: engine context and train.max_length (inf: none)
     reward_fn: RewardFunction
+    validation: list[Benchmark]  # train.validation's problems (none when it is off)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     engine: RolloutEngine
@@ -98,23 +100,26 @@ class Rollout:
 
 
 def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, threads: int = 1,
-          gpus: int | None = None) -> pd.DataFrame:
+          gpus: int | None = None, validation_data: Sequence[Path] = ()) -> pd.DataFrame:
     """RL-train the policy in `policy_dir` on the train split of `dataset`. Writes `out_dir/final` (save_pretrained)
     and `out_dir/metrics.parquet`; resumes from `out_dir/checkpoints` when a run with the same settings was cut off.
-    `gpus`: the GPUs the job was granted (`resolve_device`: refused when CUDA cannot give them)."""
+    `gpus`: the GPUs the job was granted (`resolve_device`: refused when CUDA cannot give them). `validation_data`:
+    with train.validation, each validated benchmark's dataset Parquet."""
     resolve_device(gpus)
     ranks = distributed.init_ranks()
     try:
-        return _train(policy_dir, dataset, out_dir, settings, threads, ranks)
+        return _train(policy_dir, dataset, out_dir, settings, threads, ranks, validation_data)
     finally:
         distributed.close_ranks(ranks)
 
 
-def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int, ranks: Ranks) -> pd.DataFrame:
-    run = setup(policy_dir, dataset, out_dir, settings, threads, ranks)
+def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int, ranks: Ranks,
+           validation_data: Sequence[Path]) -> pd.DataFrame:
+    run = setup(policy_dir, dataset, out_dir, settings, threads, ranks, validation_data)
     cfg = run.settings.train
     writer = _tensorboard(out_dir) if cfg.tensorboard and ranks.is_main else None
-    with run.engine, run.reward_fn, progress(range(run.start, cfg.steps), initial=run.start, total=cfg.steps,
+    with run.engine, run.reward_fn, rewards_open(run.validation), progress(range(run.start, cfg.steps),
+                                                                         initial=run.start, total=cfg.steps,
                                              desc=f"{run.settings.ident['algorithm']} seed {run.seed}", unit="step",
                                              disable=not ranks.is_main) as bar:
         if run.start:
@@ -136,7 +141,9 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
             stats = update(run, batch, schedule)
             run.engine.sync_weights(run.policy)
             clock.append(time.perf_counter())
-            row = record(run, step, rollout, verdicts, rewards, advantages, batch, {**stats, **drawn}, clock, writer)
+            checks = validation_metrics(run, step + 1)
+            row = record(run, step, rollout, verdicts, rewards, advantages, batch, {**stats, **drawn, **checks}, clock,
+                         writer)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 checkpoint(run, step + 1)
@@ -147,10 +154,10 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
 
 
 def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threads: int,
-          ranks: Ranks = Ranks()) -> Run:
-    """Seed, load the policy (and the frozen reference when beta > 0; both sharded over the ranks), the data, the
-    named algorithm parts, the optimiser and the rollout engine; restore the newest checkpoint of a run with the same
-    settings."""
+          ranks: Ranks = Ranks(), validation_data: Sequence[Path] = ()) -> Run:
+    """Seed, load the policy (and the frozen reference when beta > 0; both sharded over the ranks), the data (and
+    the validation problems), the named algorithm parts, the optimiser and the rollout engine; restore the newest
+    checkpoint of a run with the same settings."""
     device = ranks.device
     resolved = resolve_train(settings, device.type)
     cfg = resolved.train
@@ -179,6 +186,8 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
                            fix="raise rollout.max_model_len or train.max_length")
     overlong_dropped, problems = len(problems) - len(kept), problems.iloc[kept].reset_index(drop=True)
     reward_fn = get_reward(resolved.reward, **{"num_workers": distributed.rank_cpus(), **resolved.reward_params})
+    validation = load_benchmarks(cfg.validation, validation_data, tokenizer, limit=limit,
+                                 overlong=resolved.rollout.overlong_prompts, num_workers=distributed.rank_cpus())
     optimizer, scheduler = make_rollout_optimizer(policy.parameters(), cfg.optimizer())
 
     settings_hash = config_hash(settings)
@@ -194,7 +203,7 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
                                   dtype=resolved.model_dtype)
     return Run(settings=resolved, device=device, policy=policy, reference=reference, tokenizer=tokenizer,
                template=template, problems=problems, overlong_dropped=overlong_dropped, limit=limit,
-               reward_fn=reward_fn, optimizer=optimizer, scheduler=scheduler, engine=engine,
+               reward_fn=reward_fn, validation=validation, optimizer=optimizer, scheduler=scheduler, engine=engine,
                old_from_update=not has_dropout(policy) and resolved.algorithm.correction.name == "none",
                checkpoints=checkpoints, settings_hash=settings_hash,
                ranks=ranks, start=start, rows=rows, environments=environments,
@@ -263,6 +272,16 @@ def _kept_groups(draws: list[tuple[Rollout, list, torch.Tensor]], needed: int, r
                       key=lambda item: item[0])
     share = distributed.share(needed, ranks, "train.prompts_per_step")
     return [group for _, group in everyone[:needed]][share.start:share.stop]
+
+
+def validation_metrics(run: Run, step: int) -> dict[str, float]:
+    """train.validation's accuracies of the policy after `step` RL steps when it is due, else none (blank in the
+    metrics), sampled as training samples: in eval mode, under the precision policy."""
+    cfg = run.settings.train
+    if not due(cfg.validation, step, cfg.steps):
+        return {}
+    run.policy.eval()
+    return validate(run.validation, run.engine, cfg.validation, seed=run.seed, precision=cfg.precision)
 
 
 def sample(run: Run, step: int, draw: int = 0) -> Rollout:

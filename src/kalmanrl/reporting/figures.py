@@ -20,7 +20,8 @@ from kalmanrl.reporting.results import CELL
 
 CURVES = {"reward_mean": "reward", "accuracy": "training accuracy", "kl": "KL to the reference (k3)",
           "clip_frac": "clip fraction", "response_length": "response length (tokens)", "entropy": "entropy",
-          "token_mult_prob_error": "train/inference mismatch (mean exp|Δ log p|)"}
+          "token_mult_prob_error": "train/inference mismatch (mean exp|Δ log p|)",
+          "val_accuracy": "validation accuracy (train.validation)"}
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,7 @@ def plot_curves(metrics: pd.DataFrame, out: Path) -> list[Path]:
 
     def draw(ax, runs: pd.DataFrame, column: str) -> None:
         for algorithm, frame in runs.groupby("algorithm"):
-            _band(ax, frame, column, algorithm)
+            _band(ax, frame.dropna(subset=[column]), column, algorithm)  # validation: only the steps validated
         ax.set(xlabel="RL step", ylabel=CURVES[column])
 
     return _figure_per_run(metrics, lambda runs: columns, draw, out) if columns else []
