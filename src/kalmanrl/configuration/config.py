@@ -208,6 +208,7 @@ def _check_references(config: dict) -> None:
     if train["keep_every"] % train["checkpoint_every"]:
         raise ConfigError(f"config.train.keep_every: {train['keep_every']} is not a multiple of "
                           f"train.checkpoint_every = {train['checkpoint_every']}")
+    check_tracker_names("config.train", train)
     for name, algorithm in config["algorithms"].items():
         check_algorithm_names(f"config.algorithms.{name}", algorithm, train)
     for name, dataset in config["datasets"].items():
@@ -260,6 +261,15 @@ def check_algorithm_names(where: str, algorithm: dict, train: dict) -> None:
     _bound(where, None, lambda: algorithms.check_algorithm(algorithm, train["ppo_epochs"] * train["mini_batches"]))
 
 
+def check_tracker_names(where: str, train: dict) -> None:
+    """Refuse a `loggers` entry no tracker is registered under (kalmanrl.runtime.trackers), naming its index; the
+    packages a tracker needs are checked when the job starts it, on the machine that runs it."""
+    from kalmanrl.runtime.trackers import TRACKERS
+
+    for index, name in enumerate(train["loggers"]):
+        _bound(f"{where}.loggers[{index}]", None, functools.partial(TRACKERS.get, name))
+
+
 def check_dataset_names(where: str, dataset: dict) -> None:
     """Check a dataset's loader, template and reward names and parameters against their registries, without
     loading data or starting reward worker processes (a reward is built, which starts none, and closed)."""
@@ -301,8 +311,11 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
         # Not `decontaminate`: the decontaminate rule reads it, and toggling it must not rebuild every dataset.
         data = {key: value for key, value in config["data"].items() if key != "decontaminate"}
         return {"name": name, "dataset": datasets[name], "data": data, **plugins}
+    # Only training reads a model's LoRA adapters (the model stage builds the base, evaluation loads merged weights):
+    # toggling them reruns only the training jobs and what depends on them.
+    base_model = {k: v for k, v in config["models"].get(wildcards.get("model"), {}).items() if k != "lora"}
     if stage == "model":
-        model = config["models"][wildcards["model"]]
+        model = base_model
         return {"model": model, **({"templates": sorted({datasets[t]["template"] for t in config["tasks"]})}
                                    if model["source"] == "tiny" else {}), **plugins}
     if stage == "sft":
@@ -329,7 +342,7 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
         final = 0 if ident["algorithm"] == "sft" else config["train"]["steps"]
         ident["step"] = int(wildcards.get("step") or final)
         return {"evaluate": config["evaluate"], "rollout": config["rollout"],
-                "model": config["models"][wildcards["model"]], "benchmark": datasets[wildcards["benchmark"]],
+                "model": base_model, "benchmark": datasets[wildcards["benchmark"]],
                 "ident": ident, **plugins}
     if stage == "report":
         return {"report": config["report"]}
@@ -363,4 +376,6 @@ def parse_settings(text: str) -> dict:
     for key in ("dataset", "task", "benchmark"):
         if key in settings:
             check_dataset_names(key, settings[key])
+    if "train" in settings:
+        check_tracker_names("train", settings["train"])
     return settings

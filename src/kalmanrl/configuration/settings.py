@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kalmanrl.policy.lora import Lora
 from kalmanrl.rl import algorithms, correction
 
 BACKENDS = ("auto", "hf", "vllm")
@@ -125,7 +126,7 @@ class Train:
     checkpoint_every: int
     keep_every: int
     max_nonfinite: int
-    tensorboard: bool
+    loggers: Sequence[str]
 
     @property
     def optimizer_steps(self) -> int:
@@ -231,6 +232,7 @@ class TrainSettings:
     ident: Mapping[str, Any]
     model_source: str
     model_dtype: str  # the model's configured dtype: what checkpoints, the final policy and vLLM use
+    lora: Lora | None  # models.<name>.lora: adapters trained instead of the weights (None: full fine-tuning)
     template: str
     chat_template_kwargs: Mapping[str, Any]
     add_special_tokens: bool
@@ -241,6 +243,10 @@ class TrainSettings:
     @property
     def seed(self) -> int:
         return self.ident["seed"]
+
+    @property
+    def lora_key(self) -> str:
+        return f"models.{self.ident['model']}.lora"
 
     def with_train(self, **changes: Any) -> TrainSettings:
         """A copy with some train settings changed (a benchmark sweeping a budget, a test forcing a precision)."""
@@ -264,6 +270,7 @@ def resolve_train(settings: Mapping[str, Any], device_type: str, *, vllm_install
     task = settings["task"]
     return TrainSettings(train=train, algorithm=bind_algorithm(settings["algorithm"]), rollout=rollout,
                          ident=settings["ident"], model_source=model["source"], model_dtype=model["dtype"],
+                         lora=Lora(**model["lora"]) if model.get("lora") is not None else None,
                          template=task["template"], chat_template_kwargs=task["chat_template_kwargs"],
                          add_special_tokens=task["add_special_tokens"],
                          reward=task["reward"], reward_params=task["reward_params"], raw=settings)

@@ -48,6 +48,7 @@ TRAINING_PROVENANCE = "provenance.json"  # inside final/: the environment of eve
 METRICS = "metrics.parquet"  # one row per RL step
 CHECKPOINTS = "checkpoints"  # not a workflow output, so Snakemake keeps it when a job fails
 RUN_LOCK = "writer.lock"  # names the training job writing into the run directory (kalmanrl.runtime.runlock)
+TRACKERS = "trackers"  # the experiment trackers' local files and run ids (train.loggers, kalmanrl.runtime.trackers)
 
 # Inside the report directory.
 # The report's pages, its summary (one row per evaluation) and its two tables as data (kalmanrl.reporting.comparisons):
@@ -232,6 +233,11 @@ def final_model_dir(run_dir: str | Path) -> Path:
 def run_lock_file(run_dir: str | Path) -> Path:
     """The run directory's writer lock (`kalmanrl.runtime.runlock`)."""
     return Path(run_dir) / RUN_LOCK
+
+
+def trackers_dir(run_dir: str | Path) -> Path:
+    """Where a training run's experiment trackers keep their local files and the ids of their runs."""
+    return Path(run_dir) / TRACKERS
 
 
 def metrics_file(run_dir: str | Path) -> Path:

@@ -1,7 +1,8 @@
 """One registry type for every pluggable part a config names: advantage estimators, ratio transforms, surrogates,
-rewards, prompt templates and dataset loaders. They behave alike: a name registers once, an unknown name or parameter
-fails with one error type that lists the known ones, and parameters are checked against the registered function's
-(or class's) keyword parameters when they are bound, so config validation can refuse a bad one before any job runs.
+rewards, prompt templates, dataset loaders and experiment trackers. They behave alike: a name registers once, an
+unknown name or parameter fails with one error type that lists the known ones, and parameters are checked against the
+registered function's (or class's) keyword parameters when they are bound, so config validation can refuse a bad one
+before any job runs.
 """
 
 from __future__ import annotations

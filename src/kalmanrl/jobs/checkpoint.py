@@ -1,13 +1,14 @@
 """Resumable training state without pickle. A checkpoint is a directory
 
     step_NNNNNN/trainer_state.json   the step and the settings hash it was written with
-    step_NNNNNN/state/               what only a resume needs: policy and optimiser sharded with
-                                     `torch.distributed.checkpoint` (each rank writes its own shards, keyed by parameter
-                                     name, so a run saved on N ranks resumes on any number, in full precision), rank
-                                     0's RNG tensors (safetensors), scheduler and Python/NumPy RNG (JSON), the metrics
-    step_NNNNNN/model/               kept checkpoints only (`train.keep_every`): the policy, save_pretrained in the
-                                     model's configured dtype, and its tokenizer, nothing else, so vLLM and
-                                     `kalmanrl evaluate` load it like any model directory
+    step_NNNNNN/state/               what only a resume needs: policy (its trained parameters: a LoRA policy's
+                                     adapters only) and optimiser sharded with `torch.distributed.checkpoint` (each
+                                     rank writes its own shards, keyed by parameter name, so a run saved on N ranks
+                                     resumes on any number, in full precision), rank 0's RNG tensors (safetensors),
+                                     scheduler and Python/NumPy RNG (JSON), the metrics
+    step_NNNNNN/model/               kept checkpoints only (`train.keep_every`): the policy (LoRA adapters merged),
+                                     save_pretrained in the model's configured dtype, and its tokenizer, nothing else,
+                                     so vLLM and `kalmanrl evaluate` load it like any model directory
 
 Only the newest checkpoint keeps its state/; a kept checkpoint is thinned to its model/ once a newer one exists. A
 checkpoint written from a different settings hash is never resumed."""
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from kalmanrl.core.io import read_parquet, write_parquet
 from kalmanrl.core.layout import checkpoint_dir, checkpoint_model_dir, checkpoint_state_dir
+from kalmanrl.policy.lora import adapter_layers, merged_parameters
 from kalmanrl.policy.model import save_policy
 from kalmanrl.runtime import distributed
 from kalmanrl.runtime.distributed import Ranks, load_sharded, save_sharded, shared_atomic_dir
@@ -42,10 +44,14 @@ SHARDED = "sharded"      # in state/: the torch.distributed.checkpoint directory
 
 
 def write_full_model(model: torch.nn.Module, tokenizer, directory: Path, ranks: Ranks, *, dtype: str) -> None:
-    """A plain `save_pretrained` model in `dtype` (transformers and vLLM load it) from a sharded or plain model,
-    written by rank 0 into `directory`. Every rank must call it (the full state dict is gathered to rank 0's CPU)."""
+    """A plain `save_pretrained` model in `dtype` (transformers and vLLM load it) from a sharded or plain model, LoRA
+    adapters merged into their weights, written by rank 0 into `directory`. Every rank must call it (the full state
+    dict is gathered to rank 0's CPU)."""
     state = None
-    if ranks.sharded:
+    if adapter_layers(model):
+        state = {name: tensor.to("cpu") for name, tensor in merged_parameters(model) if ranks.is_main}
+        state = distributed.without_tied_aliases(state, model)
+    elif ranks.sharded:
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         state = distributed.without_tied_aliases(state, model)  # written once, as save_pretrained does
     if ranks.is_main:

@@ -16,7 +16,9 @@ gpus x nodes ranks):
   layers); gradients while updating and at the optimiser step (freed before generating);
 - the colocated vLLM engine: `rollout.gpu_memory_utilization` of the GPU while generating; with `rollout.sleep`,
   only a residue during scoring and the update.
-The peak is the static part plus the largest phase: generating, scoring, updating or the optimiser step.
+The peak is the static part plus the largest phase: generating, scoring, updating or the optimiser step. With LoRA
+(`models.<m>.lora`) the base weights are still held, gradients and AdamW's moments exist for the adapters only (their
+count from the model's shape, r and the target modules), and there is no reference copy (the base is the reference).
 `benchmarks/bench_memory.py` measures the CPU case against real training steps."""
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from kalmanrl.configuration.settings import (
     resolve_train,
 )
 from kalmanrl.core.layout import config_jobs, parse_run_name
+from kalmanrl.policy.lora import Lora
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +234,26 @@ def _count_activations(config_json: str, dtype: str, tokens: int = 64) -> Activa
     return Activations(per_layer=(two - one) // tokens, outside=(2 * one - two) // tokens)
 
 
+def adapter_params(shape: ModelShape, lora: Lora, *, key: str) -> int:
+    """Parameters LoRA adds, r x (inputs + outputs) of every adapted linear layer: the trainer's own injection into a
+    meta-device copy of the model, so they match exactly and nothing is allocated (`key`: the config key, for
+    errors)."""
+    return _count_adapters(shape.config_json, lora.r, tuple(lora.target_modules), key)
+
+
+@functools.cache
+def _count_adapters(config_json: str, r: int, target_modules: tuple[str, ...], key: str) -> int:
+    from transformers import AutoConfig
+
+    from kalmanrl.policy.lora import add_adapters, trainable_parameters
+
+    config = AutoConfig.for_model(**json.loads(config_json))
+    with torch.device("meta"):
+        model = add_adapters(_meta_model(config, config.num_hidden_layers),
+                             Lora(r=r, alpha=r, dropout=0.0, target_modules=target_modules), key=key)
+    return sum(p.numel() for p in trainable_parameters(model))
+
+
 # -------------------------------------------------------------------------------------------------------- estimates
 
 
@@ -346,12 +369,15 @@ def estimate_train(shape: ModelShape, settings: TrainSettings, resources: Resour
     step = train_shape(train, prompt_len=prompt_len, completion_len=completion_len)
     weight_bytes, state_bytes = (2, 2) if mode == "bfloat16" else (4, 4)
     act_dtype = "float32" if mode == "float32" else "bfloat16"
-    p = shape.params
+    p, lora = shape.params, settings.lora
+    adapters = 0 if lora is None else adapter_params(shape, lora, key=settings.lora_key)
+    trained = p if lora is None else adapters  # what has gradients and AdamW state
     parts: dict[str, float] = {
-        "weights": p * weight_bytes / ranks,
-        "gradients": p * weight_bytes / ranks,
-        "optimizer": 2 * p * state_bytes / ranks,
-        "reference": p * weight_bytes / ranks if beta > 0 else 0.0,  # stored as the policy is
+        "weights": (p + adapters) * weight_bytes / ranks,
+        "gradients": trained * weight_bytes / ranks,
+        "optimizer": 2 * trained * state_bytes / ranks,
+        # stored as the policy is; under LoRA the policy's own base (adapters disabled)
+        "reference": p * weight_bytes / ranks if beta > 0 and lora is None else 0.0,
     }
     # The compute copy: FSDP2 all-gathers one layer ahead in the weights' dtype (two layers live) plus the root
     # group's embedding; autocast caches a bf16 copy of every weight it casts during a forward (one rank or N).
@@ -376,9 +402,11 @@ def estimate_train(shape: ModelShape, settings: TrainSettings, resources: Resour
     score = parts["compute_copy"] + score_acts + score_logits
     # AdamW's foreach step makes one temporary the size of the (local) parameters (the square root of the second
     # moment) while gradients and both moments are alive.
-    optimizer_step = p * state_bytes / ranks
+    optimizer_step = trained * state_bytes / ranks
     notes = [f"precision {mode}", f"gradient checkpointing {'on' if ckpt else 'off'}",
              f"{step.rows} rows x {step.seq_len} tokens; micro-batches of {step.micro_rows} rows"]
+    if lora is not None:
+        notes.append(f"LoRA r={lora.r}: {adapters:,} adapter parameters train, the base weights are frozen")
     problems: list[str] = []
     engine_live = engine_asleep = 0.0
     parts["vllm_weights"] = parts["kv_cache"] = 0.0

@@ -15,6 +15,7 @@ over all ranks, and rank 0 writes them and the final policy."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import defaultdict
@@ -27,9 +28,9 @@ import pandas as pd
 import torch
 
 from kalmanrl.configuration.config import config_hash
-from kalmanrl.configuration.settings import Train, TrainSettings, resolve_train
+from kalmanrl.configuration.settings import Train, TrainSettings, as_dict, resolve_train
 from kalmanrl.core.io import write_parquet
-from kalmanrl.core.layout import TRAINING_PROVENANCE, checkpoints_root, final_model_dir, metrics_file
+from kalmanrl.core.layout import RUN, TRAINING_PROVENANCE, checkpoints_root, fields, fill, final_model_dir, metrics_file
 from kalmanrl.core.progress import progress
 from kalmanrl.data.dataset import read_dataset
 from kalmanrl.data.prompts import PromptTemplate, get_template
@@ -39,6 +40,7 @@ from kalmanrl.jobs.stage import completion_budgets, encode_prompts, engine_from_
 from kalmanrl.jobs.validation import Benchmark, due, load_benchmarks, rewards_open, validate
 from kalmanrl.policy.batch import RolloutBatch, build_batch, micro_batches
 from kalmanrl.policy.logprobs import token_logprobs
+from kalmanrl.policy.lora import adapters_disabled, add_adapters, trainable_parameters
 from kalmanrl.policy.model import load_policy
 from kalmanrl.policy.optim import make_rollout_optimizer
 from kalmanrl.policy.rollout import Completion, RolloutEngine, SamplingConfig
@@ -48,6 +50,7 @@ from kalmanrl.runtime import distributed
 from kalmanrl.runtime.devices import resolve_device
 from kalmanrl.runtime.distributed import Ranks
 from kalmanrl.runtime.provenance import environment
+from kalmanrl.runtime.trackers import Trackers, start_trackers
 
 __all__ = ["NonFiniteLossError", "RolloutBatch", "build_batch", "token_logprobs", "train", "update_policy"]
 
@@ -117,11 +120,11 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
            validation_data: Sequence[Path]) -> pd.DataFrame:
     run = setup(policy_dir, dataset, out_dir, settings, threads, ranks, validation_data)
     cfg = run.settings.train
-    writer = _tensorboard(out_dir) if cfg.tensorboard and ranks.is_main else None
-    with run.engine, run.reward_fn, rewards_open(run.validation), progress(range(run.start, cfg.steps),
-                                                                         initial=run.start, total=cfg.steps,
-                                             desc=f"{run.settings.ident['algorithm']} seed {run.seed}", unit="step",
-                                             disable=not ranks.is_main) as bar:
+    bar = progress(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, unit="step",
+                   desc=f"{run.settings.ident['algorithm']} seed {run.seed}", disable=not ranks.is_main)
+    # The trackers close however the loop ends (an MLflow run left RUNNING otherwise).
+    with contextlib.closing(_trackers(run, out_dir)) as writer, run.engine, run.reward_fn, \
+            rewards_open(run.validation), bar:
         if run.start:
             run.engine.sync_weights(run.policy)
         for step in bar:
@@ -147,8 +150,6 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 checkpoint(run, step + 1)
-        if writer is not None:
-            writer.close()
         # Before the engine closes: an in-process vLLM engine tears the process group down with it.
         return finish(run, out_dir)
 
@@ -166,14 +167,19 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     distributed.share(cfg.prompts_per_step, ranks, "train.prompts_per_step")
 
     policy, tokenizer = load_policy(policy_dir, device=device, dtype=cfg.precision.weights_dtype)
+    if resolved.lora is not None:  # only the adapters train (and reach the optimiser), the base stays frozen
+        add_adapters(policy, resolved.lora, key=resolved.lora_key)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = distributed.shard_model(policy, ranks)
     # The reference is the initial policy, stored as the policy is: under autocast its log-probs equal the policy's
-    # until the first update (KL exactly 0), on one rank and on N.
-    reference = (distributed.shard_model(load_policy(policy_dir, device=device, dtype=cfg.precision.weights_dtype)[0],
-                                         ranks).eval().requires_grad_(False)
-                 if resolved.algorithm.beta > 0 else None)
+    # until the first update (KL exactly 0), on one rank and on N. Under LoRA it is the policy itself, scored with its
+    # adapters disabled (`score_logprobs`): the frozen base, without a second copy.
+    reference = None
+    if resolved.algorithm.beta > 0:
+        reference = policy if resolved.lora is not None else distributed.shard_model(
+            load_policy(policy_dir, device=device, dtype=cfg.precision.weights_dtype)[0], ranks
+        ).eval().requires_grad_(False)
     problems = read_dataset(dataset, split="train").to_pandas()
     template = get_template(resolved.template, resolved.chat_template_kwargs,
                             add_special_tokens=resolved.add_special_tokens)
@@ -188,7 +194,7 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     reward_fn = get_reward(resolved.reward, **{"num_workers": distributed.rank_cpus(), **resolved.reward_params})
     validation = load_benchmarks(cfg.validation, validation_data, tokenizer, limit=limit,
                                  overlong=resolved.rollout.overlong_prompts, num_workers=distributed.rank_cpus())
-    optimizer, scheduler = make_rollout_optimizer(policy.parameters(), cfg.optimizer())
+    optimizer, scheduler = make_rollout_optimizer(trainable_parameters(policy), cfg.optimizer())
 
     settings_hash = config_hash(settings)
     checkpoints = checkpoints_root(out_dir)
@@ -336,7 +342,7 @@ def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> 
     so its ratio is exactly 1. With `run.old_from_update` the first mini-batch's old log-probs are left (0) to the
     update's first forward pass (`update_policy(old_from_first=True)`), which computes exactly these numbers: the
     policy has not changed yet. Under the `bypass` rollout correction the engine's log-probs are the old log-probs
-    and the policy runs no scoring pass."""
+    and the policy runs no scoring pass. A LoRA policy is its own reference, scored with its adapters disabled."""
     cfg = run.settings.train
     if run.settings.algorithm.correction.bypass:
         batch.old_logp = batch.engine_logp.clone()
@@ -344,7 +350,8 @@ def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> 
         batch.old_logp = batch_logprobs(run.policy, batch, minis[1:] if run.old_from_update else minis, cfg,
                                         run.ranks)
     if run.reference is not None:
-        batch.ref_logp = batch_logprobs(run.reference, batch, minis, cfg, run.ranks)
+        with adapters_disabled(run.reference):
+            batch.ref_logp = batch_logprobs(run.reference, batch, minis, cfg, run.ranks)
         distributed.reshard(run.reference)
 
 
@@ -411,7 +418,7 @@ def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) ->
 
 def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch.Tensor,
            advantages: torch.Tensor, batch: RolloutBatch, stats: dict[str, float], clock: list[float],
-           writer) -> dict:
+           writer: Trackers) -> dict:
     """Append this step's metrics row (rewards, advantages, lengths, reward limit hits, phase timings, update
     statistics) for the whole step: per-completion values are gathered from all ranks, update statistics reduced over
     them (timings and throughputs are rank 0's)."""
@@ -438,10 +445,7 @@ def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch
            "time_score": t_score - t_reward, "time_update": t_end - t_score,
            **mismatch(run, batch), **distributed.reduce_metrics(stats, ranks)}
     run.rows.append(row)
-    if writer is not None:
-        for key, value in row.items():
-            if isinstance(value, float):
-                writer.add_scalar(key, value, step + 1)
+    writer.log({key: value for key, value in row.items() if isinstance(value, float)}, step + 1)
     return row
 
 
@@ -574,9 +578,10 @@ def _step_problems(num_problems: int, step: int, per_step: int, seed: int) -> li
     return indices
 
 
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:
-        raise RuntimeError("train.tensorboard is on but tensorboard is not installed: pip install tensorboard") from err
-    return SummaryWriter(out_dir / "tensorboard")
+def _trackers(run: Run, out_dir: Path) -> Trackers:
+    """Rank 0's experiment trackers (train.loggers; none on other ranks), started with the resolved settings and this
+    start's environment; a resumed run logs on from its checkpoint's step."""
+    ident = run.settings.ident
+    return start_trackers(run.settings.train.loggers if run.ranks.is_main else [], out_dir,
+                          run_name=fill(RUN, **{k: ident[k] for k in fields(RUN)}), settings=as_dict(run.settings),
+                          provenance=run.environments[-1], start_step=run.start)

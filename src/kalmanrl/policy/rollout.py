@@ -369,11 +369,12 @@ class VLLMEngine(_ContextManaged):
             self.asleep = True
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
-        from kalmanrl.runtime.distributed import full_parameters
+        from kalmanrl.policy.lora import merged_parameters
 
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
-        push_weights(self.llm, ((name, tensor.to(self.dtype)) for name, tensor in full_parameters(policy)))
+        # The base model's names and weights, LoRA adapters merged in: vLLM serves the base architecture.
+        push_weights(self.llm, ((name, tensor.to(self.dtype)) for name, tensor in merged_parameters(policy)))
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False

@@ -278,30 +278,40 @@ def without_tied_aliases(state: Mapping[str, torch.Tensor], model: torch.nn.Modu
     return {name: tensor for name, tensor in state.items() if name not in aliases}
 
 
+def trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model's and optimiser's state dicts of what trains: frozen parameters (a LoRA policy's base weights) are
+    the model directory's, loaded with the model, and stay out of checkpoints. A plain policy trains every one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+
+
 def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Model and optimiser state with `torch.distributed.checkpoint`: each rank writes its own shards into `path`
     (the same directory on every rank), keyed by parameter name (each tied weight once), so any number of ranks can
-    load it back."""
+    load it back. Only what trains (`trained_state`)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = trained_state(model, optimizer)
     dcp.save({"model": without_tied_aliases(model_state, model), "optimizer": optim_state}, checkpoint_id=str(path))
 
 
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load what `save_sharded` wrote, on any number of ranks (DCP reshards), into `model` and `optimizer` in place.
-    The optimiser may be fresh (no state yet)."""
+    """Load what `save_sharded` wrote, on any number of ranks (DCP reshards), into `model` and `optimizer` in place:
+    exactly the model's trained parameters (checked here), its frozen ones left as loaded. The optimiser may be fresh
+    (no state yet)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = trained_state(model, optimizer)
     stored = without_tied_aliases(model_state, model)
     _check_sharded_model(path, dcp.FileSystemReader(str(path)).read_metadata(), stored, type(model).__name__)
     state = {"model": stored, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(path))
-    loaded = {**state["model"], **{alias: state["model"][name] for alias, name in tied_aliases(model).items()}}
-    set_state_dict(model, optimizer, model_state_dict=loaded, optim_state_dict=state["optimizer"])
+    loaded = {**state["model"], **{alias: state["model"][name] for alias, name in tied_aliases(model).items()
+                                   if name in state["model"]}}
+    set_state_dict(model, optimizer, model_state_dict=loaded, optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))  # frozen parameters are not in it; the rest is checked
 
 
 def _check_sharded_model(path: Path, metadata, model_state: Mapping[str, torch.Tensor], model_name: str) -> None:
