@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
+import time
 
 import pandas as pd
 import pytest
@@ -271,3 +273,26 @@ def test_vllm_samples_from_the_merged_policy(tmp_path, tiny_model_dir, arithmeti
     metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings)
     assert metrics["kl"].iloc[-1] > 1e-3
     assert metrics["mismatch_abs_max"].max() < 1e-3, metrics["mismatch_abs_max"].tolist()
+
+
+@pytest.mark.slow
+def test_a_lora_run_killed_with_sigkill_resumes_to_the_same_adapters(tmp_path, tiny_model_dir, arithmetic_parquet):
+    """`kalmanrl train` killed with SIGKILL once its step-2 checkpoint exists, then started again: the resumed run
+    ends where the uninterrupted one does (metrics and merged final weights, bit for bit)."""
+    from test_trainer import _run_cli
+
+    settings = lora_settings(steps=5)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert _run_cli(whole, tiny_model_dir, arithmetic_parquet, settings).wait() == 0
+    proc = _run_cli(cut, tiny_model_dir, arithmetic_parquet, settings)
+    deadline = time.time() + 300
+    while not list((cut / "checkpoints").glob("step_000002/trainer_state.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "metrics.parquet").exists(), "the run finished before it could be killed"
+    assert _run_cli(cut, tiny_model_dir, arithmetic_parquet, settings).wait() == 0
+    expected, got = (pd.read_parquet(d / "metrics.parquet").drop(columns=list(TIMING)) for d in (whole, cut))
+    pd.testing.assert_frame_equal(expected, got)
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (whole, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
