@@ -225,6 +225,7 @@ def test_every_stage_given_gpus_refuses_without_cuda(tiny_model_dir, arithmetic_
     import torch
 
     from kalmanrl.configuration.config import stage_settings, validate_config
+    from kalmanrl.configuration.settings import Sft
     from kalmanrl.data.prompts import get_template
     from kalmanrl.jobs.evaluate import evaluate
     from kalmanrl.jobs.sft import run_sft
@@ -237,8 +238,8 @@ def test_every_stage_given_gpus_refuses_without_cuda(tiny_model_dir, arithmetic_
     sft = stage_settings(config, "sft", model="tiny", task="arith")
     stages = {
         "sft": lambda: run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft",
-                               template=get_template(sft["template"]), settings=sft["sft"], seed=0, dtype=sft["dtype"],
-                               gpus=1),
+                               template=get_template(sft["template"]), settings=Sft(**sft["sft"]), seed=0,
+                               dtype=sft["dtype"], gpus=1),
         "train": lambda: train(tiny_model_dir, arithmetic_parquet, tmp_path / "run", gpus=1,
                                settings=stage_settings(config, "train", model="tiny", task="arith", algorithm="grpo",
                                                        seed="0")),

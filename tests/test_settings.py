@@ -12,7 +12,7 @@ import pytest
 
 from kalmanrl.configuration import settings
 from kalmanrl.configuration.config import stage_settings, validate_config
-from kalmanrl.configuration.settings import Algorithm, Rollout, Train, resolve_train
+from kalmanrl.configuration.settings import Algorithm, Rollout, Sft, Train, resolve_train
 from kalmanrl.rl import algorithms
 
 SRC = Path(settings.__file__).parent
@@ -56,7 +56,7 @@ def test_the_typed_sections_hold_exactly_the_schemas_keys():
     """A setting added to the schema must land in its dataclass (or resolving every job fails), and vice versa."""
     defaults = validate_config({})
     bound = {"estimator", "ratio_transform", "aggregation", "correction", "noise_filter"}
-    for section, name in ((Train, "train"), (Rollout, "rollout")):
+    for section, name in ((Train, "train"), (Rollout, "rollout"), (Sft, "sft")):
         assert {f.name for f in dataclasses.fields(section)} == set(defaults[name]), name
     assert {f.name for f in dataclasses.fields(Algorithm)} - bound == set(defaults["algorithms"]["grpo"])
     raw = raw_settings()

@@ -6,20 +6,22 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from kalmanrl.configuration.settings import Sft
 from kalmanrl.data.dataset import read_dataset
 from kalmanrl.data.prompts import get_template
 from kalmanrl.jobs.sft import IGNORE, collate, run_sft, tokenize_examples
 from kalmanrl.policy.model import load_policy
 from kalmanrl.policy.rollout import SamplingConfig, make_engine
 
-SETTINGS = {"steps": 8, "batch_size": 8, "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 2, "schedule": "cosine",
-            "max_length": 64, "max_grad_norm": 1.0, "log_every": 4}
+SETTINGS = Sft(steps=8, batch_size=8, lr=3e-3, weight_decay=0.0, warmup_steps=2, schedule="cosine", max_length=64,
+               max_grad_norm=1.0, log_every=4)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def test_collate_right_pads_and_masks_the_padding_out_of_the_loss():
 def test_no_example_fitting_max_length_is_an_error(tiny_model_dir, arithmetic_parquet, tmp_path):
     with pytest.raises(ValueError, match="max_length"):
         run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template=get_template("krpo"),
-                settings={**SETTINGS, "max_length": 8}, seed=0, dtype="float32")
+                settings=replace(SETTINGS, max_length=8), seed=0, dtype="float32")
 
 
 def test_same_seed_gives_the_same_weights_and_another_seed_others(tiny_model_dir, arithmetic_parquet, tmp_path):
@@ -73,7 +75,7 @@ def test_same_seed_gives_the_same_weights_and_another_seed_others(tiny_model_dir
 
 def test_warm_start_teaches_the_answer_format(tiny_model_dir, arithmetic_parquet, tmp_path):
     """About 15 s on 2 cores: the CI-size model learns to answer `<answer>integer</answer>` and stop."""
-    settings = {**SETTINGS, "steps": 120, "batch_size": 32, "lr": 5e-3, "warmup_steps": 10}
+    settings = replace(SETTINGS, steps=120, batch_size=32, lr=5e-3, warmup_steps=10)
     metrics = run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template=get_template("answer_tag"),
                       settings=settings, seed=0, dtype="float32")
     assert metrics["steps"] == 120 and metrics["loss"] < 1.5
@@ -98,7 +100,7 @@ def test_no_steps_links_the_base_model_instead_of_copying_it(tiny_model_dir, ari
     shutil.copytree(tiny_model_dir, base_dir)
     (base_dir / ".snakemake_timestamp").touch()
     metrics = run_sft(base_dir, tmp_path / "not-read.parquet", tmp_path / "sft", template=get_template("answer_tag"),
-                      settings={**SETTINGS, "steps": 0}, seed=0, dtype="bfloat16")
+                      settings=replace(SETTINGS, steps=0), seed=0, dtype="bfloat16")
     assert metrics["steps"] == 0
     base = sorted(p.name for p in tiny_model_dir.iterdir())
     assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == base
@@ -109,7 +111,7 @@ def test_no_steps_links_the_base_model_instead_of_copying_it(tiny_model_dir, ari
 
 def test_the_warm_start_is_saved_in_the_models_dtype(tiny_model_dir, arithmetic_parquet, tmp_path):
     run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template=get_template("answer_tag"),
-            settings={**SETTINGS, "steps": 2}, seed=0, dtype="bfloat16")
+            settings=replace(SETTINGS, steps=2), seed=0, dtype="bfloat16")
     weights = load_file(tmp_path / "sft" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     base = load_file(tiny_model_dir / "model.safetensors")

@@ -107,13 +107,14 @@ def cmd_model(args: argparse.Namespace) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
+    from kalmanrl.configuration.settings import Sft
     from kalmanrl.data.prompts import get_template
     from kalmanrl.jobs.sft import run_sft
 
     s = args.settings
     _threads(args.threads)
     template = get_template(s["template"], s["chat_template_kwargs"], add_special_tokens=s["add_special_tokens"])
-    metrics = run_sft(args.model, args.dataset, args.out, template=template, settings=s["sft"], seed=s["seed"],
+    metrics = run_sft(args.model, args.dataset, args.out, template=template, settings=Sft(**s["sft"]), seed=s["seed"],
                       dtype=s["dtype"], gpus=args.gpus)
     log.info("sft done: %s", json.dumps(metrics))
 

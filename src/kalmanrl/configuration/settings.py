@@ -191,6 +191,25 @@ class Algorithm:
 
 
 @dataclass(frozen=True)
+class Sft:
+    """The `sft` section: the supervised warm start."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: str
+    max_length: int
+    max_grad_norm: float
+    log_every: int
+
+    def optimizer(self) -> dict[str, Any]:
+        """What `kalmanrl.policy.optim.make_optimizer` reads."""
+        return {key: getattr(self, key) for key in ("lr", "weight_decay", "warmup_steps", "schedule")}
+
+
+@dataclass(frozen=True)
 class Evaluate:
     """The `evaluate` section."""
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from kalmanrl.configuration.settings import Sft
 from kalmanrl.core.io import atomic_path, write_parquet
 from kalmanrl.core.layout import METRICS
 from kalmanrl.core.progress import progress
@@ -65,13 +66,13 @@ def link_model(model_dir: str | Path, out_dir: str | Path) -> None:
 
 
 def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Path, *, template: PromptTemplate,
-            settings: dict, seed: int, dtype: str, gpus: int | None = None) -> dict:
+            settings: Sft, seed: int, dtype: str, gpus: int | None = None) -> dict:
     """Fine-tune the model in `model_dir` on the train split; save to `out_dir` in `dtype` (the model's configured
     dtype), with every step's loss in its metrics.parquet (a run on another machine can then be placed step by step:
     kalmanrl.reporting.fingerprint). With `steps: 0`, `out_dir` links the base model's files instead. Returns the final
     loss."""
     device = resolve_device(gpus)
-    if settings["steps"] == 0:
+    if settings.steps == 0:
         link_model(model_dir, out_dir)
         log.info("sft.steps = 0: %s links the files of %s", out_dir, model_dir)
         return {"steps": 0, "examples": 0, "loss": None}
@@ -80,37 +81,37 @@ def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Pat
     table = read_dataset(train_parquet, split="train")
     examples = tokenize_examples(tokenizer, table.column("problem").to_pylist(), table.column("answer").to_pylist(),
                                  table.column("solution").to_pylist(), template=template,
-                                 max_length=settings["max_length"])
+                                 max_length=settings.max_length)
     if not examples:
-        raise ValueError(f"{train_parquet}: no training example fits sft.max_length = {settings['max_length']}")
+        raise ValueError(f"{train_parquet}: no training example fits sft.max_length = {settings.max_length}")
     log.info("sft on %d of %d examples", len(examples), table.num_rows)
 
-    optimizer, scheduler = make_optimizer(model.parameters(), settings, settings["steps"])
+    optimizer, scheduler = make_optimizer(model.parameters(), settings.optimizer(), settings.steps)
     generator = torch.Generator().manual_seed(seed)
     order, position, loss_ema = torch.randperm(len(examples), generator=generator), 0, None
     losses = []
     model.train()
-    with progress(range(settings["steps"]), desc="sft", unit="step") as bar:
+    with progress(range(settings.steps), desc="sft", unit="step") as bar:
         for step in bar:
-            if position + settings["batch_size"] > len(order):
+            if position + settings.batch_size > len(order):
                 order, position = torch.randperm(len(examples), generator=generator), 0
-            picked = order[position:position + settings["batch_size"]].tolist()
-            position += settings["batch_size"]
+            picked = order[position:position + settings.batch_size].tolist()
+            position += settings.batch_size
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in picked],
                                                          tokenizer.pad_token_id).items()}
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings["max_grad_norm"])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
             loss_ema = losses[-1] if loss_ema is None else 0.95 * loss_ema + 0.05 * losses[-1]
             bar.set_postfix(loss=f"{loss_ema:.4f}", refresh=False)
-            if (step + 1) % settings["log_every"] == 0:
+            if (step + 1) % settings.log_every == 0:
                 log.info("sft step %d: loss %.4f", step + 1, loss_ema)
 
     with atomic_path(out_dir, directory=True) as tmp:
         save_policy(model, tokenizer, tmp, dtype=dtype)
         write_parquet(pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses}), tmp / METRICS)
-    return {"steps": settings["steps"], "examples": len(examples), "loss": loss_ema}
+    return {"steps": settings.steps, "examples": len(examples), "loss": loss_ema}
