@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kalmanrl.runtime.cpu import DISPATCH_ENV, LEVELS, DispatchError, cpu_flags, pin_cpu_dispatch
+from kalmanrl.runtime.cpu import DISPATCH_ENV, LEVELS, NUMPY_AVX512, DispatchError, cpu_flags, pin_cpu_dispatch
 
 HOST_HAS_AVX2 = {"avx2", "fma"} <= cpu_flags()
 
@@ -54,7 +54,7 @@ def test_each_level_sets_every_library_and_overrides_the_callers_values():
     environ = {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AUTO"}
     assert pin_cpu_dispatch(environ, flags={"avx2", "fma"}, machine="x86_64") == "avx2"
     assert environ == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE,STRICT",
-                       DISPATCH_ENV: "avx2"}
+                       "NPY_DISABLE_CPU_FEATURES": NUMPY_AVX512, DISPATCH_ENV: "avx2"}
     environ = {DISPATCH_ENV: "baseline"}
     pin_cpu_dispatch(environ, flags=set(), machine="x86_64")
     assert environ["ATEN_CPU_CAPABILITY"] == "default" and environ["MKL_CBWR"] == "COMPATIBLE,STRICT"

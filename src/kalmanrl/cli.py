@@ -409,10 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if hasattr(args, "settings"):  # a workflow stage: pin the CPU dispatch before anything loads torch
-            args.settings = parse_settings(args.settings)
+        if hasattr(args, "settings"):  # a workflow stage: pin the CPU dispatch before anything loads numpy or torch
             log.debug("CPU dispatch pinned to %s ($%s)", pin_cpu_dispatch(), DISPATCH_ENV)
             keep_freed_memory()
+            args.settings = parse_settings(args.settings)
         with gpu_placement(getattr(args, "gpus", None)):
             code = args.func(args)
     except (ConfigError, DispatchError, RunDirectoryBusy) as err:

@@ -20,7 +20,7 @@ DEFAULT_CHUNK_TOKENS = 8192
 def token_logprobs(model, batch: RolloutBatch, *, with_entropy: bool = False,
                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
     """Log-probs [B, T] of the completion tokens under `model` (and their per-token entropy [B, T], computed
-    without gradient), as gather(logits) - logsumexp(logits) in float32, `chunk_tokens` (rows x positions) at a
+    without gradient), as gather(log_softmax(logits)) in float32, `chunk_tokens` (rows x positions) at a
     time. A model sharded with FSDP gathers its embeddings and head for the whole computation (`as_forward`)."""
     return as_forward(model, _token_logprobs, batch, with_entropy=with_entropy, chunk_tokens=chunk_tokens)
 
@@ -53,10 +53,12 @@ def _chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, w
     """hidden [B, t, H], targets [B, t] -> log-prob of each target [B, t] and, if asked, the entropy [B, t]."""
     logits = head(hidden).float()
     with torch.autocast(hidden.device.type, enabled=False):  # float32 from here on, whatever the caller's autocast
-        log_norm = logits.logsumexp(-1)
-        taken = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+        # log_softmax, not gather - logsumexp: on the CPU logsumexp and its gradient take exp and log from MKL's VML,
+        # whose bits depend on the CPU's vendor (kalmanrl.runtime.vendor_neutral); log_softmax's kernels are ATen's.
+        log_probs = logits.log_softmax(-1)
+        taken = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         if not with_entropy:
             return taken, None
         with torch.no_grad():
-            entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+            entropy = -(torch.softmax(logits, dim=-1) * log_probs).sum(-1)
     return taken, entropy

@@ -3,15 +3,21 @@ local models, and loading for training — always through safetensors."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import MethodType
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.modeling_rope_utils import dynamic_rope_update
 
 from kalmanrl.core.io import atomic_path
 from kalmanrl.data.prompts import get_template
+from kalmanrl.runtime import vendor_neutral
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2's pre-tokenizer split (single digits, so arithmetic is tokenised digit by digit). transformers 5 reloads any
@@ -105,12 +111,45 @@ def load_policy(model_dir: str | Path, *, device: str | torch.device = "cpu",
     """Model and tokenizer from a save_pretrained directory (safetensors only); left padding for generation, and a
     pad token when the tokenizer has none (see `ensure_pad_token`)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True).to(device)
+    vendor_neutral_rotary(model)
     tokenizer = load_tokenizer(model_dir)
     rows = model.get_input_embeddings().num_embeddings
     if tokenizer.pad_token_id >= rows:
         raise ValueError(f"{model_dir}: pad token {tokenizer.pad_token!r} has id {tokenizer.pad_token_id}, outside the "
                          f"model's {rows} embeddings")
     return model, tokenizer
+
+
+def vendor_neutral_rotary(model: torch.nn.Module) -> None:
+    """Make the rotary embeddings of `model` compute cos and sin on the CPU without MKL's VML, whose bits depend on
+    the CPU's vendor (`kalmanrl.runtime.vendor_neutral`); on other devices they run transformers' forward. The
+    formula is transformers' (the same in Qwen2, Qwen3, Llama and Mistral): cos and sin of position x inverse
+    frequency, times the attention scaling. A rotary module without that shape (an `inv_freq` buffer, an
+    `attention_scaling` factor, one rope type) is left as it is, with a warning."""
+    for module in model.modules():
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        if not (isinstance(getattr(module, "inv_freq", None), torch.Tensor) and hasattr(module, "attention_scaling")
+                and isinstance(getattr(module, "rope_type", None), str)):
+            log.warning("%s: not a rotary embedding kalmanrl knows; its CPU results may depend on the CPU's vendor",
+                        type(module).__name__)
+            continue
+        module.forward = MethodType(_vendor_neutral_rotary_forward, module)  # deepcopy rebinds it to the copy
+
+
+@torch.no_grad()
+@dynamic_rope_update
+def _rotary_on_cpu(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+    cos, sin = vendor_neutral.cos_sin(torch.cat((freqs, freqs), dim=-1))
+    return (cos * self.attention_scaling).to(dtype=x.dtype), (sin * self.attention_scaling).to(dtype=x.dtype)
+
+
+def _vendor_neutral_rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.device.type == "cpu":
+        return _rotary_on_cpu(self, x, position_ids)
+    return type(self).forward(self, x, position_ids)
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:

@@ -34,12 +34,10 @@ def warmup_batches(ratio: float, total: int) -> int:
 
 
 def adamw(params, settings: dict) -> torch.optim.AdamW:
-    """AdamW from a settings section with lr and weight_decay: one fused kernel for all parameters on CUDA, the
-    foreach implementation elsewhere."""
-    params = list(params)
-    fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"], fused=fused or None,
-                             foreach=None if fused else True)
+    """AdamW from a settings section with lr and weight_decay, as one fused kernel on every device: on the CPU the
+    foreach and single-tensor versions take their square root from MKL's VML, whose bits depend on the CPU's vendor
+    (`kalmanrl.runtime.vendor_neutral`); the fused kernel uses the IEEE square root."""
+    return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"], fused=True)
 
 
 def make_optimizer(params, settings: dict, total_steps: int) -> tuple[torch.optim.Optimizer,

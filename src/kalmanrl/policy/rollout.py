@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
+from kalmanrl.runtime import vendor_neutral
 from kalmanrl.runtime.distributed import as_forward
 
 log = logging.getLogger(__name__)
@@ -313,7 +314,7 @@ class _RowSampler:
             mass_before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
             logits = logits.scatter(-1, order, ordered.masked_fill(mass_before >= self.top_p, -torch.inf))
         uniform = self._uniform(*logits.shape, logits.device)
-        return logits - torch.log(-torch.log(uniform.clamp(min=torch.finfo(torch.float32).tiny)))
+        return logits - vendor_neutral.log(-vendor_neutral.log(uniform.clamp(min=torch.finfo(torch.float32).tiny)))
 
 
 class VLLMEngine(_ContextManaged):

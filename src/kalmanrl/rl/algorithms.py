@@ -28,6 +28,7 @@ import torch
 from kalmanrl.core.registry import Registry
 from kalmanrl.rl.correction import ROLLOUT_CORRECTIONS
 from kalmanrl.rl.kalman import kalman_filter, kalman_gains
+from kalmanrl.runtime import vendor_neutral
 
 AdvantageEstimator = Callable[[torch.Tensor], torch.Tensor]
 RatioTransform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -160,7 +161,7 @@ def krpo_advantages(rewards: torch.Tensor, *, q: float = 1e-5, r: float = 1e-2, 
     rewards = rewards.detach()
     means = kalman_filter(rewards, q=q, r=r, x0=x0, p0=p0)
     variances = kalman_gains(q, r, p0, rewards.shape[-1])[1].to(rewards.device, rewards.dtype)
-    return (rewards - means) / (variances.sqrt() + eps)
+    return (rewards - means) / (vendor_neutral.sqrt(variances) + eps)
 
 
 def _positive(name: str, value: float, why: str) -> None:
@@ -183,7 +184,7 @@ class _StopGradientRatio(torch.autograd.Function):
         # The values: clamped unless every log-ratio is within the clamp. The gradient: masked where the clamp acts,
         # skipped when the max is NaN (comparisons with NaN are false).
         ctx.clamped = clamp < top
-        rho = (log_ratio if top <= clamp else log_ratio.clamp(max=clamp)).exp().to(logp.dtype)
+        rho = vendor_neutral.exp(log_ratio if top <= clamp else log_ratio.clamp(max=clamp)).to(logp.dtype)
         ctx.save_for_backward(rho, log_ratio)
         ctx.clamp = clamp
         return rho
@@ -207,7 +208,7 @@ def token_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, 
                 clamp: float = 20.0) -> torch.Tensor:
     """GRPO/PPO's token ratio rho = exp(clamp(logp - old_logp, -clamp, clamp)) (verl clamps at 20). [B, T]."""
     _positive("clamp", clamp, "the bound of |log rho|")
-    return (logp - old_logp.detach()).clamp(-clamp, clamp).exp()
+    return vendor_neutral.exp((logp - old_logp.detach()).clamp(-clamp, clamp))
 
 
 @register_ratio_transform("sequence", needs_off_policy=True)
@@ -384,11 +385,11 @@ def geometric_mean_surrogate(rho: torch.Tensor, advantages: torch.Tensor, mask: 
     if not clip or clip_ratio_c is not None:
         raise ValueError(f"surrogate 'geometric_mean' takes clip=True and no clip_ratio_c; got clip={clip}, "
                          f"clip_ratio_c={clip_ratio_c}")
-    log_rho = torch.log(rho)
+    log_rho = vendor_neutral.log(rho)
     sign = torch.sign(advantages)
     pessimistic = sign * torch.minimum(sign * log_rho, sign * log_rho.clamp(-eps_low, eps_high))
     length = mask.sum(-1) + 1e-8
-    ratio = torch.exp((pessimistic * mask).sum(-1) / length)
+    ratio = vendor_neutral.exp((pessimistic * mask).sum(-1) / length)
     advantage = (advantages * mask).sum(-1) / length
     clip_frac = _masked_mean((sign * log_rho > sign * log_rho.clamp(-eps_low, eps_high)).to(rho.dtype), mask)
     return -advantage * ratio, {"clip_frac": clip_frac}

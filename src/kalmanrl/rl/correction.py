@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from kalmanrl.core.registry import Registry
+from kalmanrl.runtime import vendor_neutral
 
 OUTSIDE = (0.5, 2.0)  # the ratio band `mismatch_outside` counts tokens beyond
 SUMMED = ("tokens", "k3", "abs", "exp_abs", "outside")  # the sums of `mismatch_sums` added over ranks (abs_max: max)
@@ -102,7 +103,7 @@ def bypass(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor
 def token_tis(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, *, cap: float = 2.0
               ) -> tuple[torch.Tensor, torch.Tensor]:
     _positive(cap=cap)
-    weights = _log_ratio(old_logp, engine_logp, mask).exp().clamp(max=cap)
+    weights = vendor_neutral.exp(_log_ratio(old_logp, engine_logp, mask)).clamp(max=cap)
     return weights.to(mask.dtype) * mask, mask
 
 
@@ -111,7 +112,7 @@ def sequence_tis(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     _positive(cap=cap)
     # min(exp(s), cap) = exp(min(s, log cap)): no overflow for long sequences.
-    weights = _log_ratio(old_logp, engine_logp, mask).sum(-1, keepdim=True).clamp(max=math.log(cap)).exp()
+    weights = vendor_neutral.exp(_log_ratio(old_logp, engine_logp, mask).sum(-1, keepdim=True).clamp(max=math.log(cap)))
     return weights.to(mask.dtype).expand_as(mask) * mask, mask
 
 
@@ -142,7 +143,7 @@ def mismatch_sums(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch
     k3 = torch.expm1(d) - d  # r - 1 - log r, r = exp(d); expm1 keeps it >= 0 under rounding
     outside = (d < math.log(OUTSIDE[0])) | (d > math.log(OUTSIDE[1]))
     return {"tokens": float(valid.sum()), "k3": float(k3[valid].sum()), "abs": float(d.abs()[valid].sum()),
-            "exp_abs": float(d.abs()[valid].exp().sum()), "outside": float((outside & valid).sum()),
+            "exp_abs": float(vendor_neutral.exp(d.abs()[valid]).sum()), "outside": float((outside & valid).sum()),
             "abs_max": float(d.abs()[valid].max()) if valid.any() else 0.0}
 
 

@@ -31,6 +31,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from kalmanrl.runtime import vendor_neutral
+
 BLOCK = 64  # tokens per block of the chunked scan: B*T*BLOCK multiply-adds inside blocks, B*(T/BLOCK)^2 across
 # Largest -log D_T for the rescaled path: 1/D_T <= e^range leaves |z| up to ~1e25 (float32) / ~1e178 (float64) before
 # (K/D) z could overflow.
@@ -82,7 +84,7 @@ def _decay(log_to: torch.Tensor, log_from: torch.Tensor) -> torch.Tensor:
     """exp(log_to[..., :, None] - log_from[..., None, :]) below and on the diagonal, 0 above (never exp of > 0)."""
     diff = log_to.unsqueeze(-1) - log_from.unsqueeze(-2)
     upper = torch.ones(diff.shape[-2:], dtype=torch.bool).triu(1)
-    return diff.masked_fill(upper, -math.inf).exp()
+    return vendor_neutral.exp(diff.masked_fill(upper, -math.inf))
 
 
 @functools.lru_cache(maxsize=32)
@@ -92,7 +94,7 @@ def _block_scan(q: float, r: float, p0: float, blocks: int, dtype: torch.dtype, 
     ends = cum[:, -1]
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     local = _decay(cum, cum) * torch.tensor(gains).view(blocks, 1, BLOCK)
-    scan = _BlockScan(local, _decay(ends, ends), (cum - starts[:, None]).exp(), ends.exp())
+    scan = _BlockScan(local, _decay(ends, ends), vendor_neutral.exp(cum - starts[:, None]), vendor_neutral.exp(ends))
     return _BlockScan(*(x.to(dtype=dtype, device=device) for x in scan))
 
 
@@ -105,7 +107,8 @@ def _rescaled(q: float, r: float, p0: float, steps: int, dtype: torch.dtype,
     cum = torch.from_numpy(np.cumsum(log_keep))
     if -cum[-1] > RESCALE_RANGE[dtype]:
         return None
-    return cum.exp().to(dtype=dtype, device=device), (torch.tensor(gains) * (-cum).exp()).to(dtype=dtype, device=device)
+    return (vendor_neutral.exp(cum).to(dtype=dtype, device=device),
+            (torch.tensor(gains) * vendor_neutral.exp(-cum)).to(dtype=dtype, device=device))
 
 
 def _scan(z: torch.Tensor, q: float, r: float, p0: float, x0: float,

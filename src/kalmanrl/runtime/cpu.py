@@ -10,7 +10,9 @@ torch's own kernels (ATen), oneDNN and MKL each pick their kernels by the CPU th
 (AVX2, AVX-512), oneDNN by its ISA, MKL by instruction set *and vendor*. Kernels that add in a different order give
 different float results, and a training run amplifies the last bit into different weights. Each library reads an
 environment variable that fixes its choice; `pin_cpu_dispatch` sets all three before torch is loaded (the `kalmanrl`
-CLI does it first thing, for every stage, and the vLLM engine processes inherit it).
+CLI does it first thing, for every stage, and the vLLM engine processes inherit it), and numpy's too (the report's
+statistics). MKL's vector-math functions (torch's CPU `exp`, `log`, `sqrt`, `cos`, `sin`) follow no variable: the
+code calls `kalmanrl.runtime.vendor_neutral` instead of them.
 
 MKL pins a branch by `MKL_CBWR`, and its documentation says which hold across vendors: the AVX2 branch gives the same
 results on every *Intel* CPU with AVX2, and on other vendors' CPUs MKL silently runs its AUTO branch instead (so an
@@ -57,12 +59,16 @@ from pathlib import Path
 DISPATCH_ENV = "KALMANRL_CPU_DISPATCH"
 DEFAULT_LEVEL = "avx2"
 MKL_VENDOR_NEUTRAL = "COMPATIBLE,STRICT"  # the one MKL branch documented to be the same on Intel and other vendors
+# numpy's dispatched features (numpy._core._multiarray_umath.__cpu_dispatch__) above each level: disabled, numpy
+# runs the kernels of the level (its float64 exp and log, for one, have AVX-512 versions and otherwise use glibc's).
+NUMPY_AVX512 = "AVX512F AVX512CD AVX512_KNL AVX512_KNM AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR"
+NUMPY_ABOVE_SSE3 = f"SSSE3 SSE41 POPCNT SSE42 AVX F16C FMA3 AVX2 {NUMPY_AVX512}"
 # level -> (CPU flags it needs, the libraries' variables that pin it)
 LEVELS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "avx2": (("avx2", "fma"), {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                               "MKL_CBWR": MKL_VENDOR_NEUTRAL}),
+                               "MKL_CBWR": MKL_VENDOR_NEUTRAL, "NPY_DISABLE_CPU_FEATURES": NUMPY_AVX512}),
     "baseline": ((), {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
-                      "MKL_CBWR": MKL_VENDOR_NEUTRAL}),
+                      "MKL_CBWR": MKL_VENDOR_NEUTRAL, "NPY_DISABLE_CPU_FEATURES": NUMPY_ABOVE_SSE3}),
     "native": ((), {}),
 }
 
@@ -98,9 +104,10 @@ def pin_cpu_dispatch(environ: MutableMapping[str, str] = os.environ, *, flags: s
         raise DispatchError(f"${DISPATCH_ENV}={level}: this CPU lacks {', '.join(missing)}, so it cannot give the "
                             f"{level} numbers; set {DISPATCH_ENV}=baseline (same numbers on any x86-64) or native")
     changed = {name: value for name, value in variables.items() if environ.get(name) != value}
-    if changed and environ is os.environ and "torch" in sys.modules:
-        raise DispatchError(f"torch was loaded before the CPU dispatch ({', '.join(changed)}) was pinned; "
-                            f"pin it first (run through the kalmanrl CLI)")
+    loaded = [name for name in ("torch", "numpy") if name in sys.modules]
+    if changed and environ is os.environ and loaded:
+        raise DispatchError(f"{' and '.join(loaded)} loaded before the CPU dispatch ({', '.join(changed)}) was "
+                            f"pinned; pin it first (run through the kalmanrl CLI)")
     environ.update(variables)
     environ[DISPATCH_ENV] = level
     return level
