@@ -23,7 +23,7 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx
              "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 # Environment variables that pin that dispatch (see kalmanrl.runtime.cpu); recorded as they were when the result ran.
 DISPATCH_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
-                "OMP_NUM_THREADS")
+                "NPY_DISABLE_CPU_FEATURES", "OMP_NUM_THREADS")
 
 # The columns that tell two environments apart (with every `version_*`): the report groups its rows by them. Hashes
 # and settings differ per cell by design and are left to summary.parquet.
