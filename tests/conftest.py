@@ -5,6 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from kalmanrl.runtime.cpu import pin_cpu_dispatch
+
+# The test process computes under the stages' CPU dispatch, pinned before anything loads numpy or torch; the CLI's
+# in-process runs then find it pinned.
+pin_cpu_dispatch()
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -110,6 +110,7 @@ class Train:
     mini_batch_order: str
     validation: Validation
     micro_batch_tokens: int
+    packing: bool
     logit_chunk_tokens: int
     precision: Precision
     gradient_checkpointing: bool

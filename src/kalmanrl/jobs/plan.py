@@ -62,10 +62,10 @@ VLLM_ASLEEP = 1 * GIB
 VLLM_WORKSPACE = 1 * GIB
 # float32 [chunk tokens, vocab] tensors alive at the peak of the log-prob head (`kalmanrl.policy.logprobs`, one chunk of
 # `train.logit_chunk_tokens` at a time), as measured on the CPU (benchmarks/README.md): scoring (no grad) 2, the
-# logits and their log-softmax; the update (grad and entropy) 5, the logits, the log-softmax, the entropy's softmax
-# and product, and in the backward pass the log-softmax's and gather's gradients; the same whether the chunk's logits
-# were kept for backward (one chunk) or are recomputed there (several).
-LOGIT_COPIES_UPDATE = 5
+# logits and their log-softmax; the update (grad and entropy) 4, the log-softmax, the entropy's softmax and product,
+# and in the backward pass the log-softmax's gradient; the same whether the chunk's logits were kept for backward
+# (one chunk) or are recomputed there (several).
+LOGIT_COPIES_UPDATE = 4
 LOGIT_COPIES_SCORE = 2
 GPUS_PER_NODE = 8
 

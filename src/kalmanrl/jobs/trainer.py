@@ -384,11 +384,12 @@ def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: T
     with torch.no_grad():
         for mini in minis:
             rows = distributed.local_rows(mini, mine).to(out.device)
-            for micro, real in distributed.in_step(micro_batches(batch, rows, cfg.micro_batch_tokens), ranks,
+            for micro, real in distributed.in_step(micro_batches(batch, rows, cfg.micro_batch_tokens,
+                                                                 packed=cfg.packing), ranks,
                                                    stand_in=torch.zeros(1, dtype=torch.long, device=out.device)):
                 part = batch.select(micro).trimmed()
                 with cfg.precision.autocast():
-                    logp = token_logprobs(model, part, chunk_tokens=cfg.logit_chunk_tokens)
+                    logp = token_logprobs(model, part, chunk_tokens=cfg.logit_chunk_tokens, packed=cfg.packing)
                 if real:
                     out[micro, :part.completion_mask.shape[1]] = logp
     return out
@@ -520,11 +521,12 @@ def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, setting
                                   tokens=active)
     losses = []
     stand_in = torch.zeros(1, dtype=torch.long, device=mini.device)
-    for micro, real in distributed.in_step(micro_batches(batch, mini, cfg.micro_batch_tokens), ranks,
-                                           stand_in=stand_in):
+    for micro, real in distributed.in_step(micro_batches(batch, mini, cfg.micro_batch_tokens, packed=cfg.packing),
+                                           ranks, stand_in=stand_in):
         part = batch.select(micro).trimmed()
         with cfg.precision.autocast():
-            logp, entropy = token_logprobs(policy, part, with_entropy=True, chunk_tokens=cfg.logit_chunk_tokens)
+            logp, entropy = token_logprobs(policy, part, with_entropy=True, chunk_tokens=cfg.logit_chunk_tokens,
+                                           packed=cfg.packing)
         if old_from_forward:
             part.old_logp = logp.detach()
             if real:

@@ -63,19 +63,24 @@ class RolloutBatch:
                           if getattr(self, name) is not None})
 
 
-def micro_batches(batch: RolloutBatch, index: torch.Tensor, budget: int) -> list[torch.Tensor]:
+def micro_batches(batch: RolloutBatch, index: torch.Tensor, budget: int, *, packed: bool = False
+                  ) -> list[torch.Tensor]:
     """Split the rows `index` [n] of `batch`, in that order, into consecutive micro-batches of at most `budget`
-    tokens each, a micro-batch costing rows x the padded width of its trimmed batch; greedy (a row that does not fit
-    starts the next micro-batch), deterministic, and a row wider than the budget is a micro-batch of its own."""
+    tokens each: a micro-batch costs rows x the padded width of its trimmed batch, or with `packed` the sum of its
+    rows' real tokens (`train.packing`). Greedy (a row that does not fit starts the next micro-batch),
+    deterministic, and a row wider than the budget is a micro-batch of its own."""
     if not len(index):
         return []
     prompt, completion = batch.widths()
-    groups, start, max_prompt, max_completion = [], 0, 0, 1
+    groups, start, max_prompt, max_completion, real = [], 0, 0, 1, 0
     for position, row in enumerate(index.tolist()):
         wider_prompt, wider_completion = max(max_prompt, prompt[row]), max(max_completion, completion[row])
-        if position > start and (position - start + 1) * (wider_prompt + wider_completion) > budget:
+        real += prompt[row] + completion[row]
+        cost = real if packed else (position - start + 1) * (wider_prompt + wider_completion)
+        if position > start and cost > budget:
             groups.append(index[start:position])
             start, wider_prompt, wider_completion = position, prompt[row], max(1, completion[row])
+            real = prompt[row] + completion[row]
         max_prompt, max_completion = wider_prompt, wider_completion
     groups.append(index[start:])
     return groups

@@ -4,7 +4,12 @@ and new log-probs of every algorithm.
 Memory: the decoder's last hidden states [B, T, H] go through the output head a slice of the sequence at a time, so
 at most `chunk_tokens` rows x vocabulary float32 logits exist at once (never [B, T, vocab]). With gradients on,
 each slice of several is recomputed in the backward pass (activation checkpointing), so the saved tensors are the
-hidden states, not the logits."""
+hidden states, not the logits.
+
+Packed (`train.packing`): the rows' real tokens are concatenated into one sequence whose position ids restart per
+row, and attention stays within each row (FlashAttention's variable-length path, or SDPA row by row:
+`kalmanrl.policy.packed_attention`); the output head then runs on the completion tokens only, a flat slice of
+`chunk_tokens` at a time. Padding costs nothing in either."""
 
 from __future__ import annotations
 
@@ -12,22 +17,57 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kalmanrl.policy.batch import RolloutBatch
+from kalmanrl.policy.packed_attention import packed_attention
 from kalmanrl.runtime.distributed import as_forward
 
 DEFAULT_CHUNK_TOKENS = 8192
 
 
 def token_logprobs(model, batch: RolloutBatch, *, with_entropy: bool = False,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, packed: bool = False):
     """Log-probs [B, T] of the completion tokens under `model` (and their per-token entropy [B, T], computed
     without gradient), as gather(log_softmax(logits)) in float32, `chunk_tokens` (rows x positions) at a
-    time. A model sharded with FSDP gathers its embeddings and head for the whole computation (`as_forward`)."""
-    return as_forward(model, _token_logprobs, batch, with_entropy=with_entropy, chunk_tokens=chunk_tokens)
+    time; with `packed` in one padding-free sequence (module docstring), 0 on padding. A model sharded with FSDP
+    gathers its embeddings and head for the whole computation (`as_forward`)."""
+    return as_forward(model, _packed_logprobs if packed else _token_logprobs, batch, with_entropy=with_entropy,
+                      chunk_tokens=chunk_tokens)
+
+
+def _check_head(model) -> None:
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise NotImplementedError(f"{model.config.model_type}: logit soft-capping is not supported by token_logprobs")
+
+
+def _packed_logprobs(model, batch: RolloutBatch, *, with_entropy: bool, chunk_tokens: int):
+    _check_head(model)
+    packed_attention(model)
+    real = batch.attention_mask.bool()  # [B, P + T]; row-major selection concatenates the rows in order
+    hidden = model.get_decoder()(input_ids=batch.input_ids[real][None], position_ids=batch.position_ids[real][None],
+                                 attention_mask=None, use_cache=False).last_hidden_state[0]  # [N, H]
+    # The state before each real completion token predicts it: the same columns as the padded layout's.
+    predicts = torch.zeros_like(real)
+    predicts[:, batch.prompt_len - 1:-1] = real[:, batch.prompt_len:]
+    completion = real[:, batch.prompt_len:]
+    states = hidden[predicts[real]]  # [M, H] in row-major order, as completion's True entries
+    targets = batch.input_ids[:, batch.prompt_len:][completion]  # [M]
+    head = model.get_output_embeddings()
+    recompute = torch.is_grad_enabled() and states.requires_grad and len(targets) > chunk_tokens
+    taken, entropy = [], []
+    for start in range(0, len(targets), chunk_tokens):
+        args = (head, states[start:start + chunk_tokens], targets[start:start + chunk_tokens], with_entropy)
+        out = checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args)
+        taken.append(out[0])
+        entropy.append(out[1])
+    logp = torch.zeros(completion.shape, dtype=torch.float32, device=hidden.device)
+    logp = logp.masked_scatter(completion, torch.cat(taken)) if taken else logp
+    if not with_entropy:
+        return logp
+    per_token = torch.zeros_like(logp)
+    return logp, per_token.masked_scatter(completion, torch.cat(entropy)) if entropy else per_token
 
 
 def _token_logprobs(model, batch: RolloutBatch, *, with_entropy: bool, chunk_tokens: int):
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise NotImplementedError(f"{model.config.model_type}: logit soft-capping is not supported by token_logprobs")
+    _check_head(model)
     hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                  position_ids=batch.position_ids, use_cache=False).last_hidden_state
     hidden = hidden[:, batch.prompt_len - 1:-1]  # [B, T, H]: the states that predict the completion tokens
@@ -50,7 +90,7 @@ def _token_logprobs(model, batch: RolloutBatch, *, with_entropy: bool, chunk_tok
 
 def _chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """hidden [B, t, H], targets [B, t] -> log-prob of each target [B, t] and, if asked, the entropy [B, t]."""
+    """hidden [..., H], targets [...] -> log-prob of each target [...] and, if asked, the entropy [...]."""
     logits = head(hidden).float()
     with torch.autocast(hidden.device.type, enabled=False):  # float32 from here on, whatever the caller's autocast
         # log_softmax, not gather - logsumexp: on the CPU logsumexp and its gradient take exp and log from MKL's VML,

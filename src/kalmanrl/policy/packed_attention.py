@@ -1,0 +1,60 @@
+"""Attention for packed sequences without a [tokens, tokens] mask: SDPA row by row.
+
+transformers turns position ids that restart inside one sequence into a block-diagonal mask for SDPA, and SDPA with
+a mask computes every block of it: on the CPU a packed micro-batch of N tokens then costs N^2 in attention, which made
+packing five times slower than padding there (benchmarks/README.md). FlashAttention's variable-length path has no
+such cost, and transformers uses it on its own. For every other implementation `packed_attention` registers
+"kalmanrl_packed": it asks for no mask when there is no padding mask (a packed batch has none) and runs causal SDPA on
+each row's span of a packed sequence (the spans are where the position ids restart, as transformers finds them);
+every other call (padded batches, generation with a cache) is transformers' SDPA unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "kalmanrl_packed"
+
+
+def _mask(*, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """No mask without a padding mask (the attention below is causal per row); SDPA's otherwise."""
+    return None if attention_mask is None else sdpa_mask(attention_mask=attention_mask, **kwargs)
+
+
+def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, *, position_ids: torch.Tensor | None = None, **kwargs
+               ) -> tuple[torch.Tensor, None]:
+    """query [1, heads, N, d] of a packed sequence: causal SDPA on each row's span; anything else: SDPA."""
+    if attention_mask is not None or position_ids is None or query.shape[0] != 1 or query.shape[2] < 2:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    positions = position_ids.reshape(-1)
+    starts = [0, *((positions[1:] - positions[:-1]) != 1).nonzero().flatten().add(1).tolist(), len(positions)]
+    if len(starts) == 2:
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    kwargs.pop("is_causal", None)
+    spans = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                    is_causal=True, **kwargs)[0] for a, b in zip(starts, starts[1:])]
+    return torch.cat(spans, dim=1), None  # [1, N, heads, d], as SDPA's output
+
+
+AttentionInterface.register(NAME, _attention)
+AttentionMaskInterface.register(NAME, _mask)
+
+
+def packed_attention(model: torch.nn.Module) -> None:
+    """Give `model` the row-by-row attention for packed sequences, unless it uses FlashAttention (whose
+    variable-length path transformers takes itself). Idempotent; models with sliding-window layers are refused (their
+    window would need a mask)."""
+    config = model.config
+    implementation = config._attn_implementation
+    if implementation == NAME or "flash" in (implementation or ""):
+        return
+    if implementation != "sdpa":
+        raise NotImplementedError(f"train.packing with attention {implementation!r}: use sdpa or flash_attention_2")
+    if getattr(config, "use_sliding_window", False) or any(
+            kind == "sliding_attention" for kind in getattr(config, "layer_types", None) or ()):
+        raise NotImplementedError(f"{config.model_type}: train.packing with sliding-window attention")
+    model.set_attn_implementation(NAME)

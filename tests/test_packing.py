@@ -1,0 +1,103 @@
+"""Padding-free micro-batches (train.packing): the same log-probs, entropy, losses and gradients as padded ones, to
+float rounding, for every aggregate, ratio transform and surrogate and rows of very different lengths; micro-batches
+filled by real tokens; and a training run that matches the padded one."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kalmanrl.configuration.settings import resolve_train
+from kalmanrl.jobs.trainer import mini_batch_backward, train
+from kalmanrl.policy.batch import build_batch, micro_batches
+from kalmanrl.policy.logprobs import token_logprobs
+from kalmanrl.policy.model import load_policy
+from test_trainer import completion, settings_for
+
+LENGTHS = ([1, 30, 4], [17, 2, 9])  # completions per group: from one token to thirty
+PROMPTS = (3, 21)
+
+
+def varied_batch(policy, generator):
+    def draw(n: int) -> list[int]:
+        return torch.randint(3, policy.config.vocab_size, (n,), generator=generator).tolist()
+
+    groups = [[completion(draw(n)) for n in lens] for lens in LENGTHS]
+    return build_batch([draw(n) for n in PROMPTS], groups, torch.randn(2, 3, generator=generator), pad_id=0)
+
+
+def test_packed_log_probs_and_entropy_equal_the_padded_ones(tiny_model_dir):
+    policy, _ = load_policy(tiny_model_dir)
+    batch = varied_batch(policy, torch.Generator().manual_seed(0))
+    mask = batch.completion_mask.bool()
+    for chunk in (4096, 7):  # one head slice, and several (recomputed in backward)
+        padded = token_logprobs(policy, batch, with_entropy=True, chunk_tokens=chunk)
+        packed = token_logprobs(policy, batch, with_entropy=True, chunk_tokens=chunk, packed=True)
+        for ours, theirs in zip(packed, padded):
+            torch.testing.assert_close(ours[mask], theirs[mask], rtol=1e-5, atol=1e-5)
+            assert not ours[~mask].any()  # 0 on padding
+
+
+def test_packed_micro_batches_count_real_tokens():
+    # prompts of 3 and 1 tokens, completions of 2, 1, 3, 3: real tokens 5, 4, 4, 4 (padded widths 5, 4, 4, 4 alone)
+    batch = build_batch([[5, 6, 7], [8]], [[completion([1, 2]), completion([3])], [completion([4, 4, 4])] * 2],
+                        torch.zeros(2, 2), pad_id=0)
+    index = torch.tensor([0, 2, 1, 3])
+    # padded: [0, 2] costs 2 x (3 + 3) = 12 > 9; packed: 5 + 4 = 9 fits
+    assert [m.tolist() for m in micro_batches(batch, index, 9)] == [[0], [2], [1], [3]]
+    assert [m.tolist() for m in micro_batches(batch, index, 9, packed=True)] == [[0, 2], [1, 3]]
+    assert [m.tolist() for m in micro_batches(batch, index, 13, packed=True)] == [[0, 2, 1], [3]]
+    assert [m.tolist() for m in micro_batches(batch, index, 1, packed=True)] == [[0], [2], [1], [3]]
+
+
+@pytest.mark.parametrize(("ratio", "surrogate", "aggregate"), [
+    ("token", "clipped", "grpo"), ("token", "clipped", "bnpo"), ("token", "clipped", "dr_grpo"),
+    ("token", "clipped", "dapo"), ("sequence", "clipped", "grpo"), ("kpo", "clipped", "grpo"),
+    ("token", "geometric_mean", "grpo")])
+def test_packed_losses_and_gradients_equal_the_padded_ones(tiny_model_dir, ratio, surrogate, aggregate):
+    """Clipping active and the KL term on; micro-batches of several rows and of one."""
+    policy, _ = load_policy(tiny_model_dir)
+    generator = torch.Generator().manual_seed(1)
+    batch = varied_batch(policy, generator)
+    with torch.no_grad():
+        exact = token_logprobs(policy, batch)
+    batch.old_logp = exact + 0.3 * torch.randn(exact.shape, generator=generator)
+    batch.ref_logp = exact + 0.1 * torch.randn(exact.shape, generator=generator)
+    raw = settings_for("kpo" if ratio == "kpo" else "grpo", logit_chunk_tokens=7)
+    raw["algorithm"] = {**raw["algorithm"], "beta": 0.05, "ratio": ratio, "surrogate": surrogate,
+                        "aggregate": aggregate}
+    if surrogate == "geometric_mean":
+        raw["algorithm"].update(eps_low=0.4, eps_high=0.4)
+    settings = resolve_train(raw, "cpu", vllm_installed=False)
+    mini = torch.tensor([4, 0, 5, 2, 1, 3])
+
+    def gradient(packing: bool, budget: int):
+        policy.zero_grad(set_to_none=True)
+        sums = defaultdict(list)
+        losses = mini_batch_backward(policy, batch, mini, settings.with_train(packing=packing,
+                                                                              micro_batch_tokens=budget), sums)
+        return torch.stack(losses).sum(), {n: p.grad.clone() for n, p in policy.named_parameters()}, sums
+
+    loss, padded, sums = gradient(False, 10**6)
+    for budget in (10**6, 40):
+        packed_loss, packed, packed_sums = gradient(True, budget)
+        torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-6)
+        for name in padded:
+            torch.testing.assert_close(packed[name], padded[name], rtol=1e-4, atol=1e-6, msg=name)
+        if budget == 10**6:  # one micro-batch each: the same diagnostics (KPO's filter, token noise, entropy)
+            for key in sums:
+                assert packed_sums[key] == pytest.approx(sums[key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_packed_training_run_matches_the_padded_one(tmp_path, tiny_model_dir, arithmetic_parquet):
+    padded = train(tiny_model_dir, arithmetic_parquet, tmp_path / "padded", settings=settings_for("kpo", steps=2))
+    packed = train(tiny_model_dir, arithmetic_parquet, tmp_path / "packed",
+                   settings=settings_for("kpo", steps=2, packing=True, micro_batch_tokens=60))
+    for key in ("reward_mean", "loss", "grad_norm", "pg_loss", "ratio_mean", "ratio_max", "clip_frac", "entropy"):
+        assert packed[key].tolist() == pytest.approx(padded[key].tolist(), rel=1e-4, abs=1e-6), key
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("padded", "packed"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
