@@ -339,7 +339,9 @@ def sequence_lengths(max_tokens: int, max_length: int | None, rollout: Rollout, 
 
 def train_shape(train: Train, *, prompt_len: int, completion_len: int | None = None) -> TrainShape:
     """Micro-batches as `batch.micro_batches` cuts every mini-batch (for scoring and the update alike): as many rows
-    of padded length as `train.micro_batch_tokens` holds, at least one, at most a mini-batch."""
+    of padded length as `train.micro_batch_tokens` holds, at least one, at most a mini-batch. Packed
+    (`train.packing`) a micro-batch holds that many real tokens instead: at the rows' longest, which the plan
+    assumes, the same rows and tokens (shorter rows only make a packed micro-batch hold more of them)."""
     rows = train.prompts_per_step * train.group_size
     completion_len = train.max_tokens if completion_len is None else completion_len
     seq = prompt_len + completion_len
