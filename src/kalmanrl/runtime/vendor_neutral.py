@@ -4,15 +4,16 @@ torch's CPU build sends `exp`, `log`, `sqrt`, `cos`, `sin` (and `tanh`, `erf`, `
 tensors to MKL's vector-math library (VML, `at::vml` in ATen). No dispatch variable reaches it: `MKL_CBWR` and
 `MKL_ENABLE_INSTRUCTIONS` leave its results unchanged (an AMD EPYC, 2026-12-05), MKL picks its code by the CPU's
 vendor and instruction set, and its results are not correctly rounded (`torch.sqrt` differs from the IEEE square root
-in one float32 result in five there). So an AMD and an Intel machine part in the last bit of every AdamW step, of
-every rotary embedding and of every sampled token's Gumbel noise, whatever `kalmanrl.runtime.cpu` pins.
+in one float32 result in five there). So nothing makes an AMD and an Intel machine agree on the last bit of an AdamW
+step, a rotary embedding or a sampled token's Gumbel noise, whatever `kalmanrl.runtime.cpu` pins (the smoke run's
+warm start on an AMD EPYC parted from an Intel Xeon's record at its third step).
 
 These functions reach the same values through ATen kernels that the pinned capability fixes (SLEEF's float64
 `exp2` and `log1p`; `rsqrt`, the IEEE square root and a division) or through glibc (float64 `cos` and `sin`), and
 round to the input's dtype: correctly rounded but for a float64 result within 2^-29 of a tie, differentiable with
 the gradient formulas of torch's own functions. On any other device they are torch's functions. AdamW's square root
 is kept out of VML by its fused kernel (`kalmanrl.policy.optim`), the rotary embedding's cos and sin by
-`kalmanrl.policy.model`.
+`kalmanrl.policy.model`, logsumexp by a gathered log_softmax (`kalmanrl.policy.logprobs`).
 `tests/test_vendor_neutral.py` checks them against correctly rounded references and that a warm-start step, an RL
 step of every algorithm and sampling call none of VML's functions on the CPU.
 """
