@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
+from kalmanrl.policy.packed_attention import NAME as PACKED_ATTENTION
 from kalmanrl.runtime import vendor_neutral
 from kalmanrl.runtime.distributed import as_forward
 
@@ -230,14 +231,15 @@ def _reading_shared_kv_heads(model: torch.nn.Module) -> Iterator[None]:
     shared heads' gradients would be summed in another order."""
     config = model.config.get_text_config(decoder=True)
     grouped = getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads)
-    if not (grouped and config._attn_implementation == "sdpa" and next(model.parameters()).device.type == "cpu"):
+    previous = config._attn_implementation  # sdpa, or the packed-training attention, which is sdpa for generation
+    if not (grouped and previous in ("sdpa", PACKED_ATTENTION) and next(model.parameters()).device.type == "cpu"):
         yield
         return
     model.set_attn_implementation(_grouped_sdpa())
     try:
         yield
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(previous)
 
 
 @functools.cache
