@@ -4,6 +4,7 @@ function of MKL's vector-math library (whose bits depend on the CPU's vendor) le
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import re
@@ -109,25 +110,32 @@ OTHERS = {
 }
 
 
+# One RL step of a tiny run, and a two-step warm start: what the probes below watch.
+ONE_STEP = {"train": {"steps": 1, "prompts_per_step": 2, "group_size": 4, "mini_batches": 2, "max_tokens": 8},
+            "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": "krpo_arithmetic"}},
+            "tasks": ["arith"], "benchmarks": ["arith"]}
+WARM_START = Sft(steps=2, batch_size=4, lr=1e-3, weight_decay=0.1, warmup_steps=0, schedule="constant", max_length=64,
+                 max_grad_norm=1.0, log_every=1)
+
+
+def train_settings(algorithm: str) -> dict:
+    """The training job's settings for `algorithm` (the config's defaults or one of OTHERS) under ONE_STEP."""
+    config = validate_config({**ONE_STEP, "algorithms": {**validate_config(ONE_STEP)["algorithms"], **OTHERS}})
+    return stage_settings(config, "train", model="tiny", task="arith", algorithm=algorithm, seed="0")
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "krpo", "kpo", *OTHERS])
 def test_no_vml_function_runs_in_sampling_scoring_or_an_update(tmp_path, tiny_model_dir, arithmetic_parquet,
                                                                algorithm):
-    raw = {"train": {"steps": 1, "prompts_per_step": 2, "group_size": 4, "mini_batches": 2, "max_tokens": 8},
-           "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": "krpo_arithmetic"}},
-           "tasks": ["arith"], "benchmarks": ["arith"]}
-    config = validate_config({**raw, "algorithms": {**validate_config(raw)["algorithms"], **OTHERS}})
-    settings = stage_settings(config, "train", model="tiny", task="arith", algorithm=algorithm, seed="0")
     with VMLCalls() as vml:
-        train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings)
+        train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=train_settings(algorithm))
     assert not vml.calls, dict(vml.calls)
 
 
 def test_no_vml_function_runs_in_a_warm_start_step(tmp_path, tiny_model_dir, arithmetic_parquet):
-    settings = Sft(steps=2, batch_size=4, lr=1e-3, weight_decay=0.1, warmup_steps=0, schedule="constant",
-                   max_length=64, max_grad_norm=1.0, log_every=1)
     with VMLCalls() as vml:
         run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / "sft", template=get_template("answer_tag"),
-                settings=settings, seed=0, dtype="float32")
+                settings=WARM_START, seed=0, dtype="float32")
     assert not vml.calls, dict(vml.calls)
 
 
@@ -170,14 +178,7 @@ def test_mkls_vector_math_is_never_entered_by_a_warm_start_or_rl_steps(tmp_path,
     """The dispatch-mode tests above see the functions Python calls, not those a kernel calls inside (logsumexp's exp,
     say). Here a breakpoint on every VML entry point counts what a warm start and a step of GRPO, KRPO and KPO
     (sampling, scoring, update, AdamW) enter: only the driver's own exp."""
-    raw = {"train": {"steps": 1, "prompts_per_step": 2, "group_size": 4, "mini_batches": 2, "max_tokens": 8},
-           "datasets": {"arith": {"loader": "arithmetic", "template": "answer_tag", "reward": "krpo_arithmetic"}},
-           "tasks": ["arith"], "benchmarks": ["arith"]}
-    config = validate_config(raw)
-    runs = {algorithm: stage_settings(config, "train", model="tiny", task="arith", algorithm=algorithm, seed="0")
-            for algorithm in ("grpo", "krpo", "kpo")}
-    sft = {"steps": 2, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 0, "schedule": "constant",
-           "max_length": 64, "max_grad_norm": 1.0, "log_every": 1}
+    runs = {algorithm: train_settings(algorithm) for algorithm in ("grpo", "krpo", "kpo")}
     commands = ["set pagination off", "set breakpoint pending on"]
     for number, symbol in enumerate(VML_SYMBOLS, start=1):
         commands += [f"break {symbol}", f"commands {number}", "silent", "continue", "end"]
@@ -186,7 +187,8 @@ def test_mkls_vector_math_is_never_entered_by_a_warm_start_or_rl_steps(tmp_path,
     (tmp_path / "driver.py").write_text(DRIVER)
     done = subprocess.run(["gdb", "-q", "-batch", "-x", str(tmp_path / "gdb"), "--args", sys.executable,
                            str(tmp_path / "driver.py"), str(tiny_model_dir), str(arithmetic_parquet), str(tmp_path),
-                           json.dumps(sft), json.dumps(runs)], capture_output=True, text=True, timeout=1200)
+                           json.dumps(dataclasses.asdict(WARM_START)), json.dumps(runs)],
+                          capture_output=True, text=True, timeout=1200)
     assert "exited normally" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     hits = {symbol: int(count) for symbol, count in
             re.findall(r"<(\w+)[^>]*>\s*\n\s*breakpoint already hit (\d+) time", done.stdout)}

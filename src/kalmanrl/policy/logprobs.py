@@ -50,20 +50,11 @@ def _packed_logprobs(model, batch: RolloutBatch, *, with_entropy: bool, chunk_to
     completion = real[:, batch.prompt_len:]
     states = hidden[predicts[real]]  # [M, H] in row-major order, as completion's True entries
     targets = batch.input_ids[:, batch.prompt_len:][completion]  # [M]
-    head = model.get_output_embeddings()
-    recompute = torch.is_grad_enabled() and states.requires_grad and len(targets) > chunk_tokens
-    taken, entropy = [], []
-    for start in range(0, len(targets), chunk_tokens):
-        args = (head, states[start:start + chunk_tokens], targets[start:start + chunk_tokens], with_entropy)
-        out = checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args)
-        taken.append(out[0])
-        entropy.append(out[1])
-    logp = torch.zeros(completion.shape, dtype=torch.float32, device=hidden.device)
-    logp = logp.masked_scatter(completion, torch.cat(taken)) if taken else logp
+    taken, entropy = _through_head(model.get_output_embeddings(), states, targets, with_entropy, chunk_tokens, dim=0)
+    logp = torch.zeros(completion.shape, dtype=torch.float32, device=hidden.device).masked_scatter(completion, taken)
     if not with_entropy:
         return logp
-    per_token = torch.zeros_like(logp)
-    return logp, per_token.masked_scatter(completion, torch.cat(entropy)) if entropy else per_token
+    return logp, torch.zeros_like(logp).masked_scatter(completion, entropy)
 
 
 def _token_logprobs(model, batch: RolloutBatch, *, with_entropy: bool, chunk_tokens: int):
@@ -72,20 +63,23 @@ def _token_logprobs(model, batch: RolloutBatch, *, with_entropy: bool, chunk_tok
                                  position_ids=batch.position_ids, use_cache=False).last_hidden_state
     hidden = hidden[:, batch.prompt_len - 1:-1]  # [B, T, H]: the states that predict the completion tokens
     targets = batch.input_ids[:, batch.prompt_len:]  # [B, T]
-    head = model.get_output_embeddings()
-    rows, steps = targets.shape
-    width = max(1, chunk_tokens // max(1, rows))
-    # One slice holds at most chunk_tokens x vocabulary logits whether kept for backward or not: recompute only
-    # when there are several.
-    recompute = torch.is_grad_enabled() and hidden.requires_grad and steps > width
-    taken, entropy = [], []
-    for start in range(0, steps, width):
-        args = (head, hidden[:, start:start + width], targets[:, start:start + width], with_entropy)
-        out = checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args)
-        taken.append(out[0])
-        entropy.append(out[1])
-    taken = torch.cat(taken, dim=1)
-    return (taken, torch.cat(entropy, dim=1)) if with_entropy else taken
+    width = max(1, chunk_tokens // max(1, targets.shape[0]))
+    taken, entropy = _through_head(model.get_output_embeddings(), hidden, targets, with_entropy, width, dim=1)
+    return (taken, entropy) if with_entropy else taken
+
+
+def _through_head(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, with_entropy: bool, width: int,
+                  *, dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_chunk` over slices of `width` along `dim` of states [..., H] and targets [...], concatenated. One slice holds
+    at most chunk_tokens x vocabulary logits whether kept for backward or not: recompute only when there are
+    several."""
+    recompute = torch.is_grad_enabled() and states.requires_grad and targets.shape[dim] > width
+    outs = []
+    for part, wanted in zip(states.split(width, dim), targets.split(width, dim)):
+        args = (head, part, wanted, with_entropy)
+        outs.append(checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args))
+    taken = torch.cat([out[0] for out in outs], dim)
+    return taken, torch.cat([out[1] for out in outs], dim) if with_entropy else None
 
 
 def _chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool
