@@ -4,9 +4,10 @@ torch's CPU build sends `exp`, `log`, `sqrt`, `cos`, `sin` (and `tanh`, `erf`, `
 tensors to MKL's vector-math library (VML, `at::vml` in ATen). No dispatch variable reaches it: `MKL_CBWR` and
 `MKL_ENABLE_INSTRUCTIONS` leave its results unchanged (an AMD EPYC, 2026-12-05), MKL picks its code by the CPU's
 vendor and instruction set, and its results are not correctly rounded (`torch.sqrt` differs from the IEEE square root
-in one float32 result in five there). So nothing makes an AMD and an Intel machine agree on the last bit of an AdamW
-step, a rotary embedding or a sampled token's Gumbel noise, whatever `kalmanrl.runtime.cpu` pins (the smoke run's
-warm start on an AMD EPYC parted from an Intel Xeon's record at its third step).
+in one float32 result in five there: benchmarks/bench_vml.py). So nothing makes an AMD and an Intel machine agree
+on the last bit of an AdamW step, a rotary embedding or a sampled token's Gumbel noise, whatever
+`kalmanrl.runtime.cpu` pins (the smoke run's warm start on an AMD EPYC parted from an Intel Xeon's record at its
+third step).
 
 These functions reach the same values through ATen kernels that the pinned capability fixes (SLEEF's float64
 `exp2` and `log1p`; `rsqrt`, the IEEE square root and a division) or through glibc (float64 `cos` and `sin`), and
