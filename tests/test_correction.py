@@ -12,7 +12,7 @@ import torch
 import digit_share  # noqa: F401  (registers the "digit_share" reward)
 from kalmanrl.configuration.config import ConfigError, stage_settings, validate_config
 from kalmanrl.rl import algorithms
-from kalmanrl.rl.correction import get_rollout_correction, mismatch_metrics, mismatch_sums
+from kalmanrl.rl.correction import get_rollout_correction, mismatch_metrics
 
 # Per-token ratios r = pi_old / pi_engine of two completions, the second one token shorter (padding last).
 RATIOS = [[3.0, 0.25, 1.0, 1.5], [0.8, 1.2, 2.5, 1.0]]
@@ -46,14 +46,14 @@ def test_the_mismatch_metrics_follow_their_definitions():
     old, engine = logps()
     ratios = [r for row, keep in zip(RATIOS, MASK.tolist()) for r, k in zip(row, keep) if k]
     d = [math.log(r) for r in ratios]
-    metrics = mismatch_metrics(mismatch_sums(old, engine, MASK))
+    metrics = mismatch_metrics(old, engine, MASK)
     assert metrics == pytest.approx({
         "mismatch_k3": sum(r - 1 - math.log(r) for r in ratios) / 7,
         "mismatch_abs_mean": sum(abs(x) for x in d) / 7, "mismatch_abs_max": math.log(4),
         "token_mult_prob_error": sum(math.exp(abs(x)) for x in d) / 7,
         "mismatch_outside": 3 / 7}, rel=1e-6)
     with pytest.raises(ValueError, match="no completion token"):
-        mismatch_metrics(mismatch_sums(old, engine, torch.zeros_like(MASK)))
+        mismatch_metrics(old, engine, torch.zeros_like(MASK))
 
 
 def test_weights_multiply_the_surrogate_before_aggregation_and_not_the_kl():

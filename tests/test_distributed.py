@@ -209,13 +209,13 @@ EXACT = ["step", "reward_mean", "reward_std", "accuracy", "advantage_mean", "adv
          "response_length", "truncation_rate", "lr", "nonfinite_total"]
 
 
-def train_settings(reward: str = "digit_share", **train) -> dict:
+def train_settings(reward: str = "digit_share", algorithm: str = "kpo", **train) -> dict:
     config = validate_config({
         "train": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "mini_batches": 2, "max_tokens": 12,
                   "checkpoint_every": 1, "lr": 1e-3, **train},
         "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": reward}},
         "tasks": ["arith"], "benchmarks": ["arith"]})
-    return stage_settings(config, "train", model="tiny", task="arith", algorithm="kpo", seed="0")
+    return stage_settings(config, "train", model="tiny", task="arith", algorithm=algorithm, seed="0")
 
 
 def start_training(out: Path, ranks: int, model: Path, data: Path, settings: dict) -> subprocess.Popen:
@@ -263,6 +263,26 @@ def test_two_ranks_train_like_one(tmp_path, one_rank_training, tiny_model_dir, a
     finished(start_training(out, 2, tiny_model_dir, arithmetic_parquet, train_settings()), out)
     assert_same_run(one_rank_training, out)
     assert pd.read_parquet(out / "metrics.parquet")["reward_std"].gt(0).all()  # the runs did learn something
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packing", [True, False])
+def test_two_ranks_with_several_micro_batches_of_balanced_rows_train_like_one(tmp_path, tiny_model_dir,
+                                                                             arithmetic_parquet, packing):
+    """Micro-batches of at most 120 tokens (two or three rows of prompts of 2-3 terms and up to 12 tokens): each rank
+    computes its length-balanced share of every mini-batch, rows that another rank sampled among them, in micro-batches
+    of its own (ranks with fewer run stand-ins), packed and padded. Two epochs: the second epoch's mini-batches give a
+    rank rows whose old log-probs another rank computed (scored, or taken from the first update's forward), summed into
+    every rank's batch, as the mismatch metrics over the whole batch show. GRPO's token ratio: KPO's filter would damp
+    a wrong old log-prob below the tolerances. Two ranks train like one."""
+    settings = train_settings(algorithm="grpo", steps=3, micro_batch_tokens=120, packing=packing, ppo_epochs=2)
+    for name, ranks in (("one", 1), ("two", 2)):
+        finished(start_training(tmp_path / name, ranks, tiny_model_dir, arithmetic_parquet, settings), tmp_path / name)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    mismatch = ["mismatch_k3", "mismatch_abs_mean", "mismatch_abs_max", "mismatch_outside"]
+    one, two = (pd.read_parquet(tmp_path / name / "metrics.parquet")[mismatch] for name in ("one", "two"))
+    pd.testing.assert_frame_equal(one, two, check_exact=False, atol=1e-5, rtol=0)
+    assert one["mismatch_abs_max"].lt(1e-3).all()  # the old log-probs are the sampling policy's
 
 
 @pytest.mark.slow

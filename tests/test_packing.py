@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from kalmanrl.configuration.settings import resolve_train
 from kalmanrl.jobs.trainer import mini_batch_backward, train
-from kalmanrl.policy.batch import build_batch, micro_batches
+from kalmanrl.policy.batch import balanced_parts, build_batch, micro_batches, rank_rows
 from kalmanrl.policy.logprobs import token_logprobs
 from kalmanrl.policy.model import load_policy
 from test_trainer import completion, settings_for
@@ -41,16 +41,40 @@ def test_packed_log_probs_and_entropy_equal_the_padded_ones(tiny_model_dir):
             assert not ours[~mask].any()  # 0 on padding
 
 
-def test_packed_micro_batches_count_real_tokens():
+def test_packed_micro_batches_count_real_tokens_and_balance_them():
     # prompts of 3 and 1 tokens, completions of 2, 1, 3, 3: real tokens 5, 4, 4, 4 (padded widths 5, 4, 4, 4 alone)
     batch = build_batch([[5, 6, 7], [8]], [[completion([1, 2]), completion([3])], [completion([4, 4, 4])] * 2],
                         torch.zeros(2, 2), pad_id=0)
     index = torch.tensor([0, 2, 1, 3])
-    # padded: [0, 2] costs 2 x (3 + 3) = 12 > 9; packed: 5 + 4 = 9 fits
-    assert [m.tolist() for m in micro_batches(batch, index, 9)] == [[0], [2], [1], [3]]
-    assert [m.tolist() for m in micro_batches(batch, index, 9, packed=True)] == [[0, 2], [1, 3]]
-    assert [m.tolist() for m in micro_batches(batch, index, 13, packed=True)] == [[0, 2, 1], [3]]
-    assert [m.tolist() for m in micro_batches(batch, index, 1, packed=True)] == [[0], [2], [1], [3]]
+    # padded: [0, 1] costs 2 x (3 + 2) = 10 > 9, [1, 2] 2 x (3 + 3), [2, 3] 2 x (1 + 3); packed: 17 real tokens in
+    # two parts of 9 and 8
+    assert [m.tolist() for m in micro_batches(batch, index, 9)] == [[0], [1], [2, 3]]
+    assert [m.tolist() for m in micro_batches(batch, index, 9, packed=True)] == [[0, 3], [1, 2]]
+    # the fewest micro-batches (ceil(17 / 13) = 2), balanced rather than filled in turn (13 + 4)
+    assert [m.tolist() for m in micro_batches(batch, index, 13, packed=True)] == [[0, 3], [1, 2]]
+    assert [m.tolist() for m in micro_batches(batch, index, 1, packed=True)] == [[0], [1], [2], [3]]
+    # ceil(17 / 7) = 3 parts of at most 7 do not hold rows of 5, 4, 4, 4 (two of them share a part): a fourth
+    assert [m.tolist() for m in micro_batches(batch, index, 7, packed=True)] == [[0], [1], [2], [3]]
+    assert [m.tolist() for m in micro_batches(batch, index, 8, packed=True)] == [[0], [1, 3], [2]]
+    assert micro_batches(batch, index[:0], 9, packed=True) == []
+
+
+def test_balanced_parts_split_rows_by_cost_deterministically():
+    costs = [7, 1, 5, 5, 2, 9, 3]
+    parts = balanced_parts(costs, range(7), 3)
+    # costliest first: 5 (9) -> 0, 0 (7) -> 1, 2 (5) -> 2, 3 (5) -> 2, 6 (3) -> 1, 4 (2) -> 0, 1 (1) -> 1 (tie: lower)
+    assert parts == [[4, 5], [0, 1, 6], [2, 3]]  # 11, 11 and 10 of 32
+    assert balanced_parts(costs, [6, 5, 4, 3, 2, 1, 0], 3) == parts  # the order rows come in does not matter
+    assert balanced_parts(costs, [4], 2) == [[4], []]  # fewer rows than parts: empty parts
+
+
+def test_ranks_share_each_mini_batch_by_length():
+    # one long row (2 + 18 tokens) and six of 2 + 1: rank 0 takes the long row, rank 1 the six short ones (18)
+    batch = build_batch([[5, 6]], [[completion([1] * 18)] + [completion([2])] * 6], torch.zeros(1, 7), pad_id=0)
+    mini = torch.tensor([6, 0, 3, 1, 5, 2, 4])
+    shares = [rank_rows(batch, mini, 2, rank).tolist() for rank in range(2)]
+    assert shares == [[0], [1, 2, 3, 4, 5, 6]]
+    assert rank_rows(batch, mini, 1, 0) is mini
 
 
 @pytest.mark.parametrize(("ratio", "surrogate", "aggregate"), [

@@ -258,16 +258,20 @@ def test_rl_learns_what_it_is_rewarded_for(tmp_path, tiny_model_dir, arithmetic_
     assert last > first + 0.1, (first, last)
 
 
-def test_micro_batches_respect_the_token_budget_in_order():
-    # prompts of 3 and 1 tokens, completions of 2, 1, 3, 3: trimmed widths 3+2, 3+1, 1+3, 1+3
+def test_padded_micro_batches_respect_the_token_budget_and_group_rows_by_length():
+    # prompts of 3 and 1 tokens, completions of 2, 1, 3, 3: real tokens 5, 4, 4, 4, longest first 0, 1, 2, 3
     batch = build_batch([[5, 6, 7], [8]], [[completion([1, 2]), completion([3])], [completion([4, 4, 4])] * 2],
                         torch.zeros(2, 2), pad_id=0)
     index = torch.tensor([3, 0, 2, 1])
-    assert [m.tolist() for m in micro_batches(batch, index, 100)] == [[3, 0, 2, 1]]
-    # [3] costs 1 x 4; [3, 0] costs 2 x (3 + 3) = 12 > 10; [0, 2] 12 > 10; [2, 1] costs 2 x (3 + 3)
-    assert [m.tolist() for m in micro_batches(batch, index, 10)] == [[3], [0], [2], [1]]
-    assert [m.tolist() for m in micro_batches(batch, index, 12)] == [[3, 0], [2, 1]]
-    assert [m.tolist() for m in micro_batches(batch, index, 1)] == [[3], [0], [2], [1]]  # a row never splits
+    assert [m.tolist() for m in micro_batches(batch, index, 100)] == [[0, 1, 2, 3]]
+    # [0, 1] costs 2 x (3 + 2) = 10; [0, 1, 2] 3 x (3 + 3) = 18 > 12; [2, 3] costs 2 x (1 + 3)
+    assert [m.tolist() for m in micro_batches(batch, index, 10)] == [[0, 1], [2, 3]]
+    assert [m.tolist() for m in micro_batches(batch, index, 12)] == [[0, 1], [2, 3]]
+    assert [m.tolist() for m in micro_batches(batch, index, 1)] == [[0], [1], [2], [3]]  # a row never splits
+    # completions of 1, 8, 1, 8 tokens: in sampling order two rows a micro-batch would be half padding
+    mixed = build_batch([[5]], [[completion([1]), completion([2] * 8), completion([3]), completion([4] * 8)]],
+                        torch.zeros(1, 4), pad_id=0)
+    assert [m.tolist() for m in micro_batches(mixed, torch.arange(4), 18)] == [[1, 3], [0, 2]]
     assert micro_batches(batch, index[:0], 10) == []
 
 

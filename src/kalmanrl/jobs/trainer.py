@@ -9,9 +9,11 @@ forward pass, since the policy is still the sampling one), `record` (one metrics
 the final policy and the metrics.
 
 One code path for one process and for N ranks under torchrun (`kalmanrl.runtime.distributed`): each rank samples whole
-groups for its share of the step's prompts (so advantages need no communication), takes part in every mini-batch of the
-one-process schedule with its own rows, normalised by the whole mini-batch's rows and tokens; metrics are computed
-over all ranks, and rank 0 writes them and the final policy."""
+groups for its share of the step's prompts (so advantages need no communication); the ranks then gather the whole
+rollout batch (`whole_batch`, the one-process batch) and take part in every mini-batch of the one-process schedule
+with a share of its rows balanced by length (`batch.rank_rows`), normalised by the whole mini-batch's rows and tokens;
+the log-probs each rank scores are summed into every rank's batch. Metrics are computed over all ranks, and rank 0
+writes them and the final policy."""
 
 from __future__ import annotations
 
@@ -38,14 +40,14 @@ from kalmanrl.data.rewards import RewardFunction, get_reward, limit_hits
 from kalmanrl.jobs.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_full_model
 from kalmanrl.jobs.stage import completion_budgets, encode_prompts, engine_from_settings, fitting_prompts, length_limit
 from kalmanrl.jobs.validation import Benchmark, due, load_benchmarks, rewards_open, validate
-from kalmanrl.policy.batch import RolloutBatch, build_batch, micro_batches
+from kalmanrl.policy.batch import RolloutBatch, build_batch, micro_batches, rank_rows
 from kalmanrl.policy.logprobs import token_logprobs
 from kalmanrl.policy.lora import adapters_disabled, add_adapters, trainable_parameters
 from kalmanrl.policy.model import load_policy
 from kalmanrl.policy.optim import make_rollout_optimizer
 from kalmanrl.policy.rollout import Completion, RolloutEngine, SamplingConfig
 from kalmanrl.rl import algorithms
-from kalmanrl.rl.correction import SUMMED, mismatch_metrics, mismatch_sums
+from kalmanrl.rl.correction import mismatch_metrics
 from kalmanrl.runtime import distributed
 from kalmanrl.runtime.devices import resolve_device
 from kalmanrl.runtime.distributed import Ranks
@@ -133,10 +135,8 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
             clock.append(clock[0] + sampling_seconds)  # draws interleave sampling and judging: time each apart
             advantages = run.settings.algorithm.estimator(rewards)
             clock.append(time.perf_counter())
-            batch = build_batch(rollout.prompt_ids, rollout.completions, advantages, run.tokenizer.pad_token_id,
-                                untrained_eos=None if cfg.loss_on_eos else run.tokenizer.eos_token_id
-                                ).to(run.device)
-            schedule = mini_batch_schedule(len(batch.advantages) * ranks.world_size, cfg, run.seed, step)
+            batch = whole_batch(run, rollout, advantages)
+            schedule = mini_batch_schedule(len(batch.advantages), cfg, run.seed, step)
             run.engine.sleep()  # before scoring: its forward passes get the memory the engine held while sampling
             score_logprobs(run, batch, schedule[0])
             correct(run, batch)
@@ -326,6 +326,20 @@ def score_rewards(run: Run, rollout: Rollout) -> tuple[list, torch.Tensor]:
     return verdicts, rewards
 
 
+def whole_batch(run: Run, rollout: Rollout, advantages: torch.Tensor) -> RolloutBatch:
+    """The step's whole rollout batch on every rank, the one-process batch to the bit: each rank builds its rows at
+    the widths of the widest over all ranks, and the ranks' rows are gathered in rank order. Any rank can then
+    compute any row, so micro-batches and ranks are balanced by length (`batch.rank_rows`)."""
+    ranks, cfg = run.ranks, run.settings.train
+    prompt_len = distributed.global_max(max(len(p) for p in rollout.prompt_ids), ranks)
+    completion_len = distributed.global_max(max(len(c.token_ids) for group in rollout.completions for c in group),
+                                            ranks)
+    batch = build_batch(rollout.prompt_ids, rollout.completions, advantages, run.tokenizer.pad_token_id,
+                        untrained_eos=None if cfg.loss_on_eos else run.tokenizer.eos_token_id,
+                        prompt_len=prompt_len, completion_len=completion_len).to(run.device)
+    return batch.map_tensors(lambda tensor: distributed.gather_rows(tensor, ranks))
+
+
 def mini_batch_schedule(size: int, cfg: Train, seed: int, step: int) -> list[list[torch.Tensor]]:
     """The rows [n] of each mini-batch, per epoch, cut into train.mini_batches parts: of a fresh permutation per
     epoch (`shuffled`; seeded by the step, so a resumed run draws the same) or of the rows in sampling order
@@ -357,33 +371,28 @@ def score_logprobs(run: Run, batch: RolloutBatch, minis: list[torch.Tensor]) -> 
 
 def correct(run: Run, batch: RolloutBatch) -> None:
     """The rollout correction's per-token weights and loss mask (`kalmanrl.rl.correction`) from the old and the
-    engine's log-probs of this rank's rows; nothing under `none` and `bypass`."""
+    engine's log-probs of the whole batch (every rank alike); nothing under `none` and `bypass`."""
     correction = run.settings.algorithm.correction
     if correction.weighs:
         batch.weights, batch.loss_mask = correction.apply(batch.old_logp, batch.engine_logp, batch.completion_mask)
 
 
 def mismatch(run: Run, batch: RolloutBatch) -> dict[str, float]:
-    """The step's train/inference mismatch over every rank's completion tokens (`kalmanrl.rl.correction`), from the
-    old log-probs the update has completed; none under `bypass`, where the old log-probs are the engine's."""
+    """The step's train/inference mismatch over the whole batch's completion tokens (`kalmanrl.rl.correction`), from
+    the old log-probs the update has completed; none under `bypass`, where the old log-probs are the engine's."""
     if run.settings.algorithm.correction.bypass:
         return {}
-    sums = mismatch_sums(batch.old_logp, batch.engine_logp, batch.completion_mask)
-    added = distributed.global_sum(torch.tensor([sums[k] for k in SUMMED], dtype=torch.float64,
-                                                device=run.device), run.ranks).tolist()
-    largest = distributed.reduce_metrics({"abs_max": sums["abs_max"]}, run.ranks)["abs_max"]
-    return mismatch_metrics({**dict(zip(SUMMED, added)), "abs_max": largest})
+    return mismatch_metrics(batch.old_logp, batch.engine_logp, batch.completion_mask)
 
 
 def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: Train,
                    ranks: Ranks = Ranks()) -> torch.Tensor:
     """Log-probs [B, T] of the rows of `minis` without gradient, micro-batch by micro-batch (0 on padding). With N
-    ranks `minis` are mini-batches of the whole batch, and this rank computes its own rows of each."""
+    ranks each computes its share of every mini-batch (`rank_rows`) and the shares are summed into every rank's."""
     out = torch.zeros_like(batch.completion_mask)
-    mine = _rows_of_rank(batch, ranks)
     with torch.no_grad():
         for mini in minis:
-            rows = distributed.local_rows(mini, mine).to(out.device)
+            rows = rank_rows(batch, mini.to(out.device), ranks.world_size, ranks.rank)
             for micro, real in distributed.in_step(micro_batches(batch, rows, cfg.micro_batch_tokens,
                                                                  packed=cfg.packing), ranks,
                                                    stand_in=torch.zeros(1, dtype=torch.long, device=out.device)):
@@ -392,12 +401,7 @@ def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: T
                     logp = token_logprobs(model, part, chunk_tokens=cfg.logit_chunk_tokens, packed=cfg.packing)
                 if real:
                     out[micro, :part.completion_mask.shape[1]] = logp
-    return out
-
-
-def _rows_of_rank(batch: RolloutBatch, ranks: Ranks) -> range:
-    """The rows of the whole rollout batch (all ranks' rows in rank order) that `batch` holds."""
-    return distributed.share(len(batch.advantages) * ranks.world_size, ranks, "rollout rows")
+    return distributed.summed(out, ranks)
 
 
 def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) -> dict[str, float]:
@@ -441,7 +445,7 @@ def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch
            "limit_hits": int(distributed.global_sum(limit_hits(verdicts), ranks).item()),  # scored 0, not judged
            "rollout_tokens_per_s": lengths.sum().item() / (t_rollout - t0),
            "train_tokens_per_s": run.settings.train.ppo_epochs
-           * distributed.global_sum(batch.attention_mask.sum(), ranks).item() / (t_end - t_score),
+           * batch.attention_mask.sum().item() / (t_end - t_score),
            "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout,
            "time_score": t_score - t_reward, "time_update": t_end - t_score,
            **mismatch(run, batch), **distributed.reduce_metrics(stats, ranks)}
@@ -478,18 +482,20 @@ def update_policy(policy, optimizer, batch: RolloutBatch, schedule: list[list[to
                   settings: TrainSettings, ranks: Ranks = Ranks(), *,
                   old_from_first: bool = False) -> tuple[dict[str, float], int]:
     """One optimiser step per mini-batch of `schedule` (ppo_epochs x mini_batches) over one rollout batch; returns
-    step metrics and skipped updates. With N ranks the schedule's mini-batches are of the whole batch, and `batch`
-    holds this rank's rows of it. `old_from_first`: the policy is the sampling policy (no dropout) and the first
-    mini-batch's old log-probs are not yet in `batch`: its forward pass provides them (`mini_batch_backward`)."""
+    step metrics and skipped updates. `batch` is the whole batch (every rank's rows: `whole_batch`), and with N ranks
+    each computes its share of every mini-batch. `old_from_first`: the policy is the sampling policy (no dropout)
+    and the first mini-batch's old log-probs are not yet in `batch`: its forward pass provides them
+    (`mini_batch_backward`)."""
     sums: dict[str, list[float]] = defaultdict(list)
     skipped = 0
-    mine = _rows_of_rank(batch, ranks)
     for epoch, minis in enumerate(schedule):
         for position, mini in enumerate(minis):
             optimizer.zero_grad(set_to_none=True)
-            losses = mini_batch_backward(policy, batch, distributed.local_rows(mini, mine).to(batch.input_ids.device),
-                                         settings, sums, mini_rows=len(mini), ranks=ranks,
-                                         old_from_forward=old_from_first and epoch == position == 0)
+            first = old_from_first and epoch == position == 0
+            mini = mini.to(batch.input_ids.device)
+            losses = mini_batch_backward(policy, batch, mini, settings, sums, ranks=ranks, old_from_forward=first)
+            if first:  # each rank wrote the old log-probs of its own rows of the mini-batch (0 in the others')
+                batch.old_logp[mini] = distributed.summed(batch.old_logp[mini], ranks)
             if not distributed.all_finite(losses, ranks):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
@@ -501,27 +507,25 @@ def update_policy(policy, optimizer, batch: RolloutBatch, schedule: list[list[to
 
 
 def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, settings: TrainSettings,
-                        sums: dict[str, list[float]], *, mini_rows: int | None = None, ranks: Ranks = Ranks(),
+                        sums: dict[str, list[float]], *, ranks: Ranks = Ranks(),
                         old_from_forward: bool = False) -> list[torch.Tensor]:
     """Accumulate the gradient of the loss of the rows `mini` into the policy, micro-batch by micro-batch (at most
     train.micro_batch_tokens tokens per forward); returns the weighted micro-batch losses (their sum is the
-    mini-batch's loss) and appends the loss metrics to `sums`. With N ranks `mini` is this rank's part of a
-    mini-batch of `mini_rows` rows: weights use the whole mini-batch's rows and tokens, so the ranks' summed
-    gradients are the one-process gradient. With `old_from_forward` the policy is still the sampling policy: each
+    mini-batch's loss) and appends the loss metrics to `sums`. With N ranks this rank computes its share of `mini`
+    (`rank_rows`): weights use the whole mini-batch's rows and tokens, so the ranks' summed gradients are the
+    one-process gradient. With `old_from_forward` the policy is still the sampling policy: each
     micro-batch's log-probs, detached, are its old log-probs (the very numbers `batch_logprobs` would compute over
     the same micro-batch) and are written into `batch.old_logp` for later epochs; this saves that forward pass.
     A rollout correction's weights and mask (`correct`) weight the surrogate and decide which tokens the loss and its
     aggregate count; the ratio transform and the diagnostics see every sampled token."""
     cfg, alg = settings.train, settings.algorithm
     trained_mask = batch.loss_tokens()[mini]
-    counts = distributed.global_sum(torch.stack([trained_mask.sum(), (trained_mask.sum(-1) > 0).sum()]).double(),
-                                    ranks).tolist()
-    active = int(counts[0])
-    shares = algorithms.MiniBatch(rows=len(mini) if mini_rows is None else mini_rows, trained_rows=int(counts[1]),
-                                  tokens=active)
+    active = int(trained_mask.sum())
+    shares = algorithms.MiniBatch(rows=len(mini), trained_rows=int((trained_mask.sum(-1) > 0).sum()), tokens=active)
     losses = []
     stand_in = torch.zeros(1, dtype=torch.long, device=mini.device)
-    for micro, real in distributed.in_step(micro_batches(batch, mini, cfg.micro_batch_tokens, packed=cfg.packing),
+    mine = rank_rows(batch, mini, ranks.world_size, ranks.rank)
+    for micro, real in distributed.in_step(micro_batches(batch, mine, cfg.micro_batch_tokens, packed=cfg.packing),
                                            ranks, stand_in=stand_in):
         part = batch.select(micro).trimmed()
         with cfg.precision.autocast():

@@ -3,6 +3,9 @@ update read, response-aligned so every per-token tensor is [B, T]."""
 
 from __future__ import annotations
 
+import heapq
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -31,7 +34,8 @@ class RolloutBatch:
 
     PER_TOKEN = ("completion_mask", "engine_logp", "old_logp", "ref_logp", "weights", "loss_mask")
 
-    def _map(self, fn) -> RolloutBatch:
+    def map_tensors(self, fn) -> RolloutBatch:
+        """The batch with `fn` applied to each of its tensors."""
         return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
                                 if torch.is_tensor(getattr(self, f.name))})
 
@@ -40,10 +44,10 @@ class RolloutBatch:
         return self.completion_mask if self.loss_mask is None else self.loss_mask
 
     def select(self, index: torch.Tensor) -> RolloutBatch:
-        return self._map(lambda t: t[index])
+        return self.map_tensors(lambda t: t[index])
 
     def to(self, device: torch.device) -> RolloutBatch:
-        return self._map(lambda t: t.to(device))
+        return self.map_tensors(lambda t: t.to(device))
 
     def widths(self) -> tuple[list[int], list[int]]:
         """Per row: prompt tokens and completion tokens (the columns a forward pass of that row alone needs)."""
@@ -63,38 +67,78 @@ class RolloutBatch:
                           if getattr(self, name) is not None})
 
 
+def row_tokens(batch: RolloutBatch) -> list[int]:
+    """Per row: its real tokens, prompt plus completion (what a packed forward of the row costs)."""
+    prompt, completion = batch.widths()
+    return [p + c for p, c in zip(prompt, completion)]
+
+
+def balanced_parts(costs: Sequence[int], rows: Sequence[int], parts: int) -> list[list[int]]:
+    """`rows` split into `parts` parts of near-equal summed `costs[row]` (verl's sequence-length balancing): the
+    costliest row first, each to the part that costs least so far (ties: the lower part; equal rows in row order),
+    every part's rows in ascending order. Greedy (LPT: the largest part is within 4/3 of the best split's) and a pure
+    function of the costs, so every rank computes the same split without communicating."""
+    loads = [(0, part) for part in range(parts)]
+    out: list[list[int]] = [[] for _ in range(parts)]
+    for row in sorted(rows, key=lambda r: (-costs[r], r)):
+        load, part = heapq.heappop(loads)
+        out[part].append(row)
+        heapq.heappush(loads, (load + costs[row], part))
+    return [sorted(part) for part in out]
+
+
+def rank_rows(batch: RolloutBatch, mini: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
+    """The rows of the mini-batch `mini` (rows of the whole batch) that rank `rank` of `world_size` computes: the
+    mini-batch balanced over the ranks by real tokens, so no rank waits on another's long rows."""
+    if world_size == 1:
+        return mini
+    part = balanced_parts(row_tokens(batch), mini.tolist(), world_size)[rank]
+    return torch.tensor(part, dtype=torch.long, device=mini.device)
+
+
 def micro_batches(batch: RolloutBatch, index: torch.Tensor, budget: int, *, packed: bool = False
                   ) -> list[torch.Tensor]:
-    """Split the rows `index` [n] of `batch`, in that order, into consecutive micro-batches of at most `budget`
-    tokens each: a micro-batch costs rows x the padded width of its trimmed batch, or with `packed` the sum of its
-    rows' real tokens (`train.packing`). Greedy (a row that does not fit starts the next micro-batch),
-    deterministic, and a row wider than the budget is a micro-batch of its own."""
+    """Split the rows `index` [n] of `batch` into micro-batches of at most `budget` tokens each, by length (a row
+    wider than the budget is a micro-batch of its own; deterministic, each micro-batch's rows in ascending order):
+    - packed (`train.packing`), a micro-batch costs its rows' real tokens: the fewest balanced parts
+      (`balanced_parts`) that keep every part within the budget, from ceil(real tokens / budget) up;
+    - padded, a micro-batch costs rows x the padded width of its trimmed batch: the rows longest first, cut greedily
+      (a row that does not fit starts the next micro-batch), so rows of like length share a micro-batch."""
     if not len(index):
         return []
+    rows, costs = index.tolist(), row_tokens(batch)
+    if packed:
+        count = min(len(rows), max(1, math.ceil(sum(costs[r] for r in rows) / budget)))
+        while True:
+            parts = [part for part in balanced_parts(costs, rows, count) if part]
+            if all(len(part) == 1 or sum(costs[r] for r in part) <= budget for part in parts):
+                return [torch.tensor(part, dtype=index.dtype, device=index.device) for part in parts]
+            count += 1
     prompt, completion = batch.widths()
-    groups, start, max_prompt, max_completion, real = [], 0, 0, 1, 0
-    for position, row in enumerate(index.tolist()):
-        wider_prompt, wider_completion = max(max_prompt, prompt[row]), max(max_completion, completion[row])
-        real += prompt[row] + completion[row]
-        cost = real if packed else (position - start + 1) * (wider_prompt + wider_completion)
-        if position > start and cost > budget:
-            groups.append(index[start:position])
-            start, wider_prompt, wider_completion = position, prompt[row], max(1, completion[row])
-            real = prompt[row] + completion[row]
-        max_prompt, max_completion = wider_prompt, wider_completion
-    groups.append(index[start:])
-    return groups
+    groups: list[list[int]] = []
+    widest_prompt = widest_completion = 0
+    for row in sorted(rows, key=lambda r: (-costs[r], r)):
+        wider_prompt, wider_completion = max(widest_prompt, prompt[row]), max(widest_completion, completion[row], 1)
+        if groups and (len(groups[-1]) + 1) * (wider_prompt + wider_completion) <= budget:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+            wider_prompt, wider_completion = prompt[row], max(1, completion[row])
+        widest_prompt, widest_completion = wider_prompt, wider_completion
+    return [torch.tensor(sorted(group), dtype=index.dtype, device=index.device) for group in groups]
 
 
 def build_batch(prompt_ids: list[list[int]], completions: list[list[Completion]], advantages: torch.Tensor,
-                pad_id: int, *, untrained_eos: int | None = None) -> RolloutBatch:
+                pad_id: int, *, untrained_eos: int | None = None, prompt_len: int = 0, completion_len: int = 0
+                ) -> RolloutBatch:
     """Pack prompts [N] and their completions [N][G] into one padded batch of N*G rows (prompt-major order), with
     the engine's log-prob of every sampled token (`engine_logp`). With `untrained_eos` (an EOS id), a completion's final
     token equal to it stays an input but leaves the completion mask, so the loss never trains it (the KRPO authors' loss
-    mask, which drops pad = EOS)."""
+    mask, which drops pad = EOS). `prompt_len` and `completion_len`: at least these widths (the widest over all
+    ranks, so that the ranks' batches concatenate into the one-process batch)."""
     rows = [(p, c.token_ids) for p, group in zip(prompt_ids, completions) for c in group]
-    prompt_len = max(len(p) for p, _ in rows)
-    max_completion = max(1, max(len(c) for _, c in rows))
+    prompt_len = max(prompt_len, *(len(p) for p, _ in rows))
+    max_completion = max(1, completion_len, *(len(c) for _, c in rows))
     ids = torch.full((len(rows), prompt_len + max_completion), pad_id, dtype=torch.long)
     attention = torch.zeros_like(ids)
     engine_logp = torch.zeros(len(rows), max_completion)

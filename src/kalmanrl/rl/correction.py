@@ -36,7 +36,6 @@ from kalmanrl.core.registry import Registry
 from kalmanrl.runtime import vendor_neutral
 
 OUTSIDE = (0.5, 2.0)  # the ratio band `mismatch_outside` counts tokens beyond
-SUMMED = ("tokens", "k3", "abs", "exp_abs", "outside")  # the sums of `mismatch_sums` added over ranks (abs_max: max)
 
 
 @dataclass(frozen=True)
@@ -135,24 +134,18 @@ def sequence_mask(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch
     return mask * keep, mask * keep
 
 
-def mismatch_sums(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Sums over the valid tokens of this rank's rows (add them over ranks, then `mismatch_metrics`): tokens, k3,
-    |d|, exp(|d|), tokens outside the band, and the largest |d|."""
+def mismatch_metrics(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The step's mismatch metrics (module docstring) over the valid tokens of the batch; a batch with no valid token
+    is refused rather than reported as 0."""
     d = _log_ratio(old_logp, engine_logp, mask)
     valid = mask.bool()
+    tokens = int(valid.sum())
+    if not tokens:
+        raise ValueError("no completion token to measure the train/inference mismatch on")
+    gap = d.abs()[valid]
     k3 = torch.expm1(d) - d  # r - 1 - log r, r = exp(d); expm1 keeps it >= 0 under rounding
     outside = (d < math.log(OUTSIDE[0])) | (d > math.log(OUTSIDE[1]))
-    return {"tokens": float(valid.sum()), "k3": float(k3[valid].sum()), "abs": float(d.abs()[valid].sum()),
-            "exp_abs": float(vendor_neutral.exp(d.abs()[valid]).sum()), "outside": float((outside & valid).sum()),
-            "abs_max": float(d.abs()[valid].max()) if valid.any() else 0.0}
-
-
-def mismatch_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """The step's mismatch metrics (module docstring) from `mismatch_sums` added over ranks; a step with no valid
-    token is refused rather than reported as 0."""
-    tokens = sums["tokens"]
-    if tokens <= 0:
-        raise ValueError("no completion token to measure the train/inference mismatch on")
-    return {"mismatch_k3": sums["k3"] / tokens, "mismatch_abs_mean": sums["abs"] / tokens,
-            "mismatch_abs_max": sums["abs_max"], "token_mult_prob_error": sums["exp_abs"] / tokens,
-            "mismatch_outside": sums["outside"] / tokens}
+    return {"mismatch_k3": float(k3[valid].sum()) / tokens, "mismatch_abs_mean": float(gap.sum()) / tokens,
+            "mismatch_abs_max": float(gap.max()),
+            "token_mult_prob_error": float(vendor_neutral.exp(gap).sum()) / tokens,
+            "mismatch_outside": float((outside & valid).sum()) / tokens}

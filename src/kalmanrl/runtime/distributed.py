@@ -208,11 +208,14 @@ def share(count: int, ranks: Ranks, what: str) -> range:
     return range(ranks.rank * size, (ranks.rank + 1) * size)
 
 
-def local_rows(global_index: torch.Tensor, rows: range) -> torch.Tensor:
-    """The entries of `global_index` [n] (rows of the whole batch, e.g. a mini-batch of a global permutation) that
-    fall in this rank's `rows`, as indices into the rank's own rows, in the order they appear."""
-    mine = (global_index >= rows.start) & (global_index < rows.stop)
-    return global_index[mine] - rows.start
+def summed(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """`tensor` summed elementwise over all ranks (itself without ranks), in its dtype: rows each rank filled alone,
+    0 in the others', become every rank's rows, exactly (x + 0 = x)."""
+    if not ranks.sharded:
+        return tensor
+    total = tensor.to(ranks.device).contiguous().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.to(tensor.device)
 
 
 def in_step(parts: list, ranks: Ranks, *, stand_in) -> list[tuple[object, bool]]:
