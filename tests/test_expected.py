@@ -112,14 +112,20 @@ def test_another_machine_class_within_the_intervals_and_with_the_same_conclusion
     assert tolerance_factor(0.95, 3) == pytest.approx(math.sqrt(2) * 2.394 / 1.960, rel=1e-3)
 
 
+def test_a_deficit_recorded_as_not_significant_may_become_significant(recorded):
+    """"KPO does not improve on GRPO" (recorded -8 points, p 0.5) still holds at -20 points, p 0.01."""
+    other = run(AMD, stages=stages(loss=(2.0, 1.5, 1.3)), differences=differences(kpo_grpo=(-0.2, 0.01)))
+    assert compare(other, recorded)[0] == WITHIN_TOLERANCE
+
+
 @pytest.mark.parametrize("changes, reason", [
     ({"accuracy": accuracy(grpo=0.6)}, "tiny/a/b/grpo: avg_at_k 0.6 outside its tolerance around the recorded 0.3333 "
                                        "(interval [0.25, 0.45] x 1.73, 3 checks)"),
     ({"differences": differences(grpo_sft=(0.2, 0.06))}, "grpo - sft: recorded significant (+23.0 points, Holm p "
                                                          "0.01), now +20.0 points, p 0.06"),
     ({"differences": differences(grpo_sft=(-0.2, 0.01))}, "grpo - sft: recorded significant"),
-    ({"differences": differences(kpo_grpo=(-0.2, 0.01))}, "kpo - grpo: recorded not significant (Holm p 0.5), now "
-                                                          "significant"),
+    ({"differences": differences(kpo_grpo=(0.2, 0.01))}, "kpo - grpo: recorded not significant (-8.0 points, Holm p "
+                                                         "0.5), now significant the other way (+20.0 points, p 0.01)"),
     ({"stages": stages(data="d2")}, "data a.parquet: sha256 d2, recorded d1"),
     ({"accuracy": accuracy().iloc[:2]}, "accuracy tiny/a/b/kpo: missing from the run"),
 ])
