@@ -41,6 +41,32 @@ def test_packed_log_probs_and_entropy_equal_the_padded_ones(tiny_model_dir):
             assert not ours[~mask].any()  # 0 on padding
 
 
+def test_packed_attention_computes_spans_of_one_length_together_as_row_by_row():
+    """Spans of equal length go to SDPA as one batch: the same outputs and gradients as one SDPA call per row."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kalmanrl.policy.packed_attention import _attention
+
+    class Grouped(torch.nn.Module):  # what SDPA reads of an attention module: 4 query heads on 2 key/value heads
+        num_key_value_groups, is_causal, training = 2, True, True
+
+    lengths = [5, 7, 5, 3, 7, 7, 1, 2]
+    generator = torch.Generator().manual_seed(0)
+    tokens = sum(lengths)
+    q, k, v = (torch.randn(1, heads, tokens, 16, generator=generator, requires_grad=True) for heads in (4, 2, 2))
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    together = _attention(Grouped(), q, k, v, None, position_ids=positions, dropout=0.0, scaling=0.25)[0]
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+    alone = torch.cat([sdpa_attention_forward(Grouped(), q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None,
+                                              is_causal=True, dropout=0.0, scaling=0.25)[0]
+                       for a, b in zip([0, *ends], ends)], dim=1)
+    torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn(together.shape, generator=generator)
+    for ours, theirs in zip(torch.autograd.grad(together, (q, k, v), upstream),
+                            torch.autograd.grad(alone, (q, k, v), upstream)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
 def test_packed_micro_batches_count_real_tokens_and_balance_them():
     # prompts of 3 and 1 tokens, completions of 2, 1, 3, 3: real tokens 5, 4, 4, 4 (padded widths 5, 4, 4, 4 alone)
     batch = build_batch([[5, 6, 7], [8]], [[completion([1, 2]), completion([3])], [completion([4, 4, 4])] * 2],

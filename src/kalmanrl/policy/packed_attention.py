@@ -5,8 +5,9 @@ a mask computes every block of it: on the CPU a packed micro-batch of N tokens t
 packing five times slower than padding there (benchmarks/README.md). FlashAttention's variable-length path has no
 such cost, and transformers uses it on its own. For every other implementation `packed_attention` registers
 "kalmanrl_packed": it asks for no mask when there is no padding mask (a packed batch has none) and runs causal SDPA on
-each row's span of a packed sequence (the spans are where the position ids restart, as transformers finds them);
-every other call (padded batches, generation with a cache) is transformers' SDPA unchanged.
+each row's span of a packed sequence (the spans are where the position ids restart, as transformers finds them),
+the spans of one length in one call; every other call (padded batches, generation with a cache) is transformers' SDPA
+unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def _mask(*, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tens
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, *, position_ids: torch.Tensor | None = None, **kwargs
                ) -> tuple[torch.Tensor, None]:
-    """query [1, heads, N, d] of a packed sequence: causal SDPA on each row's span; anything else: SDPA."""
+    """query [1, heads, N, d] of a packed sequence: causal SDPA on each row's span, one call per span length (the
+    spans of a length stacked as a batch, which SDPA computes row by row alike); anything else: SDPA."""
     if attention_mask is not None or position_ids is None or query.shape[0] != 1 or query.shape[2] < 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     positions = position_ids.reshape(-1)
@@ -35,9 +37,22 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if len(starts) == 2:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     kwargs.pop("is_causal", None)
-    spans = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                    is_causal=True, **kwargs)[0] for a, b in zip(starts, starts[1:])]
-    return torch.cat(spans, dim=1), None  # [1, N, heads, d], as SDPA's output
+    by_length: dict[int, list[int]] = {}
+    for a, b in zip(starts, starts[1:]):
+        by_length.setdefault(b - a, []).append(a)
+    # One gather into length order and one back (not a slice per span: each slice's backward writes a gradient the
+    # size of the whole sequence).
+    order = torch.cat([(torch.tensor(firsts)[:, None] + torch.arange(length)).flatten()
+                       for length, firsts in by_length.items()]).to(query.device)
+    sizes = [len(firsts) * length for length, firsts in by_length.items()]
+    parts = [t.squeeze(0).index_select(1, order).split(sizes, dim=1) for t in (query, key, value)]
+    pieces = []
+    for (length, firsts), *spans in zip(by_length.items(), *parts):
+        spans = [span.unflatten(1, (len(firsts), length)).transpose(0, 1) for span in spans]  # [rows, heads, L, d]
+        out = sdpa_attention_forward(module, *spans, None, is_causal=True, **kwargs)[0]  # [rows, L, heads, d]
+        pieces.append(out.flatten(0, 1))
+    packed = torch.cat(pieces)[order.argsort()]  # back to the packed order
+    return packed.unsqueeze(0), None  # [1, N, heads, d], as SDPA's output
 
 
 AttentionInterface.register(NAME, _attention)
