@@ -2,6 +2,7 @@
 
     python benchmarks/bench_trl.py [--batches 4] [--rounds 2] [--threads 1] [--algorithm grpo] [--side both]
                                    [--trl-allocator default|kept] [--kalmanrl-dispatch avx2|baseline|native]
+                                   [--kalmanrl-padded]
 
 Builds the default study's tiny model (config/config.yaml: its `tiny` Qwen2 and the `arithmetic_laptop` task, the
 tokenizer trained on the corpus `kalmanrl model` gives it) in a temporary directory. The weights stay random (no
@@ -12,7 +13,8 @@ no reference model (beta 0), --threads torch threads:
 - kalmanrl: `kalmanrl.jobs.trainer.train`, what `kalmanrl train` runs, with the default study's train settings and
   algorithm (--algorithm; checkpoints only after the last batch, no experiment trackers), in a process set up as the CLI
   sets up every stage's: the CPU dispatch pinned (kalmanrl.runtime.cpu; --kalmanrl-dispatch native leaves it to the
-  libraries, as TRL's process is) and glibc's malloc keeping the memory a step frees;
+  libraries, as TRL's process is) and glibc's malloc keeping the memory a step frees; packed micro-batches, the
+  default (--kalmanrl-padded: padded ones, as TRL's);
 - TRL: `GRPOTrainer` set to the same (per-device batch 128, steps_per_generation 2, num_generations 8,
   max_completion_length 16, loss_type "grpo", epsilon 0.2, the same learning rate, weight decay and gradient
   clipping), with its own defaults that would change the computation turned off (bf16 autocast, gradient
@@ -35,8 +37,8 @@ moves them together, and the median of the round ratios is the figure to read.
 TRL is optional (`pip install -e '.[bench]'`): without it the script says so and exits with status 3, unless
 --side kalmanrl.
 
-Run as `bench_trl.py worker <side> <directory> <batches> <threads> <algorithm> <allocator>` this file is the
-measured process.
+Run as `bench_trl.py worker <side> <directory> <batches> <threads> <algorithm> <allocator> packed|padded` this file
+is the measured process.
 """
 
 from __future__ import annotations
@@ -61,15 +63,16 @@ TASK, MODEL = "arithmetic_laptop", "tiny"
 MISSING_TRL = 3  # exit status when TRL is not installed
 
 
-def study_config(batches: int) -> dict:
+def study_config(batches: int, packing: bool = True) -> dict:
     """The default study with `batches` rollout batches per run, the digit-share reward, checkpoints only at the
-    end (the trainer always writes one after its last step) and no intermediate kept checkpoints."""
+    end (the trainer always writes one after its last step), no intermediate kept checkpoints, and kalmanrl's
+    micro-batches packed or padded."""
     sys.path.insert(0, str(TESTS))
     import digit_share  # noqa: F401  (registers the "digit_share" reward)
     from kalmanrl.configuration.config import load_config
 
     config = load_config(REPO / "config" / "config.yaml")
-    config["train"].update(steps=batches, checkpoint_every=batches, keep_every=0, loggers=[])
+    config["train"].update(steps=batches, checkpoint_every=batches, keep_every=0, loggers=[], packing=packing)
     config["datasets"][TASK].update(reward="digit_share", reward_params={})
     return config
 
@@ -100,12 +103,12 @@ def intervals(stamps: list[tuple[float, float]]) -> dict[str, list[float]]:
             "batch_cpu_s": [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]}
 
 
-def run_kalmanrl(directory: Path, batches: int, threads: int, algorithm: str) -> dict:
+def run_kalmanrl(directory: Path, batches: int, threads: int, algorithm: str, packing: bool) -> dict:
     """`kalmanrl.jobs.trainer.train` on the default study's settings; a time stamp after each step's metrics row."""
     from kalmanrl.configuration.config import stage_settings
     from kalmanrl.jobs import trainer
 
-    config = study_config(batches)
+    config = study_config(batches, packing)
     settings = stage_settings(config, "train", model=MODEL, task=TASK, algorithm=algorithm, seed="0")
     stamps = []
     record = trainer.record
@@ -178,7 +181,8 @@ def run_trl(directory: Path, batches: int, threads: int) -> dict:
             "completion_tokens": statistics.mean(lengths[rows:])}  # the first batch is warm-up
 
 
-def worker(side: str, directory: Path, batches: int, threads: int, algorithm: str, allocator: str) -> None:
+def worker(side: str, directory: Path, batches: int, threads: int, algorithm: str, allocator: str,
+           packing: bool) -> None:
     if side == "kalmanrl":  # what every `kalmanrl` stage command does first, at $KALMANRL_CPU_DISPATCH's level
         from kalmanrl.runtime.cpu import pin_cpu_dispatch
 
@@ -189,19 +193,19 @@ def worker(side: str, directory: Path, batches: int, threads: int, algorithm: st
         keep_freed_memory()
     for run in ("kalmanrl_run", "trl_run"):  # a fresh run each round: kalmanrl would resume a finished one
         shutil.rmtree(directory / run, ignore_errors=True)
-    result = run_kalmanrl(directory, batches, threads, algorithm) if side == "kalmanrl" else \
+    result = run_kalmanrl(directory, batches, threads, algorithm, packing) if side == "kalmanrl" else \
         run_trl(directory, batches, threads)
     (directory / f"{side}.json").write_text(json.dumps(result))
 
 
 def measure(side: str, directory: Path, batches: int, threads: int, algorithm: str, allocator: str,
-            dispatch: str) -> dict:
+            dispatch: str, packing: bool) -> dict:
     """One run of `side` in a fresh process (`threads` torch and OpenMP threads; glibc's malloc as `allocator`;
-    kalmanrl's CPU dispatch pinned at `dispatch`)."""
+    kalmanrl's CPU dispatch pinned at `dispatch`, its micro-batches packed or padded)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "KALMANRL_CPU_DISPATCH": dispatch}
     command = [sys.executable, str(HERE), "worker", side, str(directory), str(batches), str(threads), algorithm,
-               allocator]
+               allocator, "packed" if packing else "padded"]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {side} run failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
@@ -223,6 +227,8 @@ def main() -> None:
                         help="kalmanrl's CPU dispatch level (kalmanrl.runtime.cpu): avx2, the pin every kalmanrl "
                              "command sets by default (MKL's vendor-neutral branch: the same numbers on any x86-64, "
                              "about twice the time per matrix product), or native, as TRL runs (nothing pinned)")
+    parser.add_argument("--kalmanrl-padded", action="store_true",
+                        help="kalmanrl with padded micro-batches (train.packing: false) instead of packed ones")
     args = parser.parse_args()
     if args.batches < 2:
         parser.error("--batches must be at least 2: the first batch is warm-up")
@@ -251,7 +257,7 @@ def main() -> None:
             for side in sides:
                 allocator = "kept" if side == "kalmanrl" else args.trl_allocator
                 result = measure(side, tmp, args.batches, args.threads, args.algorithm, allocator,
-                                 args.kalmanrl_dispatch)
+                                 args.kalmanrl_dispatch, not args.kalmanrl_padded)
                 rounds[-1][side] = statistics.median(result["batch_cpu_s"])
                 times[side] += result["batch_s"]
                 cpu[side] += result["batch_cpu_s"]
@@ -261,7 +267,8 @@ def main() -> None:
     train = config["train"]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{args.threads} thread(s); TRL's malloc: {args.trl_allocator}; kalmanrl's CPU dispatch: "
-          f"{args.kalmanrl_dispatch}; load average {os.getloadavg()}")
+          f"{args.kalmanrl_dispatch}; kalmanrl's micro-batches: {'padded' if args.kalmanrl_padded else 'packed'}; "
+          f"load average {os.getloadavg()}")
     print(f"{train['prompts_per_step']} prompts x {train['group_size']} completions, up to {train['max_tokens']} "
           f"tokens, {train['ppo_epochs'] * train['mini_batches']} optimiser steps per rollout batch; "
           f"{args.rounds} rounds x {args.batches - 1} measured batches per side")
@@ -285,6 +292,7 @@ def main() -> None:
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
-    worker(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7])
+    worker(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7],
+           sys.argv[8] == "packed")
 elif __name__ == "__main__":
     main()
