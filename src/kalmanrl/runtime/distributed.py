@@ -137,12 +137,9 @@ def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
 
 
 def global_sum(value: float | torch.Tensor, ranks: Ranks) -> torch.Tensor:
-    """The sum of `value` over all ranks (a float64 scalar on this rank's device), e.g. a loss denominator: the number
-    of active tokens of a mini-batch whose rows are spread over the ranks."""
-    total = torch.as_tensor(value, dtype=torch.float64, device=ranks.device).detach().clone()
-    if ranks.sharded:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total
+    """The sum of `value` over all ranks (a float64 scalar on this rank's device), e.g. a mini-batch's loss from the
+    ranks' shares of it, or the groups with unequal rewards all ranks drew."""
+    return summed(torch.as_tensor(value, dtype=torch.float64, device=ranks.device).detach().clone(), ranks)
 
 
 def reduce_metrics(metrics: Mapping[str, float], ranks: Ranks) -> dict[str, float]:
