@@ -61,7 +61,7 @@ def run_writer(run_dir: str | Path, *, timeout: float = 10.0, poll: float = 0.2)
     if stale:
         log.warning("%s: taking over the writer lock of %s, which ended without releasing it", run_dir, stale)
     _write(handle, {"pid": os.getpid(), "host": socket.gethostname(),
-                    "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+                    "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
     try:
         yield handle
     finally:
