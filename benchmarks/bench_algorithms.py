@@ -49,7 +49,7 @@ def medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
 def paired_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
     """Median over rounds of name's time / baseline's time in the same round: two calls microseconds apart share
     the machine's state, so a slow phase of a shared machine cancels out, unlike in a ratio of medians."""
-    return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
+    return statistics.median(a / b for a, b in zip(times[name], times[baseline], strict=True))
 
 
 def batch(rows: int, steps: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

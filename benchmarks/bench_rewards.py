@@ -83,7 +83,7 @@ def main() -> None:
         start = time.perf_counter()
         verdicts = reward.judge(texts, targets)
         elapsed = time.perf_counter() - start
-        checks = sum(isinstance(reward.screen(t, g), Check) for t, g in zip(texts, targets))
+        checks = sum(isinstance(reward.screen(t, g), Check) for t, g in zip(texts, targets, strict=True))
     print(f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"{args.n} completions (mean {sum(map(len, texts)) / len(texts):.0f} chars), "

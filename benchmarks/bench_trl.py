@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -99,8 +100,8 @@ def clocks() -> tuple[float, float]:
 
 def intervals(stamps: list[tuple[float, float]]) -> dict[str, list[float]]:
     """Wall and CPU seconds between consecutive stamps: one entry per rollout batch after the first."""
-    return {"batch_s": [b[0] - a[0] for a, b in zip(stamps, stamps[1:])],
-            "batch_cpu_s": [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]}
+    return {"batch_s": [b[0] - a[0] for a, b in pairwise(stamps)],
+            "batch_cpu_s": [b[1] - a[1] for a, b in pairwise(stamps)]}
 
 
 def run_kalmanrl(directory: Path, batches: int, threads: int, algorithm: str, packing: bool) -> dict:

@@ -112,8 +112,10 @@ def checkpoint_round_trip(model_dir: Path, path: Path, gpus: int | None) -> dict
     fresh = load_policy(model_dir, device=device)[0]
     fresh_optimizer = adamw(fresh.parameters(), {"lr": 1e-3, "weight_decay": 0.0})
     distributed.load_sharded(path, fresh, fresh_optimizer)
-    weights = all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), fresh.state_dict().values()))
-    states = [(optimizer.state[p], fresh_optimizer.state[q]) for p, q in zip(policy.parameters(), fresh.parameters())]
+    weights = all(torch.equal(a, b)
+                  for a, b in zip(policy.state_dict().values(), fresh.state_dict().values(), strict=True))
+    states = [(optimizer.state[p], fresh_optimizer.state[q])
+              for p, q in zip(policy.parameters(), fresh.parameters(), strict=True)]
     moments = all(torch.equal(a[k], b[k]) for a, b in states for k in ("exp_avg", "exp_avg_sq"))
     return {"weights_identical": weights, "adam_state_identical": moments, "ok": weights and moments}
 

@@ -44,7 +44,7 @@ def test_each_correction_equals_its_hand_computed_weights_and_mask(name, params,
 
 def test_the_mismatch_metrics_follow_their_definitions():
     old, engine = logps()
-    ratios = [r for row, keep in zip(RATIOS, MASK.tolist()) for r, k in zip(row, keep) if k]
+    ratios = [r for row, keep in zip(RATIOS, MASK.tolist(), strict=True) for r, k in zip(row, keep, strict=True) if k]
     d = [math.log(r) for r in ratios]
     metrics = mismatch_metrics(old, engine, MASK)
     assert metrics == pytest.approx({

@@ -94,8 +94,8 @@ def test_the_overlong_penalty_is_taken_off_each_completions_reward():
     texts = [["1", "a"], ["12", "ab"]]
     lengths = [[3, 5], [6, 8]]  # max_tokens 8, buffer 4: the penalty starts after 4 tokens
     rollout = Rollout(pd.DataFrame({"answer": ["1", "2"]}), [[1], [2]],
-                      [[Completion([7] * n, [0.0] * n, text, "stop") for n, text in zip(ns, ts)]
-                       for ns, ts in zip(lengths, texts)])
+                      [[Completion([7] * n, [0.0] * n, text, "stop") for n, text in zip(ns, ts, strict=True)]
+                       for ns, ts in zip(lengths, texts, strict=True)])
     with run.reward_fn:
         verdicts, rewards = score_rewards(run, rollout)
     assert [v.reward for v in verdicts] == [1.0, 0.0, 1.0, 0.0]

@@ -27,7 +27,7 @@ def build(spec: dict, local_dir: Path, *, offline: bool = True, seed: int = 0, e
 
 
 def rows(table: pa.Table, *columns: str) -> list[tuple]:
-    return sorted(zip(*(table[c].to_pylist() for c in columns)))
+    return sorted(zip(*(table[c].to_pylist() for c in columns), strict=True))
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -177,7 +177,7 @@ def test_math_gold_is_the_last_box_of_the_solution_as_in_math500(shared_data):
     for row in read_jsonl(shared_data / "math500" / "test.jsonl"):
         assert last_boxed(row["solution"]) == row["answer"]
     math, _ = build({"loader": "math", "params": {"splits": ["test"]}}, shared_data)
-    by_id = dict(zip(math["id"].to_pylist(), math["answer"].to_pylist()))
+    by_id = dict(zip(math["id"].to_pylist(), math["answer"].to_pylist(), strict=True))
     assert all(by_id[row["unique_id"]] == row["answer"] for row in read_jsonl(shared_data / "math500" / "test.jsonl"))
 
 
@@ -402,7 +402,7 @@ def openmath_dir(tmp_path, shared_data) -> Path:
 def test_openmath_keeps_one_row_per_problem_with_its_category(openmath_dir):
     table, stats = build({"loader": "openmath"}, openmath_dir)
     assert stats["splits"] == {"train": 8}
-    by_answer = {a: s for a, s in zip(table["answer"].to_pylist(), table["subject"].to_pylist())}
+    by_answer = {a: s for a, s in zip(table["answer"].to_pylist(), table["subject"].to_pylist(), strict=True)}
     assert by_answer["a1"] == "Algebra" and by_answer["c1"] == "Counting & Probability" and "a2" not in by_answer
     assert sorted(set(table["source"].to_pylist())) == ["openmath/augmented_gsm8k", "openmath/augmented_math",
                                                         "openmath/gsm8k", "openmath/math"]

@@ -63,8 +63,8 @@ def test_hf_rows_stop_at_their_own_budget_with_the_tokens_they_would_have_had(ti
     free = engine.generate(prompts, SamplingConfig(n=2, temperature=temperature, max_tokens=6, seed=4))
     limited = engine.generate(prompts, SamplingConfig(n=2, temperature=temperature, max_tokens=6, seed=4,
                                                       budgets=(2, 6, 4)))
-    for budget, free_group, limited_group in zip((2, 6, 4), free, limited):
-        for a, b in zip(free_group, limited_group):
+    for budget, free_group, limited_group in zip((2, 6, 4), free, limited, strict=True):
+        for a, b in zip(free_group, limited_group, strict=True):
             assert b.token_ids == a.token_ids[:budget] and b.logprobs == a.logprobs[:budget]
             assert b.finish_reason == ("stop" if b.token_ids[-1] == tokenizer.eos_token_id else "length")
     assert all(len(c.token_ids) <= 2 for c in limited[0])
@@ -136,7 +136,7 @@ def test_hf_evaluation_drops_prompts_beyond_the_models_context(tmp_path, short_c
     details, summary = run_eval(short_context_model, arithmetic_parquet, eval_settings("hf"), tmp_path)
     assert summary["overlong_prompts_dropped"] == sum(n >= 436 for n in lengths) > 0
     assert summary["n_problems"] == sum(n < 436 for n in lengths)
-    assert all(t <= 436 - n for t, n in zip(details["num_tokens"], [n for n in lengths if n < 436]))
+    assert all(t <= 436 - n for t, n in zip(details["num_tokens"], [n for n in lengths if n < 436], strict=True))
     with pytest.raises(ValueError, match="test split.*rollout.overlong_prompts: drop"):
         run_eval(short_context_model, arithmetic_parquet, eval_settings("hf", overlong_prompts="error"), tmp_path)
 

@@ -94,7 +94,7 @@ def test_a_plain_policy_streams_its_full_parameters_unchanged(tiny_model_dir):
     assert not adapter_layers(policy)
     plain, merged = list(full_parameters(policy)), list(merged_parameters(policy))
     assert [n for n, _ in plain] == [n for n, _ in merged]
-    assert all(a is b or torch.equal(a, b) for (_, a), (_, b) in zip(plain, merged))
+    assert all(a is b or torch.equal(a, b) for (_, a), (_, b) in zip(plain, merged, strict=True))
 
 
 @pytest.mark.parametrize("targets, named", [

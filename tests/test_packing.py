@@ -5,6 +5,7 @@ filled by real tokens; and a training run that matches the padded one."""
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import pairwise
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_packed_log_probs_and_entropy_equal_the_padded_ones(tiny_model_dir):
     for chunk in (4096, 7):  # one head slice, and several (recomputed in backward)
         padded = token_logprobs(policy, batch, with_entropy=True, chunk_tokens=chunk)
         packed = token_logprobs(policy, batch, with_entropy=True, chunk_tokens=chunk, packed=True)
-        for ours, theirs in zip(packed, padded):
+        for ours, theirs in zip(packed, padded, strict=True):
             torch.testing.assert_close(ours[mask], theirs[mask], rtol=1e-5, atol=1e-5)
             assert not ours[~mask].any()  # 0 on padding
 
@@ -59,11 +60,11 @@ def test_packed_attention_computes_spans_of_one_length_together_as_row_by_row():
     ends = torch.tensor(lengths).cumsum(0).tolist()
     alone = torch.cat([sdpa_attention_forward(Grouped(), q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None,
                                               is_causal=True, dropout=0.0, scaling=0.25)[0]
-                       for a, b in zip([0, *ends], ends)], dim=1)
+                       for a, b in pairwise([0, *ends])], dim=1)
     torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-6)
     upstream = torch.randn(together.shape, generator=generator)
     for ours, theirs in zip(torch.autograd.grad(together, (q, k, v), upstream),
-                            torch.autograd.grad(alone, (q, k, v), upstream)):
+                            torch.autograd.grad(alone, (q, k, v), upstream), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 

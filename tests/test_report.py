@@ -65,7 +65,7 @@ def test_published_difference_gets_the_seeds_it_would_need(tmp_path):
     markdown = (tmp_path / "report" / "report.md").read_text()
     header = next(line for line in markdown.splitlines() if line.startswith("| model") and "comparison" in line)
     row = _row(markdown, "tiny", "arith", "arith", "krpo - grpo")
-    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], row))
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], row, strict=True))
     assert cells["paper difference (points), published"] == "5.00"  # checked against the paper: no mark
     seeds = cells["seeds for the published difference"]
     assert seeds == "> 100" or int(seeds) > 3
@@ -113,7 +113,7 @@ def test_summary_paths_of_the_workflow_layout_name_their_run():
 def test_tables_use_the_last_evaluated_step_of_each_run():
     frame = pd.concat([_details("grpo", 0, 0.5, step=s) for s in (10, 20)] + [_details("grpo", 1, 0.5, step=10)])
     kept = final_steps(frame)
-    assert set(zip(kept["seed"], kept["step"])) == {(0, 20), (1, 10)}
+    assert set(zip(kept["seed"], kept["step"], strict=True)) == {(0, 20), (1, 10)}
 
 
 def _write_run(root, algorithm, seed, accuracy, *, model="tiny", task="arith", benchmark="arith", steps=(10,)):
@@ -215,7 +215,7 @@ def test_report_over_paper_kpo_keys_fills_the_kpo_papers_columns_marked_as_secon
     markdown = (tmp_path / "report" / "report.md").read_text()
     header = next(line for line in markdown.splitlines() if line.startswith("| model") and "avg@k (%) [" in line)
     columns = [c.strip() for c in header.strip("|").split("|")]
-    rows = [dict(zip(columns, _row(markdown, "qwen3-4b", "dapo_filter", benchmark, algorithm)))
+    rows = [dict(zip(columns, _row(markdown, "qwen3-4b", "dapo_filter", benchmark, algorithm), strict=True))
             for benchmark, algorithm in (("aime24", "kpo"), ("minerva_math", "kpo"), ("minerva_math", "kpo_unclipped"))]
     published = [(row["paper avg@k (%), published"], row["paper pass@16 (%), published"]) for row in rows]
     assert published == [("37.91 (secondary)", "63.33 (secondary)"), ("38.23 (secondary)", ""),

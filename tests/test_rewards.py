@@ -234,7 +234,7 @@ def test_math_verify_agrees_with_math_verify_regression_cases(patient_reward, sh
     with 248). Our gold wrapping and default settings must agree with at least 95%."""
     rows = [json.loads(line) for line in (shared_data / "math_verify_cases" / "cases.jsonl").open()]
     verdicts = patient_reward.judge([r["pred"] for r in rows], [r["gold"] for r in rows])
-    agreement = sum(v.correct == bool(r["expected"]) for v, r in zip(verdicts, rows)) / len(rows)
+    agreement = sum(v.correct == bool(r["expected"]) for v, r in zip(verdicts, rows, strict=True)) / len(rows)
     print(f"agreement with Math-Verify's regression cases: {agreement:.1%} of {len(rows)}")
     assert agreement >= 0.95
 

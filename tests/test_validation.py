@@ -55,7 +55,7 @@ def test_a_run_records_validation_accuracy_at_its_steps_and_trains_as_without(tm
                       validation_data=[arithmetic_parquet, arithmetic_parquet])
     columns = ["val_accuracy_arith", "val_accuracy_digits", "val_accuracy"]
     assert validated[columns].isna().all(axis=1).tolist() == [True, False, False]
-    for column, samples in zip(columns, (12, 12, 24)):  # 6 problems x 2 samples each, both pooled
+    for column, samples in zip(columns, (12, 12, 24), strict=True):  # 6 problems x 2 samples each, both pooled
         for value in validated[column].dropna():
             assert 0 <= value <= 1 and math.isclose(value * samples, round(value * samples)), (column, value)
     assert (validated["val_accuracy_arith"].dropna() == 0).all()  # digit_share never says "correct"

@@ -49,7 +49,7 @@ def check_table(table: pa.Table, where: str) -> pa.Table:
     bad_splits = set(table["split"].to_pylist()) - set(SPLITS)
     if bad_splits:
         raise DataError(f"{where}: column 'split' has {sorted(bad_splits)}; allowed: {', '.join(SPLITS)}")
-    if len(set(zip(table["split"].to_pylist(), table["id"].to_pylist()))) != table.num_rows:
+    if len(set(zip(table["split"].to_pylist(), table["id"].to_pylist(), strict=True))) != table.num_rows:
         raise DataError(f"{where}: column 'id' is not unique within a split")
     return table
 

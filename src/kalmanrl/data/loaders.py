@@ -319,7 +319,7 @@ def drop_problems(table: pa.Table, problems: Iterable[str]) -> tuple[pa.Table, i
     if not keys:
         return table, 0
     keep = [split != "train" or normalize_problem(problem) not in keys
-            for split, problem in zip(table["split"].to_pylist(), table["problem"].to_pylist())]
+            for split, problem in zip(table["split"].to_pylist(), table["problem"].to_pylist(), strict=True)]
     kept = table.filter(pa.array(keep))
     return kept, table.num_rows - kept.num_rows
 

@@ -113,10 +113,10 @@ class RewardFunction:
         """One `Verdict` per completion, in order. completions, golds: [N]."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} golds")
-        screened = [self.screen(_clean(c), _clean(g)) for c, g in zip(completions, golds)]
+        screened = [self.screen(_clean(c), _clean(g)) for c, g in zip(completions, golds, strict=True)]
         pending = [i for i, s in enumerate(screened) if isinstance(s, Check)]
         outcomes = self._pool.run([screened[i].args for i in pending]) if pending else []
-        for i, outcome in zip(pending, outcomes):
+        for i, outcome in zip(pending, outcomes, strict=True):
             check = screened[i]
             if isinstance(outcome, LimitHit):
                 screened[i] = Verdict(0.0, False, check.extracted, outcome.limit)

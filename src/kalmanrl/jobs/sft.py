@@ -30,7 +30,7 @@ def tokenize_examples(tokenizer, problems: list[str], answers: list[str], soluti
     them) labelled IGNORE, target tokens + end-of-turn labelled as themselves; examples longer than max_length are
     dropped."""
     examples = []
-    for problem, answer, solution in zip(problems, answers, solutions):
+    for problem, answer, solution in zip(problems, answers, solutions, strict=True):
         prompt = template.encode(tokenizer, problem)
         target = tokenizer(template.target(answer, solution), add_special_tokens=False)["input_ids"]
         target.append(tokenizer.eos_token_id)

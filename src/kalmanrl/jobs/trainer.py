@@ -432,7 +432,8 @@ def record(run: Run, step: int, rollout: Rollout, verdicts: list, rewards: torch
     completions = [c for group in rollout.completions for c in group]
     rewards, advantages = distributed.gather_rows(rewards, ranks), distributed.gather_rows(advantages, ranks)
     per_completion = distributed.gather_rows(torch.tensor(
-        [[len(c.token_ids), c.finish_reason == "length", v.correct] for c, v in zip(completions, verdicts)],
+        [[len(c.token_ids), c.finish_reason == "length", v.correct]
+         for c, v in zip(completions, verdicts, strict=True)],
         dtype=torch.float), ranks)
     lengths, truncated, correct = per_completion.T
     row = {**run.settings.ident, "step": step + 1, "wall_time": t_end - t0,

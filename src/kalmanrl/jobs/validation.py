@@ -41,7 +41,7 @@ def load_benchmarks(validation: Validation, paths: Sequence[Path], tokenizer, *,
         raise ValueError(f"train.validation validates {names} but {len(paths)} dataset file(s) were given "
                          "(kalmanrl train --validation-data, one per dataset in that order)")
     benchmarks = []
-    for name, path in zip(names, paths):
+    for name, path in zip(names, paths, strict=True):
         entry = validation.datasets[name]
         problems = read_dataset(path, split="test").to_pandas().iloc[:validation.max_problems]
         template = get_template(entry["template"], entry["chat_template_kwargs"],

@@ -70,7 +70,7 @@ class RolloutBatch:
 def row_tokens(batch: RolloutBatch) -> list[int]:
     """Per row: its real tokens, prompt plus completion (what a packed forward of the row costs)."""
     prompt, completion = batch.widths()
-    return [p + c for p, c in zip(prompt, completion)]
+    return [p + c for p, c in zip(prompt, completion, strict=True)]
 
 
 def balanced_parts(costs: Sequence[int], rows: Sequence[int], parts: int) -> list[list[int]]:
@@ -136,14 +136,14 @@ def build_batch(prompt_ids: list[list[int]], completions: list[list[Completion]]
     token equal to it stays an input but leaves the completion mask, so the loss never trains it (the KRPO authors' loss
     mask, which drops pad = EOS). `prompt_len` and `completion_len`: at least these widths (the widest over all
     ranks, so that the ranks' batches concatenate into the one-process batch)."""
-    rows = [(p, c.token_ids) for p, group in zip(prompt_ids, completions) for c in group]
+    rows = [(p, c.token_ids) for p, group in zip(prompt_ids, completions, strict=True) for c in group]
     prompt_len = max(prompt_len, *(len(p) for p, _ in rows))
     max_completion = max(1, completion_len, *(len(c) for _, c in rows))
     ids = torch.full((len(rows), prompt_len + max_completion), pad_id, dtype=torch.long)
     attention = torch.zeros_like(ids)
     engine_logp = torch.zeros(len(rows), max_completion)
     sampled = [c for group in completions for c in group]
-    for i, ((p, c), completion) in enumerate(zip(rows, sampled)):
+    for i, ((p, c), completion) in enumerate(zip(rows, sampled, strict=True)):
         ids[i, prompt_len - len(p):prompt_len] = torch.tensor(p)
         ids[i, prompt_len:prompt_len + len(c)] = torch.tensor(c, dtype=torch.long)
         attention[i, prompt_len - len(p):prompt_len + len(c)] = 1

@@ -75,7 +75,7 @@ def _through_head(head: torch.nn.Module, states: torch.Tensor, targets: torch.Te
     several."""
     recompute = torch.is_grad_enabled() and states.requires_grad and targets.shape[dim] > width
     outs = []
-    for part, wanted in zip(states.split(width, dim), targets.split(width, dim)):
+    for part, wanted in zip(states.split(width, dim), targets.split(width, dim), strict=True):
         args = (head, part, wanted, with_entropy)
         outs.append(checkpoint(_chunk, *args, use_reentrant=False) if recompute else _chunk(*args))
     taken = torch.cat([out[0] for out in outs], dim)

@@ -37,7 +37,8 @@ def tokenizer_corpus(table, template_names: Iterable[str]) -> Iterator[str]:
     the ChatML role names (so `user` and `assistant` become single tokens), and the system prompts (once per problem,
     so their words get merged and prompts stay short)."""
     templates = [get_template(name) for name in template_names]
-    for problem, answer, solution in zip(*(table.column(c).to_pylist() for c in ("problem", "answer", "solution"))):
+    columns = (table.column(c).to_pylist() for c in ("problem", "answer", "solution"))
+    for problem, answer, solution in zip(*columns, strict=True):
         yield f"user\n{problem}"
         for template in templates:
             yield from (f"system\n{template.system}", f"assistant\n{template.target(answer, solution)}")

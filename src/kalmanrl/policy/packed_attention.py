@@ -12,6 +12,8 @@ unchanged.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -38,7 +40,7 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     kwargs.pop("is_causal", None)
     by_length: dict[int, list[int]] = {}
-    for a, b in zip(starts, starts[1:]):
+    for a, b in pairwise(starts):
         by_length.setdefault(b - a, []).append(a)
     # One gather into length order and one back (not a slice per span: each slice's backward writes a gradient the
     # size of the whole sequence).
@@ -47,7 +49,7 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     sizes = [len(firsts) * length for length, firsts in by_length.items()]
     parts = [t.squeeze(0).index_select(1, order).split(sizes, dim=1) for t in (query, key, value)]
     pieces = []
-    for (length, firsts), *spans in zip(by_length.items(), *parts):
+    for (length, firsts), *spans in zip(by_length.items(), *parts, strict=True):
         spans = [span.unflatten(1, (len(firsts), length)).transpose(0, 1) for span in spans]  # [rows, heads, L, d]
         out = sdpa_attention_forward(module, *spans, None, is_causal=True, **kwargs)[0]  # [rows, L, heads, d]
         pieces.append(out.flatten(0, 1))

@@ -148,7 +148,7 @@ class HFEngine(_ContextManaged):
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         taken = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         result = []
-        for ids, lps, (_, _, budget) in zip(tokens.tolist(), taken.tolist(), rows):
+        for ids, lps, (_, _, budget) in zip(tokens.tolist(), taken.tolist(), rows, strict=True):
             ids, lps = ids[:budget], lps[:budget]
             stop = ids.index(eos) + 1 if eos in ids else len(ids)
             result.append(make_completion(ids[:stop], lps[:stop], self.tokenizer, stopped=eos in ids))
@@ -302,7 +302,7 @@ class _RowSampler:
         if self.next == self.drawn.shape[1]:
             steps = max(1, min(self.remaining, self.DRAW_BUDGET // (rows * vocab)))
             self.drawn = torch.empty(rows, steps, vocab)
-            for generator, row in zip(self.generators, self.drawn):
+            for generator, row in zip(self.generators, self.drawn, strict=True):
                 row.uniform_(generator=generator)
             self.remaining, self.next = self.remaining - steps, 0
         self.next += 1
@@ -362,7 +362,8 @@ class VLLMEngine(_ContextManaged):
                                  detokenize=False) for i in range(len(prompt_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=False)
-        return [[make_completion(list(o.token_ids), [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)],
+        return [[make_completion(list(o.token_ids),
+                                 [step[t].logprob for step, t in zip(o.logprobs, o.token_ids, strict=True)],
                                  self.tokenizer, stopped=o.finish_reason != "length")
                  for o in request.outputs] for request in outputs]
 

@@ -63,7 +63,7 @@ def with_pooled_benchmark(summary: pd.DataFrame, details: pd.DataFrame,
     for (*run, step), group in details.groupby([*RUN, "step"]) if len(details) else []:
         if set(group["benchmark"]) != wanted.get(tuple(run)):
             continue
-        key = dict(zip(RUN, run))
+        key = dict(zip(RUN, run, strict=True))
         problems = group.assign(benchmark=POOLED, problem_id=group["benchmark"] + "/" + group["problem_id"].astype(str))
         pass_k, extra_metrics = summary_metrics(select(summary, {**key, "step": step}))
         try:
@@ -149,7 +149,7 @@ def paired_differences(details: pd.DataFrame, *, samples: int, confidence: float
                 test = paired_test(differences[:, ~np.isnan(differences).any(axis=0)])
             except ValueError as err:
                 raise ValueError(f"{'/'.join(map(str, cell))} {name}: {err}") from err
-            rows.append({**dict(zip(CELL, cell)), "comparison": name, "seeds": len(seeds),
+            rows.append({**dict(zip(CELL, cell, strict=True)), "comparison": name, "seeds": len(seeds),
                          "problems": len(problems), "difference": interval.mean, "low": interval.low,
                          "high": interval.high, "p_value": test.p_value, "tested_problems": test.variance.problems,
                          "ms_seed": test.variance.ms_seed, "ms_problem": test.variance.ms_problem,
@@ -181,4 +181,5 @@ def seeds_for(table: pd.DataFrame, differences, *, power: float) -> list[int | N
     """Per row of family_tests' table, the seeds its grid would need to detect that row's entry of `differences`
     (None or NaN: nothing to detect) with `power` at the row's level."""
     return [seeds_needed(grid_variance(row), float(d), alpha=row["level"], power=power)
-            if d is not None and pd.notna(d) else None for (_, row), d in zip(table.iterrows(), differences)]
+            if d is not None and pd.notna(d) else None
+            for (_, row), d in zip(table.iterrows(), differences, strict=True)]

@@ -69,7 +69,8 @@ def _plain(value):
 
 
 def _records(frame: pd.DataFrame, columns: list[str]) -> list[dict]:
-    return [{c: _plain(v) for c, v in zip(columns, values)} for values in frame[columns].itertuples(index=False)]
+    return [{c: _plain(v) for c, v in zip(columns, values, strict=True)}
+            for values in frame[columns].itertuples(index=False)]
 
 
 def expected_rows(summary: pd.DataFrame) -> dict:
@@ -187,14 +188,15 @@ def summary_differences(summary: pd.DataFrame, expected: dict) -> list[str]:
         return [f"key columns differ: run {actual['key']}, expected {key}"]
     got = {_ident(row, key): row for row in actual["rows"]}
     want = {_ident(row, key): row for row in expected["rows"]}
-    lines = [f"missing row {dict(zip(key, k))}" for k in want if k not in got]
-    lines += [f"unexpected row {dict(zip(key, k))}" for k in got if k not in want]
+    lines = [f"missing row {dict(zip(key, k, strict=True))}" for k in want if k not in got]
+    lines += [f"unexpected row {dict(zip(key, k, strict=True))}" for k in got if k not in want]
     for k in want.keys() & got.keys():
         for column in expected["columns"]:
             if column not in got[k]:
-                lines.append(f"{dict(zip(key, k))}: column {column} missing from the run")
+                lines.append(f"{dict(zip(key, k, strict=True))}: column {column} missing from the run")
             elif not _same(got[k][column], want[k][column]):
-                lines.append(f"{dict(zip(key, k))}: {column} = {got[k][column]!r}, expected {want[k][column]!r}")
+                lines.append(f"{dict(zip(key, k, strict=True))}: {column} = {got[k][column]!r}, "
+                             f"expected {want[k][column]!r}")
     return sorted(lines)
 
 

@@ -57,7 +57,7 @@ def _figure_per_run(frame: pd.DataFrame, panels: Callable, draw: Callable, out: 
     for (model, task), run in frame.groupby(["model", "task"]) if len(frame) else []:
         items = panels(run)
         fig, axes = _panels(len(items))
-        for ax, item in zip(axes, items):
+        for ax, item in zip(axes, items, strict=True):
             draw(ax, run, item)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
@@ -130,7 +130,7 @@ def plot_differences(differences: pd.DataFrame, published: pd.DataFrame, out: Pa
     written = []
     for (model, task), frame in differences.groupby(["model", "task"]) if len(differences) else []:
         frame = frame.iloc[::-1]
-        labels = [f"{b}: {c}" for b, c in zip(frame["benchmark"], frame["comparison"])]
+        labels = [f"{b}: {c}" for b, c in zip(frame["benchmark"], frame["comparison"], strict=True)]
         fig, ax = plt.subplots(figsize=(7, 1.2 + 0.4 * len(frame)))
         y = np.arange(len(frame))
         mean, low, high = (100 * frame[c].to_numpy(float) for c in ("difference", "low", "high"))
@@ -144,7 +144,7 @@ def plot_differences(differences: pd.DataFrame, published: pd.DataFrame, out: Pa
                                       ("secondary", "orange", "published, secondary source only (not reproduced)")):
             marked = [(m["difference"], i) for i, m in enumerate(matches) if m is not None and m["checked"] == checked]
             if marked:
-                ax.scatter(*zip(*marked), marker="x", color=color, zorder=3, label=label)
+                ax.scatter(*zip(*marked, strict=True), marker="x", color=color, zorder=3, label=label)
         ax.axvline(0, color="gray", lw=1)
         ax.set(yticks=y, yticklabels=labels, xlabel="avg@k difference (percentage points)",
                title=f"{model}, {task}")

@@ -62,7 +62,8 @@ def accuracy_display(table: pd.DataFrame, published: pd.DataFrame, confidence: f
     ci = f"avg@k (%) [{round(100 * confidence)}% CI]"
     shown = table[[*CELL, "algorithm", "step", "seeds"]].copy()
     shown["step"] = [str(int(s)) if pd.notna(s) else "missing" for s in table["step"]]
-    shown[ci] = [str(Interval(*v)) for v in zip(table["avg_at_k"], table["avg_at_k_low"], table["avg_at_k_high"])]
+    shown[ci] = [str(Interval(*v))
+                 for v in zip(table["avg_at_k"], table["avg_at_k_low"], table["avg_at_k_high"], strict=True)]
     percent = [c for c in table.columns if re.fullmatch(r"pass_at_\d+", c)] + ["maj_at_k", "truncation_rate"]
     for column in [c for c in percent if c in table]:
         name = column.replace("pass_at_", "pass@").replace("maj_at_k", "maj@k").replace("truncation_rate", "truncated")
@@ -90,21 +91,23 @@ def differences_display(table: pd.DataFrame, published: pd.DataFrame, *, confide
     out."""
     shown = table[[*CELL, "comparison", "seeds", "problems"]].copy()
     shown[f"difference (points) [{round(100 * confidence)}% CI]"] = [
-        str(Interval(*v)) for v in zip(table["difference"], table["low"], table["high"])]
+        str(Interval(*v)) for v in zip(table["difference"], table["low"], table["high"], strict=True)]
     shown["p (Holm)"] = [f"{p:.3g}" + (" *" if p <= alpha else "") for p in table["p_holm"]]
     shown[f"detects (points, {round(100 * power)}% power)"] = [f"{100 * d:.1f}" if d <= 1 else "nothing (> 100)"
                                                                 for d in table["detectable"]]
     matches = paper_matches(table, published, [*CELL, "comparison"], "difference")
     shown["paper difference (points), published"] = paper_column(matches, "difference")
     paper = [None if m is None else m["difference"] / 100 for m in matches]
-    shown["seeds for the published difference"] = [_seeds(n, seeds) if p is not None else "" for n, seeds, p in
-                                                    zip(seeds_for(table, paper, power=power), table["seeds"], paper)]
-    shown["seeds for the observed difference"] = [_seeds(n, seeds) if d != 0 else "" for n, seeds, d in
-                                                  zip(table["seeds_for_observed"], table["seeds"], table["difference"])]
+    shown["seeds for the published difference"] = [
+        _seeds(n, seeds) if p is not None else ""
+        for n, seeds, p in zip(seeds_for(table, paper, power=power), table["seeds"], paper, strict=True)]
+    shown["seeds for the observed difference"] = [
+        _seeds(n, seeds) if d != 0 else ""
+        for n, seeds, d in zip(table["seeds_for_observed"], table["seeds"], table["difference"], strict=True)]
     for points in detect:
         shown[f"seeds to detect {points:g} points"] = [
             _seeds(n, seeds) for n, seeds in zip(seeds_for(table, [points / 100] * len(table), power=power),
-                                                 table["seeds"])]
+                                                 table["seeds"], strict=True)]
     empty = [c for c in ("seeds for the published difference",) if not any(shown[c])]
     return without_empty_paper_columns(shown.drop(columns=empty))
 

@@ -160,7 +160,7 @@ def reduce_metrics(metrics: Mapping[str, float], ranks: Ranks) -> dict[str, floa
                        (dist.ReduceOp.SUM, lambda k: not k.endswith(("_min", "_max")))):
         reduced = values.clone()
         dist.all_reduce(reduced, op=op)
-        for key, value in zip(keys, reduced.tolist()):
+        for key, value in zip(keys, reduced.tolist(), strict=True):
             if select(key):
                 out[key] = value / ranks.world_size if op == dist.ReduceOp.SUM else value
     # Counts that every rank shares (e.g. skipped updates, decided together) stay integers.
