@@ -331,9 +331,9 @@ def whole_batch(run: Run, rollout: Rollout, advantages: torch.Tensor) -> Rollout
     the widths of the widest over all ranks, and the ranks' rows are gathered in rank order. Any rank can then
     compute any row, so micro-batches and ranks are balanced by length (`batch.rank_rows`)."""
     ranks, cfg = run.ranks, run.settings.train
-    prompt_len = distributed.global_max(max(len(p) for p in rollout.prompt_ids), ranks)
-    completion_len = distributed.global_max(max(len(c.token_ids) for group in rollout.completions for c in group),
-                                            ranks)
+    prompt_len, completion_len = distributed.global_max(
+        max(len(p) for p in rollout.prompt_ids),
+        max(len(c.token_ids) for group in rollout.completions for c in group), ranks=ranks)
     batch = build_batch(rollout.prompt_ids, rollout.completions, advantages, run.tokenizer.pad_token_id,
                         untrained_eos=None if cfg.loss_on_eos else run.tokenizer.eos_token_id,
                         prompt_len=prompt_len, completion_len=completion_len).to(run.device)

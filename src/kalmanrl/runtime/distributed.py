@@ -168,13 +168,13 @@ def reduce_metrics(metrics: Mapping[str, float], ranks: Ranks) -> dict[str, floa
             for key, value in out.items()}
 
 
-def global_max(value: int, ranks: Ranks) -> int:
-    """The largest `value` over all ranks."""
+def global_max(*values: int, ranks: Ranks) -> tuple[int, ...]:
+    """The largest of each of `values` over all ranks, in one collective."""
     if not ranks.sharded:
-        return value
-    box = torch.tensor(value, dtype=torch.int64, device=ranks.device)
+        return values
+    box = torch.tensor(values, dtype=torch.int64, device=ranks.device)
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return int(box)
+    return tuple(box.tolist())
 
 
 def gather_rows(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
@@ -219,7 +219,7 @@ def in_step(parts: list, ranks: Ranks, *, stand_in) -> list[tuple[object, bool]]
     """`parts` (e.g. micro-batches) as (part, real) pairs, padded with (`stand_in`, False) to the largest count on any
     rank: a forward of an FSDP model is a collective, so every rank must run as many. The caller discards (or weights
     by 0) what a stand-in computes."""
-    total = global_max(len(parts), ranks)
+    (total,) = global_max(len(parts), ranks=ranks)
     return [(part, True) for part in parts] + [(stand_in, False)] * (total - len(parts))
 
 
