@@ -148,3 +148,13 @@ def test_report_has_the_pooled_rows_only_when_asked(tmp_path):
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("|")]
     assert 'Benchmark "all" pools every benchmark' in markdown and ["m", "t", POOLED, "kpo"] in [c[:4] for c in cells]
     assert "pools every benchmark" not in (tmp_path / "report-False" / "report.md").read_text()
+
+
+def test_the_pooled_rows_come_after_the_benchmarks_they_pool(frames):
+    """"all" sorts before "large" and "small" by name; the tables put it last in its model and task."""
+    summary, details, expected = with_pooled_benchmark(*frames)
+    table = accuracy_table(summary, details, expected, samples=50, confidence=0.95)
+    assert list(dict.fromkeys(table["benchmark"])) == ["large", "small", POOLED]
+    assert table[table["benchmark"] == POOLED]["algorithm"].tolist() == ["sft", "grpo", "kpo"]
+    differences = paired_differences(details, samples=50, confidence=0.95)
+    assert list(dict.fromkeys(differences["benchmark"])) == ["large", "small", POOLED]

@@ -113,7 +113,16 @@ def accuracy_table(summary: pd.DataFrame, details: pd.DataFrame, expected: pd.Da
     table = pd.DataFrame(rows)
     order = {WARM_START: 0, BASELINE: 1}
     rank = table["algorithm"].map(lambda a: f"{order.get(a, 2)}{a}")
-    return table.assign(rank=rank).sort_values([*CELL, "rank"]).drop(columns="rank").reset_index(drop=True)
+    return _in_cell_order(table.assign(rank=rank), "rank").drop(columns="rank")
+
+
+def _in_cell_order(table: pd.DataFrame, *then: str) -> pd.DataFrame:
+    """`table`'s rows by model, task and benchmark, the pooled benchmark after the ones it pools, then by `then`
+    (a stable sort: rows that tie keep their order)."""
+    pooled = table["benchmark"].eq(POOLED)
+    return (table.assign(pooled_last=pooled).sort_values(["model", "task", "pooled_last", "benchmark", *then],
+                                                          kind="stable")
+            .drop(columns="pooled_last").reset_index(drop=True))
 
 
 def comparisons(algorithms: set[str]) -> list[tuple[str, str]]:
@@ -154,7 +163,7 @@ def paired_differences(details: pd.DataFrame, *, samples: int, confidence: float
                          "high": interval.high, "p_value": test.p_value, "tested_problems": test.variance.problems,
                          "ms_seed": test.variance.ms_seed, "ms_problem": test.variance.ms_problem,
                          "ms_residual": test.variance.ms_residual})
-    return pd.DataFrame(rows)
+    return _in_cell_order(pd.DataFrame(rows)) if rows else pd.DataFrame(rows)
 
 
 def grid_variance(row: pd.Series) -> GridVariance:
