@@ -2,7 +2,7 @@
 
     python benchmarks/bench_trl.py [--batches 4] [--rounds 2] [--threads 1] [--algorithm grpo] [--side both]
                                    [--trl-allocator default|kept] [--kalmanrl-dispatch avx2|baseline|native]
-                                   [--kalmanrl-padded]
+                                   [--kalmanrl-padded] [--kalmanrl-profile N]
 
 Builds the default study's tiny model (config/config.yaml: its `tiny` Qwen2 and the `arithmetic_laptop` task, the
 tokenizer trained on the corpus `kalmanrl model` gives it) in a temporary directory. The weights stay random (no
@@ -34,11 +34,16 @@ kalmanrl / TRL of those medians (target: at most 0.6) and, with several rounds, 
 medians: the two sides of a round run about a minute apart, so a load that comes and goes (a shared VM's neighbours)
 moves them together, and the median of the round ratios is the figure to read.
 
+With --kalmanrl-profile N, one more kalmanrl run after the timed rounds (so they are not slowed) runs under
+torch.profiler and prints its N costliest operators by self CPU time (all its batches, warm-up included; with input
+shapes, so the decoding steps' products show apart from the updates'), and the share of the matrix products
+(`aten::mm`, `aten::addmm`, `aten::bmm`): where kalmanrl's time goes, measured rather than estimated.
+
 TRL is optional (`pip install -e '.[bench]'`): without it the script says so and exits with status 3, unless
 --side kalmanrl.
 
-Run as `bench_trl.py worker <side> <directory> <batches> <threads> <algorithm> <allocator> packed|padded` this file
-is the measured process.
+Run as `bench_trl.py worker <side> <directory> <batches> <threads> <algorithm> <allocator> packed|padded <profile>`
+this file is the measured process (<profile>: the operators to list, 0 for a timed run).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 
@@ -102,6 +108,24 @@ def intervals(stamps: list[tuple[float, float]]) -> dict[str, list[float]]:
     """Wall and CPU seconds between consecutive stamps: one entry per rollout batch after the first."""
     return {"batch_s": [b[0] - a[0] for a, b in pairwise(stamps)],
             "batch_cpu_s": [b[1] - a[1] for a, b in pairwise(stamps)]}
+
+
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def profiled(run: Callable[[], dict], rows: int) -> dict:
+    """`run()` under torch.profiler (CPU): its result with the `rows` costliest operators by self CPU time, by input
+    shape, as a table, and the matrix products' share of all operators' self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as trace:
+        result = run()
+    events = trace.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    products = sum(e.self_cpu_time_total for e in events if e.key in MATRIX_PRODUCTS)
+    table = trace.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows,
+                                                                 max_name_column_width=60, max_shapes_column_width=60)
+    return {**result, "profile": table, "matrix_product_share": products / total}
 
 
 def run_kalmanrl(directory: Path, batches: int, threads: int, algorithm: str, packing: bool) -> dict:
@@ -183,7 +207,7 @@ def run_trl(directory: Path, batches: int, threads: int) -> dict:
 
 
 def worker(side: str, directory: Path, batches: int, threads: int, algorithm: str, allocator: str,
-           packing: bool) -> None:
+           packing: bool, profile: int) -> None:
     if side == "kalmanrl":  # what every `kalmanrl` stage command does first, at $KALMANRL_CPU_DISPATCH's level
         from kalmanrl.runtime.cpu import pin_cpu_dispatch
 
@@ -194,19 +218,25 @@ def worker(side: str, directory: Path, batches: int, threads: int, algorithm: st
         keep_freed_memory()
     for run in ("kalmanrl_run", "trl_run"):  # a fresh run each round: kalmanrl would resume a finished one
         shutil.rmtree(directory / run, ignore_errors=True)
-    result = run_kalmanrl(directory, batches, threads, algorithm, packing) if side == "kalmanrl" else \
-        run_trl(directory, batches, threads)
+    if side == "kalmanrl":
+        def run() -> dict:
+            return run_kalmanrl(directory, batches, threads, algorithm, packing)
+
+        result = profiled(run, profile) if profile else run()
+    else:
+        result = run_trl(directory, batches, threads)
     (directory / f"{side}.json").write_text(json.dumps(result))
 
 
 def measure(side: str, directory: Path, batches: int, threads: int, algorithm: str, allocator: str,
-            dispatch: str, packing: bool) -> dict:
+            dispatch: str, packing: bool, profile: int = 0) -> dict:
     """One run of `side` in a fresh process (`threads` torch and OpenMP threads; glibc's malloc as `allocator`;
-    kalmanrl's CPU dispatch pinned at `dispatch`, its micro-batches packed or padded)."""
+    kalmanrl's CPU dispatch pinned at `dispatch`, its micro-batches packed or padded; under torch.profiler, listing
+    `profile` operators, unless 0)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "KALMANRL_CPU_DISPATCH": dispatch}
     command = [sys.executable, str(HERE), "worker", side, str(directory), str(batches), str(threads), algorithm,
-               allocator, "packed" if packing else "padded"]
+               allocator, "packed" if packing else "padded", str(profile)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {side} run failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
@@ -230,6 +260,9 @@ def main() -> None:
                              "about twice the time per matrix product), or native, as TRL runs (nothing pinned)")
     parser.add_argument("--kalmanrl-padded", action="store_true",
                         help="kalmanrl with padded micro-batches (train.packing: false) instead of packed ones")
+    parser.add_argument("--kalmanrl-profile", type=int, default=0, metavar="N",
+                        help="after the timed rounds, one kalmanrl run under torch.profiler: print its N costliest "
+                             "operators and the matrix products' share of its CPU time")
     args = parser.parse_args()
     if args.batches < 2:
         parser.error("--batches must be at least 2: the first batch is warm-up")
@@ -264,6 +297,9 @@ def main() -> None:
                 cpu[side] += result["batch_cpu_s"]
                 tokens[side].append(result["completion_tokens"])
                 phases += [result["phases"]] if side == "kalmanrl" else []
+        if args.kalmanrl_profile:
+            profile = measure("kalmanrl", tmp, args.batches, args.threads, args.algorithm, "kept",
+                              args.kalmanrl_dispatch, not args.kalmanrl_padded, args.kalmanrl_profile)
 
     train = config["train"]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -290,10 +326,14 @@ def main() -> None:
             per_round = [r["kalmanrl"] / r["trl"] for r in rounds]
             print(f"per round (CPU time): {', '.join(f'{x:.2f}' for x in per_round)}; "
                   f"median {statistics.median(per_round):.2f}")
+    if args.kalmanrl_profile:
+        print(f"kalmanrl under torch.profiler ({args.batches} batches, warm-up included): matrix products "
+              f"{profile['matrix_product_share']:.0%} of the operators' self CPU time")
+        print(profile["profile"])
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
     worker(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7],
-           sys.argv[8] == "packed")
+           sys.argv[8] == "packed", int(sys.argv[9]))
 elif __name__ == "__main__":
     main()
