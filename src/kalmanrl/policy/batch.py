@@ -106,8 +106,7 @@ def micro_batches(batch: RolloutBatch, index: torch.Tensor, budget: int, *, pack
       (a row that does not fit starts the next micro-batch), so rows of like length share a micro-batch."""
     if not len(index):
         return []
-    rows, (prompt, completion) = index.tolist(), batch.widths()
-    costs = [p + c for p, c in zip(prompt, completion, strict=True)]  # row_tokens(batch)
+    rows, costs = index.tolist(), row_tokens(batch)
     if packed:
         count = min(len(rows), max(1, math.ceil(sum(costs[r] for r in rows) / budget)))
         while True:
@@ -115,6 +114,7 @@ def micro_batches(batch: RolloutBatch, index: torch.Tensor, budget: int, *, pack
             if all(len(part) == 1 or sum(costs[r] for r in part) <= budget for part in parts):
                 return [torch.tensor(part, dtype=index.dtype, device=index.device) for part in parts]
             count += 1
+    prompt, completion = batch.widths()
     groups: list[list[int]] = []
     widest_prompt = widest_completion = 0
     for row in sorted(rows, key=lambda r: (-costs[r], r)):
