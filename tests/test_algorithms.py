@@ -38,12 +38,16 @@ def grad_of(rho: torch.Tensor, logp: torch.Tensor, upstream: torch.Tensor) -> to
 
 # ---------------------------------------------------------------------------------------------------------- GRPO
 
-def test_grpo_gives_zero_advantage_to_an_all_equal_group():
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_grpo_gives_zero_advantage_to_an_all_equal_group(eps):
+    """Also with eps = 0, where the formula alone would divide 0 by 0."""
     rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
-    advantages = get_advantage_estimator("grpo")(rewards)
+    advantages = get_advantage_estimator("grpo", eps=eps)(rewards)
     assert (advantages[0] == 0).all()
     std = math.sqrt(1 / 3)  # Bessel-corrected std of [0, 1, 0, 1]
-    torch.testing.assert_close(advantages[1], torch.tensor([-0.5, 0.5, -0.5, 0.5], dtype=torch.float64) / (std + 1e-6))
+    torch.testing.assert_close(advantages[1], torch.tensor([-0.5, 0.5, -0.5, 0.5], dtype=torch.float64) / (std + eps))
+    equal = torch.full((2, 4), 0.5, dtype=torch.float64)
+    assert (get_advantage_estimator("grpo", eps=eps, scale="batch")(equal) == 0).all()
 
 
 def test_grpo_scales_by_group_batch_or_not_at_all():

@@ -276,10 +276,14 @@ def test_padded_micro_batches_respect_the_token_budget_and_group_rows_by_length(
 
 
 @pytest.mark.parametrize("empty_row", [False, True])
-@pytest.mark.parametrize("aggregate", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_a_mini_batch_gradient_does_not_depend_on_its_micro_batches(tiny_model_dir, aggregate, empty_row):
+@pytest.mark.parametrize(("surrogate", "aggregate"), [("clipped", "grpo"), ("clipped", "bnpo"),
+                                                      ("clipped", "dr_grpo"), ("clipped", "dapo"),
+                                                      ("geometric_mean", "grpo")])
+def test_a_mini_batch_gradient_does_not_depend_on_its_micro_batches(tiny_model_dir, surrogate, aggregate,
+                                                                    empty_row):
     """The weighted micro-batch losses sum to the whole mini-batch's loss, so the gradient is the same for every
-    split (clipping active, the KL term on), also when a row has no trained token (left out of grpo's mean)."""
+    split (clipping active, the KL term on), also when a row has no trained token (left out of grpo's mean and of a
+    per-sequence surrogate's)."""
     policy, _ = load_policy(tiny_model_dir)
     generator = torch.Generator().manual_seed(0)
 
@@ -296,7 +300,7 @@ def test_a_mini_batch_gradient_does_not_depend_on_its_micro_batches(tiny_model_d
         batch.loss_mask = batch.completion_mask.clone()
         batch.loss_mask[2] = 0
     raw = settings_for("grpo", logit_chunk_tokens=7)
-    raw["algorithm"] = {**raw["algorithm"], "beta": 0.05, "aggregate": aggregate}
+    raw["algorithm"] = {**raw["algorithm"], "beta": 0.05, "aggregate": aggregate, "surrogate": surrogate}
     settings = resolve_train(raw, "cpu", vllm_installed=False)
     mini = torch.tensor([4, 0, 5, 2, 1])
 

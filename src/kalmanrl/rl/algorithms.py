@@ -138,17 +138,17 @@ def grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, scale: str = "g
     """
     if rewards.shape[-1] < 2:
         raise ValueError(f"GRPO needs at least 2 completions per prompt, got {rewards.shape[-1]}")
-    if not eps >= 0:  # 0 is the formula's own bound (a group of equal rewards then gives NaN, which training refuses)
+    if not eps >= 0:
         raise ValueError(f"eps must be >= 0 (a negative eps can cancel the std it is added to), got {eps}")
     rewards = rewards.detach()
     centred = rewards - rewards.mean(-1, keepdim=True)
-    if scale == "group":
-        return centred / (rewards.std(-1, keepdim=True) + eps)
-    if scale == "batch":
-        return centred / (rewards.std() + eps)
     if scale == "none":
         return centred
-    raise ValueError(f"unknown GRPO scale {scale!r}; known: batch, group, none")
+    if scale not in ("group", "batch"):
+        raise ValueError(f"unknown GRPO scale {scale!r}; known: batch, group, none")
+    std = rewards.std(-1, keepdim=True) if scale == "group" else rewards.std()
+    # Equal rewards give A = 0 whatever eps is (0 included); with eps > 0 that is what the formula gives anyway.
+    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
 
 
 @register_advantage_estimator("krpo")
@@ -283,8 +283,13 @@ def _sequence_mean(per_token: torch.Tensor, mask: torch.Tensor, **_) -> torch.Te
     end-of-turn under `loss_on_eos: false`, a row a rollout correction rejected) is left out of the mean, as verl's
     seq-mean-token-mean leaves it (0 when no sequence has one)."""
     lengths = mask.sum(-1)
-    per_sequence = (per_token * mask).sum(-1) / lengths.clamp(min=1)
-    trained = lengths > 0
+    return _mean_over_trained_rows((per_token * mask).sum(-1) / lengths.clamp(min=1), mask)
+
+
+def _mean_over_trained_rows(per_sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of per-sequence values [B] over the rows with a trained token (0 when none has one): the mean that
+    `_share_of_trained_rows` weights micro-batches for."""
+    trained = mask.sum(-1) > 0
     if bool(trained.all()):
         return per_sequence.mean()
     return per_sequence[trained].sum() / trained.sum().clamp(min=1)
@@ -423,7 +428,7 @@ def policy_loss(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                              f"aggregate 'grpo', got {aggregate!r}")
         if weights is not None:
             losses = losses * (weights.detach() * mask).amax(-1)
-        pg_loss = losses.mean()
+        pg_loss = _mean_over_trained_rows(losses, mask)
     else:
         if weights is not None:
             losses = losses * weights.detach()
