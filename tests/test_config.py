@@ -79,6 +79,13 @@ def test_off_policy_ratios_are_refused_with_one_optimiser_step_per_batch(ratio):
     validate_config({"algorithms": {"x": {"ratio": ratio}}, "train": {"mini_batches": 1, "ppo_epochs": 2}})
 
 
+def test_mini_batches_must_divide_the_rollout_batch():
+    """torch.chunk would make fewer or unequal mini-batches, so fewer optimiser steps than the config says."""
+    with pytest.raises(ConfigError, match=r"config\.train\.mini_batches: 5 does not divide .* 12 completions"):
+        validate_config({"train": {"prompts_per_step": 3, "group_size": 4, "mini_batches": 5}})
+    validate_config({"train": {"prompts_per_step": 3, "group_size": 4, "mini_batches": 6}})
+
+
 def test_pass_k_cannot_exceed_k():
     with pytest.raises(ConfigError, match=r"config\.evaluate\.pass_k"):
         validate_config({"evaluate": {"k": 2, "pass_k": [1, 4]}})

@@ -208,6 +208,10 @@ def _check_references(config: dict) -> None:
     if train["keep_every"] % train["checkpoint_every"]:
         raise ConfigError(f"config.train.keep_every: {train['keep_every']} is not a multiple of "
                           f"train.checkpoint_every = {train['checkpoint_every']}")
+    rows = train["prompts_per_step"] * train["group_size"]
+    if rows % train["mini_batches"]:
+        raise ConfigError(f"config.train.mini_batches: {train['mini_batches']} does not divide a rollout batch's "
+                          f"{rows} completions (train.prompts_per_step x train.group_size) into equal mini-batches")
     check_tracker_names("config.train", train)
     for name, algorithm in config["algorithms"].items():
         check_algorithm_names(f"config.algorithms.{name}", algorithm, train)
