@@ -304,6 +304,17 @@ def test_two_ranks_with_dynamic_sampling_keep_the_groups_one_process_keeps(tmp_p
 
 
 @pytest.mark.slow
+def test_two_ranks_scale_grpo_advantages_by_the_whole_batch_like_one_process(tmp_path, tiny_model_dir,
+                                                                          arithmetic_parquet):
+    """GRPO's `scale: batch` divides by the standard deviation of every rank's rewards, not of this rank's."""
+    settings = train_settings(algorithm="grpo", steps=2)
+    settings["algorithm"]["advantage_params"] = {**settings["algorithm"]["advantage_params"], "scale": "batch"}
+    for name, ranks in (("one", 1), ("two", 2)):
+        finished(start_training(tmp_path / name, ranks, tiny_model_dir, arithmetic_parquet, settings), tmp_path / name)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
 def test_two_ranks_train_like_one_under_bf16_autocast_with_a_reference(tmp_path, tiny_model_dir, arithmetic_parquet):
     """autocast_bf16 with beta > 0: N ranks gather the float32 weights and autocast casts the matrix products, as on
     one rank, and the reference is stored as the policy is (FSDP's bf16 parameter cast and a bf16 reference made the

@@ -22,6 +22,7 @@ from kalmanrl.configuration.settings import resolve_gradient_checkpointing, reso
 from kalmanrl.jobs.trainer import (
     NonFiniteLossError,
     _step_problems,
+    check_ranks,
     has_dropout,
     mini_batch_backward,
     mini_batch_schedule,
@@ -36,6 +37,7 @@ from kalmanrl.policy.batch import build_batch, micro_batches
 from kalmanrl.policy.logprobs import token_logprobs
 from kalmanrl.policy.model import load_policy
 from kalmanrl.policy.rollout import Completion
+from kalmanrl.runtime.distributed import Ranks
 
 TIMING = {"wall_time", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward", "time_score",
           "time_update"}
@@ -373,6 +375,16 @@ def test_warmup_in_rollout_batches_and_no_loss_on_eos_train(tmp_path, tiny_model
         "grpo", steps=4, warmup_ratio=0.5, loss_on_eos=False, weight_decay=0.1))
     assert metrics["lr"].tolist() == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
     assert metrics["grad_norm"].notna().all()
+
+
+def test_ranks_that_cannot_share_the_batch_are_refused_before_loading_anything():
+    cfg = resolve_train(settings_for("grpo", prompts_per_step=4, group_size=2, mini_batches=2), "cpu").train
+    check_ranks(cfg, Ranks(rank=1, world_size=4))  # 4 rows per mini-batch, one for each rank
+    with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
+        check_ranks(cfg, Ranks(rank=1, world_size=3))
+    with pytest.raises(ValueError, match="a mini-batch holds 2 completions .* fewer than the 4 ranks"):
+        check_ranks(resolve_train(settings_for("grpo", prompts_per_step=4, group_size=2, mini_batches=4), "cpu").train,
+                    Ranks(rank=1, world_size=4))
 
 
 def test_mini_batches_are_shuffled_per_epoch_or_contiguous_as_verl_cuts_them():

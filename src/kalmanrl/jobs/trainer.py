@@ -2,18 +2,18 @@
 transform and loss knobs, looked up by name in `kalmanrl.rl.algorithms`.
 
 `train` is `setup` then, per rollout batch, the phases of docs/algorithms.md in order, each a function of its own:
-`sample` (prompts -> G completions each), `score_rewards`, advantages, `score_logprobs` (old and reference
+`sample` (prompts -> G completions each), `score_rewards`, `estimate_advantages`, `score_logprobs` (old and reference
 log-probs), `correct` (the rollout correction's weights and mask, when one is chosen), `update` (ppo_epochs x
 mini_batches optimiser steps, so ratios and clipping act off-policy; the first takes its old log-probs from its own
 forward pass, since the policy is still the sampling one), `record` (one metrics row) and `checkpoint`; `finish` writes
 the final policy and the metrics.
 
 One code path for one process and for N ranks under torchrun (`kalmanrl.runtime.distributed`): each rank samples whole
-groups for its share of the step's prompts (so advantages need no communication); the ranks then gather the whole
-rollout batch (`whole_batch`, the one-process batch) and take part in every mini-batch of the one-process schedule
-with a share of its rows balanced by length (`batch.rank_rows`), normalised by the whole mini-batch's rows and tokens;
-the log-probs each rank scores are summed into every rank's batch. Metrics are computed over all ranks, and rank 0
-writes them and the final policy."""
+groups for its share of the step's prompts and estimates their advantages from every rank's rewards (so a batch-wide
+estimator sees the whole batch); the ranks then gather the whole rollout batch (`whole_batch`, the one-process batch)
+and take part in every mini-batch of the one-process schedule with a share of its rows balanced by length
+(`batch.rank_rows`), normalised by the whole mini-batch's rows and tokens; the log-probs each rank scores are summed
+into every rank's batch. Metrics are computed over all ranks, and rank 0 writes them and the final policy."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def _train(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, threa
             clock = [time.perf_counter()]
             rollout, verdicts, rewards, sampling_seconds, drawn = collect(run, step)
             clock.append(clock[0] + sampling_seconds)  # draws interleave sampling and judging: time each apart
-            advantages = run.settings.algorithm.estimator(rewards)
+            advantages = estimate_advantages(run, rewards)
             clock.append(time.perf_counter())
             batch = whole_batch(run, rollout, advantages)
             schedule = mini_batch_schedule(len(batch.advantages), cfg, run.seed, step)
@@ -164,7 +164,7 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     cfg = resolved.train
     torch.manual_seed(resolved.seed)
     torch.set_num_threads(threads)
-    distributed.share(cfg.prompts_per_step, ranks, "train.prompts_per_step")
+    check_ranks(cfg, ranks)
 
     policy, tokenizer = load_policy(policy_dir, device=device, dtype=cfg.precision.weights_dtype)
     if resolved.lora is not None:  # only the adapters train (and reach the optimiser), the base stays frozen
@@ -326,6 +326,14 @@ def score_rewards(run: Run, rollout: Rollout) -> tuple[list, torch.Tensor]:
     return verdicts, rewards
 
 
+def estimate_advantages(run: Run, rewards: torch.Tensor) -> torch.Tensor:
+    """This rank's advantages [n, G], estimated from the whole step's rewards (every rank's groups, in rank order):
+    an estimator that looks past a group (GRPO's `scale: batch`) sees what one process would."""
+    every = distributed.gather_rows(rewards, run.ranks)
+    mine = distributed.share(len(every), run.ranks, "the step's groups")
+    return run.settings.algorithm.estimator(every)[mine.start:mine.stop]
+
+
 def whole_batch(run: Run, rollout: Rollout, advantages: torch.Tensor) -> RolloutBatch:
     """The step's whole rollout batch on every rank, the one-process batch to the bit: each rank builds its rows at
     the widths of the widest over all ranks, and the ranks' rows are gathered in rank order. Any rank can then
@@ -338,6 +346,16 @@ def whole_batch(run: Run, rollout: Rollout, advantages: torch.Tensor) -> Rollout
                         untrained_eos=None if cfg.loss_on_eos else run.tokenizer.eos_token_id,
                         prompt_len=prompt_len, completion_len=completion_len).to(run.device)
     return batch.map_tensors(lambda tensor: distributed.gather_rows(tensor, ranks))
+
+
+def check_ranks(cfg: Train, ranks: Ranks) -> None:
+    """Refuse, before any rank loads a model, a batch the ranks cannot share: the prompts of a step split evenly, and
+    every rank has rows in every mini-batch (a rank with none would report no loss metrics for the step)."""
+    distributed.share(cfg.prompts_per_step, ranks, "train.prompts_per_step")
+    rows = cfg.prompts_per_step * cfg.group_size // cfg.mini_batches
+    if rows < ranks.world_size:
+        raise ValueError(f"a mini-batch holds {rows} completions (train.prompts_per_step x train.group_size / "
+                         f"train.mini_batches), fewer than the {ranks.world_size} ranks: a rank would have none")
 
 
 def mini_batch_schedule(size: int, cfg: Train, seed: int, step: int) -> list[list[torch.Tensor]]:
