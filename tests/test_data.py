@@ -244,6 +244,14 @@ def test_normalized_problems_ignore_spacing_case_dollars_and_final_punctuation(a
     assert normalize_problem(a) == normalize_problem(b)
 
 
+@pytest.mark.parametrize("a, b", [(r"Find \(x\) if \(x+1=2\).", "Find $x$ if $x+1=2$."),
+                                  (r"What is \[1+1\]?", "What is $$1+1$$?"),
+                                  (r"Solve \begin{equation*} x^2=4 \end{equation*}", "Solve $$x^2=4$$"),
+                                  (r"Solve \begin{equation}x^2=4\end{equation}", "Solve $x^2=4$")])
+def test_normalized_problems_ignore_latex_math_delimiters(a, b):
+    assert normalize_problem(a) == normalize_problem(b)
+
+
 def test_normalized_problems_keep_what_changes_the_question():
     assert normalize_problem("What is 2 + 3?") != normalize_problem("What is 2 - 3?")
 

@@ -306,10 +306,15 @@ def build_dataset(spec: Mapping[str, Any], *, local_dir: Path | None, seed: int,
 
 # Decontamination: training problems that also appear in a benchmark are dropped, compared as normalised text.
 
+# Math-mode delimiters: `$`, `$$`, `\(` `\)`, `\[` `\]` and the equation environments' begin and end.
+_MATH_DELIMITERS = re.compile(r"\$|\\[()\[\]]|\\(?:begin|end)\{equation\*?\}")
+
+
 def normalize_problem(text: str) -> str:
-    """A problem's text for duplicate detection: Unicode-normalised, lower case, without whitespace, `$` signs or
-    trailing punctuation, so copies that differ only in spacing or math-mode delimiters compare equal."""
-    text = unicodedata.normalize("NFKC", text).lower().replace("$", "")
+    """A problem's text for duplicate detection: Unicode-normalised, lower case, without whitespace, math-mode
+    delimiters or trailing punctuation, so copies that differ only in spacing or delimiters (`$x$`, `\\(x\\)`)
+    compare equal."""
+    text = _MATH_DELIMITERS.sub("", unicodedata.normalize("NFKC", text).lower())
     return re.sub(r"\s+", "", text).rstrip(".?!:;,")
 
 
