@@ -230,6 +230,21 @@ def test_malformed_row_fails_naming_file_and_line(tmp_path, line, message):
         build({"loader": "arithmetic_file", "params": {"file": "tasks.jsonl"}}, tmp_path)
 
 
+@pytest.mark.parametrize("spec, file, split, record", [
+    ({"loader": "aime24"}, "aime24/test.jsonl", "test", lambda i, n: {"id": i, "problem": f"P{n}", "answer": "1"}),
+    ({"loader": "arithmetic_file", "params": {"file": "tasks.jsonl"}}, "tasks.jsonl", "test",
+     lambda i, n: {"id": i, "question": f"{n} + 1", "answer": str(n + 1), "num_terms": 2, "num_digits": 1}),
+    ({"loader": "hub", "params": {"hub_id": "org/set", "fields": {"id": "k", "problem": "q", "answer": "a"},
+                                  "local_files": {"train": "set.jsonl"}}}, "set.jsonl", "train",
+     lambda i, n: {"k": i, "q": f"P{n}", "a": "1"}),
+])
+def test_a_repeated_id_fails_naming_both_lines(tmp_path, spec, file, split, record):
+    path = write_jsonl(tmp_path / file, [record(7, 0), record(8, 1), record(7, 2)])
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: id '7' is not unique within split {split!r} "
+                                                  f"(first at {path}:1)")):
+        build(spec, tmp_path)
+
+
 def test_missing_local_copy_names_the_path_and_the_switch(tmp_path):
     with pytest.raises(DataError, match=r"math500/test.jsonl: file not found .*data.local_dir or \$KALMANRL_DATA_DIR"):
         build({"loader": "math500"}, tmp_path)
@@ -479,6 +494,8 @@ def test_reading_a_split_the_file_lacks_is_an_error(tmp_path, shared_data):
     (lambda t: t.append_column("reward", pa.array([1.0] * t.num_rows)), "unknown column"),
     (lambda t: t.set_column(t.schema.get_field_index("split"), "split", pa.array(["dev"] * t.num_rows)),
      "column 'split' has \\['dev'\\]"),
+    (lambda t: t.set_column(t.schema.get_field_index("id"), "id", pa.array(["a"] * t.num_rows)),
+     "column 'id' is not unique within a split: id 'a' of split 'test' at rows 0 and 1"),
 ])
 def test_read_checks_the_schema_naming_file_and_column(tmp_path, shared_data, change, message):
     table, _ = build({"loader": "amc23"}, shared_data)

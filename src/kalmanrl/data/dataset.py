@@ -49,8 +49,11 @@ def check_table(table: pa.Table, where: str) -> pa.Table:
     bad_splits = set(table["split"].to_pylist()) - set(SPLITS)
     if bad_splits:
         raise DataError(f"{where}: column 'split' has {sorted(bad_splits)}; allowed: {', '.join(SPLITS)}")
-    if len(set(zip(table["split"].to_pylist(), table["id"].to_pylist(), strict=True))) != table.num_rows:
-        raise DataError(f"{where}: column 'id' is not unique within a split")
+    first: dict[tuple[str, str], int] = {}
+    for index, (split, ident) in enumerate(zip(table["split"].to_pylist(), table["id"].to_pylist(), strict=True)):
+        if first.setdefault((split, ident), index) != index:
+            raise DataError(f"{where}: column 'id' is not unique within a split: id {ident!r} of split {split!r} "
+                            f"at rows {first[split, ident]} and {index}")
     return table
 
 

@@ -50,6 +50,16 @@ def register_loader(name: str) -> Callable[[Loader], Loader]:
 # ---------------------------------------------------------------------------------------------------------------
 # Loaders. Each returns rows of DATASET_SCHEMA (missing optional columns are filled with nulls later).
 
+def _unique_row(seen: dict[tuple[str, str], str], row: dict, where: str) -> dict:
+    """`row`, after checking that no earlier row has its split and id (`seen` maps those to where each was read):
+    where ids come from the data, a repeat then names both rows' file:line (or hub row), not only table rows."""
+    key = (row["split"], row["id"])
+    if key in seen:
+        raise DataError(f"{where}: id {row['id']!r} is not unique within split {row['split']!r} (first at {seen[key]})")
+    seen[key] = where
+    return row
+
+
 @register_loader("arithmetic")
 def load_arithmetic(ctx: LoadContext, *, difficulty: str | None = None, max_terms: int | None = None,
                     max_digits: int | None = None, train_size: int = 20000, test_size: int = 500) -> list[dict]:
@@ -73,7 +83,7 @@ def load_arithmetic_file(ctx: LoadContext, *, file: str = "arithmetic/MathTasks_
                          authors_filter: bool = False) -> list[dict]:
     """A file in the KRPO authors' schema (by default their 20,000-row test set; it has no hub copy). With
     `authors_filter`, keep only what their train.py keeps: len(question) < 128, num_terms <= 5, num_digits <= 5."""
-    rows = []
+    rows, seen = [], {}
     for where, raw in read_jsonl(ctx.local_file(file)):
         for name in ("id", "question", "answer", "num_terms", "num_digits"):
             text_field(raw, name, where)
@@ -83,7 +93,7 @@ def load_arithmetic_file(ctx: LoadContext, *, file: str = "arithmetic/MathTasks_
             raise DataError(f"{where}: num_terms and num_digits must be integers")
         row = _arithmetic_row(raw, split, "arithmetic_file")
         if not authors_filter or (len(row["problem"]) < 128 and row["num_terms"] <= 5 and row["num_digits"] <= 5):
-            rows.append(row)
+            rows.append(_unique_row(seen, row, where))
     return rows
 
 
@@ -95,16 +105,16 @@ def _arithmetic_row(row: Mapping[str, Any], split: str, source: str) -> dict:
 def _benchmark_rows(ctx: LoadContext, name: str, source: Source, *, answer: str, solution: str | None,
                     integer: bool) -> list[dict]:
     """The test split of a benchmark whose rows carry `problem` and a gold answer field (MATH-500, AIME, AMC)."""
-    rows = []
+    rows, seen = [], {}
     for index, (where, raw) in enumerate(iter_rows(ctx, source)):
         gold = number_text(field(raw, answer, where)) if integer else text_field(raw, answer, where).strip()
         if integer and not re.fullmatch(r"-?\d+", gold):
             raise DataError(f"{where}: {name} answer is not an integer: {gold!r}")
         ident = next((raw[k] for k in ("unique_id", "id") if raw.get(k) is not None), index)  # hub columns may be null
-        rows.append({"id": str(ident), "source": name, "split": "test",
-                     "problem": text_field(raw, "problem", where), "answer": require_gold(gold, "field", where),
-                     "solution": raw.get(solution) if solution else None, "subject": raw.get("subject"),
-                     "level": math_level(raw["level"]) if "level" in raw else None})
+        rows.append(_unique_row(seen, {
+            "id": str(ident), "source": name, "split": "test", "problem": text_field(raw, "problem", where),
+            "answer": require_gold(gold, "field", where), "solution": raw.get(solution) if solution else None,
+            "subject": raw.get("subject"), "level": math_level(raw["level"]) if "level" in raw else None}, where))
     return rows
 
 
@@ -192,6 +202,7 @@ def load_math(ctx: LoadContext, *, splits: Iterable[str] = SPLITS, subjects: Ite
                    "problem": text_field(raw, "problem", where),
                    "answer": require_gold(answer, "boxed", where), "solution": solution,
                    "subject": text_field(raw, "type", where), "level": math_level(field(raw, "level", where))}
+            # Ids are left to check_table: openmath reads MATH only for its subjects, whatever its ids.
             if ((wanted_subjects is None or row["subject"] in wanted_subjects)
                     and (wanted_levels is None or row["level"] in wanted_levels)):
                 rows.append(row)
@@ -267,16 +278,16 @@ def load_hub_dataset(ctx: LoadContext, *, hub_id: str, fields: Mapping[str, str]
     splits = dict(splits or {"train": "train"})
     if ctx.offline and not set(splits) <= set(local_files or {}):
         raise DataError(f"hub {hub_id}: offline needs local_files for splits {', '.join(splits)}")
-    rows = []
+    rows, seen = [], {}
     for split, hub_split in splits.items():
         where_from = Source(hub_id, hub_split, (local_files or {}).get(split, ""), hub_configs=(config,))
         for index, (where, raw) in enumerate(iter_rows(ctx, where_from)):
             gold = ANSWER_RULES[answer_rule](text_field(raw, fields["answer"], where))
-            rows.append({"id": text_field(raw, fields["id"], where) if "id" in fields else f"{split}-{index}",
-                         "source": source or hub_id, "split": split,
-                         "problem": text_field(raw, fields["problem"], where),
-                         "answer": require_gold(gold, answer_rule, where),
-                         "solution": text_field(raw, fields["solution"], where) if "solution" in fields else None})
+            rows.append(_unique_row(seen, {
+                "id": text_field(raw, fields["id"], where) if "id" in fields else f"{split}-{index}",
+                "source": source or hub_id, "split": split, "problem": text_field(raw, fields["problem"], where),
+                "answer": require_gold(gold, answer_rule, where),
+                "solution": text_field(raw, fields["solution"], where) if "solution" in fields else None}, where))
     return rows
 
 
