@@ -542,6 +542,13 @@ def test_kpo_benchmark_with_a_non_text_answer_fails_naming_the_row(tmp_path):
         build({"loader": "olympiadbench"}, tmp_path)
 
 
+@pytest.mark.parametrize("name, value", [("solution", ["a"]), ("subject", {"name": "Algebra"})])
+def test_benchmark_with_a_non_text_solution_or_subject_fails_naming_the_row(tmp_path, name, value):
+    write_jsonl(tmp_path / "math500" / "test.jsonl", [{"problem": "P", "answer": "1", name: value}])
+    with pytest.raises(DataError, match=rf"math500/test.jsonl:1: field '{name}' is not text"):
+        build({"loader": "math500"}, tmp_path)
+
+
 KPO_DAPO_ROWS = [
     {"data_source": "math_dapo", "ability": "MATH",
      "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"},

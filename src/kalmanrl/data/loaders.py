@@ -102,6 +102,12 @@ def _arithmetic_row(row: Mapping[str, Any], split: str, source: str) -> dict:
             "answer": str(row["answer"]).strip(), "num_terms": row["num_terms"], "num_digits": row["num_digits"]}
 
 
+def _optional_text(raw: Mapping[str, Any], name: str | None, where: str) -> str | None:
+    """A field that rows may lack or leave null (hub columns) as text, checked as `text_field` checks it; None when
+    `name` is None, the field is absent or null."""
+    return None if name is None or raw.get(name) is None else text_field(raw, name, where)
+
+
 def _benchmark_rows(ctx: LoadContext, name: str, source: Source, *, answer: str, solution: str | None,
                     integer: bool) -> list[dict]:
     """The test split of a benchmark whose rows carry `problem` and a gold answer field (MATH-500, AIME, AMC)."""
@@ -113,8 +119,9 @@ def _benchmark_rows(ctx: LoadContext, name: str, source: Source, *, answer: str,
         ident = next((raw[k] for k in ("unique_id", "id") if raw.get(k) is not None), index)  # hub columns may be null
         rows.append(_unique_row(seen, {
             "id": str(ident), "source": name, "split": "test", "problem": text_field(raw, "problem", where),
-            "answer": require_gold(gold, "field", where), "solution": raw.get(solution) if solution else None,
-            "subject": raw.get("subject"), "level": math_level(raw["level"]) if "level" in raw else None}, where))
+            "answer": require_gold(gold, "field", where), "solution": _optional_text(raw, solution, where),
+            "subject": _optional_text(raw, "subject", where),
+            "level": math_level(raw["level"]) if "level" in raw else None}, where))
     return rows
 
 
