@@ -4,6 +4,7 @@ vLLM (the CPU build here) agreeing with transformers on the same weights, before
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,27 @@ def test_hf_engine_returns_n_completions_with_logprobs_and_finish_reasons(policy
     engine = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
     check_completions(engine.generate(prompts, SamplingConfig(n=4, temperature=1.0, max_tokens=6, seed=3)), tokenizer,
                       n=4, max_tokens=6)
+
+
+def test_hf_stops_on_every_end_id_the_generation_config_lists(policy):
+    """An instruct model lists its end of turn and its end of text in generation_config.eos_token_id, and vLLM stops
+    on each: so does the hf engine, cutting each completion where it first samples one (a row's tokens up to there
+    do not depend on when it stops)."""
+    model, tokenizer, prompts = policy
+    sampling = SamplingConfig(n=8, temperature=1.0, max_tokens=16, seed=1)
+    before = [c for group in HFEngine(model, tokenizer).generate(prompts, sampling) for c in group]
+    end = Counter(t for c in before for t in c.token_ids[:-1]).most_common(1)[0][0]  # sampled mid-completion
+    listed = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end]
+    try:
+        after = [c for group in HFEngine(model, tokenizer).generate(prompts, sampling) for c in group]
+    finally:
+        model.generation_config.eos_token_id = listed
+    assert any(end in c.token_ids[:-1] for c in before)
+    for old, new in zip(before, after, strict=True):
+        cut = next((k + 1 for k, t in enumerate(old.token_ids) if t in (end, tokenizer.eos_token_id)), None)
+        assert new.token_ids == old.token_ids[:cut] and new.logprobs == old.logprobs[:cut]
+        assert new.finish_reason == ("length" if cut is None else "stop")
 
 
 def test_hf_samples_from_the_whole_vocabulary_without_a_hidden_top_k(policy, tiny_model_dir):

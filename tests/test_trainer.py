@@ -358,11 +358,11 @@ def test_the_default_study_keeps_one_micro_batch_per_mini_batch(repo_root, tiny_
         assert rows * (longest + cfg["max_tokens"]) <= cfg["micro_batch_tokens"], (task, longest)
 
 
-def test_an_untrained_final_eos_leaves_the_completion_mask():
-    eos = 9
+def test_an_untrained_final_stop_token_leaves_the_completion_mask():
+    eos, end_of_text = 9, 8
     stopped, cut, early = completion([1, 2, eos]), completion([3, 4, 5]), completion([eos, 6])
-    batch = build_batch([[5], [6]], [[stopped, cut], [early, completion([eos])]], torch.zeros(2, 2), pad_id=0,
-                        untrained_eos=eos)
+    batch = build_batch([[5], [6]], [[stopped, cut], [early, completion([end_of_text])]], torch.zeros(2, 2), pad_id=0,
+                        untrained_stops=(end_of_text, eos))
     assert batch.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 0], [0, 0, 0]]
     assert batch.attention_mask[:, 1:].tolist() == [[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]]
     assert build_batch([[5]], [[stopped]], torch.zeros(1, 1), pad_id=0).completion_mask.tolist() == [[1, 1, 1]]

@@ -45,7 +45,7 @@ from kalmanrl.policy.logprobs import token_logprobs
 from kalmanrl.policy.lora import adapters_disabled, add_adapters, trainable_parameters
 from kalmanrl.policy.model import load_policy
 from kalmanrl.policy.optim import make_rollout_optimizer
-from kalmanrl.policy.rollout import Completion, RolloutEngine, SamplingConfig
+from kalmanrl.policy.rollout import Completion, RolloutEngine, SamplingConfig, stop_token_ids
 from kalmanrl.rl import algorithms
 from kalmanrl.rl.correction import mismatch_metrics
 from kalmanrl.runtime import distributed
@@ -343,7 +343,7 @@ def whole_batch(run: Run, rollout: Rollout, advantages: torch.Tensor) -> Rollout
         max(len(p) for p in rollout.prompt_ids),
         max(len(c.token_ids) for group in rollout.completions for c in group), ranks=ranks)
     batch = build_batch(rollout.prompt_ids, rollout.completions, advantages, run.tokenizer.pad_token_id,
-                        untrained_eos=None if cfg.loss_on_eos else run.tokenizer.eos_token_id,
+                        untrained_stops=() if cfg.loss_on_eos else stop_token_ids(run.policy, run.tokenizer),
                         prompt_len=prompt_len, completion_len=completion_len).to(run.device)
     return batch.map_tensors(lambda tensor: distributed.gather_rows(tensor, ranks))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -129,13 +129,14 @@ def micro_batches(batch: RolloutBatch, index: torch.Tensor, budget: int, *, pack
 
 
 def build_batch(prompt_ids: list[list[int]], completions: list[list[Completion]], advantages: torch.Tensor,
-                pad_id: int, *, untrained_eos: int | None = None, prompt_len: int = 0, completion_len: int = 0
+                pad_id: int, *, untrained_stops: Collection[int] = (), prompt_len: int = 0, completion_len: int = 0
                 ) -> RolloutBatch:
     """Pack prompts [N] and their completions [N][G] into one padded batch of N*G rows (prompt-major order), with
-    the engine's log-prob of every sampled token (`engine_logp`). With `untrained_eos` (an EOS id), a completion's final
-    token equal to it stays an input but leaves the completion mask, so the loss never trains it (the KRPO authors' loss
-    mask, which drops pad = EOS). `prompt_len` and `completion_len`: at least these widths (the widest over all
-    ranks, so that the ranks' batches concatenate into the one-process batch)."""
+    the engine's log-prob of every sampled token (`engine_logp`). With `untrained_stops` (the ids that end a completion,
+    `rollout.stop_token_ids`), a completion's final token among them stays an input but leaves the completion mask, so
+    the loss never trains it (the KRPO authors' loss mask, which drops pad = EOS). `prompt_len` and `completion_len`:
+    at least these widths (the widest over all ranks, so that the ranks' batches concatenate into the one-process
+    batch)."""
     rows = [(p, c.token_ids) for p, group in zip(prompt_ids, completions, strict=True) for c in group]
     prompt_len = max(prompt_len, *(len(p) for p, _ in rows))
     max_completion = max(1, completion_len, *(len(c) for _, c in rows))
@@ -152,9 +153,8 @@ def build_batch(prompt_ids: list[list[int]], completions: list[list[Completion]]
         engine_logp[i, :len(c)] = torch.tensor(completion.logprobs, dtype=torch.float)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     completion_mask = attention[:, prompt_len:].float()
-    if untrained_eos is not None:
-        for i, (_, c) in enumerate(rows):
-            if c and c[-1] == untrained_eos:
-                completion_mask[i, len(c) - 1] = 0
+    for i, (_, c) in enumerate(rows):
+        if c and c[-1] in untrained_stops:
+            completion_mask[i, len(c) - 1] = 0
     return RolloutBatch(ids, attention, positions, completion_mask, prompt_len, advantages.reshape(-1).float(),
                         engine_logp=engine_logp)

@@ -74,6 +74,14 @@ def make_completion(token_ids: list[int], logprobs: list[float], tokenizer, *, s
                       "stop" if stopped else "length")
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
+    """The ids that end a completion: the tokenizer's end of sequence and every id the model's generation config lists
+    (an instruct model lists its end of turn and its end of text there), as vLLM stops on them."""
+    listed = model.generation_config.eos_token_id
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return tuple(sorted({tokenizer.eos_token_id, *listed} - {None}))
+
+
 class RolloutEngine(Protocol):
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         """Outer list: one entry per prompt; inner: its `sampling.n` completions."""
@@ -118,6 +126,7 @@ class HFEngine(_ContextManaged):
     def __init__(self, policy: torch.nn.Module, tokenizer, *, batch_size: int = 256,
                  plain: bool = False) -> None:
         self.policy, self.tokenizer, self.batch_size, self.plain = policy, tokenizer, batch_size, plain
+        self.stops = stop_token_ids(policy, tokenizer)
         # An FSDP-sharded policy gathers each layer with a collective in every forward: all ranks must run the same
         # number of decoding steps, so ranks that finish early keep stepping until every rank is done.
         self.synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -137,7 +146,7 @@ class HFEngine(_ContextManaged):
         """rows: (prompt ids, seed, completion budget). The batch generates to its largest budget and each row is cut
         at its own (a row's tokens do not depend on the others', so the cut equals stopping there)."""
         width = max(len(ids) for ids, _, _ in rows)
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        pad, stops = self.tokenizer.pad_token_id, set(self.stops)
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r, _, _ in rows], device=device)
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r, _, _ in rows], device=device)
         steps = max(budget for _, _, budget in rows)
@@ -150,8 +159,8 @@ class HFEngine(_ContextManaged):
         result = []
         for ids, lps, (_, _, budget) in zip(tokens.tolist(), taken.tolist(), rows, strict=True):
             ids, lps = ids[:budget], lps[:budget]
-            stop = ids.index(eos) + 1 if eos in ids else len(ids)
-            result.append(make_completion(ids[:stop], lps[:stop], self.tokenizer, stopped=eos in ids))
+            end = next((k + 1 for k, token in enumerate(ids) if token in stops), None)
+            result.append(make_completion(ids[:end], lps[:end], self.tokenizer, stopped=end is not None))
         return result
 
     def _sample(self, input_ids: torch.Tensor, attention: torch.Tensor, prompts: list[list[int]], steps: int,
@@ -159,7 +168,7 @@ class HFEngine(_ContextManaged):
         """Sampled tokens [B, t] and the raw logits they were drawn from [B, t, vocab], t <= steps (`generate`
         stops early once every row has ended its turn; tokens after a row's end are not its own)."""
         options = dict(do_sample=False, logits_processor=processors, temperature=None, top_p=None, top_k=None,
-                       eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                       eos_token_id=list(self.stops), pad_token_id=self.tokenizer.pad_token_id,
                        return_dict_in_generate=True, output_logits=True, synced_gpus=self.synced)
         distinct: dict[tuple[int, ...], int] = {}
         row_prompt = [distinct.setdefault(tuple(ids), len(distinct)) for ids in prompts]
