@@ -56,6 +56,17 @@ def test_difference_of_identical_results_is_exactly_zero():
     assert interval.mean == interval.low == interval.high == 0
 
 
+def test_a_difference_is_over_the_cells_both_matrices_have():
+    """One run lacks an easy problem on one seed that the other solved: the difference must not count it for one
+    side only (it would read as a deficit of equal runs)."""
+    m = np.full((2, 10), 0.5)
+    m[:, 0] = 1.0
+    lacking = m.copy()
+    lacking[0, 0] = np.nan
+    interval = bootstrap([lacking, m], samples=200, confidence=0.95)
+    assert interval.mean == interval.low == interval.high == 0
+
+
 # --------------------------------------------------------------------------------------------------- paired test
 def simulate_grid(rng: np.random.Generator, difference: float, *, seeds: int = 3, problems: int = 300, k: int = 4,
                   seed_sd: float = 0.0, problem_sd: float = 0.05, warm_start: bool = False) -> np.ndarray:

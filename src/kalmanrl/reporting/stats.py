@@ -33,8 +33,10 @@ def bootstrap(matrices: list[np.ndarray], *, samples: int, confidence: float, se
     """Hierarchical percentile bootstrap of mean(matrices[0]) - mean(matrices[1]) (or of the mean of a single
     matrix): resample seeds (rows), then problems (columns), both with replacement. Matrices are [S, P] and aligned
     by seed and problem, so one index draw serves both and a difference is paired. NaN (a problem one seed did not
-    evaluate) is skipped."""
+    evaluate) is skipped, in both matrices when either lacks it: both means are then over the same cells."""
     rng = np.random.default_rng(seed)
+    missing = np.logical_or.reduce([np.isnan(m) for m in matrices])
+    matrices = [np.where(missing, np.nan, m) for m in matrices]
     first = matrices[0]
     seeds = rng.integers(first.shape[0], size=(samples, first.shape[0]))
     problems = rng.integers(first.shape[1], size=(samples, first.shape[1]))
