@@ -92,6 +92,22 @@ def test_its_own_class_must_reproduce_its_record_to_the_last_bit(recorded):
                for line in outcomes[0].lines)
 
 
+@pytest.mark.parametrize("changes, reason", [
+    ({"differences": differences(kpo_grpo=(-0.08, 0.01))}, "comparison {'model': 'tiny', 'task': 'a', 'benchmark': "
+                                                           "'b', 'comparison': 'kpo - grpo'}: p_holm = 0.01, "
+                                                           "expected 0.5"),
+    ({"accuracy": accuracy().assign(avg_at_k_low=[0.05, 0.3, 0.2])}, "accuracy {'model': 'tiny', 'task': 'a', "
+                                                                     "'benchmark': 'b', 'algorithm': 'grpo'}: "
+                                                                     "avg_at_k_low = 0.3, expected 0.25"),
+])
+def test_the_same_stages_and_summary_with_other_conclusions_are_not_identical(recorded, changes, reason):
+    """Report code (bootstrap, Holm, alpha) that changes the conclusions leaves every stage and summary row as it
+    was: its own class's record is then not reproduced, and another class's is at most within tolerance."""
+    verdict, outcomes = compare(run(**changes), recorded)
+    assert verdict == DIFFERENT and outcomes[0].lines == [reason]
+    assert compare(run(AMD, **changes), recorded)[0] != IDENTICAL
+
+
 def test_the_first_stage_and_step_where_a_run_departs_is_named(recorded):
     nudged = stages(loss=(2.0, math.nextafter(1.5, 2), 1.25))
     verdict, outcomes = compare(run(stages=nudged), recorded)

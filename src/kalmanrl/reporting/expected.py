@@ -6,8 +6,9 @@ CPU vendor, the CPU dispatch variables in force and the thread counts): every st
 the report's accuracy table (every metric with its bootstrap interval) and comparisons (difference, Holm p-value) -- the
 study's conclusions. A run is
 
-- **identical** when every stage output and summary row equals one record's bit for bit (whichever class it is of:
-  equality with another class's record shows the same bits across machine classes);
+- **identical** when every stage output, summary row, accuracy row and comparison equals one record's bit for bit
+  (whichever class it is of: equality with another class's record shows the same bits across machine classes; the
+  tables too, since other report code can draw other conclusions from the same summary);
 - **different** when a record of its own class exists and it does not reproduce it exactly (a machine class must
   give its own numbers: anything else is a real change), when a stage without float arithmetic (the datasets, the
   tokenizer) differs, when rows are missing, or when it is outside the tolerance below;
@@ -118,13 +119,16 @@ class RunResults:
         machine = {"class": machine_class(self.summary),
                    **{k: _plain(first.get(k)) for k in ("cpu_model", "cpu_isa", "version_torch", "git_commit")},
                    "recorded": datetime.date.today().isoformat()}
+        return {"machine": machine, "stages": [f.as_json() for f in self.stages],
+                "summary": expected_rows(self.summary), **self.conclusions()}
+
+    def conclusions(self) -> dict:
+        """The accuracy table (every metric with its interval) and the comparisons, as a record holds them."""
         accuracy = [c for c in self.accuracy.columns if INTERVAL.match(c)]
         intervals = [f"{c}_{side}" for c in accuracy for side in ("low", "high") if f"{c}_{side}" in self.accuracy]
         intervals += ["confidence"] if "confidence" in self.accuracy else []
         differences = [c for c in ("difference", "low", "high", "p_holm", "alpha") if c in self.differences]
-        return {"machine": machine, "stages": [f.as_json() for f in self.stages],
-                "summary": expected_rows(self.summary),
-                "accuracy": _records(self.accuracy, [*ACCURACY_KEY, *accuracy, *intervals]) if accuracy else [],
+        return {"accuracy": _records(self.accuracy, [*ACCURACY_KEY, *accuracy, *intervals]) if accuracy else [],
                 "differences": _records(self.differences, [*DIFFERENCE_KEY, *differences]) if differences else []}
 
 
@@ -179,6 +183,23 @@ def _same(a, b) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
+def _row_differences(actual: list[dict], expected: list[dict], key: list[str], columns: list[str]) -> list[str]:
+    """Missing or extra rows (by `key`), and each (row, column) of `columns` whose value is not exactly the recorded
+    one."""
+    got = {_ident(row, key): row for row in actual}
+    want = {_ident(row, key): row for row in expected}
+    lines = [f"missing row {dict(zip(key, k, strict=True))}" for k in want if k not in got]
+    lines += [f"unexpected row {dict(zip(key, k, strict=True))}" for k in got if k not in want]
+    for k in want.keys() & got.keys():
+        for column in columns:
+            if column not in got[k]:
+                lines.append(f"{dict(zip(key, k, strict=True))}: column {column} missing from the run")
+            elif not _same(got[k][column], want[k][column]):
+                lines.append(f"{dict(zip(key, k, strict=True))}: {column} = {got[k][column]!r}, "
+                             f"expected {want[k][column]!r}")
+    return sorted(lines)
+
+
 def summary_differences(summary: pd.DataFrame, expected: dict) -> list[str]:
     """Every difference between a run's summary and a record's rows: missing or extra rows, and each (row, column)
     whose value is not exactly the recorded one. Empty when the run reproduces it."""
@@ -186,18 +207,18 @@ def summary_differences(summary: pd.DataFrame, expected: dict) -> list[str]:
     key = expected["key"]
     if actual["key"] != key:
         return [f"key columns differ: run {actual['key']}, expected {key}"]
-    got = {_ident(row, key): row for row in actual["rows"]}
-    want = {_ident(row, key): row for row in expected["rows"]}
-    lines = [f"missing row {dict(zip(key, k, strict=True))}" for k in want if k not in got]
-    lines += [f"unexpected row {dict(zip(key, k, strict=True))}" for k in got if k not in want]
-    for k in want.keys() & got.keys():
-        for column in expected["columns"]:
-            if column not in got[k]:
-                lines.append(f"{dict(zip(key, k, strict=True))}: column {column} missing from the run")
-            elif not _same(got[k][column], want[k][column]):
-                lines.append(f"{dict(zip(key, k, strict=True))}: {column} = {got[k][column]!r}, "
-                             f"expected {want[k][column]!r}")
-    return sorted(lines)
+    return _row_differences(actual["rows"], expected["rows"], key, expected["columns"])
+
+
+def conclusion_differences(run: RunResults, record: dict) -> list[str]:
+    """Every difference between the run's accuracy and comparison tables and a record's, as summary_differences
+    gives them: other report code (bootstrap, Holm, alpha) can conclude otherwise from the same summary."""
+    conclusions = run.conclusions()
+    lines = []
+    for table, key, kind in (("accuracy", ACCURACY_KEY, "accuracy"), ("differences", DIFFERENCE_KEY, "comparison")):
+        columns = [c for c in dict.fromkeys(c for row in record[table] for c in row) if c not in key]
+        lines += [f"{kind} {line}" for line in _row_differences(conclusions[table], record[table], key, columns)]
+    return lines
 
 
 def tolerance_factor(confidence: float, checks: int) -> float:
@@ -275,13 +296,14 @@ def compare_with(run: RunResults, record: dict) -> Outcome:
     departed = departures(run.stages, recorded_stages)
     stage_lines = [line for _, line in departed]
     summary_lines = summary_differences(run.summary, record["summary"])
-    if not stage_lines and not summary_lines:
+    conclusion_lines = conclusion_differences(run, record)
+    if not stage_lines and not summary_lines and not conclusion_lines:
         return Outcome(IDENTICAL, cls)
     departs = [f"departs from it first at {stage_lines[0]}"] if stage_lines else []
     hard = [line for stage, line in departed if stage in EXACT_STAGES or line.endswith(MISSING)]
     hard += [line for line in summary_lines if line.startswith(("missing row", "unexpected row", "key columns"))]
     if machine_class(run.summary) == cls or hard:
-        return Outcome(DIFFERENT, cls, departs + hard + stage_lines[1:] + summary_lines)
+        return Outcome(DIFFERENT, cls, departs + hard + stage_lines[1:] + summary_lines + conclusion_lines)
     lines, largest, where = tolerance_lines(run, record)
     if lines:
         return Outcome(DIFFERENT, cls, departs + lines, largest)
