@@ -143,6 +143,8 @@ def test_a_deficit_recorded_as_not_significant_may_become_significant(recorded):
     ({"differences": differences(kpo_grpo=(0.2, 0.01))}, "kpo - grpo: recorded not significant (-8.0 points, Holm p "
                                                          "0.5), now significant the other way (+20.0 points, p 0.01)"),
     ({"stages": stages(data="d2")}, "data a.parquet: sha256 d2, recorded d1"),
+    ({"summary": summary(AMD).assign(n_problems=5)}, "'algorithm': 'grpo', 'seed': 0, 'step': 2, 'benchmark': 'b'}: "
+                                                     "n_problems = 5, expected 8"),
     ({"accuracy": accuracy().iloc[:2]}, "accuracy tiny/a/b/kpo: missing from the run"),
 ])
 def test_another_machine_class_outside_tolerance_is_different_and_says_why(recorded, changes, reason):

@@ -11,7 +11,8 @@ study's conclusions. A run is
   tables too, since other report code can draw other conclusions from the same summary);
 - **different** when a record of its own class exists and it does not reproduce it exactly (a machine class must
   give its own numbers: anything else is a real change), when a stage without float arithmetic (the datasets, the
-  tokenizer) differs, when rows are missing, or when it is outside the tolerance below;
+  tokenizer) differs, when rows are missing or a summary's counts (problems, k, samples) differ, or when it is
+  outside the tolerance below;
 - **within tolerance** otherwise, when no record of its class exists: against every record, every metric of the
   accuracy table lies within its tolerance of the recorded value, every comparison the record found significant
   (Holm p at most its alpha) is significant with the same sign, and none it found not significant has become
@@ -52,6 +53,9 @@ VALUE = re.compile(r"^(n_problems|k|n_samples|avg_at_k|maj_at_k|mean_length|trun
 # Metrics of the accuracy table that carry an interval (<metric>_low, <metric>_high): kalmanrl.reporting.comparisons.
 INTERVAL = re.compile(r"^(avg_at_k|maj_at_k|mean_length|truncation_rate|pass_at_\d+)$")
 EXACT_STAGES = ("data", "tokenizer")  # integer and text work only: equal on every machine, or a real change
+# Summary columns that count what was evaluated (problems, samples per problem, samples in all), not what was measured
+# (INTERVAL) or on which weights (sha256_model): equal on every machine, or a real change.
+COUNTS = re.compile(r"^(n_problems|k|n_samples)$")
 ACCURACY_KEY = [*CELL, "algorithm"]
 DIFFERENCE_KEY = [*CELL, "comparison"]
 IDENTICAL, WITHIN_TOLERANCE, DIFFERENT = "identical", "within tolerance", "different"
@@ -301,9 +305,11 @@ def compare_with(run: RunResults, record: dict) -> Outcome:
         return Outcome(IDENTICAL, cls)
     departs = [f"departs from it first at {stage_lines[0]}"] if stage_lines else []
     hard = [line for stage, line in departed if stage in EXACT_STAGES or line.endswith(MISSING)]
-    hard += [line for line in summary_lines if line.startswith(("missing row", "unexpected row", "key columns"))]
+    counts = [c for c in record["summary"]["columns"] if COUNTS.match(c)]
+    hard += summary_differences(run.summary, {**record["summary"], "columns": counts})
     if machine_class(run.summary) == cls or hard:
-        return Outcome(DIFFERENT, cls, departs + hard + stage_lines[1:] + summary_lines + conclusion_lines)
+        rest = [line for line in stage_lines[1:] + summary_lines + conclusion_lines if line not in hard]
+        return Outcome(DIFFERENT, cls, departs + hard + rest)
     lines, largest, where = tolerance_lines(run, record)
     if lines:
         return Outcome(DIFFERENT, cls, departs + lines, largest)
