@@ -153,6 +153,27 @@ def test_another_machine_class_outside_tolerance_is_different_and_says_why(recor
     assert any(reason in line for line in outcomes[0].lines), outcomes[0].lines
 
 
+def with_checkpoint(machine: dict, grpo: float) -> pd.DataFrame:
+    """The summary with GRPO's kept checkpoint at step 1 (avg@k `grpo`), which the accuracy table does not hold."""
+    rows = summary(machine)
+    return pd.concat([rows, rows.iloc[[1]].assign(step=pd.array([1], dtype="Int64"), avg_at_k=grpo)],
+                     ignore_index=True)
+
+
+@pytest.mark.parametrize("grpo, verdict", [(0.35, WITHIN_TOLERANCE), (0.99, DIFFERENT)])
+def test_a_kept_checkpoint_is_held_to_its_final_steps_tolerance(tmp_path, grpo, verdict):
+    """Step 1's mean over seeds gets the interval of GRPO's final avg@k ([0.25, 0.45] around 1/3) around its recorded
+    0.3: four checks now, so x1.80 of it."""
+    path = tmp_path / "expected.json"
+    write_expected(run(summary=with_checkpoint(INTEL, 0.3)), path)
+    outcome = compare(run(AMD, summary=with_checkpoint(AMD, grpo), stages=stages(loss=(2.0, 1.5, 1.3))), path)
+    assert outcome[0] == verdict
+    assert outcome[1][0].lines[-1] == ("largest deviation 0.24 of its tolerance (tiny/a/b/grpo at step 1 avg_at_k)"
+                                       if verdict == WITHIN_TOLERANCE else
+                                       "accuracy tiny/a/b/grpo at step 1: avg_at_k 0.99 outside its tolerance around "
+                                       "the recorded 0.3 (interval [0.2167, 0.4167] x 1.80, 4 checks)")
+
+
 def test_series_departure_names_the_first_step_and_value():
     assert series_departure({"loss": [1.0, 2.0]}, {"loss": [1.0, 2.0]}) is None
     assert series_departure({"loss": [1.0, math.nan]}, {"loss": [1.0, math.nan]}) is None

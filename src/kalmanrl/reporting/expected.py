@@ -14,18 +14,25 @@ study's conclusions. A run is
   tokenizer) differs, when rows are missing or a summary's counts (problems, k, samples) differ, or when it is
   outside the tolerance below;
 - **within tolerance** otherwise, when no record of its class exists: against every record, every metric of the
-  accuracy table lies within its tolerance of the recorded value, every comparison the record found significant
-  (Holm p at most its alpha) is significant with the same sign, and none it found not significant has become
-  significant against the way it leaned. Conclusions are one-sided, as the study states them: "A improves on B"
-  (significant) must hold again; "A does not improve on B" (not significant, A - B below 0) is contradicted only by A
-  becoming significantly better, not by its deficit reaching significance, which a comparison near the Holm level
-  does with the last bit of the arithmetic. The sign of a difference the grid cannot tell from zero may change.
+  accuracy table lies within its tolerance of the recorded value, and so does every metric's mean over seeds at each
+  kept checkpoint (below), every comparison the record found significant (Holm p at most its alpha) is significant
+  with the same sign, and none it found not significant has become significant against the way it leaned.
+  Conclusions are one-sided, as the study states them: "A improves on B" (significant) must hold again; "A does not
+  improve on B" (not significant, A - B below 0) is contradicted only by A becoming significantly better, not by its
+  deficit reaching significance, which a comparison near the Holm level does with the last bit of the arithmetic.
+  The sign of a difference the grid cannot tell from zero may change.
 
 A metric's tolerance is its recorded interval widened for two things a change of machine brings (`tolerance_factor`):
 the run's value is a second draw of the same noise, so the two differ by sqrt(2) times one draw's noise, and all the
 metrics are checked at once, so each check gets TOLERANCE_LEVEL / (number of checks) (Bonferroni). A run that
 differs from the record by noise alone is then called different in at most 5% of machine changes; a change of the
 study's code moves its numbers by more, or departs from the record of a machine class that has one.
+
+A kept checkpoint (a summary step before a run's last) has no interval of its own: the accuracy table and its
+bootstrap are of the last step only. Its mean over seeds, compared as the accuracy table's means are, gets the
+interval of its cell and algorithm's last step, that interval's two sides around the checkpoint's recorded mean, each
+metric one more check. The same seeds, problems and samples make its noise close to the last step's (a rate's
+binomial noise moves a little with the rate), and the report's tables, and the records of them, stay as they are.
 
 Provenance (versions, paths, times) is never compared: it says where a run happened, not what it computed.
 """
@@ -258,26 +265,52 @@ def _paired(frame: pd.DataFrame, recorded: list[dict], key: list[str], kind: str
             [f"{kind} {label}: {MISSING}" for label, _, got in pairs if got is None])
 
 
+def _checkpoints(run: RunResults, record: dict) -> dict[tuple, list[tuple[int, dict, dict]]]:
+    """Per cell and algorithm (ACCURACY_KEY): (step, recorded means, the run's means) at each kept checkpoint, a
+    recorded step before its last, where the means are over seeds of every summary metric (None: missing)."""
+    metrics = [c for c in record["summary"]["columns"] if INTERVAL.match(c)]
+
+    def means(rows: pd.DataFrame) -> dict[tuple, dict]:
+        rows = rows.reindex(columns=[*ACCURACY_KEY, "step", *metrics]).astype(dict.fromkeys(metrics, float))
+        return {k: {m: _plain(v) for m, v in values.items()}
+                for k, values in rows.groupby([*ACCURACY_KEY, "step"])[metrics].mean().to_dict("index").items()}
+
+    recorded_rows = pd.DataFrame(record["summary"]["rows"], columns=record["summary"]["key"] + metrics)
+    last = recorded_rows.groupby(ACCURACY_KEY)["step"].max()
+    mine, found = means(run.summary), {}
+    for (*cell, step), recorded in means(recorded_rows).items():
+        if step < last[tuple(cell)]:
+            found.setdefault(tuple(cell), []).append((step, recorded, mine.get((*cell, step), {})))
+    return found
+
+
 def tolerance_lines(run: RunResults, record: dict) -> tuple[list[str], float, str]:
     """The run's metrics outside their tolerance and its changed conclusions (lines), with the largest deviation as
-    a share of its tolerance and where it is."""
+    a share of its tolerance and where it is. A kept checkpoint's mean over seeds has the tolerance of its cell and
+    algorithm's final interval, that interval's sides around the checkpoint's recorded mean (the module docstring)."""
     largest, where = 0.0, ""
     accuracy, lines = _paired(run.accuracy, record["accuracy"], ACCURACY_KEY, "accuracy")
-    checks = sum(len(_checked_metrics(row)) for row in record["accuracy"])
+    checkpoints = _checkpoints(run, record)
+    checks = []  # (where, metric, the run's value, the recorded value and interval, its confidence)
     for label, want, got in accuracy:
-        factor = tolerance_factor(want["confidence"], checks)
         for metric in _checked_metrics(want):
-            value = got.get(metric)
-            if value is None:
-                lines.append(f"accuracy {label}: {metric} {MISSING}")
-                continue
             low, high = want[f"{metric}_low"], want[f"{metric}_high"]
-            deviation = _deviation(value, want[metric], low, high, factor)
-            if deviation > largest:
-                largest, where = deviation, f"{label} {metric}"
-            if deviation > 1:
-                lines.append(f"accuracy {label}: {metric} {value:.4g} outside its tolerance around the recorded "
-                             f"{want[metric]:.4g} (interval [{low:.4g}, {high:.4g}] x {factor:.2f}, {checks} checks)")
+            checks.append((label, metric, got.get(metric), want[metric], low, high, want["confidence"]))
+            for step, recorded, mine in checkpoints.get(_ident(want, ACCURACY_KEY), []):
+                if (value := recorded.get(metric)) is not None:
+                    checks.append((f"{label} at step {step}", metric, mine.get(metric), value,
+                                   value - (want[metric] - low), value + (high - want[metric]), want["confidence"]))
+    for label, metric, value, recorded, low, high, confidence in checks:
+        factor = tolerance_factor(confidence, len(checks))
+        if value is None:
+            lines.append(f"accuracy {label}: {metric} {MISSING}")
+            continue
+        deviation = _deviation(value, recorded, low, high, factor)
+        if deviation > largest:
+            largest, where = deviation, f"{label} {metric}"
+        if deviation > 1:
+            lines.append(f"accuracy {label}: {metric} {value:.4g} outside its tolerance around the recorded "
+                         f"{recorded:.4g} (interval [{low:.4g}, {high:.4g}] x {factor:.2f}, {len(checks)} checks)")
     differences, missing = _paired(run.differences, record["differences"], DIFFERENCE_KEY, "comparison")
     lines += missing
     for label, want, got in differences:
