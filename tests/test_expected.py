@@ -134,6 +134,19 @@ def test_a_deficit_recorded_as_not_significant_may_become_significant(recorded):
     assert compare(other, recorded)[0] == WITHIN_TOLERANCE
 
 
+def test_no_improvement_recorded_with_a_positive_lean_is_contradicted_by_a_significant_one(tmp_path):
+    """"KPO does not improve on GRPO" recorded at +5 points, p 0.5: +20 points at p 0.01 says it does; a deficit
+    reaching significance does not contradict it."""
+    path = tmp_path / "expected.json"
+    write_expected(run(differences=differences(kpo_grpo=(0.05, 0.5))), path)
+    better = run(AMD, stages=stages(loss=(2.0, 1.5, 1.3)), differences=differences(kpo_grpo=(0.2, 0.01)))
+    verdict, outcomes = compare(better, path)
+    assert verdict == DIFFERENT and ("kpo - grpo: recorded not significant (+5.0 points, Holm p 0.5), now a "
+                                     "significant improvement (+20.0 points, p 0.01)") in outcomes[0].lines[-1]
+    worse = run(AMD, stages=stages(loss=(2.0, 1.5, 1.3)), differences=differences(kpo_grpo=(-0.2, 0.01)))
+    assert compare(worse, path)[0] == WITHIN_TOLERANCE
+
+
 @pytest.mark.parametrize("changes, reason", [
     ({"accuracy": accuracy(grpo=0.6)}, "tiny/a/b/grpo: avg_at_k 0.6 outside its tolerance around the recorded 0.3333 "
                                        "(interval [0.25, 0.45] x 1.73, 3 checks)"),
@@ -141,7 +154,7 @@ def test_a_deficit_recorded_as_not_significant_may_become_significant(recorded):
                                                          "0.01), now +20.0 points, p 0.06"),
     ({"differences": differences(grpo_sft=(-0.2, 0.01))}, "grpo - sft: recorded significant"),
     ({"differences": differences(kpo_grpo=(0.2, 0.01))}, "kpo - grpo: recorded not significant (-8.0 points, Holm p "
-                                                         "0.5), now significant the other way (+20.0 points, p 0.01)"),
+                                                         "0.5), now a significant improvement (+20.0 points, p 0.01)"),
     ({"stages": stages(data="d2")}, "data a.parquet: sha256 d2, recorded d1"),
     ({"summary": summary(AMD).assign(n_problems=5)}, "'algorithm': 'grpo', 'seed': 0, 'step': 2, 'benchmark': 'b'}: "
                                                      "n_problems = 5, expected 8"),

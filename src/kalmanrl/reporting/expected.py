@@ -16,9 +16,9 @@ study's conclusions. A run is
 - **within tolerance** otherwise, when no record of its class exists: against every record, every metric of the
   accuracy table lies within its tolerance of the recorded value, and so does every metric's mean over seeds at each
   kept checkpoint (below), every comparison the record found significant (Holm p at most its alpha) is significant
-  with the same sign, and none it found not significant has become significant against the way it leaned.
-  Conclusions are one-sided, as the study states them: "A improves on B" (significant) must hold again; "A does not
-  improve on B" (not significant, A - B below 0) is contradicted only by A becoming significantly better, not by its
+  with the same sign, and none it found not significant has become a significant improvement. Conclusions are
+  one-sided, as the study states them: "A improves on B" (significant) must hold again; "A does not improve on B"
+  (not significant, whichever way A - B leaned) is contradicted only by A becoming significantly better, not by a
   deficit reaching significance, which a comparison near the Holm level does with the last bit of the arithmetic.
   The sign of a difference the grid cannot tell from zero may change.
 
@@ -319,9 +319,9 @@ def tolerance_lines(run: RunResults, record: dict) -> tuple[list[str], float, st
         if significant and not (got["p_holm"] <= alpha and got["difference"] * want["difference"] > 0):
             lines.append(f"comparison {label}: recorded significant ({100 * want['difference']:+.1f} points, Holm p "
                          f"{want['p_holm']:.3g}), now {100 * got['difference']:+.1f} points, p {got['p_holm']:.3g}")
-        elif not significant and got["p_holm"] <= alpha and got["difference"] * want["difference"] <= 0:
+        elif not significant and got["p_holm"] <= alpha and got["difference"] > 0:
             lines.append(f"comparison {label}: recorded not significant ({100 * want['difference']:+.1f} points, "
-                         f"Holm p {want['p_holm']:.3g}), now significant the other way "
+                         f"Holm p {want['p_holm']:.3g}), now a significant improvement "
                          f"({100 * got['difference']:+.1f} points, p {got['p_holm']:.3g})")
     return lines, largest, where
 
