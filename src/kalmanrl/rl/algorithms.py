@@ -297,7 +297,9 @@ def _mean_over_trained_rows(per_sequence: torch.Tensor, mask: torch.Tensor) -> t
 
 @register_aggregate("bnpo", share=lambda mask, mini: mask.sum().item() / max(1, mini.tokens))
 def _token_mean(per_token: torch.Tensor, mask: torch.Tensor, **_) -> torch.Tensor:
-    """The masked token mean of this micro-batch."""
+    """The masked token mean of this micro-batch, weighted (share) into the token mean of the whole mini-batch:
+    `dapo`'s loss. TRL's bnpo averages the micro-batches' means, so it depends on their size; here a micro-batch is
+    a memory budget and no loss may depend on it."""
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
