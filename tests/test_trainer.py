@@ -4,6 +4,7 @@ a killed run resumes to exactly the uninterrupted result, and divergence aborts 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -239,6 +240,18 @@ def test_non_finite_losses_skip_updates_then_abort(tmp_path, tiny_model_dir, ari
     settings = settings_for("grpo", max_nonfinite=1, steps=3, lr=1e30)  # the first step's weights overflow
     with pytest.raises(NonFiniteLossError, match="non-finite losses"):
         train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings)
+
+
+def test_a_non_finite_gradient_of_a_finite_loss_skips_the_update(tmp_path, tiny_model_dir, arithmetic_parquet):
+    run = setup(tiny_model_dir, arithmetic_parquet, tmp_path, settings_for("grpo"), threads=1)
+    before = {n: p.detach().clone() for n, p in run.policy.named_parameters()}
+    with run.engine, run.reward_fn:
+        batch, schedule = rollout_batch(run, 0)
+        score_logprobs(run, batch, schedule[0])
+        run.policy.get_input_embeddings().weight.register_hook(lambda grad: grad * math.inf)
+        stats = update(run, batch, schedule)
+    assert stats["nonfinite_skipped"] == run.settings.train.optimizer_steps and math.isfinite(stats["pg_loss"])
+    assert all(torch.equal(before[n], p) for n, p in run.policy.named_parameters())
 
 
 def test_kpo_with_one_optimiser_step_per_batch_is_refused(tmp_path, tiny_model_dir, arithmetic_parquet):

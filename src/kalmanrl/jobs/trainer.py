@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -58,7 +59,7 @@ __all__ = ["NonFiniteLossError", "RolloutBatch", "build_batch", "token_logprobs"
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many non-finite losses: the run diverged."""
+    """Too many non-finite losses or gradients: the run diverged."""
 
 
 @dataclass
@@ -424,8 +425,8 @@ def batch_logprobs(model, batch: RolloutBatch, minis: list[torch.Tensor], cfg: T
 
 def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) -> dict[str, float]:
     """The optimiser steps of one rollout batch at this batch's learning rate, then the schedule's step; counts
-    skipped non-finite updates and aborts past the limit. With `run.old_from_update` the first mini-batch's forward
-    provides its old log-probs (see `update_policy`)."""
+    skipped updates (a non-finite loss or gradient) and aborts past the limit. With `run.old_from_update` the first
+    mini-batch's forward provides its old log-probs (see `update_policy`)."""
     run.policy.train()
     lr = run.scheduler.get_last_lr()[0]
     stats, skipped = update_policy(run.policy, run.optimizer, batch, schedule, run.settings, run.ranks,
@@ -434,8 +435,8 @@ def update(run: Run, batch: RolloutBatch, schedule: list[list[torch.Tensor]]) ->
     run.nonfinite += skipped
     limit = run.settings.train.max_nonfinite
     if run.nonfinite > limit:
-        raise NonFiniteLossError(f"{run.nonfinite} non-finite losses (train.max_nonfinite = {limit}); lower train.lr "
-                                 "or check the reward scale")
+        raise NonFiniteLossError(f"{run.nonfinite} non-finite losses or gradients (train.max_nonfinite = {limit}); "
+                                 "lower train.lr or check the reward scale")
     return {"lr": lr, "nonfinite_skipped": skipped, "nonfinite_total": run.nonfinite, **stats}
 
 
@@ -515,11 +516,14 @@ def update_policy(policy, optimizer, batch: RolloutBatch, schedule: list[list[to
             losses = mini_batch_backward(policy, batch, mini, settings, sums, ranks=ranks, old_from_forward=first)
             if first:  # each rank wrote the old log-probs of its own rows of the mini-batch (0 in the others')
                 batch.old_logp[mini] = distributed.summed(batch.old_logp[mini], ranks)
-            if not distributed.all_finite(losses, ranks):
+            # A finite loss can still have a non-finite gradient (a bf16 overflow in the backward pass): both skip.
+            norm = distributed.clip_grad_norm(policy, settings.train.max_grad_norm) \
+                if distributed.all_finite(losses, ranks) else math.nan
+            if not math.isfinite(norm):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
-            sums["grad_norm"].append(distributed.clip_grad_norm(policy, settings.train.max_grad_norm))
+            sums["grad_norm"].append(norm)
             sums["loss"].append(distributed.global_sum(sum(x.item() for x in losses), ranks).item())
             optimizer.step()
     return _summarise(sums), skipped
