@@ -251,6 +251,19 @@ def test_k3_kl_is_never_negative(logp, ref, dtype):
     assert (kl >= 0).all()
 
 
+def test_the_kl_term_ignores_padding_whose_log_probs_drifted_far():
+    """exp(ref_logp - logp) overflows float32 past 88: at a padded position that must not make the loss NaN."""
+    logp = torch.tensor([[-1.0, -2.0, -100.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.5, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    rho = torch.ones(1, 3)
+    loss, metrics = policy_loss(rho, torch.ones(1, 3), mask, eps_low=0.2, eps_high=0.2, beta=0.1, logp=logp,
+                                ref_logp=ref)
+    loss.backward()
+    assert math.isfinite(loss.item()) and math.isfinite(metrics["kl"].item())
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
+
+
 def test_unknown_aggregate_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown loss aggregate 'sum' \(known: bnpo, dapo, dr_grpo, grpo\)"):
         policy_loss(RHO, ADV, MASK, eps_low=0.2, eps_high=0.2, aggregate="sum")

@@ -318,10 +318,13 @@ def _sum_over_active_tokens(per_token: torch.Tensor, mask: torch.Tensor, *, num_
     return (per_token * mask).sum() / max(1, num_active_tokens if num_active_tokens is not None else int(mask.sum()))
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Schulman's k3 estimator of KL(pi || ref) per token: exp(d) - d - 1 >= 0 with d = ref_logp - logp, written as
-    expm1(d) - d so rounding cannot make it negative. [B, T]."""
+    expm1(d) - d so rounding cannot make it negative. [B, T]. With `mask`, 0 (and no gradient) outside it: a padded
+    position's log-probs may drift far enough that exp(d) overflows, and inf x 0 would make the loss NaN."""
     d = ref_logp.detach() - logp
+    if mask is not None:
+        d = torch.where(mask.bool(), d, 0.0)
     return torch.expm1(d) - d
 
 
@@ -441,7 +444,7 @@ def policy_loss(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     if beta > 0 and (logp is None or ref_logp is None):
         raise ValueError("policy_loss with beta > 0 needs logp and ref_logp for the k3 KL term")
     if ref_logp is not None and logp is not None:
-        kl = k3_kl(logp, ref_logp)
+        kl = k3_kl(logp, ref_logp, mask)
         metrics["kl"] = _masked_mean(kl.detach(), mask)
         if beta > 0:
             loss = loss + beta * aggregate_loss(kl, mask, aggregate, num_active_tokens=num_active_tokens,
