@@ -21,9 +21,12 @@ def test_pass_at_k_equals_enumerating_every_subset(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
 
 
-def test_pass_at_k_needs_k_samples():
-    with pytest.raises(ValueError, match="needs at least 4 samples"):
-        pass_at_k(3, 1, 4)
+@pytest.mark.parametrize("n,c,k,message", [(3, 1, 4, r"pass@4 needs 1 <= k <= n = 3"),
+                                           (3, 1, 0, r"pass@0 needs 1 <= k <= n = 3"),
+                                           (3, 4, 1, "4 correct of 3 samples"), (3, -1, 1, "-1 correct of 3")])
+def test_pass_at_k_refuses_what_no_sampling_gives(n, c, k, message):
+    with pytest.raises(ValueError, match=message):
+        pass_at_k(n, c, k)
 
 
 def test_majority_vote_ignores_missing_answers_and_breaks_ties_by_first_seen():

@@ -28,8 +28,10 @@ KRPO_PROMPTS_PER_BATCH = 32   # eval.py:278, rollouts_per_step = 32
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), as a stable product."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n = {n} samples")
+    if not 0 <= c <= n:
+        raise ValueError(f"pass@k: {c} correct of {n} samples is impossible")
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
