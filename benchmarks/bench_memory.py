@@ -3,7 +3,7 @@ pass `batch_logprobs` and `update_policy`, float32, AdamW, the default `train.mi
 `train.logit_chunk_tokens`) for tiny Qwen2 models of several sizes and two rollout batch shapes, next to
 `kalmanrl.jobs.plan`'s estimate for the same shapes.
 
-Each case runs in a fresh subprocess: imports, one warm-up step of a 1-layer model on 2 rows (so the code pages of
+Each case runs in a fresh subprocess: imports, one warm-up step of a 1-layer model on 4 rows (so the code pages of
 torch's forward, backward and AdamW kernels, touched once per process, are in the baseline and not counted as step
 memory), a random rollout batch, then the baseline RSS (/proc/self/statm); then the model, its optimiser and two RL
 steps (the second has gradients and AdamW state alive while scoring, as every later step does). Measured = the
@@ -39,6 +39,7 @@ SHAPES = {  # prompts x G rows, prompt and completion lengths (every completion 
     "B": {"prompts_per_step": 8, "group_size": 8, "prompt_len": 32, "completion_len": 128},
 }
 TRAIN = {"mini_batches": 4, "ppo_epochs": 1, "lr": 1e-4}  # everything else: the schema's defaults
+WARM_UP = ({**SIZES["small"], "num_layers": 1}, {**SHAPES["A"], "prompts_per_step": 1, "group_size": 4})  # a row each
 ALGORITHM = {"advantage": "grpo", "ratio": "token"}
 STEPS = 2
 HEAD_MODES = {"score": "scoring (no grad)", "update": "update, one chunk (grad, entropy)",
@@ -114,7 +115,7 @@ def measure(size: str, shape_name: str) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    train_steps({**SIZES["small"], "num_layers": 1}, {**SHAPES["A"], "prompts_per_step": 1, "group_size": 2}, 1)
+    train_steps(*WARM_UP, 1)
     baseline, peak_before = rss_bytes(), peak_rss_bytes()
     train_steps(SIZES[size], SHAPES[shape_name], STEPS)
     peak = peak_rss_bytes()
@@ -151,7 +152,7 @@ def measure_head(mode: str) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    train_steps({**SIZES["small"], "num_layers": 1}, {**SHAPES["A"], "prompts_per_step": 1, "group_size": 2}, 1)
+    train_steps(*WARM_UP, 1)
     spec = {**SIZES["small"], "vocab_size": 32768, "hidden_size": 64, "num_heads": 2, "num_kv_heads": 1,
             "intermediate_size": 64, "num_layers": 1}
     shape = {"prompts_per_step": 1, "group_size": 4, "prompt_len": 8, "completion_len": 256}
