@@ -5,12 +5,14 @@ engine, whose sampling log-probs are the trainer's function (mismatch 0 to float
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import digit_share  # noqa: F401  (registers the "digit_share" reward)
 from kalmanrl.configuration.config import ConfigError, stage_settings, validate_config
+from kalmanrl.jobs.trainer import NonFiniteLossError, correct
 from kalmanrl.rl import algorithms
 from kalmanrl.rl.correction import get_rollout_correction, mismatch_metrics
 
@@ -40,6 +42,22 @@ def test_each_correction_equals_its_hand_computed_weights_and_mask(name, params,
     torch.testing.assert_close(got_weights, torch.tensor(weights), rtol=1e-6, atol=1e-6)
     assert got_mask.tolist() == mask
     assert not got_weights.requires_grad
+
+
+@pytest.mark.parametrize("side", ["old_logp", "engine_logp"])
+def test_a_non_finite_log_prob_of_a_sampled_token_is_refused_not_masked(side):
+    """token_mask would drop the token (NaN lies in no band) and train on the rest as if nothing happened."""
+    old, engine = logps()
+    batch = SimpleNamespace(old_logp=old, engine_logp=engine, completion_mask=MASK)
+    getattr(batch, side)[0, 1] = math.nan
+    run = SimpleNamespace(settings=SimpleNamespace(algorithm=SimpleNamespace(correction=get_rollout_correction(
+        "token_mask"))))
+    with pytest.raises(NonFiniteLossError, match="1 non-finite old or engine log-probs of sampled tokens"):
+        correct(run, batch)
+    getattr(batch, side)[0, 1] = 0.0
+    getattr(batch, side)[1, 3] = math.nan  # padding: not a sampled token
+    correct(run, batch)
+    assert batch.loss_mask[1, 3] == 0
 
 
 def test_the_mismatch_metrics_follow_their_definitions():

@@ -393,6 +393,11 @@ def correct(run: Run, batch: RolloutBatch) -> None:
     engine's log-probs of the whole batch (every rank alike); nothing under `none` and `bypass`."""
     correction = run.settings.algorithm.correction
     if correction.weighs:
+        sampled = batch.completion_mask.bool()
+        bad = sum(int((~torch.isfinite(logp[sampled])).sum()) for logp in (batch.old_logp, batch.engine_logp))
+        if bad:  # a mask would drop such tokens silently, a weight would carry NaN into the loss
+            raise NonFiniteLossError(f"{bad} non-finite old or engine log-probs of sampled tokens: the policy or the "
+                                     f"rollout engine diverged; correction {correction.name!r} cannot weigh them")
         batch.weights, batch.loss_mask = correction.apply(batch.old_logp, batch.engine_logp, batch.completion_mask)
 
 
