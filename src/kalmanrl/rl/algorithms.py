@@ -283,13 +283,12 @@ def _sequence_mean(per_token: torch.Tensor, mask: torch.Tensor, **_) -> torch.Te
     end-of-turn under `loss_on_eos: false`, a row a rollout correction rejected) is left out of the mean, as verl's
     seq-mean-token-mean leaves it (0 when no sequence has one)."""
     lengths = mask.sum(-1)
-    return _mean_over_trained_rows((per_token * mask).sum(-1) / lengths.clamp(min=1), mask)
+    return _mean_over_trained_rows((per_token * mask).sum(-1) / lengths.clamp(min=1), lengths > 0)
 
 
-def _mean_over_trained_rows(per_sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mean of per-sequence values [B] over the rows with a trained token (0 when none has one): the mean that
-    `_share_of_trained_rows` weights micro-batches for."""
-    trained = mask.sum(-1) > 0
+def _mean_over_trained_rows(per_sequence: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    """The mean of per-sequence values [B] over the rows with a trained token (`trained` [B]; 0 when none has one):
+    the mean that `_share_of_trained_rows` weights micro-batches for."""
     if bool(trained.all()):
         return per_sequence.mean()
     return per_sequence[trained].sum() / trained.sum().clamp(min=1)
@@ -433,7 +432,7 @@ def policy_loss(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                              f"aggregate 'grpo', got {aggregate!r}")
         if weights is not None:
             losses = losses * (weights.detach() * mask).amax(-1)
-        pg_loss = _mean_over_trained_rows(losses, mask)
+        pg_loss = _mean_over_trained_rows(losses, mask.sum(-1) > 0)
     else:
         if weights is not None:
             losses = losses * weights.detach()
