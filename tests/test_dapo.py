@@ -1,6 +1,6 @@
 """DAPO's two sampling-side rules (arXiv 2503.14476): the soft overlong penalty against its definition, and dynamic
-sampling in a real run: groups whose rewards are all equal are dropped and counted, every kept group has unequal
-rewards, and a step that cannot fill its batch stops the run naming the setting."""
+sampling in a real run: groups that do not vary (in accuracy, as DAPO's recipe, or in reward) are dropped and
+counted, every kept group varies, and a step that cannot fill its batch stops the run naming the setting."""
 
 from __future__ import annotations
 
@@ -76,6 +76,33 @@ def test_a_step_that_cannot_fill_its_batch_stops_the_run_naming_the_setting(tmp_
     with pytest.raises(RuntimeError, match=r"0 of 8 groups .* algorithms\.dapo\.dynamic_sampling\.max_draws = 2"):
         train(tiny_model_dir, arithmetic_parquet, tmp_path,
               settings=settings("test_zero", dynamic_sampling={"enabled": True, "max_draws": 2}))
+
+
+def test_dynamic_sampling_reads_accuracy_as_dapos_recipe_does_or_the_rewards_when_asked():
+    """A group all wrong whose rewards differ (a format bonus, the overlong penalty) carries no accuracy signal: DAPO's
+    recipe (verl's filter_groups.metric acc) drops it, metric "reward" keeps it."""
+    from kalmanrl.jobs.trainer import varies
+
+    wrong, right = Verdict(0.1, False, None), Verdict(1.0, True, "1")
+    verdicts = [wrong, Verdict(0.0, False, None), right, Verdict(0.0, False, None), right, right]
+    rewards = torch.tensor([[0.1, 0.0], [1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    assert varies(verdicts, rewards, "accuracy").tolist() == [False, True, False]
+    assert varies(verdicts, rewards, "reward").tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="'acc' is neither"):
+        varies(verdicts, rewards, "acc")
+
+
+def test_a_run_whose_rewards_vary_but_never_its_accuracy_trains_only_on_metric_reward(tmp_path, tiny_model_dir,
+                                                                                      arithmetic_parquet):
+    """digit_share's rewards vary from completion to completion while every verdict is wrong."""
+    from kalmanrl.jobs.trainer import train
+
+    with pytest.raises(RuntimeError, match=r"0 of 8 groups drawn varied in their accuracy"):
+        train(tiny_model_dir, arithmetic_parquet, tmp_path / "accuracy",
+              settings=settings("digit_share", steps=1, dynamic_sampling={"enabled": True, "max_draws": 2}))
+    metrics = train(tiny_model_dir, arithmetic_parquet, tmp_path / "reward", settings=settings(
+        "digit_share", steps=1, dynamic_sampling={"enabled": True, "max_draws": 8, "metric": "reward"}))
+    assert (metrics["ds_groups_varied"] >= 4).all()
 
 
 def test_the_overlong_penalty_is_taken_off_each_completions_reward():

@@ -79,10 +79,12 @@ class OverlongBuffer:
 
 @dataclass(frozen=True)
 class DynamicSampling:
-    """algorithms.<name>.dynamic_sampling: draw again until a step has prompts_per_step groups with unequal rewards."""
+    """algorithms.<name>.dynamic_sampling: draw again until a step has prompts_per_step groups that vary in `metric`
+    ("accuracy" or "reward")."""
 
     enabled: bool
     max_draws: int
+    metric: str
 
 
 @dataclass(frozen=True)

@@ -228,7 +228,7 @@ def has_dropout(model: torch.nn.Module) -> bool:
 def collect(run: Run, step: int) -> tuple[Rollout, list, torch.Tensor, float, dict[str, int]]:
     """This rank's groups of the step with their verdicts and rewards [N, G], the seconds spent sampling, and the
     dynamic-sampling counts (none without it). With the algorithm's dynamic_sampling, draws of prompts_per_step prompts
-    are sampled and judged until prompts_per_step groups with unequal rewards are in hand over all ranks; the first of
+    are sampled and judged until prompts_per_step groups that vary (`varies`) are in hand over all ranks; the first of
     them in drawing order (draw, then prompt) are the step's batch, so N ranks train on the one-process batch."""
     cfg, dynamic, ranks = run.settings.train, run.settings.algorithm.dynamic_sampling, run.ranks
     draws, seconds, varied = [], 0.0, 0
@@ -239,16 +239,17 @@ def collect(run: Run, step: int) -> tuple[Rollout, list, torch.Tensor, float, di
         verdicts, rewards = score_rewards(run, rollout)
         if not dynamic.enabled:
             return rollout, verdicts, rewards, seconds, {}
-        draws.append((rollout, verdicts, rewards))
-        varied += int(distributed.global_sum((rewards.std(-1) > 0).sum(), ranks).item())
+        varying = varies(verdicts, rewards, dynamic.metric)
+        draws.append((rollout, verdicts, rewards, varying))
+        varied += int(distributed.global_sum(varying.sum(), ranks).item())
         if varied >= cfg.prompts_per_step:
             break
     else:
-        key = f"algorithms.{run.settings.ident['algorithm']}.dynamic_sampling.max_draws"
-        raise RuntimeError(f"step {step + 1}: {varied} of {len(draws) * cfg.prompts_per_step} groups drawn had "
-                           f"unequal rewards, fewer than train.prompts_per_step = {cfg.prompts_per_step} after {key} = "
-                           f"{len(draws)} draws: raise it, or train on problems the policy sometimes solves and "
-                           "sometimes not")
+        key = f"algorithms.{run.settings.ident['algorithm']}.dynamic_sampling"
+        raise RuntimeError(f"step {step + 1}: {varied} of {len(draws) * cfg.prompts_per_step} groups drawn varied "
+                           f"in their {dynamic.metric}, fewer than train.prompts_per_step = {cfg.prompts_per_step} "
+                           f"after {key}.max_draws = {len(draws)} draws: raise it, or train on problems the policy "
+                           "sometimes solves and sometimes not")
     kept = _kept_groups(draws, cfg.prompts_per_step, ranks)
     rollout = Rollout(run.problems.iloc[[g.position for g in kept]], [g.prompt_ids for g in kept],
                       [g.completions for g in kept])
@@ -266,15 +267,28 @@ class Group(NamedTuple):
     rewards: torch.Tensor  # [G]
 
 
-def _kept_groups(draws: list[tuple[Rollout, list, torch.Tensor]], needed: int, ranks: Ranks) -> list[Group]:
-    """This rank's share of the first `needed` groups with unequal rewards over all ranks' draws, in drawing order
-    (draw, then prompt, which is rank order within a draw): the groups the one-process run keeps, split evenly."""
+def varies(verdicts: list, rewards: torch.Tensor, metric: str) -> torch.Tensor:
+    """[N]: whether each group's accuracies (right or wrong, DAPO's recipe) or rewards (after the overlong penalty)
+    are not all equal: the groups dynamic sampling keeps."""
+    if metric == "accuracy":
+        values = torch.tensor([v.correct for v in verdicts], dtype=torch.float64).view_as(rewards)
+    elif metric == "reward":
+        values = rewards
+    else:
+        raise ValueError(f"dynamic_sampling.metric: {metric!r} is neither 'accuracy' nor 'reward'")
+    return (values != values[:, :1]).any(-1)
+
+
+def _kept_groups(draws: list[tuple[Rollout, list, torch.Tensor, torch.Tensor]], needed: int, ranks: Ranks
+                 ) -> list[Group]:
+    """This rank's share of the first `needed` groups that vary over all ranks' draws, in drawing order (draw, then
+    prompt, which is rank order within a draw): the groups the one-process run keeps, split evenly."""
     size = draws[0][2].shape[1]
     first = distributed.share(needed, ranks, "train.prompts_per_step").start  # this rank's first prompt of a draw
     mine = [((draw, first + i), Group(int(position), rollout.prompt_ids[i], rollout.completions[i],
                                       verdicts[i * size:(i + 1) * size], rewards[i]))
-            for draw, (rollout, verdicts, rewards) in enumerate(draws)
-            for i, position in enumerate(rollout.problems.index) if rewards[i].std() > 0]
+            for draw, (rollout, verdicts, rewards, varying) in enumerate(draws)
+            for i, position in enumerate(rollout.problems.index) if varying[i]]
     everyone = sorted((item for part in distributed.gather_objects(mine, ranks) for item in part),
                       key=lambda item: item[0])
     share = distributed.share(needed, ranks, "train.prompts_per_step")
