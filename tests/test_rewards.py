@@ -220,6 +220,8 @@ CASES = [
     ("42", r"Thus the answer is $\frac{84}{2}$.", True),
     ("72", "She sold 48 + 24 = 72 clips.\n#### 72", True),
     ("42", "I do not know.", False),
+    ("42", r"\boxed{42}. Let me check again: \boxed{", False),  # the last box is cut off: no answer
+    ("42", r"\boxed{42}, so \boxed{}", False),                   # the last box is empty: no answer
 ]
 
 

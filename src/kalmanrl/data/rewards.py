@@ -268,7 +268,8 @@ class MathVerify(RewardFunction):
     The answer is the content of the last `\boxed{}` (the MATH convention); when the last `max_chars` characters
     hold several boxes, math-verify sees all of them (it reads `\boxed{1} and \boxed{2}` as one answer). A
     completion without a box is handed to math-verify's own extraction (final-answer phrases, LaTeX environments,
-    plain numbers) on its last `max_chars` characters, which covers GSM8K-style endings. Golds are parsed as
+    plain numbers) on its last `max_chars` characters, which covers GSM8K-style endings; one whose last box is left
+    open (cut off at max_tokens) or empty has no answer and scores 0. Golds are parsed as
     `\boxed{gold}` unless they hold an unescaped `$` or `\boxed`. Answers equal up to spacing and \dfrac/\tfrac, or
     literal numbers (integers, fractions, decimals) with the same value, are settled without parsing. The format
     bonus goes to completions with a closed `\boxed{}`.
@@ -294,7 +295,9 @@ class MathVerify(RewardFunction):
         window = completion[-self.max_chars:]
         answer = last_boxed(completion, strict=self.require_box)
         if answer is None:
-            if self.require_box:
+            # A last box left open (a truncated completion) or empty is no answer, as MATH's and verl's readers of
+            # the last box hold: math-verify's fallback would credit an earlier box the completion went past.
+            if self.require_box or "\\boxed" in completion or "\\fbox" in completion:
                 return Verdict(0.0, False, None)
             return Check((gold, window), None, False)
         if len(answer) > self.max_chars:
