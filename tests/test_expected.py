@@ -92,6 +92,16 @@ def test_its_own_class_must_reproduce_its_record_to_the_last_bit(recorded):
                for line in outcomes[0].lines)
 
 
+@pytest.mark.parametrize("column", ["verl_best_at_4", "krpo_summed_reward"])
+def test_the_papers_own_scores_are_recorded_and_compared_too(tmp_path, column):
+    """A config's `extra_metrics` (the authors' scores the report sets beside the papers' numbers)."""
+    path = tmp_path / "expected.json"
+    write_expected(run(summary=summary().assign(**{column: [0.5, 0.75, 0.625]})), path)
+    verdict, outcomes = compare(run(summary=summary().assign(**{column: [0.5, 0.75, 0.5]})), path)
+    assert verdict == DIFFERENT
+    assert any(f"{column} = 0.5, expected 0.625" in line for line in outcomes[0].lines), outcomes[0].lines
+
+
 @pytest.mark.parametrize("changes, reason", [
     ({"differences": differences(kpo_grpo=(-0.08, 0.01))}, "comparison {'model': 'tiny', 'task': 'a', 'benchmark': "
                                                            "'b', 'comparison': 'kpo - grpo'}: p_holm = 0.01, "

@@ -56,7 +56,9 @@ from kalmanrl.reporting.results import CELL
 
 FORMAT = 2
 KEY = ("model", "task", "algorithm", "seed", "step", "benchmark")
-VALUE = re.compile(r"^(n_problems|k|n_samples|avg_at_k|maj_at_k|mean_length|truncation_rate|pass_at_\d+|sha256_model)$")
+# The summary's measured columns: the metrics, the papers' own scores (config `extra_metrics`) and the weights' hash.
+VALUE = re.compile(r"^(n_problems|k|n_samples|avg_at_k|maj_at_k|mean_length|truncation_rate|pass_at_\d+|"
+                   r"verl_best_at_\d+|krpo_summed_reward|sha256_model)$")
 # Metrics of the accuracy table that carry an interval (<metric>_low, <metric>_high): kalmanrl.reporting.comparisons.
 INTERVAL = re.compile(r"^(avg_at_k|maj_at_k|mean_length|truncation_rate|pass_at_\d+)$")
 EXACT_STAGES = ("data", "tokenizer")  # integer and text work only: equal on every machine, or a real change
