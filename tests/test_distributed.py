@@ -374,6 +374,56 @@ def test_two_ranks_with_their_own_vllm_engines_train_like_one(tmp_path, tiny_mod
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
+# --- shared_atomic_dir: a failure on one rank ----------------------------------------------------------------------
+
+ATOMIC_TIMEOUT_S = 20  # the workers' process-group timeout: an unfixed wait at a barrier ends after this, not 30 min
+
+
+def atomic_dir_worker(out: Path, failing: int) -> None:
+    """Every rank writes a file into a `shared_atomic_dir` (out/target); rank `failing` raises in the block. Each rank
+    records what it raised and after how long, then waits for the other's record before it leaves: it stays in the
+    job, as a rank that handles the error would, so a crash cannot free the other early. The failing rank raises once
+the other has written its file, so that it is the wait after the block that is tested."""
+    from kalmanrl.runtime.distributed import close_ranks, init_ranks, shared_atomic_dir
+
+    ranks = init_ranks(timeout_minutes=ATOMIC_TIMEOUT_S / 60)
+    start = time.monotonic()
+    outcome: dict = {"type": None}
+    try:
+        with shared_atomic_dir(out / "target", ranks) as tmp:
+            (tmp / f"rank{ranks.rank}").write_text("written")
+            if ranks.rank == failing:  # once the other rank has written (and waits after the block)
+                while len(list(tmp.glob("rank*"))) < ranks.world_size and time.monotonic() < start + 10:
+                    time.sleep(0.05)
+                raise OSError(f"rank {failing} cannot write")
+    except Exception as error:
+        outcome = {"type": type(error).__name__, "message": str(error)}
+    outcome["seconds"] = time.monotonic() - start
+    (out / f"rank{ranks.rank}.json").write_text(json.dumps(outcome))
+    deadline = time.monotonic() + 3 * ATOMIC_TIMEOUT_S
+    while len(list(out.glob("rank*.json"))) < ranks.world_size and time.monotonic() < deadline:
+        time.sleep(0.05)
+    close_ranks(ranks)
+
+
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_rank_failing_in_a_shared_atomic_dir_fails_every_rank_promptly_and_leaves_nothing(tmp_path, failing):
+    """The failing rank raises its own error, the other an error naming it and the directory, both within seconds
+    (not after the process group's timeout), and neither the directory nor rank 0's temporary one remains."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE),
+               "atomic_dir", str(tmp_path), str(failing)]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=6 * ATOMIC_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    own, other = outcomes[failing], outcomes[1 - failing]
+    assert own["type"] == "OSError" and own["message"] == f"rank {failing} cannot write"
+    assert other["type"] == "RuntimeError", other
+    assert f"rank {failing}" in other["message"] and str(tmp_path / "target") in other["message"], other
+    assert all(outcome["seconds"] < ATOMIC_TIMEOUT_S / 2 for outcome in outcomes), outcomes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank1.json"]
+
+
 def train_worker(settings: Path, model: Path, data: Path, out: Path) -> None:
     sys.path.insert(0, str(HERE.parent))
     import digit_share  # noqa: F401,F811  (registers the "digit_share" reward in this worker process)
@@ -385,6 +435,8 @@ def train_worker(settings: Path, model: Path, data: Path, out: Path) -> None:
 
 if __name__ == "__main__" and sys.argv[1] == "train":
     train_worker(*map(Path, sys.argv[2:6]))
+elif __name__ == "__main__" and sys.argv[1] == "atomic_dir":
+    atomic_dir_worker(Path(sys.argv[2]), int(sys.argv[3]))
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)

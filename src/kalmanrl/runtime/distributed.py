@@ -248,14 +248,56 @@ def full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 @contextlib.contextmanager
 def shared_atomic_dir(path: Path, ranks: Ranks) -> Iterator[Path]:
     """`kalmanrl.core.io.atomic_path` for a directory every rank writes into: rank 0 makes the temporary sibling and
-    renames it to `path` once all ranks have left the block."""
+    renames it to `path` once every rank has left the block without an error.
+
+    After the block the ranks agree on the outcome (one all_gather, instead of a bare barrier that would keep the
+    others waiting for the process group's timeout, 30 minutes, when one rank raised): if any rank raised, the
+    failing ranks re-raise their own errors, every other rank raises one naming the failing ranks and `path`, and
+    rank 0 removes the temporary directory, so a failed job ends promptly and leaves no half-written `path`. A
+    failed rename is broadcast in the same way. A rank that fails inside a collective of the block (e.g. a DCP
+    save) still leaves the others waiting in that collective. One process: `atomic_path` itself."""
     from kalmanrl.core.io import atomic_path
 
-    with atomic_path(path, directory=True) if ranks.is_main else contextlib.nullcontext() as tmp:
-        tmp = Path(broadcast_object(str(tmp) if ranks.is_main else None, ranks))
-        yield tmp
-        barrier(ranks)
-    barrier(ranks)
+    if not ranks.sharded:
+        with atomic_path(path, directory=True) as tmp:
+            yield tmp
+        return
+    agreed = False
+    try:
+        with atomic_path(path, directory=True) if ranks.is_main else contextlib.nullcontext() as tmp:
+            tmp = Path(broadcast_object(str(tmp) if ranks.is_main else None, ranks))
+            try:
+                yield tmp
+            except BaseException as error:
+                _raise_if_another_rank_failed(path, ranks, error)
+                raise
+            _raise_if_another_rank_failed(path, ranks, None)
+            agreed = True
+    except BaseException as error:
+        if not agreed:
+            raise
+        renamed = error  # only rank 0 renames
+    else:
+        renamed = None
+    failure = broadcast_object(None if renamed is None else _describe(renamed), ranks)
+    if renamed is not None:
+        raise renamed
+    if failure is not None:
+        raise RuntimeError(f"rank 0 could not move the directory the ranks wrote into place at {path}: {failure}")
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:1000]
+
+
+def _raise_if_another_rank_failed(path: Path, ranks: Ranks, error: BaseException | None) -> None:
+    """Every rank's outcome of a `shared_atomic_dir` block (`error`, or None) on every rank; a rank that succeeded
+    raises when another failed. A rank that failed returns, to re-raise its own error."""
+    errors = gather_objects(None if error is None else _describe(error), ranks)
+    failed = [rank for rank, message in enumerate(errors) if message is not None]
+    if failed and error is None:
+        raise RuntimeError(f"rank(s) {', '.join(map(str, failed))} failed writing {path}, so no rank keeps it: "
+                           + "; ".join(f"rank {rank}: {errors[rank]}" for rank in failed))
 
 
 def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
