@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -71,7 +74,7 @@ def test_the_model_directory_holds_only_the_model_and_older_kept_checkpoints_onl
     newest, kept = tmp_path / "step_000003", tmp_path / "step_000002"
     assert sorted(p.name for p in newest.iterdir()) == ["state", "trainer_state.json"]  # not kept: no model/
     assert {p.name for p in checkpoint_state_dir(newest).iterdir()} == {
-        "sharded", "rng.safetensors", "metrics.parquet", "resume.json"}
+        "sharded", "rng.rank0.safetensors", "metrics.parquet", "resume.json"}
     assert sorted(p.name for p in kept.iterdir()) == ["model", "trainer_state.json"]  # weights only
     save(tmp_path, 4, *model, keep_every=2)
     newest_kept = tmp_path / "step_000004"
@@ -115,6 +118,26 @@ def test_a_resume_restores_full_precision_weights_optimizer_and_rng_from_a_bfloa
     for name, value in again.state_dict().items():
         assert torch.equal(value, expected[name]), name
 
+
+
+def test_a_checkpoint_from_before_per_rank_random_streams_still_resumes(tiny_model_dir, tmp_path):
+    """Older checkpoints hold rank 0's torch generators in rng.safetensors and the Python and NumPy states in
+    resume.json; a 1-rank run restores them as before, and draws on as the run that saved it."""
+    policy, tokenizer, optimizer, scheduler = trained(tiny_model_dir)
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    checkpoint = save(tmp_path, 1, policy, tokenizer, optimizer, scheduler)
+    expected = torch.rand(4), random.random(), np.random.rand()
+    state = checkpoint_state_dir(checkpoint)
+    with safe_open(state / "rng.rank0.safetensors", framework="pt") as stored:
+        metadata = stored.metadata()
+    (state / "rng.rank0.safetensors").rename(state / "rng.safetensors")
+    resume = json.loads((state / "resume.json").read_text())
+    del resume["ranks"]
+    (state / "resume.json").write_text(json.dumps({**resume, **{key: json.loads(metadata[key])
+                                                                for key in ("python_random", "numpy_random")}}))
+    load_checkpoint(checkpoint, policy=policy, optimizer=optimizer, scheduler=scheduler)
+    assert torch.equal(torch.rand(4), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
 
 def test_a_resume_refuses_a_checkpoint_of_another_model_and_names_it(tiny_model_dir, tmp_path):
     """The sharded state loads strictly: weights the model lacks, weights the checkpoint lacks and other shapes all

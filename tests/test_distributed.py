@@ -6,13 +6,16 @@ run killed with SIGKILL resumes on 2 or on 1 rank to the uninterrupted result.
 Run as a script this file is the worker each test starts: `... test_distributed.py <out> <steps> [...]` trains a tiny
 random Qwen2 on a seeded global batch per step split over the ranks (AdamW, a token-mean NLL loss normalised by the
 global token count); `... test_distributed.py train <settings.json> <model> <dataset> <out>` is `kalmanrl train`
-with the test reward registered."""
+with the test reward registered; `rng <out>` saves and restores a checkpoint's random streams, `atomic_dir <out>
+<rank>` fails a `shared_atomic_dir` block on one rank."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -20,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -374,6 +378,70 @@ def test_two_ranks_with_their_own_vllm_engines_train_like_one(tmp_path, tiny_mod
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
+# --- each rank's random streams in a checkpoint --------------------------------------------------------------------
+
+def random_states() -> dict[str, torch.Tensor]:
+    """This process's torch CPU generator, Python and NumPy random states, as tensors."""
+    numpy_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": torch.tensor(random.getstate()[1]),
+            "numpy": torch.tensor([*numpy_state[1].tolist(), numpy_state[2]])}
+
+
+def rng_worker(out: Path) -> None:
+    """Every rank seeded alike (as the trainer seeds them) draws as many numbers as its rank + 1 (its dropout over
+    micro-batches of its own shapes), then a checkpoint is saved, each rank draws on (the run goes on, then is
+    killed) and the checkpoint is restored. Each rank writes its states at the save and after the restore. Then
+    rank 0 alone, without the process group, resumes the 2-rank checkpoint as a 1-rank run would."""
+    from kalmanrl.jobs.checkpoint import load_checkpoint, save_checkpoint
+    from kalmanrl.policy.optim import make_optimizer
+    from kalmanrl.runtime.distributed import Ranks, close_ranks, init_ranks, shard_model
+
+    torch.set_num_threads(1)
+    ranks = init_ranks()
+    model = shard_model(tiny_qwen2(), ranks)
+    optimizer, scheduler = make_optimizer(model.parameters(), {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 0,
+                                                               "schedule": "constant"}, 10)
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    torch.rand(ranks.rank + 1), [random.random() for _ in range(ranks.rank + 1)], np.random.rand(ranks.rank + 1)
+    saved = random_states()
+    kwargs = {"policy": model, "optimizer": optimizer, "scheduler": scheduler}
+    checkpoint = save_checkpoint(out / "checkpoints", 1, tokenizer=None, metrics=pd.DataFrame({"step": [1]}),
+                                 settings_hash="h", dtype="float32", ranks=ranks, **kwargs)
+    torch.rand(5), random.random(), np.random.rand(5)
+    load_checkpoint(checkpoint, ranks=ranks, **kwargs)
+    restored = random_states()
+    save_file({**{f"saved.{k}": v for k, v in saved.items()}, **{f"restored.{k}": v for k, v in restored.items()}},
+              out / f"rng{ranks.rank}.safetensors")
+    close_ranks(ranks)
+    if ranks.is_main:
+        torch.rand(5)
+        logging.basicConfig(filename=out / "rng_on_one_rank.log", level=logging.WARNING)
+        load_checkpoint(checkpoint, ranks=Ranks(), **kwargs)
+        save_file({f"restored.{k}": v for k, v in random_states().items()}, out / "rng_on_one_rank.safetensors")
+
+
+def test_each_rank_resumes_its_own_random_streams(tmp_path):
+    """After a save and a restore on 2 ranks each rank's torch, Python and NumPy random states are its own at the
+    save (a resumed run draws on as an uninterrupted one would), and the ranks' differing states still differ. On
+    another number of ranks every rank restores rank 0's states, saying so."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE), "rng",
+               str(tmp_path)]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    states = [load_file(tmp_path / f"rng{rank}.safetensors") for rank in range(2)]
+    for kind in ("torch", "python", "numpy"):
+        for rank, state in enumerate(states):
+            assert torch.equal(state[f"restored.{kind}"], state[f"saved.{kind}"]), (kind, rank)
+        assert not torch.equal(states[0][f"saved.{kind}"], states[1][f"saved.{kind}"]), kind
+        assert not torch.equal(states[0][f"restored.{kind}"], states[1][f"restored.{kind}"]), kind
+    one = load_file(tmp_path / "rng_on_one_rank.safetensors")
+    for kind in ("torch", "python", "numpy"):
+        assert torch.equal(one[f"restored.{kind}"], states[0][f"saved.{kind}"]), kind
+    logged = (tmp_path / "rng_on_one_rank.log").read_text()
+    assert "step_000001" in logged and "2 ranks" in logged and "1 rank" in logged, logged
+
+
 # --- shared_atomic_dir: a failure on one rank ----------------------------------------------------------------------
 
 ATOMIC_TIMEOUT_S = 20  # the workers' process-group timeout: an unfixed wait at a barrier ends after this, not 30 min
@@ -435,6 +503,8 @@ def train_worker(settings: Path, model: Path, data: Path, out: Path) -> None:
 
 if __name__ == "__main__" and sys.argv[1] == "train":
     train_worker(*map(Path, sys.argv[2:6]))
+elif __name__ == "__main__" and sys.argv[1] == "rng":
+    rng_worker(Path(sys.argv[2]))
 elif __name__ == "__main__" and sys.argv[1] == "atomic_dir":
     atomic_dir_worker(Path(sys.argv[2]), int(sys.argv[3]))
 elif __name__ == "__main__":

@@ -4,8 +4,9 @@
     step_NNNNNN/state/               what only a resume needs: policy (its trained parameters: a LoRA policy's
                                      adapters only) and optimiser sharded with `torch.distributed.checkpoint` (each
                                      rank writes its own shards, keyed by parameter name, so a run saved on N ranks
-                                     resumes on any number, in full precision), rank 0's RNG tensors (safetensors),
-                                     scheduler and Python/NumPy RNG (JSON), the metrics
+                                     resumes on any number, in full precision), each rank's random streams
+                                     (rng.rank{r}.safetensors: torch generators, Python/NumPy RNG), the scheduler
+                                     (JSON), the metrics
     step_NNNNNN/model/               kept checkpoints only (`train.keep_every`): the policy (LoRA adapters merged),
                                      save_pretrained in the model's configured dtype, and its tokenizer, nothing else,
                                      so vLLM and `kalmanrl evaluate` load it like any model directory
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -38,8 +40,10 @@ from kalmanrl.runtime.distributed import Ranks, load_sharded, save_sharded, shar
 log = logging.getLogger(__name__)
 
 MANIFEST = "trainer_state.json"
-RESUME = "resume.json"   # in state/: scheduler, Python and NumPy RNG; written last: its presence marks state/ complete
+RESUME = "resume.json"   # in state/: scheduler, number of ranks; written last: its presence marks state/ complete
 SHARDED = "sharded"      # in state/: the torch.distributed.checkpoint directory (policy and optimiser)
+RNG = "rng.rank{rank}.safetensors"  # in state/: one rank's torch generators, its Python and NumPy RNG as metadata
+SINGLE_RNG = "rng.safetensors"  # rank 0's generators only, in checkpoints written before RNG (Python/NumPy in RESUME)
 
 
 
@@ -72,6 +76,50 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return {"torch_cpu": torch.get_rng_state(), **{f"torch_cuda_{i}": state for i, state in enumerate(cuda)}}
 
 
+def _save_rng(state: Path, ranks: Ranks) -> None:
+    """This rank's random streams, in a file of its own: the ranks are seeded alike but draw different amounts (dropout
+    over micro-batches of their own shapes), so rank 0's states would put the others on other streams on resume."""
+    metadata = {"python_random": json.dumps(_jsonable(random.getstate())),
+                "numpy_random": json.dumps(_jsonable(np.random.get_state()))}
+    save_file(_rng_tensors(), state / RNG.format(rank=ranks.rank), metadata=metadata)
+
+
+def _load_rng(path: Path, resume: dict, ranks: Ranks) -> None:
+    """Restore this rank's random streams from checkpoint `path`. Saved on as many ranks as now, each rank takes its
+    own, and the resumed run draws what the uninterrupted one would. Saved on another number of ranks (a documented
+    way to resume: the weights and optimiser reshard exactly), no rank's saved streams are the ones it would have had,
+    so every rank takes rank 0's, as all ranks of a fresh run start from the same seed, and rank 0 logs a warning
+    naming the checkpoint and both counts: the run goes on, but not bit for bit as on the old number of ranks. A
+    checkpoint from before per-rank files holds rank 0's streams only: those, with the same warning on several
+    ranks."""
+    state = checkpoint_state_dir(path)
+    saved = resume.get("ranks")
+    if saved is None:
+        source = state / SINGLE_RNG
+        if ranks.is_main and ranks.sharded:
+            log.warning("%s holds rank 0's random streams only (it predates per-rank ones): all %d ranks restore "
+                        "them, so ranks other than 0 draw other numbers than in an uninterrupted run", path,
+                        ranks.world_size)
+        _restore_rng(load_file(source), source)
+        random.setstate(_tuples(resume["python_random"]))
+        np.random.set_state(_tuples(resume["numpy_random"]))
+        return
+    if saved != ranks.world_size and ranks.is_main:
+        log.warning("%s was saved on %d rank%s and resumes on %d rank%s: every rank restores rank 0's random "
+                    "streams, so the run does not continue bit for bit as on %d", path, saved,
+                    "s" * (saved != 1), ranks.world_size, "s" * (ranks.world_size != 1), saved)
+    source = state / RNG.format(rank=ranks.rank if saved == ranks.world_size else 0)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} is missing: {path} was saved on {saved} ranks, each with its random "
+                                "streams in a file of its own")
+    with safe_open(source, framework="pt") as stored:
+        tensors = {name: stored.get_tensor(name) for name in stored.keys()}
+        metadata = stored.metadata()
+    _restore_rng(tensors, source)
+    random.setstate(_tuples(json.loads(metadata["python_random"])))
+    np.random.set_state(_tuples(json.loads(metadata["numpy_random"])))
+
+
 def _restore_rng(rng: dict[str, torch.Tensor], source: Path) -> None:
     torch.set_rng_state(rng["torch_cpu"])
     cuda = [rng[f"torch_cuda_{i}"] for i in range(sum(k.startswith("torch_cuda_") for k in rng))]
@@ -88,7 +136,7 @@ def save_checkpoint(root: Path, step: int, *, policy, tokenizer, optimizer, sche
                     ranks: Ranks = Ranks()) -> Path:
     """Write checkpoints/step_{step} atomically (every rank must call it), then drop older checkpoints (the newest is
     all a resume needs) except those of every `keep_every`-th step, which are kept for evaluation as weights only
-    (model/, in `dtype`, the model's configured dtype). The RNG states are rank 0's."""
+    (model/, in `dtype`, the model's configured dtype). Each rank saves its own random streams."""
     target = checkpoint_dir(root, step)
     kept = bool(keep_every) and step % keep_every == 0
     with shared_atomic_dir(target, ranks) as tmp:
@@ -97,11 +145,11 @@ def save_checkpoint(root: Path, step: int, *, policy, tokenizer, optimizer, sche
         save_sharded(state / SHARDED, policy, optimizer)
         if kept:
             write_full_model(policy, tokenizer, checkpoint_model_dir(tmp), ranks, dtype=dtype)
+        _save_rng(state, ranks)
         if ranks.is_main:
-            save_file(_rng_tensors(), state / "rng.safetensors")
             write_parquet(metrics, state / "metrics.parquet")
-            resume = {"scheduler": scheduler.state_dict(), "python_random": _jsonable(random.getstate()),
-                      "numpy_random": _jsonable(np.random.get_state()), "environments": list(environments)}
+            resume = {"scheduler": scheduler.state_dict(), "ranks": ranks.world_size,
+                      "environments": list(environments)}
             (state / RESUME).write_text(json.dumps(resume))
             (tmp / MANIFEST).write_text(json.dumps({"step": step, "settings_hash": settings_hash}))
     if not ranks.is_main:
@@ -140,16 +188,14 @@ def latest_checkpoint(root: Path, settings_hash: str) -> Path | None:
     return found
 
 
-def load_checkpoint(path: Path, *, policy, optimizer, scheduler) -> Resumed:
-    """Restore weights and optimizer (strictly, on any number of ranks: every rank must call it), scheduler and RNG
-    streams in place; return the step to continue from."""
+def load_checkpoint(path: Path, *, policy, optimizer, scheduler, ranks: Ranks = Ranks()) -> Resumed:
+    """Restore weights and optimizer (strictly, on any number of ranks: every rank must call it), scheduler and this
+    rank's random streams (see `_load_rng`) in place; return the step to continue from."""
     state = checkpoint_state_dir(path)
     load_sharded(state / SHARDED, policy, optimizer)
     resume = json.loads((state / RESUME).read_text())
     scheduler.load_state_dict(resume["scheduler"])
-    _restore_rng(load_file(state / "rng.safetensors"), state / "rng.safetensors")
-    random.setstate(_tuples(resume["python_random"]))
-    np.random.set_state(_tuples(resume["numpy_random"]))
+    _load_rng(path, resume, ranks)
     step = json.loads((path / MANIFEST).read_text())["step"]
     return Resumed(step=step, metrics=read_parquet(state / "metrics.parquet"),
                    environments=resume.get("environments", []))

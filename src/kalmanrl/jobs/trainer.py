@@ -203,7 +203,7 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     found = distributed.broadcast_object(latest_checkpoint(checkpoints, settings_hash) if ranks.is_main else None,
                                          ranks)
     if found is not None:
-        resumed = load_checkpoint(found, policy=policy, optimizer=optimizer, scheduler=scheduler)
+        resumed = load_checkpoint(found, policy=policy, optimizer=optimizer, scheduler=scheduler, ranks=ranks)
         start, rows, environments = resumed.step, resumed.metrics.to_dict("records"), resumed.environments
     environments = [*environments, {"from_step": start, "ranks": ranks.world_size, **environment()}]
     engine = engine_from_settings(resolved.rollout, policy=policy, tokenizer=tokenizer, model_dir=policy_dir,
