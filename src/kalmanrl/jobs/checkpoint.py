@@ -90,8 +90,8 @@ def _load_rng(path: Path, resume: dict, ranks: Ranks) -> None:
     way to resume: the weights and optimiser reshard exactly), no rank's saved streams are the ones it would have had,
     so every rank takes rank 0's, as all ranks of a fresh run start from the same seed, and rank 0 logs a warning
     naming the checkpoint and both counts: the run goes on, but not bit for bit as on the old number of ranks. A
-    checkpoint from before per-rank files holds rank 0's streams only: those, with the same warning on several
-    ranks."""
+    checkpoint from before per-rank files holds rank 0's streams only (and not its number of ranks): every rank
+    takes those, with a warning when there are several."""
     state = checkpoint_state_dir(path)
     saved = resume.get("ranks")
     if saved is None:
