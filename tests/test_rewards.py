@@ -453,6 +453,18 @@ def test_a_check_that_fails_otherwise_raises_naming_it():
         pool.close()
 
 
+def test_a_call_that_raised_leaves_no_results_for_the_next_call():
+    """A call that ends early (a CheckError here; a WorkerStartError or Ctrl-C the same) leaves chunks in flight: their
+    results must not be read as the next call's (they were, by position: the next call returned stale values)."""
+    pool = WorkerPool(int, num_workers=1, timeout_s=10.0, max_memory_mb=512)
+    try:
+        with pytest.raises(CheckError):
+            pool.run([("twelve",), ("2",), ("3",), ("4",), ("5",), ("6",), ("7",), ("8",)])  # chunks of 2
+        assert pool.run([("70",), ("80",), ("90",)]) == [70, 80, 90]
+    finally:
+        pool.close()
+
+
 SCRIPT = """
 from kalmanrl.data.rewards import get_reward
 

@@ -83,41 +83,49 @@ class WorkerPool:
         chunk = max(1, min(32, math.ceil(len(items) / (4 * self.num_workers))))
         for worker in self._workers:
             self._assign(worker, queue, items, chunk)
-        while busy := [w for w in self._workers if w.inflight]:
-            timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-            ready = set(wait([w.conn for w in busy], timeout))
-            now = time.monotonic()
-            for worker in busy:
-                if worker.conn in ready:
-                    try:
-                        message = worker.conn.recv()
-                    except (EOFError, OSError):  # the worker died: its current item failed
+        try:
+            while busy := [w for w in self._workers if w.inflight]:
+                timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+                ready = set(wait([w.conn for w in busy], timeout))
+                now = time.monotonic()
+                for worker in busy:
+                    if worker.conn in ready:
+                        try:
+                            message = worker.conn.recv()
+                        except (EOFError, OSError):  # the worker died: its current item failed
+                            if not worker.ready:
+                                raise self._start_error(worker) from None
+                            results[worker.inflight[0]] = LimitHit("crash")
+                            worker = self._replace(worker, queue)
+                        else:
+                            kind, value = message
+                            if kind == _READY:
+                                worker.ready, worker.deadline = True, now + self.timeout_s
+                                continue
+                            if kind == "start_error":
+                                raise self._start_error(worker, f"failed its warm-up check:\n{value}")
+                            index = worker.inflight.popleft()
+                            if kind == "error":
+                                raise CheckError(f"{_name(self.check)}{_short(items[index])} raised in a worker "
+                                                 f"process:\n{value}")
+                            results[index] = value if kind == "ok" else LimitHit(value)
+                            worker.deadline = now + self.timeout_s
+                    elif now >= worker.deadline:
                         if not worker.ready:
-                            raise self._start_error(worker) from None
-                        results[worker.inflight[0]] = LimitHit("crash")
+                            raise self._start_error(worker, f"did not report ready within {self.start_timeout_s:g} s")
+                        results[worker.inflight[0]] = LimitHit("time")
                         worker = self._replace(worker, queue)
                     else:
-                        kind, value = message
-                        if kind == _READY:
-                            worker.ready, worker.deadline = True, now + self.timeout_s
-                            continue
-                        if kind == "start_error":
-                            raise self._start_error(worker, f"failed its warm-up check:\n{value}")
-                        index = worker.inflight.popleft()
-                        if kind == "error":
-                            raise CheckError(f"{_name(self.check)}{_short(items[index])} raised in a worker "
-                                             f"process:\n{value}")
-                        results[index] = value if kind == "ok" else LimitHit(value)
-                        worker.deadline = now + self.timeout_s
-                elif now >= worker.deadline:
-                    if not worker.ready:
-                        raise self._start_error(worker, f"did not report ready within {self.start_timeout_s:g} s")
-                    results[worker.inflight[0]] = LimitHit("time")
-                    worker = self._replace(worker, queue)
-                else:
-                    continue
-                if not worker.inflight:
-                    self._assign(worker, queue, items, chunk)
+                        continue
+                    if not worker.inflight:
+                        self._assign(worker, queue, items, chunk)
+        except BaseException:
+            # A call that ends early (CheckError, WorkerStartError, Ctrl-C) leaves chunks in flight, whose results the
+            # next call would read as its own: the workers still holding items go, and the next call starts fresh ones.
+            for worker in [w for w in self._workers if w.inflight]:
+                worker.stop(kill=True)
+            self._workers[:] = [w for w in self._workers if not w.inflight]
+            raise
         return results
 
     def close(self) -> None:
