@@ -453,6 +453,18 @@ def test_a_check_that_fails_otherwise_raises_naming_it():
         pool.close()
 
 
+def test_a_check_whose_result_cannot_be_sent_back_raises():
+    """A result the worker cannot pickle (a plugin check returning a memoryview, a lock, a generator) is a bug in the
+    check, not a limit: it killed the worker, so every item scored 0 as a "crash" limit hit."""
+    pool = WorkerPool(memoryview, num_workers=1, timeout_s=10.0, max_memory_mb=512)
+    try:
+        with pytest.raises(CheckError, match=r"(?s)builtins\.memoryview\(b'ab',\) raised.*could not be sent back.*"
+                                              r"cannot pickle.*memoryview"):
+            pool.run([(b"ab",), (b"cd",)])
+    finally:
+        pool.close()
+
+
 def test_a_call_that_raised_leaves_no_results_for_the_next_call():
     """A call that ends early (a CheckError here; a WorkerStartError or Ctrl-C the same) leaves chunks in flight: their
     results must not be read as the next call's (they were, by position: the next call returned stale values)."""

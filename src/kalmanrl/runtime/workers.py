@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 
 from kalmanrl.runtime.lifetime import end_with
 
@@ -252,4 +253,18 @@ def _serve(conn: Connection, check: Callable, max_memory_mb: int, warmup: tuple 
                 message = ("limit", "recursion")
             except Exception:
                 message = ("error", traceback.format_exc())
-            conn.send(message)
+            conn.send_bytes(_pickled(message))
+
+
+def _pickled(message: tuple) -> bytes:
+    """`message` as `Connection.send` pickles it; a result that cannot be pickled is the check's error (sending it
+    would kill the worker, and the item would pass for a "crash" limit hit), a pickle too large or too deep a limit."""
+    try:
+        return ForkingPickler.dumps(message)
+    except MemoryError:
+        return ForkingPickler.dumps(("limit", "memory"))
+    except RecursionError:
+        return ForkingPickler.dumps(("limit", "recursion"))
+    except Exception:
+        return ForkingPickler.dumps(("error", f"its result could not be sent back to the pool (pickled):\n"
+                                              f"{traceback.format_exc()}"))
