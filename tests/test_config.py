@@ -220,3 +220,9 @@ def test_a_dry_run_refuses_a_loss_bound_or_a_missing_data_directory_naming_the_s
     result = snakemake(workdir, "-n", check=False, env={**os.environ, **environ})
     assert result.returncode != 0
     assert named in result.stdout + result.stderr, result.stderr[-3000:]
+
+
+def test_an_algorithm_may_not_take_the_warm_starts_name():
+    """Its evaluations would be `eval/.../sft/...`, the warm start's: the trained policy never evaluated."""
+    with pytest.raises(ConfigError, match=r"config\.algorithms\.sft: .*warm start"):
+        validate_config({"algorithms": {"sft": {}}})

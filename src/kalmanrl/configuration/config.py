@@ -180,6 +180,11 @@ def import_plugins(plugins: Iterable[str], where: str = "config.plugins") -> Non
 
 
 def _check_references(config: dict) -> None:
+    from kalmanrl.core.layout import WARM_START
+
+    if WARM_START in config["algorithms"]:
+        raise ConfigError(f"config.algorithms.{WARM_START}: the name {WARM_START!r} is the warm start's in the results "
+                          "tree (its evaluations would be the warm start's): rename the algorithm")
     for key, names in (("tasks", config["tasks"]), ("benchmarks", config["benchmarks"]),
                        ("train.validation.benchmarks", config["train"]["validation"]["benchmarks"] or [])):
         for name in names:
