@@ -226,3 +226,16 @@ def test_an_algorithm_may_not_take_the_warm_starts_name():
     """Its evaluations would be `eval/.../sft/...`, the warm start's: the trained policy never evaluated."""
     with pytest.raises(ConfigError, match=r"config\.algorithms\.sft: .*warm start"):
         validate_config({"algorithms": {"sft": {}}})
+
+
+@pytest.mark.parametrize("config, named", [
+    ({"algorithms": {"grpo/v2": {}}}, r"config\.algorithms: the name 'grpo/v2'"),
+    ({"models": {"qwen/4b": {}}}, r"config\.models: the name 'qwen/4b'"),
+    ({"datasets": {"arith.v2": {"loader": "arithmetic"}}, "tasks": ["arith.v2"]}, r"config\.tasks: .*'arith\.v2'"),
+    ({"datasets": {"a/b": {"loader": "arithmetic"}}, "benchmarks": ["a/b"]}, r"config\.benchmarks: .*'a/b'"),
+])
+def test_names_the_results_trees_wildcards_cannot_match_are_refused_naming_the_key(config, named):
+    """Such a name made no job (Snakemake's MissingInputException for a path it has no rule for, naming no key)."""
+    with pytest.raises(ConfigError, match=named):
+        validate_config(config)
+    validate_config({"models": {"qwen2.5-0.5b": {}}, "algorithms": {"grpo.v2": {}}})  # dots are fine there

@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
@@ -180,17 +181,27 @@ def import_plugins(plugins: Iterable[str], where: str = "config.plugins") -> Non
 
 
 def _check_references(config: dict) -> None:
-    from kalmanrl.core.layout import WARM_START
+    from kalmanrl.core.layout import WARM_START, WILDCARD_CONSTRAINTS
 
     if WARM_START in config["algorithms"]:
         raise ConfigError(f"config.algorithms.{WARM_START}: the name {WARM_START!r} is the warm start's in the results "
                           "tree (its evaluations would be the warm start's): rename the algorithm")
+    # Names are path components of the results tree: one the workflow's wildcards cannot match has no rule to make it.
+    for key, names, wildcard in (("models", config["models"], "model"),
+                                 ("algorithms", config["algorithms"], "algorithm")):
+        for name in names:
+            if not re.fullmatch(WILDCARD_CONSTRAINTS[wildcard], name):
+                raise ConfigError(f"config.{key}: the name {name!r} cannot be a path component of the results tree "
+                                  f"(it must match {WILDCARD_CONSTRAINTS[wildcard]}): rename it")
     for key, names in (("tasks", config["tasks"]), ("benchmarks", config["benchmarks"]),
                        ("train.validation.benchmarks", config["train"]["validation"]["benchmarks"] or [])):
         for name in names:
             if name not in config["datasets"]:
                 raise ConfigError(f"config.{key}: unknown dataset {name!r} "
                                   f"(known: {', '.join(sorted(config['datasets']))})")
+            if not re.fullmatch(WILDCARD_CONSTRAINTS["dataset"], name):
+                raise ConfigError(f"config.{key}: the dataset name {name!r} cannot be a path component of the results "
+                                  f"tree (it must match {WILDCARD_CONSTRAINTS['dataset']}: no '/' or '.'): rename it")
     for name, model in config["models"].items():
         needed = {"hub": "id", "local": "path"}.get(model["source"])
         if needed and needed not in model:
