@@ -91,6 +91,11 @@ def test_pass_k_cannot_exceed_k():
         validate_config({"evaluate": {"k": 2, "pass_k": [1, 4]}})
 
 
+def test_no_pass_k_is_a_valid_choice():
+    """metrics.summarise takes an empty pass_k (no pass@k columns); validation crashed on max([])."""
+    assert validate_config({"evaluate": {"pass_k": []}})["evaluate"]["pass_k"] == []
+
+
 def test_fill_defaults_does_not_touch_given_values():
     schema = load_schema()
     filled = fill_defaults({"train": {"lr": 0.5}}, schema)

@@ -234,7 +234,7 @@ def _check_references(config: dict) -> None:
     for name, dataset in config["datasets"].items():
         check_dataset_names(f"config.datasets.{name}", dataset)
     evaluate = config["evaluate"]
-    if max(evaluate["pass_k"]) > evaluate["k"]:
+    if max(evaluate["pass_k"], default=0) > evaluate["k"]:
         raise ConfigError(f"config.evaluate.pass_k: {evaluate['pass_k']} asks for more than "
                           f"k = {evaluate['k']} samples")
 
