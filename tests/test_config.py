@@ -244,3 +244,11 @@ def test_names_the_results_trees_wildcards_cannot_match_are_refused_naming_the_k
     with pytest.raises(ConfigError, match=named):
         validate_config(config)
     validate_config({"models": {"qwen2.5-0.5b": {}}, "algorithms": {"grpo.v2": {}}})  # dots are fine there
+
+
+@pytest.mark.parametrize("key, value", [("seeds", [0, 0, 1]), ("tasks", ["arithmetic_easy", "arithmetic_easy"]),
+                                        ("benchmarks", ["arithmetic_easy", "arithmetic_easy"])])
+def test_a_repeated_seed_task_or_benchmark_is_refused_naming_the_key(key, value):
+    """A repeat listed the same jobs twice, and the report read their summaries twice (a seed counted twice)."""
+    with pytest.raises(ConfigError, match=rf"config\.{key}: .*non-unique"):
+        validate_config({key: value})
