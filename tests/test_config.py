@@ -252,3 +252,9 @@ def test_a_repeated_seed_task_or_benchmark_is_refused_naming_the_key(key, value)
     """A repeat listed the same jobs twice, and the report read their summaries twice (a seed counted twice)."""
     with pytest.raises(ConfigError, match=rf"config\.{key}: .*non-unique"):
         validate_config({key: value})
+
+
+def test_an_empty_list_of_validation_benchmarks_is_refused():
+    """[] validated on every benchmark, as null does; turning validation off is train.validation.every: 0."""
+    with pytest.raises(ConfigError, match=r"config\.train\.validation\.benchmarks: \[\] should be non-empty"):
+        validate_config({"train": {"validation": {"every": 2, "benchmarks": []}}})
