@@ -258,3 +258,11 @@ def test_an_empty_list_of_validation_benchmarks_is_refused():
     """[] validated on every benchmark, as null does; turning validation off is train.validation.every: 0."""
     with pytest.raises(ConfigError, match=r"config\.train\.validation\.benchmarks: \[\] should be non-empty"):
         validate_config({"train": {"validation": {"every": 2, "benchmarks": []}}})
+
+
+@pytest.mark.parametrize("stage, key", [("evaluate", "nodes"), ("sft", "cpu_ranks"), ("model", "nodes")])
+def test_nodes_and_cpu_ranks_outside_training_are_refused_naming_the_key(stage, key):
+    """Only the train rule reads them: elsewhere they were silently ignored (one process on one node)."""
+    with pytest.raises(ConfigError, match=rf"config\.resources\.{stage}\.{key}: 2; only training"):
+        validate_config({"resources": {stage: {key: 2}}})
+    validate_config({"resources": {"train": {key: 2}}})

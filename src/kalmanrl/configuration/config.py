@@ -217,6 +217,10 @@ def _check_references(config: dict) -> None:
         for key, cap in (("mem_mb", "max_mem_mb"), ("runtime", "max_runtime")):
             if limits[cap] < limits[key]:
                 raise ConfigError(f"config.resources.{stage}.{cap}: {limits[cap]} is below {key} = {limits[key]}")
+        for key in ("nodes", "cpu_ranks"):  # the other stages' rules run one process on one node
+            if stage != "train" and limits[key] != 1:
+                raise ConfigError(f"config.resources.{stage}.{key}: {limits[key]}; only training jobs run on several "
+                                  f"nodes or CPU ranks (resources.train.{key})")
         if limits["cpu_ranks"] > 1 and limits["gpus"]:
             raise ConfigError(f"config.resources.{stage}.cpu_ranks: {limits['cpu_ranks']} with gpus = "
                               f"{limits['gpus']}; CPU ranks are for jobs without GPUs (gpus: 0)")
