@@ -161,6 +161,16 @@ def test_user_narrowed_devices_map_by_cuda_index_or_uuid():
     assert visible_pool(mig, "MIG-dddddddd-0000-0000-0000-000000000000") == [mig[2].uuid]
 
 
+def test_an_index_names_the_gpu_of_that_index_also_beside_a_gpu_in_mig_mode():
+    """GPU 1's two MIG instances stand in its place in the list: index 2 took GPU 1's second instance, not GPU 2."""
+    mig = parse_nvidia_smi_list(HOST_SMI)
+    assert visible_pool(mig, "2,3,0") == ["GPU-eeeeeeee-0000-0000-0000-000000000000",
+                                          "GPU-ffffffff-0000-0000-0000-000000000000",
+                                          "GPU-aaaaaaaa-0000-0000-0000-000000000000"]
+    with pytest.raises(ValueError, match="'1' names more than one device"):
+        visible_pool(mig, "1")
+
+
 @pytest.mark.parametrize("visible, problem", [
     ("2", "'2' names no device"),                     # a host number inside the container
     ("GPU-aaaaaaaa", "'GPU-aaaaaaaa' names no device"),  # a GPU the container was not given

@@ -145,8 +145,8 @@ def visible_pool(gpus: Sequence[Gpu] | None, visible: str | None) -> list[str]:
     listed = ", ".join(f"{g.uuid} (index {g.index}, {g.name})" for g in gpus) or "none"
     pool = []
     for entry in entries:
-        if entry.isdigit():
-            matches = [gpus[int(entry)]] if int(entry) < len(gpus) else []
+        if entry.isdigit():  # a GPU's index, or a GPU in MIG mode: its instances (more than one is refused)
+            matches = [g for g in gpus if g.index.split(":")[0] == str(int(entry))]
         else:
             matches = [g for g in gpus if g.uuid == entry] or [g for g in gpus if g.uuid.startswith(entry)]
         if len(matches) != 1:
