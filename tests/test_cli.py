@@ -28,6 +28,14 @@ def test_config_reference_and_validation(repo_root):
     assert result.returncode == 0 and '"group_size": 4' in result.stdout
 
 
+def test_config_reference_lists_every_top_level_key_too():
+    """`kalmanrl config` prints every key (README, "Configure"): the top-level ones were missing."""
+    reference = run("config").stdout
+    for key in load_schema()["properties"]:
+        assert any(f"{lead}{key}{tail}" in reference for lead in ("  ", "\n") for tail in (" (default", ":")), key
+    assert '  results_dir (default "results")' in reference and "  seeds (default [0, 1, 2])" in reference
+
+
 def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
     code = main(["train", "--settings", '{"train": {"lr": -1}}', "--model", "m", "--dataset", "d",
                  "--out", str(tmp_path)])

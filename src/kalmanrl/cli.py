@@ -43,9 +43,10 @@ STAGE_PARTS = {
 }
 
 
-def schema_reference(def_name: str) -> str:
-    """Plain-text reference of one schema definition: key, default, description."""
-    definition = load_schema()["$defs"][def_name]
+def schema_reference(def_name: str, definition: dict | None = None) -> str:
+    """Plain-text reference of one schema definition (or of `definition`, e.g. the top level): key, default,
+    description."""
+    definition = load_schema()["$defs"][def_name] if definition is None else definition
     lines = [f"{def_name}:"]
     if "properties" not in definition:  # a plain value (plugins)
         text = " ".join(str(definition.get("description", "")).split())
@@ -221,8 +222,13 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def cmd_config(args: argparse.Namespace) -> None:
     if args.config is None:
-        print(load_schema()["description"].strip(), end="\n\n")
-        print("\n\n".join(schema_reference(name) for name in load_schema()["$defs"]))
+        schema = load_schema()
+        print(schema["description"].strip(), end="\n\n")
+        # The top-level keys (results_dir, seeds, models, ...), then each section's; a section given by $ref is
+        # listed there by its definition.
+        top = {key: sub for key, sub in schema["properties"].items() if "$ref" not in sub}
+        print("\n\n".join([schema_reference("config", {"properties": top}),
+                            *(schema_reference(name) for name in schema["$defs"])]))
         return
     config = load_config(args.config)
     check_data_dir(config)
