@@ -1,5 +1,6 @@
 """`kalmanrl <stage> --help` documents every setting from the schema; bad settings fail with the key named."""
 
+import re
 import subprocess
 import sys
 
@@ -62,6 +63,24 @@ def test_settings_command_prints_a_jobs_settings(repo_root, config_first):
     result = run("settings", "train", *(config + select if config_first else select + config))
     assert result.returncode == 0, result.stderr
     assert '"ratio": "kpo"' in result.stdout
+
+
+@pytest.mark.parametrize("stage, select, message", [
+    ("train", ["model=tiny"], "a train job needs task=..., algorithm=..., seed=..."),
+    ("train", ["model=nope", "task=arithmetic_easy", "algorithm=kpo", "seed=0"],
+     "model=nope: not in the config's models"),
+    ("train", ["model=tiny", "task=arithmetic_easy", "algorithm=kpo", "sed=0"], "'sed=0': a train job is selected by"),
+    ("train", ["model", "tiny"], "'model': a train job is selected by"),
+    ("train", ["model=tiny", "task=arithmetic_easy", "algorithm=kpo", "seed=x"], "seed=x: not a number"),
+    ("evaluate", ["model=tiny", "task=arithmetic_easy", "algorithm=kpo", "benchmark=arithmetic_easy"],
+     "a evaluate job needs seed=..."),
+])
+def test_settings_selectors_that_name_no_job_exit_2_naming_the_selector(repo_root, capsys, stage, select, message):
+    """They crashed with a traceback (KeyError, ValueError), or a misspelt seed printed settings with no seed."""
+    assert main(["settings", stage, *select, "--config", str(repo_root / "config" / "smoke.yaml")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert main(["settings", "evaluate", "--config", str(repo_root / "config" / "smoke.yaml"), "model=tiny",
+                 "task=arithmetic_easy", "algorithm=sft", "benchmark=arithmetic_easy"]) == 0
 
 
 def test_unknown_arguments_are_still_refused():

@@ -25,7 +25,7 @@ from kalmanrl.configuration.config import (
     resolve_ref,
     stage_settings,
 )
-from kalmanrl.core.layout import CHECKPOINTS, FINAL, METRICS, REPORT_FILES
+from kalmanrl.core.layout import CHECKPOINTS, FINAL, METRICS, REPORT_FILES, WARM_START
 from kalmanrl.runtime.cpu import DISPATCH_ENV, DispatchError, keep_freed_memory, pin_cpu_dispatch
 from kalmanrl.runtime.devices import gpu_placement
 from kalmanrl.runtime.runlock import RunDirectoryBusy, run_writer
@@ -200,9 +200,43 @@ def cmd_report(args: argparse.Namespace) -> None:
     build_report(args.summaries, args.metrics, args.out, settings=args.settings)
 
 
+# The wildcards that select one job of each stage (`kalmanrl settings`): required, then optional ones.
+STAGE_WILDCARDS = {"data": (("dataset",), ()), "model": (("model",), ()), "sft": (("model", "task"), ()),
+                   "train": (("model", "task", "algorithm", "seed"), ()),
+                   "evaluate": (("model", "task", "algorithm", "benchmark"), ("seed", "step")), "report": ((), ())}
+
+
+def job_wildcards(config: dict, stage: str, select: list[str]) -> dict[str, str]:
+    """The KEY=VALUE selectors of one job of `stage`, checked against the config: a malformed, unknown or missing
+    selector, or a value that names nothing in the config, is a ConfigError naming it."""
+    required, optional = STAGE_WILDCARDS[stage]
+    known = (*required, *optional)
+    wildcards: dict[str, str] = {}
+    for item in select:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ConfigError(f"{item!r}: a {stage} job is selected by "
+                              f"{', '.join(f'{k}=...' for k in known) or 'nothing'}")
+        wildcards[key] = value
+    sections = {"model": "models", "task": "datasets", "dataset": "datasets", "benchmark": "datasets",
+                "algorithm": "algorithms"}
+    names = {key: [*config[section], *([WARM_START] if key == "algorithm" and stage == "evaluate" else [])]
+             for key, section in sections.items()}
+    needed = [*required, *(("seed",) if stage == "evaluate" and wildcards.get("algorithm") != WARM_START else ())]
+    if missing := [key for key in needed if key not in wildcards]:
+        raise ConfigError(f"a {stage} job needs {', '.join(f'{k}=...' for k in missing)}")
+    for key, value in wildcards.items():
+        if key in names and value not in names[key]:
+            raise ConfigError(f"{key}={value}: not in the config's {sections[key]} "
+                              f"(known: {', '.join(sorted(names[key]))})")
+        if key in ("seed", "step") and not value.isdigit():
+            raise ConfigError(f"{key}={value}: not a number")
+    return wildcards
+
+
 def cmd_settings(args: argparse.Namespace) -> None:
     config = load_config(args.config)
-    wildcards = dict(item.split("=", 1) for item in args.select)
+    wildcards = job_wildcards(config, args.stage, args.select)
     settings = stage_settings(config, args.stage, **wildcards)
     if args.resolved:
         from kalmanrl.configuration.settings import as_dict, resolve_train
