@@ -291,9 +291,7 @@ def test_config_files_merge_in_order_and_dotted_overrides_reach_into_sections(tm
     assert config["resources"]["train"]["gpus"] == 4 and config["resources"]["train"]["gpu_mem_gb"] == 80
 
 
-def test_settings_a_job_would_refuse_are_refused_by_the_plan_naming_the_job(capsys):
-    """The plan resolves each job's settings as the job will (kalmanrl.configuration.settings), so what a training job
-    would refuse at start-up (a tensor-parallel engine) is refused here, before anything is submitted."""
-    assert main(["plan", "--config", "rollout.tensor_parallel_size=2"]) == 2
-    assert re.search(r"train model=tiny .*seed=0: rollout.tensor_parallel_size > 1 is for evaluation",
-                     capsys.readouterr().err)
+def test_a_tensor_parallel_size_for_evaluation_plans_training_on_one_gpu_per_engine(capsys):
+    """The plan resolves each job's settings as the job will (kalmanrl.configuration.settings): a config with
+    rollout.tensor_parallel_size 2 (evaluation only) was refused for every training job."""
+    assert main(["plan", "--config", "rollout.tensor_parallel_size=2"]) == 0

@@ -64,10 +64,16 @@ def test_the_typed_sections_hold_exactly_the_schemas_keys():
         resolve_train({**raw, "train": {**raw["train"], "new_setting": 1}}, "cpu", vllm_installed=False)
 
 
+def test_tensor_parallel_size_is_for_evaluation_and_training_engines_span_one_gpu():
+    """The rollout section is shared: training refused a tensor_parallel_size meant for evaluation, so no workflow
+    could use one (README: "evaluation only")."""
+    raw = raw_settings()
+    tp2 = {**raw, "rollout": {**raw["rollout"], "tensor_parallel_size": 2}}
+    assert resolve_train(tp2, "cuda", vllm_installed=True).rollout.tensor_parallel_size == 1
+
+
 def test_settings_a_training_job_cannot_run_are_refused_when_resolved():
     raw = raw_settings()
-    with pytest.raises(ValueError, match="tensor_parallel_size > 1 is for evaluation"):
-        resolve_train({**raw, "rollout": {**raw["rollout"], "tensor_parallel_size": 2}}, "cuda", vllm_installed=True)
     with pytest.raises(ValueError, match="needs several optimiser steps"):
         resolve_train(raw_settings(mini_batches=1), "cpu", vllm_installed=False)
     with pytest.raises(ValueError, match="train.precision = 'fp8'"):

@@ -285,10 +285,10 @@ def resolve_train(settings: Mapping[str, Any], device_type: str, *, vllm_install
                                                                               model["source"]),
                      "validation": resolve_validation(section["validation"], settings.get("validation"))})
     algorithms.check_algorithm(dict(settings["algorithm"]), train.optimizer_steps)
-    rollout = resolve_rollout(settings["rollout"], vllm_installed=vllm_installed)
-    if rollout.tensor_parallel_size > 1:
-        raise ValueError("rollout.tensor_parallel_size > 1 is for evaluation: training pushes new weights into an "
-                         "in-process vLLM engine per rank, which needs rollout.tensor_parallel_size = 1")
+    # rollout.tensor_parallel_size is for evaluation (README, schema): training pushes new weights into an
+    # in-process vLLM engine per rank, so its engine always spans one GPU. The rollout section is the config's one,
+    # shared with evaluation, so a training job refusing it made the setting unusable in any workflow.
+    rollout = resolve_rollout({**settings["rollout"], "tensor_parallel_size": 1}, vllm_installed=vllm_installed)
     task = settings["task"]
     return TrainSettings(train=train, algorithm=bind_algorithm(settings["algorithm"]), rollout=rollout,
                          ident=settings["ident"], model_source=model["source"], model_dtype=model["dtype"],
