@@ -425,3 +425,35 @@ def test_a_model_whose_generation_config_adds_processors_keeps_plain_generate(tw
     finally:
         model.generation_config.repetition_penalty = None
     assert token_ids(penalised) != token_ids(HFEngine(model, tokenizer).generate(prompts, sampling))
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_a_model_that_scales_its_logits_after_the_head_keeps_plain_generate(family, monkeypatch):
+    """Granite divides the output head's logits by `logits_scaling` and Cohere multiplies them by `logit_scale` in
+    their forward: a prefill that applies the head by hand would sample the first token of every repeated prompt, and
+    record its log-prob, from unscaled logits. The engine samples what plain generate does there."""
+    from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # enough rows to share the prefill on any machine
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, eos_token_id=1, pad_token_id=0, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = (GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=8.0)) if family == "granite"
+                 else CohereForCausalLM(CohereConfig(**shape, logit_scale=0.25))).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
+
+    @dataclass
+    class Tokenizer:
+        pad_token_id: int = 0
+        eos_token_id: int = 1
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    prompts = [list(range(5, 13)), list(range(13, 21))]
+    sampling = SamplingConfig(n=3, temperature=1.0, max_tokens=3, seed=1)
+    shared = HFEngine(model, Tokenizer()).generate(prompts, sampling)
+    plain = HFEngine(model, Tokenizer(), plain=True).generate(prompts, sampling)
+    assert [(c.token_ids, c.logprobs) for group in shared for c in group] == \
+        [(c.token_ids, c.logprobs) for group in plain for c in group]

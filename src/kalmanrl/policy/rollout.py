@@ -188,7 +188,9 @@ class HFEngine(_ContextManaged):
 
     def _shares_prefill(self, distinct: int, rows: int, width: int, steps: int) -> bool:
         """Whether `_shared_prefill` replaces generate's: only when prompts repeat, with generate's own cache type and
-        no soft-capped logits (the head is applied by hand); not on several ranks (the extra forward must be made by
+        logits that are the output head's as they are (the head is applied by hand: no soft-capping, and no scaling
+        such as Granite's `logits_scaling`, Cohere's `logit_scale` or Falcon-H1's `lm_head_multiplier`, which the
+        model's forward applies after it); not on several ranks (the extra forward must be made by
         all of them, whatever their prompts); and when the distinct prompts' products have enough rows: MKL computes
         a product of a few rows (here below 4 per thread) another way, which would move the last bits."""
         config = self.policy.config.get_text_config(decoder=True)
@@ -198,6 +200,7 @@ class HFEngine(_ContextManaged):
                 # the first token is picked here with our processors only: generate would add these settings' own
                 and all(getattr(generation, key, None) == getattr(default, key, None) for key in _GENERATE_PROCESSORS)
                 and not getattr(config, "final_logit_softcapping", None)
+                and all(getattr(config, key, None) in (None, 1) for key in _LOGIT_SCALES)
                 and distinct * width >= 8 * torch.get_num_threads())
 
     def _shared_prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, row_prompt: list[int],
@@ -221,6 +224,10 @@ class HFEngine(_ContextManaged):
         if policy is not self.policy:
             raise ValueError("the hf engine samples from the policy module it was made with")
 
+
+# Config attributes of models whose forward scales the output head's logits (Granite's divisor, Cohere's and
+# Falcon-H1's multipliers); 1 (or unset) leaves them as the head gives them.
+_LOGIT_SCALES = ("logits_scaling", "logit_scale", "lm_head_multiplier")
 
 # Generation settings from which transformers' greedy `generate` builds logits processors of its own (a model's
 # generation_config.json may set them, e.g. a repetition penalty).
