@@ -296,3 +296,24 @@ def test_a_lora_run_killed_with_sigkill_resumes_to_the_same_adapters(tmp_path, t
     pd.testing.assert_frame_equal(expected, got)
     a, b = (load_file(d / "final" / "model.safetensors") for d in (whole, cut))
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("target", ["attn.c_proj", "mlp.c_fc"])
+def test_a_conv1d_layer_merges_as_peft_merges_it(target):
+    """GPT-2's Conv1D stores its weight [in, out] (peft's `fan_in_fan_out`): the merged weight is W + scale (B A)^T,
+    as peft's own merge computes it, for a square layer (attn.c_proj) and for one that is not (mlp.c_fc)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                          bos_token_id=0, eos_token_id=0))
+    lora = Lora(target_modules=(target,), **LORA)
+    policy = with_random_adapters(add_adapters(copy.deepcopy(base), lora, key="models.gpt2.lora"))
+    merged = dict(merged_parameters(policy))
+    reference = copy.deepcopy(policy)
+    for layer in adapter_layers(reference).values():
+        layer.merge()
+    name = f"transformer.h.0.{target}.weight"
+    assert torch.equal(merged[name], reference.get_submodule(f"transformer.h.0.{target}").base_layer.weight)
+    assert not torch.equal(merged[name], base.state_dict()[name])

@@ -127,6 +127,9 @@ def _split(name: str, layers: dict[str, torch.nn.Module]) -> tuple[str | None, s
 
 def _delta(layer: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """scale * B A in the weight's dtype, as peft's `get_delta_weight` computes it (for half-precision weights in
-    float32, rounded once, as peft does on the CPU)."""
+    float32, rounded once, as peft does on the CPU; transposed for a layer that stores its weight [in, out], as
+    GPT-2's Conv1D does: peft's `fan_in_fan_out`)."""
     product = b.float() @ a.float() if weight.dtype in (torch.float16, torch.bfloat16) else b @ a
+    if getattr(layer, "fan_in_fan_out", False):
+        product = product.T
     return (product * layer.scaling[ADAPTER]).to(weight.dtype)
