@@ -230,6 +230,14 @@ def test_malformed_row_fails_naming_file_and_line(tmp_path, line, message):
         build({"loader": "arithmetic_file", "params": {"file": "tasks.jsonl"}}, tmp_path)
 
 
+def test_a_line_that_is_not_utf8_fails_naming_file_and_line(tmp_path):
+    good = '{"id": "0", "question": "1 + 2", "answer": "3", "num_terms": 2, "num_digits": 1}'
+    bad = b'{"id": "1", "question": "1 + \xff1", "answer": "2", "num_terms": 2, "num_digits": 1}'
+    (tmp_path / "tasks.jsonl").write_bytes(f"{good}\n".encode() + bad + b"\n")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'tasks.jsonl'}:2: not UTF-8 (byte b'\\xff'")):
+        build({"loader": "arithmetic_file", "params": {"file": "tasks.jsonl"}}, tmp_path)
+
+
 @pytest.mark.parametrize("spec, file, split, record", [
     ({"loader": "aime24"}, "aime24/test.jsonl", "test", lambda i, n: {"id": i, "problem": f"P{n}", "answer": "1"}),
     ({"loader": "arithmetic_file", "params": {"file": "tasks.jsonl"}}, "tasks.jsonl", "test",

@@ -58,15 +58,22 @@ def resolve_local_dir(setting: str | Path | None, environ: Mapping[str, str] = o
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    """(`file:line`, row) for every non-blank line; invalid JSON or a non-object fails naming the file and line."""
+    """(`file:line`, row) for every non-blank line; bytes that are not UTF-8, invalid JSON or a non-object fail naming
+    the file and line."""
     if not path.is_file():
         raise DataError(f"{path}: file not found (local copies are read from data.local_dir or ${DATA_DIR_ENV}; "
                         f"with neither set, datasets come from the hub)")
-    with path.open(encoding="utf-8") as f:
+    # Undecodable bytes become lone surrogates (which valid UTF-8 never decodes to), found line by line below.
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{where}: not UTF-8 (byte {line[e.start].encode('utf-8', 'surrogateescape')!r} at "
+                                f"character {e.start + 1})") from None
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
