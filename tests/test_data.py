@@ -238,6 +238,17 @@ def test_a_line_that_is_not_utf8_fails_naming_file_and_line(tmp_path):
         build({"loader": "arithmetic_file", "params": {"file": "tasks.jsonl"}}, tmp_path)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_number_fails_naming_file_line_and_field(tmp_path, value):
+    """JSON's NaN / Infinity (which Python's json reads) or a float column's missing value is no gold: it used to
+    become the answer "nan" or "inf"."""
+    path = write_jsonl(tmp_path / "set.jsonl", [{"q": "P0", "a": "1"}, {"q": "P1", "a": value}])
+    spec = {"loader": "hub", "params": {"hub_id": "org/set", "fields": {"problem": "q", "answer": "a"},
+                                        "local_files": {"train": "set.jsonl"}}}
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: field 'a' is not a finite number: {value!r}")):
+        build(spec, tmp_path)
+
+
 @pytest.mark.parametrize("spec, file, split, record", [
     ({"loader": "aime24"}, "aime24/test.jsonl", "test", lambda i, n: {"id": i, "problem": f"P{n}", "answer": "1"}),
     ({"loader": "arithmetic_file", "params": {"file": "tasks.jsonl"}}, "tasks.jsonl", "test",

@@ -9,6 +9,7 @@ and line (or the hub row) and the field's name.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -113,7 +114,8 @@ def iter_rows(ctx: LoadContext, source: Source) -> Iterator[tuple[str, dict]]:
 
 
 def field(row: Mapping[str, Any], path: str, where: str) -> Any:
-    """A row's field by dotted path (`reward_model.ground_truth`, `prompt.0.content`); missing fails naming it."""
+    """A row's field by dotted path (`reward_model.ground_truth`, `prompt.0.content`); missing, null or a non-finite
+    number (NaN, a float column's missing value, or JSON's NaN / Infinity, which `json` accepts) fails naming it."""
     value: Any = row
     for key in path.split("."):
         try:
@@ -122,6 +124,8 @@ def field(row: Mapping[str, Any], path: str, where: str) -> Any:
             raise DataError(f"{where}: missing field {path!r}") from None
     if value is None:
         raise DataError(f"{where}: field {path!r} is null")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: field {path!r} is not a finite number: {value!r}")
     return value
 
 
