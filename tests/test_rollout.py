@@ -457,3 +457,36 @@ def test_a_model_that_scales_its_logits_after_the_head_keeps_plain_generate(fami
     plain = HFEngine(model, Tokenizer(), plain=True).generate(prompts, sampling)
     assert [(c.token_ids, c.logprobs) for group in shared for c in group] == \
         [(c.token_ids, c.logprobs) for group in plain for c in group]
+
+
+def test_a_prompt_at_the_length_limit_beside_a_shorter_one_samples_as_alone_with_a_position_table():
+    """GPT-2 has a table of max_position_embeddings positions. A prompt whose budget the limit cuts (12 + 4 = 16
+    positions) generated beside a shorter prompt with the full budget (8) would be fed positions 16 to 18: it failed
+    with an IndexError. Each prompt's completions are the ones it gets alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kalmanrl.jobs.stage import completion_budgets
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                           bos_token_id=1, eos_token_id=1, pad_token_id=0)).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
+
+    @dataclass
+    class Tokenizer:
+        pad_token_id: int = 0
+        eos_token_id: int = 1
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    engine, prompts = HFEngine(model, Tokenizer()), [list(range(2, 14)), [2, 3, 4]]
+    budgets = completion_budgets(prompts, 8, model.config.max_position_embeddings)
+    assert budgets == (4, 8)
+    together = engine.generate(prompts, SamplingConfig(n=2, max_tokens=8, seed=3, budgets=budgets))
+    alone = [engine.generate([p], SamplingConfig(n=2, max_tokens=8, seed=3, first_prompt=i, budgets=(b,)))[0]
+             for i, (p, b) in enumerate(zip(prompts, budgets, strict=True))]
+    assert [[(c.token_ids, c.logprobs) for c in group] for group in together] == \
+        [[(c.token_ids, c.logprobs) for c in group] for group in alone]
+    assert [len(c.token_ids) for c in together[0]] == [4, 4] or any(c.finish_reason == "stop" for c in together[0])

@@ -138,8 +138,29 @@ class HFEngine(_ContextManaged):
         device = next(self.policy.parameters()).device
         completions: list[Completion] = []
         for start in range(0, len(rows), self.batch_size):
-            completions += self._generate_batch(rows[start:start + self.batch_size], sampling, device)
+            completions += self._generate_rows(rows[start:start + self.batch_size], sampling, device)
         return [completions[i:i + sampling.n] for i in range(0, len(completions), sampling.n)]
+
+    def _generate_rows(self, rows: list[tuple[list[int], int, int]], sampling: SamplingConfig,
+                       device) -> list[Completion]:
+        """`_generate_batch` of `rows`, or of each budget's rows apart when generating the batch to its largest
+        budget would feed a row positions past the model's `max_position_embeddings`: a prompt at the length limit
+        has a smaller budget than a shorter one beside it, and a model with a table of positions (GPT-2) fails on
+        them, one with dynamic rotary scaling rescales every row (a row's own tokens stay within its budget, so
+        the others' longer generation is harmless otherwise). Rows of one budget fit, since every budget keeps its
+        prompt within the limit. Not on several ranks, which must make the same generate calls."""
+        positions = getattr(self.policy.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        steps = max(budget for _, _, budget in rows)
+        if (positions is None or self.synced
+                or all(len(ids) + steps - 1 <= positions for ids, _, _ in rows)):
+            return self._generate_batch(rows, sampling, device)
+        out: list[Completion | None] = [None] * len(rows)
+        for budget in sorted({budget for _, _, budget in rows}):
+            index = [i for i, (_, _, b) in enumerate(rows) if b == budget]
+            for i, completion in zip(index, self._generate_batch([rows[i] for i in index], sampling, device),
+                                     strict=True):
+                out[i] = completion
+        return out
 
     def _generate_batch(self, rows: list[tuple[list[int], int, int]], sampling: SamplingConfig,
                         device) -> list[Completion]:
