@@ -19,6 +19,7 @@ from kalmanrl.configuration.config import (
     validate_config,
 )
 from kalmanrl.data.sources import DATA_DIR_ENV
+from kalmanrl.jobs.plan import load_configs
 from smoke_runs import smoke_workdir, snakemake
 
 
@@ -266,3 +267,18 @@ def test_nodes_and_cpu_ranks_outside_training_are_refused_naming_the_key(stage, 
     with pytest.raises(ConfigError, match=rf"config\.resources\.{stage}\.{key}: 2; only training"):
         validate_config({"resources": {stage: {key: 2}}})
     validate_config({"resources": {"train": {key: 2}}})
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, r"nope\.yaml: cannot read the config file \(No such file or directory\)"),
+    ("train: {steps: [1\n", r"bad\.yaml:2:1: not valid YAML \(expected ',' or ']'"),
+    ("- 1\n", r"bad\.yaml: a config is a mapping of keys to values, not a list"),
+])
+def test_a_config_file_that_cannot_be_read_fails_naming_file_and_line(tmp_path, text, message):
+    path = tmp_path / ("nope.yaml" if text is None else "bad.yaml")
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+    with pytest.raises(ConfigError, match=message):
+        load_configs([path], [])

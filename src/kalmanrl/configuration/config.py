@@ -307,10 +307,27 @@ def check_dataset_names(where: str, dataset: dict) -> None:
            lambda: get_reward(dataset["reward"], **dataset["reward_params"]).close())
 
 
+def read_config_file(path: str | Path) -> dict:
+    """A YAML config file's mapping, unvalidated; a missing file, a YAML error (named by file:line:column) or a
+    top level that is not a mapping is a ConfigError."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys to values, not a {type(config).__name__}")
+    return config or {}
+
+
 def load_config(path: str | Path) -> dict:
     """Read a YAML config file and validate it."""
-    with open(path) as fh:
-        return validate_config(yaml.safe_load(fh) or {})
+    return validate_config(read_config_file(path))
 
 
 def config_hash(value: Any) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from kalmanrl.configuration.config import ConfigError, stage_settings
+from kalmanrl.configuration.config import ConfigError, read_config_file, stage_settings, validate_config
 from kalmanrl.configuration.settings import (
     EvaluateSettings,
     Rollout,
@@ -682,14 +682,9 @@ def format_group(group: PlannedGroup) -> str:
 def load_configs(paths: list[str | Path], overrides: list[str]) -> dict:
     """Merge config files in order (later keys win, nested mappings merged, as Snakemake's --configfile), then
     KEY=VALUE overrides (a dotted key reaches into sections: train.micro_batch_tokens=8192), then validate."""
-    import yaml
-
-    from kalmanrl.configuration.config import validate_config
-
     merged: dict = {}
     for path in paths:
-        with open(path) as fh:
-            _merge(merged, yaml.safe_load(fh) or {})
+        _merge(merged, read_config_file(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
