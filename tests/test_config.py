@@ -282,3 +282,8 @@ def test_a_config_file_that_cannot_be_read_fails_naming_file_and_line(tmp_path, 
         load_config(path)
     with pytest.raises(ConfigError, match=message):
         load_configs([path], [])
+
+
+def test_a_settings_file_that_cannot_be_read_fails_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"--settings @.*none\.json: cannot read the settings file"):
+        parse_settings(f"@{tmp_path / 'none.json'}")

@@ -295,3 +295,8 @@ def test_a_tensor_parallel_size_for_evaluation_plans_training_on_one_gpu_per_eng
     """The plan resolves each job's settings as the job will (kalmanrl.configuration.settings): a config with
     rollout.tensor_parallel_size 2 (evaluation only) was refused for every training job."""
     assert main(["plan", "--config", "rollout.tensor_parallel_size=2"]) == 0
+
+
+def test_a_model_config_without_a_directory_exits_2_naming_it(capsys):
+    assert main(["plan", "--configfile", str(REPO / "config" / "smoke.yaml"), "--model-config", "tiny"]) == 2
+    assert "--model-config tiny: expected NAME=DIR" in capsys.readouterr().err

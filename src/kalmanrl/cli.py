@@ -250,6 +250,8 @@ def cmd_settings(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     from kalmanrl.jobs.plan import run_plan
 
+    if malformed := [item for item in args.model_config if "=" not in item]:
+        raise ConfigError(f"--model-config {' '.join(malformed)}: expected NAME=DIR")
     config_dirs = dict(item.split("=", 1) for item in args.model_config)
     run_plan(args.configfile, args.config, config_dirs)
 

@@ -401,7 +401,10 @@ def parse_settings(text: str) -> dict:
     source = "--settings"
     if text.startswith("@"):
         source = text[1:]
-        text = Path(source).read_text()
+        try:
+            text = Path(source).read_text()
+        except OSError as err:
+            raise ConfigError(f"--settings @{source}: cannot read the settings file ({err.strerror})") from None
     try:
         settings = parse_text(text)
     except yaml.YAMLError as err:
