@@ -91,3 +91,18 @@ def test_unknown_arguments_are_still_refused():
 def test_every_stage_is_a_subcommand():
     choices = build_parser()._subparsers._group_actions[0].choices
     assert {"data", "decontaminate", "model", "sft", "train", "evaluate", "report"} <= set(choices)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--threads", "0"], "argument --threads: invalid integer >= 1 value: '0'"),
+    (["train", "--nodes", "0"], "argument --nodes: invalid integer >= 1 value: '0'"),
+    (["train", "--cpu-ranks", "-2"], "argument --cpu-ranks: invalid integer >= 1 value: '-2'"),
+    (["evaluate", "--gpus", "-1"], "argument --gpus: invalid integer >= 0 value: '-1'"),
+])
+def test_counts_of_threads_nodes_ranks_and_gpus_below_their_least_exit_2_naming_them(argv, message, capsys):
+    stage, *rest = argv
+    required = {"train": ["--model", "m", "--dataset", "d", "--out", "o"],
+                "evaluate": ["--model", "m", "--dataset", "d", "--details", "a", "--summary", "b"]}[stage]
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([stage, "--settings", "{}", *required, *rest])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

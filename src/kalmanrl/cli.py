@@ -306,6 +306,18 @@ def cmd_compare_summary(args: argparse.Namespace) -> int:
     return 1 if verdict == DIFFERENT else 0
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `low` (argparse names the option and exits 2 otherwise)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # argparse's message: "invalid integer >= 1 value: '0'"
+    return parse
+
+
 def _threads(threads: int) -> None:
     import torch
 
@@ -337,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     def path(h: str, **kw) -> dict:
         return {"type": Path, "required": True, "help": h, **kw}
 
-    threads = ("--threads", {"type": int, "default": 1, "help": "CPU threads for torch (default 1)"})
-    gpus = ("--gpus", {"type": int, "default": None,
+    threads = ("--threads", {"type": _at_least(1), "default": 1, "help": "CPU threads for torch (default 1)"})
+    gpus = ("--gpus", {"type": _at_least(0), "default": None,
                        "help": "GPUs this job was granted: claims that many free devices and sets CUDA_VISIBLE_DEVICES "
                                "(0 hides every GPU; default: leave CUDA_VISIBLE_DEVICES as it is)"})
     _stage(sub, "data", "Build one dataset as Parquet (hub or local files; synthetic arithmetic).", cmd_data, [
@@ -360,10 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     _stage(sub, "train", "RL training (GRPO / KRPO / KPO / GSPO); resumes from out/checkpoints.", cmd_train, [
         ("--model", path("start policy directory (the warm start)")), ("--dataset", path("dataset Parquet")),
         ("--out", path(f"run directory ({FINAL}/, {CHECKPOINTS}/, {METRICS})")), threads, gpus,
-        ("--nodes", {"type": int, "default": 1,
+        ("--nodes", {"type": _at_least(1), "default": 1,
                      "help": "nodes of this job (inside a SLURM allocation); --gpus x --nodes above 1 runs that many "
                              "ranks under torchrun with the policy sharded (FSDP2); default 1"}),
-        ("--cpu-ranks", {"type": int, "default": 1,
+        ("--cpu-ranks", {"type": _at_least(1), "default": 1,
                          "help": "without GPUs (--gpus 0 or unset): CPU ranks (gloo) per node, sharded as GPU ranks "
                                  "are; inside a SLURM job one task each, started by srun (default 1)"}),
         ("--validation-data", {"type": Path, "nargs": "*", "default": [],
