@@ -66,9 +66,9 @@ def test_grpo_scales_by_group_batch_or_not_at_all():
 
 # ---------------------------------------------------------------------------------------------------------- KRPO
 
-def krpo_reference(rewards: list[float], q=1e-5, r=1e-2, x=0.0, p=1.0, eps=1e-8) -> list[float]:
+def krpo_reference(rewards: list[float], q=1e-5, r=1e-2, x0=0.0, p0=1.0, eps=1e-8) -> list[float]:
     """docs/algorithms.md's KRPO loop for one group."""
-    out = []
+    out, x, p = [], x0, p0
     for reward in rewards:
         prior = p + q
         gain = prior / (prior + r)
@@ -78,10 +78,13 @@ def krpo_reference(rewards: list[float], q=1e-5, r=1e-2, x=0.0, p=1.0, eps=1e-8)
     return out
 
 
-def test_krpo_equals_the_authors_loop_group_by_group():
+@pytest.mark.parametrize("params", [{}, {"q": 1e-3, "r": 0.1, "x0": 0.5, "p0": 0.2, "eps": 0.05}],
+                         ids=["defaults", "every-parameter-set"])
+def test_krpo_equals_the_authors_loop_group_by_group(params):
+    """Also with every parameter away from its default, so that one the estimator dropped would show."""
     rewards = torch.rand(6, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64).round(decimals=1)
-    advantages = get_advantage_estimator("krpo")(rewards)
-    expected = torch.tensor([krpo_reference(row) for row in rewards.tolist()], dtype=torch.float64)
+    advantages = get_advantage_estimator("krpo", **params)(rewards)
+    expected = torch.tensor([krpo_reference(row, **params) for row in rewards.tolist()], dtype=torch.float64)
     torch.testing.assert_close(advantages, expected, rtol=1e-9, atol=1e-9)
 
 
