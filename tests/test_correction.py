@@ -16,8 +16,9 @@ from kalmanrl.jobs.trainer import NonFiniteLossError, correct
 from kalmanrl.rl import algorithms
 from kalmanrl.rl.correction import get_rollout_correction, mismatch_metrics
 
-# Per-token ratios r = pi_old / pi_engine of two completions, the second one token shorter (padding last).
-RATIOS = [[3.0, 0.25, 1.0, 1.5], [0.8, 1.2, 2.5, 1.0]]
+# Per-token ratios r = pi_old / pi_engine of two completions, the second one token shorter (padding last). The
+# padding's ratio is far from 1 (0.1) so that a correction reading it would change every row-1 result below.
+RATIOS = [[3.0, 0.25, 1.0, 1.5], [0.8, 1.2, 2.5, 0.1]]
 MASK = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
 
 
@@ -35,6 +36,9 @@ def logps() -> tuple[torch.Tensor, torch.Tensor]:
     ("token_mask", {}, [[0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]], [[0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]]),
     # geometric means 1.125 ** (1/4) = 1.030 (kept) and 2.4 ** (1/3) = 1.339 (rejected)
     ("sequence_mask", {"low": 0.9, "high": 1.1}, [[1.0] * 4, [0.0] * 4], [[1.0] * 4, [0.0] * 4]),
+    # 1.339 > 1.3 still rejects row 1: its mean is over its 3 tokens (over 4, 2.4 ** (1/4) = 1.245, it would stay;
+    # with the padding's 0.1 read, 0.24 ** (1/3) = 0.62, too)
+    ("sequence_mask", {"low": 0.5, "high": 1.3}, [[1.0] * 4, [0.0] * 4], [[1.0] * 4, [0.0] * 4]),
 ])
 def test_each_correction_equals_its_hand_computed_weights_and_mask(name, params, weights, mask):
     old, engine = logps()
