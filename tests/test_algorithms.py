@@ -182,6 +182,13 @@ def test_sequence_ratio_is_gspo_exp_of_the_masked_mean_log_ratio_on_every_token(
     torch.testing.assert_close(rho, s.expand_as(rho))
     upstream = torch.rand_like(rho)
     torch.testing.assert_close(grad_of(rho, logp, upstream), upstream * s)
+    # its clamp bounds log s_i, as the stop-gradient formula's: exp(clamp) and no gradient on rows above it
+    mean = s.log()
+    assert (mean > 0.05).any() and (mean < 0.05).any()
+    spec = (logp - logp.detach() + mean).clamp(max=0.05).exp()
+    clamped = get_ratio_transform("sequence", clamp=0.05)(logp, old, mask)
+    torch.testing.assert_close(clamped, spec)
+    torch.testing.assert_close(grad_of(clamped, logp, upstream), grad_of(spec, logp, upstream))
 
 
 @pytest.mark.parametrize("name", ["token", "sequence", "kpo"])
