@@ -309,11 +309,12 @@ def test_token_ratio_clamps_the_log_ratio_at_20_as_verl_does():
 
 def test_dual_clip_caps_the_loss_of_negative_advantages_at_c_times_minus_a():
     # eps 0.2, c 3. A = -1: rho 5 -> max(5, 1.2) = 5 -> min(5, 3) = 3; rho 2 -> 2; rho 0.5 -> max(0.5, 0.8) = 0.8.
-    # A = +1: rho 5 -> max(-5, -1.2) = -1.2, untouched by the cap.
-    logp = torch.log(torch.tensor([[5.0, 2.0, 0.5, 5.0]], dtype=torch.float64)).requires_grad_()
+    # A = +1: rho 5 -> max(-5, -1.2) = -1.2, untouched by the cap. The last token, one the cap would act on, is
+    # padding: no part of the loss, the dual-clip fraction or the gradient.
+    logp = torch.log(torch.tensor([[5.0, 2.0, 0.5, 5.0, 5.0]], dtype=torch.float64)).requires_grad_()
     rho = get_ratio_transform("token")(logp, torch.zeros_like(logp), torch.ones_like(logp))
-    adv = torch.tensor([[-1.0, -1.0, -1.0, 1.0]], dtype=torch.float64)
-    mask = torch.ones_like(adv)
+    adv = torch.tensor([[-1.0, -1.0, -1.0, 1.0, -1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
     loss, metrics = policy_loss(rho, adv, mask, eps_low=0.2, eps_high=0.2, aggregate="bnpo", clip_ratio_c=3.0)
     assert loss.item() == pytest.approx((3 + 2 + 0.8 - 1.2) / 4)
     assert metrics["dual_clip_frac"].item() == pytest.approx(1 / 4)
@@ -321,7 +322,7 @@ def test_dual_clip_caps_the_loss_of_negative_advantages_at_c_times_minus_a():
     assert plain.item() == pytest.approx((5 + 2 + 0.8 - 1.2) / 4)
     (grad,) = torch.autograd.grad(loss, logp)
     # capped and clipped tokens get no gradient; rho = 2 with A = -1 gets -A * rho / 4 = 0.5
-    torch.testing.assert_close(grad, torch.tensor([[0.0, 0.5, 0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(grad, torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.0]], dtype=torch.float64))
 
 
 def test_dual_clip_needs_c_above_one_and_the_clipped_loss():
