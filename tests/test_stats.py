@@ -148,6 +148,19 @@ def test_grid_variance_of_a_hand_computed_grid():
     assert variance.components() == (2.0, 0.5, 0.0)
 
 
+def test_grid_variance_of_a_hand_computed_grid_with_a_residual():
+    """D = [[0, 2, 4], [2, 2, 8]]: seed means 2, 4; problem means 1, 2, 6; grand mean 3. MS_seed = 3 (1 + 1) / 1 = 6,
+    MS_problem = 2 (4 + 1 + 9) / 2 = 14; residuals [[0, 1, -1], [0, -1, 1]], MS_residual = 4 / 2 = 2. SE = sqrt((6
+    + 14 - 2) / 6) = sqrt(3) (the residual counted once, not twice); Satterthwaite df = 18^2 / (6^2 / 1 + 14^2 / 2
+    + 2^2 / 2) = 324 / 136; components ((6 - 2) / 3, (14 - 2) / 2, 2)."""
+    variance = GridVariance.of(np.array([[0.0, 2.0, 4.0], [2.0, 2.0, 8.0]]))
+    assert (variance.ms_seed, variance.ms_problem, variance.ms_residual) == pytest.approx((6.0, 14.0, 2.0))
+    assert variance.standard_error() == pytest.approx(np.sqrt(3.0))
+    assert variance.degrees_of_freedom() == pytest.approx(324 / 136)
+    assert variance.components() == pytest.approx((4 / 3, 6.0, 2.0))
+    assert paired_test(np.array([[0.0, 2.0, 4.0], [2.0, 2.0, 8.0]])).standard_error == pytest.approx(np.sqrt(3.0))
+
+
 def test_one_seed_is_the_paired_t_test_over_problems():
     from scipy.stats import ttest_1samp
 
