@@ -273,7 +273,9 @@ def test_each_recorded_expectation_covers_its_configs_whole_grid(repo_root, name
               for algorithm in config["algorithms"] for seed in config["seeds"] for step in steps}
     runs = {f"{model}/{task}/{algorithm}/seed{seed}" for model in config["models"] for task in config["tasks"]
             for algorithm in config["algorithms"] for seed in config["seeds"]}
-    for record in json.loads((repo_root / "config" / f"{name}.expected.json").read_text())["records"]:
+    records = json.loads((repo_root / "config" / f"{name}.expected.json").read_text())["records"]
+    assert records, f"config/{name}.expected.json holds no record (kalmanrl compare-summary ... --write records one)"
+    for record in records:
         recorded = record["summary"]
         assert {tuple(row[k] for k in recorded["key"]) for row in recorded["rows"]} == cells
         assert {(r["model"], r["task"], r["benchmark"], r["algorithm"]) for r in record["accuracy"]} == \
