@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kalmanrl.cli import main
-from kalmanrl.configuration.config import load_config, stage_settings, validate_config
+from kalmanrl.configuration.config import ConfigError, load_config, stage_settings, validate_config
 from kalmanrl.configuration.settings import resolve_rollout
 from kalmanrl.jobs import plan
 
@@ -300,3 +300,13 @@ def test_a_tensor_parallel_size_for_evaluation_plans_training_on_one_gpu_per_eng
 def test_a_model_config_without_a_directory_exits_2_naming_it(capsys):
     assert main(["plan", "--configfile", str(REPO / "config" / "smoke.yaml"), "--model-config", "tiny"]) == 2
     assert "--model-config tiny: expected NAME=DIR" in capsys.readouterr().err
+
+
+def test_a_model_whose_config_cannot_be_read_names_it_and_the_offline_way(tmp_path):
+    from kalmanrl.jobs.plan import shapes_of
+
+    config = {"models": {"mine": {"source": "local", "path": str(tmp_path / "none"), "dtype": "bfloat16"}}}
+    with pytest.raises(ConfigError, match=r"models\.mine: its config\.json cannot be read .* --model-config mine=DIR"):
+        shapes_of(config, {})
+    with pytest.raises(ConfigError, match=r"--model-config other: not in the config's models \(known: mine\)"):
+        shapes_of(config, {"other": tmp_path})

@@ -705,9 +705,20 @@ def _merge(into: dict, new: dict) -> None:
 
 
 def shapes_of(config: dict, config_dirs: dict[str, str | Path]) -> dict[str, ModelShape]:
-    return {name: model_shape(model_config(entry, config_dirs.get(name)), entry["dtype"] if entry["source"] != "tiny"
-                              else "float32")
-            for name, entry in config["models"].items()}
+    """Each model's shape, from `config_dirs[name]` (--model-config) where given; a name the config does not have,
+    or a config.json that cannot be read (no network, no hub cache), is a ConfigError naming the model."""
+    if unknown := sorted(set(config_dirs) - set(config["models"])):
+        raise ConfigError(f"--model-config {', '.join(unknown)}: not in the config's models "
+                          f"(known: {', '.join(sorted(config['models']))})")
+    shapes = {}
+    for name, entry in config["models"].items():
+        try:
+            transformers_config = model_config(entry, config_dirs.get(name))
+        except OSError as err:
+            raise ConfigError(f"models.{name}: its config.json cannot be read ({str(err).splitlines()[0]}); to plan "
+                              f"offline, pass --model-config {name}=DIR, a directory holding it") from None
+        shapes[name] = model_shape(transformers_config, entry["dtype"] if entry["source"] != "tiny" else "float32")
+    return shapes
 
 
 def run_plan(paths: list[str | Path], overrides: list[str], config_dirs: dict[str, str | Path]) -> list[PlannedGroup]:
