@@ -25,7 +25,7 @@ from kalmanrl.configuration.config import (
     resolve_ref,
     stage_settings,
 )
-from kalmanrl.core.layout import CHECKPOINTS, FINAL, METRICS, REPORT_FILES, WARM_START
+from kalmanrl.core.layout import CHECKPOINTS, FINAL, JOBS, METRICS, REPORT_FILES, WARM_START, fields
 from kalmanrl.runtime.cpu import DISPATCH_ENV, DispatchError, keep_freed_memory, pin_cpu_dispatch
 from kalmanrl.runtime.devices import gpu_placement
 from kalmanrl.runtime.runlock import RunDirectoryBusy, run_writer
@@ -200,17 +200,13 @@ def cmd_report(args: argparse.Namespace) -> None:
     build_report(args.summaries, args.metrics, args.out, settings=args.settings)
 
 
-# The wildcards that select one job of each stage (`kalmanrl settings`): required, then optional ones.
-STAGE_WILDCARDS = {"data": (("dataset",), ()), "model": (("model",), ()), "sft": (("model", "task"), ()),
-                   "train": (("model", "task", "algorithm", "seed"), ()),
-                   "evaluate": (("model", "task", "algorithm", "benchmark"), ("seed", "step")), "report": ((), ())}
-
-
 def job_wildcards(config: dict, stage: str, select: list[str]) -> dict[str, str]:
-    """The KEY=VALUE selectors of one job of `stage`, checked against the config: a malformed, unknown or missing
-    selector, or a value that names nothing in the config, is a ConfigError naming it."""
-    required, optional = STAGE_WILDCARDS[stage]
-    known = (*required, *optional)
+    """The KEY=VALUE selectors of one job of `stage` (its job name's wildcards, an evaluation's run as algorithm and,
+    for a trained policy, seed and step), checked against the config: a malformed, unknown or missing selector, or a
+    value that names nothing in the config, is a ConfigError naming it."""
+    parts = fields(JOBS[stage])
+    required = [name for name in parts if name != "run"] + (["algorithm"] if "run" in parts else [])
+    known = (*required, *(("seed", "step") if "run" in parts else ()))
     wildcards: dict[str, str] = {}
     for item in select:
         key, sep, value = item.partition("=")
