@@ -21,6 +21,7 @@ from kalmanrl.rl.algorithms import (
     token_noise_stats,
 )
 from kalmanrl.rl.kalman import kalman_gains
+from test_kalman import sequential_filter
 
 
 def log_probs(rows: int = 4, steps: int = 30, seed: int = 0, spread: float = 0.3):
@@ -117,29 +118,13 @@ def test_token_ratio_is_exp_of_the_log_ratio_with_gradient_through_logp_only():
     assert get_ratio_transform("token", clamp=0.1)(logp, old, mask).max().item() <= math.exp(0.1) + 1e-12
 
 
-def kpo_reference(z: torch.Tensor, mask: torch.Tensor, q: float, r: float, x0: float, p0: float) -> torch.Tensor:
-    """docs/algorithms.md's KPO filter written out: per row, the scalar Kalman loop over the valid tokens' log-ratios
-    from (x0, p0), padding 0."""
-    out = torch.zeros_like(z, dtype=torch.float64)
-    for i in range(z.shape[0]):
-        x, p = x0, p0
-        for t in range(z.shape[1]):
-            if mask[i, t]:
-                prior = p + q
-                gain = prior / (prior + r)
-                x = x + gain * (z[i, t].item() - x)
-                p = (1 - gain) * prior
-                out[i, t] = x
-    return out
-
-
 def test_kpo_ratio_value_is_exp_xhat_and_gradient_exp_xhat_times_dlogp():
     """xhat is the written-out filter with every parameter passed through (none the default): not the module's own
     filtered_log_ratio, which a dropped or swapped parameter would change on both sides alike."""
     logp, old, mask = log_probs(spread=1.0)
     params = {"q": 1e-2, "r": 0.5, "x0": 0.3, "p0": 2.0}
     rho = get_ratio_transform("kpo", **params)(logp, old, mask)
-    xhat = kpo_reference((logp - old).detach(), mask, **params)
+    xhat = sequential_filter((logp - old).detach(), mask, **params)
     torch.testing.assert_close(filtered_log_ratio(logp - old, mask, **params), xhat, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rho, xhat.exp(), rtol=1e-12, atol=0)
     upstream = torch.rand_like(rho)

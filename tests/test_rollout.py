@@ -427,6 +427,17 @@ def test_a_model_whose_generation_config_adds_processors_keeps_plain_generate(tw
     assert token_ids(penalised) != token_ids(HFEngine(model, tokenizer).generate(prompts, sampling))
 
 
+@dataclass
+class IdsTokenizer:
+    """A tokenizer for models built here without one: pad 0, end 1, token ids decoded as their numbers."""
+
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
 @pytest.mark.parametrize("family", ["granite", "cohere"])
 def test_a_model_that_scales_its_logits_after_the_head_keeps_plain_generate(family, monkeypatch):
     """Granite divides the output head's logits by `logits_scaling` and Cohere multiplies them by `logit_scale` in
@@ -443,18 +454,10 @@ def test_a_model_that_scales_its_logits_after_the_head_keeps_plain_generate(fami
                  else CohereForCausalLM(CohereConfig(**shape, logit_scale=0.25))).eval()
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
 
-    @dataclass
-    class Tokenizer:
-        pad_token_id: int = 0
-        eos_token_id: int = 1
-
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(map(str, ids))
-
     prompts = [list(range(5, 13)), list(range(13, 21))]
     sampling = SamplingConfig(n=3, temperature=1.0, max_tokens=3, seed=1)
-    shared = HFEngine(model, Tokenizer()).generate(prompts, sampling)
-    plain = HFEngine(model, Tokenizer(), plain=True).generate(prompts, sampling)
+    shared = HFEngine(model, IdsTokenizer()).generate(prompts, sampling)
+    plain = HFEngine(model, IdsTokenizer(), plain=True).generate(prompts, sampling)
     assert [(c.token_ids, c.logprobs) for group in shared for c in group] == \
         [(c.token_ids, c.logprobs) for group in plain for c in group]
 
@@ -473,15 +476,7 @@ def test_a_prompt_at_the_length_limit_beside_a_shorter_one_samples_as_alone_with
                                            bos_token_id=1, eos_token_id=1, pad_token_id=0)).eval()
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
 
-    @dataclass
-    class Tokenizer:
-        pad_token_id: int = 0
-        eos_token_id: int = 1
-
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(map(str, ids))
-
-    engine, prompts = HFEngine(model, Tokenizer()), [list(range(2, 14)), [2, 3, 4]]
+    engine, prompts = HFEngine(model, IdsTokenizer()), [list(range(2, 14)), [2, 3, 4]]
     budgets = completion_budgets(prompts, 8, model.config.max_position_embeddings)
     assert budgets == (4, 8)
     together = engine.generate(prompts, SamplingConfig(n=2, max_tokens=8, seed=3, budgets=budgets))
