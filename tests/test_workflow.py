@@ -153,6 +153,20 @@ def test_a_retried_job_asks_for_more_memory_and_time_up_to_the_caps_and_the_mode
     assert "localrule model:" in log
 
 
+def test_the_data_and_report_rules_ask_for_their_configured_resources(repo_root, tmp_path):
+    """resources.data (the data and decontaminate rules) and resources.report reach their rules, as every other
+    stage's do (they were accepted and ignored)."""
+    config = write_config(tmp_path, {"resources": {"data": {"mem_mb": 1234, "runtime": 7},
+                                                   "report": {"mem_mb": 2345, "runtime": 9}}})
+    result = subprocess.run(["snakemake", "-s", str(repo_root / "Snakefile"), "-d", str(tmp_path), "-n",
+                             "--configfile", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    asked = dict(re.findall(r"^(?:local)?rule (\w+):\n(?:.*\n)*?\s+resources: .*?runtime=(\d+)", result.stdout, re.M))
+    assert {rule: asked.get(rule) for rule in ("data", "decontaminate", "report")} == \
+        {"data": "7", "decontaminate": "7", "report": "9"}, result.stdout[-3000:]
+    assert "mem_mb=1234" in result.stdout and "mem_mb=2345" in result.stdout
+
+
 def test_a_local_run_whose_gpu_jobs_could_not_get_devices_is_refused_before_any_job(repo_root, tmp_path):
     """Two GPUs (named in CUDA_VISIBLE_DEVICES; this machine has no NVML) and GPU jobs, but no --resources gpu=N:
     Snakemake would start GPU jobs side by side and the surplus would wait an hour for a device. Refused at once,

@@ -15,6 +15,10 @@ rule data:
         conda_env("data")
     log:
         TREE.log("data"),
+    threads: res("data", "threads")
+    resources:
+        mem_mb=scaled("data", "mem_mb"),
+        runtime=scaled("data", "runtime"),
     shell:
         "kalmanrl data --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"
 
@@ -36,6 +40,10 @@ rule decontaminate:
         conda_env("data")
     log:
         TREE.log("decontaminate"),
+    threads: res("data", "threads")
+    resources:
+        mem_mb=scaled("data", "mem_mb"),
+        runtime=scaled("data", "runtime"),
     shell:
         "kalmanrl decontaminate --dataset {input.dataset:q} --exclude {input.benchmarks:q} --out {output:q}"
         " > {log:q} 2>&1"

@@ -28,6 +28,10 @@ rule report:
         conda_env("report")
     log:
         TREE.log("report"),
+    threads: res("report", "threads")
+    resources:
+        mem_mb=scaled("report", "mem_mb"),
+        runtime=scaled("report", "runtime"),
     shell:
         "kalmanrl report --settings {params.settings:q} --summaries {input.summaries:q} --metrics {input.metrics:q}"
         " --out {params.out_dir:q} > {log:q} 2>&1"
