@@ -100,24 +100,23 @@ def _load_rng(path: Path, resume: dict, ranks: Ranks) -> None:
             log.warning("%s holds rank 0's random streams only (it predates per-rank ones): all %d ranks restore "
                         "them, so ranks other than 0 draw other numbers than in an uninterrupted run", path,
                         ranks.world_size)
-        _restore_rng(load_file(source), source)
-        random.setstate(_tuples(resume["python_random"]))
-        np.random.set_state(_tuples(resume["numpy_random"]))
-        return
-    if saved != ranks.world_size and ranks.is_main:
-        log.warning("%s was saved on %d rank%s and resumes on %d rank%s: every rank restores rank 0's random "
-                    "streams, so the run does not continue bit for bit as on %d", path, saved,
-                    "s" * (saved != 1), ranks.world_size, "s" * (ranks.world_size != 1), saved)
-    source = state / RNG.format(rank=ranks.rank if saved == ranks.world_size else 0)
-    if not source.exists():
-        raise FileNotFoundError(f"{source} is missing: {path} was saved on {saved} ranks, each with its random "
-                                "streams in a file of its own")
-    with safe_open(source, framework="pt") as stored:
-        tensors = {name: stored.get_tensor(name) for name in stored.keys()}
-        metadata = stored.metadata()
+        tensors, streams = load_file(source), resume
+    else:
+        if saved != ranks.world_size and ranks.is_main:
+            log.warning("%s was saved on %d rank%s and resumes on %d rank%s: every rank restores rank 0's random "
+                        "streams, so the run does not continue bit for bit as on %d", path, saved,
+                        "s" * (saved != 1), ranks.world_size, "s" * (ranks.world_size != 1), saved)
+        source = state / RNG.format(rank=ranks.rank if saved == ranks.world_size else 0)
+        if not source.exists():
+            raise FileNotFoundError(f"{source} is missing: {path} was saved on {saved} ranks, each with its random "
+                                    "streams in a file of its own")
+        with safe_open(source, framework="pt") as stored:
+            tensors = {name: stored.get_tensor(name) for name in stored.keys()}
+            metadata = stored.metadata()
+            streams = {key: json.loads(metadata[key]) for key in ("python_random", "numpy_random")}
     _restore_rng(tensors, source)
-    random.setstate(_tuples(json.loads(metadata["python_random"])))
-    np.random.set_state(_tuples(json.loads(metadata["numpy_random"])))
+    random.setstate(_tuples(streams["python_random"]))
+    np.random.set_state(_tuples(streams["numpy_random"]))
 
 
 def _restore_rng(rng: dict[str, torch.Tensor], source: Path) -> None:
