@@ -114,8 +114,29 @@ def test_the_same_stages_and_summary_with_other_conclusions_are_not_identical(re
     """Report code (bootstrap, Holm, alpha) that changes the conclusions leaves every stage and summary row as it
     was: its own class's record is then not reproduced, and another class's is at most within tolerance."""
     verdict, outcomes = compare(run(**changes), recorded)
-    assert verdict == DIFFERENT and outcomes[0].lines == [reason]
+    assert verdict == DIFFERENT
+    assert outcomes[0].lines[0] == f"departs from it first at the report's tables (the summary is identical): {reason}"
+    assert outcomes[0].lines[2:] == [reason]
     assert compare(run(AMD, **changes), recorded)[0] != IDENTICAL
+
+
+def test_a_run_departing_only_at_the_evaluations_says_so_and_how_far_it_moved_the_study(recorded):
+    """Every stage identical and an evaluation drawn otherwise (e.g. a change of evaluation code): its own class's
+    record names the evaluations, and says whether, as another machine class's run, it would be within tolerance --
+    what a deliberate change needs to know before it is recorded with --write."""
+    changed = summary()
+    changed.loc[1, "avg_at_k"] = 0.4
+    verdict, outcomes = compare(run(summary=changed, accuracy=accuracy(grpo=0.4)), recorded)
+    assert verdict == DIFFERENT
+    assert outcomes[0].lines[:2] == [
+        "departs from it first at the evaluations (every stage before them is identical): {'model': 'tiny', 'task': "
+        "'a', 'algorithm': 'grpo', 'seed': 0, 'step': 2, 'benchmark': 'b'}: avg_at_k = 0.4, expected "
+        "0.3333333333333333",
+        "as another machine class's run it would be within tolerance (largest deviation 0.33 of its tolerance, "
+        "tiny/a/b/grpo avg_at_k)"]
+    far = compare(run(summary=changed, accuracy=accuracy(grpo=0.9)), recorded)[1][0]
+    assert far.lines[1].startswith("as another machine class's run it would be different too: accuracy tiny/a/b/grpo: "
+                                   "avg_at_k 0.9 outside its tolerance")
 
 
 def test_the_first_stage_and_step_where_a_run_departs_is_named(recorded):
@@ -237,7 +258,8 @@ def test_the_command_prints_its_verdict_and_exits_1_only_when_different(tmp_path
     summary().assign(n_problems=9).to_parquet(report / "summary.parquet")
     assert main(["compare-summary", *args]) == 1
     out = capsys.readouterr().out
-    assert ": different" in out.splitlines()[0] and out.count("n_problems = 9, expected 8") == 3
+    assert ": different" in out.splitlines()[0] and out.count("n_problems = 9, expected 8") == 4  # 3 rows, and
+    assert "departs from it first at the evaluations" in out  # the first of them as where the run departs
     (tmp_path / "e.json").write_text("{}")
     assert main(["compare-summary", *args]) == 2
     (tmp_path / "e.json").write_text('{"format": 2,\n "records": [}')

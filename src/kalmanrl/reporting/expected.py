@@ -338,18 +338,36 @@ def compare_with(run: RunResults, record: dict) -> Outcome:
     conclusion_lines = conclusion_differences(run, record)
     if not stage_lines and not summary_lines and not conclusion_lines:
         return Outcome(IDENTICAL, cls)
-    departs = [f"departs from it first at {stage_lines[0]}"] if stage_lines else []
+    departs = [f"departs from it first at {_first_departure(stage_lines, summary_lines, conclusion_lines)}"]
     hard = [line for stage, line in departed if stage in EXACT_STAGES or line.endswith(MISSING)]
     counts = [c for c in record["summary"]["columns"] if COUNTS.match(c)]
     hard += summary_differences(run.summary, {**record["summary"], "columns": counts})
-    if machine_class(run.summary) == cls or hard:
+    if hard:
         rest = [line for line in stage_lines[1:] + summary_lines + conclusion_lines if line not in hard]
         return Outcome(DIFFERENT, cls, departs + hard + rest)
     lines, largest, where = tolerance_lines(run, record)
+    if machine_class(run.summary) == cls:
+        # Its own class's record must be reproduced exactly; how far the change moved the study is still worth
+        # knowing before a deliberate change is recorded with --write.
+        moved = (f"as another machine class's run it would be within tolerance (largest deviation {largest:.2f} "
+                 f"of its tolerance, {where})" if not lines else
+                 f"as another machine class's run it would be different too: {lines[0]}")
+        return Outcome(DIFFERENT, cls, [*departs, moved, *stage_lines[1:], *summary_lines, *conclusion_lines],
+                       largest)
     if lines:
         return Outcome(DIFFERENT, cls, departs + lines, largest)
     return Outcome(WITHIN_TOLERANCE, cls, departs + [f"largest deviation {largest:.2f} of its tolerance ({where})"],
                    largest)
+
+
+def _first_departure(stage_lines: list[str], summary_lines: list[str], conclusion_lines: list[str]) -> str:
+    """Where a run first parts from a record: a stage's fingerprint, else the evaluations (the summary rows: every
+    stage before them is the same), else the report's tables (the same summary, other conclusions drawn)."""
+    if stage_lines:
+        return stage_lines[0]
+    if summary_lines:
+        return f"the evaluations (every stage before them is identical): {summary_lines[0]}"
+    return f"the report's tables (the summary is identical): {conclusion_lines[0]}"
 
 
 def compare(run: RunResults, path: str | Path) -> tuple[str, list[Outcome]]:
