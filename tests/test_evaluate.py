@@ -10,7 +10,7 @@ import pytest
 
 from kalmanrl.configuration.config import stage_settings, validate_config
 from kalmanrl.jobs.evaluate import evaluate
-from kalmanrl.policy.rollout import vllm_available
+from kalmanrl.policy.rollout import HFEngine, vllm_available
 from kalmanrl.reporting.metrics import krpo_summed_reward, majority_correct, pass_at_k, summarise, verl_best_at_k
 
 
@@ -156,3 +156,23 @@ def test_vllm_evaluation_equals_transformers_without_loading_the_torch_policy(tm
     assert (hf["num_tokens"] > 0).all()
     pd.testing.assert_frame_equal(hf, vllm)
     assert pd.read_parquet(tmp_path / "vllm.s.parquet").iloc[0]["rollout_backend"] == "vllm"
+
+
+def test_evaluation_samples_do_not_depend_on_the_batch_size(tmp_path, tiny_model_dir, arithmetic_parquet,
+                                                              monkeypatch):
+    """evaluate.batch_size only splits the generate calls: every prompt keeps its seeds, whatever the split."""
+    seeds = {}
+
+    def recording(self, prompt_ids, sampling):
+        seeds.setdefault(name, []).extend(sampling.prompt_seed(i) for i in range(len(prompt_ids)))
+        return generate(self, prompt_ids, sampling)
+
+    generate = HFEngine.generate
+    monkeypatch.setattr(HFEngine, "generate", recording)
+    runs = {}
+    for name, batch_size in (("whole", 64), ("split", 2)):
+        evaluate(tiny_model_dir, arithmetic_parquet, settings=_settings(batch_size=batch_size),
+                 out_details=tmp_path / f"{name}.parquet", out_summary=tmp_path / f"{name}.s.parquet")
+        runs[name] = pd.read_parquet(tmp_path / f"{name}.parquet")
+    assert len(seeds["whole"]) == 5 and seeds["split"] == seeds["whole"]
+    pd.testing.assert_frame_equal(runs["whole"], runs["split"])

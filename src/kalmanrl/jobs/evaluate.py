@@ -71,7 +71,10 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
                           unit="batch"):
             batch = prompt_ids[start:start + cfg.batch_size]
             budgets = completion_budgets(batch, cfg.max_tokens, limit)
-            completions += engine.generate(batch, SamplingConfig(**sampling, seed=cfg.seed + start, budgets=budgets))
+            # Seeded by each prompt's position in the benchmark, so evaluate.batch_size (a memory knob) does not
+            # change which samples are drawn.
+            completions += engine.generate(batch, SamplingConfig(**sampling, seed=cfg.seed, first_prompt=start,
+                                                                 budgets=budgets))
 
     flat = [c for group in completions for c in group]
     golds = [g for g in problems["answer"] for _ in range(cfg.k)]
