@@ -35,6 +35,12 @@ def test_majority_vote_ignores_missing_answers_and_breaks_ties_by_first_seen():
     assert not majority_correct([None, None], [False, False])
 
 
+def test_the_majority_answer_is_correct_when_a_sample_of_it_was_judged_so_after_one_hit_a_limit():
+    """The first "7" hit the reward's time limit (scored 0, unjudged); the second was judged correct."""
+    assert majority_correct(["7", "8", "7"], [False, False, True])
+    assert not majority_correct(["7", "8", "7"], [False, True, False])
+
+
 def test_summary_metrics_average_per_problem_estimates():
     details = pd.DataFrame({"problem_id": ["a"] * 4 + ["b"] * 4,
                             "correct": [True, False, False, False] + [False] * 4,

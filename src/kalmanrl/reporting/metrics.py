@@ -38,12 +38,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def majority_correct(extracted: list[str | None], correct: list[bool]) -> bool:
-    """maj@k: the most frequent extracted answer (first seen wins ties; no answer never wins) is correct."""
+    """maj@k: the most frequent extracted answer (first seen wins ties; no answer never wins) is correct. It is when
+    any of its samples was judged correct: samples of one answer differ only where one hit a reward limit (time,
+    memory) and scored 0 unjudged, which says nothing of the answer."""
     votes = Counter(a for a in extracted if a is not None)
     if not votes:
         return False
     winner = max(votes, key=lambda a: (votes[a], -extracted.index(a)))
-    return correct[extracted.index(winner)]
+    return any(right for answer, right in zip(extracted, correct, strict=True) if answer == winner)
 
 
 def bootstrap_indices(n: int, k: int, *, draws: int = VERL_BOOTSTRAP_DRAWS,
