@@ -44,9 +44,19 @@ def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
     assert "train.lr" in capsys.readouterr().err
 
 
+def test_an_unknown_part_of_the_settings_exits_2_naming_it(tmp_path, capsys):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("sfft: {steps: 1}\n")
+    code = main(["sft", "--settings", f"@{settings}", "--model", "m", "--dataset", "d", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert f"{settings}: unknown part 'sfft' of the sft stage's settings (known parts: sft, template, " in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("settings, message", [
     ('{"benchmark": {"loader": "math500", "reward": "exact"}}', "benchmark.reward: unknown reward 'exact' (known: "),
-    ('{"task": {"loader": "arithmetic", "template": "r1"}}', "task.template: unknown prompt template 'r1' (known: "),
+    ('{"benchmark": {"loader": "arithmetic", "template": "r1"}}',
+     "benchmark.template: unknown prompt template 'r1' (known: "),
     ('{"plugins": ["missing_plugin.py"]}', "plugins[0]: no file 'missing_plugin.py'"),
 ])
 def test_a_jobs_settings_are_checked_against_the_registries_before_it_runs(tmp_path, capsys, settings, message):

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from kalmanrl.configuration.config import (
+    STAGE_SETTINGS_KEYS,
     ConfigError,
     config_hash,
     fill_defaults,
@@ -118,16 +119,38 @@ def test_train_settings_of_one_algorithm_ignore_the_others():
 def test_settings_round_trip_through_the_command_line(tmp_path):
     config = validate_config({})
     settings = stage_settings(config, "train", model="tiny", task="arithmetic_easy", algorithm="kpo", seed="1")
-    assert parse_settings(json.dumps(settings)) == settings
+    assert parse_settings(json.dumps(settings), "train") == settings
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"train": {"steps": 3}}))
-    parsed = parse_settings(f"@{path}")
+    parsed = parse_settings(f"@{path}", "train")
     assert parsed["train"]["steps"] == 3 and parsed["train"]["group_size"] == 8
 
 
 def test_settings_with_a_bad_key_name_it():
     with pytest.raises(ConfigError, match=r"unknown key 'train\.stepz'"):
-        parse_settings('{"train": {"stepz": 3}}')
+        parse_settings('{"train": {"stepz": 3}}', "train")
+
+
+@pytest.mark.parametrize("stage, wildcards", [
+    ("data", dict(dataset="arithmetic_easy")),
+    ("model", dict(model="tiny")),
+    ("sft", dict(model="tiny", task="arithmetic_easy")),
+    ("train", dict(model="tiny", task="arithmetic_easy", algorithm="kpo", seed="0")),
+    ("evaluate", dict(model="tiny", benchmark="arithmetic_easy", algorithm="kpo", seed="0")),
+    ("report", {}),
+])
+def test_every_part_a_stage_job_is_given_is_a_known_part_of_its_settings(stage, wildcards):
+    config = validate_config({"train": {"validation": {"every": 2}}})
+    config["plugins"] = ["my_plugin.py"]  # not imported here
+    assert set(stage_settings(config, stage, **wildcards)) <= set(STAGE_SETTINGS_KEYS[stage])
+
+
+def test_an_unknown_part_of_a_jobs_settings_fails_naming_it_and_the_known_ones():
+    """A misspelt part ("trian"), or another stage's ("sft" given to a training job), was silently ignored."""
+    with pytest.raises(ConfigError, match=r"--settings: unknown part 'trian', 'sft' of the train stage's settings "
+                                          r"\(known parts: train, model, algorithm, rollout, task, ident, validation, "
+                                          r"plugins\)"):
+        parse_settings('{"trian": {"steps": 3}, "train": {"steps": 2}, "sft": {}}', "train")
 
 
 def test_config_hash_is_order_independent():
@@ -286,4 +309,4 @@ def test_a_config_file_that_cannot_be_read_fails_naming_file_and_line(tmp_path, 
 
 def test_a_settings_file_that_cannot_be_read_fails_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=r"--settings @.*none\.json: cannot read the settings file"):
-        parse_settings(f"@{tmp_path / 'none.json'}")
+        parse_settings(f"@{tmp_path / 'none.json'}", "train")

@@ -498,7 +498,7 @@ def train_worker(settings: Path, model: Path, data: Path, out: Path) -> None:
     from kalmanrl.configuration.config import parse_settings
     from kalmanrl.jobs.trainer import train
 
-    train(model, data, out, settings=parse_settings(f"@{settings}"))
+    train(model, data, out, settings=parse_settings(f"@{settings}", "train"))
 
 
 if __name__ == "__main__" and sys.argv[1] == "train":

@@ -78,7 +78,7 @@ def test_a_job_imports_the_plugins_its_settings_name(rloo_dir):
     (workdir / "settings.json").write_text(printed.stdout)
     job = run([sys.executable, "-c", "from kalmanrl.configuration.config import parse_settings\n"
                "from kalmanrl.rl.algorithms import get_advantage_estimator\nimport torch\n"
-               "s = parse_settings('@settings.json')\n"
+               "s = parse_settings('@settings.json', 'train')\n"
                "print(get_advantage_estimator(s['algorithm']['advantage'])(torch.tensor([[2.0, 0.0]])).tolist())"],
               workdir)
     assert job.returncode == 0, job.stderr

@@ -187,7 +187,7 @@ def test_an_unknown_logger_is_refused_at_validation_naming_its_key():
                                           r"tensorboard, wandb\)"):
         validate_config({"train": {"loggers": ["tensorboard", "comet"]}})
     with pytest.raises(ConfigError, match=r"^train\.loggers\[0\]: unknown tracker 'comet'"):
-        parse_settings(json.dumps({"train": {"loggers": ["comet"]}}))
+        parse_settings(json.dumps({"train": {"loggers": ["comet"]}}), "train")
     with pytest.raises(ConfigError, match="non-unique"):
         validate_config({"train": {"loggers": ["wandb", "wandb"]}})
 

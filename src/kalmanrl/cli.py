@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "settings"):  # a workflow stage: pin the CPU dispatch before anything loads numpy or torch
             log.debug("CPU dispatch pinned to %s ($%s)", pin_cpu_dispatch(), DISPATCH_ENV)
             keep_freed_memory()
-            args.settings = parse_settings(args.settings)
+            args.settings = parse_settings(args.settings, args.command)
         with gpu_placement(getattr(args, "gpus", None)):
             code = args.func(args)
     except (ConfigError, DispatchError, RunDirectoryBusy) as err:

@@ -390,14 +390,26 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
     raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
 
 
+# The top-level parts of each stage's settings (what `stage_settings` gives its jobs): `parse_settings` refuses any
+# other, so that a misspelt part fails instead of being ignored.
+STAGE_SETTINGS_KEYS = {
+    "data": ("name", "dataset", "data", "plugins"),
+    "model": ("model", "templates", "plugins"),
+    "sft": ("sft", "template", "chat_template_kwargs", "add_special_tokens", "seed", "dtype", "plugins"),
+    "train": ("train", "model", "algorithm", "rollout", "task", "ident", "validation", "plugins"),
+    "evaluate": ("evaluate", "rollout", "model", "benchmark", "ident", "plugins"),
+    "report": ("report",),
+}
+
 _SETTINGS_PARTS = {"plugins": "plugins", "dataset": "dataset", "data": "data", "model": "model", "sft": "sft",
                    "train": "train", "algorithm": "algorithm", "rollout": "rollout", "task": "dataset",
                    "evaluate": "evaluate", "benchmark": "dataset", "report": "report"}
 
 
-def parse_settings(text: str) -> dict:
-    """Stage settings from the command line: JSON, or @path to a JSON/YAML file. Each part is validated against its
-    schema definition and completed with defaults, so a hand-written settings file only states what differs."""
+def parse_settings(text: str, stage: str) -> dict:
+    """A `stage` job's settings from the command line: JSON, or @path to a JSON/YAML file. Only the stage's parts
+    (`STAGE_SETTINGS_KEYS`) are accepted; each is validated against its schema definition and completed with defaults,
+    so a hand-written settings file only states what differs."""
     source = "--settings"
     if text.startswith("@"):
         source = text[1:]
@@ -411,6 +423,10 @@ def parse_settings(text: str) -> dict:
         raise ConfigError(f"{source} is neither JSON nor YAML: {err}") from None
     if not isinstance(settings, dict):
         raise ConfigError("--settings must be a mapping")
+    known = STAGE_SETTINGS_KEYS[stage]
+    if unknown := [key for key in settings if key not in known]:
+        raise ConfigError(f"{source}: unknown part {', '.join(map(repr, unknown))} of the {stage} stage's settings "
+                          f"(known parts: {', '.join(known)})")
     defs = load_schema()["$defs"]
     for key, def_name in _SETTINGS_PARTS.items():
         if key in settings:
