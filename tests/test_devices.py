@@ -4,10 +4,12 @@ CUDA cannot provide refuses to run on the CPU, and a local run that could not gi
 refused up front."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -185,6 +187,21 @@ def test_a_claimed_device_that_is_not_visible_fails_naming_the_visible_ones(visi
 def test_a_gpu_in_mig_mode_cannot_be_claimed_whole():
     with pytest.raises(ValueError, match="'GPU-bbbbbbbb' names no device"):
         visible_pool(parse_nvidia_smi_list(HOST_SMI), "GPU-bbbbbbbb")
+
+
+@pytest.mark.parametrize("gpus, visible, repeated", [
+    (None, "0,0", "entry '0' names a device an earlier entry ('0') names"),  # no enumeration: taken as given
+    (CONTAINER, "1,GPU-ffffffff", "entry 'GPU-ffffffff' names a device an earlier entry ('1') names"),
+])
+def test_a_device_named_twice_fails_the_claim_at_once_naming_the_entry(tmp_path, monkeypatch, gpus, visible,
+                                                                       repeated):
+    """The pool held the device twice, and a claim of both waited out its timeout for the lock it held itself."""
+    monkeypatch.setattr("kalmanrl.runtime.devices.enumerate_gpus", lambda: gpus)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=re.escape(f"{VISIBLE}={visible!r}: {repeated}")):
+        with gpu_placement(2, env={VISIBLE: visible}, lock_dir=tmp_path, timeout=20):
+            pass
+    assert time.monotonic() - start < 5
 
 
 def test_without_nvml_or_nvidia_smi_the_users_devices_are_taken_as_given():

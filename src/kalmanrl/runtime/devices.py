@@ -134,12 +134,13 @@ def visible_pool(gpus: Sequence[Gpu] | None, visible: str | None) -> list[str]:
 
     UUIDs, not indices, go into the jobs' CUDA_VISIBLE_DEVICES: CUDA numbers the devices it can see from 0 (inside a
     container given a subset of the host's GPUs, under MIG, or when CUDA_VISIBLE_DEVICES is already set), so a host's
-    device number can name no device, or another one. An entry that names no device raises. Without any enumeration
-    (`gpus` None) the entries of `visible` are taken as they are. (CUDA uses one MIG instance per process: a job
-    given two sees one, and `resolve_device` refuses it.)"""
+    device number can name no device, or another one. An entry that names no device raises, and so does one that
+    names a device already named ("0,0"; the pool would hold the device twice and a claim of both would wait for a lock
+    it holds itself). Without any enumeration (`gpus` None) the entries of `visible` are taken as they are. (CUDA uses
+    one MIG instance per process: a job given two sees one, and `resolve_device` refuses it.)"""
     entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
     if gpus is None:
-        return entries
+        return _once_each(entries, entries, visible)
     if visible is None:
         return [g.uuid for g in gpus]
     listed = ", ".join(f"{g.uuid} (index {g.index}, {g.name})" for g in gpus) or "none"
@@ -154,6 +155,16 @@ def visible_pool(gpus: Sequence[Gpu] | None, visible: str | None) -> list[str]:
                              f"this machine: {listed}. Inside a container or with MIG, CUDA numbers the visible "
                              f"devices from 0; name devices by UUID (nvidia-smi -L)")
         pool.append(matches[0].uuid)
+    return _once_each(pool, entries, visible)
+
+
+def _once_each(pool: list[str], entries: list[str], visible: str | None) -> list[str]:
+    """`pool` (the devices `entries` name, in order), or ValueError naming the first entry whose device an earlier
+    entry named."""
+    for i, device in enumerate(pool):
+        if device in pool[:i]:
+            raise ValueError(f"{VISIBLE}={visible!r}: entry {entries[i]!r} names a device an earlier entry "
+                             f"({entries[pool.index(device)]!r}) names: give each device once")
     return pool
 
 
