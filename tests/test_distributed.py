@@ -7,7 +7,7 @@ Run as a script this file is the worker each test starts: `... test_distributed.
 random Qwen2 on a seeded global batch per step split over the ranks (AdamW, a token-mean NLL loss normalised by the
 global token count); `... test_distributed.py train <settings.json> <model> <dataset> <out>` is `kalmanrl train`
 with the test reward registered; `rng <out>` saves and restores a checkpoint's random streams, `atomic_dir <out>
-<rank>` fails a `shared_atomic_dir` block on one rank."""
+<rank>` fails a `shared_atomic_dir` block on one rank, `length_limit <out>` samples prompts at the length limit."""
 
 from __future__ import annotations
 
@@ -492,6 +492,64 @@ def test_a_rank_failing_in_a_shared_atomic_dir_fails_every_rank_promptly_and_lea
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank1.json"]
 
 
+# --- the hf engine at the length limit on 2 ranks -----------------------------------------------------------------
+
+# Each case: every rank's prompts for a tiny GPT-2 with a table of 16 positions, 8 completion tokens at most. A
+# 12-token prompt's budget is 4, a shorter one's 8.
+LIMIT, LONG = 16, [list(range(2, 14)), list(range(3, 15))]
+LENGTH_LIMIT_CASES = {
+    "both budgets on rank 0": [[LONG[0], [2, 3, 4]], [[5, 6, 7], [2, 3, 4, 5, 6]]],
+    "one budget on each rank": [LONG, [[5, 6, 7], [8, 9]]],
+}
+
+
+def limit_sampling(shares: list[list[list[int]]], rank: int):
+    """The SamplingConfig of `rank`'s share of a case: its prompts' budgets, and their place in the whole batch."""
+    from kalmanrl.jobs.stage import completion_budgets
+    from kalmanrl.policy.rollout import SamplingConfig
+
+    return SamplingConfig(n=2, max_tokens=8, seed=3, first_prompt=sum(map(len, shares[:rank])),
+                          budgets=completion_budgets(shares[rank], 8, LIMIT))
+
+
+def length_limit_worker(out: Path) -> None:
+    """Each rank samples its share of every case with the hf engine, on the same plain GPT-2 (a model of a
+    `decoder_layers` shape would be sharded; an unsharded one is enough: the engine generates in step with the other
+    rank whenever the process group is up) and writes its completions."""
+    from kalmanrl.policy.rollout import HFEngine
+    from kalmanrl.runtime.distributed import close_ranks, init_ranks
+    from test_rollout import IdsTokenizer, position_table_model
+
+    ranks = init_ranks(timeout_minutes=1)
+    engine = HFEngine(position_table_model(), IdsTokenizer())
+    done = {name: [[(c.token_ids, c.logprobs) for c in group]
+                   for group in engine.generate(shares[ranks.rank], limit_sampling(shares, ranks.rank))]
+            for name, shares in LENGTH_LIMIT_CASES.items()}
+    (out / f"rank{ranks.rank}.json").write_text(json.dumps(done))
+    close_ranks(ranks)
+
+
+def test_prompts_at_the_length_limit_sample_on_2_ranks_as_in_one_process_with_a_position_table(tmp_path):
+    """On several ranks the engine generated each rank's rows in one batch (every rank must make the same generate
+    calls), and a rank that stops early keeps stepping with the others: a 12-token prompt (budget 4) beside an 8-token
+    budget, on its rank or on the other, was fed positions past GPT-2's table and failed. Each rank's completions are
+    those its share gets in one process (the same batches: a row's last bits depend on its batch's size here)."""
+    from kalmanrl.policy.rollout import HFEngine
+    from test_rollout import IdsTokenizer, position_table_model
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE),
+               "length_limit", str(tmp_path)]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    engine = HFEngine(position_table_model(), IdsTokenizer())
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name, shares in LENGTH_LIMIT_CASES.items():
+            alone = engine.generate(shares[rank], limit_sampling(shares, rank))
+            assert got[name] == [[[c.token_ids, c.logprobs] for c in group] for group in alone], (name, rank)
+
+
 def train_worker(settings: Path, model: Path, data: Path, out: Path) -> None:
     sys.path.insert(0, str(HERE.parent))
     import digit_share  # noqa: F401,F811  (registers the "digit_share" reward in this worker process)
@@ -505,6 +563,8 @@ if __name__ == "__main__" and sys.argv[1] == "train":
     train_worker(*map(Path, sys.argv[2:6]))
 elif __name__ == "__main__" and sys.argv[1] == "rng":
     rng_worker(Path(sys.argv[2]))
+elif __name__ == "__main__" and sys.argv[1] == "length_limit":
+    length_limit_worker(Path(sys.argv[2]))
 elif __name__ == "__main__" and sys.argv[1] == "atomic_dir":
     atomic_dir_worker(Path(sys.argv[2]), int(sys.argv[3]))
 elif __name__ == "__main__":

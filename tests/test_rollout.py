@@ -462,20 +462,25 @@ def test_a_model_that_scales_its_logits_after_the_head_keeps_plain_generate(fami
         [(c.token_ids, c.logprobs) for group in plain for c in group]
 
 
-def test_a_prompt_at_the_length_limit_beside_a_shorter_one_samples_as_alone_with_a_position_table():
-    """GPT-2 has a table of max_position_embeddings positions. A prompt whose budget the limit cuts (12 + 4 = 16
-    positions) generated beside a shorter prompt with the full budget (8) would be fed positions 16 to 18: it failed
-    with an IndexError. Each prompt's completions are the ones it gets alone."""
+def position_table_model() -> torch.nn.Module:
+    """A tiny random GPT-2 (the same weights on every call): a table of 16 positions, pad 0, end 1."""
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from kalmanrl.jobs.stage import completion_budgets
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                                            bos_token_id=1, eos_token_id=1, pad_token_id=0)).eval()
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
+    return model
 
+
+def test_a_prompt_at_the_length_limit_beside_a_shorter_one_samples_as_alone_with_a_position_table():
+    """GPT-2 has a table of max_position_embeddings positions. A prompt whose budget the limit cuts (12 + 4 = 16
+    positions) generated beside a shorter prompt with the full budget (8) would be fed positions 16 to 18: it failed
+    with an IndexError. Each prompt's completions are the ones it gets alone (on 2 ranks: test_distributed.py)."""
+    from kalmanrl.jobs.stage import completion_budgets
+
+    model = position_table_model()
     engine, prompts = HFEngine(model, IdsTokenizer()), [list(range(2, 14)), [2, 3, 4]]
     budgets = completion_budgets(prompts, 8, model.config.max_position_embeddings)
     assert budgets == (4, 8)

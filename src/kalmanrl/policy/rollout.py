@@ -148,15 +148,28 @@ class HFEngine(_ContextManaged):
         has a smaller budget than a shorter one beside it, and a model with a table of positions (GPT-2) fails on
         them, one with dynamic rotary scaling rescales every row (a row's own tokens stay within its budget, so
         the others' longer generation is harmless otherwise). Rows of one budget fit, since every budget keeps its
-        prompt within the limit. Not on several ranks, which must make the same generate calls."""
+        prompt within the limit.
+
+        On several ranks (`synced`) every rank must make the same generate calls, and a rank that is done keeps
+        stepping until every rank is: the ranks decide from all ranks' budgets and longest prompts, and each makes
+        one call per budget of any rank, with a one-token stand-in row (its completion dropped) where it has none."""
         positions = getattr(self.policy.config.get_text_config(decoder=True), "max_position_embeddings", None)
-        steps = max(budget for _, _, budget in rows)
-        if (positions is None or self.synced
-                or all(len(ids) + steps - 1 <= positions for ids, _, _ in rows)):
+        if positions is None:
+            return self._generate_batch(rows, sampling, device)
+        budgets, longest = sorted({budget for _, _, budget in rows}), max(len(ids) for ids, _, _ in rows)
+        if self.synced:
+            shares: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shares, (budgets, longest))
+            budgets = sorted({budget for share, _ in shares for budget in share})
+            longest = max(length for _, length in shares)
+        if longest + budgets[-1] - 1 <= positions:
             return self._generate_batch(rows, sampling, device)
         out: list[Completion | None] = [None] * len(rows)
-        for budget in sorted({budget for _, _, budget in rows}):
+        for budget in budgets:
             index = [i for i, (_, _, b) in enumerate(rows) if b == budget]
+            if not index:
+                self._generate_batch([([self.tokenizer.pad_token_id], 0, budget)], sampling, device)
+                continue
             for i, completion in zip(index, self._generate_batch([rows[i] for i in index], sampling, device),
                                      strict=True):
                 out[i] = completion
