@@ -7,7 +7,8 @@ Run as a script this file is the worker each test starts: `... test_distributed.
 random Qwen2 on a seeded global batch per step split over the ranks (AdamW, a token-mean NLL loss normalised by the
 global token count); `... test_distributed.py train <settings.json> <model> <dataset> <out>` is `kalmanrl train`
 with the test reward registered; `rng <out>` saves and restores a checkpoint's random streams, `atomic_dir <out>
-<rank>` fails a `shared_atomic_dir` block on one rank, `length_limit <out>` samples prompts at the length limit."""
+<rank> <0|1>` fails a `shared_atomic_dir` block on one rank (1: while the other is in a barrier of the block),
+`length_limit <out>` samples prompts at the length limit."""
 
 from __future__ import annotations
 
@@ -447,12 +448,15 @@ def test_each_rank_resumes_its_own_random_streams(tmp_path):
 ATOMIC_TIMEOUT_S = 20  # the workers' process-group timeout: an unfixed wait at a barrier ends after this, not 30 min
 
 
-def atomic_dir_worker(out: Path, failing: int) -> None:
-    """Every rank writes a file into a `shared_atomic_dir` (out/target); rank `failing` raises in the block. Each rank
-    records what it raised and after how long, then waits for the other's record before it leaves: it stays in the
-    job, as a rank that handles the error would, so a crash cannot free the other early. The failing rank raises once
-the other has written its file, so that it is the wait after the block that is tested."""
-    from kalmanrl.runtime.distributed import close_ranks, init_ranks, shared_atomic_dir
+def atomic_dir_worker(out: Path, failing: int, other_in_barrier: bool) -> None:
+    """Every rank writes a file into a `shared_atomic_dir` (out/target); rank `failing` raises in the block, once the
+    other has written its file. Each rank records what it raised and after how long.
+
+    Without `other_in_barrier` it is the wait after the block that is tested: each rank then waits for the other's
+    record before it leaves, staying in the job as a rank that handles the error would, so a crash cannot free the
+    other early. With it the other rank goes on to a barrier inside the block, and the failing rank, as the trainer
+    does, leaves the process group and ends."""
+    from kalmanrl.runtime.distributed import barrier, close_ranks, init_ranks, shared_atomic_dir
 
     ranks = init_ranks(timeout_minutes=ATOMIC_TIMEOUT_S / 60)
     start = time.monotonic()
@@ -460,34 +464,51 @@ the other has written its file, so that it is the wait after the block that is t
     try:
         with shared_atomic_dir(out / "target", ranks) as tmp:
             (tmp / f"rank{ranks.rank}").write_text("written")
-            if ranks.rank == failing:  # once the other rank has written (and waits after the block)
+            if ranks.rank == failing:
                 while len(list(tmp.glob("rank*"))) < ranks.world_size and time.monotonic() < start + 10:
                     time.sleep(0.05)
                 raise OSError(f"rank {failing} cannot write")
+            if other_in_barrier:
+                barrier(ranks)
     except Exception as error:
         outcome = {"type": type(error).__name__, "message": str(error)}
     outcome["seconds"] = time.monotonic() - start
     (out / f"rank{ranks.rank}.json").write_text(json.dumps(outcome))
     deadline = time.monotonic() + 3 * ATOMIC_TIMEOUT_S
-    while len(list(out.glob("rank*.json"))) < ranks.world_size and time.monotonic() < deadline:
+    while (len(list(out.glob("rank*.json"))) < ranks.world_size and time.monotonic() < deadline
+           and not (other_in_barrier and ranks.rank == failing)):
         time.sleep(0.05)
     close_ranks(ranks)
+
+
+def run_atomic_dir_workers(out: Path, failing: int, other_in_barrier: bool) -> list[dict]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE),
+               "atomic_dir", str(out), str(failing), str(int(other_in_barrier))]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=6 * ATOMIC_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
 @pytest.mark.parametrize("failing", [1, 0])
 def test_a_rank_failing_in_a_shared_atomic_dir_fails_every_rank_promptly_and_leaves_nothing(tmp_path, failing):
     """The failing rank raises its own error, the other an error naming it and the directory, both within seconds
     (not after the process group's timeout), and neither the directory nor rank 0's temporary one remains."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE),
-               "atomic_dir", str(tmp_path), str(failing)]
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=6 * ATOMIC_TIMEOUT_S)
-    assert done.returncode == 0, done.stderr[-4000:]
-    outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    outcomes = run_atomic_dir_workers(tmp_path, failing, other_in_barrier=False)
     own, other = outcomes[failing], outcomes[1 - failing]
     assert own["type"] == "OSError" and own["message"] == f"rank {failing} cannot write"
     assert other["type"] == "RuntimeError", other
     assert f"rank {failing}" in other["message"] and str(tmp_path / "target") in other["message"], other
+    assert all(outcome["seconds"] < ATOMIC_TIMEOUT_S / 2 for outcome in outcomes), outcomes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank1.json"]
+
+
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_rank_failing_while_the_other_is_in_a_collective_of_the_block_ends_promptly(tmp_path, failing):
+    """The failing rank waited after the block in a collective of its own, the other in the block's barrier, until
+    the process group's timeout. Now the failing rank leaves at once, and the other's barrier fails when it does."""
+    outcomes = run_atomic_dir_workers(tmp_path, failing, other_in_barrier=True)
+    assert outcomes[failing]["type"] == "OSError" and outcomes[1 - failing]["type"] is not None, outcomes
     assert all(outcome["seconds"] < ATOMIC_TIMEOUT_S / 2 for outcome in outcomes), outcomes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank1.json"]
 
@@ -566,7 +587,7 @@ elif __name__ == "__main__" and sys.argv[1] == "rng":
 elif __name__ == "__main__" and sys.argv[1] == "length_limit":
     length_limit_worker(Path(sys.argv[2]))
 elif __name__ == "__main__" and sys.argv[1] == "atomic_dir":
-    atomic_dir_worker(Path(sys.argv[2]), int(sys.argv[3]))
+    atomic_dir_worker(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1")
 elif __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)

@@ -250,12 +250,13 @@ def shared_atomic_dir(path: Path, ranks: Ranks) -> Iterator[Path]:
     """`kalmanrl.core.io.atomic_path` for a directory every rank writes into: rank 0 makes the temporary sibling and
     renames it to `path` once every rank has left the block without an error.
 
-    After the block the ranks agree on the outcome (one all_gather, instead of a bare barrier that would keep the
-    others waiting for the process group's timeout, 30 minutes, when one rank raised): if any rank raised, the
-    failing ranks re-raise their own errors, every other rank raises one naming the failing ranks and `path`, and
-    rank 0 removes the temporary directory, so a failed job ends promptly and leaves no half-written `path`. A
-    failed rename is broadcast in the same way. A rank that fails inside a collective of the block (e.g. a DCP
-    save) still leaves the others waiting in that collective. One process: `atomic_path` itself."""
+    After the block the ranks agree on the outcome through the process group's key-value store, not a collective: a
+    rank that raised posts its error and re-raises at once, and every other rank, once out of the block, raises an
+    error naming the failing ranks and `path` (rank 0 removing the temporary directory), so a failed job ends
+    promptly and leaves no half-written `path`. A collective there would keep a failing rank waiting for ranks still
+    inside a collective of the block (e.g. the barrier after rank 0 writes a full model) until the process group's
+    timeout, 30 minutes; without one the failing rank leaves, and its exit ends the job (torchrun stops the other
+    ranks). A failed rename is broadcast. One process: `atomic_path` itself."""
     from kalmanrl.core.io import atomic_path
 
     if not ranks.sharded:
@@ -269,9 +270,10 @@ def shared_atomic_dir(path: Path, ranks: Ranks) -> Iterator[Path]:
             try:
                 yield tmp
             except BaseException as error:
-                _raise_if_another_rank_failed(path, ranks, error)
+                _post_outcome(tmp, ranks, error)
                 raise
-            _raise_if_another_rank_failed(path, ranks, None)
+            _post_outcome(tmp, ranks, None)
+            _raise_if_another_rank_failed(path, tmp, ranks)
             agreed = True
     except BaseException as error:
         if not agreed:
@@ -290,14 +292,26 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:1000]
 
 
-def _raise_if_another_rank_failed(path: Path, ranks: Ranks, error: BaseException | None) -> None:
-    """Every rank's outcome of a `shared_atomic_dir` block (`error`, or None) on every rank; a rank that succeeded
-    raises when another failed. A rank that failed returns, to re-raise its own error."""
-    errors = gather_objects(None if error is None else _describe(error), ranks)
-    failed = [rank for rank, message in enumerate(errors) if message is not None]
-    if failed and error is None:
-        raise RuntimeError(f"rank(s) {', '.join(map(str, failed))} failed writing {path}, so no rank keeps it: "
-                           + "; ".join(f"rank {rank}: {errors[rank]}" for rank in failed))
+def _outcome_key(tmp: Path, rank: int) -> str:
+    """A rank's outcome of the `shared_atomic_dir` block writing into `tmp` (unique per block: rank 0's mkdtemp)."""
+    return f"kalmanrl/shared_atomic_dir/{tmp}/rank{rank}"
+
+
+def _post_outcome(tmp: Path, ranks: Ranks, error: BaseException | None) -> None:
+    """This rank's outcome of a `shared_atomic_dir` block in the process group's store: "" or its error."""
+    dist.distributed_c10d._get_default_store().set(_outcome_key(tmp, ranks.rank),
+                                                   "" if error is None else _describe(error))
+
+
+def _raise_if_another_rank_failed(path: Path, tmp: Path, ranks: Ranks) -> None:
+    """Wait for every rank's outcome of the block; raise, naming the failing ranks, when any failed."""
+    store = dist.distributed_c10d._get_default_store()
+    keys = [_outcome_key(tmp, rank) for rank in range(ranks.world_size)]
+    store.wait(keys)
+    errors = {rank: message for rank, key in enumerate(keys) if (message := store.get(key).decode())}
+    if errors:
+        raise RuntimeError(f"rank(s) {', '.join(map(str, errors))} failed writing {path}, so no rank keeps it: "
+                           + "; ".join(f"rank {rank}: {message}" for rank, message in errors.items()))
 
 
 def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
