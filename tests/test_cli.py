@@ -116,3 +116,13 @@ def test_counts_of_threads_nodes_ranks_and_gpus_below_their_least_exit_2_naming_
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([stage, "--settings", "{}", *required, *rest])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_visible_devices_list_that_cannot_be_used_exits_2_naming_it(tmp_path, capsys, monkeypatch):
+    """CUDA_VISIBLE_DEVICES naming one device twice fails before the job runs, as a message, not a traceback."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,0")
+    monkeypatch.setattr("kalmanrl.runtime.devices.enumerate_gpus", lambda: None)  # as without nvidia-smi
+    code = main(["evaluate", "--settings", "{}", "--model", "m", "--dataset", "d", "--details", str(tmp_path / "d"),
+                 "--summary", str(tmp_path / "s"), "--gpus", "1"])
+    assert code == 2
+    assert "kalmanrl: CUDA_VISIBLE_DEVICES='0,0': entry '0' names a device an earlier entry" in capsys.readouterr().err

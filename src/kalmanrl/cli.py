@@ -27,7 +27,7 @@ from kalmanrl.configuration.config import (
 )
 from kalmanrl.core.layout import CHECKPOINTS, FINAL, JOBS, METRICS, REPORT_FILES, WARM_START, fields
 from kalmanrl.runtime.cpu import DISPATCH_ENV, DispatchError, keep_freed_memory, pin_cpu_dispatch
-from kalmanrl.runtime.devices import gpu_placement
+from kalmanrl.runtime.devices import DeviceError, gpu_placement
 from kalmanrl.runtime.runlock import RunDirectoryBusy, run_writer
 
 log = logging.getLogger("kalmanrl")
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             args.settings = parse_settings(args.settings, args.command)
         with gpu_placement(getattr(args, "gpus", None)):
             code = args.func(args)
-    except (ConfigError, DispatchError, RunDirectoryBusy) as err:
+    except (ConfigError, DispatchError, RunDirectoryBusy, DeviceError) as err:
         print(f"kalmanrl: {err}", file=sys.stderr)
         return 2
     return code or 0

@@ -37,8 +37,16 @@ VISIBLE = "CUDA_VISIBLE_DEVICES"
 LOCK_DIR_ENV = "KALMANRL_GPU_LOCK_DIR"
 
 
-class DevicesBusy(TimeoutError):
+class DeviceError(Exception):
+    """The GPUs a job asked for cannot be given to it; the CLI reports it as a message, not a traceback."""
+
+
+class DevicesBusy(DeviceError, TimeoutError):
     """Fewer free devices than requested for longer than the timeout."""
+
+
+class DeviceListError(DeviceError, ValueError):
+    """`CUDA_VISIBLE_DEVICES`, or the count asked for, does not fit the devices there are."""
 
 
 def default_lock_dir() -> Path:
@@ -151,20 +159,20 @@ def visible_pool(gpus: Sequence[Gpu] | None, visible: str | None) -> list[str]:
         else:
             matches = [g for g in gpus if g.uuid == entry] or [g for g in gpus if g.uuid.startswith(entry)]
         if len(matches) != 1:
-            raise ValueError(f"{VISIBLE} entry {entry!r} names {'no' if not matches else 'more than one'} device of "
-                             f"this machine: {listed}. Inside a container or with MIG, CUDA numbers the visible "
-                             f"devices from 0; name devices by UUID (nvidia-smi -L)")
+            raise DeviceListError(f"{VISIBLE} entry {entry!r} names {'no' if not matches else 'more than one'} "
+                                  f"device of this machine: {listed}. Inside a container or with MIG, CUDA numbers "
+                                  f"the visible devices from 0; name devices by UUID (nvidia-smi -L)")
         pool.append(matches[0].uuid)
     return _once_each(pool, entries, visible)
 
 
 def _once_each(pool: list[str], entries: list[str], visible: str | None) -> list[str]:
-    """`pool` (the devices `entries` name, in order), or ValueError naming the first entry whose device an earlier
+    """`pool` (the devices `entries` name, in order), or DeviceListError naming the first entry whose device an earlier
     entry named."""
     for i, device in enumerate(pool):
         if device in pool[:i]:
-            raise ValueError(f"{VISIBLE}={visible!r}: entry {entries[i]!r} names a device an earlier entry "
-                             f"({entries[pool.index(device)]!r}) names: give each device once")
+            raise DeviceListError(f"{VISIBLE}={visible!r}: entry {entries[i]!r} names a device an earlier entry "
+                                  f"({entries[pool.index(device)]!r}) names: give each device once")
     return pool
 
 
@@ -193,10 +201,10 @@ def claim_devices(count: int, devices: Sequence[str], lock_dir: Path, *, timeout
                   poll: float = 1.0) -> Iterator[list[str]]:
     """Hold `count` of `devices` exclusively (against every other claim on the same `lock_dir`) while the block runs.
 
-    Waits up to `timeout` seconds for enough free devices; raises DevicesBusy after that and ValueError at once when
-    the pool is smaller than `count`. Yields the claimed ids, lowest free first."""
+    Waits up to `timeout` seconds for enough free devices; raises DevicesBusy after that and DeviceListError at once
+    when the pool is smaller than `count`. Yields the claimed ids, lowest free first."""
     if count > len(devices):
-        raise ValueError(f"{count} GPU(s) requested but only {len(devices)} available: {list(devices)}")
+        raise DeviceListError(f"{count} GPU(s) requested but only {len(devices)} available: {list(devices)}")
     lock_dir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     while True:
@@ -260,7 +268,7 @@ def gpu_placement(count: int | None, *, env: MutableMapping[str, str] = os.envir
 MIN_DRIVER = {11: "450", 12: "525", 13: "580"}
 
 
-class CudaUnavailable(RuntimeError):
+class CudaUnavailable(DeviceError, RuntimeError):
     """GPUs were asked for, and CUDA cannot provide them."""
 
 
