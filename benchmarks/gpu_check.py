@@ -25,12 +25,14 @@ What it checks and measures:
    Qwen3-4B's shape with random weights (tests/fixtures/model_configs/Qwen3-4B; --device cpu: a tiny Qwen2), at two
    train.micro_batch_tokens budgets: the memory held between steps (weights, Adam state) and the peak
    above it in each phase, beside `kalmanrl plan`'s figures (measured / planned); the CUDA context; the update's
-   tokens per second and its model FLOP utilisation (6 x parameters x tokens/s over --peak-tflops).
+   tokens per second and its model FLOP utilisation (6 x parameters x tokens/s over --peak-tflops). A budget that
+   runs out of GPU memory (an 80 GB card: `within_memory`) is a row saying so, not the end of the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -176,6 +178,19 @@ def random_policy(config, device: torch.device) -> torch.nn.Module:
     return policy
 
 
+def within_memory(budget: int, measure, *args, **kwargs) -> dict:
+    """`measure(*args, **kwargs)`'s row, or one saying that the budget ran out of memory, so that the report (and
+    checks 1 and 2) is still written: by `kalmanrl plan`'s estimate a Qwen3-4B-shaped step needs about 80 GiB at the
+    smaller budget and 88 at the larger, more than an 80 GB H100 holds (an H200 holds both)."""
+    try:
+        return measure(*args, **kwargs)
+    except torch.OutOfMemoryError as err:
+        message = str(err).splitlines()[0]
+    gc.collect()  # the failed step's tensors, freed with the exception
+    torch.cuda.empty_cache()
+    return {"micro_batch_tokens": budget, "out_of_memory": message}
+
+
 def costs(work: Path, gpus: int | None, peak_tflops: float) -> dict:
     """Check 3 at two micro-batch budgets; the model is Qwen3-4B-shaped on a GPU, tiny on the CPU."""
     from transformers import AutoConfig
@@ -199,15 +214,16 @@ def costs(work: Path, gpus: int | None, peak_tflops: float) -> dict:
                       "micro_batch_tokens": budget, "gradient_checkpointing": cuda, "precision": "auto"},
             "rollout": {"backend": "hf"}})  # the plan below is given the rows' lengths
         settings = config_train_settings(config, "cuda" if cuda else "cpu", algorithm="grpo")
-        results.append(step_cost(policy, settings, shape, rows=rows, prompt_len=prompt_len,
-                                 completion_len=completion_len, gpus=gpus))
+        results.append(within_memory(budget, step_cost, policy, settings, shape, rows=rows, prompt_len=prompt_len,
+                                     completion_len=completion_len, gpus=gpus))
     context = None
     if cuda:
         free, total = torch.cuda.mem_get_info()
         context = (total - free - torch.cuda.memory_reserved()) / GIB
     for result in results:
-        result["model_flop_utilisation"] = (6 * shape.params * result["update_tokens_per_s"] / (peak_tflops * 1e12)
-                                            if cuda else None)
+        if "out_of_memory" not in result:
+            result["model_flop_utilisation"] = (6 * shape.params * result["update_tokens_per_s"]
+                                                / (peak_tflops * 1e12) if cuda else None)
     return {"model": "Qwen3-4B shape, random weights" if cuda else "tiny Qwen2 (hidden 128, 2 layers)",
             "parameters": shape.params, "budgets": results, "cuda_context_gib": context, "peak_tflops": peak_tflops}
 
@@ -233,6 +249,9 @@ def markdown(report: dict) -> str:
         return " / ".join(f"{v:.2f}" for v in d.values()) or "-"
 
     for row in report["costs"]["budgets"]:
+        if "out_of_memory" in row:
+            lines.append(f"| {row['micro_batch_tokens']} | out of memory: {row['out_of_memory']} | | | | | |")
+            continue
         mfu = row["model_flop_utilisation"]
         lines.append(f"| {row['micro_batch_tokens']} | {row['tokens']} | {row['update_tokens_per_s']:.0f} | "
                      f"{'-' if mfu is None else f'{mfu:.1%}'} | {fmt(row['measured_gib'])} | "
