@@ -4,13 +4,14 @@
     PYTHONPATH=src python benchmarks/gpu_check.py --out DIR --device cpu    # the same checks on tiny shapes (CI)
 
 Writes DIR/gpu_check.json (every figure, the versions, the device) and DIR/gpu_check.md (a short report); exits 1
-when a correctness check fails. It needs what the lent GPU machine has (torch with CUDA, transformers, tokenizers,
-safetensors, pandas, pyarrow, numpy, scipy, pyyaml, psutil, tqdm) and four small pure or binary wheels it lacks,
-the versions of locks/cpu.txt, fetched here beforehand into an ignored folder and installed there first:
+when a correctness check fails. It needs torch with CUDA, transformers, pandas and pyarrow with what they require
+(the lent GPU machine has them) and the config schema's validator, which such a machine may lack: five small pure or
+binary wheels, the versions of locks/cpu.txt, fetched here beforehand into an ignored folder and installed there
+first (attrs too: jsonschema and referencing import it, and none of the four packages above requires it):
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \\
-        jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
+        jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0
     # there: pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:src ...
 
 What it checks and measures:

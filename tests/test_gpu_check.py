@@ -78,3 +78,35 @@ def test_a_budget_that_runs_out_of_gpu_memory_is_a_row_of_the_report(repo_root, 
                               "checkpoint": {"ok": True}},
               "costs": costs}
     assert "| 768 | out of memory: CUDA out of memory. Tried to allocate 9.27 GiB |" in gpu_check.markdown(report)
+
+
+def test_the_wheels_to_carry_are_what_the_config_validator_needs_beyond_torch_transformers_pandas_pyarrow(repo_root):
+    """The lent machine is only promised torch, transformers, pandas and pyarrow (with what they require): every other
+    package gpu_check imports, jsonschema and what it requires, must be in the docstring's download command, at the
+    version of the lock."""
+    import re
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    from kalmanrl.runtime.provenance import canonical_name, lock_pins
+
+    def closure(names):
+        """`names` and everything they require here (extras and other platforms' requirements left out)."""
+        seen, todo = set(), [canonical_name(n) for n in names]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for requirement in map(Requirement, metadata.distribution(name).requires or []):
+                if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                    todo.append(canonical_name(requirement.name))
+        return seen
+
+    needed = closure(["jsonschema"]) - closure(["torch", "transformers", "pandas", "pyarrow"])
+    pins = lock_pins(repo_root / "locks" / "cpu.txt")
+    command = load_gpu_check(repo_root).__doc__.split("pip download", 1)[1].split("# there:", 1)[0]
+    named = {canonical_name(name): version for name, version in re.findall(r"([A-Za-z0-9._-]+)==(\S+)", command)}
+    assert "attrs" in needed
+    assert named == {name: pins[name] for name in needed}
