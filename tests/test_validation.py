@@ -7,9 +7,14 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 import digit_share  # noqa: F401  (registers the test rewards)
 from kalmanrl.configuration.config import ConfigError, stage_settings, validate_config
+from kalmanrl.configuration.settings import Precision, Validation
+from kalmanrl.data.rewards import get_reward
+from kalmanrl.jobs.validation import Benchmark, validate
+from kalmanrl.policy.rollout import Completion, HFEngine, VLLMEngine
 
 TIMING = {"wall_time", "rollout_tokens_per_s", "train_tokens_per_s", "time_rollout", "time_reward", "time_score",
           "time_update", "time_validation"}
@@ -73,3 +78,24 @@ def test_a_validating_job_without_its_datasets_is_refused(tmp_path, tiny_model_d
     with pytest.raises(ValueError, match=r"validates \['arith', 'digits'\] but 1 dataset file"):
         train(tiny_model_dir, arithmetic_parquet, tmp_path, settings=settings_with({"every": 2}),
               validation_data=[arithmetic_parquet])
+
+
+@pytest.mark.parametrize("runs_policy", [True, False])
+def test_sampling_runs_under_autocast_only_for_an_engine_that_generates_with_the_policy(runs_policy):
+    """hf generates with the policy module, so under the precision policy that scores it; vLLM serves its own copy in
+    its own dtype, in-process on this thread, so autocast must stay off around it (both validation and training use
+    `Precision.generating`)."""
+    seen = []
+
+    class Engine:
+        def generate(self, prompt_ids, sampling):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return [[Completion([1], [0.0], "7", "stop")] for _ in prompt_ids]
+
+    Engine.runs_policy = runs_policy
+    benchmark = Benchmark("b", ["7"], [[1, 2]], None, get_reward("digit_share"))
+    validation = Validation(every=1, benchmarks=None, max_problems=1, k=1,
+                            sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 4})
+    metrics = validate([benchmark], Engine(), validation, seed=0, precision=Precision("autocast_bf16", "cpu"))
+    assert seen == [runs_policy] and "val_accuracy_b" in metrics
+    assert HFEngine.runs_policy and not VLLMEngine.runs_policy

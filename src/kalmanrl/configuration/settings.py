@@ -44,6 +44,13 @@ class Precision:
         """The context every log-prob forward runs under."""
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.name == "autocast_bf16")
 
+    def generating(self, engine) -> contextlib.AbstractContextManager:
+        """The context `engine.generate` runs under: `autocast` for an engine that generates with the policy module
+        itself (hf), which then samples from the function that scores; none for one with its own copy of the weights
+        in its own dtype (vLLM, in-process on this thread: autocast would recast its matrix products and meet its
+        kernels and compiled graphs, which expect that dtype)."""
+        return self.autocast() if engine.runs_policy else contextlib.nullcontext()
+
 
 def resolve_precision(name: str, device_type: str) -> Precision:
     """train.precision on a device: auto = autocast_bf16 on CUDA, float32 elsewhere."""

@@ -323,7 +323,7 @@ def sample(run: Run, step: int, draw: int = 0) -> Rollout:
                               budgets=completion_budgets(prompt_ids, cfg.max_tokens, run.limit))
     run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through generation
     run.policy.eval()
-    with cfg.precision.autocast():
+    with cfg.precision.generating(run.engine):
         return Rollout(problems, prompt_ids, run.engine.generate(prompt_ids, sampling))
 
 

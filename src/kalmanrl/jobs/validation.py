@@ -76,7 +76,7 @@ def validate(benchmarks: Sequence[Benchmark], engine: RolloutEngine, validation:
         sampling = SamplingConfig(n=validation.k, temperature=validation.sampling["temperature"],
                                   top_p=validation.sampling["top_p"], max_tokens=validation.sampling["max_tokens"],
                                   seed=seed * 1_000_003 + (index + 1) * (1 << 42), budgets=benchmark.budgets)
-        with precision.autocast():
+        with precision.generating(engine):
             completions = engine.generate(benchmark.prompt_ids, sampling)
         texts = [c.text for group in completions for c in group]
         golds = [answer for answer in benchmark.answers for _ in range(validation.k)]

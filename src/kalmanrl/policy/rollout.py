@@ -83,6 +83,10 @@ def stop_token_ids(model: torch.nn.Module, tokenizer) -> tuple[int, ...]:
 
 
 class RolloutEngine(Protocol):
+    # Whether the engine generates with the policy module itself (so under the trainer's precision policy, to sample
+    # from the function that scores), rather than from its own copy of the weights in its own dtype.
+    runs_policy: bool
+
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         """Outer list: one entry per prompt; inner: its `sampling.n` completions."""
 
@@ -122,6 +126,8 @@ class HFEngine(_ContextManaged):
     `generate` (not from run to run). On the CPU, a grouped-query model's attention reads the shared key and value
     heads in place (`_reading_shared_kv_heads`). `plain=True` is plain `generate`, the reference both are tested
     against."""
+
+    runs_policy = True
 
     def __init__(self, policy: torch.nn.Module, tokenizer, *, batch_size: int = 256,
                  plain: bool = False) -> None:
@@ -380,6 +386,8 @@ class VLLMEngine(_ContextManaged):
     keeps the model's buffers), since the next push replaces every weight anyway (level 1 would copy them to host
     memory and back each step). `sync_weights` re-allocates the weights, pushes the new ones (a push that leaves a
     weight of the engine out raises), and only then re-allocates the KV cache."""
+
+    runs_policy = False
 
     def __init__(self, model_dir: str | Path, tokenizer, *, dtype: str = "float32", max_model_len: int = 512,
                  gpu_memory_utilization: float = 0.3, kv_cache_gib: float = 1, enforce_eager: bool = True,
