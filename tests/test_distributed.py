@@ -597,3 +597,12 @@ elif __name__ == "__main__":
     parser.add_argument("--save", type=Path)
     options = parser.parse_args()
     worker(options.out, options.steps, options.first_step, options.load, options.save)
+
+
+def test_a_job_granted_no_gpu_computes_on_the_cpu_even_where_cuda_is_usable(monkeypatch):
+    """`train(gpus=0)` (or a CPU check on a GPU machine) must not take the GPU: the ranks follow the granted device."""
+    from kalmanrl.runtime.distributed import init_ranks
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ranks = init_ranks({"WORLD_SIZE": "1"}, cuda=False)
+    assert ranks.device == torch.device("cpu") and not ranks.sharded

@@ -111,8 +111,7 @@ def train(policy_dir: Path, dataset: Path, out_dir: Path, *, settings: dict, thr
     and `out_dir/metrics.parquet`; resumes from `out_dir/checkpoints` when a run with the same settings was cut off.
     `gpus`: the GPUs the job was granted (`resolve_device`: refused when CUDA cannot give them). `validation_data`:
     with train.validation, each validated benchmark's dataset Parquet."""
-    resolve_device(gpus)
-    ranks = distributed.init_ranks()
+    ranks = distributed.init_ranks(cuda=resolve_device(gpus).type == "cuda")
     try:
         return _train(policy_dir, dataset, out_dir, settings, threads, ranks, validation_data)
     finally:

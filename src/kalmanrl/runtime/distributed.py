@@ -47,13 +47,15 @@ class Ranks:
         return self.world_size > 1
 
 
-def init_ranks(env: Mapping[str, str] = os.environ, *, timeout_minutes: float = 30) -> Ranks:
+def init_ranks(env: Mapping[str, str] = os.environ, *, cuda: bool | None = None,
+               timeout_minutes: float = 30) -> Ranks:
     """Join the job's process group when started by torchrun with more than one rank (WORLD_SIZE > 1): NCCL and one
     GPU per local rank on CUDA, gloo on the CPU; a 1-D device mesh over all ranks for FSDP. Otherwise one rank, no
-    process group. A process torchrun started ends with torchrun (torchrun puts each in a session of its own, out of
-    reach of the signals that end the job)."""
+    process group. `cuda`: whether the job computes on CUDA (the device the job was granted; None: whenever CUDA is
+    usable). A process torchrun started ends with torchrun (torchrun puts each in a session of its own, out of reach
+    of the signals that end the job)."""
     end_with_torchrun(env)
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     world_size = int(env.get("WORLD_SIZE", "1"))
     local_rank = int(env.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
