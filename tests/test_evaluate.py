@@ -31,6 +31,7 @@ def test_pass_at_k_refuses_what_no_sampling_gives(n, c, k, message):
 
 def test_majority_vote_ignores_missing_answers_and_breaks_ties_by_first_seen():
     assert majority_correct(["1", "2", "2", None], [False, True, True, False])
+    assert majority_correct([None, None, "1"], [False, False, True])  # two missing answers do not outvote one
     assert not majority_correct(["3", "2", "3", "2"], [False, True, False, True])
     assert not majority_correct([None, None], [False, False])
 
