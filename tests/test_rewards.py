@@ -241,6 +241,30 @@ def test_math_verify_agrees_with_math_verify_regression_cases(patient_reward, sh
     assert agreement >= 0.95
 
 
+@pytest.mark.parametrize("gold, answer", [
+    (r"(3,\frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)"),   # spacing and \left \right
+    (r"\frac{1}{2}", r"\tfrac{1}{2}"), (r"\frac{1}{2}", r"\dfrac{1}{2}"),
+    ("0.5", "1/2"), ("-7", r"-\frac{14}{2}"), ("2", "2.0")])
+def test_answers_equal_as_written_or_as_literal_numbers_are_settled_without_a_worker(gold, answer):
+    """The documented fast path: such answers never wait for (or time out in) a worker, so a loaded machine cannot
+    score them 0."""
+    with get_reward("math_verify", num_workers=1) as reward:
+        assert reward.screen(rf"so \boxed{{{answer}}}", gold) == Verdict(1.0, True, answer)
+
+
+@pytest.mark.parametrize("gold, completion, correct", [
+    ("0.3333333", r"\boxed{0.333333333}", True),      # math-verify compares floats rounded to 6 places
+    (r"\frac{1}{3}", r"\boxed{0.333333333}", True),
+    (r"\frac{1}{3}", r"\boxed{0.3333}", False),
+    ("7", r"\boxed{-7}", False)])
+def test_literal_numbers_of_unequal_value_are_left_to_math_verify_when_a_decimal_rounds(patient_reward, gold,
+                                                                                         completion, correct):
+    """Two exact numbers of different value are wrong at once; a decimal against another number is math-verify's
+    call (its float comparison rounds), so the fast path never contradicts it (its own verify gives these verdicts)."""
+    (verdict,) = patient_reward.judge([completion], [gold])
+    assert verdict.correct is correct
+
+
 def test_extracted_is_the_last_box_or_math_verify_extraction(math_reward):
     verdicts = math_reward.judge([r"so \boxed{ \dfrac{1}{2} }.", "The final answer is 7.", "nothing"], ["1", "7", "1"])
     assert [v.extracted for v in verdicts] == [r"\dfrac{1}{2}", "7", None]
