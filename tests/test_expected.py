@@ -197,6 +197,29 @@ def test_another_machine_class_outside_tolerance_is_different_and_says_why(recor
     assert any(reason in line for line in outcomes[0].lines), outcomes[0].lines
 
 
+def test_a_metric_whose_interval_has_no_width_on_one_side_must_not_move_that_way(tmp_path):
+    """A recorded interval that ends at its value (every bootstrap draw gave it, e.g. an accuracy of 0 or 1) gives no
+    room on that side: any move there is different, while the other side keeps its tolerance."""
+    path = tmp_path / "expected.json"
+    write_expected(run(accuracy=accuracy().assign(avg_at_k_high=[0.1, 0.45, 0.3])), path)  # sft: [0.05, 0.1]
+    moved = {"stages": stages(loss=(2.0, 1.5, 1.3))}
+    verdict, outcomes = compare(run(AMD, accuracy=accuracy().assign(avg_at_k=[0.11, 1 / 3, 0.25]), **moved), path)
+    assert verdict == DIFFERENT
+    assert "accuracy tiny/a/b/sft: avg_at_k 0.11 outside its tolerance around the recorded 0.1" in outcomes[0].lines[1]
+    assert compare(run(AMD, accuracy=accuracy().assign(avg_at_k=[0.09, 1 / 3, 0.25]), **moved), path)[0] == \
+        WITHIN_TOLERANCE
+
+
+def test_a_run_identical_to_one_record_is_identical_whatever_the_others(recorded):
+    """With two classes recorded (their numbers within tolerance of each other), a run that reproduces either record
+    bit for bit is identical, and only that record's outcome is reported."""
+    amd = run(AMD, accuracy=accuracy(grpo=0.4), stages=stages(loss=(2.0, 1.5, 1.3)))
+    write_expected(amd, recorded, add=True)
+    for machine, reproduced in ((INTEL, run()), (AMD, amd)):
+        verdict, outcomes = compare(reproduced, recorded)
+        assert verdict == IDENTICAL and [o.record for o in outcomes] == [machine_class(summary(machine))]
+
+
 def with_checkpoint(machine: dict, grpo: float) -> pd.DataFrame:
     """The summary with GRPO's kept checkpoint at step 1 (avg@k `grpo`), which the accuracy table does not hold."""
     rows = summary(machine)
