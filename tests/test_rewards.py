@@ -270,6 +270,14 @@ def test_extracted_is_the_last_box_or_math_verify_extraction(math_reward):
     assert [v.extracted for v in verdicts] == [r"\dfrac{1}{2}", "7", None]
 
 
+def test_extracted_is_the_box_as_written_when_a_worker_judged_it(math_reward):
+    """A box the worker judges keeps its content as the extracted answer (math-verify itself would give "10" and
+    "1,2"), as a box settled in-process does: `extracted` is the last box whichever path judged it."""
+    verdicts = math_reward.judge([r"so \boxed{10 \text{ cm}}", r"The roots are \boxed{1} and \boxed{2}."],
+                                 ["10", "1, 2"])
+    assert [(v.correct, v.extracted) for v in verdicts] == [(True, r"10 \text{ cm}"), (True, "2")]
+
+
 def test_math_format_bonus_rewards_a_box_and_leaves_correct_alone():
     with get_reward("math_verify", format_weight=0.2, num_workers=1) as reward:
         verdicts = reward.judge([r"\boxed{3}", r"\boxed{4}", "The final answer is 3."], ["3", "3", "3"])
