@@ -222,6 +222,8 @@ CASES = [
     ("42", "I do not know.", False),
     ("42", r"\boxed{42}. Let me check again: \boxed{", False),  # the last box is cut off: no answer
     ("42", r"\boxed{42}, so \boxed{}", False),                   # the last box is empty: no answer
+    # a gold already in math mode (an unescaped $) is parsed as written, not wrapped in a box, which would hide it
+    (r"The answer is $\frac{1}{2}$ dollars", r"\boxed{1/2}", True),
 ]
 
 
