@@ -161,6 +161,18 @@ def test_grid_variance_of_a_hand_computed_grid_with_a_residual():
     assert paired_test(np.array([[0.0, 2.0, 4.0], [2.0, 2.0, 8.0]])).standard_error == pytest.approx(np.sqrt(3.0))
 
 
+@pytest.mark.parametrize("ms_seed, ms_problem, se, df", [(1.0, 1.0, np.sqrt(1 / 10), 1.0),   # total exactly 0
+                                                        (0.5, 1.0, np.sqrt(1 / 10), 4.0),   # total below 0
+                                                        (1.5, 1.0, np.sqrt(0.5 / 10), 0.25 / (2.25 + 0.25 + 1.0))])
+def test_effects_below_the_residual_fall_back_to_the_larger_one_alone(ms_seed, ms_problem, se, df):
+    """2 seeds x 5 problems, MS_residual 2: when MS_seed + MS_problem - MS_residual is at most 0 (0 included), the SE
+    is sqrt(max(MS_seed, MS_problem) / 10) with that mean square's df (seeds 1, problems 4); above 0 it is Clark's
+    combination, sqrt(0.5 / 10) with Satterthwaite's df 0.5^2 / (1.5^2 / 1 + 1^2 / 4 + 2^2 / 4)."""
+    variance = GridVariance(2, 5, ms_seed, ms_problem, 2.0)
+    assert variance.standard_error() == pytest.approx(se)
+    assert variance.degrees_of_freedom() == pytest.approx(df)
+
+
 def test_one_seed_is_the_paired_t_test_over_problems():
     from scipy.stats import ttest_1samp
 
