@@ -59,8 +59,11 @@ def test_krpo_target_gets_full_credit_under_the_authors_answer_tag_rule(solution
     assert re.fullmatch(r"<think>.*</think>\n<answer>5</answer>", target, flags=re.DOTALL)
 
 
-def test_boxed_target_keeps_a_math_solution_that_boxes_its_answer():
-    solution = "We have $x = 2 \\cdot 3$, so $x = \\boxed{6}$."
+@pytest.mark.parametrize("box", ["\\boxed{6}", "\\fbox{6}"])
+def test_boxed_target_keeps_a_math_solution_that_boxes_its_answer(box):
+    """MATH's gold is its solution's last box, `\\boxed` or the older `\\fbox` (last_boxed reads both): such a
+    solution is the target as is, with no second, appended box."""
+    solution = f"We have $x = 2 \\cdot 3$, so $x = {box}$."
     assert get_template("boxed").target("6", solution) == solution
 
 
