@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kalmanrl.core.io import write_parquet
-from kalmanrl.reporting.comparisons import family_tests, paired_differences
+from kalmanrl.reporting.comparisons import family_tests, paired_differences, problem_matrices
 from kalmanrl.reporting.figures import plot_token_noise
 from kalmanrl.reporting.published import published_numbers
 from kalmanrl.reporting.report import build_report, left_out_table, provenance_table
@@ -301,3 +301,14 @@ def test_left_out_table_counts_dropped_prompts_and_limit_hits_per_run_and_evalua
     assert table[["stage", "algorithm", "benchmark", "overlong_prompts_dropped", "limit_hits"]].values.tolist() == [
         ["train", "grpo", "", 31, 3], ["evaluate", "sft", "math500", 2, 0], ["evaluate", "grpo", "math500", 2, 3]]
     assert left_out_table(summary.drop(columns=["overlong_prompts_dropped"]), pd.DataFrame()) is None
+
+
+def test_pass_at_k_with_k_equal_to_the_samples_gets_its_per_problem_matrix():
+    """pass@2 from 2 samples per problem is 1 where either sample is right (every pair drawn is the whole set), so it
+    has a seeds x problems matrix and an interval like any metric; pass@3 from 2 samples has none."""
+    details = pd.DataFrame({"seed": [0] * 4 + [1] * 4, "problem_id": ["a", "a", "b", "b"] * 2,
+                            "correct": [True, False, False, False, False, False, True, True]})
+    matrices = problem_matrices(details, ["pass_at_1", "pass_at_2", "pass_at_3"])
+    assert set(matrices) == {"pass_at_1", "pass_at_2"}
+    assert matrices["pass_at_2"].to_numpy().tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert matrices["pass_at_1"].to_numpy().tolist() == [[0.5, 0.0], [0.0, 1.0]]
