@@ -555,8 +555,10 @@ def test_kpo_benchmarks_from_the_hub_and_from_local_files_in_the_hubs_format(tmp
     assert build({"loader": loader}, tmp_path)[0].equals(online)
 
 
-def test_kpo_benchmark_with_a_non_text_answer_fails_naming_the_row(tmp_path):
-    write_jsonl(tmp_path / "olympiadbench" / "test.jsonl", [{"problem": "P", "answer": ["$1$", "$2$"]}])
+@pytest.mark.parametrize("answer", [["$1$", "$2$"], True])
+def test_kpo_benchmark_with_a_non_text_answer_fails_naming_the_row(tmp_path, answer):
+    """A list, or a JSON boolean (which Python counts as an int), is no gold: "True" would never match an answer."""
+    write_jsonl(tmp_path / "olympiadbench" / "test.jsonl", [{"problem": "P", "answer": answer}])
     with pytest.raises(DataError, match=r"olympiadbench/test.jsonl:1: field 'answer' is not text"):
         build({"loader": "olympiadbench"}, tmp_path)
 
