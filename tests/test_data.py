@@ -230,6 +230,19 @@ def test_malformed_row_fails_naming_file_and_line(tmp_path, line, message):
         build({"loader": "arithmetic_file", "params": {"file": "tasks.jsonl"}}, tmp_path)
 
 
+def test_authors_filter_keeps_questions_shorter_than_128_characters_and_at_most_5_terms_and_digits(tmp_path):
+    """The KRPO authors' train.py keeps `len(question) < 128 and num_terms <= 5 and num_digits <= 5` (the tiny-grpo
+    predicate with their limits): a question of exactly 128 characters is dropped, one of 127 kept."""
+    def row(ident, length, terms=2, digits=1):
+        return {"id": ident, "question": "1 + 2" + " " * (length - 5), "answer": "3", "num_terms": terms,
+                "num_digits": digits}
+    write_jsonl(tmp_path / "tasks.jsonl", [row("127", 127), row("128", 128), row("5x5", 5, 5, 5),
+                                           row("6 terms", 5, 6), row("6 digits", 5, 2, 6)])
+    table, _ = build({"loader": "arithmetic_file", "params": {"file": "tasks.jsonl", "authors_filter": True}},
+                     tmp_path)
+    assert table["id"].to_pylist() == ["127", "5x5"]
+
+
 def test_a_line_that_is_not_utf8_fails_naming_file_and_line(tmp_path):
     good = '{"id": "0", "question": "1 + 2", "answer": "3", "num_terms": 2, "num_digits": 1}'
     bad = b'{"id": "1", "question": "1 + \xff1", "answer": "2", "num_terms": 2, "num_digits": 1}'
