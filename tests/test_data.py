@@ -528,6 +528,8 @@ def test_reading_a_split_the_file_lacks_is_an_error(tmp_path, shared_data):
      "column 'split' has \\['dev'\\]"),
     (lambda t: t.set_column(t.schema.get_field_index("id"), "id", pa.array(["a"] * t.num_rows)),
      "column 'id' is not unique within a split: id 'a' of split 'test' at rows 0 and 1"),
+    (lambda t: t.set_column(t.schema.get_field_index("answer"), "answer", pa.nulls(t.num_rows, pa.string())),
+     "column 'answer' has 40 null value\\(s\\)"),  # a required column; AMC 2023 has 40 rows
 ])
 def test_read_checks_the_schema_naming_file_and_column(tmp_path, shared_data, change, message):
     table, _ = build({"loader": "amc23"}, shared_data)
