@@ -18,6 +18,7 @@ from kalmanrl.reporting.figures import plot_token_noise
 from kalmanrl.reporting.published import published_numbers
 from kalmanrl.reporting.report import build_report, left_out_table, provenance_table
 from kalmanrl.reporting.results import final_steps, summary_ident
+from kalmanrl.reporting.stats import paired_test
 
 SETTINGS = {"report": {"bootstrap_samples": 400, "confidence": 0.95, "alpha": 0.05, "power": 0.8, "detect": [5],
                        "pooled_benchmarks": False},
@@ -40,6 +41,21 @@ def test_paired_difference_is_positive_when_an_algorithm_is_better():
     row = paired_differences(details, samples=300, confidence=0.95).iloc[0]
     assert row["comparison"] == "kpo - grpo" and row["seeds"] == 2 and 0.3 < row["low"] <= row["high"] < 0.5
     assert row["p_value"] < 0.05 and row["tested_problems"] == 400
+
+
+def test_the_paired_test_leaves_out_a_problem_one_seed_did_not_evaluate():
+    """KPO's seed 1 lacks problem p0: the test runs on the 29 problems every seed of both runs has (a missing cell is
+    not a difference of 0), with the mean squares of that complete grid."""
+    details = pd.concat([_details(a, s, acc) for a, acc in (("grpo", 0.3), ("kpo", 0.6)) for s in (0, 1)])
+    details = details[~((details["algorithm"] == "kpo") & (details["seed"] == 1) & (details["problem_id"] == "p0"))]
+    row = paired_differences(details, samples=100, confidence=0.95).iloc[0]
+    means = details.groupby(["algorithm", "seed", "problem_id"])["correct"].mean()
+    complete = [f"p{i}" for i in range(1, 30)]
+    grid = np.array([[means["kpo", s, p] - means["grpo", s, p] for p in complete] for s in (0, 1)])
+    variance = paired_test(grid).variance
+    assert (row["problems"], row["tested_problems"]) == (30, 29)
+    assert (row["ms_seed"], row["ms_problem"], row["ms_residual"]) == pytest.approx(
+        (variance.ms_seed, variance.ms_problem, variance.ms_residual))
 
 
 def test_comparisons_are_one_holm_family_with_their_detectable_difference():
