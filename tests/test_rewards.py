@@ -373,6 +373,13 @@ def _hostile() -> dict[str, str]:
     }
 
 
+def test_text_that_is_not_utf8_becomes_a_question_mark_never_nothing():
+    """A byte the tokenizer could not decode (a lone surrogate here) is replaced, not dropped: dropping it would turn
+    "4<bad byte>2" into the gold "42"."""
+    verdict = get_reward("krpo_arithmetic").judge(["<answer>4\udcff2</answer>"], ["42"])[0]
+    assert verdict == Verdict(0.01, False, "4?2")
+
+
 def test_injected_code_never_runs(math_reward, tmp_path):
     sentinel = tmp_path / "pwned"
     completions = _injections(sentinel)
