@@ -328,6 +328,8 @@ def test_data_and_rewards_share_one_box_reader():
     (r"<think>a</think>\boxed{3}</think>\boxed{4}", "3", 1.0, 0.0),     # split("</think>")[1]
     (r"The answer: \fbox{2}", "2", 0.0, 1.0),
     ("", "2", 0.0, 0.0),
+    # theirs judges the last box alone; by default math-verify reads the two boxes as one answer
+    (r"The roots are \boxed{1} and \boxed{2}.", "1, 2", 0.0, 1.0),
 ])
 def test_kpo_authors_reward_semantics(completion, gold, authors, default):
     with get_reward("math_verify", after_think=True, require_box=True, num_workers=1) as reward:
