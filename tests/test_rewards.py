@@ -15,7 +15,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kalmanrl.data.rewards import Verdict, get_reward, last_boxed, limit_hits, list_rewards, register_reward
+from kalmanrl.data.rewards import (
+    Verdict,
+    _limits_raised,
+    get_reward,
+    last_boxed,
+    limit_hits,
+    list_rewards,
+    register_reward,
+)
 from kalmanrl.runtime.workers import CheckError, LimitHit, WorkerPool, WorkerStartError
 
 TIMEOUT_S = 1.0
@@ -485,6 +493,20 @@ def test_memory_and_recursion_limits_are_limit_hits():
         assert pool.run([("[" * 100_000 + "]" * 100_000,), ("[1]",)]) == [LimitHit("recursion"), [1]]
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("error", [MemoryError, RecursionError])
+def test_math_verify_limits_reach_the_pool_and_other_errors_are_math_verifys_to_handle(error):
+    """math-verify with raise_on_error=False turns a MemoryError or RecursionError into "no answer" / "not equal";
+    `_limits_raised` lets them through (the worker pool then marks the limit) and reruns only other errors its way."""
+    def parse(text, *, raise_on_error):
+        if raise_on_error:
+            raise error if text == "limit" else ValueError("a parse error")
+        return "math-verify's own result"
+
+    with pytest.raises(error):
+        _limits_raised(parse, "limit")
+    assert _limits_raised(parse, "other") == "math-verify's own result"
 
 
 def test_a_check_that_fails_otherwise_raises_naming_it():
