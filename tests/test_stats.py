@@ -173,6 +173,14 @@ def test_effects_below_the_residual_fall_back_to_the_larger_one_alone(ms_seed, m
     assert variance.degrees_of_freedom() == pytest.approx(df)
 
 
+def test_variance_components_are_floored_at_zero_so_more_seeds_never_shrink_an_effect_below_the_residual():
+    """MS_seed 1 and MS_problem 1 below MS_residual 2 (2 seeds x 5 problems): the moment estimates (1 - 2) / 5 and
+    (1 - 2) / 2 are negative, so both components are 0, and a grid of 4 seeds expects every mean square at 2."""
+    variance = GridVariance(2, 5, 1.0, 1.0, 2.0)
+    assert variance.components() == (0.0, 0.0, 2.0)
+    assert astuple(variance.at(4)) == (4, 5, 2.0, 2.0, 2.0)
+
+
 def test_one_seed_is_the_paired_t_test_over_problems():
     from scipy.stats import ttest_1samp
 
