@@ -570,6 +570,15 @@ def test_kpo_benchmarks_from_the_hub_and_from_local_files_in_the_hubs_format(tmp
     assert build({"loader": loader}, tmp_path)[0].equals(online)
 
 
+@pytest.mark.parametrize("loader, answer", [("aime24", "4.5"), ("amc23", 2.5), ("aime24", "x")])
+def test_an_integer_benchmark_with_a_non_integer_gold_fails_naming_the_row(tmp_path, loader, answer):
+    """AIME and AMC golds are integers (AMC's stored as floats, 27.0): any other gold is a broken copy, not an answer
+    to compare."""
+    write_jsonl(tmp_path / loader / "test.jsonl", [{"problem": "P", "answer": answer}])
+    with pytest.raises(DataError, match=rf"{loader}/test.jsonl:1: {loader} answer is not an integer"):
+        build({"loader": loader}, tmp_path)
+
+
 @pytest.mark.parametrize("answer", [["$1$", "$2$"], True])
 def test_kpo_benchmark_with_a_non_text_answer_fails_naming_the_row(tmp_path, answer):
     """A list, or a JSON boolean (which Python counts as an int), is no gold: "True" would never match an answer."""
