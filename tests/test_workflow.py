@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import warnings
 from collections import Counter
@@ -228,3 +229,18 @@ def test_a_run_of_a_recorded_class_that_departs_is_refused_naming_the_stage_and_
     expected.write_text(json.dumps(original))
     result = compare_summary(workdir, expected)
     assert result.returncode == 1 and "data arithmetic_easy.parquet: sha256" in result.stdout, result.stdout
+
+
+def test_every_jobs_settings_are_what_its_command_accepts(repo_root, tmp_path):
+    """Each rule's --settings, exactly as the workflow writes it (the report rule adds "reproduce" to what
+    stage_settings gives), parses for its stage: a part the command refuses would fail only when the job runs."""
+    from kalmanrl.configuration.config import parse_settings
+
+    result = subprocess.run(["snakemake", "-n", "-p", "--forceall", "--config", f"results_dir={tmp_path}"],
+                            cwd=repo_root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = [shlex.split(line.split("Shell command: ", 1)[1]) for line in result.stdout.splitlines()
+                if line.startswith("Shell command: kalmanrl ") and " --settings " in line]
+    assert {command[1] for command in commands} == {"data", "model", "sft", "train", "evaluate", "report"}
+    for command in commands:
+        parse_settings(command[command.index("--settings") + 1], command[1])

@@ -390,15 +390,16 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
     raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
 
 
-# The top-level parts of each stage's settings (what `stage_settings` gives its jobs): `parse_settings` refuses any
-# other, so that a misspelt part fails instead of being ignored.
+# The top-level parts of each stage's settings (what `stage_settings` gives its jobs, and the report rule's
+# "reproduce": the config files and merged config its page prints): `parse_settings` refuses any other, so that a
+# misspelt part fails instead of being ignored.
 STAGE_SETTINGS_KEYS = {
     "data": ("name", "dataset", "data", "plugins"),
     "model": ("model", "templates", "plugins"),
     "sft": ("sft", "template", "chat_template_kwargs", "add_special_tokens", "seed", "dtype", "plugins"),
     "train": ("train", "model", "algorithm", "rollout", "task", "ident", "validation", "plugins"),
     "evaluate": ("evaluate", "rollout", "model", "benchmark", "ident", "plugins"),
-    "report": ("report",),
+    "report": ("report", "reproduce"),
 }
 
 _SETTINGS_PARTS = {"plugins": "plugins", "dataset": "dataset", "data": "data", "model": "model", "sft": "sft",
