@@ -91,7 +91,9 @@ def accuracy_table(summary: pd.DataFrame, details: pd.DataFrame, expected: pd.Da
                    confidence: float) -> pd.DataFrame:
     """One row per (model, task, benchmark, algorithm) expected or found: avg@k and the other metrics averaged over
     seeds, each with its bootstrap interval over seeds and problems (<metric>_low, <metric>_high), and seeds done /
-    expected. Missing cells are NaN."""
+    expected. Missing cells are NaN. avg@k is its interval's point, the mean over (seed, problem) cells: the seeds'
+    mean on a complete grid, each evaluated cell weighing the same where a seed lacks problems; the other metrics
+    are the mean of the seeds' summary rows."""
     runs = pd.concat([expected, summary.reindex(columns=[*RUN, "benchmark"])]).drop_duplicates()
     metrics = [c for c in summary.columns if c.startswith("pass_at_") or c in ("maj_at_k", "mean_length",
                                                                                "truncation_rate")]
