@@ -47,7 +47,7 @@ def worker(settings: Path, model: Path, data: Path, out: Path, threads: int) -> 
     from kalmanrl.configuration.config import parse_settings
     from kalmanrl.jobs.trainer import train
 
-    train(model, data, out, settings=parse_settings(f"@{settings}"), threads=threads)
+    train(model, data, out, settings=parse_settings(f"@{settings}", "train"), threads=threads)
     rank = int(os.environ.get("RANK", "0"))
     peak_mib = peak_rss_bytes() / 2**20
     (out / f"peak_rss.rank{rank}.json").write_text(json.dumps({"rank": rank, "peak_rss_mib": peak_mib}))
