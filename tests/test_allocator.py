@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from job_settings import job_settings
 from kalmanrl.runtime.cpu import GLIBC_SETTINGS, keep_freed_memory
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
@@ -57,7 +58,7 @@ def test_every_workflow_stage_keeps_freed_memory(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("keep_freed_memory"))
     monkeypatch.setattr(cli, "pin_cpu_dispatch", lambda: calls.append("pin_cpu_dispatch"))
     monkeypatch.setattr(cli, "cmd_data", lambda args: calls.append("data"))
-    assert cli.main(["data", "--settings", "{}", "--out", str(tmp_path / "data.parquet")]) == 0
+    assert cli.main(["data", "--settings", job_settings("data"), "--out", str(tmp_path / "data.parquet")]) == 0
     assert calls == ["pin_cpu_dispatch", "keep_freed_memory", "data"]
     calls.clear()
     monkeypatch.setattr(cli, "cmd_compare_summary", lambda args: calls.append("compare-summary"))

@@ -1,13 +1,15 @@
 """`kalmanrl <stage> --help` documents every setting from the schema; bad settings fail with the key named."""
 
+import json
 import re
 import subprocess
 import sys
 
 import pytest
 
+from job_settings import job_settings
 from kalmanrl.cli import build_parser, main
-from kalmanrl.configuration.config import load_schema
+from kalmanrl.configuration.config import load_schema, validate_config
 
 
 def run(*args):
@@ -15,7 +17,7 @@ def run(*args):
 
 
 @pytest.mark.parametrize("stage,part", [("train", "train"), ("train", "algorithm"), ("evaluate", "evaluate"),
-                                        ("sft", "sft"), ("data", "data")])
+                                        ("evaluate", "model"), ("sft", "sft"), ("data", "data")])
 def test_stage_help_lists_every_key_of_its_settings(stage, part):
     result = run(stage, "--help")
     assert result.returncode == 0
@@ -38,7 +40,7 @@ def test_config_reference_lists_every_top_level_key_too():
 
 
 def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
-    code = main(["train", "--settings", '{"train": {"lr": -1}}', "--model", "m", "--dataset", "d",
+    code = main(["train", "--settings", job_settings("train", train={"lr": -1}), "--model", "m", "--dataset", "d",
                  "--out", str(tmp_path)])
     assert code == 2
     assert "train.lr" in capsys.readouterr().err
@@ -53,15 +55,22 @@ def test_an_unknown_part_of_the_settings_exits_2_naming_it(tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_a_tiny_models_settings_without_its_templates_exit_2_naming_them(tmp_path, capsys):
+    """The templates are optional (only a tiny model's tokenizer is trained on them): their absence was a KeyError."""
+    settings = json.dumps({"model": validate_config({})["models"]["tiny"]})
+    assert main(["model", "--settings", settings, "--out", str(tmp_path / "m")]) == 2
+    assert "--settings: a tiny model's settings need 'templates'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("settings, message", [
-    ('{"benchmark": {"loader": "math500", "reward": "exact"}}', "benchmark.reward: unknown reward 'exact' (known: "),
-    ('{"benchmark": {"loader": "arithmetic", "template": "r1"}}',
+    ({"benchmark": {"loader": "math500", "reward": "exact"}}, "benchmark.reward: unknown reward 'exact' (known: "),
+    ({"benchmark": {"loader": "arithmetic", "template": "r1"}},
      "benchmark.template: unknown prompt template 'r1' (known: "),
-    ('{"plugins": ["missing_plugin.py"]}', "plugins[0]: no file 'missing_plugin.py'"),
+    ({"plugins": ["missing_plugin.py"]}, "plugins[0]: no file 'missing_plugin.py'"),
 ])
 def test_a_jobs_settings_are_checked_against_the_registries_before_it_runs(tmp_path, capsys, settings, message):
-    code = main(["evaluate", "--settings", settings, "--model", "m", "--dataset", "d", "--details",
-                 str(tmp_path / "d"), "--summary", str(tmp_path / "s")])
+    code = main(["evaluate", "--settings", job_settings("evaluate", **settings), "--model", "m", "--dataset", "d",
+                 "--details", str(tmp_path / "d"), "--summary", str(tmp_path / "s")])
     assert code == 2
     assert message in capsys.readouterr().err
 
@@ -122,7 +131,7 @@ def test_a_visible_devices_list_that_cannot_be_used_exits_2_naming_it(tmp_path, 
     """CUDA_VISIBLE_DEVICES naming one device twice fails before the job runs, as a message, not a traceback."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,0")
     monkeypatch.setattr("kalmanrl.runtime.devices.enumerate_gpus", lambda: None)  # as without nvidia-smi
-    code = main(["evaluate", "--settings", "{}", "--model", "m", "--dataset", "d", "--details", str(tmp_path / "d"),
-                 "--summary", str(tmp_path / "s"), "--gpus", "1"])
+    code = main(["evaluate", "--settings", job_settings("evaluate"), "--model", "m", "--dataset", "d",
+                 "--details", str(tmp_path / "d"), "--summary", str(tmp_path / "s"), "--gpus", "1"])
     assert code == 2
     assert "kalmanrl: CUDA_VISIBLE_DEVICES='0,0': entry '0' names a device an earlier entry" in capsys.readouterr().err

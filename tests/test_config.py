@@ -8,8 +8,9 @@ import re
 import pytest
 import yaml
 
+from job_settings import job_settings
 from kalmanrl.configuration.config import (
-    STAGE_SETTINGS_KEYS,
+    STAGE_SETTINGS_PARTS,
     ConfigError,
     config_hash,
     fill_defaults,
@@ -121,14 +122,14 @@ def test_settings_round_trip_through_the_command_line(tmp_path):
     settings = stage_settings(config, "train", model="tiny", task="arithmetic_easy", algorithm="kpo", seed="1")
     assert parse_settings(json.dumps(settings), "train") == settings
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"train": {"steps": 3}}))
+    path.write_text(yaml.safe_dump({**settings, "train": {"steps": 3}}))  # a part states only what differs
     parsed = parse_settings(f"@{path}", "train")
     assert parsed["train"]["steps"] == 3 and parsed["train"]["group_size"] == 8
 
 
 def test_settings_with_a_bad_key_name_it():
     with pytest.raises(ConfigError, match=r"unknown key 'train\.stepz'"):
-        parse_settings('{"train": {"stepz": 3}}', "train")
+        parse_settings(job_settings("train", train={"stepz": 3}), "train")
 
 
 @pytest.mark.parametrize("stage, wildcards", [
@@ -139,10 +140,29 @@ def test_settings_with_a_bad_key_name_it():
     ("evaluate", dict(model="tiny", benchmark="arithmetic_easy", algorithm="kpo", seed="0")),
     ("report", {}),
 ])
-def test_every_part_a_stage_job_is_given_is_a_known_part_of_its_settings(stage, wildcards):
+def test_a_stage_job_is_given_every_part_it_needs_and_only_known_parts(stage, wildcards):
+    parts = STAGE_SETTINGS_PARTS[stage]
+    required = {key for key, part in parts.items() if part.required}
+    assert required <= set(stage_settings(validate_config({}), stage, **wildcards))
     config = validate_config({"train": {"validation": {"every": 2}}})
     config["plugins"] = ["my_plugin.py"]  # not imported here
-    assert set(stage_settings(config, stage, **wildcards)) <= set(STAGE_SETTINGS_KEYS[stage])
+    assert set(stage_settings(config, stage, **wildcards)) <= set(parts)
+
+
+@pytest.mark.parametrize("stage, wildcards, dropped", [
+    ("sft", dict(model="tiny", task="arithmetic_easy"), ["template"]),
+    ("train", dict(model="tiny", task="arithmetic_easy", algorithm="kpo", seed="0"), ["algorithm", "ident"]),
+    ("evaluate", dict(model="tiny", benchmark="arithmetic_easy", algorithm="kpo", seed="0"), ["model"]),
+])
+def test_settings_lacking_a_part_the_stage_needs_fail_naming_it(stage, wildcards, dropped):
+    """A hand-written settings file without a part ended in a KeyError traceback inside the job."""
+    settings = stage_settings(validate_config({}), stage, **wildcards)
+    for key in dropped:
+        del settings[key]
+    lacking = ", ".join(map(repr, dropped))
+    with pytest.raises(ConfigError, match=rf"^--settings: the {stage} stage's settings lack {lacking} \(print "
+                                          rf"complete ones for a config with `kalmanrl settings {stage} \.\.\.`\)$"):
+        parse_settings(json.dumps(settings), stage)
 
 
 def test_an_unknown_part_of_a_jobs_settings_fails_naming_it_and_the_known_ones():

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 import slurm_local
+from job_settings import job_settings
 from smoke_runs import REPO, assert_part_of_the_smoke_run, smoke_workdir, snakemake
 
 pytestmark = pytest.mark.slow
@@ -254,8 +255,8 @@ def test_kalmanrl_train_starts_cpu_ranks_with_torchrun_or_one_srun_task_each(mon
     if slurm:
         monkeypatch.setenv("SLURM_JOB_ID", "7042")
         monkeypatch.setenv("PATH", f"{slurm_client(tmp_path)}{os.pathsep}{os.environ['PATH']}")
-    assert cli.main(["train", "--settings", "{}", "--model", "m", "--dataset", "d", "--out", str(tmp_path),
-                     "--gpus", "0", "--cpu-ranks", "2", "--threads", "5"]) == 0
+    assert cli.main(["train", "--settings", job_settings("train"), "--model", "m", "--dataset", "d",
+                     "--out", str(tmp_path), "--gpus", "0", "--cpu-ranks", "2", "--threads", "5"]) == 0
     [(command, env, options)] = started
     rank_options = command.index("train") + 1
     assert command[:rank_options] == expected
@@ -285,7 +286,8 @@ def test_several_nodes_without_a_slurm_client_are_refused_naming_the_fix(monkeyp
     monkeypatch.setenv("SLURM_JOB_ID", "7042")
     monkeypatch.setenv("APPTAINER_CONTAINER", "/images/kalmanrl-cpu.sif")
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert cli.main(["train", "--settings", "{}", "--model", "m", "--dataset", "d", "--out", str(tmp_path / "run"),
-                     "--gpus", "0", "--cpu-ranks", "1", "--nodes", "2", "--threads", "1"]) == 2
+    assert cli.main(["train", "--settings", job_settings("train"), "--model", "m", "--dataset", "d",
+                     "--out", str(tmp_path / "run"), "--gpus", "0", "--cpu-ranks", "1", "--nodes", "2",
+                     "--threads", "1"]) == 2
     assert re.search(r"srun and scontrol are not on PATH inside the image /images/kalmanrl-cpu\.sif.*rather than "
                      r"`--sdm apptainer`", capsys.readouterr().err)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from job_settings import job_settings
 from kalmanrl.configuration.config import ConfigError, parse_settings, validate_config
 from kalmanrl.core.layout import trackers_dir
 from kalmanrl.jobs import trainer
@@ -187,7 +188,7 @@ def test_an_unknown_logger_is_refused_at_validation_naming_its_key():
                                           r"tensorboard, wandb\)"):
         validate_config({"train": {"loggers": ["tensorboard", "comet"]}})
     with pytest.raises(ConfigError, match=r"^train\.loggers\[0\]: unknown tracker 'comet'"):
-        parse_settings(json.dumps({"train": {"loggers": ["comet"]}}), "train")
+        parse_settings(job_settings("train", train={"loggers": ["comet"]}), "train")
     with pytest.raises(ConfigError, match="non-unique"):
         validate_config({"train": {"loggers": ["wandb", "wandb"]}})
 

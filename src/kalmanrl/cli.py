@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kalmanrl import __version__
 from kalmanrl.configuration.config import (
+    STAGE_SETTINGS_PARTS,
     ConfigError,
     check_data_dir,
     load_config,
@@ -31,17 +32,6 @@ from kalmanrl.runtime.devices import DeviceError, gpu_placement
 from kalmanrl.runtime.runlock import RunDirectoryBusy, run_writer
 
 log = logging.getLogger("kalmanrl")
-
-# The schema definitions each stage's settings are made of (shown in `--help`).
-STAGE_PARTS = {
-    "data": ["dataset", "data"],
-    "model": ["model"],
-    "sft": ["sft"],
-    "train": ["train", "model", "algorithm", "rollout", "dataset"],
-    "evaluate": ["evaluate", "rollout", "dataset"],
-    "report": ["report"],
-}
-
 
 def schema_reference(def_name: str, definition: dict | None = None) -> str:
     """Plain-text reference of one schema definition (or of `definition`, e.g. the top level): key, default,
@@ -63,7 +53,8 @@ def schema_reference(def_name: str, definition: dict | None = None) -> str:
 
 
 def _settings_help(stage: str) -> str:
-    parts = "\n\n".join(schema_reference(p) for p in STAGE_PARTS[stage])
+    schemas = dict.fromkeys(part.schema for part in STAGE_SETTINGS_PARTS[stage].values() if part.schema)
+    parts = "\n\n".join(schema_reference(name) for name in schemas)
     return (f"Settings (--settings, JSON or @file; print them for a config with `kalmanrl settings {stage} ...`):\n\n"
             f"{parts}")
 
@@ -99,6 +90,9 @@ def cmd_model(args: argparse.Namespace) -> None:
 
     model = args.settings["model"]
     if model["source"] == "tiny":
+        if "templates" not in args.settings:
+            raise ConfigError("--settings: a tiny model's settings need 'templates' (the prompt templates its "
+                              "tokenizer is trained on)")
         texts = [text for path in args.texts
                  for text in tokenizer_corpus(read_dataset(path), args.settings["templates"])]
         build_tiny_model(args.out, texts, spec=model["tiny"], seed=0)
@@ -388,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     settings = sub.add_parser("settings", help="Print the settings one job of a config gets.",
                               description="Print the --settings value the workflow passes to one stage job.")
-    settings.add_argument("stage", choices=list(STAGE_PARTS))
+    settings.add_argument("stage", choices=list(STAGE_SETTINGS_PARTS))
     settings.add_argument("--config", type=Path, default=Path("config/config.yaml"))
     settings.add_argument("select", nargs="*", metavar="KEY=VALUE",
                           help="wildcards of the job, e.g. model=tiny task=arithmetic_easy algorithm=krpo seed=0")

@@ -13,14 +13,13 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
-
-STAGES = ("data", "model", "sft", "train", "evaluate", "report")
 
 
 class ConfigError(ValueError):
@@ -387,30 +386,41 @@ def stage_settings(config: dict, stage: str, **wildcards: Any) -> dict:
                 "ident": ident, **plugins}
     if stage == "report":
         return {"report": config["report"]}
-    raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGE_SETTINGS_PARTS)})")
 
 
-# The top-level parts of each stage's settings (what `stage_settings` gives its jobs, and the report rule's
-# "reproduce": the config files and merged config its page prints): `parse_settings` refuses any other, so that a
-# misspelt part fails instead of being ignored.
-STAGE_SETTINGS_KEYS = {
-    "data": ("name", "dataset", "data", "plugins"),
-    "model": ("model", "templates", "plugins"),
-    "sft": ("sft", "template", "chat_template_kwargs", "add_special_tokens", "seed", "dtype", "plugins"),
-    "train": ("train", "model", "algorithm", "rollout", "task", "ident", "validation", "plugins"),
-    "evaluate": ("evaluate", "rollout", "model", "benchmark", "ident", "plugins"),
-    "report": ("report", "reproduce"),
+@dataclass(frozen=True)
+class Part:
+    """One top-level part of a stage job's settings: the schema definition it is validated against and completed
+    from (None: checked by the job that reads it), and whether a job can run without it."""
+
+    schema: str | None = None
+    required: bool = True
+
+
+_PLUGINS = Part("plugins", required=False)  # the job imports them first
+
+# Each stage's settings, part by part: what `stage_settings` gives its jobs (a test holds it to this table), the
+# report rule's "reproduce" (the config files and merged config its page prints), and what `parse_settings` accepts
+# and demands, so that a misspelt or missing part fails naming it. `--help` documents the schema definitions.
+STAGE_SETTINGS_PARTS: dict[str, dict[str, Part]] = {
+    "data": {"name": Part(), "dataset": Part("dataset"), "data": Part("data"), "plugins": _PLUGINS},
+    "model": {"model": Part("model"), "templates": Part(required=False), "plugins": _PLUGINS},  # templates: tiny
+    "sft": {"sft": Part("sft"), "template": Part(), "chat_template_kwargs": Part(), "add_special_tokens": Part(),
+            "seed": Part(), "dtype": Part(), "plugins": _PLUGINS},
+    "train": {"train": Part("train"), "model": Part("model"), "algorithm": Part("algorithm"),
+              "rollout": Part("rollout"), "task": Part("dataset"), "ident": Part(),
+              "validation": Part(required=False), "plugins": _PLUGINS},
+    "evaluate": {"evaluate": Part("evaluate"), "rollout": Part("rollout"), "model": Part("model"),
+                 "benchmark": Part("dataset"), "ident": Part(), "plugins": _PLUGINS},
+    "report": {"report": Part("report"), "reproduce": Part(required=False)},
 }
-
-_SETTINGS_PARTS = {"plugins": "plugins", "dataset": "dataset", "data": "data", "model": "model", "sft": "sft",
-                   "train": "train", "algorithm": "algorithm", "rollout": "rollout", "task": "dataset",
-                   "evaluate": "evaluate", "benchmark": "dataset", "report": "report"}
 
 
 def parse_settings(text: str, stage: str) -> dict:
-    """A `stage` job's settings from the command line: JSON, or @path to a JSON/YAML file. Only the stage's parts
-    (`STAGE_SETTINGS_KEYS`) are accepted; each is validated against its schema definition and completed with defaults,
-    so a hand-written settings file only states what differs."""
+    """A `stage` job's settings from the command line: JSON, or @path to a JSON/YAML file. Exactly the stage's parts
+    (`STAGE_SETTINGS_PARTS`): none unknown, none it needs missing. Each is validated against its schema definition and
+    completed with defaults, so a hand-written settings file only states what differs within a part."""
     source = "--settings"
     if text.startswith("@"):
         source = text[1:]
@@ -424,15 +434,18 @@ def parse_settings(text: str, stage: str) -> dict:
         raise ConfigError(f"{source} is neither JSON nor YAML: {err}") from None
     if not isinstance(settings, dict):
         raise ConfigError("--settings must be a mapping")
-    known = STAGE_SETTINGS_KEYS[stage]
-    if unknown := [key for key in settings if key not in known]:
+    parts = STAGE_SETTINGS_PARTS[stage]
+    if unknown := [key for key in settings if key not in parts]:
         raise ConfigError(f"{source}: unknown part {', '.join(map(repr, unknown))} of the {stage} stage's settings "
-                          f"(known parts: {', '.join(known)})")
+                          f"(known parts: {', '.join(parts)})")
+    if missing := [key for key, part in parts.items() if part.required and key not in settings]:
+        raise ConfigError(f"{source}: the {stage} stage's settings lack {', '.join(map(repr, missing))} (print "
+                          f"complete ones for a config with `kalmanrl settings {stage} ...`)")
     defs = load_schema()["$defs"]
-    for key, def_name in _SETTINGS_PARTS.items():
-        if key in settings:
-            check(settings[key], defs[def_name], key)
-            settings[key] = fill_defaults(settings[key], defs[def_name])
+    for key, part in parts.items():
+        if part.schema and key in settings:
+            check(settings[key], defs[part.schema], key)
+            settings[key] = fill_defaults(settings[key], defs[part.schema])
     import_plugins(settings.get("plugins", []), "plugins")
     for key in ("dataset", "task", "benchmark"):
         if key in settings:
