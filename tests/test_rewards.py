@@ -24,6 +24,7 @@ from kalmanrl.data.rewards import (
     list_rewards,
     register_reward,
 )
+from kalmanrl.reporting.metrics import majority_correct
 from kalmanrl.runtime.workers import CheckError, LimitHit, WorkerPool, WorkerStartError
 
 TIMEOUT_S = 1.0
@@ -281,11 +282,22 @@ def test_extracted_is_the_last_box_or_math_verify_extraction(math_reward):
 
 
 def test_extracted_is_the_box_as_written_when_a_worker_judged_it(math_reward):
-    """A box the worker judges keeps its content as the extracted answer (math-verify itself would give "10" and
-    "1,2"), as a box settled in-process does: `extracted` is the last box whichever path judged it."""
-    verdicts = math_reward.judge([r"so \boxed{10 \text{ cm}}", r"The roots are \boxed{1} and \boxed{2}."],
-                                 ["10", "1, 2"])
-    assert [(v.correct, v.extracted) for v in verdicts] == [(True, r"10 \text{ cm}"), (True, "2")]
+    """A box the worker judges keeps its content as the extracted answer (math-verify itself would give "10"), as
+    a box settled in-process does."""
+    (verdict,) = math_reward.judge([r"so \boxed{10 \text{ cm}}"], ["10"])
+    assert (verdict.correct, verdict.extracted) == (True, r"10 \text{ cm}")
+
+
+def test_several_boxes_vote_as_the_one_answer_math_verify_judged(math_reward):
+    r"""maj@k votes on what was judged: `\boxed{1} and \boxed{2}` is judged as the one answer {1, 2}, so it must not
+    vote with a wrong `\boxed{2}` (both voted "2", and that wrong majority counted as correct)."""
+    completions = [r"The roots are \boxed{1} and \boxed{2}.", r"The root is \boxed{2}.", r"The root is \boxed{2}."]
+    verdicts = math_reward.judge(completions, ["1, 2"] * 3)
+    assert [(v.correct, v.extracted) for v in verdicts] == [(True, "1,2"), (False, "2"), (False, "2")]
+    assert not majority_correct([v.extracted for v in verdicts], [v.correct for v in verdicts])
+    # Far apart, the later box revises the answer: math-verify reads it alone.
+    (revised,) = math_reward.judge([r"\boxed{1}. Let me check it once more very slowly. So \boxed{1+x}."], ["x+1"])
+    assert (revised.correct, revised.extracted) == (True, "1+x")
 
 
 def test_math_format_bonus_rewards_a_box_and_leaves_correct_alone():

@@ -32,9 +32,10 @@ __all__ = ["Verdict", "RewardFunction", "register_reward", "get_reward", "list_r
 @dataclass(frozen=True)
 class Verdict:
     """The score of one completion: `reward` (what the trainer optimises, format bonus included), `correct`
-    (the answer is right, whatever its format), `extracted` (the answer string taken from the completion, the
-    unit of maj@k voting; None when the completion holds no answer) and `limit`: None, or the limit the completion
-    hit instead of being judged ("time", "memory", "recursion", "crash" or "length"; it then scores 0)."""
+    (the answer is right, whatever its format), `extracted` (the answer string the completion was judged on, the
+    unit of maj@k voting; None when the completion holds no answer, or when its several boxes hit a limit before
+    math-verify read them) and `limit`: None, or the limit the completion hit instead of being judged ("time",
+    "memory", "recursion", "crash" or "length"; it then scores 0)."""
 
     reward: float
     correct: bool
@@ -266,7 +267,8 @@ class MathVerify(RewardFunction):
     r"""1 if the completion's answer equals the gold under math-verify (huggingface/Math-Verify), else 0.
 
     The answer is the content of the last `\boxed{}` (the MATH convention); when the last `max_chars` characters
-    hold several boxes, math-verify sees all of them (it reads `\boxed{1} and \boxed{2}` as one answer). A
+    hold several boxes, math-verify sees all of them (it reads `\boxed{1} and \boxed{2}` as one answer, "1,2", the
+    extracted answer then). A
     completion without a box is handed to math-verify's own extraction (final-answer phrases, LaTeX environments,
     plain numbers) on its last `max_chars` characters, which covers GSM8K-style endings; one whose last box is left
     open (cut off at max_tokens) or empty has no answer and scores 0. Golds are parsed as
@@ -305,9 +307,11 @@ class MathVerify(RewardFunction):
         if (correct := _quick_verdict(gold, answer)) is not None:
             return self.verdict(correct, answer, True)
         # One box: parse it alone (half the cost of the window). Several boxes in the window: math-verify joins
-        # "\boxed{1} and \boxed{2}" into one answer, so it gets the window (not when only the box may count).
-        several = window.count("\\boxed") > 1 and not self.require_box
-        return Check((gold, window if several else f"\\boxed{{{answer}}}"), answer, True)
+        # "\boxed{1} and \boxed{2}" into one answer, so it gets the window (not when only the box may count), and
+        # its reading of them ("1,2"), not the last box, is what maj@k votes for.
+        if window.count("\\boxed") > 1 and not self.require_box:
+            return Check((gold, window), None, True)
+        return Check((gold, f"\\boxed{{{answer}}}"), answer, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
