@@ -83,7 +83,7 @@ def train_settings(precision: str, lr: float, steps: int) -> dict:
     return settings
 
 
-def correctness(work: Path, gpus: int | None) -> dict:
+def correctness(work: Path, gpus: int) -> dict:
     """Check 1 (each precision at learning rate 0, then real steps) and check 2 (the sharded checkpoint)."""
     model_dir, data = build_data_and_model(work, easy_arithmetic(64), tiny_spec(128, 2), templates=["krpo"])
     out: dict = {"precisions": {}}
@@ -103,7 +103,7 @@ def correctness(work: Path, gpus: int | None) -> dict:
     return out
 
 
-def checkpoint_round_trip(model_dir: Path, path: Path, gpus: int | None) -> dict:
+def checkpoint_round_trip(model_dir: Path, path: Path, gpus: int) -> dict:
     """Check 2: save the policy with a stepped optimiser, load into a fresh policy and optimiser, compare all."""
     device = torch.device("cuda" if gpus else "cpu")
     policy = load_policy(model_dir, device=device)[0]
@@ -124,7 +124,7 @@ def checkpoint_round_trip(model_dir: Path, path: Path, gpus: int | None) -> dict
 
 
 def step_cost(policy, settings: TrainSettings, shape: plan.ModelShape, *, rows: int, prompt_len: int,
-              completion_len: int, gpus: int | None) -> dict:
+              completion_len: int, gpus: int) -> dict:
     """Check 3 for one micro-batch budget: memory held between steps and the peak above it while scoring and while
     updating (CUDA's allocator statistics; on the CPU no allocator keeps them, so only times are measured), beside
     the plan's figures for the same settings, and the update's throughput."""
@@ -192,7 +192,7 @@ def within_memory(budget: int, measure, *args, **kwargs) -> dict:
     return {"micro_batch_tokens": budget, "out_of_memory": message}
 
 
-def costs(work: Path, gpus: int | None, peak_tflops: float) -> dict:
+def costs(work: Path, gpus: int, peak_tflops: float) -> dict:
     """Check 3 at two micro-batch budgets; the model is Qwen3-4B-shaped on a GPU, tiny on the CPU."""
     from transformers import AutoConfig
 
@@ -242,7 +242,7 @@ def markdown(report: dict) -> str:
               f"{[round(v, 6) for v in training['loss']]}, weights moved "
               f"and losses finite: {training['ok']}. Sharded checkpoint round trip identical: {checkpoint['ok']}.", "",
               f"Step cost: {report['costs']['model']}, {report['costs']['parameters']:,} parameters; CUDA "
-              f"context {report['costs']['cuda_context_gib']} GiB.", "",
+              f"context {report['costs']['cuda_context_gib'] or '-'} GiB.", "",
               "| micro_batch_tokens | tokens | update tokens/s | MFU | measured GiB (held / scoring / updating) | "
               "planned GiB | measured / planned |", "|---|---|---|---|---|---|---|"]
 
@@ -269,7 +269,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here (use --device cpu for the CPU version)")
-    gpus = 1 if args.device == "cuda" else None
+    gpus = 1 if args.device == "cuda" else 0  # 0, not None: --device cpu stays on the CPU where CUDA is usable
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         report = {"device": args.device, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,

@@ -54,6 +54,27 @@ def test_the_gpu_model_is_built_from_a_config_alone(repo_root):
     assert type(policy).__name__ == "Qwen3ForCausalLM"
 
 
+def test_the_cpu_version_runs_on_the_cpu_where_cuda_is_usable(repo_root, tmp_path, monkeypatch):
+    """`--device cpu` on the lent GPU machine (tests/test_gpu_check.py there) trained on CUDA while its report said
+    cpu: the jobs were given gpus=None, which takes CUDA wherever it is usable."""
+    gpu_check = load_gpu_check(repo_root)
+    given = []
+
+    class Given(Exception):
+        pass
+
+    def correctness(work, gpus):
+        given.append(gpus)
+        raise Given
+
+    monkeypatch.setattr(gpu_check, "correctness", correctness)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--out", str(tmp_path)])
+    with pytest.raises(Given):
+        gpu_check.main()
+    assert given == [0]
+
+
 def test_a_budget_that_runs_out_of_gpu_memory_is_a_row_of_the_report(repo_root, tmp_path, monkeypatch):
     """Qwen3-4B's shape needs more than an 80 GB card at the larger budget (kalmanrl plan): that budget's row says
     so, and the others' figures and the correctness checks are still reported."""
@@ -68,7 +89,7 @@ def test_a_budget_that_runs_out_of_gpu_memory_is_a_row_of_the_report(repo_root, 
         return dict(measured)
 
     monkeypatch.setattr(gpu_check, "step_cost", step_cost)
-    costs = gpu_check.costs(tmp_path, None, 989.0)
+    costs = gpu_check.costs(tmp_path, 0, 989.0)
     assert costs["budgets"] == [{**measured, "model_flop_utilisation": None},
                                 {"micro_batch_tokens": 768,
                                  "out_of_memory": "CUDA out of memory. Tried to allocate 9.27 GiB"}]
