@@ -6,23 +6,23 @@ decimals for fractions, 1/2 for \\frac12, a trailing .0, \\left( \\right)), or a
 or another problem's answer). The worker pool is started and warmed up before timing.
 
     PYTHONPATH=src python benchmarks/bench_rewards.py [--n 10000] [--workers 2] [--seed 0]
+
+MATH-500 is read as `kalmanrl data` reads it: from $KALMANRL_DATA_DIR/math500/test.jsonl when $KALMANRL_DATA_DIR
+names a directory of local copies, else from the Hugging Face hub.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
 import re
 import time
-from pathlib import Path
 
+from kalmanrl.data.loaders import build_dataset
 from kalmanrl.data.rewards import Check, get_reward
-
-# MATH-500's local copy in the directory of dataset copies ($KALMANRL_DATA_DIR, as for `kalmanrl data`).
-MATH500 = Path(os.environ.get("KALMANRL_DATA_DIR", "data")) / "math500" / "test.jsonl"
+from kalmanrl.data.sources import resolve_local_dir
 
 STEPS = [
     r"First, we rewrite the equation as $x^2 + {a}x = {b}$ and complete the square.",
@@ -76,7 +76,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    golds = [json.loads(line)["answer"] for line in MATH500.open()]
+    # As `kalmanrl data` reads MATH-500: the local copy $KALMANRL_DATA_DIR/math500/test.jsonl, else the hub.
+    golds = build_dataset({"loader": "math500"}, local_dir=resolve_local_dir(None), seed=0,
+                          arithmetic_presets={})[0].column("answer").to_pylist()
     texts, targets = completions(golds, args.n, args.seed)
     with get_reward("math_verify", num_workers=args.workers) as reward:
         reward(*completions(golds, 200, args.seed + 1))  # start and warm the workers
