@@ -116,7 +116,12 @@ def main() -> None:
         print(json.dumps(measure(args.root, *args.one, args)))
         return
 
-    root = args.root or Path(tempfile.mkdtemp(prefix="bench_rollout-"))
+    with tempfile.TemporaryDirectory(prefix="bench_rollout-") as tmp:
+        table(args.root or Path(tmp), args)
+
+
+def table(root: Path, args: argparse.Namespace) -> None:
+    """Measure each (size, engine) in its own process, models built under `root`; print one row each."""
     print(machine())
     print(f"{args.prompts} prompts x {args.samples} samples, max {args.max_tokens} tokens, {args.threads} threads, "
           f"{args.repeats} timed calls")
