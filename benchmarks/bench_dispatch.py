@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if min(args.steps, args.rounds) < 1:
+        parser.error("--steps and --rounds must be at least 1 (the steps are timed after a warm-up step)")
     seconds: dict[str, list[float]] = {name: [] for name in CHOICES}
     seen: dict[str, tuple[str, str]] = {}
     for _ in range(args.rounds):

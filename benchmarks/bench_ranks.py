@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the first step is warm-up, the medians are of the others")
     from _setup import build_data_and_model, easy_arithmetic, tiny_spec
 
     with tempfile.TemporaryDirectory() as tmp:
