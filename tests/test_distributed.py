@@ -606,3 +606,94 @@ def test_a_job_granted_no_gpu_computes_on_the_cpu_even_where_cuda_is_usable(monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     ranks = init_ranks({"WORLD_SIZE": "1"}, cuda=False)
     assert ranks.device == torch.device("cpu") and not ranks.sharded
+
+
+# --- what NCCL asks of the CUDA branch, which gloo ranks never take ----------------------------------------------
+
+# The dtypes NCCL reduces and gathers (torch sends bool as uint8).
+NCCL_DTYPES = {torch.int8, torch.uint8, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32,
+               torch.float64, torch.bool}
+
+
+def test_cuda_ranks_bind_their_local_gpu_before_the_nccl_group_exists(monkeypatch):
+    """A CUDA rank computes on cuda:LOCAL_RANK (RANK, on a second node, is past the node's devices) and makes it the
+    current device before NCCL's group exists: NCCL's object collectives pickle into tensors on the current device and
+    FSDP2 places shards there, so without it every rank would use GPU 0. gloo ranks never take this branch; here
+    its calls are recorded instead of made."""
+    import torch.distributed as dist
+    import torch.distributed.device_mesh as device_mesh
+
+    from kalmanrl.runtime.distributed import init_ranks
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", torch.device(device))))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **options: calls.append(("init_process_group", backend, options["device_id"])))
+    monkeypatch.setattr(device_mesh, "init_device_mesh",
+                        lambda device_type, shape, **options: calls.append(("init_device_mesh", device_type, shape)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 5)
+    ranks = init_ranks({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1"}, cuda=True)
+    gpu = torch.device("cuda", 1)
+    assert calls == [("set_device", gpu), ("init_process_group", "nccl", gpu), ("init_device_mesh", "cuda", (8,))]
+    assert (ranks.rank, ranks.local_rank, ranks.world_size, ranks.device) == (5, 1, 8, gpu)
+
+
+class Handed(Exception):
+    """A helper's tensor reached the collective: a fake tensor has no values to read back, so the helper stops."""
+
+
+def test_the_collective_helpers_hand_nccl_tensors_on_the_ranks_gpu(monkeypatch):
+    """NCCL's collectives take tensors on the rank's GPU only (a CPU tensor raises "No backend type associated with
+    device type cpu"); gloo takes CPU tensors, so on gloo ranks a helper that builds its tensor on the CPU passes.
+    Here rank 1 of 2 on cuda:1, faked (FakeTensorMode: tensors with a device and no memory, no GPU needed): every
+    tensor a helper hands to a collective, from the CPU or GPU inputs the trainer passes, is contiguous, on cuda:1
+    and of a dtype NCCL takes. NCCL itself does not run: stand-ins of its collectives check its rules."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kalmanrl.runtime import distributed
+
+    gpu = torch.device("cuda", 1)
+    ranks = distributed.Ranks(rank=1, world_size=2, local_rank=1, device=gpu)
+
+    def nccl_ready(*tensors: torch.Tensor) -> None:
+        for tensor in tensors:
+            assert tensor.device == gpu and tensor.is_contiguous() and tensor.dtype in NCCL_DTYPES, \
+                (tensor.device, tensor.dtype)
+
+    def all_reduce(tensor, op=None, **options):
+        nccl_ready(tensor)
+        raise Handed
+
+    def all_gather(parts, tensor, **options):
+        nccl_ready(tensor, *parts)
+        assert all(part.shape == tensor.shape and part.dtype == tensor.dtype for part in parts)
+        raise Handed
+
+    def all_gather_object(out, value, **options):  # no tensor in the call; every rank reports the same
+        out[:] = [value] * len(out)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        calls = {
+            "global_sum of a number": lambda: distributed.global_sum(2, ranks),
+            "global_sum of a CPU count": lambda: distributed.global_sum(torch.tensor([True, False]).sum(), ranks),
+            "global_max": lambda: distributed.global_max(3, 4, ranks=ranks),
+            "in_step": lambda: distributed.in_step([1, 2], ranks, stand_in=0),
+            "summed, CPU": lambda: distributed.summed(torch.zeros(4, 3), ranks),
+            "summed, GPU": lambda: distributed.summed(torch.zeros(4, 3, device=gpu), ranks),
+            "gather_rows, CPU float64": lambda: distributed.gather_rows(torch.zeros(2, 4, dtype=torch.float64), ranks),
+            "gather_rows, CPU long": lambda: distributed.gather_rows(torch.zeros(2, 4, dtype=torch.long), ranks),
+            "reduce_metrics": lambda: distributed.reduce_metrics({"loss": 0.5, "ratio_max": 2.0, "skipped": 1}, ranks),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+            except Handed:
+                continue
+            except AssertionError as error:
+                raise AssertionError(f"{name}: {error}") from None
+            pytest.fail(f"{name} reached no collective")
