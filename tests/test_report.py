@@ -16,7 +16,7 @@ from kalmanrl.core.io import write_parquet
 from kalmanrl.reporting.comparisons import family_tests, paired_differences, problem_matrices
 from kalmanrl.reporting.figures import plot_token_noise
 from kalmanrl.reporting.published import published_numbers
-from kalmanrl.reporting.report import build_report, left_out_table, provenance_table
+from kalmanrl.reporting.report import build_report, left_out_table, provenance_table, reproduce_text
 from kalmanrl.reporting.results import final_steps, summary_ident
 from kalmanrl.reporting.stats import paired_test
 
@@ -219,6 +219,20 @@ def test_report_has_intervals_differences_published_numbers_and_how_to_reproduce
     assert "seeds to detect 5 points" in differences_header and "detects (points, 80% power)" in differences_header
     assert "NOT reproduced" in markdown and "snakemake --cores all --configfile config/config.yaml" in markdown
     assert "results/study/eval/<model>/<task>/<algorithm>/seed<seed>/<benchmark>.summary.parquet" in markdown
+
+
+def test_the_reports_one_cell_command_gives_snakemake_the_cell_as_its_target():
+    """--configfile takes every word after it as a config file: the cell written after it was read as a second config
+    (a Parquet file, which Snakemake failed to decode), so the printed command did not run."""
+    from snakemake.cli import get_argument_parser
+
+    commands, _ = reproduce_text({"configfiles": ["config/config.yaml", "config/families.yaml"],
+                                  "config": {"results_dir": "results/study"}})
+    one_cell = [line for line in commands.splitlines() if line.startswith("snakemake") and "<benchmark>" in line]
+    args = get_argument_parser().parse_args(one_cell[0].split()[1:])
+    cell = "results/study/eval/<model>/<task>/<algorithm>/seed<seed>/<benchmark>.summary.parquet"
+    assert list(args.targets) == [cell]
+    assert [str(path) for path in args.configfile] == ["config/config.yaml", "config/families.yaml"]
 
 
 def test_report_over_paper_kpo_keys_fills_the_kpo_papers_columns_marked_as_secondary(tmp_path):

@@ -176,8 +176,9 @@ def reproduce_text(reproduce: dict | None) -> tuple[str, str]:
     commands = "\n".join([
         "# the whole grid, from this config (at the git commit in the provenance table):",
         f"snakemake --cores all --configfile {configfiles}",
+        # The target before --configfile, which takes every word after it as a config file.
         "# any one cell (its path is the cell's model/task/algorithm/seed/benchmark):",
-        f"snakemake --cores all --configfile {configfiles} {cell}",
+        f"snakemake --cores all {cell} --configfile {configfiles}",
         f"# or without Snakemake: {REPORT_FILES['summary']} holds each row's `command` (exact settings and inputs)"])
     config = yaml.safe_dump(reproduce["config"], sort_keys=False) if "config" in reproduce else ""
     return commands, config
