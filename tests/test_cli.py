@@ -39,6 +39,14 @@ def test_config_reference_lists_every_top_level_key_too():
     assert '  results_dir (default "results")' in reference and "  seeds (default [0, 1, 2])" in reference
 
 
+def test_config_reference_calls_required_only_the_keys_the_schema_requires():
+    """A key without a default was printed "(default required)", so the optional `lora` (absent = off) read as one to
+    set; only a section's `required` keys are required (a dataset's loader)."""
+    reference = run("config").stdout
+    assert "  lora (default unset)" in reference and "  id (default unset)" in reference
+    assert "  loader (default required)" in reference and reference.count("(default required)") == 1
+
+
 def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
     code = main(["train", "--settings", job_settings("train", train={"lr": -1}), "--model", "m", "--dataset", "d",
                  "--out", str(tmp_path)])

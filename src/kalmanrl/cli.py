@@ -44,7 +44,9 @@ def schema_reference(def_name: str, definition: dict | None = None) -> str:
                           *textwrap.wrap(text, 100, initial_indent="      ", subsequent_indent="      ")])
     for key, sub in definition.get("properties", {}).items():
         sub = resolve_ref(sub)
-        default = json.dumps(sub.get("default")) if "default" in sub else "required"
+        # Without a default a key is required only where the schema says so; others may be left out (models' lora).
+        default = (json.dumps(sub["default"]) if "default" in sub
+                   else "required" if key in definition.get("required", ()) else "unset")
         text = " ".join(str(sub.get("description", "")).split())
         lines.append(f"  {key} (default {default})")
         if text:
