@@ -47,6 +47,11 @@ def test_config_reference_calls_required_only_the_keys_the_schema_requires():
     assert "  loader (default required)" in reference and reference.count("(default required)") == 1
 
 
+def test_settings_help_says_what_its_config_option_takes():
+    """`--config` is a config file here but KEY=VALUE overrides in `kalmanrl plan`; its help said neither."""
+    assert "the config file (default config/config.yaml)" in " ".join(run("settings", "--help").stdout.split())
+
+
 def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
     code = main(["train", "--settings", job_settings("train", train={"lr": -1}), "--model", "m", "--dataset", "d",
                  "--out", str(tmp_path)])

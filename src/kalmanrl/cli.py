@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     settings = sub.add_parser("settings", help="Print the settings one job of a config gets.",
                               description="Print the --settings value the workflow passes to one stage job.")
     settings.add_argument("stage", choices=list(STAGE_SETTINGS_PARTS))
-    settings.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    settings.add_argument("--config", type=Path, default=Path("config/config.yaml"),
+                          help="the config file (default config/config.yaml)")
     settings.add_argument("select", nargs="*", metavar="KEY=VALUE",
                           help="wildcards of the job, e.g. model=tiny task=arithmetic_easy algorithm=krpo seed=0")
     settings.add_argument("--resolved", choices=["cpu", "cuda"],
