@@ -25,7 +25,7 @@ test: install
 	$(PYTHON) -m pytest -q -rs --durations=25
 
 # The contributors' fast lane: the linter and every test not marked slow or vllm (no real Snakemake, SLURM, Docker
-# or vLLM runs; about 3 min on 2 cores). `make test` runs everything, as CI does.
+# or vLLM runs; about 5 min on 2 cores: README, "Test"). `make test` runs everything, as CI does.
 check: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q -rs -m "not slow and not vllm"
