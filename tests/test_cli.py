@@ -98,14 +98,19 @@ def test_settings_command_prints_a_jobs_settings(repo_root, config_first):
 
 
 @pytest.mark.parametrize("stage, select, message", [
-    ("train", ["model=tiny"], "a train job needs task=..., algorithm=..., seed=..."),
+    ("train", ["model=tiny"], "the train job needs task=..., algorithm=..., seed=..."),
     ("train", ["model=nope", "task=arithmetic_easy", "algorithm=kpo", "seed=0"],
      "model=nope: not in the config's models"),
-    ("train", ["model=tiny", "task=arithmetic_easy", "algorithm=kpo", "sed=0"], "'sed=0': a train job is selected by"),
-    ("train", ["model", "tiny"], "'model': a train job is selected by"),
+    ("train", ["model=tiny", "task=arithmetic_easy", "algorithm=kpo", "sed=0"], "'sed=0': train jobs are selected by"),
+    ("train", ["model", "tiny"], "'model': train jobs are selected by"),
     ("train", ["model=tiny", "task=arithmetic_easy", "algorithm=kpo", "seed=x"], "seed=x: not a number"),
     ("evaluate", ["model=tiny", "task=arithmetic_easy", "algorithm=kpo", "benchmark=arithmetic_easy"],
-     "a evaluate job needs seed=..."),
+     "the evaluate job needs seed=..."),
+    # jobs the workflow does not run for this config: another task, a seed not among its seeds
+    ("train", ["model=tiny", "task=arithmetic_laptop", "algorithm=kpo", "seed=0"],
+     r"task=arithmetic_laptop: not in the config's tasks \(known: arithmetic_easy\)"),
+    ("train", ["model=tiny", "task=arithmetic_easy", "algorithm=kpo", "seed=7"],
+     r"seed=7: not in the config's seeds \(known: 0\)"),
 ])
 def test_settings_selectors_that_name_no_job_exit_2_naming_the_selector(repo_root, capsys, stage, select, message):
     """They crashed with a traceback (KeyError, ValueError), or a misspelt seed printed settings with no seed."""

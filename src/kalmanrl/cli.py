@@ -199,7 +199,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 def job_wildcards(config: dict, stage: str, select: list[str]) -> dict[str, str]:
     """The KEY=VALUE selectors of one job of `stage` (its job name's wildcards, an evaluation's run as algorithm and,
     for a trained policy, seed and step), checked against the config: a malformed, unknown or missing selector, or a
-    value that names nothing in the config, is a ConfigError naming it."""
+    value naming no job the workflow runs (a dataset that is not one of its tasks or benchmarks, a seed not in its
+    seeds), is a ConfigError naming it."""
     parts = fields(JOBS[stage])
     required = [name for name in parts if name != "run"] + (["algorithm"] if "run" in parts else [])
     known = (*required, *(("seed", "step") if "run" in parts else ()))
@@ -207,22 +208,22 @@ def job_wildcards(config: dict, stage: str, select: list[str]) -> dict[str, str]
     for item in select:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
-            raise ConfigError(f"{item!r}: a {stage} job is selected by "
+            raise ConfigError(f"{item!r}: {stage} jobs are selected by "
                               f"{', '.join(f'{k}=...' for k in known) or 'nothing'}")
         wildcards[key] = value
-    sections = {"model": "models", "task": "datasets", "dataset": "datasets", "benchmark": "datasets",
-                "algorithm": "algorithms"}
-    names = {key: [*config[section], *([WARM_START] if key == "algorithm" and stage == "evaluate" else [])]
+    sections = {"model": "models", "task": "tasks", "dataset": "datasets", "benchmark": "benchmarks",
+                "algorithm": "algorithms", "seed": "seeds"}
+    names = {key: [*map(str, config[section]), *([WARM_START] if key == "algorithm" and stage == "evaluate" else [])]
              for key, section in sections.items()}
     needed = [*required, *(("seed",) if stage == "evaluate" and wildcards.get("algorithm") != WARM_START else ())]
     if missing := [key for key in needed if key not in wildcards]:
-        raise ConfigError(f"a {stage} job needs {', '.join(f'{k}=...' for k in missing)}")
+        raise ConfigError(f"the {stage} job needs {', '.join(f'{k}=...' for k in missing)}")
     for key, value in wildcards.items():
+        if key in ("seed", "step") and not value.isdigit():
+            raise ConfigError(f"{key}={value}: not a number")
         if key in names and value not in names[key]:
             raise ConfigError(f"{key}={value}: not in the config's {sections[key]} "
                               f"(known: {', '.join(sorted(names[key]))})")
-        if key in ("seed", "step") and not value.isdigit():
-            raise ConfigError(f"{key}={value}: not a number")
     return wildcards
 
 
