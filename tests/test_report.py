@@ -330,6 +330,7 @@ def test_left_out_table_counts_dropped_prompts_and_limit_hits_per_run_and_evalua
                                    "overlong_prompts_dropped", "limit_hits"]
     assert table[["stage", "algorithm", "benchmark", "overlong_prompts_dropped", "limit_hits"]].values.tolist() == [
         ["train", "grpo", "", 31, 3], ["evaluate", "sft", "math500", 2, 0], ["evaluate", "grpo", "math500", 2, 3]]
+    assert table["seed"].tolist() == [0, "-", 0]  # the warm start has no seed (it printed NO_SEED, -1)
     assert left_out_table(summary.drop(columns=["overlong_prompts_dropped"]), pd.DataFrame()) is None
 
 

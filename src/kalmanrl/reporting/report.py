@@ -162,6 +162,7 @@ def left_out_table(summary: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame 
     if not frames:
         return None
     table = pd.concat(frames, ignore_index=True)
+    table["seed"] = table["seed"].astype(object).mask(table["seed"] == NO_SEED, "-")  # the warm start has none
     return table[["stage", *RUN, "benchmark", *[c for c in ("overlong_prompts_dropped", "limit_hits") if c in table]]]
 
 
