@@ -268,10 +268,9 @@ class MathVerify(RewardFunction):
 
     The answer is the content of the last `\boxed{}` (the MATH convention); when the last `max_chars` characters
     hold several boxes, math-verify sees all of them (it reads `\boxed{1} and \boxed{2}` as one answer, "1,2", the
-    extracted answer then). A
-    completion without a box is handed to math-verify's own extraction (final-answer phrases, LaTeX environments,
-    plain numbers) on its last `max_chars` characters, which covers GSM8K-style endings; one whose last box is left
-    open (cut off at max_tokens) or empty has no answer and scores 0. Golds are parsed as
+    extracted answer then). A completion without a box is handed to math-verify's own extraction (final-answer
+    phrases, LaTeX environments, plain numbers) on its last `max_chars` characters, which covers GSM8K-style endings;
+    one whose last box is left open (cut off at max_tokens) or empty has no answer and scores 0. Golds are parsed as
     `\boxed{gold}` unless they hold an unescaped `$` or `\boxed`. Answers equal up to spacing and \dfrac/\tfrac, or
     literal numbers (integers, fractions, decimals) with the same value, are settled without parsing. The format
     bonus goes to completions with a closed `\boxed{}`.
