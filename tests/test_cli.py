@@ -49,7 +49,8 @@ def test_config_reference_calls_required_only_the_keys_the_schema_requires():
 
 def test_settings_help_says_what_its_config_option_takes():
     """`--config` is a config file here but KEY=VALUE overrides in `kalmanrl plan`; its help said neither."""
-    assert "the config file (default config/config.yaml)" in " ".join(run("settings", "--help").stdout.split())
+    assert "a config file; repeat it to merge several in order, as Snakemake's --configfile does (default " \
+        "config/config.yaml)" in " ".join(run("settings", "--help").stdout.split())
 
 
 def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
@@ -90,11 +91,25 @@ def test_a_jobs_settings_are_checked_against_the_registries_before_it_runs(tmp_p
 
 @pytest.mark.parametrize("config_first", [False, True])
 def test_settings_command_prints_a_jobs_settings(repo_root, config_first):
-    config = ["--config", str(repo_root / "config" / "smoke.yaml")]
+    config = ["--configfile", str(repo_root / "config" / "smoke.yaml")]
     select = ["model=tiny", "task=arithmetic_easy", "algorithm=kpo", "seed=0"]
     result = run("settings", "train", *(config + select if config_first else select + config))
     assert result.returncode == 0, result.stderr
     assert '"ratio": "kpo"' in result.stdout
+
+
+def test_settings_command_merges_config_files_as_snakemake_does(repo_root):
+    """The families study runs `--configfile config/config.yaml config/families.yaml`: its DAPO jobs exist only in the
+    merge, so a command reading one file could not print their settings."""
+    configs = [item for name in ("config.yaml", "families.yaml")
+               for item in ("--configfile", str(repo_root / "config" / name))]
+    result = run("settings", "train", *configs, "model=tiny", "task=arithmetic_laptop", "algorithm=dapo", "seed=0")
+    assert result.returncode == 0, result.stderr
+    settings = json.loads(result.stdout)
+    assert settings["algorithm"]["aggregate"] == "dapo" and settings["train"]["steps"] == 80  # the overlay, the base
+    alone = run("settings", "train", "--configfile", str(repo_root / "config" / "config.yaml"), "model=tiny",
+                "task=arithmetic_laptop", "algorithm=dapo", "seed=0")
+    assert alone.returncode == 2 and "algorithm=dapo: not in the config's algorithms" in alone.stderr
 
 
 @pytest.mark.parametrize("stage, select, message", [
@@ -114,14 +129,14 @@ def test_settings_command_prints_a_jobs_settings(repo_root, config_first):
 ])
 def test_settings_selectors_that_name_no_job_exit_2_naming_the_selector(repo_root, capsys, stage, select, message):
     """They crashed with a traceback (KeyError, ValueError), or a misspelt seed printed settings with no seed."""
-    assert main(["settings", stage, *select, "--config", str(repo_root / "config" / "smoke.yaml")]) == 2
+    assert main(["settings", stage, *select, "--configfile", str(repo_root / "config" / "smoke.yaml")]) == 2
     assert re.search(message, capsys.readouterr().err)
-    assert main(["settings", "evaluate", "--config", str(repo_root / "config" / "smoke.yaml"), "model=tiny",
+    assert main(["settings", "evaluate", "--configfile", str(repo_root / "config" / "smoke.yaml"), "model=tiny",
                  "task=arithmetic_easy", "algorithm=sft", "benchmark=arithmetic_easy"]) == 0
 
 
 def test_unknown_arguments_are_still_refused():
-    result = run("settings", "train", "--config", "config/smoke.yaml", "--bogus")
+    result = run("settings", "train", "--configfile", "config/smoke.yaml", "--bogus")
     assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr
 
 

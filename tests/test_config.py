@@ -15,13 +15,13 @@ from kalmanrl.configuration.config import (
     config_hash,
     fill_defaults,
     load_config,
+    load_configs,
     load_schema,
     parse_settings,
     stage_settings,
     validate_config,
 )
 from kalmanrl.data.sources import DATA_DIR_ENV
-from kalmanrl.jobs.plan import load_configs
 from smoke_runs import smoke_workdir, snakemake
 
 

@@ -72,7 +72,7 @@ def test_readme_rloo_validates_and_computes_leave_one_out(rloo_dir):
 def test_a_job_imports_the_plugins_its_settings_name(rloo_dir):
     """`kalmanrl settings` prints what the rule passes; `kalmanrl <stage>` parses it, importing the plugin first."""
     workdir, _ = rloo_dir
-    printed = run(["kalmanrl", "settings", "train", "--config", "my.yaml", "model=tiny", "task=arithmetic_easy",
+    printed = run(["kalmanrl", "settings", "train", "--configfile", "my.yaml", "model=tiny", "task=arithmetic_easy",
                    "algorithm=rloo", "seed=0"], workdir)
     assert printed.returncode == 0, printed.stderr
     (workdir / "settings.json").write_text(printed.stdout)

@@ -21,6 +21,7 @@ from kalmanrl.configuration.config import (
     ConfigError,
     check_data_dir,
     load_config,
+    load_configs,
     load_schema,
     parse_settings,
     resolve_ref,
@@ -228,7 +229,7 @@ def job_wildcards(config: dict, stage: str, select: list[str]) -> dict[str, str]
 
 
 def cmd_settings(args: argparse.Namespace) -> None:
-    config = load_config(args.config)
+    config = load_configs(args.configfile or [Path("config/config.yaml")], [])
     wildcards = job_wildcards(config, args.stage, args.select)
     settings = stage_settings(config, args.stage, **wildcards)
     if args.resolved:
@@ -386,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings = sub.add_parser("settings", help="Print the settings one job of a config gets.",
                               description="Print the --settings value the workflow passes to one stage job.")
     settings.add_argument("stage", choices=list(STAGE_SETTINGS_PARTS))
-    settings.add_argument("--config", type=Path, default=Path("config/config.yaml"),
-                          help="the config file (default config/config.yaml)")
+    settings.add_argument("--configfile", type=Path, action="append",
+                          help="a config file; repeat it to merge several in order, as Snakemake's --configfile "
+                               "does (default config/config.yaml)")
     settings.add_argument("select", nargs="*", metavar="KEY=VALUE",
                           help="wildcards of the job, e.g. model=tiny task=arithmetic_easy algorithm=krpo seed=0")
     settings.add_argument("--resolved", choices=["cpu", "cuda"],

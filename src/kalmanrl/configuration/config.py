@@ -329,6 +329,31 @@ def load_config(path: str | Path) -> dict:
     return validate_config(read_config_file(path))
 
 
+def load_configs(paths: list[str | Path], overrides: list[str]) -> dict:
+    """Merge config files in order (later keys win, nested mappings merged, as Snakemake's --configfile), then
+    KEY=VALUE overrides (a dotted key reaches into sections: train.micro_batch_tokens=8192), then validate."""
+    merged: dict = {}
+    for path in paths:
+        _merge(merged, read_config_file(path))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--config {item!r}: expected KEY=VALUE")
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _merge(merged, nested)
+    return validate_config(merged)
+
+
+def _merge(into: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def config_hash(value: Any) -> str:
     """A short stable hash of any JSON-serialisable value (settings, configs) for provenance."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]

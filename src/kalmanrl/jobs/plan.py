@@ -33,11 +33,10 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from kalmanrl.configuration.config import ConfigError, read_config_file, stage_settings, validate_config
+from kalmanrl.configuration.config import ConfigError, load_configs, stage_settings
 from kalmanrl.configuration.settings import (
     EvaluateSettings,
     Rollout,
@@ -677,31 +676,6 @@ def format_group(group: PlannedGroup) -> str:
     lines.append(f"  {'peak per device':<34}{est.total / scale:>9.2f} {unit}{limit}: {verdict}")
     lines.extend(f"  -> {fix}" for fix in group.fixes)
     return "\n".join(lines)
-
-
-def load_configs(paths: list[str | Path], overrides: list[str]) -> dict:
-    """Merge config files in order (later keys win, nested mappings merged, as Snakemake's --configfile), then
-    KEY=VALUE overrides (a dotted key reaches into sections: train.micro_batch_tokens=8192), then validate."""
-    merged: dict = {}
-    for path in paths:
-        _merge(merged, read_config_file(path))
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--config {item!r}: expected KEY=VALUE")
-        nested: Any = value
-        for part in reversed(key.split(".")):
-            nested = {part: nested}
-        _merge(merged, nested)
-    return validate_config(merged)
-
-
-def _merge(into: dict, new: dict) -> None:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
 
 
 def shapes_of(config: dict, config_dirs: dict[str, str | Path]) -> dict[str, ModelShape]:
