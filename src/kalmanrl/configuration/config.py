@@ -325,8 +325,8 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path) -> dict:
-    """Read a YAML config file and validate it."""
-    return validate_config(read_config_file(path))
+    """Read a YAML config file and validate it (`load_configs` of one file)."""
+    return load_configs([path], [])
 
 
 def load_configs(paths: list[str | Path], overrides: list[str]) -> dict:
