@@ -34,6 +34,8 @@ from kalmanrl.runtime.runlock import RunDirectoryBusy, run_writer
 
 log = logging.getLogger("kalmanrl")
 
+DEFAULT_CONFIG = Path("config/config.yaml")  # what Snakemake reads without --configfile (the Snakefile's configfile)
+
 def schema_reference(def_name: str, definition: dict | None = None) -> str:
     """Plain-text reference of one schema definition (or of `definition`, e.g. the top level): key, default,
     description."""
@@ -229,7 +231,7 @@ def job_wildcards(config: dict, stage: str, select: list[str]) -> dict[str, str]
 
 
 def cmd_settings(args: argparse.Namespace) -> None:
-    config = load_configs(args.configfile or [Path("config/config.yaml")], [])
+    config = load_configs(args.configfile or [DEFAULT_CONFIG], [])
     wildcards = job_wildcards(config, args.stage, args.select)
     settings = stage_settings(config, args.stage, **wildcards)
     if args.resolved:
@@ -402,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "broken down (weights, gradients, optimiser state, activations, logits, vLLM), next to the GPUs, "
                     "nodes and gpu_mem_gb the job asks for; exit 2 naming the setting to change when a job cannot "
                     "fit. Models' shapes come from their configs alone (no weights are loaded).")
-    plan.add_argument("--configfile", nargs="+", default=[Path("config/config.yaml")],
+    plan.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG],
                       help="config files, merged in order as Snakemake does (default config/config.yaml)")
     plan.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                       help="overrides, e.g. train.micro_batch_tokens=8192 resources.train.gpus=4")
