@@ -3,6 +3,7 @@ vLLM (the CPU build here) agreeing with transformers on the same weights, before
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -410,21 +411,29 @@ def test_shared_prefill_and_shared_kv_heads_sample_bit_for_bit_what_plain_genera
         assert 1 in lengths and max(lengths) > 1, lengths  # ends at the first token and later
 
 
-def test_a_model_whose_generation_config_adds_processors_keeps_plain_generate(two_layer_policy):
-    """A repetition penalty in the model's generation config is applied by generate at every step, the first one
-    included: the engine does not share the prefill then, so it samples what plain generate does."""
+def test_the_models_generation_config_does_not_change_what_the_engine_samples(two_layer_policy):
+    """A model's generation_config.json may set a repetition penalty (Qwen2.5-0.5B-Instruct: 1.1), top-k, beams or
+    suppressed tokens, which generate would apply on top of the engine's sampling, so the engine would draw from
+    another distribution than the one whose log-probs it records (and than vLLM, given explicit SamplingParams):
+    the engine, sharing the prefill or not, samples as with a plain generation config, and leaves the model's
+    config as it was."""
     model, tokenizer, prompts = two_layer_policy
     sampling = SamplingConfig(n=4, temperature=1.0, max_tokens=6, seed=2)
-    model.generation_config.repetition_penalty = 100.0
+    clean = {plain: HFEngine(model, tokenizer, plain=plain).generate(prompts, sampling) for plain in (False, True)}
+    settings = dict(repetition_penalty=100.0, no_repeat_ngram_size=1, top_k=2, num_beams=2, do_sample=True,
+                    temperature=0.1, suppress_tokens=sorted({t for c in clean[False] for t in c[0].token_ids}))
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(saved)
+    model.generation_config.update(**settings)
+    configured = model.generation_config
     try:
-        engine = HFEngine(model, tokenizer)
-        engine._shared_prefill = None  # would fail if called
-        penalised = engine.generate(prompts, sampling)
-        assert token_ids(penalised) == token_ids(HFEngine(model, tokenizer, plain=True).generate(prompts,
-                                                                                                          sampling))
+        for plain in (False, True):
+            out = HFEngine(model, tokenizer, plain=plain).generate(prompts, sampling)
+            assert token_ids(out) == token_ids(clean[plain])
+            assert [c.logprobs for group in out for c in group] == [c.logprobs for group in clean[plain] for c in group]
+        assert model.generation_config is configured
     finally:
-        model.generation_config.repetition_penalty = None
-    assert token_ids(penalised) != token_ids(HFEngine(model, tokenizer).generate(prompts, sampling))
+        model.generation_config = saved
 
 
 @dataclass

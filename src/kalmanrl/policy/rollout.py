@@ -136,6 +136,13 @@ class HFEngine(_ContextManaged):
         # An FSDP-sharded policy gathers each layer with a collective in every forward: all ranks must run the same
         # number of decoding steps, so ranks that finish early keep stepping until every rank is done.
         self.synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        # generate fills every setting it is not given from the model's generation_config.json, which may shape the
+        # distribution, the search or the stopping (Qwen2.5-0.5B/1.5B-Instruct set repetition_penalty 1.1): the
+        # engine generates under a config of its own instead, so it samples from `SamplingConfig` alone, as vLLM
+        # does with explicit SamplingParams, and the recorded log-probs are those of the distribution sampled from.
+        self.generation_config = GenerationConfig(bos_token_id=policy.generation_config.bos_token_id,
+                                                  eos_token_id=list(self.stops),
+                                                  pad_token_id=tokenizer.pad_token_id)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
@@ -190,12 +197,13 @@ class HFEngine(_ContextManaged):
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r, _, _ in rows], device=device)
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r, _, _ in rows], device=device)
         steps = max(budget for _, _, budget in rows)
-        processors = LogitsProcessorList([] if sampling.temperature == 0 else [
-            _RowSampler([seed for _, seed, _ in rows], sampling.temperature, sampling.top_p, device, steps)])
-        with contextlib.nullcontext() if self.plain else _reading_shared_kv_heads(self.policy):
-            tokens, logits = self._sample(input_ids, attention, [ids for ids, _, _ in rows], steps, processors)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        taken = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        recorder = _SampledLogprobs()
+        processors = LogitsProcessorList([recorder] + ([] if sampling.temperature == 0 else [
+            _RowSampler([seed for _, seed, _ in rows], sampling.temperature, sampling.top_p, device, steps)]))
+        with (contextlib.nullcontext() if self.plain else _reading_shared_kv_heads(self.policy),
+              _generating_under(self.policy, self.generation_config)):
+            tokens = self._sample(input_ids, attention, [ids for ids, _, _ in rows], steps, processors)
+        taken = recorder.finish(tokens)
         result = []
         for ids, lps, (_, _, budget) in zip(tokens.tolist(), taken.tolist(), rows, strict=True):
             ids, lps = ids[:budget], lps[:budget]
@@ -204,41 +212,35 @@ class HFEngine(_ContextManaged):
         return result
 
     def _sample(self, input_ids: torch.Tensor, attention: torch.Tensor, prompts: list[list[int]], steps: int,
-                processors: LogitsProcessorList) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sampled tokens [B, t] and the raw logits they were drawn from [B, t, vocab], t <= steps (`generate`
-        stops early once every row has ended its turn; tokens after a row's end are not its own)."""
-        options = dict(do_sample=False, logits_processor=processors, temperature=None, top_p=None, top_k=None,
-                       eos_token_id=list(self.stops), pad_token_id=self.tokenizer.pad_token_id,
-                       return_dict_in_generate=True, output_logits=True, synced_gpus=self.synced)
+                processors: LogitsProcessorList) -> torch.Tensor:
+        """Sampled tokens [B, t], t <= steps (`generate` stops early once every row has ended its turn; tokens after
+        a row's end are not its own); `processors` see every step's raw logits."""
+        options = dict(do_sample=False, logits_processor=processors, synced_gpus=self.synced)
         distinct: dict[tuple[int, ...], int] = {}
         row_prompt = [distinct.setdefault(tuple(ids), len(distinct)) for ids in prompts]
         if not self._shares_prefill(len(distinct), len(prompts), input_ids.shape[1], steps):
             out = self.policy.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=steps, **options)
-            return out.sequences[:, input_ids.shape[1]:], torch.stack(out.logits, dim=1)
+            return out[:, input_ids.shape[1]:]
         logits, cache = self._shared_prefill(input_ids, attention, row_prompt, len(distinct))
         first = processors(input_ids, logits).argmax(-1, keepdim=True)  # generate's step with do_sample=False
         if steps == 1:
-            return first, logits.unsqueeze(1)
+            return first
         # generate continues from the prompts' cache: its first forward is the sampled token's, as it would have been.
         out = self.policy.generate(input_ids=torch.cat([input_ids, first], dim=1),
                                    attention_mask=torch.cat([attention, torch.ones_like(first)], dim=1),
                                    past_key_values=cache, max_new_tokens=steps - 1, **options)
-        return (torch.cat([first, out.sequences[:, input_ids.shape[1] + 1:]], dim=1),
-                torch.stack([logits, *out.logits], dim=1))
+        return torch.cat([first, out[:, input_ids.shape[1] + 1:]], dim=1)
 
     def _shares_prefill(self, distinct: int, rows: int, width: int, steps: int) -> bool:
-        """Whether `_shared_prefill` replaces generate's: only when prompts repeat, with generate's own cache type and
-        logits that are the output head's as they are (the head is applied by hand: no soft-capping, and no scaling
-        such as Granite's `logits_scaling`, Cohere's `logit_scale` or Falcon-H1's `lm_head_multiplier`, which the
-        model's forward applies after it); not on several ranks (the extra forward must be made by
-        all of them, whatever their prompts); and when the distinct prompts' products have enough rows: MKL computes
-        a product of a few rows (here below 4 per thread) another way, which would move the last bits."""
+        """Whether `_shared_prefill` replaces generate's: only when prompts repeat, with logits that are the output
+        head's as they are (the head is applied by hand: no soft-capping, and no scaling such as Granite's
+        `logits_scaling`, Cohere's `logit_scale` or Falcon-H1's `lm_head_multiplier`, which the model's forward
+        applies after it); not on several ranks (the extra forward must be made by all of them, whatever their
+        prompts); and when the distinct prompts' products have enough rows: MKL computes a product of a few rows
+        (here below 4 per thread) another way, which would move the last bits. (generate runs under the engine's
+        own generation config, so it adds no logits processor or cache type of the model's.)"""
         config = self.policy.config.get_text_config(decoder=True)
-        generation, default = self.policy.generation_config, GenerationConfig()
         return (not self.plain and distinct < rows and steps >= 1 and not self.synced
-                and generation.cache_implementation in (None, "dynamic")
-                # the first token is picked here with our processors only: generate would add these settings' own
-                and all(getattr(generation, key, None) == getattr(default, key, None) for key in _GENERATE_PROCESSORS)
                 and not getattr(config, "final_logit_softcapping", None)
                 and all(getattr(config, key, None) in (None, 1) for key in _LOGIT_SCALES)
                 and distinct * width >= 8 * torch.get_num_threads())
@@ -269,12 +271,17 @@ class HFEngine(_ContextManaged):
 # Falcon-H1's multipliers); 1 (or unset) leaves them as the head gives them.
 _LOGIT_SCALES = ("logits_scaling", "logit_scale", "lm_head_multiplier")
 
-# Generation settings from which transformers' greedy `generate` builds logits processors of its own (a model's
-# generation_config.json may set them, e.g. a repetition penalty).
-_GENERATE_PROCESSORS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
-                        "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-                        "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-                        "sequence_bias", "guidance_scale", "watermarking_config", "renormalize_logits")
+
+@contextlib.contextmanager
+def _generating_under(model: torch.nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """`model.generate` reads `config` instead of the model's own generation config while inside (generate fills any
+    setting a call leaves unset from `model.generation_config`, so passing a config would not be enough)."""
+    previous = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = previous
 
 
 @contextlib.contextmanager
@@ -331,10 +338,38 @@ def _prefill_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention: 
     return model.get_output_embeddings()(hidden[rows, -1:]).to(torch.float32)[:, -1]
 
 
+class _SampledLogprobs:
+    """A logits processor, first of the engine's, that keeps each sampled token's raw log-prob: the log-softmax of a
+    step's logits as generate gives them to processors (float32), of which the next step's call, seeing the token
+    taken, keeps that token's entry. One step's [rows, vocab] at a time, where generate's `output_logits` would keep
+    every step's (at a 151,936-token vocabulary, 0.6 MB per row and token: 160 GB for 64 rows of 4,096 tokens)."""
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None  # [rows, vocab]: the last step's log-probs, its token not yet seen
+        self.taken: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.taken.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+            self.pending = None
+
+    def finish(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The log-probs [rows, t] of the sampled tokens [rows, t]. generate may have run steps past the last it
+        returns and dropped them (its deferred stop check, on MPS in transformers 5.19): they are dropped here too."""
+        if len(self.taken) < tokens.shape[1]:
+            self._take(tokens[:, -1])
+        return torch.stack(self.taken[:tokens.shape[1]], dim=1)
+
+
 class _RowSampler:
     """A logits processor that turns greedy decoding into sampling with one generator per row: the argmax of
     temperature-scaled, top-p-filtered logits plus Gumbel noise is a draw from their softmax (the Gumbel-max trick).
-    transformers' `output_logits` still returns the raw logits, so the recorded log-probs stay raw.
+    `_SampledLogprobs`, before it, records the raw logits' log-probs.
 
     On the CPU each generator draws the uniforms of several decoding steps at once (at most DRAW_BUDGET numbers over
     all rows): the same numbers as one step at a time, since its Mersenne Twister stream is consumed in order, for a
