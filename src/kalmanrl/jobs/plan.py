@@ -15,7 +15,8 @@ gpus x nodes ranks):
   logits, and the compute copy of the weights (autocast's bf16 cache; on several ranks also FSDP2's all-gathered
   layers); gradients while updating and at the optimiser step (freed before generating);
 - the colocated vLLM engine: `rollout.gpu_memory_utilization` of the GPU while generating; with `rollout.sleep`,
-  only a residue during scoring and the update.
+  only a residue during scoring and the update; or the hf engine's generate: its KV cache and one decoding step's
+  logits and sampling tensors.
 The peak is the static part plus the largest phase: generating, scoring, updating or the optimiser step. With LoRA
 (`models.<m>.lora`) the base weights are still held, gradients and AdamW's moments exist for the adapters only (their
 count from the model's shape, r and the target modules), and there is no reference copy (the base is the reference).
@@ -66,6 +67,11 @@ VLLM_WORKSPACE = 1 * GIB
 # (one chunk) or are recomputed there (several).
 LOGIT_COPIES_UPDATE = 4
 LOGIT_COPIES_SCORE = 2
+# [rows, vocab] float32 tensors alive at once in a decoding step of the hf engine (`HFEngine`: the step's logits,
+# generate's float32 copy, their log-softmax, and the sampler's scaled logits, float64 Gumbel noise and perturbed
+# scores), as measured on the CPU (tests/test_memory.py): greedy 5, sampling 16, with top-p 20. The engine keeps only
+# the sampled tokens' log-probs of earlier steps. Not counted: the CPU sampler's uniforms drawn ahead (at most 16 MiB).
+GENERATE_STEP_COPIES = 20
 GPUS_PER_NODE = 8
 
 
@@ -416,7 +422,7 @@ def estimate_train(shape: ModelShape, settings: TrainSettings, resources: Resour
         engine_live, engine_asleep = _colocated_vllm(shape, rollout, resources, parts, problems, notes)
         notes += _kv_capacity_warning(shape, rollout, parts["kv_cache"], math.ceil(step.rows / ranks))
     elif backend == "hf":
-        parts["kv_cache"] = _hf_generate_bytes(shape, step.rows, step.seq_len, step.completion_len, act_dtype)
+        parts["kv_cache"] = hf_generate_bytes(shape, step.rows, step.seq_len, act_dtype)
         engine_live = parts["kv_cache"]
     else:  # vLLM on the CPU: weights in the policy's dtype (float32) and a fixed KV cache
         parts["vllm_weights"] = p * 4
@@ -470,11 +476,11 @@ def _check_kv(shape: ModelShape, rollout: Rollout, kv_cache: float, tp: int, pro
                         f"{utilization} to {math.ceil(wanted * 100) / 100}")
 
 
-def _hf_generate_bytes(shape: ModelShape, rows: int, seq_len: int, completion_len: int, dtype: str) -> float:
-    """transformers `generate` on the policy (rollout.hf, 256 rows per call): its KV cache and the float32 logits of
-    every step it returns for the sampled tokens' log-probs (kept, then log-softmaxed: two copies)."""
+def hf_generate_bytes(shape: ModelShape, rows: int, seq_len: int, dtype: str) -> float:
+    """transformers `generate` on the policy (the hf engine, 256 rows per call): its KV cache and one decoding step's
+    logits and sampling tensors (`GENERATE_STEP_COPIES`)."""
     batch = min(rows, 256)
-    return batch * seq_len * shape.kv_bytes_per_token(dtype) + 2 * batch * completion_len * shape.vocab * 4
+    return batch * seq_len * shape.kv_bytes_per_token(dtype) + GENERATE_STEP_COPIES * batch * shape.vocab * 4
 
 
 def estimate_evaluate(shape: ModelShape, settings: EvaluateSettings, resources: Resources) -> Estimate:
@@ -508,8 +514,7 @@ def estimate_evaluate(shape: ModelShape, settings: EvaluateSettings, resources: 
         else:
             parts["vllm_weights"] = 0.0
             prompt_len, completion_len = sequence_lengths(evaluate.max_tokens, evaluate.max_length, rollout, shape)
-            parts["kv_cache"] = _hf_generate_bytes(shape, rows, prompt_len + completion_len, completion_len,
-                                                   "float32")
+            parts["kv_cache"] = hf_generate_bytes(shape, rows, prompt_len + completion_len, "float32")
         parts["overhead"] = CUDA_OVERHEAD if device == "cuda" else 0.0
         parts["total"] = parts["weights"] + parts["vllm_weights"] + parts["kv_cache"] + parts["overhead"]
     return Estimate("evaluate", device, resources.ranks if device == "cuda" else 1, parts,
