@@ -300,6 +300,29 @@ def test_several_boxes_vote_as_the_one_answer_math_verify_judged(math_reward):
     assert (revised.correct, revised.extracted) == (True, "1+x")
 
 
+@pytest.mark.parametrize("unspaced, gold, correct, extracted", [
+    (r"The roots are \boxed{1} and \boxed{2}.", "1, 2", True, "1,2"),
+    (r"The roots are \boxed{1} and \boxed{3}.", "1, 2", False, "1,3"),
+    (r"So \boxed{1} and \boxed{x+1}.", "1+x", False, "1,x+1"),   # two answers, not the last box alone
+])
+def test_spaced_boxes_are_judged_as_their_unspaced_twins(patient_reward, unspaced, gold, correct, extracted):
+    r"""`\boxed {x}` is a box (`last_boxed` reads it), so several boxes judged together reach math-verify as
+    `\boxed{x}`, the only form it reads: it extracted nothing from `\boxed {1} and \boxed {2}` (scored 0), and only
+    the unspaced box from `\boxed {1} and \boxed{2}`."""
+    spaced = unspaced.replace(r"\boxed{", r"\boxed {")
+    mixed = unspaced.replace(r"\boxed{", r"\boxed  {", 1)
+    verdicts = patient_reward.judge([unspaced, spaced, mixed], [gold] * 3)
+    assert [(v.correct, v.reward, v.extracted) for v in verdicts] == [(correct, float(correct), extracted)] * 3
+
+
+def test_only_the_spaced_brace_form_is_respelled_for_math_verify():
+    r"""The space form `\boxed 3` (MATH's solutions) and a box after a line break, which `last_boxed` does not read,
+    reach math-verify as written."""
+    with get_reward("math_verify", num_workers=1) as reward:
+        check = reward.screen("\\boxed\n{0}, \\boxed {1}, \\boxed  {2} or \\boxed 3", "x")
+    assert check.args == ("x", "\\boxed\n{0}, \\boxed{1}, \\boxed{2} or \\boxed 3")
+
+
 def test_math_format_bonus_rewards_a_box_and_leaves_correct_alone():
     with get_reward("math_verify", format_weight=0.2, num_workers=1) as reward:
         verdicts = reward.judge([r"\boxed{3}", r"\boxed{4}", "The final answer is 3."], ["3", "3", "3"])

@@ -160,6 +160,7 @@ _FRAC_ALIASES = re.compile(r"\\[dt]frac")
 _EXACT_NUMBER = re.compile(r"(-?)(?:\\frac\{(\d{1,30})\}\{(\d{1,30})\}|(\d{1,30})/(\d{1,30})|(\d{1,30}))")
 _DECIMAL = re.compile(r"-?(?:\d{1,30}\.\d{0,30}|\.\d{1,30})")
 _DELIMITED = re.compile(r"(?<!\\)\$|\\boxed")  # gold already in math mode: an unescaped $ or a box
+_SPACED_BOX = re.compile(r"\\boxed +(?=\{)")  # `\boxed {x}`, which last_boxed reads and math-verify does not
 
 
 def last_boxed(text: str, *, strict: bool = False) -> str | None:
@@ -268,12 +269,13 @@ class MathVerify(RewardFunction):
 
     The answer is the content of the last `\boxed{}` (the MATH convention); when the last `max_chars` characters
     hold several boxes, math-verify sees all of them (it reads `\boxed{1} and \boxed{2}` as one answer, "1,2", the
-    extracted answer then). A completion without a box is handed to math-verify's own extraction (final-answer
-    phrases, LaTeX environments, plain numbers) on its last `max_chars` characters, which covers GSM8K-style endings;
-    one whose last box is left open (cut off at max_tokens) or empty has no answer and scores 0. Golds are parsed as
-    `\boxed{gold}` unless they hold an unescaped `$` or `\boxed`. Answers equal up to spacing and \dfrac/\tfrac, or
-    literal numbers (integers, fractions, decimals) with the same value, are settled without parsing. The format
-    bonus goes to completions with a closed `\boxed{}`.
+    extracted answer then; `\boxed {x}` is handed to it as `\boxed{x}`, the only form it reads). A completion
+    without a box is handed to math-verify's own extraction (final-answer phrases, LaTeX environments, plain
+    numbers) on its last `max_chars` characters, which covers GSM8K-style endings; one whose last box is left open
+    (cut off at max_tokens) or empty has no answer and scores 0. Golds are parsed as `\boxed{gold}` unless they hold
+    an unescaped `$` or `\boxed`. Answers equal up to spacing and \dfrac/\tfrac, or literal numbers (integers,
+    fractions, decimals) with the same value, are settled without parsing. The format bonus goes to completions
+    with a closed `\boxed{}`.
 
     The KPO authors' reward (shuohe1995/verl-kpo, verl/utils/reward_score/kpo_math_reward.py:56-70) is
     `after_think=True, require_box=True`: after_think reads the answer from the text after the first `</think>`
@@ -309,7 +311,7 @@ class MathVerify(RewardFunction):
         # "\boxed{1} and \boxed{2}" into one answer, so it gets the window (not when only the box may count), and
         # its reading of them ("1,2"), not the last box, is what maj@k votes for.
         if window.count("\\boxed") > 1 and not self.require_box:
-            return Check((gold, window), None, True)
+            return Check((gold, _SPACED_BOX.sub(r"\\boxed", window)), None, True)
         return Check((gold, f"\\boxed{{{answer}}}"), answer, True)
 
 
