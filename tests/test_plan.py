@@ -266,6 +266,28 @@ def test_default_config_plans_on_the_cpu(capsys):
     assert "not checked" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("overrides, generation, held, absent", [
+    ([], "generate's KV cache and logits", "weights, optimiser state", ["vLLM", "CUDA"]),
+    (["rollout.backend=vllm"], "vLLM KV cache", "weights, optimiser state", ["CUDA", "generate's"]),
+    (["rollout.backend=hf", "resources.train.gpus=1", "resources.evaluate.gpus=1"], "generate's KV cache and logits",
+     "weights, optimiser state, CUDA context and slack", ["vLLM"]),
+    (["rollout.backend=vllm", "resources.train.gpus=1", "resources.evaluate.gpus=1"], "vLLM KV cache",
+     "weights, optimiser state, CUDA context and slack", ["generate's"]),
+], ids=["cpu-hf", "cpu-vllm", "gpu-hf", "gpu-vllm"])
+def test_the_plans_rows_name_what_the_jobs_device_and_backend_hold(overrides, generation, held, absent, capsys):
+    """The default study on the CPU (transformers generate) printed 'vLLM KV cache / generation' and a line held
+    '(weights ... CUDA context)': no vLLM there, and no CUDA context on the CPU. Each row names what its estimate
+    holds, in the train and the evaluate job alike."""
+    assert main(["plan", "--configfile", str(REPO / "config" / "config.yaml"), "--config", *overrides]) == 0
+    out = capsys.readouterr().out
+    train, evaluate = out.split("\n\n")
+    for group in (train, evaluate):
+        assert re.search(rf"^  {re.escape(generation)}\s+\d", group, re.M), group
+        assert not [word for word in absent if word in group], group
+    assert re.search(r"^  held throughout .*\((.*)\)$", train, re.M).group(1) == held
+    assert ("CUDA context and slack" in evaluate) == ("GPU(s)" in evaluate)
+
+
 def test_stage_check_on_the_cpu_logs_and_never_refuses(tiny_model_dir):
     config = load_config(REPO / "config" / "smoke.yaml")
     settings = stage_settings(config, "train", model="tiny", task="arithmetic_easy", algorithm="grpo", seed=0)

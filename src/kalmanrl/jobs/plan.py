@@ -73,6 +73,8 @@ LOGIT_COPIES_SCORE = 2
 # the sampled tokens' log-probs of earlier steps. Not counted: the CPU sampler's uniforms drawn ahead (at most 16 MiB).
 GENERATE_STEP_COPIES = 20
 GPUS_PER_NODE = 8
+# The parts a training rank holds throughout a step; the rest come and go with its phases.
+STATIC_PARTS = ("weights", "optimizer", "reference", "overhead")
 
 
 class MemoryPlanError(ConfigError):
@@ -268,12 +270,13 @@ class Estimate:
 
     stage: str
     device: str
+    backend: str  # what generates: "vllm" or "hf" (transformers generate), as rollout.backend resolves
     ranks: int
     parts: dict[str, float]
     limit: float
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    static: float = 0.0  # training: bytes held throughout (weights, optimiser state, reference, overhead)
+    static: float = 0.0  # training: bytes held throughout (the STATIC_PARTS)
     phases: dict[str, float] = field(default_factory=dict)  # training: bytes above `static` in each phase of a step
 
     @property
@@ -431,12 +434,12 @@ def estimate_train(shape: ModelShape, settings: TrainSettings, resources: Resour
     parts["overhead"] = CUDA_OVERHEAD if device == "cuda" else 0.0
     # Gradients exist from the first backward of a rollout batch to its last optimiser step (the trainer frees them
     # before generating).
-    static = sum(parts[k] for k in ("weights", "optimizer", "reference", "overhead"))
+    static = sum(parts[k] for k in STATIC_PARTS)
     grads = parts["gradients"]
     phases = {"generating": engine_live, "scoring": engine_asleep + score, "updating": engine_asleep + grads + update,
               "optimiser step": engine_asleep + grads + optimizer_step}
     parts["total"] = static + max(phases.values())
-    return Estimate("train", device, ranks, parts, resources.gpu_mem_gb * GIB if device == "cuda" else 0.0,
+    return Estimate("train", device, backend, ranks, parts, resources.gpu_mem_gb * GIB if device == "cuda" else 0.0,
                     notes, problems, static, phases)
 
 
@@ -517,7 +520,7 @@ def estimate_evaluate(shape: ModelShape, settings: EvaluateSettings, resources: 
             parts["kv_cache"] = hf_generate_bytes(shape, rows, prompt_len + completion_len, "float32")
         parts["overhead"] = CUDA_OVERHEAD if device == "cuda" else 0.0
         parts["total"] = parts["weights"] + parts["vllm_weights"] + parts["kv_cache"] + parts["overhead"]
-    return Estimate("evaluate", device, resources.ranks if device == "cuda" else 1, parts,
+    return Estimate("evaluate", device, backend, resources.ranks if device == "cuda" else 1, parts,
                     resources.gpu_mem_gb * GIB if device == "cuda" else 0.0, notes, problems)
 
 
@@ -641,8 +644,8 @@ def plan_config(config: dict, shapes: dict[str, ModelShape]) -> list[PlannedGrou
         resources = resources_of(config, stage)
         settings = resolve_for_plan(stage, settings_of(config, stage, wildcards), resources)
         estimate = estimate_job(stage, settings, shapes[wildcards["model"]], resources)
-        key = json.dumps([stage, wildcards["model"], {k: round(v) for k, v in estimate.parts.items()},
-                          estimate.notes, estimate.problems])
+        key = json.dumps([stage, wildcards["model"], estimate.backend,
+                          {k: round(v) for k, v in estimate.parts.items()}, estimate.notes, estimate.problems])
         if key not in groups:
             fixes = [] if estimate.fits else suggestions(stage, settings, shapes[wildcards["model"]], resources)
             groups[key] = PlannedGroup(stage, estimate, resources, fixes=fixes)
@@ -650,11 +653,17 @@ def plan_config(config: dict, shapes: dict[str, ModelShape]) -> list[PlannedGrou
     return list(groups.values())
 
 
-ROWS = [("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimiser state (AdamW)"),
-        ("reference", "reference model"), ("compute_copy", "compute copy of weights"),
-        ("activations_full", "activations, no checkpointing"), ("activations_ckpt", "activations, checkpointing"),
-        ("logits", "log-prob logits (largest pass)"), ("vllm_weights", "vLLM weights"),
-        ("kv_cache", "vLLM KV cache / generation"), ("overhead", "CUDA context and slack")]
+def part_names(est: Estimate) -> dict[str, str]:
+    """The printed name of each part of an estimate, in the plan's order, as it is for the job's device and backend:
+    `kv_cache` is vLLM's KV cache (on a GPU its share of `rollout.gpu_memory_utilization`, on the CPU
+    `rollout.kv_cache_gib`), or with transformers generate (`rollout.backend: hf`) the KV cache and float32 logits of
+    one generate call (`_hf_generate_bytes`); `overhead`, the CUDA context, is held on a GPU only."""
+    return {"weights": "weights", "gradients": "gradients", "optimizer": "optimiser state (AdamW)",
+            "reference": "reference model", "compute_copy": "compute copy of weights",
+            "activations_full": "activations, no checkpointing", "activations_ckpt": "activations, checkpointing",
+            "logits": "log-prob logits (largest pass)", "vllm_weights": "vLLM weights",
+            "kv_cache": "vLLM KV cache" if est.backend == "vllm" else "generate's KV cache and logits",
+            **({"overhead": "CUDA context and slack"} if est.device == "cuda" else {})}
 
 
 def format_group(group: PlannedGroup) -> str:
@@ -667,13 +676,16 @@ def format_group(group: PlannedGroup) -> str:
     used = "activations_ckpt" if est.parts.get("activations") == est.parts.get("activations_ckpt") else \
         "activations_full"
     unit, scale = ("GiB", GIB) if est.total >= GIB else ("MiB", MIB)
-    for key, name in ROWS:
+    names = part_names(est)
+    for key, name in names.items():
         value = est.parts.get(key, 0.0)
         if value or key.startswith("activations") and est.stage == "train":
             mark = "  <- used" if key == used and est.stage == "train" else ""
             lines.append(f"  {name:<34}{value / scale:>9.2f} {unit}{mark}")
     if est.phases:
-        lines.append(f"  {'held throughout':<34}{est.static / scale:>9.2f} {unit}  (weights ... CUDA context)")
+        # the parts held, by name without its parenthesis ("optimiser state (AdamW)": "optimiser state")
+        held = ", ".join(names[key].split(" (")[0] for key in STATIC_PARTS if est.parts.get(key))
+        lines.append(f"  {'held throughout':<34}{est.static / scale:>9.2f} {unit}  ({held})")
         lines.append("  " + "; ".join(f"{name} +{value / scale:.2f}" for name, value in est.phases.items())
                      + f" {unit}")
     verdict = ("fits" if est.fits else "DOES NOT FIT") if est.device == "cuda" else "not checked"
