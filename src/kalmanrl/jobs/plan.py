@@ -656,8 +656,8 @@ def plan_config(config: dict, shapes: dict[str, ModelShape]) -> list[PlannedGrou
 def part_names(est: Estimate) -> dict[str, str]:
     """The printed name of each part of an estimate, in the plan's order, as it is for the job's device and backend:
     `kv_cache` is vLLM's KV cache (on a GPU its share of `rollout.gpu_memory_utilization`, on the CPU
-    `rollout.kv_cache_gib`), or with transformers generate (`rollout.backend: hf`) the KV cache and float32 logits of
-    one generate call (`_hf_generate_bytes`); `overhead`, the CUDA context, is held on a GPU only."""
+    `rollout.kv_cache_gib`), or with transformers generate (`rollout.backend: hf`) the KV cache and one decoding
+    step's logits of one generate call (`hf_generate_bytes`); `overhead`, the CUDA context, is held on a GPU only."""
     return {"weights": "weights", "gradients": "gradients", "optimizer": "optimiser state (AdamW)",
             "reference": "reference model", "compute_copy": "compute copy of weights",
             "activations_full": "activations, no checkpointing", "activations_ckpt": "activations, checkpointing",
