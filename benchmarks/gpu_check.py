@@ -28,6 +28,10 @@ What it checks and measures:
    above it in each phase, beside `kalmanrl plan`'s figures (measured / planned); the CUDA context; the update's
    tokens per second and its model FLOP utilisation (6 x parameters x tokens/s over --peak-tflops). A budget that
    runs out of GPU memory (an 80 GB card: `within_memory`) is a row saying so, not the end of the report.
+4. Memory and speed of the hf engine's generation (transformers generate on that model, under the precision policy
+   the trainer samples with, top-p sampling, nothing ending early): the peak above the weights beside the plan's
+   figure (`plan.hf_generate_bytes`: the KV cache and one decoding step's logits and sampling tensors), and the
+   generated tokens per second.
 """
 
 from __future__ import annotations
@@ -167,6 +171,56 @@ def step_cost(policy, settings: TrainSettings, shape: plan.ModelShape, *, rows: 
             "measured_over_planned": {k: measured[k] / planned[k] for k in measured if planned.get(k)}}
 
 
+def generation_cost(policy, shape: plan.ModelShape, *, rows: int, prompt_len: int, completion_len: int) -> dict:
+    """Check 4: one generate call of the hf engine, `rows` completions of `completion_len` tokens (the end token's
+    output row zeroed and the others scaled up, so no row ends early), under autocast on CUDA as the trainer
+    generates there; CUDA's peak above what was allocated before, beside the plan's estimate."""
+    from kalmanrl.configuration.settings import resolve_precision
+    from kalmanrl.policy.rollout import HFEngine, SamplingConfig
+
+    device = next(policy.parameters()).device
+    cuda = device.type == "cuda"
+    head = policy.get_output_embeddings().weight
+    saved = head.detach().clone()
+    with torch.no_grad():
+        head.mul_(100)[list(HFEngine(policy, _EndToken()).stops)] = 0
+    engine = HFEngine(policy, _EndToken())
+    prompts = [torch.randint(3, shape.vocab, (prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(rows // 8)]
+    sampling = SamplingConfig(n=8, temperature=1.0, top_p=0.9, max_tokens=completion_len, seed=0)
+    policy.eval()
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated() if cuda else 0
+        start = time.perf_counter()
+        with resolve_precision("auto", device.type).generating(engine):
+            out = engine.generate(prompts, sampling)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+    tokens = sum(len(c.token_ids) for group in out for c in group)
+    dtype = "bfloat16" if cuda else "float32"
+    planned = plan.hf_generate_bytes(shape, rows, prompt_len + completion_len, dtype) / GIB
+    measured = (torch.cuda.max_memory_allocated() - held) / GIB if cuda else None
+    return {"rows": rows, "prompt_len": prompt_len, "completion_len": completion_len, "tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds, "measured_gib": measured, "planned_gib": planned,
+            "measured_over_planned": None if measured is None else measured / planned}
+
+
+class _EndToken:
+    """The tokenizer the engine needs for a model without one: an end token, a pad token, no text."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""
+
+
 def random_policy(config, device: torch.device) -> torch.nn.Module:
     """A float32 model of `config`'s shape with random weights (seed 0), made on `device` directly, with gradient
     checkpointing as the trainer sets it for hub models."""
@@ -225,8 +279,15 @@ def costs(work: Path, gpus: int, peak_tflops: float) -> dict:
         if "out_of_memory" not in result:
             result["model_flop_utilisation"] = (6 * shape.params * result["update_tokens_per_s"]
                                                 / (peak_tflops * 1e12) if cuda else None)
+    policy.zero_grad(set_to_none=True)  # as the trainer does before generating
+    try:
+        generation = generation_cost(policy, shape, rows=rows, prompt_len=prompt_len,
+                                     completion_len=completion_len // 4)
+    except torch.OutOfMemoryError as err:
+        generation = {"out_of_memory": str(err).splitlines()[0]}
     return {"model": "Qwen3-4B shape, random weights" if cuda else "tiny Qwen2 (hidden 128, 2 layers)",
-            "parameters": shape.params, "budgets": results, "cuda_context_gib": context, "peak_tflops": peak_tflops}
+            "parameters": shape.params, "budgets": results, "generation": generation, "cuda_context_gib": context,
+            "peak_tflops": peak_tflops}
 
 
 def markdown(report: dict) -> str:
@@ -257,7 +318,18 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['micro_batch_tokens']} | {row['tokens']} | {row['update_tokens_per_s']:.0f} | "
                      f"{'-' if mfu is None else f'{mfu:.1%}'} | {fmt(row['measured_gib'])} | "
                      f"{fmt(row['planned_gib'])} | {fmt(row['measured_over_planned'])} |")
+    generation = report["costs"]["generation"]
+    if "out_of_memory" in generation:
+        return "\n".join([*lines, "", f"Generation (hf engine): out of memory: {generation['out_of_memory']}"]) + "\n"
+    lines += ["", f"Generation (hf engine, top-p 0.9): {generation['rows']} rows x {generation['completion_len']} "
+              f"tokens after {generation['prompt_len']}-token prompts, {generation['tokens_per_s']:.0f} tokens/s; "
+              f"peak above the weights {_gib(generation['measured_gib'])} GiB, planned "
+              f"{generation['planned_gib']:.2f} GiB, measured / planned {_gib(generation['measured_over_planned'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> int:

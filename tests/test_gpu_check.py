@@ -38,6 +38,9 @@ def test_the_cpu_version_passes_every_check_and_writes_every_field(repo_root, tm
     assert [b["micro_batch_tokens"] for b in budgets] == [4 * 48, 16 * 48]
     for budget in budgets:
         assert budget["update_tokens_per_s"] > 0 and set(budget["planned_gib"]) == {"held", "scoring", "updating"}
+    generation = report["costs"]["generation"]
+    assert generation["tokens"] == generation["rows"] * generation["completion_len"] > 0  # no row ended early
+    assert generation["tokens_per_s"] > 0 and generation["planned_gib"] > 0
     assert "| autocast_bf16 | 1.0 | 1.0 | 0 | True |" in (tmp_path / "gpu_check.md").read_text()
 
 
@@ -49,9 +52,15 @@ def test_the_gpu_model_is_built_from_a_config_alone(repo_root):
     config = AutoConfig.from_pretrained(gpu_check.QWEN3_4B)
     config.update({"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
                    "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 256})
+    config.eos_token_id = 2  # Qwen3's own end of turn is past this vocabulary
     policy = gpu_check.random_policy(config, torch.device("cpu"))
     assert policy.is_gradient_checkpointing and next(policy.parameters()).dtype == torch.float32
     assert type(policy).__name__ == "Qwen3ForCausalLM"
+    # check 4 on it: every row runs to its length, and the output head (tied to the embeddings) is given back
+    head = policy.get_output_embeddings().weight.detach().clone()
+    generation = gpu_check.generation_cost(policy, gpu_check.plan.model_shape(config), rows=16, prompt_len=8,
+                                           completion_len=6)
+    assert generation["tokens"] == 16 * 6 and torch.equal(policy.get_output_embeddings().weight, head)
 
 
 def test_the_cpu_version_runs_on_the_cpu_where_cuda_is_usable(repo_root, tmp_path, monkeypatch):
