@@ -4,6 +4,7 @@ actually teaches a tiny model the task's answer format."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import replace
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from kalmanrl.configuration.settings import Sft
+from kalmanrl.core.layout import METRICS
 from kalmanrl.data.dataset import read_dataset
 from kalmanrl.data.prompts import get_template
 from kalmanrl.jobs.sft import IGNORE, collate, run_sft, tokenize_examples
@@ -21,7 +23,7 @@ from kalmanrl.policy.model import load_policy
 from kalmanrl.policy.rollout import SamplingConfig, make_engine
 
 SETTINGS = Sft(steps=8, batch_size=8, lr=3e-3, weight_decay=0.0, warmup_steps=2, schedule="cosine", max_length=64,
-               max_grad_norm=1.0, log_every=4)
+               max_grad_norm=1.0, log_every=4, precision="auto")
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +120,18 @@ def test_the_warm_start_is_saved_in_the_models_dtype(tiny_model_dir, arithmetic_
     assert sum(t.numel() * t.element_size() for t in weights.values()) * 2 == \
         sum(t.numel() * t.element_size() for t in base.values())
     assert json.loads((tmp_path / "sft" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_sft_precision_reaches_the_warm_start(tiny_model_dir, arithmetic_parquet, tmp_path):
+    """sft.precision as train.precision: auto is float32 on the CPU (the same run bit for bit); autocast_bf16 and
+    bfloat16 train with bf16 products or weights (other, finite losses); the model is saved in its dtype."""
+    losses = {}
+    for name in ("auto", "float32", "autocast_bf16", "bfloat16"):
+        run_sft(tiny_model_dir, arithmetic_parquet, tmp_path / name, template=get_template("answer_tag"),
+                settings=replace(SETTINGS, steps=3, precision=name), seed=0, dtype="float32")
+        losses[name] = pd.read_parquet(tmp_path / name / METRICS)["loss"].tolist()
+        assert {t.dtype for t in load_file(tmp_path / name / "model.safetensors").values()} == {torch.float32}
+    assert losses["auto"] == losses["float32"]
+    for name in ("autocast_bf16", "bfloat16"):
+        assert losses[name] != losses["float32"] and all(math.isfinite(v) for v in losses[name]), name
+

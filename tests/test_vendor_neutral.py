@@ -115,7 +115,7 @@ ONE_STEP = {"train": {"steps": 1, "prompts_per_step": 2, "group_size": 4, "mini_
             "datasets": {"arith": {"loader": "arithmetic", "template": "krpo", "reward": "krpo_arithmetic"}},
             "tasks": ["arith"], "benchmarks": ["arith"]}
 WARM_START = Sft(steps=2, batch_size=4, lr=1e-3, weight_decay=0.1, warmup_steps=0, schedule="constant", max_length=64,
-                 max_grad_norm=1.0, log_every=1)
+                 max_grad_norm=1.0, log_every=1, precision="float32")
 
 
 def train_settings(algorithm: str) -> dict:

@@ -213,10 +213,15 @@ class Sft:
     max_length: int
     max_grad_norm: float
     log_every: int
+    precision: str  # as written (auto resolves on the job's device: `resolved_precision`)
 
     def optimizer(self) -> dict[str, Any]:
         """What `kalmanrl.policy.optim.make_optimizer` reads."""
         return {key: getattr(self, key) for key in ("lr", "weight_decay", "warmup_steps", "schedule")}
+
+    def resolved_precision(self, device_type: str) -> Precision:
+        """sft.precision on the job's device, as train.precision resolves."""
+        return resolve_precision(self.precision, device_type)
 
 
 @dataclass(frozen=True)

@@ -77,14 +77,15 @@ def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Pat
         log.info("sft.steps = 0: %s links the files of %s", out_dir, model_dir)
         return {"steps": 0, "examples": 0, "loss": None}
     torch.manual_seed(seed)
-    model, tokenizer = load_policy(model_dir, device=device)
+    precision = settings.resolved_precision(device.type)
+    model, tokenizer = load_policy(model_dir, device=device, dtype=precision.weights_dtype)
     table = read_dataset(train_parquet, split="train")
     examples = tokenize_examples(tokenizer, table.column("problem").to_pylist(), table.column("answer").to_pylist(),
                                  table.column("solution").to_pylist(), template=template,
                                  max_length=settings.max_length)
     if not examples:
         raise ValueError(f"{train_parquet}: no training example fits sft.max_length = {settings.max_length}")
-    log.info("sft on %d of %d examples", len(examples), table.num_rows)
+    log.info("sft on %d of %d examples, precision %s", len(examples), table.num_rows, precision.name)
 
     optimizer, scheduler = make_optimizer(model.parameters(), settings.optimizer(), settings.steps)
     generator = torch.Generator().manual_seed(seed)
@@ -99,7 +100,8 @@ def run_sft(model_dir: str | Path, train_parquet: str | Path, out_dir: str | Pat
             position += settings.batch_size
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in picked],
                                                          tokenizer.pad_token_id).items()}
-            loss = model(**batch).loss
+            with precision.autocast():
+                loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
