@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from conftest import TINY_SPEC
+from kalmanrl.configuration.config import validate_config
+from kalmanrl.configuration.settings import resolve_rollout
 from kalmanrl.jobs.trainer import build_batch, token_logprobs
 from kalmanrl.policy.model import load_policy
 from kalmanrl.policy.rollout import (
@@ -114,6 +116,30 @@ def test_hf_sampling_logprobs_match_the_trainers_recomputation(policy, tiny_mode
     engine = make_engine("hf", policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir)
     out = engine.generate(prompts, SamplingConfig(n=2, max_tokens=8, seed=0))
     assert_logprobs_match_the_trainers(model, tokenizer, prompts, out, tolerance=1e-4)
+
+
+def test_rollout_hf_batch_size_is_the_engines_rows_per_call_and_leaves_cpu_tokens_unchanged(policy, tiny_model_dir):
+    """`rollout.hf_batch_size` reaches the hf engine through the rollout settings' engine options. It is a memory
+    knob: on the CPU, 12 rows in calls of 3 (prompts of three lengths, a group split across calls, each call padded
+    to its own longest prompt) sample the tokens one call of all 12 samples. Their log-probs agree to float32
+    rounding, not bit for bit: on the CPU too a row's products depend on the rows beside it (here up to 5e-7 apart),
+    so near a tie a sampled token could differ as well."""
+    model, tokenizer, prompts = policy
+    sampling = SamplingConfig(n=4, temperature=1.0, top_p=0.9, max_tokens=8, seed=5)
+
+    def generated(batch_size: int) -> list:
+        section = validate_config({"rollout": {"backend": "hf", "hf_batch_size": batch_size}})["rollout"]
+        rollout = resolve_rollout(section, vllm_installed=False)
+        engine = make_engine(rollout.backend, policy=model, tokenizer=tokenizer, model_dir=tiny_model_dir,
+                             **rollout.engine_options())
+        assert engine.batch_size == batch_size
+        return [c for group in engine.generate(prompts, sampling) for c in group]
+
+    assert len({len(ids) for ids in prompts}) == 3
+    small, large = generated(3), generated(256)
+    assert [(c.token_ids, c.finish_reason) for c in small] == [(c.token_ids, c.finish_reason) for c in large]
+    for a, b in zip(small, large, strict=True):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-6, atol=1e-6)
 
 
 def test_unknown_backend_is_refused(policy, tiny_model_dir):

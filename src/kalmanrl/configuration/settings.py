@@ -157,6 +157,7 @@ class Rollout:
     gpu_memory_utilization: float
     eval_gpu_memory_utilization: float
     kv_cache_gib: float
+    hf_batch_size: int
     enforce_eager: bool
     tensor_parallel_size: int
     sleep: bool
@@ -170,7 +171,8 @@ class Rollout:
     def engine_options(self) -> dict[str, Any]:
         """The options `rollout.make_engine` passes on to the engine."""
         return {key: getattr(self, key) for key in ("max_model_len", "gpu_memory_utilization", "kv_cache_gib",
-                                                    "enforce_eager", "tensor_parallel_size", "sleep")}
+                                                    "enforce_eager", "tensor_parallel_size", "sleep",
+                                                    "hf_batch_size")}
 
 
 @dataclass(frozen=True)

@@ -113,10 +113,11 @@ class _ContextManaged:
 
 class HFEngine(_ContextManaged):
     """transformers `generate` with KV cache on the policy module itself (so a weight sync is a no-op), batched with
-    left padding. Each row samples with its own generator, seeded from its prompt's position (`prompt_seed`) and its
-    sample index (Gumbel-max over the temperature-scaled, top-p-filtered logits, which draws exactly from their
-    softmax): results do not depend on batch composition, and the global RNG stream is never touched, so a resumed
-    or differently sharded run samples exactly what an uninterrupted one-rank run would.
+    left padding, at most `batch_size` rows per call (`rollout.hf_batch_size`). Each row samples with its own
+    generator, seeded from its prompt's position (`prompt_seed`) and its sample index (Gumbel-max over the
+    temperature-scaled, top-p-filtered logits, which draws exactly from their softmax): results do not depend on
+    batch composition, and the global RNG stream is never touched, so a resumed or differently sharded run samples
+    exactly what an uninterrupted one-rank run would.
 
     Rows with the same prompt (a group's samples) share one prefill: each distinct prompt runs once, and its KV cache
     and first logits are copied to its rows. A row's numbers do not depend on the other rows of a batch (on the CPU
@@ -577,7 +578,7 @@ def make_engine(backend: str, *, policy: torch.nn.Module | None, tokenizer, mode
     if backend == "hf":
         if policy is None:
             raise ValueError("the hf rollout engine samples from the policy: load it first")
-        return HFEngine(policy, tokenizer)
+        return HFEngine(policy, tokenizer, batch_size=options.get("hf_batch_size", 256))
     return VLLMEngine(model_dir, tokenizer, dtype=dtype, max_model_len=options.get("max_model_len", 512),
                       gpu_memory_utilization=options.get("gpu_memory_utilization", 0.3),
                       kv_cache_gib=options.get("kv_cache_gib", 1), enforce_eager=options.get("enforce_eager", True),
