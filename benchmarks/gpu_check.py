@@ -205,7 +205,8 @@ def generation_cost(policy, shape: plan.ModelShape, *, rows: int, prompt_len: in
             head.copy_(saved)
     tokens = sum(len(c.token_ids) for group in out for c in group)
     dtype = "bfloat16" if cuda else "float32"
-    planned = plan.hf_generate_bytes(shape, rows, prompt_len + completion_len, dtype) / GIB
+    planned = plan.hf_generate_bytes(shape, rows, prompt_len + completion_len, dtype,
+                                     batch_size=engine.batch_size) / GIB
     measured = (torch.cuda.max_memory_allocated() - held) / GIB if cuda else None
     return {"rows": rows, "prompt_len": prompt_len, "completion_len": completion_len, "tokens": tokens,
             "seconds": seconds, "tokens_per_s": tokens / seconds, "measured_gib": measured, "planned_gib": planned,

@@ -252,6 +252,80 @@ def test_plan_refuses_qwen3_4b_on_one_gpu_and_names_the_settings(capsys):
                      r"train\.micro_batch_tokens <= \d+", err), err
 
 
+def test_the_hf_engines_generation_is_planned_at_rollout_hf_batch_size_rows_per_call():
+    """transformers generate holds the KV cache and step tensors of one call of `rollout.hf_batch_size` rows (at most
+    the rows there are), in training and in evaluation: the plan's generation grows with it, and was 256 rows
+    whatever the config said."""
+    shape, resources = qwen3(), plan.Resources(gpus=1)
+
+    def train(batch_size: int) -> float:  # 256 rows of 2,048 tokens
+        settings = train_settings(max_length=2048)
+        settings["rollout"].update(backend="hf", hf_batch_size=batch_size)
+        return estimate(shape, settings, resources, source="hub").parts["kv_cache"]
+
+    def evaluate(batch_size: int) -> float:  # 8 prompts x 4 samples = 32 rows
+        config = validate_config({"evaluate": {"batch_size": 8, "k": 4, "max_length": 2048},
+                                  "rollout": {"backend": "hf", "hf_batch_size": batch_size}})
+        settings = stage_settings(config, "evaluate", model="tiny", task=config["tasks"][0], algorithm="sft",
+                                  benchmark=config["benchmarks"][0])
+        return plan.estimate_evaluate(shape, plan.resolve_for_plan("evaluate", settings, resources),
+                                      resources).parts["kv_cache"]
+
+    assert train(16) == plan.hf_generate_bytes(shape, 256, 2048, "bfloat16", batch_size=16)
+    assert train(16) == train(32) / 2 == train(64) / 4 == train(256) / 16
+    assert train(512) == train(256)  # a call holds the rows there are
+    assert evaluate(8) == plan.hf_generate_bytes(shape, 32, 2048, "float32", batch_size=8)
+    assert evaluate(8) == evaluate(16) / 2 == evaluate(32) / 4 == evaluate(256) / 4
+
+
+def applied(stage: str, fix: str) -> list[str]:
+    """A plan's suggestion (`raise resources.<stage>.gpus to N and set key: value, key <= value`) as --config
+    overrides, each setting at the value it names."""
+    overrides = []
+    if gpus := re.match(rf"raise resources\.{stage}\.gpus to (\d+)", fix):
+        overrides.append(f"resources.{stage}.gpus={gpus.group(1)}")
+    if changes := re.search(r"(?:^|and )set (.*)$", fix):
+        overrides += [re.sub(r": | <= ", "=", change, count=1) for change in changes.group(1).split(", ")]
+    return overrides
+
+
+def hf_paper_kpo(*overrides: str) -> tuple[dict, dict[str, plan.PlannedGroup]]:
+    """paper-kpo with transformers generate at its own lengths (5,120-token rows), planned: the config and its one
+    group per stage."""
+    config = plan.load_configs([REPO / "config" / "paper-kpo.yaml"], ["rollout.backend=hf", "train.max_length=5120",
+                                                                      "evaluate.max_length=5120", *overrides])
+    groups = plan.plan_config(config, plan.shapes_of(config, {"qwen3-4b": MODEL_CONFIGS["qwen3-4b"]}))
+    assert sorted(g.stage for g in groups) == ["evaluate", "train"]
+    return config, {g.stage: g for g in groups}
+
+
+def test_an_hf_generation_too_big_for_the_gpu_gets_the_largest_rollout_hf_batch_size_that_fits():
+    """Qwen3-4B with rollout.backend: hf on 80 GB GPUs (a machine without vLLM) at paper-kpo's 5,120-token rows:
+    256 rows per generate call hold a 183 GiB KV cache in training (bf16) and 363 GiB in evaluation (float32), and
+    no setting could shrink it. Each stage is offered the largest power of two of rows per call at which it fits,
+    and with it the plan says it fits (with twice as many, it does not)."""
+    config, groups = hf_paper_kpo()
+    for stage, group in groups.items():
+        assert not group.estimate.fits and group.estimate.parts["kv_cache"] > 80 * plan.GIB, stage
+        (fix,) = group.fixes
+        size = int(re.fullmatch(r"set rollout\.hf_batch_size: (\d+)", fix).group(1))
+        assert size & (size - 1) == 0 and size < 256, fix
+        assert hf_paper_kpo(f"rollout.hf_batch_size={size}")[1][stage].estimate.fits, fix
+        assert not hf_paper_kpo(f"rollout.hf_batch_size={2 * size}")[1][stage].estimate.fits, fix
+
+
+def test_a_training_job_too_big_beside_its_hf_generation_gets_rollout_hf_batch_size_with_the_other_changes():
+    """On one GPU without gradient checkpointing neither generation nor the update fits: the change that makes
+    training fit sets the rows per generate call with the rest, and applied as written, it fits."""
+    _, groups = hf_paper_kpo("resources.train.gpus=1", "train.gradient_checkpointing=false")
+    fixes = groups["train"].fixes
+    combined = [fix for fix in fixes if "rollout.hf_batch_size: " in fix and "train.micro_batch_tokens <= " in fix]
+    assert len(combined) == 1 and "train.gradient_checkpointing: true" in combined[0], fixes
+    overrides = applied("train", combined[0])
+    assert hf_paper_kpo("resources.train.gpus=1", "train.gradient_checkpointing=false",
+                        *overrides)[1]["train"].estimate.fits, overrides
+
+
 @pytest.mark.parametrize("name", ["paper-kpo", "paper-krpo"])
 def test_paper_configs_fit_80_gb_gpus(name, capsys):
     assert main(["plan", *paper_args(name)]) == 0

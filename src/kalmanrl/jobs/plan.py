@@ -425,7 +425,8 @@ def estimate_train(shape: ModelShape, settings: TrainSettings, resources: Resour
         engine_live, engine_asleep = _colocated_vllm(shape, rollout, resources, parts, problems, notes)
         notes += _kv_capacity_warning(shape, rollout, parts["kv_cache"], math.ceil(step.rows / ranks))
     elif backend == "hf":
-        parts["kv_cache"] = hf_generate_bytes(shape, step.rows, step.seq_len, act_dtype)
+        parts["kv_cache"] = hf_generate_bytes(shape, step.rows, step.seq_len, act_dtype,
+                                              batch_size=rollout.hf_batch_size)
         engine_live = parts["kv_cache"]
     else:  # vLLM on the CPU: weights in the policy's dtype (float32) and a fixed KV cache
         parts["vllm_weights"] = p * 4
@@ -479,10 +480,10 @@ def _check_kv(shape: ModelShape, rollout: Rollout, kv_cache: float, tp: int, pro
                         f"{utilization} to {math.ceil(wanted * 100) / 100}")
 
 
-def hf_generate_bytes(shape: ModelShape, rows: int, seq_len: int, dtype: str) -> float:
-    """transformers `generate` on the policy (the hf engine, 256 rows per call): its KV cache and one decoding step's
-    logits and sampling tensors (`GENERATE_STEP_COPIES`)."""
-    batch = min(rows, 256)
+def hf_generate_bytes(shape: ModelShape, rows: int, seq_len: int, dtype: str, *, batch_size: int) -> float:
+    """transformers `generate` on the policy (the hf engine, `batch_size` rows per call: `rollout.hf_batch_size`):
+    the KV cache and one decoding step's logits and sampling tensors (`GENERATE_STEP_COPIES`) of its largest call."""
+    batch = min(rows, batch_size)
     return batch * seq_len * shape.kv_bytes_per_token(dtype) + GENERATE_STEP_COPIES * batch * shape.vocab * 4
 
 
@@ -517,7 +518,8 @@ def estimate_evaluate(shape: ModelShape, settings: EvaluateSettings, resources: 
         else:
             parts["vllm_weights"] = 0.0
             prompt_len, completion_len = sequence_lengths(evaluate.max_tokens, evaluate.max_length, rollout, shape)
-            parts["kv_cache"] = hf_generate_bytes(shape, rows, prompt_len + completion_len, "float32")
+            parts["kv_cache"] = hf_generate_bytes(shape, rows, prompt_len + completion_len, "float32",
+                                                  batch_size=rollout.hf_batch_size)
         parts["overhead"] = CUDA_OVERHEAD if device == "cuda" else 0.0
         parts["total"] = parts["weights"] + parts["vllm_weights"] + parts["kv_cache"] + parts["overhead"]
     return Estimate("evaluate", device, backend, resources.ranks if device == "cuda" else 1, parts,
@@ -554,9 +556,12 @@ def estimate_job(stage: str, settings: TrainSettings | EvaluateSettings, shape: 
 
 def suggestions(stage: str, settings: TrainSettings | EvaluateSettings, shape: ModelShape,
                 resources: Resources) -> list[str]:
-    """Alternative changes that make a job fit, each checked with the plan itself: more GPUs (or nodes) alone; or,
-    for training, smaller logit chunks, gradient checkpointing and the largest micro-batch budget that fits (on the
-    GPUs asked for, else on the fewest that suffice). The plan's own problems (vLLM's KV cache) come first."""
+    """Alternative changes that make a job fit, each checked with the plan itself: more GPUs (or nodes) alone; with
+    transformers generate (`rollout.backend: hf`), the largest power of two below `rollout.hf_batch_size` at which
+    generation fits (alone when nothing else is too big); or, for training, smaller logit chunks, gradient
+    checkpointing, that `rollout.hf_batch_size` where generation does not fit, and the largest micro-batch budget
+    that fits (on the GPUs asked for, else on the fewest that suffice). The plan's own problems (vLLM's KV cache)
+    come first."""
     first = estimate_job(stage, settings, shape, resources)
     found = list(first.problems)
     if first.device != "cuda" or first.fits or found:
@@ -576,8 +581,26 @@ def suggestions(stage: str, settings: TrainSettings | EvaluateSettings, shape: M
         return (f"raise resources.{stage}.gpus to {new.gpus}" if new.nodes == 1 else
                 f"raise resources.{stage}.nodes to {new.nodes} (with gpus: {new.gpus})")
 
+    def with_hf_batch(new_settings: TrainSettings | EvaluateSettings, rows: int) -> TrainSettings | EvaluateSettings:
+        return replace(new_settings, rollout=replace(new_settings.rollout, hf_batch_size=rows))
+
+    def generation_fits(estimate: Estimate) -> bool:  # an evaluation with transformers is its generation
+        return estimate.static + estimate.phases["generating"] <= estimate.limit if estimate.phases else estimate.fits
+
+    def hf_batch() -> int | None:
+        """The largest power of two below rollout.hf_batch_size at which generation fits on the GPUs asked for
+        (the KV cache and step tensors grow with the rows per call): None when it already fits, or fits at none."""
+        if settings.rollout.backend != "hf" or generation_fits(first):
+            return None
+        size = 1 << (settings.rollout.hf_batch_size - 1).bit_length() >> 1  # the largest power of two below it
+        while size and not generation_fits(estimate_job(stage, with_hf_batch(settings, size), shape, resources)):
+            size //= 2
+        return size or None
+
     if (more := fewest_ranks(settings)) is not None:
         found.append(asking(more))
+    if (batch := hf_batch()) is not None and fits(with_hf_batch(settings, batch), resources):
+        return [*found, f"set rollout.hf_batch_size: {batch}"]  # generation was all that did not fit
     if stage != "train":
         return found
     changes = []
@@ -587,6 +610,9 @@ def suggestions(stage: str, settings: TrainSettings | EvaluateSettings, shape: M
     if not settings.train.gradient_checkpointing:
         settings = settings.with_train(gradient_checkpointing=True)
         changes.append("train.gradient_checkpointing: true")
+    if batch is not None:
+        settings = with_hf_batch(settings, batch)
+        changes.append(f"rollout.hf_batch_size: {batch}")
     seq = sum(sequence_lengths(settings.train.max_tokens, settings.train.max_length, settings.rollout, shape))
     rows = settings.train.prompts_per_step * settings.train.group_size
 
