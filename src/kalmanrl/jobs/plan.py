@@ -425,7 +425,8 @@ def estimate_train(shape: ModelShape, settings: TrainSettings, resources: Resour
         engine_live, engine_asleep = _colocated_vllm(shape, rollout, resources, parts, problems, notes)
         notes += _kv_capacity_warning(shape, rollout, parts["kv_cache"], math.ceil(step.rows / ranks))
     elif backend == "hf":
-        parts["kv_cache"] = hf_generate_bytes(shape, step.rows, step.seq_len, act_dtype,
+        # each rank generates for its share of the step's prompts
+        parts["kv_cache"] = hf_generate_bytes(shape, math.ceil(step.rows / ranks), step.seq_len, act_dtype,
                                               batch_size=rollout.hf_batch_size)
         engine_live = parts["kv_cache"]
     else:  # vLLM on the CPU: weights in the policy's dtype (float32) and a fixed KV cache
