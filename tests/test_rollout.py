@@ -122,8 +122,8 @@ def test_rollout_hf_batch_size_is_the_engines_rows_per_call_and_leaves_cpu_token
     """`rollout.hf_batch_size` reaches the hf engine through the rollout settings' engine options. It is a memory
     knob: on the CPU, 12 rows in calls of 3 (prompts of three lengths, a group split across calls, each call padded
     to its own longest prompt) sample the tokens one call of all 12 samples. Their log-probs agree to float32
-    rounding, not bit for bit: on the CPU too a row's products depend on the rows beside it (here up to 5e-7 apart),
-    so near a tie a sampled token could differ as well."""
+    rounding, not bit for bit: on the CPU too a row's products depend on the rows beside it (5e-7 apart on a 2-core
+    AMD EPYC), so near a tie a sampled token could differ as well."""
     model, tokenizer, prompts = policy
     sampling = SamplingConfig(n=4, temperature=1.0, top_p=0.9, max_tokens=8, seed=5)
 
@@ -139,7 +139,7 @@ def test_rollout_hf_batch_size_is_the_engines_rows_per_call_and_leaves_cpu_token
     small, large = generated(3), generated(256)
     assert [(c.token_ids, c.finish_reason) for c in small] == [(c.token_ids, c.finish_reason) for c in large]
     for a, b in zip(small, large, strict=True):
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_backend_is_refused(policy, tiny_model_dir):

@@ -115,18 +115,18 @@ class HFEngine(_ContextManaged):
     """transformers `generate` with KV cache on the policy module itself (so a weight sync is a no-op), batched with
     left padding, at most `batch_size` rows per call (`rollout.hf_batch_size`). Each row samples with its own
     generator, seeded from its prompt's position (`prompt_seed`) and its sample index (Gumbel-max over the
-    temperature-scaled, top-p-filtered logits, which draws exactly from their softmax): results do not depend on
-    batch composition, and the global RNG stream is never touched, so a resumed or differently sharded run samples
-    exactly what an uninterrupted one-rank run would.
+    temperature-scaled, top-p-filtered logits, which draws exactly from their softmax): its random numbers do not
+    depend on batch composition, and the global RNG stream is never touched, so a resumed run samples exactly what
+    an uninterrupted one would, and a differently sharded or batched one draws the same numbers.
 
     Rows with the same prompt (a group's samples) share one prefill: each distinct prompt runs once, and its KV cache
-    and first logits are copied to its rows. A row's numbers do not depend on the other rows of a batch (on the CPU
-    every product is the same per row whatever the batch size; `tests/test_rollout.py` compares with plain
-    `generate` bit for bit), so this only removes work: at the default study's shape the prefill was 40% of a
-    rollout. On a GPU the batch size may pick other kernels, so there the last bits may differ from plain
-    `generate` (not from run to run). On the CPU, a grouped-query model's attention reads the shared key and value
-    heads in place (`_reading_shared_kv_heads`). `plain=True` is plain `generate`, the reference both are tested
-    against."""
+    and first logits are copied to its rows, with plain `generate`'s numbers bit for bit on the CPU where it is used
+    (`tests/test_rollout.py`; `_shares_prefill` keeps the products it could compute another way), so this only
+    removes work: at the default study's shape the prefill was 40% of a rollout. On a GPU the batch size may pick
+    other kernels, so there the last bits may differ from plain `generate` (not from run to run); so may another
+    `batch_size` or rank count, on the CPU too (a product's rows are split over threads by their count), and near a
+    tie so may a sampled token. On the CPU, a grouped-query model's attention reads the shared key and value heads in
+    place (`_reading_shared_kv_heads`). `plain=True` is plain `generate`, the reference both are tested against."""
 
     runs_policy = True
 
