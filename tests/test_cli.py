@@ -98,6 +98,17 @@ def test_settings_command_prints_a_jobs_settings(repo_root, config_first):
     assert '"ratio": "kpo"' in result.stdout
 
 
+def test_settings_resolved_prints_the_warm_starts_precision_on_each_device():
+    precisions = {}
+    for device in ("cpu", "cuda"):
+        result = run("settings", "sft", "model=tiny", "task=arithmetic_laptop", "--resolved", device)
+        assert result.returncode == 0, result.stderr
+        precisions[device] = json.loads(result.stdout)["sft"]["precision"]
+    assert precisions == {"cpu": "float32", "cuda": "autocast_bf16"}  # sft.precision: auto
+    result = run("settings", "model", "model=tiny", "--resolved", "cpu")
+    assert result.returncode == 2 and "not a model job's" in result.stderr
+
+
 def test_settings_command_merges_config_files_as_snakemake_does(repo_root):
     """The families study runs `--configfile config/config.yaml config/families.yaml`: its DAPO jobs exist only in the
     merge, so a command reading one file could not print their settings."""

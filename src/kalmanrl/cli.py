@@ -235,11 +235,16 @@ def cmd_settings(args: argparse.Namespace) -> None:
     wildcards = job_wildcards(config, args.stage, args.select)
     settings = stage_settings(config, args.stage, **wildcards)
     if args.resolved:
-        from kalmanrl.configuration.settings import as_dict, resolve_train
+        from kalmanrl.configuration.settings import Sft, as_dict, resolve_train
 
-        if args.stage != "train":
-            raise ConfigError(f"--resolved resolves a training job's settings, not a {args.stage} job's")
-        settings = as_dict(resolve_train(settings, args.resolved))
+        if args.stage == "sft":
+            sft = settings["sft"]
+            settings = {**settings, "sft": {**sft, "precision": Sft(**sft).resolved_precision(args.resolved).name}}
+        elif args.stage == "train":
+            settings = as_dict(resolve_train(settings, args.resolved))
+        else:
+            raise ConfigError(f"--resolved resolves a training or warm-start job's settings, not a {args.stage} "
+                              "job's")
     print(json.dumps(settings, indent=2, default=str))
 
 
@@ -396,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="wildcards of the job, e.g. model=tiny task=arithmetic_easy algorithm=krpo seed=0")
     settings.add_argument("--resolved", choices=["cpu", "cuda"],
                           help="train: print the settings as the job resolves them on this device (precision, "
-                               "gradient checkpointing, rollout backend as installed here)")
+                               "gradient checkpointing, rollout backend as installed here); sft: its precision")
     settings.set_defaults(func=cmd_settings)
     plan = sub.add_parser(
         "plan", help="Estimated peak memory per GPU of every training and evaluation job of a config.",
