@@ -218,6 +218,8 @@ def test_an_evaluation_plans_vllm_at_the_share_the_evaluate_stage_gives_it():
 
     est = evaluation(0.5)
     assert est.parts["total"] == 0.5 * 80 * plan.GIB + plan.CUDA_OVERHEAD
+    # the printed rows add up to the peak (vLLM's workspace is a row of its own)
+    assert sum(est.parts[key] for key in plan.part_names(est) if key in est.parts) == est.parts["total"]
     est = evaluation(0.05)  # 4 GiB: less than Qwen3-4B's bf16 weights
     assert not est.fits and "rollout.eval_gpu_memory_utilization" in est.problems[0]
 

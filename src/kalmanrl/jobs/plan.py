@@ -450,7 +450,7 @@ def _colocated_vllm(shape: ModelShape, rollout: Rollout, resources: Resources, p
     """The engine's share of the GPU while live, and its residue asleep; checks its KV cache holds one sequence."""
     tp = rollout.tensor_parallel_size
     budget = rollout.gpu_memory_utilization * resources.gpu_mem_gb * GIB
-    parts["vllm_weights"] = shape.params * DTYPE_BYTES[shape.serve_dtype] / tp
+    parts["vllm_weights"], parts["vllm_workspace"] = shape.params * DTYPE_BYTES[shape.serve_dtype] / tp, VLLM_WORKSPACE
     parts["kv_cache"] = budget - parts["vllm_weights"] - VLLM_WORKSPACE
     _check_kv(shape, rollout, parts["kv_cache"], tp, problems, "rollout.gpu_memory_utilization",
               rollout.gpu_memory_utilization, resources.gpu_mem_gb)
@@ -503,7 +503,8 @@ def estimate_evaluate(shape: ModelShape, settings: EvaluateSettings, resources: 
         tp = rollout.tensor_parallel_size
         utilization = rollout.eval_gpu_memory_utilization
         budget = utilization * resources.gpu_mem_gb * GIB
-        parts["vllm_weights"] = shape.params * DTYPE_BYTES[shape.serve_dtype] / tp
+        parts["vllm_weights"], parts["vllm_workspace"] = shape.params * DTYPE_BYTES[shape.serve_dtype] / tp, \
+            VLLM_WORKSPACE
         parts["kv_cache"] = budget - parts["vllm_weights"] - VLLM_WORKSPACE
         _check_kv(shape, rollout, parts["kv_cache"], tp, problems, "rollout.eval_gpu_memory_utilization", utilization,
                   resources.gpu_mem_gb)
@@ -689,6 +690,7 @@ def part_names(est: Estimate) -> dict[str, str]:
             "reference": "reference model", "compute_copy": "compute copy of weights",
             "activations_full": "activations, no checkpointing", "activations_ckpt": "activations, checkpointing",
             "logits": "log-prob logits (largest pass)", "vllm_weights": "vLLM weights",
+            "vllm_workspace": "vLLM activations and sampler",
             "kv_cache": "vLLM KV cache" if est.backend == "vllm" else "generate's KV cache and logits",
             **({"overhead": "CUDA context and slack"} if est.device == "cuda" else {})}
 
