@@ -1,6 +1,7 @@
 """Shared fixtures: paths of the repository and of the real datasets' local copies (when a directory is named)."""
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,17 @@ def shared_data() -> Path:
 
 TINY_SPEC = {"vocab_size": 384, "hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
              "intermediate_size": 128, "max_position_embeddings": 512, "tie_word_embeddings": True}
+
+
+@dataclass
+class IdsTokenizer:
+    """A tokenizer for models built here without one: pad 0, end 1, token ids decoded as their numbers."""
+
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
 
 
 @pytest.fixture(scope="session")

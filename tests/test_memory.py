@@ -9,6 +9,7 @@ import importlib.util
 import pytest
 import torch
 
+from conftest import IdsTokenizer
 from kalmanrl.policy.model import load_policy
 
 
@@ -47,13 +48,6 @@ def test_peak_step_memory_is_flat_when_the_rollout_batch_grows_4x(bench, tiny_mo
     assert unbudgeted_large > 2 * unbudgeted_small, (unbudgeted_small, unbudgeted_large)
 
 
-class _IdsTokenizer:
-    pad_token_id, eos_token_id = 0, 1
-
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
-
-
 @pytest.mark.slow
 def test_generation_holds_one_steps_logits_and_the_plan_counts_them(bench, monkeypatch):
     """The hf engine keeps the sampled tokens' log-probs, not every step's [rows, vocab] logits (at a 151,936-token
@@ -75,7 +69,7 @@ def test_generation_holds_one_steps_logits_and_the_plan_counts_them(bench, monke
         model.lm_head.weight.mul_(100)[1] = 0  # the end token's logit 0 among logits hundreds apart: never sampled
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
     shape, prompts = plan.model_shape(config), [list(range(5 + i, 21 + i)) for i in range(4)]
-    engine = rollout.HFEngine(model, _IdsTokenizer())
+    engine = rollout.HFEngine(model, IdsTokenizer())
 
     def peak(max_tokens: int) -> int:
         sampling = rollout.SamplingConfig(n=4, temperature=1.0, top_p=0.9, max_tokens=max_tokens, seed=0)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_SPEC
+from conftest import TINY_SPEC, IdsTokenizer
 from kalmanrl.configuration.config import validate_config
 from kalmanrl.configuration.settings import resolve_rollout
 from kalmanrl.jobs.trainer import build_batch, token_logprobs
@@ -460,17 +460,6 @@ def test_the_models_generation_config_does_not_change_what_the_engine_samples(tw
         assert model.generation_config is configured
     finally:
         model.generation_config = saved
-
-
-@dataclass
-class IdsTokenizer:
-    """A tokenizer for models built here without one: pad 0, end 1, token ids decoded as their numbers."""
-
-    pad_token_id: int = 0
-    eos_token_id: int = 1
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
 
 
 @pytest.mark.parametrize("family", ["granite", "cohere"])
