@@ -182,9 +182,9 @@ def generation_cost(policy, shape: plan.ModelShape, *, rows: int, prompt_len: in
     cuda = device.type == "cuda"
     head = policy.get_output_embeddings().weight
     saved = head.detach().clone()
-    with torch.no_grad():
-        head.mul_(100)[list(HFEngine(policy, _EndToken()).stops)] = 0
     engine = HFEngine(policy, _EndToken())
+    with torch.no_grad():
+        head.mul_(100)[list(engine.stops)] = 0
     prompts = [torch.randint(3, shape.vocab, (prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(rows // 8)]
     sampling = SamplingConfig(n=8, temperature=1.0, top_p=0.9, max_tokens=completion_len, seed=0)
