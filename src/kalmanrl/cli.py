@@ -36,6 +36,7 @@ log = logging.getLogger("kalmanrl")
 
 DEFAULT_CONFIG = Path("config/config.yaml")  # what Snakemake reads without --configfile (the Snakefile's configfile)
 
+
 def schema_reference(def_name: str, definition: dict | None = None) -> str:
     """Plain-text reference of one schema definition (or of `definition`, e.g. the top level): key, default,
     description."""
