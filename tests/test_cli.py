@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from job_settings import job_settings
+from job_settings import job_inputs, job_settings
 from kalmanrl.cli import build_parser, main
 from kalmanrl.configuration.config import load_schema, validate_config
 
@@ -54,7 +54,7 @@ def test_settings_help_says_what_its_config_option_takes():
 
 
 def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
-    code = main(["train", "--settings", job_settings("train", train={"lr": -1}), "--model", "m", "--dataset", "d",
+    code = main(["train", "--settings", job_settings("train", train={"lr": -1}), *job_inputs(tmp_path),
                  "--out", str(tmp_path)])
     assert code == 2
     assert "train.lr" in capsys.readouterr().err
@@ -63,7 +63,7 @@ def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
 def test_an_unknown_part_of_the_settings_exits_2_naming_it(tmp_path, capsys):
     settings = tmp_path / "settings.yaml"
     settings.write_text("sfft: {steps: 1}\n")
-    code = main(["sft", "--settings", f"@{settings}", "--model", "m", "--dataset", "d", "--out", str(tmp_path / "o")])
+    code = main(["sft", "--settings", f"@{settings}", *job_inputs(tmp_path), "--out", str(tmp_path / "o")])
     assert code == 2
     assert f"{settings}: unknown part 'sfft' of the sft stage's settings (known parts: sft, template, " in \
         capsys.readouterr().err
@@ -83,7 +83,7 @@ def test_a_tiny_models_settings_without_its_templates_exit_2_naming_them(tmp_pat
     ({"plugins": ["missing_plugin.py"]}, "plugins[0]: no file 'missing_plugin.py'"),
 ])
 def test_a_jobs_settings_are_checked_against_the_registries_before_it_runs(tmp_path, capsys, settings, message):
-    code = main(["evaluate", "--settings", job_settings("evaluate", **settings), "--model", "m", "--dataset", "d",
+    code = main(["evaluate", "--settings", job_settings("evaluate", **settings), *job_inputs(tmp_path),
                  "--details", str(tmp_path / "d"), "--summary", str(tmp_path / "s")])
     assert code == 2
     assert message in capsys.readouterr().err
@@ -162,20 +162,44 @@ def test_every_stage_is_a_subcommand():
     (["train", "--cpu-ranks", "-2"], "argument --cpu-ranks: invalid integer >= 1 value: '-2'"),
     (["evaluate", "--gpus", "-1"], "argument --gpus: invalid integer >= 0 value: '-1'"),
 ])
-def test_counts_of_threads_nodes_ranks_and_gpus_below_their_least_exit_2_naming_them(argv, message, capsys):
+def test_counts_of_threads_nodes_ranks_and_gpus_below_their_least_exit_2_naming_them(argv, message, capsys,
+                                                                                     tmp_path):
     stage, *rest = argv
-    required = {"train": ["--model", "m", "--dataset", "d", "--out", "o"],
-                "evaluate": ["--model", "m", "--dataset", "d", "--details", "a", "--summary", "b"]}[stage]
+    required = {"train": [*job_inputs(tmp_path), "--out", "o"],
+                "evaluate": [*job_inputs(tmp_path), "--details", "a", "--summary", "b"]}[stage]
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([stage, "--settings", "{}", *required, *rest])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "{tmp}/missing", "--dataset", "{tmp}/data.parquet", "--out", "o"],
+     "argument --model: no directory {tmp}/missing"),
+    (["evaluate", "--model", "{tmp}/data.parquet", "--dataset", "{tmp}/data.parquet", "--details", "a",
+      "--summary", "b"],
+     "argument --model: no directory {tmp}/data.parquet (a file)"),
+    (["sft", "--model", "{tmp}/model", "--dataset", "{tmp}/model", "--out", "o"],
+     "argument --dataset: no file {tmp}/model (a directory)"),
+    (["train", "--model", "{tmp}/model", "--dataset", "{tmp}/data.parquet", "--out", "o", "--validation-data",
+      "{tmp}/data.parquet", "{tmp}/missing.parquet"], "argument --validation-data: no file {tmp}/missing.parquet"),
+    (["report", "--summaries", "{tmp}/missing.parquet", "--out", "o"],
+     "argument --summaries: no file {tmp}/missing.parquet"),
+])
+def test_an_input_path_that_does_not_exist_exits_2_naming_the_option(tmp_path, capsys, argv, message):
+    """A mistyped input stopped a job only when it was first read (for a model directory, a hub lookup's traceback,
+    under torchrun once per rank)."""
+    job_inputs(tmp_path)  # {tmp}/model and {tmp}/data.parquet exist
+    stage, *rest = argv
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([stage, "--settings", "{}", *(part.format(tmp=tmp_path) for part in rest)])
+    assert exit_.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
 
 
 def test_a_visible_devices_list_that_cannot_be_used_exits_2_naming_it(tmp_path, capsys, monkeypatch):
     """CUDA_VISIBLE_DEVICES naming one device twice fails before the job runs, as a message, not a traceback."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,0")
     monkeypatch.setattr("kalmanrl.runtime.devices.enumerate_gpus", lambda: None)  # as without nvidia-smi
-    code = main(["evaluate", "--settings", job_settings("evaluate"), "--model", "m", "--dataset", "d",
+    code = main(["evaluate", "--settings", job_settings("evaluate"), *job_inputs(tmp_path),
                  "--details", str(tmp_path / "d"), "--summary", str(tmp_path / "s"), "--gpus", "1"])
     assert code == 2
     assert "kalmanrl: CUDA_VISIBLE_DEVICES='0,0': entry '0' names a device an earlier entry" in capsys.readouterr().err

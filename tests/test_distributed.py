@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import digit_share  # noqa: F401  (registers the "digit_share" reward the settings below name)
+from job_settings import job_inputs, job_settings
 from kalmanrl.configuration.config import stage_settings, validate_config
 from kalmanrl.policy.rollout import vllm_available
 from kalmanrl.runtime.distributed import launch_command
@@ -178,30 +179,57 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, one_rank_refe
 
 
 def test_launch_command_one_rank_is_the_command_itself():
-    assert launch_command(["kalmanrl", "train", "--out", "a b"], gpus=1) == ["kalmanrl", "train", "--out", "a b"]
+    assert launch_command(["kalmanrl", "train", "--out", "a b"], gpus=1, log_dir="a b/torchrun") == [
+        "kalmanrl", "train", "--out", "a b"]
 
 
 def test_launch_command_one_node_uses_standalone_torchrun():
-    assert launch_command(["kalmanrl", "train"], gpus=4) == [
-        "torchrun", "--standalone", "--nproc-per-node=4", "--no-python", "kalmanrl", "train"]
+    assert launch_command(["kalmanrl", "train"], gpus=4, log_dir="run/torchrun") == [
+        "torchrun", "--standalone", "--nproc-per-node=4", "--log-dir=run/torchrun", "--no-python", "kalmanrl", "train"]
+
+
+def test_the_ranks_of_a_failed_job_leave_their_tracebacks_in_the_run_directory_and_nothing_in_tmp(tmp_path):
+    """`kalmanrl train` on 2 CPU ranks whose model directory is empty: each rank's traceback is in its error file in
+    the run directory, torchrun prints it as the job's root cause, the folders of nothing are removed, and nothing
+    is left in the temporary directory (each torchrun used to leave a folder there)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    inputs = job_inputs(tmp_path)
+    result = subprocess.run(["kalmanrl", "train", "--settings", job_settings("train"), *inputs, "--out",
+                             str(tmp_path / "run"), "--gpus", "0", "--cpu-ranks", "2"], capture_output=True,
+                            text=True, env={**os.environ, "TMPDIR": str(tmp)}, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "Root Cause (first observed failure)" in result.stderr
+    assert "Should have a `model_type` key in its config.json" in result.stderr.split("Root Cause")[1]
+    logs = tmp_path / "run" / "torchrun"
+    assert sorted(str(path.relative_to(logs)).split("/", 1)[1] for path in logs.rglob("*.*")) == [
+        "attempt_0/0/error.json", "attempt_0/1/error.json"]
+    assert all(any(folder.iterdir()) for folder in logs.rglob("*") if folder.is_dir())
+    for error_file in logs.rglob("error.json"):
+        assert "model_type" in json.loads(error_file.read_text())["message"]["message"]
+    assert [path.name for path in tmp.iterdir() if path.name != "torchinductor_root"] == []
 
 
 def test_launch_command_several_nodes_meet_on_the_first_node():
-    command = launch_command(["kalmanrl", "train"], gpus=8, nodes=2, first_node="gpu017", job_id="4242", port=29600)
+    command = launch_command(["kalmanrl", "train"], gpus=8, log_dir="run/torchrun", nodes=2, first_node="gpu017",
+                             job_id="4242", port=29600)
     assert command == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--overlap", "--kill-on-bad-exit=1",
                        "torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
-                       "--rdzv-endpoint=gpu017:29600", "--rdzv-id=4242", "--no-python", "kalmanrl", "train"]
+                       "--rdzv-endpoint=gpu017:29600", "--rdzv-id=4242", "--log-dir=run/torchrun", "--no-python",
+                       "kalmanrl", "train"]
     with pytest.raises(ValueError, match="first node"):
-        launch_command(["kalmanrl", "train"], gpus=8, nodes=2)
+        launch_command(["kalmanrl", "train"], gpus=8, log_dir="run/torchrun", nodes=2)
 
 
 def test_launch_command_cpu_ranks_in_slurm_are_one_task_each():
     """2 CPU ranks on one node inside SLURM: 2 tasks of one torchrun (1 rank) each, the multi-node path; the
     rendezvous port follows the job id."""
-    command = launch_command(["kalmanrl", "train"], gpus=1, tasks_per_node=2, first_node="localhost", job_id="1234")
+    command = launch_command(["kalmanrl", "train"], gpus=1, log_dir="run/torchrun", tasks_per_node=2,
+                             first_node="localhost", job_id="1234")
     assert command == ["srun", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--overlap", "--kill-on-bad-exit=1",
                        "torchrun", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-                       "--rdzv-endpoint=localhost:29734", "--rdzv-id=1234", "--no-python", "kalmanrl", "train"]
+                       "--rdzv-endpoint=localhost:29734", "--rdzv-id=1234", "--log-dir=run/torchrun", "--no-python",
+                       "kalmanrl", "train"]
 
 
 # --- the trainer on 2 ranks ---------------------------------------------------------------------------------------

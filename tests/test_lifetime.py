@@ -146,6 +146,7 @@ def test_killing_snakemake_ends_every_rank_and_the_rerun_resumes_to_the_uninterr
     snakemake(workdir, "--cores", "2", f"{run}/metrics.parquet")
     resumed = finished_run(workdir / run)
     assert resumed["from_steps"] == [0, int(written[-1].removeprefix("step_"))]
+    assert not (workdir / run / "torchrun").exists()  # no rank failed: torchrun's folders (the killed run's too) go
     shutil.rmtree(checkpoints)  # else the uninterrupted run would resume from the finished one's last checkpoint
     snakemake(workdir, "--cores", "2", "--forcerun", "train", f"{run}/metrics.parquet")
     uninterrupted = finished_run(workdir / run)

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 import slurm_local
-from job_settings import job_settings
+from job_settings import job_inputs, job_settings
 from smoke_runs import REPO, assert_part_of_the_smoke_run, smoke_workdir, snakemake
 
 pytestmark = pytest.mark.slow
@@ -233,15 +233,17 @@ def test_cpu_ranks_with_gpus_are_refused_by_the_config():
 
 
 @pytest.mark.parametrize("slurm, expected", [
-    (False, ["torchrun", "--standalone", "--nproc-per-node=2", "--no-python", "kalmanrl", "train"]),
+    (False, ["torchrun", "--standalone", "--nproc-per-node=2", "--log-dir={out}/torchrun", "--no-python", "kalmanrl",
+             "train"]),
     (True, ["srun", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--overlap", "--kill-on-bad-exit=1", "torchrun",
             "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", "--rdzv-endpoint=node7:29542", "--rdzv-id=7042",
-            "--no-python", "kalmanrl", "train"]),
+            "--log-dir={out}/torchrun", "--no-python", "kalmanrl", "train"]),
 ])
 def test_kalmanrl_train_starts_cpu_ranks_with_torchrun_or_one_srun_task_each(monkeypatch, tmp_path, slurm, expected):
     """`kalmanrl train --gpus 0 --cpu-ranks 2`: outside SLURM one standalone torchrun of 2 ranks; inside a SLURM job
-    srun with one task (one torchrun of one rank) per CPU rank. The ranks see no GPU; torchrun or srun holds the run
-    directory's writer lock and ends with the launching process."""
+    srun with one task (one torchrun of one rank) per CPU rank. torchrun keeps its ranks' error files in the run
+    directory. The ranks see no GPU; torchrun or srun holds the run directory's writer lock and ends with the
+    launching process."""
     from kalmanrl import cli
     from kalmanrl.runtime import distributed
 
@@ -255,11 +257,11 @@ def test_kalmanrl_train_starts_cpu_ranks_with_torchrun_or_one_srun_task_each(mon
     if slurm:
         monkeypatch.setenv("SLURM_JOB_ID", "7042")
         monkeypatch.setenv("PATH", f"{slurm_client(tmp_path)}{os.pathsep}{os.environ['PATH']}")
-    assert cli.main(["train", "--settings", job_settings("train"), "--model", "m", "--dataset", "d",
+    assert cli.main(["train", "--settings", job_settings("train"), *job_inputs(tmp_path),
                      "--out", str(tmp_path), "--gpus", "0", "--cpu-ranks", "2", "--threads", "5"]) == 0
     [(command, env, options)] = started
     rank_options = command.index("train") + 1
-    assert command[:rank_options] == expected
+    assert command[:rank_options] == [part.format(out=tmp_path) for part in expected]
     assert command[command.index("--threads") + 1] == "2"  # the node's two ranks share the job's threads
     assert "--cpu-ranks" not in command and "--gpus" not in command and env["CUDA_VISIBLE_DEVICES"] == ""
     assert len(options["pass_fds"]) == 1 and callable(options["preexec_fn"])
@@ -286,7 +288,7 @@ def test_several_nodes_without_a_slurm_client_are_refused_naming_the_fix(monkeyp
     monkeypatch.setenv("SLURM_JOB_ID", "7042")
     monkeypatch.setenv("APPTAINER_CONTAINER", "/images/kalmanrl-cpu.sif")
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert cli.main(["train", "--settings", job_settings("train"), "--model", "m", "--dataset", "d",
+    assert cli.main(["train", "--settings", job_settings("train"), *job_inputs(tmp_path),
                      "--out", str(tmp_path / "run"), "--gpus", "0", "--cpu-ranks", "1", "--nodes", "2",
                      "--threads", "1"]) == 2
     assert re.search(r"srun and scontrol are not on PATH inside the image /images/kalmanrl-cpu\.sif.*rather than "

@@ -27,7 +27,7 @@ from kalmanrl.configuration.config import (
     resolve_ref,
     stage_settings,
 )
-from kalmanrl.core.layout import CHECKPOINTS, FINAL, JOBS, METRICS, REPORT_FILES, WARM_START, fields
+from kalmanrl.core.layout import CHECKPOINTS, FINAL, JOBS, METRICS, REPORT_FILES, TORCHRUN_LOGS, WARM_START, fields
 from kalmanrl.runtime.cpu import DISPATCH_ENV, DispatchError, keep_freed_memory, pin_cpu_dispatch
 from kalmanrl.runtime.devices import DeviceError, gpu_placement
 from kalmanrl.runtime.runlock import RunDirectoryBusy, run_writer
@@ -133,7 +133,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ConfigError(f"--cpu-ranks {args.cpu_ranks} with --gpus {args.gpus}: CPU ranks are for jobs without GPUs")
     per_node = args.cpu_ranks if cpu else args.gpus
     if "LOCAL_RANK" in os.environ:  # a rank: the `kalmanrl train` that started it holds the run directory
-        _train_here(args)
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        # An exception leaves its traceback in the rank's error file, which torchrun prints as the job's root cause
+        # (the first rank to fail), above the other ranks' interleaved output.
+        record(_train_here)(args)
         return
     with run_writer(args.out) as lock:
         if per_node * args.nodes > 1:
@@ -145,9 +149,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _launch_ranks(args: argparse.Namespace, cpu: bool, per_node: int, lock_fd: int) -> None:
     """Run this training job as per_node x --nodes ranks (see `cmd_train`). torchrun (or srun) gets SIGTERM when
     this process ends, so that it stops its ranks (which also end with it), and holds the writer lock `lock_fd`
-    until it ends."""
+    until it ends. The error files of ranks that failed stay in the run directory."""
     from kalmanrl.runtime.devices import resolve_device
-    from kalmanrl.runtime.distributed import launch_command, missing_slurm_client, slurm_first_node
+    from kalmanrl.runtime.distributed import (
+        launch_command,
+        missing_slurm_client,
+        remove_empty_folders,
+        slurm_first_node,
+    )
     from kalmanrl.runtime.lifetime import ending_with_this_process
 
     if not cpu:
@@ -162,13 +171,16 @@ def _launch_ranks(args: argparse.Namespace, cpu: bool, per_node: int, lock_fd: i
     several = args.nodes * tasks_per_node > 1
     if several and (missing := missing_slurm_client()):
         raise ConfigError(missing)
-    command = launch_command(rank_command, gpus=per_node // tasks_per_node, nodes=args.nodes,
-                             tasks_per_node=tasks_per_node, first_node=slurm_first_node() if several else None,
+    logs = args.out / TORCHRUN_LOGS
+    command = launch_command(rank_command, gpus=per_node // tasks_per_node, log_dir=str(logs),
+                             nodes=args.nodes, tasks_per_node=tasks_per_node,
+                             first_node=slurm_first_node() if several else None,
                              job_id=os.environ.get("SLURM_JOB_ID") if several else None)
     log.info("%d ranks, %d threads each: %s", per_node * args.nodes, rank_threads, shlex.join(command))
     # CPU ranks see no GPU (else each would take cuda:LOCAL_RANK and NCCL).
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu else None
     code = subprocess.run(command, env=env, pass_fds=(lock_fd,), preexec_fn=ending_with_this_process()).returncode
+    remove_empty_folders(logs)  # torchrun makes one per attempt and rank; only a failed rank's holds a file
     if code:
         raise SystemExit(code)
 
@@ -320,6 +332,19 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _existing(kind: str) -> Callable[[str], Path]:
+    """An argparse type: the path of an existing `kind` ("file" or "directory"), so that a mistyped input stops the
+    command before it loads anything, with argparse's message naming the option (exit 2)."""
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if not (path.is_file() if kind == "file" else path.is_dir()):
+            raise argparse.ArgumentTypeError(f"no {kind} {text}" + (f" (a {'directory' if path.is_dir() else 'file'})"
+                                                                     if path.exists() else ""))
+        return path
+
+    return parse
+
+
 def _threads(threads: int) -> None:
     import torch
 
@@ -351,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     def path(h: str, **kw) -> dict:
         return {"type": Path, "required": True, "help": h, **kw}
 
+    def existing(kind: str, h: str) -> dict:
+        return path(h, type=_existing(kind))
+
     threads = ("--threads", {"type": _at_least(1), "default": 1, "help": "CPU threads for torch (default 1)"})
     gpus = ("--gpus", {"type": _at_least(0), "default": None,
                        "help": "GPUs this job was granted: claims that many free devices and sets CUDA_VISIBLE_DEVICES "
@@ -360,19 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
     decon = sub.add_parser("decontaminate", help="A dataset's train split without the problems of benchmarks.",
                            description="Write the train split of --dataset, dropping every problem whose normalised "
                                        "text appears in the test split of an --exclude dataset; logs the count.")
-    decon.add_argument("--dataset", **path("dataset Parquet (all splits)"))
-    decon.add_argument("--exclude", type=Path, nargs="*", default=[], help="benchmark Parquet files")
+    decon.add_argument("--dataset", **existing("file", "dataset Parquet (all splits)"))
+    decon.add_argument("--exclude", type=_existing("file"), nargs="*", default=[], help="benchmark Parquet files")
     decon.add_argument("--out", **path("output Parquet (train split)"))
     decon.set_defaults(func=cmd_decontaminate)
     _stage(sub, "model", "Build the tiny model (tokenizer + random Qwen2) or copy a hub/local model.", cmd_model, [
         ("--out", path("output save_pretrained directory")),
-        ("--texts", {"type": Path, "nargs": "*", "default": [],
+        ("--texts", {"type": _existing("file"), "nargs": "*", "default": [],
                      "help": "dataset Parquet files to train the tokenizer on"})])
     _stage(sub, "sft", "Supervised warm start on a dataset's train split.", cmd_sft, [
-        ("--model", path("base model directory")), ("--dataset", path("dataset Parquet")),
+        ("--model", existing("directory", "base model directory")), ("--dataset", existing("file", "dataset Parquet")),
         ("--out", path("output directory")), threads, gpus])
     _stage(sub, "train", "RL training (GRPO / KRPO / KPO / GSPO); resumes from out/checkpoints.", cmd_train, [
-        ("--model", path("start policy directory (the warm start)")), ("--dataset", path("dataset Parquet")),
+        ("--model", existing("directory", "start policy directory (the warm start)")),
+        ("--dataset", existing("file", "dataset Parquet")),
         ("--out", path(f"run directory ({FINAL}/, {CHECKPOINTS}/, {METRICS})")), threads, gpus,
         ("--nodes", {"type": _at_least(1), "default": 1,
                      "help": "nodes of this job (inside a SLURM allocation); --gpus x --nodes above 1 runs that many "
@@ -380,16 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("--cpu-ranks", {"type": _at_least(1), "default": 1,
                          "help": "without GPUs (--gpus 0 or unset): CPU ranks (gloo) per node, sharded as GPU ranks "
                                  "are; inside a SLURM job one task each, started by srun (default 1)"}),
-        ("--validation-data", {"type": Path, "nargs": "*", "default": [],
+        ("--validation-data", {"type": _existing("file"), "nargs": "*", "default": [],
                                "help": "with train.validation: the dataset Parquet of each benchmark it validates on, "
                                        "in the order of the settings' validation datasets"})])
     _stage(sub, "evaluate", "Evaluate a model on a benchmark: avg@k, pass@k, maj@k, per-sample details.",
            cmd_evaluate, [
-        ("--model", path("model directory")), ("--dataset", path("benchmark Parquet")),
+        ("--model", existing("directory", "model directory")), ("--dataset", existing("file", "benchmark Parquet")),
         ("--details", path("per-sample Parquet")), ("--summary", path("summary Parquet")), threads, gpus])
     _stage(sub, "report", "Aggregate summaries and training metrics into Parquet, HTML and Markdown.", cmd_report, [
-        ("--summaries", {"type": Path, "nargs": "*", "default": [], "help": "evaluation summary Parquet files"}),
-        ("--metrics", {"type": Path, "nargs": "*", "default": [], "help": "training metrics Parquet files"}),
+        ("--summaries", {"type": _existing("file"), "nargs": "*", "default": [],
+                         "help": "evaluation summary Parquet files"}),
+        ("--metrics", {"type": _existing("file"), "nargs": "*", "default": [],
+                       "help": "training metrics Parquet files"}),
         ("--out", path("report directory"))])
 
     settings = sub.add_parser("settings", help="Print the settings one job of a config gets.",

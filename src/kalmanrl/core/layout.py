@@ -49,6 +49,7 @@ METRICS = "metrics.parquet"  # one row per RL step
 CHECKPOINTS = "checkpoints"  # not a workflow output, so Snakemake keeps it when a job fails
 RUN_LOCK = "writer.lock"  # names the training job writing into the run directory (kalmanrl.runtime.runlock)
 TRACKERS = "trackers"  # the experiment trackers' local files and run ids (train.loggers, kalmanrl.runtime.trackers)
+TORCHRUN_LOGS = "torchrun"  # a job of several ranks: torchrun's error file of each rank that failed
 
 # Inside the report directory.
 # The report's pages, its summary (one row per evaluation) and its two tables as data (kalmanrl.reporting.comparisons):

@@ -401,7 +401,7 @@ def broadcast_object(value, ranks: Ranks):
     return box[0]
 
 
-def launch_command(command: Sequence[str], *, gpus: int, nodes: int = 1, tasks_per_node: int = 1,
+def launch_command(command: Sequence[str], *, gpus: int, log_dir: str, nodes: int = 1, tasks_per_node: int = 1,
                    port: int | None = None, first_node: str | None = None, job_id: str | None = None) -> list[str]:
     """The command line that runs `command` (a console script and its arguments, e.g. ["kalmanrl", "train", ...])
     as `gpus` ranks (a node's GPUs, or 1 CPU rank) in each of `nodes` x `tasks_per_node` SLURM tasks:
@@ -409,14 +409,17 @@ def launch_command(command: Sequence[str], *, gpus: int, nodes: int = 1, tasks_p
     - one task: `torchrun --standalone --nproc-per-node <gpus> --no-python <command>`;
     - several tasks (inside a SLURM allocation; one per node for GPUs, one per rank for CPU ranks): `srun` starts
       one torchrun per task, which meet at a c10d rendezvous on the allocation's first node (`first_node`) under the
-      job id, on `port` (default DEFAULT_PORT + job id mod 1000, so that jobs sharing a node do not collide)."""
+      job id, on `port` (default DEFAULT_PORT + job id mod 1000, so that jobs sharing a node do not collide).
+    torchrun keeps its ranks' error files under `log_dir` (the run directory's, beside the run it explains); without
+    it each torchrun would leave a directory of its own in /tmp, on every node, after every job."""
     if gpus < 1 or nodes < 1 or tasks_per_node < 1:
         raise ValueError(f"gpus ({gpus}), nodes ({nodes}) and tasks_per_node ({tasks_per_node}) must be at least 1")
     tasks = nodes * tasks_per_node
     if gpus * tasks == 1:
         return list(command)
     if tasks == 1:
-        return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", "--no-python", *command]
+        return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", f"--log-dir={log_dir}", "--no-python",
+                *command]
     if not first_node or not job_id:
         raise ValueError(f"a {tasks}-task job needs the allocation's first node and job id (run it inside SLURM)")
     port = DEFAULT_PORT + int(job_id) % 1000 if port is None else port
@@ -424,8 +427,15 @@ def launch_command(command: Sequence[str], *, gpus: int, nodes: int = 1, tasks_p
     # --overlap: that step already holds the first node's resources.
     return ["srun", f"--nodes={nodes}", f"--ntasks={tasks}", f"--ntasks-per-node={tasks_per_node}", "--overlap",
             "--kill-on-bad-exit=1", "torchrun", f"--nnodes={tasks}", f"--nproc-per-node={gpus}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={first_node}:{port}", f"--rdzv-id={job_id}", "--no-python",
-            *command]
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={first_node}:{port}", f"--rdzv-id={job_id}",
+            f"--log-dir={log_dir}", "--no-python", *command]
+
+
+def remove_empty_folders(root: Path) -> None:
+    """Remove the folders under `root`, and `root`, that hold no file (none if `root` does not exist)."""
+    for folder, _, _ in os.walk(root, topdown=False):  # deepest first, `root` last
+        if not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def missing_slurm_client(env: Mapping[str, str] = os.environ) -> str | None:
