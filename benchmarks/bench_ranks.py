@@ -67,10 +67,11 @@ def settings_for(args) -> dict:
 
 
 def run(tmp: Path, name: str, ranks: int, threads: int, model: Path, data: Path, settings: Path) -> dict:
+    from kalmanrl.runtime.distributed import launch_command
+
     out = tmp / name
     args = [str(HERE), "worker", str(settings), str(model), str(data), str(out), str(threads)]
-    command = [sys.executable, *args] if ranks == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
+    command = launch_command([sys.executable, *args], gpus=ranks, log_dir=str(tmp / f"{name}.torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -140,8 +140,7 @@ def run(tmp: Path, name: str, ranks: int, steps: int, *, first_step: int = 0, lo
     out.mkdir()
     args = [str(HERE), str(out), str(steps), "--first-step", str(first_step),
             *(["--load", str(load)] if load else []), *(["--save", str(save)] if save else [])]
-    command = [sys.executable, *args] if ranks == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
+    command = launch_command([sys.executable, *args], gpus=ranks, log_dir=str(out / "torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -257,8 +256,7 @@ def start_training(out: Path, ranks: int, model: Path, data: Path, settings: dic
     out.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.name}.settings.json").write_text(json.dumps(settings))
     args = [str(HERE), "train", str(out.parent / f"{out.name}.settings.json"), str(model), str(data), str(out)]
-    command = [sys.executable, *args] if ranks == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
+    command = launch_command([sys.executable, *args], gpus=ranks, log_dir=str(out.parent / f"{out.name}.torchrun"))
     log = open(out.parent / f"{out.name}.{ranks}.log", "a")
     return subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log,
                             start_new_session=True)
@@ -453,8 +451,8 @@ def test_each_rank_resumes_its_own_random_streams(tmp_path):
     """After a save and a restore on 2 ranks each rank's torch, Python and NumPy random states are its own at the
     save (a resumed run draws on as an uninterrupted one would), and the ranks' differing states still differ. On
     another number of ranks every rank restores rank 0's states, saying so."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE), "rng",
-               str(tmp_path)]
+    command = launch_command([sys.executable, str(HERE), "rng", str(tmp_path)], gpus=2,
+                             log_dir=str(tmp_path / "torchrun"))
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -509,9 +507,12 @@ def atomic_dir_worker(out: Path, failing: int, other_in_barrier: bool) -> None:
     close_ranks(ranks)
 
 
-def run_atomic_dir_workers(out: Path, failing: int, other_in_barrier: bool) -> list[dict]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE),
-               "atomic_dir", str(out), str(failing), str(int(other_in_barrier))]
+def run_atomic_dir_workers(tmp: Path, failing: int, other_in_barrier: bool) -> list[dict]:
+    """The workers write in tmp/work/ (which the tests list), torchrun in tmp/torchrun/."""
+    out = tmp / "work"
+    out.mkdir()
+    command = launch_command([sys.executable, str(HERE), "atomic_dir", str(out), str(failing),
+                              str(int(other_in_barrier))], gpus=2, log_dir=str(tmp / "torchrun"))
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=6 * ATOMIC_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -526,9 +527,9 @@ def test_a_rank_failing_in_a_shared_atomic_dir_fails_every_rank_promptly_and_lea
     own, other = outcomes[failing], outcomes[1 - failing]
     assert own["type"] == "OSError" and own["message"] == f"rank {failing} cannot write"
     assert other["type"] == "RuntimeError", other
-    assert f"rank {failing}" in other["message"] and str(tmp_path / "target") in other["message"], other
+    assert f"rank {failing}" in other["message"] and str(tmp_path / "work" / "target") in other["message"], other
     assert all(outcome["seconds"] < ATOMIC_TIMEOUT_S / 2 for outcome in outcomes), outcomes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank1.json"]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["rank0.json", "rank1.json"]
 
 
 @pytest.mark.parametrize("failing", [1, 0])
@@ -538,7 +539,7 @@ def test_a_rank_failing_while_the_other_is_in_a_collective_of_the_block_ends_pro
     outcomes = run_atomic_dir_workers(tmp_path, failing, other_in_barrier=True)
     assert outcomes[failing]["type"] == "OSError" and outcomes[1 - failing]["type"] is not None, outcomes
     assert all(outcome["seconds"] < ATOMIC_TIMEOUT_S / 2 for outcome in outcomes), outcomes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank1.json"]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["rank0.json", "rank1.json"]
 
 
 # --- the hf engine at the length limit on 2 ranks -----------------------------------------------------------------
@@ -586,8 +587,8 @@ def test_prompts_at_the_length_limit_sample_on_2_ranks_as_in_one_process_with_a_
     from kalmanrl.policy.rollout import HFEngine
     from test_rollout import IdsTokenizer, position_table_model
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE),
-               "length_limit", str(tmp_path)]
+    command = launch_command([sys.executable, str(HERE), "length_limit", str(tmp_path)], gpus=2,
+                             log_dir=str(tmp_path / "torchrun"))
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
