@@ -558,7 +558,8 @@ def limit_sampling(shares: list[list[list[int]]], rank: int):
     from kalmanrl.jobs.stage import completion_budgets
     from kalmanrl.policy.rollout import SamplingConfig
 
-    return SamplingConfig(n=2, max_tokens=8, seed=3, first_prompt=sum(map(len, shares[:rank])),
+    start = sum(map(len, shares[:rank]))
+    return SamplingConfig(n=2, max_tokens=8, seed=3, positions=tuple(range(start, start + len(shares[rank]))),
                           budgets=completion_budgets(shares[rank], 8, LIMIT))
 
 

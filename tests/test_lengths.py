@@ -151,6 +151,32 @@ def test_evaluate_max_length_limits_like_a_shorter_context(tmp_path, tiny_model_
     pd.testing.assert_frame_equal(limited, short)
 
 
+def test_a_problems_samples_do_not_depend_on_the_problems_dropped_before_it(tmp_path, tiny_model_dir,
+                                                                           arithmetic_parquet):
+    """Sampled at temperature 1, with and without a limit that drops some problems: every problem kept with its
+    whole budget gets the same completions (seeds follow its position in the benchmark, not among the kept ones)."""
+    lengths = prompt_lengths(tiny_model_dir, arithmetic_parquet, "test")
+    runs = {}
+    for name, max_length in (("all", None), ("limited", 440)):
+        config = validate_config({"evaluate": {"k": 2, "pass_k": [1], "max_problems": 0, "max_tokens": 8,
+                                               "temperature": 1.0, "max_length": max_length},
+                                  "rollout": {"backend": "hf"},
+                                  "datasets": {"arith": {"loader": "arithmetic", "template": "krpo",
+                                                         "reward": "krpo_arithmetic"}},
+                                  "tasks": ["arith"], "benchmarks": ["arith"]})
+        settings = stage_settings(config, "evaluate", model="tiny", task="arith", benchmark="arith", algorithm="sft")
+        (tmp_path / name).mkdir()
+        runs[name], summary = run_eval(tiny_model_dir, arithmetic_parquet, settings, tmp_path / name)
+    dropped = sum(n >= 440 for n in lengths)
+    assert summary["overlong_prompts_dropped"] == dropped > 0
+    whole_budget = {problem for problem, n in zip(runs["all"]["problem_id"].unique(), lengths, strict=True)
+                    if n <= 440 - 8}
+    first_dropped = next(i for i, n in enumerate(lengths) if n >= 440)
+    assert any(i > first_dropped and n <= 432 for i, n in enumerate(lengths)), "no problem after a dropped one"
+    same = [run[run["problem_id"].isin(whole_budget)].reset_index(drop=True) for run in runs.values()]
+    pd.testing.assert_frame_equal(*same)
+
+
 def test_an_evaluation_that_drops_everything_raises(tmp_path, tiny_model_dir, arithmetic_parquet):
     with pytest.raises(ValueError, match="every prompt of the test split.*rollout.max_model_len"):
         run_eval(tiny_model_dir, arithmetic_parquet, eval_settings("vllm", max_model_len=400), tmp_path)

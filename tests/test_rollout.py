@@ -351,7 +351,7 @@ def test_hf_completions_do_not_depend_on_how_the_batch_is_split(policy, tiny_mod
     whole = engine.generate(prompts, sampling)
     first = engine.generate(prompts[:1], sampling)
     rest = engine.generate(prompts[1:], SamplingConfig(n=3, temperature=temperature, top_p=top_p, max_tokens=8,
-                                                       seed=7, first_prompt=1))
+                                                       seed=7, positions=tuple(range(1, len(prompts)))))
     assert token_ids(whole) == token_ids(first) + token_ids(rest)
     assert len({tuple(ids) for ids in token_ids(whole)}) > 1
 
@@ -371,7 +371,7 @@ def test_no_two_samples_of_a_call_share_a_seed():
     sampling = SamplingConfig(n=8, seed=3)
     seeds = [sampling.prompt_seed(i) + j for i in range(32) for j in range(8)]
     assert len(set(seeds)) == len(seeds)
-    later = SamplingConfig(n=8, seed=3, first_prompt=16)  # a rank's share of the same batch
+    later = SamplingConfig(n=8, seed=3, positions=tuple(range(16, 32)))  # a rank's share of the same batch
     assert [later.prompt_seed(i) for i in range(16)] == [sampling.prompt_seed(16 + i) for i in range(16)]
 
 
@@ -509,7 +509,7 @@ def test_a_prompt_at_the_length_limit_beside_a_shorter_one_samples_as_alone_with
     budgets = completion_budgets(prompts, 8, model.config.max_position_embeddings)
     assert budgets == (4, 8)
     together = engine.generate(prompts, SamplingConfig(n=2, max_tokens=8, seed=3, budgets=budgets))
-    alone = [engine.generate([p], SamplingConfig(n=2, max_tokens=8, seed=3, first_prompt=i, budgets=(b,)))[0]
+    alone = [engine.generate([p], SamplingConfig(n=2, max_tokens=8, seed=3, positions=(i,), budgets=(b,)))[0]
              for i, (p, b) in enumerate(zip(prompts, budgets, strict=True))]
     assert [[(c.token_ids, c.logprobs) for c in group] for group in together] == \
         [[(c.token_ids, c.logprobs) for c in group] for group in alone]

@@ -71,9 +71,10 @@ def evaluate(model_dir: str | Path, dataset: str | Path, *, settings: dict, out_
                           unit="batch"):
             batch = prompt_ids[start:start + cfg.batch_size]
             budgets = completion_budgets(batch, cfg.max_tokens, limit)
-            # Seeded by each prompt's position in the benchmark, so evaluate.batch_size (a memory knob) does not
-            # change which samples are drawn.
-            completions += engine.generate(batch, SamplingConfig(**sampling, seed=cfg.seed, first_prompt=start,
+            # Seeded by each problem's position in the benchmark, so neither evaluate.batch_size (a memory knob) nor
+            # the problems dropped before it change which samples a problem gets.
+            completions += engine.generate(batch, SamplingConfig(**sampling, seed=cfg.seed,
+                                                                 positions=tuple(kept[start:start + len(batch)]),
                                                                  budgets=budgets))
 
     flat = [c for group in completions for c in group]

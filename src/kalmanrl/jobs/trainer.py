@@ -318,7 +318,7 @@ def sample(run: Run, step: int, draw: int = 0) -> Rollout:
     prompt_ids = encode_prompts(run.tokenizer, run.template, problems["problem"])
     sampling = SamplingConfig(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_tokens=cfg.max_tokens, seed=run.seed * 1_000_003 + step + draw * (1 << 40),
-                              first_prompt=mine.start,
+                              positions=tuple(range(mine.start, mine.stop)),
                               budgets=completion_budgets(prompt_ids, cfg.max_tokens, run.limit))
     run.optimizer.zero_grad(set_to_none=True)  # no gradient memory held through generation
     run.policy.eval()

@@ -42,7 +42,9 @@ class SamplingConfig:
     top_p: float = 1.0
     max_tokens: int = 64
     seed: int = 0
-    first_prompt: int = 0  # position of the call's first prompt in the whole batch (a rank's share starts later)
+    # Each prompt's position in the whole batch: a rank's share of a step's prompts, a benchmark's problems once
+    # overlong ones are dropped. None: 0, 1, 2, ... (the call is the whole batch).
+    positions: tuple[int, ...] | None = None
     budgets: tuple[int, ...] | None = None  # each prompt's own completion limit (<= max_tokens); None = max_tokens
 
     def budget(self, index: int) -> int:
@@ -57,7 +59,8 @@ class SamplingConfig:
         SeedSequence scatters over 32 bits (torch's CPU generator keeps only a seed's low 32 bits, so calls whose
         seeds differ by a multiple of 2**32, or sit side by side, would otherwise overlap)."""
         start = int(np.random.SeedSequence(self.seed).generate_state(1, dtype=np.uint32)[0])
-        return (start + (self.first_prompt + index) * self.n) % 2**32
+        position = index if self.positions is None else self.positions[index]
+        return (start + position * self.n) % 2**32
 
 
 @dataclass
