@@ -106,7 +106,9 @@ def test_reward_workers_end_with_the_process_that_owns_them(tmp_path):
     """A worker busy with an item that never ends (it would ignore its closed pipe) goes when its owner is killed."""
     script = tmp_path / "owner.py"
     script.write_text(POOL)
-    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    # TMPDIR: the killed owner's forkserver cannot remove its folder (pymp-*); it stays in this test's.
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(tmp_path)})
     assert owner.stdout.readline() == "running\n"
     # The forkserver, the worker it forked and multiprocessing's resource tracker.
     wait_until(lambda: len(process_tree(owner.pid)) >= 4, 60, "the worker to start")
@@ -128,9 +130,10 @@ def test_killing_snakemake_ends_every_rank_and_the_rerun_resumes_to_the_uninterr
     checkpoints = workdir / run / "checkpoints"
     snakemake(workdir, "--cores", "2", "results/models/tiny/arithmetic_easy/sft")
     with open(tmp_path / "killed.log", "w") as log:
+        # TMPDIR: the killed Snakemake cannot remove its folder (snakemake*); it stays in this test's.
         job = subprocess.Popen(["snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
                                 "--cores", "2", f"{run}/metrics.parquet"], stdout=log, stderr=log,
-                               start_new_session=True)
+                               start_new_session=True, env={**os.environ, "TMPDIR": str(tmp_path)})
     wait_until(lambda: (checkpoints / "step_000004" / "trainer_state.json").exists(), 600, "the step-4 checkpoint")
     tree = process_tree(job.pid)
     os.killpg(job.pid, signal.SIGKILL)
