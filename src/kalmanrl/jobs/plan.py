@@ -445,15 +445,24 @@ def estimate_train(shape: ModelShape, settings: TrainSettings, resources: Resour
                     notes, problems, static, phases)
 
 
+def _vllm_share(shape: ModelShape, rollout: Rollout, parts: dict, problems: list[str], setting: str,
+                utilization: float, gpu_mem_gb: float) -> float:
+    """vLLM's share of the GPU (`utilization`, the value of `setting`, x its memory), returned, and split in `parts`
+    into its weights, its workspace and the KV cache that fills the rest; checks that cache holds one sequence."""
+    tp = rollout.tensor_parallel_size
+    budget = utilization * gpu_mem_gb * GIB
+    parts["vllm_weights"] = shape.params * DTYPE_BYTES[shape.serve_dtype] / tp
+    parts["vllm_workspace"] = VLLM_WORKSPACE
+    parts["kv_cache"] = budget - parts["vllm_weights"] - parts["vllm_workspace"]
+    _check_kv(shape, rollout, parts["kv_cache"], tp, problems, setting, utilization, gpu_mem_gb)
+    return budget
+
+
 def _colocated_vllm(shape: ModelShape, rollout: Rollout, resources: Resources, parts: dict, problems: list[str],
                     notes: list[str]) -> tuple[float, float]:
     """The engine's share of the GPU while live, and its residue asleep; checks its KV cache holds one sequence."""
-    tp = rollout.tensor_parallel_size
-    budget = rollout.gpu_memory_utilization * resources.gpu_mem_gb * GIB
-    parts["vllm_weights"], parts["vllm_workspace"] = shape.params * DTYPE_BYTES[shape.serve_dtype] / tp, VLLM_WORKSPACE
-    parts["kv_cache"] = budget - parts["vllm_weights"] - VLLM_WORKSPACE
-    _check_kv(shape, rollout, parts["kv_cache"], tp, problems, "rollout.gpu_memory_utilization",
-              rollout.gpu_memory_utilization, resources.gpu_mem_gb)
+    budget = _vllm_share(shape, rollout, parts, problems, "rollout.gpu_memory_utilization",
+                         rollout.gpu_memory_utilization, resources.gpu_mem_gb)
     notes.append(f"vLLM {'sleeps' if rollout.sleep else 'stays awake'} during scoring and the update")
     return budget, VLLM_ASLEEP if rollout.sleep else budget
 
@@ -500,15 +509,10 @@ def estimate_evaluate(shape: ModelShape, settings: EvaluateSettings, resources: 
     rows = evaluate.batch_size * evaluate.k
     backend = rollout.backend
     if device == "cuda" and backend == "vllm":
-        tp = rollout.tensor_parallel_size
-        utilization = rollout.eval_gpu_memory_utilization
-        budget = utilization * resources.gpu_mem_gb * GIB
-        parts["vllm_weights"], parts["vllm_workspace"] = shape.params * DTYPE_BYTES[shape.serve_dtype] / tp, \
-            VLLM_WORKSPACE
-        parts["kv_cache"] = budget - parts["vllm_weights"] - VLLM_WORKSPACE
-        _check_kv(shape, rollout, parts["kv_cache"], tp, problems, "rollout.eval_gpu_memory_utilization", utilization,
-                  resources.gpu_mem_gb)
-        per_sequence = rollout.max_model_len * shape.kv_bytes_per_token(shape.serve_dtype) / tp
+        budget = _vllm_share(shape, rollout, parts, problems, "rollout.eval_gpu_memory_utilization",
+                             rollout.eval_gpu_memory_utilization, resources.gpu_mem_gb)
+        per_sequence = (rollout.max_model_len * shape.kv_bytes_per_token(shape.serve_dtype)
+                        / rollout.tensor_parallel_size)
         notes.append(f"vLLM alone; its KV cache holds {max(0, int(parts['kv_cache'] // per_sequence))} sequences of "
                      f"rollout.max_model_len tokens at once ({rows} per generate call)")
         parts["overhead"] = CUDA_OVERHEAD
