@@ -165,8 +165,8 @@ def test_every_stage_is_a_subcommand():
 def test_counts_of_threads_nodes_ranks_and_gpus_below_their_least_exit_2_naming_them(argv, message, capsys,
                                                                                      tmp_path):
     stage, *rest = argv
-    required = {"train": [*job_inputs(tmp_path), "--out", "o"],
-                "evaluate": [*job_inputs(tmp_path), "--details", "a", "--summary", "b"]}[stage]
+    outputs = {"train": ["--out", "o"], "evaluate": ["--details", "a", "--summary", "b"]}[stage]
+    required = [*job_inputs(tmp_path), *outputs]
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([stage, "--settings", "{}", *required, *rest])
     assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -337,10 +337,10 @@ def _existing(kind: str) -> Callable[[str], Path]:
     command before it loads anything, with argparse's message naming the option (exit 2)."""
     def parse(text: str) -> Path:
         path = Path(text)
-        if not (path.is_file() if kind == "file" else path.is_dir()):
-            raise argparse.ArgumentTypeError(f"no {kind} {text}" + (f" (a {'directory' if path.is_dir() else 'file'})"
-                                                                     if path.exists() else ""))
-        return path
+        if path.is_file() if kind == "file" else path.is_dir():
+            return path
+        found = f" (a {'directory' if path.is_dir() else 'file'})" if path.exists() else ""
+        raise argparse.ArgumentTypeError(f"no {kind} {text}{found}")
 
     return parse
 
