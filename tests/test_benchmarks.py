@@ -1,7 +1,8 @@
 """Every benchmark script still runs: each, at the smallest sizes its options allow, as a subprocess the way
 benchmarks/README.md runs it, exits 0 and prints a line of its figures. bench_ranks.py died with a TypeError for a
-day (6c90289) because no test ran it. gpu_check.py, bench_memory.py's cases and the measurement behind
-bench_train_step.py --memory have their own tests (test_gpu_check.py, test_plan.py, test_memory.py)."""
+day (6c90289) because no test ran it. gpu_check.py, bench_memory.py's cases, the measurement behind
+bench_train_step.py --memory and mkl_vendor.py have their own tests (test_gpu_check.py, test_plan.py, test_memory.py,
+test_dispatch.py)."""
 
 from __future__ import annotations
 

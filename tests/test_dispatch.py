@@ -4,8 +4,10 @@ that choice for every stage so that it no longer depends on what the host (or th
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,10 +37,11 @@ print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(weights).hexdigest
 """
 
 
-def train(**env: str) -> subprocess.Popen:
-    """TRAIN started in a fresh process with `env` on top of a clean environment; `finish` reads its result."""
+def train(*, wrapper: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
+    """TRAIN started in a fresh process (through `wrapper`, a command that runs the one after it) with `env` on top of
+    a clean environment; `finish` reads its result."""
     clean = {k: v for k, v in os.environ.items() if k not in {DISPATCH_ENV, *LEVELS["avx2"][1]}}
-    return subprocess.Popen([sys.executable, "-c", TRAIN], env={**clean, "OMP_NUM_THREADS": "1", **env},
+    return subprocess.Popen([*wrapper, sys.executable, "-c", TRAIN], env={**clean, "OMP_NUM_THREADS": "1", **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -111,3 +114,30 @@ def test_every_pinned_level_uses_mkls_vendor_neutral_branch():
     for level, (_, variables) in LEVELS.items():
         if variables:
             assert variables["MKL_CBWR"] == "COMPATIBLE,STRICT", level
+
+
+# benchmarks/mkl_vendor.py runs the command after it with MKL taking the CPU for the other vendor's.
+OTHER_VENDOR = (sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "mkl_vendor.py"), "--")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2, so the avx2 level cannot run here")
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
+                    reason="no C compiler (cc) to build benchmarks/mkl_vendor.py's preloaded library")
+def test_mkl_taking_the_cpu_for_the_other_vendor_changes_no_bit_under_the_pin():
+    """MKL chooses code by the CPU's vendor, the one part of the dispatch the pin cannot set by instruction set: the
+    same machine with MKL taking it for the other vendor (an Intel CPU here if it is not one, a non-Intel one if it
+    is) trains the same weights under the pin, MKL's vendor-neutral COMPATIBLE branch. The script checks before it
+    runs TRAIN that MKL follows its answer (it runs its AVX2 branch only on what it takes for an Intel CPU), and the
+    run's provenance records which vendor MKL took the CPU for."""
+    started = {"this vendor": train(), "the other vendor": train(wrapper=OTHER_VENDOR)}
+    result = {name: finish(process) for name, process in started.items()}
+    assert result["this vendor"] == result["the other vendor"]
+    assert result["this vendor"][0] == "AVX2"
+
+    vendor = "from kalmanrl.runtime.provenance import machine; print(machine()['cpu_vendor'])"
+    own = subprocess.run([sys.executable, "-c", vendor], capture_output=True, text=True, check=True).stdout.strip()
+    other = subprocess.run([*OTHER_VENDOR, sys.executable, "-c", vendor], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert "MKL takes it for" not in own
+    assert other.startswith(f"{own} (MKL takes it for ") and other != own

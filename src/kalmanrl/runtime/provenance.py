@@ -5,6 +5,7 @@ traced and rerun, and a number that differs between two machines can be traced t
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -109,6 +110,29 @@ def _gpus() -> tuple[str, str]:
     return ", ".join(row[0] for row in rows), ", ".join(sorted({row[-1] for row in rows}))
 
 
+def _mkl_takes_for_intel() -> bool | None:
+    """Whether MKL, which chooses some of its code by the CPU's vendor, takes this CPU for an Intel one: the answer
+    of its own `mkl_serv_intel_cpu_true` as MKL's calls get it (a preloaded library's first, see
+    benchmarks/mkl_vendor.py); None where torch has no MKL."""
+    import torch
+
+    # The process's global scope first: a preloaded definition comes before torch's there, as it does for MKL's calls.
+    for library in (None, str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")):
+        try:
+            return bool(ctypes.CDLL(library).mkl_serv_intel_cpu_true())
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _vendor(vendor_id: str) -> str:
+    """The CPU's vendor, and the one MKL takes it for where the two differ."""
+    intel = _mkl_takes_for_intel()
+    if intel is None or intel == (vendor_id == "GenuineIntel"):
+        return vendor_id
+    return f"{vendor_id} (MKL takes it for {'GenuineIntel' if intel else 'another vendor'})"
+
+
 @functools.cache
 def machine() -> dict[str, str]:
     """The machine a result ran on: CPU model, the instruction-set flags that matter for dispatch, what torch
@@ -118,7 +142,7 @@ def machine() -> dict[str, str]:
     cpu = _cpuinfo()
     flags = set(cpu.get("flags", "").split())
     gpus, driver = _gpus()
-    return {"cpu_model": cpu.get("model name", ""), "cpu_vendor": cpu.get("vendor_id", ""),
+    return {"cpu_model": cpu.get("model name", ""), "cpu_vendor": _vendor(cpu.get("vendor_id", "")),
             "cpu_isa": " ".join(flag for flag in ISA_FLAGS if flag in flags),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": str(torch.get_num_threads()),
