@@ -1,7 +1,7 @@
 """Every benchmark script still runs: each, at the smallest sizes its options allow, as a subprocess the way
 benchmarks/README.md runs it, exits 0 and prints a line of its figures. bench_ranks.py died with a TypeError for a
 day (6c90289) because no test ran it. gpu_check.py, bench_memory.py's cases, the measurement behind
-bench_train_step.py --memory and mkl_vendor.py have their own tests (test_gpu_check.py, test_plan.py, test_memory.py,
+bench_train_step.py --memory and other_vendor.py have their own tests (test_gpu_check.py, test_plan.py, test_memory.py,
 test_dispatch.py)."""
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ CASES = [
                                  "--hidden", "32", "--layers", "1"],
                  r"^\| 2 ranks, 1 thread each \| [\d.]+ \| .* \| [\d.e+-]+ \| [\d.]+ \|$", None, id="ranks",
                  marks=pytest.mark.slow),
+    pytest.param("approximate_instructions", ["--only", "libm", "--functions"],
+                 r"^[1-9]\d* libraries scanned, 0 hold approximate instructions$", None, id="approximate_instructions",
+                 marks=pytest.mark.skipif(shutil.which("objdump") is None,
+                                          reason="objdump (binutils) is not installed")),
     pytest.param("bench_dispatch", ["--steps", "1", "--rounds", "1"],
                  r"^native \(nothing pinned\) +[\d.]+ +[\d.]+  \w+ +[0-9a-f]{12}$", None, id="dispatch",
                  marks=pytest.mark.slow),

@@ -113,7 +113,7 @@ def _gpus() -> tuple[str, str]:
 def _mkl_takes_for_intel() -> bool | None:
     """Whether MKL, which chooses some of its code by the CPU's vendor, takes this CPU for an Intel one: the answer
     of its own `mkl_serv_intel_cpu_true` as MKL's calls get it (a preloaded library's first, see
-    benchmarks/mkl_vendor.py); None where torch has no MKL."""
+    benchmarks/other_vendor.py); None where torch has no MKL."""
     import torch
 
     # The process's global scope first: a preloaded definition comes before torch's there, as it does for MKL's calls.
