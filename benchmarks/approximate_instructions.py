@@ -7,7 +7,7 @@ This lists, per library, the functions that hold one (disassembled with binutils
 debugger can watch them; `tests/test_vendor_neutral.py` keeps MKL's vector math (VML), where torch's hold them, off
 the path.
 
-    python benchmarks/approximate_instructions.py            # about 1 min: libtorch_cpu.so is 400+ MB of code
+    python benchmarks/approximate_instructions.py            # about 2 min: libtorch_cpu.so is 400+ MB of code
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import argparse
 import collections
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 APPROXIMATE = re.compile(r"^v?(rcp|rsqrt)(ps|ss)$")
@@ -75,7 +74,6 @@ def main(argv: list[str] | None = None) -> None:
         for function, mnemonics in sorted(found.items()) if args.functions else ():
             print(f"  {function}: {', '.join(f'{name} x{count}' for name, count in sorted(mnemonics.items()))}")
     print(f"{len(scanned)} libraries scanned, {holding} hold approximate instructions")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

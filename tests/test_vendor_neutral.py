@@ -162,6 +162,8 @@ def vml_kernels() -> list[str]:
     library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     symbols = subprocess.run(["nm", str(library)], capture_output=True, text=True, check=True).stdout
     return sorted(set(re.findall(r" [Tt] (mkl_vml_kernel_[sdcz][A-Z]\w*)$", symbols, re.MULTILINE)))
+
+
 DRIVER = """
 import json, sys
 from pathlib import Path
