@@ -34,6 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kalmanrl.runtime.cpu import cpu_flags
+
 UNAVAILABLE = 3  # exit status where the other vendor cannot be imitated here
 CPUID_SOURCE = Path(__file__).with_suffix(".c")
 MKL_SOURCE = "int mkl_serv_intel_cpu_true(void) {{ return {answer}; }}\n"
@@ -73,16 +75,6 @@ def compile_library(source: str, directory: Path) -> Path:
     return library
 
 
-def cpuid_faulting() -> bool:
-    """Whether the kernel can turn this CPU's CPUID instructions into faults (its flag `cpuid_fault`)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
-    return flags is not None and "cpuid_fault" in flags.group(1).split()
-
-
 def run(command: list[str], env: dict[str, str]) -> int:
     """Run `command` to its end and return its exit status; a SIGTERM or SIGHUP sent here goes on to it (Ctrl-C
     reaches it from the terminal), so that the library it preloads is removed only after it has ended."""
@@ -104,7 +96,7 @@ def prepare(mkl_only: bool, directory: Path) -> tuple[dict[str, str], str]:
         if native:
             raise Unavailable("MKL takes this CPU for an Intel one: the CPUID emulation imitates an Intel CPU on "
                               "another vendor's machine only (use --mkl-only)")
-        if not cpuid_faulting():
+        if "cpuid_fault" not in cpu_flags():  # the kernel can turn this CPU's CPUID instructions into faults
             raise Unavailable("this kernel or CPU has no CPUID faulting (/proc/cpuinfo flag cpuid_fault; often "
                               "missing in virtual machines): use --mkl-only")
         intel, library = True, compile_library(CPUID_SOURCE.read_text(), directory)
