@@ -204,7 +204,7 @@ def generation_cost(policy, shape: plan.ModelShape, *, rows: int, prompt_len: in
         with torch.no_grad():
             head.copy_(saved)
     tokens = sum(len(c.token_ids) for group in out for c in group)
-    dtype = "bfloat16" if cuda else "float32"
+    dtype = plan.generation_cache_dtype(resolve_precision("auto", device.type).name)
     planned = plan.hf_generate_bytes(shape, rows, prompt_len + completion_len, dtype,
                                      batch_size=engine.batch_size) / GIB
     measured = (torch.cuda.max_memory_allocated() - held) / GIB if cuda else None

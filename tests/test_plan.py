@@ -254,6 +254,27 @@ def test_plan_refuses_qwen3_4b_on_one_gpu_and_names_the_settings(capsys):
                      r"train\.micro_batch_tokens <= \d+", err), err
 
 
+@pytest.mark.parametrize("precision", ["float32", "autocast_bf16", "bfloat16"])
+def test_the_hf_engines_kv_cache_is_planned_in_the_dtype_generation_stores_it_in(precision):
+    """The plan counts transformers' KV cache in the dtype a policy of `precision` fills it with under the trainer's
+    autocast. Under autocast_bf16 that is float32, not bf16: planned at bf16, a GPU job's generation held twice the
+    cache it was planned with."""
+    from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+    from kalmanrl.configuration.settings import resolve_precision
+
+    mode = resolve_precision(precision, "cpu")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=64)).to(mode.weights_dtype).eval()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), mode.autocast():
+        model(input_ids=torch.arange(6)[None], past_key_values=cache, use_cache=True)  # prefill
+        model(input_ids=torch.tensor([[7]]), past_key_values=cache, use_cache=True)  # a decoding step
+    stored = {tensor.dtype for layer in cache.layers for tensor in (layer.keys, layer.values)}
+    assert stored == {getattr(torch, plan.generation_cache_dtype(precision))}
+
+
 def test_the_hf_engines_generation_is_planned_at_rollout_hf_batch_size_rows_per_call():
     """transformers generate holds the KV cache and step tensors of one call of `rollout.hf_batch_size` rows (at most
     the rows there are), in training and in evaluation: the plan's generation grows with it, and was 256 rows
@@ -273,7 +294,7 @@ def test_the_hf_engines_generation_is_planned_at_rollout_hf_batch_size_rows_per_
         return plan.estimate_evaluate(shape, plan.resolve_for_plan("evaluate", settings, resources),
                                       resources).parts["kv_cache"]
 
-    assert train(16) == plan.hf_generate_bytes(shape, 256, 2048, "bfloat16", batch_size=16)
+    assert train(16) == plan.hf_generate_bytes(shape, 256, 2048, "float32", batch_size=16)  # autocast_bf16
     assert train(16) == train(32) / 2 == train(64) / 4 == train(256) / 16
     assert train(512) == train(256)  # a call holds the rows there are
     two_ranks = train_settings(max_length=2048)

@@ -426,8 +426,8 @@ def estimate_train(shape: ModelShape, settings: TrainSettings, resources: Resour
         notes += _kv_capacity_warning(shape, rollout, parts["kv_cache"], math.ceil(step.rows / ranks))
     elif backend == "hf":
         # each rank generates for its share of the step's prompts
-        parts["kv_cache"] = hf_generate_bytes(shape, math.ceil(step.rows / ranks), step.seq_len, act_dtype,
-                                              batch_size=rollout.hf_batch_size)
+        parts["kv_cache"] = hf_generate_bytes(shape, math.ceil(step.rows / ranks), step.seq_len,
+                                              generation_cache_dtype(mode), batch_size=rollout.hf_batch_size)
         engine_live = parts["kv_cache"]
     else:  # vLLM on the CPU: weights in the policy's dtype (float32) and a fixed KV cache
         parts["vllm_weights"] = p * 4
@@ -488,6 +488,14 @@ def _check_kv(shape: ModelShape, rollout: Rollout, kv_cache: float, tp: int, pro
         problems.append(f"vLLM's KV cache ({kv_cache / GIB:.1f} GiB) cannot hold one sequence of rollout.max_model_len"
                         f" = {rollout.max_model_len} tokens ({need / GIB:.2f} GiB): raise {key} from "
                         f"{utilization} to {math.ceil(wanted * 100) / 100}")
+
+
+def generation_cache_dtype(precision: str) -> str:
+    """The dtype of transformers' KV cache when the policy generates under `train.precision` (resolved): the weights'
+    dtype. Under autocast_bf16 the keys and values leave bf16 products, but the cache starts as an empty tensor of
+    the first keys' dtype, float32 (rotated by the float32 cos and sin of the float32 residual stream), and
+    `torch.cat` promotes every later bf16 value to it: the whole cache is float32."""
+    return "bfloat16" if precision == "bfloat16" else "float32"
 
 
 def hf_generate_bytes(shape: ModelShape, rows: int, seq_len: int, dtype: str, *, batch_size: int) -> float:
