@@ -316,11 +316,12 @@ def test_nodes_and_cpu_ranks_outside_training_are_refused_naming_the_key(stage, 
     (None, r"nope\.yaml: cannot read the config file \(No such file or directory\)"),
     ("train: {steps: [1\n", r"bad\.yaml:2:1: not valid YAML \(expected ',' or ']'"),
     ("- 1\n", r"bad\.yaml: a config is a mapping of keys to values, not a list"),
+    (b"train: {lr: 0.1}  # \xff\n", r"bad\.yaml: not UTF-8 text \(byte b'\\xff' at offset 20\)"),
 ])
 def test_a_config_file_that_cannot_be_read_fails_naming_file_and_line(tmp_path, text, message):
     path = tmp_path / ("nope.yaml" if text is None else "bad.yaml")
     if text is not None:
-        path.write_text(text)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError, match=message):
         load_config(path)
     with pytest.raises(ConfigError, match=message):
@@ -330,3 +331,10 @@ def test_a_config_file_that_cannot_be_read_fails_naming_file_and_line(tmp_path, 
 def test_a_settings_file_that_cannot_be_read_fails_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=r"--settings @.*none\.json: cannot read the settings file"):
         parse_settings(f"@{tmp_path / 'none.json'}", "train")
+
+
+def test_a_settings_file_that_is_not_utf8_fails_naming_it(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"report: {title: caf\xe9}\n")
+    with pytest.raises(ConfigError, match=r"--settings @.*latin1\.yaml: not UTF-8 text \(byte b'\\xe9'"):
+        parse_settings(f"@{path}", "report")

@@ -306,13 +306,22 @@ def check_dataset_names(where: str, dataset: dict) -> None:
            lambda: get_reward(dataset["reward"], **dataset["reward_params"]).close())
 
 
+def _read_text(path: str | Path, label: str, what: str) -> str:
+    """A config or settings file's text; one that cannot be read, or is not UTF-8, is a ConfigError naming `label`
+    (and the offending byte), not a traceback."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{label}: cannot read the {what} ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{label}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
+                          f"{err.start})") from None
+
+
 def read_config_file(path: str | Path) -> dict:
     """A YAML config file's mapping, unvalidated; a missing file, a YAML error (named by file:line:column) or a
     top level that is not a mapping is a ConfigError."""
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    text = _read_text(path, str(path), "config file")
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -449,10 +458,7 @@ def parse_settings(text: str, stage: str) -> dict:
     source = "--settings"
     if text.startswith("@"):
         source = text[1:]
-        try:
-            text = Path(source).read_text()
-        except OSError as err:
-            raise ConfigError(f"--settings @{source}: cannot read the settings file ({err.strerror})") from None
+        text = _read_text(source, f"--settings @{source}", "settings file")
     try:
         settings = parse_text(text)
     except yaml.YAMLError as err:
