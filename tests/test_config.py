@@ -18,6 +18,7 @@ from kalmanrl.configuration.config import (
     load_configs,
     load_schema,
     parse_settings,
+    read_config_file,
     stage_settings,
     validate_config,
 )
@@ -316,6 +317,8 @@ def test_nodes_and_cpu_ranks_outside_training_are_refused_naming_the_key(stage, 
     (None, r"nope\.yaml: cannot read the config file \(No such file or directory\)"),
     ("train: {steps: [1\n", r"bad\.yaml:2:1: not valid YAML \(expected ',' or ']'"),
     ("- 1\n", r"bad\.yaml: a config is a mapping of keys to values, not a list"),
+    ("train:\n  lr: 0.1\ntrain:\n  steps: 3\n",
+     r"bad\.yaml:3:1: not valid YAML \(duplicate key 'train' \(first at line 1\)\)"),
     (b"train: {lr: 0.1}  # \xff\n", r"bad\.yaml: not UTF-8 text \(byte b'\\xff' at offset 20\)"),
 ])
 def test_a_config_file_that_cannot_be_read_fails_naming_file_and_line(tmp_path, text, message):
@@ -338,3 +341,9 @@ def test_a_settings_file_that_is_not_utf8_fails_naming_it(tmp_path):
     path.write_bytes(b"report: {title: caf\xe9}\n")
     with pytest.raises(ConfigError, match=r"--settings @.*latin1\.yaml: not UTF-8 text \(byte b'\\xe9'"):
         parse_settings(f"@{path}", "report")
+
+
+def test_a_yaml_merge_key_may_override_what_it_merges(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("x-base: &base {lr: 0.1, steps: 3}\ntrain: {<<: *base, lr: 0.2}\n")
+    assert read_config_file(path)["train"] == {"lr": 0.2, "steps": 3}

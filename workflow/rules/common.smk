@@ -2,11 +2,14 @@
 import json
 import sys
 
-from kalmanrl.configuration.config import check_data_dir, stage_settings, validate_config, validation_benchmarks
+from kalmanrl.configuration.config import (check_data_dir, read_config_file, stage_settings, validate_config,
+                                           validation_benchmarks)
 from kalmanrl.core.layout import (FIGURES, REPORT_FILES, RUN, WARM_START, WILDCARD_CONSTRAINTS, ResultsTree,
                                   config_jobs, fields, parse_run_name)
 from kalmanrl.runtime.devices import local_gpu_problem, machine_devices
 
+for _path in workflow.configfiles:  # Snakemake's reader keeps the last of a repeated key; ours refuses it
+    read_config_file(_path)
 _validated = validate_config(config)
 if workflow.is_main_process:  # not in a cluster job: its node need not see the dataset copies
     check_data_dir(_validated)

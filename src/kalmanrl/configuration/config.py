@@ -306,6 +306,27 @@ def check_dataset_names(where: str, dataset: dict) -> None:
            lambda: get_reward(dataset["reward"], **dataset["reward_params"]).close())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated within one mapping is an error: plain YAML keeps the last one,
+    so a second `train:` section would silently drop the first."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first: dict = {}
+    for key_node, _ in node.value:
+        # A `<<` merge may be overridden by the mapping's own keys: those are not repeats.
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            key = loader.construct_object(key_node, deep=deep)
+            if key in first:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first at line "
+                                                        f"{first[key] + 1})", key_node.start_mark)
+            first[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _read_text(path: str | Path, label: str, what: str) -> str:
     """A config or settings file's text; one that cannot be read, or is not UTF-8, is a ConfigError naming `label`
     (and the offending byte), not a traceback."""
@@ -319,11 +340,11 @@ def _read_text(path: str | Path, label: str, what: str) -> str:
 
 
 def read_config_file(path: str | Path) -> dict:
-    """A YAML config file's mapping, unvalidated; a missing file, a YAML error (named by file:line:column) or a
-    top level that is not a mapping is a ConfigError."""
+    """A YAML config file's mapping, unvalidated; a missing file, a YAML error or a key repeated within a mapping
+    (named by file:line:column) or a top level that is not a mapping is a ConfigError."""
     text = _read_text(path, str(path), "config file")
     try:
-        config = yaml.safe_load(text)
+        config = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
