@@ -347,3 +347,15 @@ def test_a_yaml_merge_key_may_override_what_it_merges(tmp_path):
     path = tmp_path / "merge.yaml"
     path.write_text("x-base: &base {lr: 0.1, steps: 3}\ntrain: {<<: *base, lr: 0.2}\n")
     assert read_config_file(path)["train"] == {"lr": 0.2, "steps": 3}
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", "1e999"])
+def test_a_number_that_is_not_finite_is_refused_naming_the_key(text):
+    with pytest.raises(ConfigError, match=r"config\.train\.lr: -?(nan|inf) is not a finite number"):
+        load_configs([], [f"train.lr={text}"])
+
+
+@pytest.mark.parametrize("text", [".nan", "-.inf"])
+def test_a_job_setting_that_is_not_finite_is_refused_naming_the_key(text):
+    with pytest.raises(ConfigError, match=r"report\.confidence: -?(nan|inf) is not a finite number"):
+        parse_settings(f"report: {{confidence: {text}}}", "report")

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import importlib
 import json
+import math
 import os
 import re
 import sys
@@ -114,12 +115,27 @@ def _describe(error: jsonschema.ValidationError, root: str) -> str:
     return f"{where}: {error.message}"
 
 
+def _non_finite(value: Any, where: str) -> Iterable[str]:
+    """The key paths of NaN and infinite numbers in `value` (YAML's .nan / .inf, JSON's NaN / Infinity): every
+    comparison with NaN is false, so a schema bound such as `exclusiveMinimum: 0` lets it through."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield f"{where}: {value} is not a finite number"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, f"{where}.{index}")
+
+
 def check(value: Any, schema: dict, root: str) -> None:
-    """Validate against a (sub)schema; raise ConfigError listing every problem with its key path."""
+    """Validate against a (sub)schema, with no number NaN or infinite; raise ConfigError listing every problem with
+    its key path."""
     validator = jsonschema.Draft202012Validator({**schema, "$defs": load_schema()["$defs"]})
     errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e, root) for e in errors))
+    problems = [_describe(e, root) for e in errors] + list(_non_finite(value, root))
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def validate_config(config: dict) -> dict:
