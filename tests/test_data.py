@@ -115,6 +115,12 @@ def test_asking_for_more_distinct_expressions_than_exist_is_an_error():
         arithmetic.generate(5000, 0, max_terms=2, max_digits=1, seed=0)
 
 
+@pytest.mark.parametrize("train_size, test_size", [(-5, 3), (3, -1)])
+def test_a_negative_split_size_is_an_error_not_a_reshuffled_split(train_size, test_size):
+    with pytest.raises(ValueError, match=rf"train_size and test_size >= 0, got {train_size}, {test_size}"):
+        arithmetic.generate(train_size, test_size, max_terms=2, max_digits=1, seed=0)
+
+
 def test_difficulty_names_a_config_preset(tmp_path):
     table, stats = build_dataset({"loader": "arithmetic", "params": {"difficulty": "tiny", "train_size": 40,
                                                                     "test_size": 10}},

@@ -128,6 +128,8 @@ def generate(train_size: int, test_size: int, *, max_terms: int, max_digits: int
     """
     if max_terms < 2 or max_digits < 1:
         raise ValueError(f"arithmetic needs max_terms >= 2 and max_digits >= 1, got {max_terms}, {max_digits}")
+    if train_size < 0 or test_size < 0:  # a negative size would slice the other split's rows into this one
+        raise ValueError(f"arithmetic needs train_size and test_size >= 0, got {train_size}, {test_size}")
     rng = random.Random(seed)
     wanted = train_size + test_size
     seen: set[tuple[str, ...]] = set()
