@@ -79,6 +79,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+            except ValueError as e:  # an integer longer than Python reads (4300 digits)
+                raise DataError(f"{where}: invalid JSON ({e})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             yield where, row
