@@ -230,6 +230,8 @@ def test_unknown_loader_fails_listing_the_known_ones(tmp_path):
     ('["1 + 1", "2"]', "expected a JSON object"),
     ('{"id": "1", "question": "1 + 1", "answer": ' + "9" * 5000 + ', "num_terms": 2, "num_digits": 1}',
      r"invalid JSON \(Exceeds the limit \(4300 digits\)"),
+    ('{"id": "1", "question": "1 + 1", "answer": "2", "answer": "3", "num_terms": 2, "num_digits": 1}',
+     r"invalid JSON \(the key 'answer' is repeated\)"),
 ])
 def test_malformed_row_fails_naming_file_and_line(tmp_path, line, message):
     good = '{"id": "0", "question": "1 + 2", "answer": "3", "num_terms": 2, "num_digits": 1}'

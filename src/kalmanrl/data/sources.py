@@ -58,9 +58,19 @@ def resolve_local_dir(setting: str | Path | None, environ: Mapping[str, str] = o
     return path
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object's dict, refusing a repeated key: `json` keeps the last value, so of two `answer`s one would be
+    dropped without a word."""
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        repeated = next(key for index, (key, _) in enumerate(pairs) if any(key == k for k, _ in pairs[:index]))
+        raise ValueError(f"the key {repeated!r} is repeated")
+    return row
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    """(`file:line`, row) for every non-blank line; bytes that are not UTF-8, invalid JSON or a non-object fail naming
-    the file and line."""
+    """(`file:line`, row) for every non-blank line; bytes that are not UTF-8, invalid JSON (a repeated key too) or a
+    non-object fail naming the file and line."""
     if not path.is_file():
         raise DataError(f"{path}: file not found (local copies are read from data.local_dir or ${DATA_DIR_ENV}; "
                         f"with neither set, datasets come from the hub)")
@@ -76,10 +86,10 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
                 raise DataError(f"{where}: not UTF-8 (byte {line[e.start].encode('utf-8', 'surrogateescape')!r} at "
                                 f"character {e.start + 1})") from None
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            except ValueError as e:  # an integer longer than Python reads (4300 digits)
+            except ValueError as e:  # a repeated key, or an integer longer than Python reads (4300 digits)
                 raise DataError(f"{where}: invalid JSON ({e})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
