@@ -293,6 +293,27 @@ def test_the_command_prints_its_verdict_and_exits_1_only_when_different(tmp_path
     assert "comparisons.parquet missing" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content, message", [
+    (None, r"e\.json: cannot read the expected file \(No such file or directory\)"),
+    (b"\xff", r"e\.json: not UTF-8 text \(byte b'\\xff' at offset 0\)"),
+    (b'{"format": 2, "records": [5]}', r"e\.json: not an expected file of format 2"),
+    (b'{"format": 2, "records": [{"machine": 5}]}', r"e\.json: not an expected file of format 2"),
+])
+def test_an_expected_file_that_cannot_be_read_fails_naming_it(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "e.json").write_bytes(content)
+    with pytest.raises(ExpectedError, match=message):
+        compare(run(), tmp_path / "e.json")
+
+
+def test_a_report_table_that_is_not_parquet_fails_naming_it(tmp_path):
+    for name, table in (("summary", summary()), ("accuracy", accuracy()), ("comparisons", differences())):
+        table.to_parquet(tmp_path / f"{name}.parquet")
+    (tmp_path / "accuracy.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(ExpectedError, match=r"accuracy\.parquet: not a readable Parquet table"):
+        RunResults.load(tmp_path / "summary.parquet")
+
+
 def test_a_table_that_is_not_a_summary_is_refused():
     with pytest.raises(ExpectedError, match="not a report summary"):
         expected_rows(pd.DataFrame({"x": [1]}))

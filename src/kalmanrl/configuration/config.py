@@ -351,8 +351,9 @@ def _read_text(path: str | Path, label: str, what: str) -> str:
     except OSError as err:
         raise ConfigError(f"{label}: cannot read the {what} ({err.strerror})") from None
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{label}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
-                          f"{err.start})") from None
+        from kalmanrl.core.io import not_utf8
+
+        raise ConfigError(f"{label}: {not_utf8(err)}") from None
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -49,6 +49,11 @@ def _umask() -> int:
     return mask
 
 
+def not_utf8(err: UnicodeDecodeError) -> str:
+    """What a file that failed to decode holds, for an error that names it: the first offending byte and where."""
+    return f"not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset {err.start})"
+
+
 def write_parquet(data: pa.Table | pd.DataFrame, path: str | Path) -> None:
     """Write a table atomically."""
     table = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)

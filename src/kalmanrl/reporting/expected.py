@@ -49,7 +49,7 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import norm
 
-from kalmanrl.core.io import atomic_path
+from kalmanrl.core.io import atomic_path, not_utf8
 from kalmanrl.core.layout import report_file
 from kalmanrl.reporting.fingerprint import MISSING, Fingerprint, departures, fingerprints
 from kalmanrl.reporting.results import CELL
@@ -106,6 +106,15 @@ def machine_class(summary: pd.DataFrame) -> str:
     return f"{values('cpu_vendor')} | {values('dispatch_env')} | threads {values('torch_threads')}"
 
 
+def _read_table(path: Path) -> pd.DataFrame:
+    """A report table; one that is not Parquet (cut short, another file) fails naming it, not as pyarrow's
+    '<Buffer>'."""
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ExpectedError(f"{path}: not a readable Parquet table ({err})") from None
+
+
 @dataclass
 class RunResults:
     """What a finished results tree gives to compare: its summary, the report's accuracy and comparison tables, and
@@ -123,7 +132,7 @@ class RunResults:
         if missing := [str(path) for path in paths if not path.exists()]:
             raise ExpectedError(f"{', '.join(missing)} missing: a run is compared from its report's summary, accuracy "
                                 f"and comparison tables (rerun the report: snakemake --cores all -R report)")
-        summary, accuracy, comparisons = map(pd.read_parquet, paths)
+        summary, accuracy, comparisons = map(_read_table, paths)
         return cls(summary, accuracy, comparisons, fingerprints(report_dir.parent))
 
     def record(self) -> dict:
@@ -148,10 +157,15 @@ class RunResults:
 def read_expected(path: str | Path) -> list[dict]:
     """The records of an expected file, checked for the format this module writes."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ExpectedError(f"{path}: cannot read the expected file ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ExpectedError(f"{path}: {not_utf8(err)}") from None
     except json.JSONDecodeError as err:
         raise ExpectedError(f"{path}:{err.lineno}: not JSON ({err.msg})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("records"), list):
+    if (not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("records"), list)
+            or not all(isinstance(r, dict) and isinstance(r.get("machine"), dict) for r in data["records"])):
         raise ExpectedError(f"{path}: not an expected file of format {FORMAT} (rerecord it: kalmanrl "
                             f"compare-summary <results_dir>/report/summary.parquet {path} --write)")
     return data["records"]
