@@ -16,7 +16,8 @@ def test_gsm8k_gold_is_the_text_after_the_last_hashes():
 
 
 @pytest.mark.parametrize("value, text", [(27.0, "27"), ("025", "25"), (" 7 ", "7"), ("-05", "-5"), ("+7", "7"),
-                                         ("3.5", "3.5"), (2.5, "2.5")])
+                                         ("3.5", "3.5"), (2.5, "2.5"), ("-0", "0"), ("000", "0"),
+                                         ("00" + "9" * 5000, "9" * 5000)])
 def test_number_text_drops_zero_padding_signs_included(value, text):
     """Signed integer text is read as an integer (int("-05") is -5), so a padded negative gold is not kept padded."""
     assert number_text(value) == text

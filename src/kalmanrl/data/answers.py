@@ -33,7 +33,11 @@ def number_text(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     text = str(value).strip()
-    return str(int(text)) if re.fullmatch(r"[+-]?\d+", text) else text
+    # As str(int(text)), but as text: int() refuses more than 4300 digits, which a downloaded row may hold.
+    if (match := re.fullmatch(r"([+-]?)0*([0-9]+)", text)) is None:
+        return text
+    sign, digits = match.groups()
+    return ("-" if sign == "-" and digits != "0" else "") + digits
 
 
 ANSWER_RULES: dict[str, Callable[[str], str | None]] = {"field": str.strip, "boxed": last_boxed,
