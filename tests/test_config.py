@@ -299,6 +299,19 @@ def test_a_repeated_seed_task_or_benchmark_is_refused_naming_the_key(key, value)
         validate_config({key: value})
 
 
+@pytest.mark.parametrize("config, named", [
+    ({"seeds": [0, 2**31]}, r"config\.seeds\.1: 2147483648 is greater than the maximum"),
+    ({"data": {"seed": 2**64}}, r"config\.data\.seed: 18446744073709551616 is greater than the maximum"),
+    ({"evaluate": {"seed": -1}}, r"config\.evaluate\.seed: -1 is less than the minimum of 0"),
+])
+def test_a_seed_outside_0_to_2_31_is_refused_naming_the_key(config, named):
+    """Jobs derive their generators' seeds from these (seed x 1,000,003 + step): a seed of 2**64 passed validation and
+    stopped the job at torch's manual_seed, a negative evaluation seed at numpy's SeedSequence."""
+    with pytest.raises(ConfigError, match=named):
+        validate_config(config)
+    validate_config({"seeds": [0, 2**31 - 1], "data": {"seed": 2**31 - 1}, "evaluate": {"seed": 0}})
+
+
 def test_an_empty_list_of_validation_benchmarks_is_refused():
     """[] validated on every benchmark, as null does; turning validation off is train.validation.every: 0."""
     with pytest.raises(ConfigError, match=r"config\.train\.validation\.benchmarks: \[\] should be non-empty"):
