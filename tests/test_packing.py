@@ -68,6 +68,31 @@ def test_packed_attention_computes_spans_of_one_length_together_as_row_by_row():
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_packed_forward_finds_its_rows_spans_once(tiny_model_dir, monkeypatch, checkpointing):
+    """Finding the spans reads the position ids on the host (a device sync per call on a GPU): one search per packed
+    sequence, not one per layer and again in a checkpointed layer's recompute."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kalmanrl.policy import packed_attention
+
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_hidden_layers=3,
+                                        layer_types=["full_attention"] * 3)
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    searches = []
+    find = packed_attention._find_spans
+    monkeypatch.setattr(packed_attention, "_find_spans", lambda ids: searches.append(ids) or find(ids))
+    batch = varied_batch(policy, torch.Generator().manual_seed(0))
+    token_logprobs(policy, batch, packed=True).sum().backward()
+    assert len(searches) == 1
+    token_logprobs(policy, batch, packed=True).sum().backward()  # a new sequence, a new search
+    assert len(searches) == 2
+
+
 def test_packed_micro_batches_count_real_tokens_and_balance_them():
     # prompts of 3 and 1 tokens, completions of 2, 1, 3, 3: real tokens 5, 4, 4, 4 (padded widths 5, 4, 4, 4 alone)
     batch = build_batch([[5, 6, 7], [8]], [[completion([1, 2]), completion([3])], [completion([4, 4, 4])] * 2],

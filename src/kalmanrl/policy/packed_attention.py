@@ -7,14 +7,17 @@ such cost, and transformers uses it on its own. For every other implementation `
 "kalmanrl_packed": it asks for no mask when there is no padding mask (a packed batch has none) and runs causal SDPA on
 each row's span of a packed sequence (the spans are where the position ids restart, as transformers finds them),
 the spans of one length in one call; every other call (padded batches, generation with a cache) is transformers' SDPA
-unchanged.
+unchanged. Finding the spans reads the position ids on the host (a device sync on a GPU), so it is done once per
+packed sequence: every layer, and a checkpointed layer's recompute, gets the same position ids tensor.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -27,6 +30,38 @@ def _mask(*, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tens
     return None if attention_mask is None else sdpa_mask(attention_mask=attention_mask, **kwargs)
 
 
+@dataclass(frozen=True)
+class _Spans:
+    """Where a packed sequence's rows are: `lengths` (span length -> the rows of that length, as counts), and `order`
+    [N], the token indices in length order (the spans of a length consecutive), with its inverse `back`."""
+    lengths: dict[int, int]
+    order: torch.Tensor
+    back: torch.Tensor
+
+
+_SPANS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # position ids tensor -> its _Spans, while the tensor lives
+
+
+def _find_spans(position_ids: torch.Tensor) -> _Spans | None:
+    """The rows of a packed sequence (None for one row): spans start where the position ids do not go up by one."""
+    positions = position_ids.reshape(-1)
+    starts = [0, *((positions[1:] - positions[:-1]) != 1).nonzero().flatten().add(1).tolist(), len(positions)]
+    if len(starts) == 2:
+        return None
+    by_length: dict[int, list[int]] = {}
+    for a, b in pairwise(starts):
+        by_length.setdefault(b - a, []).append(a)
+    order = torch.cat([(torch.tensor(firsts)[:, None] + torch.arange(length)).flatten()
+                       for length, firsts in by_length.items()]).to(positions.device)
+    return _Spans({length: len(firsts) for length, firsts in by_length.items()}, order, order.argsort())
+
+
+def _spans(position_ids: torch.Tensor) -> _Spans | None:
+    if position_ids not in _SPANS:
+        _SPANS[position_ids] = _find_spans(position_ids)
+    return _SPANS[position_ids]
+
+
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, *, position_ids: torch.Tensor | None = None, **kwargs
                ) -> tuple[torch.Tensor, None]:
@@ -34,26 +69,20 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     spans of a length stacked as a batch, which SDPA computes row by row alike); anything else: SDPA."""
     if attention_mask is not None or position_ids is None or query.shape[0] != 1 or query.shape[2] < 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    positions = position_ids.reshape(-1)
-    starts = [0, *((positions[1:] - positions[:-1]) != 1).nonzero().flatten().add(1).tolist(), len(positions)]
-    if len(starts) == 2:
+    spans = _spans(position_ids)
+    if spans is None:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     kwargs.pop("is_causal", None)
-    by_length: dict[int, list[int]] = {}
-    for a, b in pairwise(starts):
-        by_length.setdefault(b - a, []).append(a)
     # One gather into length order and one back (not a slice per span: each slice's backward writes a gradient the
     # size of the whole sequence).
-    order = torch.cat([(torch.tensor(firsts)[:, None] + torch.arange(length)).flatten()
-                       for length, firsts in by_length.items()]).to(query.device)
-    sizes = [len(firsts) * length for length, firsts in by_length.items()]
-    parts = [t.squeeze(0).index_select(1, order).split(sizes, dim=1) for t in (query, key, value)]
+    sizes = [rows * length for length, rows in spans.lengths.items()]
+    parts = [t.squeeze(0).index_select(1, spans.order).split(sizes, dim=1) for t in (query, key, value)]
     pieces = []
-    for (length, firsts), *spans in zip(by_length.items(), *parts, strict=True):
-        spans = [span.unflatten(1, (len(firsts), length)).transpose(0, 1) for span in spans]  # [rows, heads, L, d]
-        out = sdpa_attention_forward(module, *spans, None, is_causal=True, **kwargs)[0]  # [rows, L, heads, d]
+    for (length, rows), *grouped in zip(spans.lengths.items(), *parts, strict=True):
+        grouped = [span.unflatten(1, (rows, length)).transpose(0, 1) for span in grouped]  # [rows, heads, L, d]
+        out = sdpa_attention_forward(module, *grouped, None, is_causal=True, **kwargs)[0]  # [rows, L, heads, d]
         pieces.append(out.flatten(0, 1))
-    packed = torch.cat(pieces)[order.argsort()]  # back to the packed order
+    packed = torch.cat(pieces)[spans.back]  # back to the packed order
     return packed.unsqueeze(0), None  # [1, N, heads, d], as SDPA's output
 
 
