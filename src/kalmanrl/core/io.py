@@ -42,6 +42,18 @@ def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
         raise
 
 
+def remove_temporaries(path: str | Path) -> None:
+    """Remove what `atomic_path` left of `path` (a glob in its last part) when a job was killed inside the block: the
+    temporary siblings never renamed into place, which nothing else would ever remove. Only for a caller that is the
+    one writer there (a training job holds its run directory's lock)."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 def _umask() -> int:
     """The process umask (temp files are created private; the result should get the usual permissions)."""
     mask = os.umask(0)
