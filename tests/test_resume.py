@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from kalmanrl.jobs import trainer
 from kalmanrl.jobs.trainer import train
+from test_lora import lora_settings
 from test_trainer import TIMING, settings_for
 
 HERE = Path(__file__).resolve().parent
@@ -57,3 +60,90 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one_a
     environments = json.loads((cut / "final" / "provenance.json").read_text())["environments"]
     assert [e["from_step"] for e in environments] == [0, 2]
     assert_same_run(tmp_path / "whole", cut)
+
+
+class Cut(Exception):
+    """Ends a run where a killed job would have stopped."""
+
+
+def algorithm(name: str, train: dict | None = None, **spec) -> dict:
+    """settings_for(name, **train) with the algorithm's spec changed by `spec` (dicts replace whole entries)."""
+    settings = settings_for(name, **(train or {}))
+    settings["algorithm"].update(spec)
+    return settings
+
+
+def dynamic_sampling() -> dict:
+    """DAPO's recipe on a 0/1 reward in groups of two, so some steps draw again: token-sum aggregate, a higher clip,
+    the overlong penalty and dynamic sampling."""
+    settings = algorithm("grpo", {"group_size": 2}, aggregate="dapo", eps_high=0.28,
+                         overlong_buffer={"length": 4, "penalty": 1.0},
+                         dynamic_sampling={"enabled": True, "metric": "accuracy", "max_draws": 8})
+    settings["task"]["reward"] = "has_digit"
+    return settings
+
+
+# (settings, the step the run is cut after, whether it is cut right after that step's checkpoint or after the step's
+# metrics row with its newest checkpoint older). Each covers what no other resume test does.
+CASES = {
+    "krpo": (lambda: settings_for("krpo"), 2, True),
+    "gspo": (lambda: algorithm("grpo", ratio="sequence"), 1, True),
+    "gmpo": (lambda: algorithm("grpo", surrogate="geometric_mean"), 2, True),
+    "kpo_two_epochs_contiguous_cut_between_checkpoints": (lambda: settings_for(
+        "kpo", steps=4, checkpoint_every=2, ppo_epochs=2, mini_batch_order="contiguous"), 3, False),
+    "cosine_schedule_cut_in_its_warmup": (lambda: settings_for("grpo", steps=4, warmup_ratio=0.5,
+                                                                schedule="cosine"), 1, True),
+    "dapo_dynamic_sampling": (dynamic_sampling, 2, True),
+    "kl_token_tis_dual_clip": (lambda: algorithm("grpo", beta=0.1, clip_ratio_c=3.0,
+                                                 rollout_correction={"name": "token_tis", "params": {}}), 2, True),
+    "krpo_bypass_bnpo": (lambda: algorithm("krpo", aggregate="bnpo",
+                                           rollout_correction={"name": "bypass", "params": {}}), 1, True),
+    "bfloat16_weights": (lambda: settings_for("kpo", precision="bfloat16"), 2, True),
+    "autocast_packed": (lambda: settings_for("grpo", precision="autocast_bf16", packing=True,
+                                             micro_batch_tokens=100), 2, True),
+    "lora_dropout": (lambda: lora_settings("kpo", lora={"dropout": 0.1}, steps=3), 1, True),
+    "kept_checkpoint": (lambda: settings_for("grpo", steps=4, keep_every=2), 2, True),
+    "validation_cut_between_checkpoints": (lambda: settings_for(
+        "grpo", steps=4, checkpoint_every=2, validation={"every": 2, "max_problems": 4, "k": 2}), 3, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_run_cut_at_a_step_resumes_to_the_uninterrupted_run_bit_for_bit(case, tmp_path, tiny_model_dir,
+                                                                          arithmetic_parquet, monkeypatch):
+    """Cut right after a checkpoint or one step past it (that step is then trained again), the resumed run's metrics
+    and final weights are the uninterrupted run's: the optimiser, the schedule's position, the random streams (dropout
+    draws from the global generator), the non-finite count and the metrics so far are in the checkpoint, and the
+    prompts, samples, dynamic sampling's draws, mini-batches and validation samples are functions of the step."""
+    make, cut_at, after_checkpoint = CASES[case]
+    settings = make()
+    validation = [arithmetic_parquet] if settings["train"]["validation"]["every"] else []
+    whole = train(tiny_model_dir, arithmetic_parquet, tmp_path / "whole", settings=settings,
+                  validation_data=validation)
+
+    def checkpoint(run, step, _checkpoint=trainer.checkpoint):
+        _checkpoint(run, step)
+        if after_checkpoint and step == cut_at:
+            raise Cut
+
+    def record(run, step, *args, _record=trainer.record):
+        row = _record(run, step, *args)
+        if not after_checkpoint and step + 1 == cut_at:
+            raise Cut
+        return row
+
+    monkeypatch.setattr(trainer, "checkpoint", checkpoint)
+    monkeypatch.setattr(trainer, "record", record)
+    with pytest.raises(Cut):
+        train(tiny_model_dir, arithmetic_parquet, tmp_path / "cut", settings=settings, validation_data=validation)
+    monkeypatch.undo()
+    train(tiny_model_dir, arithmetic_parquet, tmp_path / "cut", settings=settings, validation_data=validation)
+
+    assert_same_run(tmp_path / "whole", tmp_path / "cut")
+    environments = json.loads((tmp_path / "cut" / "final" / "provenance.json").read_text())["environments"]
+    every = settings["train"]["checkpoint_every"]
+    assert [e["from_step"] for e in environments] == [0, cut_at // every * every]
+    if case == "dapo_dynamic_sampling":
+        assert whole["ds_draws"].gt(1).any()
+    if case.startswith("validation"):
+        assert whole["val_accuracy"].notna().sum() == 2
