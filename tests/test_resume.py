@@ -102,6 +102,7 @@ CASES = {
     "autocast_packed": (lambda: settings_for("grpo", precision="autocast_bf16", packing=True,
                                              micro_batch_tokens=100), 2, True),
     "lora_dropout": (lambda: lora_settings("kpo", lora={"dropout": 0.1}, steps=3), 1, True),
+    "skipped_updates": (lambda: settings_for("grpo", lr=1e30, max_nonfinite=100), 2, True),
     "kept_checkpoint": (lambda: settings_for("grpo", steps=4, keep_every=2), 2, True),
     "validation_cut_between_checkpoints": (lambda: settings_for(
         "grpo", steps=4, checkpoint_every=2, validation={"every": 2, "max_problems": 4, "k": 2}), 3, False),
@@ -143,6 +144,8 @@ def test_a_run_cut_at_a_step_resumes_to_the_uninterrupted_run_bit_for_bit(case, 
     environments = json.loads((tmp_path / "cut" / "final" / "provenance.json").read_text())["environments"]
     every = settings["train"]["checkpoint_every"]
     assert [e["from_step"] for e in environments] == [0, cut_at // every * every]
+    if case == "skipped_updates":
+        assert whole["nonfinite_total"].iloc[0] < whole["nonfinite_total"].iloc[-1]
     if case == "dapo_dynamic_sampling":
         assert whole["ds_draws"].gt(1).any()
     if case.startswith("validation"):
