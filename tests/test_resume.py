@@ -1,10 +1,15 @@
 """A training run stopped at any step and resumed ends with the uninterrupted run's metrics and final weights, bit for
-bit, whatever its algorithm and options: every piece of state a step needs is in the checkpoint or a pure function of
-the step. A job killed while writing a checkpoint leaves nothing half-written behind once it is started again."""
+bit, whatever its algorithm and options and on 2 ranks too: every piece of state a step needs is in the checkpoint or
+a pure function of the step. A job killed while writing a checkpoint leaves nothing half-written behind once it is
+started again.
+
+Run as a script (`test_resume.py <settings.json> <model> <dataset> <out> <cut>`) this file is a rank of a training job
+that dies on every rank right after its step-<cut> checkpoint (no cut: 0), as a job killed there would."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +21,7 @@ from safetensors.torch import load_file
 
 from kalmanrl.jobs import trainer
 from kalmanrl.jobs.trainer import train
+from kalmanrl.runtime.distributed import launch_command
 from test_lora import lora_settings
 from test_trainer import TIMING, settings_for
 
@@ -150,3 +156,47 @@ def test_a_run_cut_at_a_step_resumes_to_the_uninterrupted_run_bit_for_bit(case, 
         assert whole["ds_draws"].gt(1).any()
     if case.startswith("validation"):
         assert whole["val_accuracy"].notna().sum() == 2
+
+
+def start_ranks(out: Path, settings: Path, model: Path, data: Path, cut: int) -> None:
+    """This file as a 2-rank training job (torchrun, gloo) cut after step `cut` (0: not cut); waits for it."""
+    command = launch_command([sys.executable, __file__, str(settings), str(model), str(data), str(out), str(cut)],
+                             gpus=2, log_dir=str(out.parent / f"{out.name}.torchrun"))
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == (1 if cut else 0), done.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_with_dropout_cut_after_a_checkpoint_resumes_on_two_ranks_bit_for_bit(
+        tmp_path, tiny_model_dir, arithmetic_parquet):
+    """Each rank draws its own dropout masks (its own rows, micro-batches of its own shapes) and keeps its random
+    streams in a file of its own: resumed on 2 ranks, the run is the uninterrupted 2-rank run to the bit. (The other
+    2-rank resume tests compare with one process, to a tolerance, and without dropout.)"""
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps(lora_settings("kpo", lora={"dropout": 0.1}, steps=3)))
+    start_ranks(tmp_path / "whole", settings, tiny_model_dir, arithmetic_parquet, 0)
+    start_ranks(tmp_path / "cut", settings, tiny_model_dir, arithmetic_parquet, 2)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step_000002"]
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints" / "step_000002" / "state").glob("rng*")) == [
+        "rng.rank0.safetensors", "rng.rank1.safetensors"]
+    start_ranks(tmp_path / "cut", settings, tiny_model_dir, arithmetic_parquet, 0)
+    assert_same_run(tmp_path / "whole", tmp_path / "cut")
+
+
+def cut_worker(settings: Path, model: Path, data: Path, out: Path, cut: int) -> None:
+    sys.path.insert(0, str(HERE))
+    import digit_share  # noqa: F401  (registers the "digit_share" reward in this rank)
+    from kalmanrl.configuration.config import parse_settings
+
+    def checkpoint(run, step, _checkpoint=trainer.checkpoint):
+        _checkpoint(run, step)
+        if step == cut:
+            os._exit(1)
+
+    trainer.checkpoint = checkpoint
+    train(model, data, out, settings=parse_settings(f"@{settings}", "train"))
+
+
+if __name__ == "__main__":
+    cut_worker(*map(Path, sys.argv[1:5]), int(sys.argv[5]))
