@@ -240,6 +240,42 @@ def test_malformed_row_fails_naming_file_and_line(tmp_path, line, message):
         build({"loader": "arithmetic_file", "params": {"file": "tasks.jsonl"}}, tmp_path)
 
 
+MATH_ROW = {"unique_id": "test/algebra/1.json", "problem": "P", "level": "Level 3", "type": "Algebra",
+            "solution": "so \\boxed{1}"}
+
+
+def arithmetic_row(**fields) -> dict:
+    return {"id": "0", "question": "1 + 2", "answer": "3", "num_terms": 2, "num_digits": 1, **fields}
+
+
+@pytest.mark.parametrize("spec, file, record, message", [
+    ({"loader": "math500"}, "math500/test.jsonl", {"problem": "P", "answer": "1", "level": "Level " + "9" * 23},
+     f"field 'level' is {'9' * 23}, outside [0, 2**63 - 1]"),
+    ({"loader": "math", "params": {"splits": ["test"]}}, "math/test.jsonl", {**MATH_ROW, "level": "Level " + "9" * 23},
+     f"field 'level' is {'9' * 23}, outside [0, 2**63 - 1]"),
+    ({"loader": "arithmetic_file", "params": {"file": "t.jsonl"}}, "t.jsonl", arithmetic_row(num_terms=10**30),
+     f"field 'num_terms' is {10**30}, outside [1, 2**63 - 1]"),
+    ({"loader": "arithmetic_file", "params": {"file": "t.jsonl"}}, "t.jsonl", arithmetic_row(num_terms=-3),
+     "field 'num_terms' is -3, outside [1, 2**63 - 1]"),
+    ({"loader": "arithmetic_file", "params": {"file": "t.jsonl"}}, "t.jsonl", arithmetic_row(num_digits=0),
+     "field 'num_digits' is 0, outside [1, 2**63 - 1]"),
+])
+def test_an_integer_past_int64_or_a_count_below_one_fails_naming_file_and_line(tmp_path, spec, file, record, message):
+    """Arrow refused a value past int64 only when the table was made (an OverflowError naming no row), and a negative
+    number of terms was stored as read."""
+    path = write_jsonl(tmp_path / file, [record])
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: {message}")):
+        build(spec, tmp_path)
+
+
+def test_an_arithmetic_question_written_as_a_number_is_stored_as_its_text(tmp_path):
+    """The field is read as text (as every loader reads its problem), so the row stores that text: it used to pass
+    the number on, which Arrow refused for the string column naming no row."""
+    write_jsonl(tmp_path / "t.jsonl", [arithmetic_row(question=5, answer="5")])
+    table, _ = build({"loader": "arithmetic_file", "params": {"file": "t.jsonl"}}, tmp_path)
+    assert table["problem"].to_pylist() == ["5"]
+
+
 def test_authors_filter_keeps_questions_shorter_than_128_characters_and_at_most_5_terms_and_digits(tmp_path):
     """The KRPO authors' train.py keeps `len(question) < 128 and num_terms <= 5 and num_digits <= 5` (the tiny-grpo
     predicate with their limits): a question of exactly 128 characters is dropped, one of 127 kept."""

@@ -50,6 +50,22 @@ def register_loader(name: str) -> Callable[[Loader], Loader]:
 # ---------------------------------------------------------------------------------------------------------------
 # Loaders. Each returns rows of DATASET_SCHEMA (missing optional columns are filled with nulls later).
 
+# The least value of each integer column a loader reads from data; the most is int64's, the column type.
+_LEAST = {"level": 0, "num_terms": 1, "num_digits": 1}
+INT64_MAX = 2**63 - 1
+
+
+def _checked(row: dict, where: str) -> dict:
+    """`row`, after checking its values where the row that gave them is known: Arrow refuses an integer past int64
+    only for the whole table (an OverflowError naming no row), and a count of terms or digits below 1 (or a negative
+    level) describes no problem."""
+    for name, least in _LEAST.items():
+        value = row.get(name)
+        if value is not None and not least <= value <= INT64_MAX:
+            raise DataError(f"{where}: field {name!r} is {value!r}, outside [{least}, 2**63 - 1]")
+    return row
+
+
 def _unique_row(seen: dict[tuple[str, str], str], row: dict, where: str) -> dict:
     """`row`, after checking that no earlier row has its split and id (`seen` maps those to where each was read):
     where ids come from the data, a repeat then names both rows' file:line (or hub row), not only table rows."""
@@ -91,14 +107,14 @@ def load_arithmetic_file(ctx: LoadContext, *, file: str = "arithmetic/MathTasks_
             raise DataError(f"{where}: arithmetic answer is not an integer: {raw['answer']!r}")
         if not all(isinstance(raw[k], int) and not isinstance(raw[k], bool) for k in ("num_terms", "num_digits")):
             raise DataError(f"{where}: num_terms and num_digits must be integers")
-        row = _arithmetic_row(raw, split, "arithmetic_file")
+        row = _checked(_arithmetic_row(raw, split, "arithmetic_file"), where)
         if not authors_filter or (len(row["problem"]) < 128 and row["num_terms"] <= 5 and row["num_digits"] <= 5):
             rows.append(_unique_row(seen, row, where))
     return rows
 
 
 def _arithmetic_row(row: Mapping[str, Any], split: str, source: str) -> dict:
-    return {"id": str(row["id"]), "source": source, "split": split, "problem": row["question"],
+    return {"id": str(row["id"]), "source": source, "split": split, "problem": str(row["question"]),
             "answer": str(row["answer"]).strip(), "num_terms": row["num_terms"], "num_digits": row["num_digits"]}
 
 
@@ -117,11 +133,11 @@ def _benchmark_rows(ctx: LoadContext, name: str, source: Source, *, answer: str,
         if integer and not re.fullmatch(r"-?\d+", gold):
             raise DataError(f"{where}: {name} answer is not an integer: {gold!r}")
         ident = next((raw[k] for k in ("unique_id", "id") if raw.get(k) is not None), index)  # hub columns may be null
-        rows.append(_unique_row(seen, {
+        rows.append(_unique_row(seen, _checked({
             "id": str(ident), "source": name, "split": "test", "problem": text_field(raw, "problem", where),
             "answer": require_gold(gold, "field", where), "solution": _optional_text(raw, solution, where),
             "subject": _optional_text(raw, "subject", where),
-            "level": math_level(raw["level"]) if "level" in raw else None}, where))
+            "level": math_level(raw["level"]) if "level" in raw else None}, where), where))
     return rows
 
 
@@ -205,10 +221,11 @@ def load_math(ctx: LoadContext, *, splits: Iterable[str] = SPLITS, subjects: Ite
             if answer is None and last_box_is_empty(solution):
                 log.warning("%s: skipped, the solution's last box is empty (a quirk of the original MATH)", where)
                 continue
-            row = {"id": str(raw.get("unique_id", f"{split}-{index}")), "source": "math", "split": split,
-                   "problem": text_field(raw, "problem", where),
-                   "answer": require_gold(answer, "boxed", where), "solution": solution,
-                   "subject": text_field(raw, "type", where), "level": math_level(field(raw, "level", where))}
+            row = _checked({"id": str(raw.get("unique_id", f"{split}-{index}")), "source": "math", "split": split,
+                            "problem": text_field(raw, "problem", where),
+                            "answer": require_gold(answer, "boxed", where), "solution": solution,
+                            "subject": text_field(raw, "type", where),
+                            "level": math_level(field(raw, "level", where))}, where)
             # Ids are left to check_table: openmath reads MATH only for its subjects, whatever its ids.
             if ((wanted_subjects is None or row["subject"] in wanted_subjects)
                     and (wanted_levels is None or row["level"] in wanted_levels)):
