@@ -2,6 +2,8 @@
 integer text, MATH's empty last box, level and subject labels. The loaders' tests check the same rules on the real
 files (when KALMANRL_DATA_DIR names them); these pin each rule's edge cases without the data."""
 
+import re
+
 import pytest
 
 from kalmanrl.data.answers import gsm8k_answer, last_box_is_empty, math_level, math_subject, number_text, require_gold
@@ -35,7 +37,18 @@ def test_an_empty_last_box_is_empty_whatever_its_spacing(solution, empty):
 @pytest.mark.parametrize("value, level", [("Level 3", 3), (2, 2), ("5", 5), ("Level ?", None)])
 def test_math_level_reads_labels_and_bare_numbers(value, level):
     """MATH's hub rows label levels "Level 3"; MATH-500's copy stores the bare integer (its first row: 2)."""
-    assert math_level(value) == level
+    assert math_level(value, "test.jsonl:1") == level
+
+
+@pytest.mark.parametrize("value, message", [([3], "is not text or an integer: [3]"),
+                                            (3.0, "is not text or an integer: 3.0"),
+                                            (True, "is not text or an integer: True"),
+                                            ("Level " + "9" * 5000, "has more digits than int() reads")])
+def test_a_level_that_is_not_text_or_an_integer_fails_naming_the_row(value, message):
+    """str() of a list or a float matched no label, so such a level was read as none without a word; a label of
+    more digits than int() reads raised its ValueError naming no row."""
+    with pytest.raises(DataError, match=re.escape(f"test.jsonl:1: field 'level' {message}")):
+        math_level(value, "test.jsonl:1")
 
 
 @pytest.mark.parametrize("gold", [None, ""])

@@ -268,6 +268,53 @@ def test_an_integer_past_int64_or_a_count_below_one_fails_naming_file_and_line(t
         build(spec, tmp_path)
 
 
+@pytest.mark.parametrize("spec, file, record, ids", [
+    ({"loader": "math", "params": {"splits": ["test"]}}, "math/test.jsonl", {**MATH_ROW, "unique_id": None},
+     ["test-0"]),
+    ({"loader": "math500"}, "math500/test.jsonl", {"problem": "P", "answer": "1", "unique_id": None, "id": 7}, ["7"]),
+    ({"loader": "math500"}, "math500/test.jsonl", {"problem": "P", "answer": "1", "unique_id": None}, ["0"]),
+])
+def test_a_null_id_falls_back_to_the_loaders_id_from_the_row_position(tmp_path, spec, file, record, ids):
+    """One rule for every loader that reads ids: MATH turned a null unique_id into the id "None"."""
+    write_jsonl(tmp_path / file, [record])
+    assert build(spec, tmp_path)[0]["id"].to_pylist() == ids
+
+
+@pytest.mark.parametrize("spec, file, record, name, value", [
+    ({"loader": "math", "params": {"splits": ["test"]}}, "math/test.jsonl", {**MATH_ROW, "unique_id": {"a": 1}},
+     "unique_id", {"a": 1}),
+    ({"loader": "math500"}, "math500/test.jsonl", {"problem": "P", "answer": "1", "unique_id": [1]}, "unique_id", [1]),
+    ({"loader": "aime24"}, "aime24/test.jsonl", {"problem": "P", "answer": "1", "id": 2.5}, "id", 2.5),
+    ({"loader": "arithmetic_file", "params": {"file": "t.jsonl"}}, "t.jsonl", arithmetic_row(id=True), "id", True),
+    ({"loader": "hub", "params": {"hub_id": "org/set", "fields": {"id": "k", "problem": "q", "answer": "a"},
+                                  "local_files": {"train": "set.jsonl"}}}, "set.jsonl", {"k": 1.5, "q": "P", "a": "1"},
+     "k", 1.5),
+])
+def test_an_id_that_is_not_text_or_an_integer_fails_naming_file_and_line(tmp_path, spec, file, record, name, value):
+    """str() of a dict, a list or a float is no id that names a problem (and True is no id either)."""
+    path = write_jsonl(tmp_path / file, [record])
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: field {name!r} is not an id (text or an integer): "
+                                                  f"{value!r}")):
+        build(spec, tmp_path)
+
+
+@pytest.mark.parametrize("spec, file, record", [
+    ({"loader": "math", "params": {"splits": ["test"]}}, "math/test.jsonl", {**MATH_ROW, "level": [3]}),
+    ({"loader": "math500"}, "math500/test.jsonl", {"problem": "P", "answer": "1", "level": [3]}),
+])
+def test_a_level_that_is_not_text_or_an_integer_fails_naming_file_and_line(tmp_path, spec, file, record):
+    """A list level was read as no level (None) without a word."""
+    path = write_jsonl(tmp_path / file, [record])
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: field 'level' is not text or an integer: [3]")):
+        build(spec, tmp_path)
+
+
+def test_a_benchmark_with_a_null_level_has_none(tmp_path):
+    """As a null id: a hub column may be null where a row has no value."""
+    write_jsonl(tmp_path / "math500" / "test.jsonl", [{"problem": "P", "answer": "1", "level": None}])
+    assert build({"loader": "math500"}, tmp_path)[0]["level"].to_pylist() == [None]
+
+
 def test_an_arithmetic_question_written_as_a_number_is_stored_as_its_text(tmp_path):
     """The field is read as text (as every loader reads its problem), so the row stores that text: it used to pass
     the number on, which Arrow refused for the string column naming no row."""

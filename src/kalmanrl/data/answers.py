@@ -56,10 +56,20 @@ def last_box_is_empty(solution: str) -> bool:
     return re.match(r"\\boxed\s*\{\s*\}", solution[solution.rfind("\\boxed"):]) is not None
 
 
-def math_level(value: Any) -> int | None:
-    """MATH levels: "Level 3" -> 3; the two "Level ?" training rows -> None."""
-    match = re.fullmatch(r"(?:Level )?(\d+)", str(value).strip())
-    return int(match.group(1)) if match else None
+def math_level(value: Any, where: str) -> int | None:
+    """MATH levels: "Level 3" -> 3, an integer as is; the two "Level ?" training rows -> None. Anything but text or an
+    integer fails naming the row: str() of a list or a float read as no level."""
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise DataError(f"{where}: field 'level' is not text or an integer: {value!r}")
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"(?:Level )?(\d+)", value.strip())
+    if match is None:
+        return None
+    try:
+        return int(match.group(1))
+    except ValueError:  # more digits than int() reads (4300)
+        raise DataError(f"{where}: field 'level' has more digits than int() reads") from None
 
 
 def math_subject(name: str) -> str:

@@ -34,7 +34,7 @@ from kalmanrl.data.answers import (
 from kalmanrl.data.dataset import DATASET_SCHEMA, SPLITS, DataError, check_table
 from kalmanrl.data.prompts import strip_boxed_instruction
 from kalmanrl.data.rewards import last_boxed
-from kalmanrl.data.sources import LoadContext, Source, field, iter_rows, read_jsonl, text_field
+from kalmanrl.data.sources import LoadContext, Source, field, id_field, iter_rows, read_jsonl, text_field
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def load_arithmetic_file(ctx: LoadContext, *, file: str = "arithmetic/MathTasks_
     `authors_filter`, keep only what their train.py keeps: len(question) < 128, num_terms <= 5, num_digits <= 5."""
     rows, seen = [], {}
     for where, raw in read_jsonl(ctx.local_file(file)):
-        for name in ("id", "question", "answer", "num_terms", "num_digits"):
+        id_field(raw, "id", where)
+        for name in ("question", "answer", "num_terms", "num_digits"):
             text_field(raw, name, where)
         if not re.fullmatch(r"-?\d+", str(raw["answer"]).strip()):
             raise DataError(f"{where}: arithmetic answer is not an integer: {raw['answer']!r}")
@@ -124,6 +125,13 @@ def _optional_text(raw: Mapping[str, Any], name: str | None, where: str) -> str 
     return None if name is None or raw.get(name) is None else text_field(raw, name, where)
 
 
+def _data_id(raw: Mapping[str, Any], names: tuple[str, ...], where: str, default: str) -> str:
+    """The id a row carries in the first of `names` it has and does not leave null (hub columns may be null), checked
+    as `id_field` checks one; else `default`, the loader's id from the row's position."""
+    name = next((k for k in names if raw.get(k) is not None), None)
+    return default if name is None else id_field(raw, name, where)
+
+
 def _benchmark_rows(ctx: LoadContext, name: str, source: Source, *, answer: str, solution: str | None,
                     integer: bool) -> list[dict]:
     """The test split of a benchmark whose rows carry `problem` and a gold answer field (MATH-500, AIME, AMC)."""
@@ -132,12 +140,12 @@ def _benchmark_rows(ctx: LoadContext, name: str, source: Source, *, answer: str,
         gold = number_text(field(raw, answer, where)) if integer else text_field(raw, answer, where).strip()
         if integer and not re.fullmatch(r"-?\d+", gold):
             raise DataError(f"{where}: {name} answer is not an integer: {gold!r}")
-        ident = next((raw[k] for k in ("unique_id", "id") if raw.get(k) is not None), index)  # hub columns may be null
         rows.append(_unique_row(seen, _checked({
-            "id": str(ident), "source": name, "split": "test", "problem": text_field(raw, "problem", where),
+            "id": _data_id(raw, ("unique_id", "id"), where, str(index)), "source": name, "split": "test",
+            "problem": text_field(raw, "problem", where),
             "answer": require_gold(gold, "field", where), "solution": _optional_text(raw, solution, where),
             "subject": _optional_text(raw, "subject", where),
-            "level": math_level(raw["level"]) if "level" in raw else None}, where), where))
+            "level": None if raw.get("level") is None else math_level(raw["level"], where)}, where), where))
     return rows
 
 
@@ -221,11 +229,11 @@ def load_math(ctx: LoadContext, *, splits: Iterable[str] = SPLITS, subjects: Ite
             if answer is None and last_box_is_empty(solution):
                 log.warning("%s: skipped, the solution's last box is empty (a quirk of the original MATH)", where)
                 continue
-            row = _checked({"id": str(raw.get("unique_id", f"{split}-{index}")), "source": "math", "split": split,
-                            "problem": text_field(raw, "problem", where),
+            row = _checked({"id": _data_id(raw, ("unique_id",), where, f"{split}-{index}"), "source": "math",
+                            "split": split, "problem": text_field(raw, "problem", where),
                             "answer": require_gold(answer, "boxed", where), "solution": solution,
                             "subject": text_field(raw, "type", where),
-                            "level": math_level(field(raw, "level", where))}, where)
+                            "level": math_level(field(raw, "level", where), where)}, where)
             # Ids are left to check_table: openmath reads MATH only for its subjects, whatever its ids.
             if ((wanted_subjects is None or row["subject"] in wanted_subjects)
                     and (wanted_levels is None or row["level"] in wanted_levels)):
@@ -308,7 +316,7 @@ def load_hub_dataset(ctx: LoadContext, *, hub_id: str, fields: Mapping[str, str]
         for index, (where, raw) in enumerate(iter_rows(ctx, where_from)):
             gold = ANSWER_RULES[answer_rule](text_field(raw, fields["answer"], where))
             rows.append(_unique_row(seen, {
-                "id": text_field(raw, fields["id"], where) if "id" in fields else f"{split}-{index}",
+                "id": id_field(raw, fields["id"], where) if "id" in fields else f"{split}-{index}",
                 "source": source or hub_id, "split": split, "problem": text_field(raw, fields["problem"], where),
                 "answer": require_gold(gold, answer_rule, where),
                 "solution": text_field(raw, fields["solution"], where) if "solution" in fields else None}, where))

@@ -147,3 +147,12 @@ def text_field(row: Mapping[str, Any], path: str, where: str) -> str:
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise DataError(f"{where}: field {path!r} is not text: {value!r}")
     return str(value)
+
+
+def id_field(row: Mapping[str, Any], path: str, where: str) -> str:
+    """An id field as text: a string or an integer; anything else fails naming the row and field, as str() of a float,
+    list or dict (or a boolean) is no id that names the problem."""
+    value = field(row, path, where)
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise DataError(f"{where}: field {path!r} is not an id (text or an integer): {value!r}")
+    return str(value)
