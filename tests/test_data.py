@@ -315,6 +315,24 @@ def test_a_benchmark_with_a_null_level_has_none(tmp_path):
     assert build({"loader": "math500"}, tmp_path)[0]["level"].to_pylist() == [None]
 
 
+@pytest.mark.parametrize("spec, file, record", [
+    ({"loader": "math500"}, "math500/test.jsonl", {"problem": "", "answer": "1"}),
+    ({"loader": "math", "params": {"splits": ["test"]}}, "math/test.jsonl", {**MATH_ROW, "problem": " \n "}),
+    ({"loader": "gsm8k", "params": {"splits": ["test"]}}, "gsm8k/test.jsonl", {"question": "\t", "answer": "#### 1"}),
+    ({"loader": "arithmetic_file", "params": {"file": "t.jsonl"}}, "t.jsonl", arithmetic_row(question=" ")),
+    ({"loader": "dapo_filter"}, "dapo_filter/train.jsonl",
+     {"prompt": [{"content": "Let's think step by step and output the final answer within \\boxed{}."}],
+      "reward_model": {"ground_truth": "1"}}),
+    ({"loader": "hub", "params": {"hub_id": "org/set", "fields": {"problem": "q", "answer": "a"},
+                                  "local_files": {"train": "set.jsonl"}}}, "set.jsonl", {"q": "  ", "a": "1"}),
+])
+def test_an_empty_or_blank_problem_fails_naming_file_and_line(tmp_path, spec, file, record):
+    """A problem of no text (or only the instruction dapo_filter strips) asks nothing: it was stored as it was."""
+    path = write_jsonl(tmp_path / file, [record])
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: the problem is empty")):
+        build(spec, tmp_path)
+
+
 def test_an_arithmetic_question_written_as_a_number_is_stored_as_its_text(tmp_path):
     """The field is read as text (as every loader reads its problem), so the row stores that text: it used to pass
     the number on, which Arrow refused for the string column naming no row."""

@@ -56,9 +56,11 @@ INT64_MAX = 2**63 - 1
 
 
 def _checked(row: dict, where: str) -> dict:
-    """`row`, after checking its values where the row that gave them is known: Arrow refuses an integer past int64
-    only for the whole table (an OverflowError naming no row), and a count of terms or digits below 1 (or a negative
-    level) describes no problem."""
+    """`row`, after checking its values where the row that gave them is known: a blank problem asks nothing, Arrow
+    refuses an integer past int64 only for the whole table (an OverflowError naming no row), and a count of terms or
+    digits below 1 (or a negative level) describes no problem."""
+    if not row["problem"].strip():
+        raise DataError(f"{where}: the problem is empty")
     for name, least in _LEAST.items():
         value = row.get(name)
         if value is not None and not least <= value <= INT64_MAX:
@@ -206,10 +208,10 @@ def load_dapo_filter(ctx: LoadContext) -> list[dict]:
     stored so decontamination compares problems; the `kpo_train` template adds their instruction."""
     rows, source = [], Source("aaabiao/dapo_filter", "train", "dapo_filter/train.jsonl")
     for index, (where, raw) in enumerate(iter_rows(ctx, source)):
-        rows.append({"id": str(index), "source": "dapo_filter", "split": "train",
-                     "problem": strip_boxed_instruction(text_field(raw, "prompt.0.content", where)),
-                     "answer": require_gold(text_field(raw, "reward_model.ground_truth", where).strip(), "field",
-                                            where)})
+        rows.append(_checked({"id": str(index), "source": "dapo_filter", "split": "train",
+                              "problem": strip_boxed_instruction(text_field(raw, "prompt.0.content", where)),
+                              "answer": require_gold(text_field(raw, "reward_model.ground_truth", where).strip(),
+                                                     "field", where)}, where))
     return rows
 
 
@@ -250,10 +252,10 @@ def load_gsm8k(ctx: LoadContext, *, splits: Iterable[str] = SPLITS) -> list[dict
         source = Source("openai/gsm8k", split, f"gsm8k/{split}.jsonl", hub_configs=("main",))
         for index, (where, raw) in enumerate(iter_rows(ctx, source)):
             text = text_field(raw, "answer", where)
-            rows.append({"id": f"{split}-{index}", "source": "gsm8k", "split": split,
-                         "problem": text_field(raw, "question", where),
-                         "answer": require_gold(gsm8k_answer(text), "gsm8k", where),
-                         "solution": re.sub(r"<<[^>]*>>", "", text.rsplit("####", 1)[0]).strip()})
+            rows.append(_checked({"id": f"{split}-{index}", "source": "gsm8k", "split": split,
+                                  "problem": text_field(raw, "question", where),
+                                  "answer": require_gold(gsm8k_answer(text), "gsm8k", where),
+                                  "solution": re.sub(r"<<[^>]*>>", "", text.rsplit("####", 1)[0]).strip()}, where))
     return rows
 
 
@@ -282,9 +284,9 @@ def load_openmath(ctx: LoadContext, *, split: str = "train_1M", categories: Iter
                                                                             and subject not in wanted):
             continue
         seen.add(key)
-        rows.append({"id": f"openmath-{index}", "source": f"openmath/{origin}", "problem": problem,
-                     "answer": require_gold(text_field(raw, "expected_answer", where).strip(), "field", where),
-                     "solution": text_field(raw, "generated_solution", where), "subject": subject})
+        rows.append(_checked({"id": f"openmath-{index}", "source": f"openmath/{origin}", "problem": problem,
+                              "answer": require_gold(text_field(raw, "expected_answer", where).strip(), "field", where),
+                              "solution": text_field(raw, "generated_solution", where), "subject": subject}, where))
     random.Random(ctx.seed).shuffle(rows)
     rows = rows[:max_problems]
     return [{**row, "split": "test" if i < test_size else "train"} for i, row in enumerate(rows)]
@@ -315,11 +317,12 @@ def load_hub_dataset(ctx: LoadContext, *, hub_id: str, fields: Mapping[str, str]
         where_from = Source(hub_id, hub_split, (local_files or {}).get(split, ""), hub_configs=(config,))
         for index, (where, raw) in enumerate(iter_rows(ctx, where_from)):
             gold = ANSWER_RULES[answer_rule](text_field(raw, fields["answer"], where))
-            rows.append(_unique_row(seen, {
+            rows.append(_unique_row(seen, _checked({
                 "id": id_field(raw, fields["id"], where) if "id" in fields else f"{split}-{index}",
                 "source": source or hub_id, "split": split, "problem": text_field(raw, fields["problem"], where),
                 "answer": require_gold(gold, answer_rule, where),
-                "solution": text_field(raw, fields["solution"], where) if "solution" in fields else None}, where))
+                "solution": text_field(raw, fields["solution"], where) if "solution" in fields else None}, where),
+                where))
     return rows
 
 
