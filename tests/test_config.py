@@ -372,3 +372,16 @@ def test_a_number_that_is_not_finite_is_refused_naming_the_key(text):
 def test_a_job_setting_that_is_not_finite_is_refused_naming_the_key(text):
     with pytest.raises(ConfigError, match=r"report\.confidence: -?(nan|inf) is not a finite number"):
         parse_settings(f"report: {{confidence: {text}}}", "report")
+
+
+@pytest.mark.parametrize("loader, params, message", [
+    ("math", {"splits": "train"}, "parameter 'splits' is 'train', not a list of str"),
+    ("math", {"levels": [1, "2"]}, "parameter 'levels' is [1, '2'], not a list of int or null"),
+    ("arithmetic", {"difficulty": "easy", "train_size": True}, "parameter 'train_size' is True, not int"),
+    ("hub", {"hub_id": "org/set", "fields": {"problem": 1}}, "parameter 'fields' is {'problem': 1}, not a mapping"),
+])
+def test_a_loader_parameter_of_another_type_than_the_loader_takes_is_refused_naming_it(loader, params, message):
+    """A string for MATH's splits was read letter by letter, failing at the data job as "math/t.jsonl: file not
+    found"."""
+    with pytest.raises(ConfigError, match=re.escape(f"config.datasets.d.params: dataset loader {loader!r} {message}")):
+        validate_config({"datasets": {"d": {"loader": loader, "params": params}}})

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kalmanrl.core.registry import UnknownNameError
+from kalmanrl.core.registry import ParameterError, UnknownNameError
 from kalmanrl.data import arithmetic
 from kalmanrl.data.dataset import DATASET_SCHEMA, DataError, read_dataset, write_dataset
 from kalmanrl.data.loaders import build_dataset, decontaminate, normalize_problem
@@ -213,6 +213,11 @@ def test_math_filters_by_subject_and_level(shared_data):
 def test_a_filter_that_leaves_nothing_is_an_error_not_an_empty_file(shared_data):
     with pytest.raises(DataError, match="no rows left after filtering"):
         build({"loader": "math", "params": {"levels": [9]}}, shared_data)
+
+
+def test_a_string_for_a_list_of_splits_fails_naming_the_parameter_not_a_file_per_letter(tmp_path):
+    with pytest.raises(ParameterError, match="dataset loader 'math' parameter 'splits' is 'train', not a list of str"):
+        build({"loader": "math", "params": {"splits": "train"}}, tmp_path)
 
 
 def test_unknown_loader_fails_listing_the_known_ones(tmp_path):

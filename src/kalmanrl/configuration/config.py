@@ -310,13 +310,14 @@ def check_tracker_names(where: str, train: dict) -> None:
 
 
 def check_dataset_names(where: str, dataset: dict) -> None:
-    """Check a dataset's loader, template and reward names and parameters against their registries, without
-    loading data or starting reward worker processes (a reward is built, which starts none, and closed)."""
-    from kalmanrl.data.loaders import LOADERS
+    """Check a dataset's loader (its parameters' names and types too), template and reward names and parameters
+    against their registries, without loading data or starting reward worker processes (a reward is built, which
+    starts none, and closed)."""
+    from kalmanrl.data.loaders import check_loader_params
     from kalmanrl.data.prompts import TEMPLATES
     from kalmanrl.data.rewards import get_reward
 
-    _bound(f"{where}.loader", f"{where}.params", lambda: LOADERS.check_params(dataset["loader"], dataset["params"]))
+    _bound(f"{where}.loader", f"{where}.params", lambda: check_loader_params(dataset["loader"], dataset["params"]))
     _bound(f"{where}.template", None, lambda: TEMPLATES.get(dataset["template"]))
     _bound(f"{where}.reward", f"{where}.reward_params",
            lambda: get_reward(dataset["reward"], **dataset["reward_params"]).close())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import random
 import re
+import types
+import typing
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kalmanrl.core.registry import Registry
+from kalmanrl.core.registry import ParameterError, Registry
 from kalmanrl.data import arithmetic
 from kalmanrl.data.answers import (
     ANSWER_RULES,
@@ -45,6 +47,47 @@ LOADERS: Registry[Loader] = Registry("dataset loader")
 def register_loader(name: str) -> Callable[[Loader], Loader]:
     """Register `fn(ctx: LoadContext, *, **params) -> rows` under `name` (the config's `loader`)."""
     return LOADERS.register(name)
+
+
+def check_loader_params(name: str, params: Mapping[str, Any]) -> None:
+    """Refuse parameters the loader `name` does not take (the registry's check) and values of another type than its
+    signature names, naming the parameter: a string given for a list of splits was read letter by letter."""
+    LOADERS.check_params(name, params)
+    try:
+        hints = typing.get_type_hints(LOADERS.get(name))
+    except NameError:  # a plugin's annotation that names what only a type checker imports: nothing to check against
+        return
+    for key, value in params.items():
+        if key in hints and not _has_type(value, hints[key]):
+            raise ParameterError(f"dataset loader {name!r} parameter {key!r} is {value!r}, not "
+                                 f"{_type_name(hints[key])}")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a parameter value (as YAML or JSON gives it) is of the annotated type; a kind of annotation not
+    handled here accepts anything."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if origin is Iterable:  # a list; a string or mapping is iterable too, but not a list of values
+        return isinstance(value, list | tuple) and all(_has_type(v, args[0]) for v in value)
+    if origin is Mapping:
+        return isinstance(value, Mapping) and all(_has_type(k, args[0]) and _has_type(v, args[1])
+                                                  for k, v in value.items())
+    if hint in (int, float):  # a boolean is an int to Python, never a number in a config
+        return isinstance(value, int | hint) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is Iterable:
+        return f"a list of {_type_name(args[0])}"
+    if origin is Mapping:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,6 +379,7 @@ def build_dataset(spec: Mapping[str, Any], *, local_dir: Path | None, seed: int,
     is the resolved copy directory (`resolve_local_dir`); None reads the hub."""
     name = spec["loader"]
     params = dict(spec.get("params") or {})
+    check_loader_params(name, params)
     rows = LOADERS.bind(name, params)(LoadContext(None if local_dir is None else Path(local_dir), seed,
                                                   arithmetic_presets))
     table = check_table(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA), f"loader {name!r}")
