@@ -121,6 +121,17 @@ def test_a_negative_split_size_is_an_error_not_a_reshuffled_split(train_size, te
         arithmetic.generate(train_size, test_size, max_terms=2, max_digits=1, seed=0)
 
 
+@pytest.mark.parametrize("max_terms, max_digits", [(2, 100000), (6, 1000)])
+def test_limits_whose_answers_python_cannot_write_are_an_error_naming_them(tmp_path, max_terms, max_digits):
+    """Past 4300 digits str() of an int raises a ValueError that names no parameter; n literals of d digits make
+    answers of up to n * d digits."""
+    with pytest.raises(ValueError, match=re.escape(f"max_terms x max_digits <= 4300 (the digits Python writes of an "
+                                                   f"integer), got {max_terms} x {max_digits}")):
+        build({"loader": "arithmetic", "params": {"max_terms": max_terms, "max_digits": max_digits,
+                                                  "train_size": 5, "test_size": 5}}, tmp_path)
+    assert arithmetic.generate(5, 5, max_terms=2, max_digits=2150, seed=0)["test"]
+
+
 def test_difficulty_names_a_config_preset(tmp_path):
     table, stats = build_dataset({"loader": "arithmetic", "params": {"difficulty": "tiny", "train_size": 40,
                                                                     "test_size": 10}},

@@ -21,6 +21,9 @@ TEMPLATES = ("{}", "Solve {}", "What is {}?", "{} =", "{} = ?")
 GROUP_PROB = 0.1  # an operation is parenthesised although precedence does not require it
 NEGATE_PROB = 0.5  # a parenthesised group (or a literal) carries a unary minus
 WIDE_GAP_PROB = 0.12  # a gap between tokens widens by two more spaces
+# Python's default limit on the digits str() writes of an int. An expression of n literals of at most d digits has
+# |value| < 10 ** (n * d) (each of + - * keeps |x| + 1 a product of its literals' |t| + 1), so n * d digits suffice.
+MAX_DIGITS = 4300
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,9 @@ def generate(train_size: int, test_size: int, *, max_terms: int, max_digits: int
     """
     if max_terms < 2 or max_digits < 1:
         raise ValueError(f"arithmetic needs max_terms >= 2 and max_digits >= 1, got {max_terms}, {max_digits}")
+    if max_terms * max_digits > MAX_DIGITS:  # an answer (or literal) str() refuses to write
+        raise ValueError(f"arithmetic needs max_terms x max_digits <= {MAX_DIGITS} (the digits Python writes of an "
+                         f"integer), got {max_terms} x {max_digits}")
     if train_size < 0 or test_size < 0:  # a negative size would slice the other split's rows into this one
         raise ValueError(f"arithmetic needs train_size and test_size >= 0, got {train_size}, {test_size}")
     rng = random.Random(seed)
