@@ -41,7 +41,8 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one_a
         tmp_path, tiny_model_dir, arithmetic_parquet):
     """A job killed half-way through writing step 3's checkpoint leaves its temporary directory (the rename never
     came): the restart resumes from step 2, ends where the uninterrupted run does, and removes the temporary, which
-    would otherwise hold a copy of the weights and optimiser state for good."""
+    would otherwise hold a copy of the weights and optimiser state for good (and those of the final policy and the
+    metrics table, which a kill inside `finish` leaves)."""
     settings = settings_for("grpo", steps=4)
     train(tiny_model_dir, arithmetic_parquet, tmp_path / "whole", settings=settings)
     cut = tmp_path / "cut"
@@ -60,9 +61,12 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one_a
     assert done.returncode == 9, done.stderr[-3000:]
     checkpoints = cut / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir())[0].startswith(".step_000003.tmp-")
+    (cut / ".final.tmp-k1ll3d").mkdir()  # and what a kill inside `finish` leaves
+    (cut / ".metrics.parquet.tmp-k1ll3d").write_bytes(b"PAR1")
 
     train(tiny_model_dir, arithmetic_parquet, cut, settings=settings)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000004"]
+    assert not list(cut.glob(".*.tmp-*"))
     environments = json.loads((cut / "final" / "provenance.json").read_text())["environments"]
     assert [e["from_step"] for e in environments] == [0, 2]
     assert_same_run(tmp_path / "whole", cut)

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from kalmanrl.core.io import read_parquet, remove_temporaries, write_parquet
+from kalmanrl.core.io import read_parquet, write_parquet
 from kalmanrl.core.layout import checkpoint_dir, checkpoint_model_dir, checkpoint_state_dir
 from kalmanrl.policy.lora import adapter_layers, merged_parameters
 from kalmanrl.policy.model import save_policy
@@ -174,9 +174,7 @@ def _drop_state(checkpoint: Path) -> None:
 def latest_checkpoint(root: Path, settings_hash: str) -> Path | None:
     """The newest resumable checkpoint (one with a complete state/) written with the same settings, or None.
     Checkpoints of other settings are deleted, so a changed config restarts cleanly instead of resuming someone else's
-    run; weights-only checkpoints of the same settings are kept. The temporary directories of checkpoints a killed
-    job was writing are deleted too: never resumed, they would otherwise stay for good."""
-    remove_temporaries(root / "step_*")
+    run; weights-only checkpoints of the same settings are kept."""
     found = None
     for path in sorted(root.glob("step_*")):
         manifest = path / MANIFEST

@@ -32,7 +32,7 @@ import torch
 
 from kalmanrl.configuration.config import config_hash
 from kalmanrl.configuration.settings import Train, TrainSettings, as_dict, resolve_train
-from kalmanrl.core.io import write_parquet
+from kalmanrl.core.io import remove_temporaries, write_parquet
 from kalmanrl.core.layout import RUN, TRAINING_PROVENANCE, checkpoints_root, fields, fill, final_model_dir, metrics_file
 from kalmanrl.core.progress import progress
 from kalmanrl.data.dataset import read_dataset
@@ -199,6 +199,9 @@ def setup(policy_dir: Path, dataset: Path, out_dir: Path, settings: dict, thread
     settings_hash = config_hash(settings)
     checkpoints = checkpoints_root(out_dir)
     start, rows, environments = 0, [], []
+    if ranks.is_main:  # the run directory's one writer (its lock): what a killed job was writing would stay for good
+        for path in (checkpoints / "step_*", final_model_dir(out_dir), metrics_file(out_dir)):
+            remove_temporaries(path)
     found = distributed.broadcast_object(latest_checkpoint(checkpoints, settings_hash) if ranks.is_main else None,
                                          ranks)
     if found is not None:
