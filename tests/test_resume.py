@@ -9,7 +9,9 @@ that dies on every rank right after its step-<cut> checkpoint (no cut: 0), as a 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +162,32 @@ def test_a_run_cut_at_a_step_resumes_to_the_uninterrupted_run_bit_for_bit(case, 
         assert whole["ds_draws"].gt(1).any()
     if case.startswith("validation"):
         assert whole["val_accuracy"].notna().sum() == 2
+
+
+def test_a_run_resumed_with_another_thread_count_says_it_does_not_continue_bit_for_bit(
+        tmp_path, tiny_model_dir, arithmetic_parquet, monkeypatch, caplog):
+    """The thread count changes the CPU's summation order: a resume on another count warns, naming it; a resume on
+    the same count (and the same versions and dispatch) does not."""
+    settings = settings_for("grpo", steps=3)
+
+    def checkpoint(run, step, _checkpoint=trainer.checkpoint):
+        _checkpoint(run, step)
+        raise Cut
+
+    monkeypatch.setattr(trainer, "checkpoint", checkpoint)
+    with pytest.raises(Cut):
+        train(tiny_model_dir, arithmetic_parquet, tmp_path / "same", settings=settings, threads=1)
+    monkeypatch.undo()
+    shutil.copytree(tmp_path / "same", tmp_path / "other")
+    threads = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.WARNING, logger="kalmanrl.jobs.checkpoint"):
+            train(tiny_model_dir, arithmetic_parquet, tmp_path / "same", settings=settings, threads=1)
+            assert "bit for bit" not in caplog.text
+            train(tiny_model_dir, arithmetic_parquet, tmp_path / "other", settings=settings, threads=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert "resumes where torch_threads: '1' -> '2': the run does not continue bit for bit" in caplog.text
 
 
 def start_ranks(out: Path, settings: Path, model: Path, data: Path, cut: int) -> None:

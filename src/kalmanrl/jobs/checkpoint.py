@@ -36,6 +36,7 @@ from kalmanrl.policy.lora import adapter_layers, merged_parameters
 from kalmanrl.policy.model import save_policy
 from kalmanrl.runtime import distributed
 from kalmanrl.runtime.distributed import Ranks, load_sharded, save_sharded, shared_atomic_dir
+from kalmanrl.runtime.provenance import arithmetic_changes, environment
 
 log = logging.getLogger(__name__)
 
@@ -189,15 +190,20 @@ def latest_checkpoint(root: Path, settings_hash: str) -> Path | None:
 
 def load_checkpoint(path: Path, *, policy, optimizer, scheduler, ranks: Ranks = Ranks()) -> Resumed:
     """Restore weights and optimizer (strictly, on any number of ranks: every rank must call it), scheduler and this
-    rank's random streams (see `_load_rng`) in place; return the step to continue from."""
+    rank's random streams (see `_load_rng`) in place; return the step to continue from. Rank 0 warns when the
+    environment differs from the last start's in what decides the numbers (`provenance.ARITHMETIC`: versions, torch's
+    CPU capability and threads, the dispatch settings): the run goes on, but not bit for bit as it began."""
     state = checkpoint_state_dir(path)
     load_sharded(state / SHARDED, policy, optimizer)
     resume = json.loads((state / RESUME).read_text())
     scheduler.load_state_dict(resume["scheduler"])
     _load_rng(path, resume, ranks)
     step = json.loads((path / MANIFEST).read_text())["step"]
-    return Resumed(step=step, metrics=read_parquet(state / "metrics.parquet"),
-                   environments=resume.get("environments", []))
+    environments = resume.get("environments", [])
+    if ranks.is_main and environments and (changes := arithmetic_changes(environments[-1], environment())):
+        log.warning("%s resumes where %s: the run does not continue bit for bit as it began", path,
+                    "; ".join(changes))
+    return Resumed(step=step, metrics=read_parquet(state / "metrics.parquet"), environments=environments)
 
 
 def _jsonable(value):

@@ -133,10 +133,17 @@ def _vendor(vendor_id: str) -> str:
     return f"{vendor_id} (MKL takes it for {'GenuineIntel' if intel else 'another vendor'})"
 
 
-@functools.cache
 def machine() -> dict[str, str]:
     """The machine a result ran on: CPU model, the instruction-set flags that matter for dispatch, what torch
-    dispatches to (its CPU capability and thread count), the dispatch settings in force, GPUs and driver."""
+    dispatches to (its CPU capability and thread count, read now: a process may train twice with other counts), the
+    dispatch settings in force, GPUs and driver."""
+    import torch
+
+    return {**_machine(), "torch_threads": str(torch.get_num_threads())}
+
+
+@functools.cache
+def _machine() -> dict[str, str]:
     import torch
 
     cpu = _cpuinfo()
@@ -178,6 +185,19 @@ def environment() -> dict[str, str | bool]:
     """The environment this process runs in: package versions, lock, machine and commit (flat)."""
     return {**{f"version_{k.replace('-', '_')}": v for k, v in package_versions().items()}, **lock_status(),
             **machine(), "git_commit": git_commit()}
+
+
+# What decides a run's numbers besides its code, settings and inputs: a run resumed where one of these differs does not
+# continue bit for bit as it began.
+ARITHMETIC = (*(f"version_{name.replace('-', '_')}" for name in PACKAGES), "torch_cpu_capability", "torch_threads",
+              "dispatch_env")
+
+
+def arithmetic_changes(before: dict[str, str | bool], now: dict[str, str | bool]) -> list[str]:
+    """`key: old -> new` for each of ARITHMETIC on which two environments differ (a key an older record lacks is not
+    compared)."""
+    return [f"{key}: {before[key]!r} -> {now.get(key)!r}" for key in ARITHMETIC
+            if key in before and before[key] != now.get(key)]
 
 
 def provenance(settings_hash: str, inputs: dict[str, list[str | Path]]) -> dict[str, str | bool]:
