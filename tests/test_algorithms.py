@@ -153,10 +153,13 @@ def test_kpo_with_q_to_infinity_reduces_to_the_token_ratio():
 
 
 def test_kpo_defaults_are_the_authors():
+    """Q 1e-6, R 1, x0 0, P0 0 (shuohe1995/verl-kpo core_algos.py compute_policy_loss_kpo; kpo_qwen3_4b.sh:53-54),
+    checked against the written-out filter with those literals, not against KPO_DEFAULTS or filtered_log_ratio, which
+    a wrong default would change on both sides alike."""
     assert algorithms.KPO_DEFAULTS == {"q": 1e-6, "r": 1.0, "x0": 0.0, "p0": 0.0}
-    logp, old, mask = log_probs()
-    torch.testing.assert_close(get_ratio_transform("kpo")(logp, old, mask),
-                               filtered_log_ratio(logp - old, mask, **algorithms.KPO_DEFAULTS).exp())
+    logp, old, mask = log_probs(steps=300, spread=1.0)
+    xhat = sequential_filter((logp - old).detach(), mask, q=1e-6, r=1.0, x0=0.0, p0=0.0)
+    torch.testing.assert_close(get_ratio_transform("kpo")(logp, old, mask).log(), xhat, rtol=1e-9, atol=1e-14)
 
 
 def test_sequence_ratio_is_gspo_exp_of_the_masked_mean_log_ratio_on_every_token():
@@ -288,6 +291,57 @@ def test_token_ratio_clamps_the_log_ratio_at_20_as_verl_does():
     logp = torch.tensor([[25.0, -25.0, 3.0]], dtype=torch.float64)
     rho = get_ratio_transform("token")(logp, torch.zeros_like(logp), torch.ones_like(logp))
     torch.testing.assert_close(rho, torch.tensor([[math.exp(20), math.exp(-20), math.exp(3)]], dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------ the papers' losses, end to end
+
+def test_krpo_recipe_loss_equals_the_authors_grpo_loss_written_out():
+    """config/paper-krpo.yaml's loss against billhhh/KRPO_LLMs_RL loss.py:53-64 written out with plain tensor ops:
+    -min(rho A, clip(rho, 0.8, 1.2) A) + 0.01 k3 per token, k3 = exp(ref - logp) - (ref - logp) - 1 on the masked
+    log-ratio, the masked mean per sequence, then the mean over sequences; advantages from krpo_reference (the
+    authors' filter, train.py:157-196). Value and gradient."""
+    logp, old, mask = log_probs(rows=12, steps=40, spread=0.3)
+    ref = old + 0.2 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rewards = [1.0, 0.0, 0.5, 0.01, 1.0, 1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 1.0]
+    adv = torch.tensor(krpo_reference(rewards), dtype=torch.float64).unsqueeze(-1)
+
+    ratio = (logp - old).exp()
+    log_ratio = (ref - logp) * mask
+    kl = log_ratio.exp() - log_ratio - 1
+    theirs = -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv) + 0.01 * kl
+    theirs = ((theirs * mask).sum(-1) / mask.sum(-1)).mean()
+
+    advantages = get_advantage_estimator("krpo")(torch.tensor([rewards], dtype=torch.float64)).view(-1, 1)
+    torch.testing.assert_close(advantages, adv, rtol=1e-9, atol=1e-9)
+    rho = get_ratio_transform("token")(logp, old, mask)
+    ours, metrics = policy_loss(rho, advantages.expand_as(logp), mask, eps_low=0.2, eps_high=0.2, beta=0.01,
+                                logp=logp, ref_logp=ref, aggregate="grpo")
+    assert 0 < metrics["clip_frac"] < 1
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    (grad_ours,), (grad_theirs,) = torch.autograd.grad(ours, logp), torch.autograd.grad(theirs, logp)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-12, atol=1e-14)
+
+
+def test_kpo_recipe_loss_equals_the_authors_kpo_loss_written_out():
+    """config/paper-kpo.yaml's `kpo` against shuohe1995/verl-kpo compute_policy_loss_kpo with is_clip=true
+    (core_algos.py:1616-1697) written out: log rho = logp - sg(logp) + sg(xhat) clamped at 10, clip range
+    (1 - 3e-4, 1 + 4e-4), seq-mean-token-mean, GRPO advantages with eps 1e-6 (core_algos.py:267-330); xhat from the
+    written-out filter with Q 1e-6, R 1, P0 0, x0 0. Value and gradient."""
+    logp, old, mask = log_probs(rows=8, steps=300, spread=1.0)
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    adv = ((rewards - rewards.mean()) / (rewards.std() + 1e-6)).view(-1, 1)
+    xhat = sequential_filter((logp - old).detach(), mask, q=1e-6, r=1.0, x0=0.0, p0=0.0)
+    ratio = (logp - logp.detach() + xhat).clamp(max=10.0).exp()
+    theirs = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 3e-4, 1 + 4e-4))
+    theirs = ((theirs * mask).sum(-1) / mask.sum(-1)).mean()
+
+    advantages = get_advantage_estimator("grpo", eps=1e-6)(rewards).view(-1, 1)
+    rho = get_ratio_transform("kpo")(logp, old, mask)
+    ours, metrics = policy_loss(rho, advantages.expand_as(logp), mask, eps_low=3e-4, eps_high=4e-4)
+    assert 0 < metrics["clip_frac"] < 1
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    (grad_ours,), (grad_theirs,) = torch.autograd.grad(ours, logp), torch.autograd.grad(theirs, logp)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-12, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------------- dual-clip
