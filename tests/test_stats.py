@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kalmanrl.reporting.stats import (
+    NO_SEED_EFFECT_COVERAGE,
     SEED_EFFECT_COVERAGE,
     GridVariance,
     bootstrap,
@@ -21,20 +22,22 @@ from kalmanrl.reporting.stats import (
 )
 
 
-@pytest.mark.parametrize("seed_sd,coverage", [(0.0, 0.95), (0.1, SEED_EFFECT_COVERAGE)])
+@pytest.mark.parametrize("seed_sd,coverage", [(0.0, NO_SEED_EFFECT_COVERAGE), (0.1, SEED_EFFECT_COVERAGE)])
 def test_bootstrap_interval_covers_the_population_accuracy_as_the_report_says(seed_sd, coverage):
     """Problems of varying difficulty (mean 0.3), 3 seeds (optionally each shifted: a seed effect), 4 samples each:
-    the interval over seeds and problems covers 0.3 as often as it claims without a seed effect, and as often as
-    the report says with one (three seeds are few to resample), and is not uselessly wide."""
+    the interval over seeds and problems covers 0.3 as often as the report says, with a seed effect and without
+    (three seeds are few to resample; resampling seeds and problems both counts each cell's noise twice), and is not
+    uselessly wide. 1000 replicates give a standard error of about 1.1 points (0.5 without a seed effect), so the
+    tolerance of 2.5 refuses the 0.83 and 0.95 that 150 replicates let pass for the 0.86 and 0.97 measured."""
     rng = np.random.default_rng(0)
     hits, widths = [], []
-    for replicate in range(150):
+    for replicate in range(1000):
         p = rng.beta(1.5, 3.5, size=(1, 60)) + seed_sd * rng.standard_normal((3, 1))
         matrix = (rng.random((3, 60, 4)) < p[..., None]).mean(axis=-1)
         interval = bootstrap([matrix], samples=300, confidence=0.95, seed=replicate)
         hits.append(interval.low <= 0.3 <= interval.high)
         widths.append(interval.high - interval.low)
-    assert abs(np.mean(hits) - coverage) <= 0.03 and np.mean(widths) < 0.25
+    assert abs(np.mean(hits) - coverage) <= 0.025 and np.mean(widths) < 0.25
 
 
 def test_bootstrap_interval_contains_the_mean_and_shrinks_with_more_problems():

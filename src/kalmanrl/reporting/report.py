@@ -49,7 +49,7 @@ from kalmanrl.reporting.published import (
     published_sources,
 )
 from kalmanrl.reporting.results import CELL, NO_SEED, RUN, final_steps, load_frames, summary_ident, with_seed_label
-from kalmanrl.reporting.stats import SEED_EFFECT_COVERAGE, Interval
+from kalmanrl.reporting.stats import NO_SEED_EFFECT_COVERAGE, SEED_EFFECT_COVERAGE, Interval
 from kalmanrl.runtime.provenance import ENVIRONMENT_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,8 @@ def build_report(summaries: list[Path], metrics: list[Path], out_dir: Path, *, s
           f"({samples} resamples); each problem's correctness is first averaged over its samples. Differences are "
           f"paired by seed and problem (against the warm start, by problem). With few seeds the seed part of the "
           f"interval is narrow (3 seeds that differ with a standard deviation of 10 points: a nominal 95% interval "
-          f"covers {SEED_EFFECT_COVERAGE:.0%} of the time, measured in tests/test_stats.py).")
+          f"covers {SEED_EFFECT_COVERAGE:.0%} of the time; seeds that do not differ, {NO_SEED_EFFECT_COVERAGE:.0%}: "
+          f"measured in tests/test_stats.py).")
     sources = "; ".join(f"{p}: {s}" for p, s in published_sources(paper_accuracy, paper_differences).items())
     pooled = (f'Benchmark "{POOLED}" pools every benchmark of a run as one, each problem weighed the same '
               "(report.pooled_benchmarks), as the KPO authors' verl logs do; its comparisons are in the Holm family."
