@@ -70,6 +70,17 @@ def test_a_difference_is_over_the_cells_both_matrices_have():
     assert interval.mean == interval.low == interval.high == 0
 
 
+def test_a_resample_of_only_missing_cells_is_refused_not_shown_as_a_point_without_its_interval():
+    """3 seeds x 30 problems, the third seed evaluated only problem 0: 1 resample in 27 draws that seed thrice, and
+    (29/30)^30 of those miss problem 0, so about 13 of 1000 resamples have no cell; their NaN made the interval NaN,
+    which the report shows as the mean alone."""
+    m = np.random.default_rng(0).random((3, 30))
+    m[2, 1:] = np.nan
+    with pytest.raises(ValueError, match="only cells no seed evaluated"):
+        bootstrap([m], samples=1000, confidence=0.95)
+    assert np.isfinite(bootstrap([m[:2]], samples=1000, confidence=0.95).low)
+
+
 # --------------------------------------------------------------------------------------------------- paired test
 def simulate_grid(rng: np.random.Generator, difference: float, *, seeds: int = 3, problems: int = 300, k: int = 4,
                   seed_sd: float = 0.0, problem_sd: float = 0.05, warm_start: bool = False) -> np.ndarray:

@@ -107,8 +107,11 @@ def accuracy_table(summary: pd.DataFrame, details: pd.DataFrame, expected: pd.Da
         matrices = problem_matrices(cell_details, ["avg_at_k", *metrics]) if len(cell_details) else {}
         for metric in ["avg_at_k", *metrics]:
             mean = part[metric].mean() if len(part) else np.nan
-            interval = (bootstrap([matrices[metric].to_numpy(float)], samples=samples, confidence=confidence)
-                        if metric in matrices else Interval(mean, np.nan, np.nan))
+            try:
+                interval = (bootstrap([matrices[metric].to_numpy(float)], samples=samples, confidence=confidence)
+                            if metric in matrices else Interval(mean, np.nan, np.nan))
+            except ValueError as err:
+                raise ValueError(f"{model}/{task}/{benchmark} {algorithm} {metric}: {err}") from err
             row.update({metric: interval.mean if metric == "avg_at_k" else mean,
                         f"{metric}_low": interval.low, f"{metric}_high": interval.high})
         rows.append(row)
@@ -153,10 +156,10 @@ def paired_differences(details: pd.DataFrame, *, samples: int, confidence: float
             if seeds.empty or problems.empty:
                 continue
             matrices = [frame.loc[seeds, problems].to_numpy(float) for frame in (other, base)]
-            interval = bootstrap(matrices, samples=samples, confidence=confidence)
             name = f"{algorithm} - {reference}"
             differences = matrices[0] - matrices[1]
             try:
+                interval = bootstrap(matrices, samples=samples, confidence=confidence)
                 test = paired_test(differences[:, ~np.isnan(differences).any(axis=0)])
             except ValueError as err:
                 raise ValueError(f"{'/'.join(map(str, cell))} {name}: {err}") from err

@@ -3,6 +3,7 @@ intervals over seeds and problems."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,9 @@ def bootstrap(matrices: list[np.ndarray], *, samples: int, confidence: float, se
     """Hierarchical percentile bootstrap of mean(matrices[0]) - mean(matrices[1]) (or of the mean of a single
     matrix): resample seeds (rows), then problems (columns), both with replacement. Matrices are [S, P] and aligned
     by seed and problem, so one index draw serves both and a difference is paired. NaN (a problem one seed did not
-    evaluate) is skipped, in both matrices when either lacks it: both means are then over the same cells."""
+    evaluate) is skipped, in both matrices when either lacks it: both means are then over the same cells. A resample
+    that draws only missing cells has no mean: that raises, since its NaN would drop the interval from the report
+    without a word."""
     rng = np.random.default_rng(seed)
     missing = np.logical_or.reduce([np.isnan(m) for m in matrices])
     matrices = [np.where(missing, np.nan, m) for m in matrices]
@@ -47,7 +50,13 @@ def bootstrap(matrices: list[np.ndarray], *, samples: int, confidence: float, se
     def statistic(m: np.ndarray) -> np.ndarray:
         return np.nanmean(m[seeds[:, :, None], problems[:, None, :]], axis=(1, 2))
 
-    values = statistic(first) - (statistic(matrices[1]) if len(matrices) > 1 else 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN draw, refused below
+        values = statistic(first) - (statistic(matrices[1]) if len(matrices) > 1 else 0)
+    if np.isnan(values).any():
+        raise ValueError(f"{int(np.isnan(values).sum())} of {samples} bootstrap resamples drew only cells no seed "
+                         f"evaluated (the grid lacks {int(missing.sum())} of {missing.size} seed x problem cells): "
+                         f"no interval")
     point = np.nanmean(first) - (np.nanmean(matrices[1]) if len(matrices) > 1 else 0)
     tail = (1 - confidence) / 2
     return Interval(float(point), *map(float, np.quantile(values, [tail, 1 - tail])))
