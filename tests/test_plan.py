@@ -327,9 +327,10 @@ def hf_paper_kpo(*overrides: str) -> tuple[dict, dict[str, plan.PlannedGroup]]:
 
 def test_an_hf_generation_too_big_for_the_gpu_gets_the_largest_rollout_hf_batch_size_that_fits():
     """Qwen3-4B with rollout.backend: hf on 80 GB GPUs (a machine without vLLM) at paper-kpo's 5,120-token rows:
-    each rank's 128 rows (one generate call) hold a 91 GiB KV cache in training (bf16), and 256 rows 363 GiB in
-    evaluation (float32), and no setting could shrink it. Each stage is offered the largest power of two of rows per
-    call at which it fits, and with it the plan says it fits (with twice as many, it does not)."""
+    each rank's 128 rows (one generate call) hold a 181 GiB KV cache and logits in training (float32 under
+    autocast_bf16), and 256 rows 363 GiB in evaluation (float32), and no setting could shrink it. Each stage is
+    offered the largest power of two of rows per call at which it fits, and with it the plan says it fits (with twice
+    as many, it does not)."""
     config, groups = hf_paper_kpo()
     for stage, group in groups.items():
         assert not group.estimate.fits and group.estimate.parts["kv_cache"] > 80 * plan.GIB, stage
