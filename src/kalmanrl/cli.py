@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a config file; repeat it to merge several in order, as Snakemake's --configfile "
                                "does (default config/config.yaml)")
     settings.add_argument("select", nargs="*", metavar="KEY=VALUE",
-                          help="wildcards of the job, e.g. model=tiny task=arithmetic_easy algorithm=krpo seed=0")
+                          help="wildcards of the job, e.g. model=tiny task=arithmetic_laptop algorithm=krpo seed=0")
     settings.add_argument("--resolved", choices=["cpu", "cuda"],
                           help="train: print the settings as the job resolves them on this device (precision, "
                                "gradient checkpointing, rollout backend as installed here); sft: its precision")
@@ -462,9 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "one record per machine class: CPU vendor, dispatch, threads). Prints one verdict:\n"
                     "  identical         equal to a record bit for bit (exit 0)\n"
                     "  within tolerance  no record of this machine class; every metric within its tolerance of the\n"
-                    "                    recorded value (its interval x sqrt(2), Bonferroni over the metrics) and\n"
-                    "                    every conclusion (significance, and sign where significant) "
-                    "unchanged (exit 0)\n"
+                    "                    recorded value (its interval x sqrt(2), Bonferroni over the metrics),\n"
+                    "                    every comparison recorded as significant still significant with its sign,\n"
+                    "                    and none recorded as not significant now a significant improvement (exit 0)\n"
                     "  different         anything else, e.g. not exactly its own class's record (exit 1)\n"
                     "with the first stage and step at which the run departs from each record. Provenance\n"
                     "(versions, paths, times) is not compared.")
