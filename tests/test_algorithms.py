@@ -162,6 +162,16 @@ def test_kpo_defaults_are_the_authors():
     torch.testing.assert_close(get_ratio_transform("kpo")(logp, old, mask).log(), xhat, rtol=1e-9, atol=1e-14)
 
 
+def test_kpo_with_the_authors_gains_filters_with_them():
+    """gains="authors_float32" (config/paper-kpo.yaml) reaches the filter; the default stays the exact gains."""
+    logp, old, mask = log_probs(steps=300, spread=1.0)
+    gains = kalman_gains(1e-6, 1.0, 0.0, 300, gains="authors_float32")[0]
+    xhat = sequential_filter((logp - old).detach(), mask, q=1e-6, r=1.0, x0=0.0, p0=0.0, gains=gains)
+    rho = get_ratio_transform("kpo", gains="authors_float32")(logp, old, mask)
+    torch.testing.assert_close(rho.log(), xhat, rtol=1e-9, atol=1e-14)
+    assert not torch.allclose(rho, get_ratio_transform("kpo")(logp, old, mask), rtol=1e-9, atol=0)
+
+
 def test_sequence_ratio_is_gspo_exp_of_the_masked_mean_log_ratio_on_every_token():
     logp, old, mask = log_probs()
     rho = get_ratio_transform("sequence")(logp, old, mask)
@@ -466,7 +476,7 @@ def test_unknown_names_fail_listing_the_known_ones():
 
 
 def test_unknown_parameters_fail_at_lookup_listing_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown parameter 'Q' \(known: q, r, x0, p0, clamp\)"):
+    with pytest.raises(ValueError, match=r"unknown parameter 'Q' \(known: q, r, x0, p0, gains, clamp\)"):
         get_ratio_transform("kpo", Q=1.0)
 
 

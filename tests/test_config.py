@@ -249,6 +249,8 @@ def test_schema_nodes_hold_only_json_schema_keywords():
     ({"ratio": "sequence", "ratio_params": {"clamp": -1}}, r"config\.algorithms\.a\.ratio_params: clamp must be"),
     ({"ratio": "kpo", "ratio_params": {"clamp": 0}}, r"config\.algorithms\.a\.ratio_params: clamp must be > 0"),
     ({"ratio": "kpo", "ratio_params": {"q": -1}}, r"config\.algorithms\.a\.ratio_params: Kalman filter needs"),
+    ({"ratio": "kpo", "ratio_params": {"gains": "float32"}},
+     r"config\.algorithms\.a\.ratio_params: unknown Kalman gains 'float32'; known: exact, authors_float32"),
 ])
 def test_the_bounds_the_losses_assume_are_refused_naming_the_key(algorithm, named):
     with pytest.raises(ConfigError, match=named):

@@ -3,6 +3,7 @@ dtype, length and q/r; and its gains are the table the KRPO spec quotes."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,21 +13,43 @@ from kalmanrl.rl.kalman import kalman_filter, kalman_gains
 
 
 def sequential_filter(z: torch.Tensor, mask: torch.Tensor | None, q: float, r: float, x0: float,
-                      p0: float) -> torch.Tensor:
-    """The reference: docs/algorithms.md's loop, one row and one token at a time, in float64; masked tokens skipped."""
+                      p0: float, gains: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: docs/algorithms.md's loop, one row and one token at a time, in float64; masked tokens skipped.
+    `gains` [T]: K_n for a row's n-th valid token instead of the loop's own."""
     rows = z.detach().double().reshape(-1, z.shape[-1])
     valid = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask.reshape(rows.shape).bool()
     out = torch.zeros_like(rows)
     for i in range(rows.shape[0]):
-        x, p = x0, p0
+        x, p, n = x0, p0, 0
         for t in range(rows.shape[1]):
             if valid[i, t]:
                 prior = p + q
-                gain = prior / (prior + r)
+                gain = prior / (prior + r) if gains is None else gains[n].item()
                 x = x + gain * (rows[i, t].item() - x)
-                p = (1 - gain) * prior
+                p, n = (1 - gain) * prior, n + 1
                 out[i, t] = x
     return out.reshape(z.shape)
+
+
+def authors_gains_step_by_step(q: float, r: float, p0: float, steps: int) -> np.ndarray:
+    """The KPO authors' closed-form gains (shuohe1995/verl-kpo core_algos.py:1501-1551) written out in numpy float32,
+    one rounding per operation in their order. log is correctly rounded (float64, then float32; their torch.log is
+    MKL's, equal to it at these q on the CPU); sinh is the one they call, torch's float32 sinh, as they call it
+    (sinh(eta) on a 0-d tensor, then on all T values)."""
+    f32 = np.float32
+
+    def sinh(x):
+        return torch.sinh(torch.from_numpy(np.asarray(x, dtype=f32))).numpy()
+
+    a, k0 = f32(q) / f32(r), f32(p0) / f32(r)
+    s = f32(1) + f32(0.5) * a
+    eta = f32(math.log(float(s + np.sqrt(np.maximum(s * s - f32(1), f32(0))))))
+    t = np.arange(steps, dtype=f32) + f32(1)
+    u = sinh(t * eta) / np.maximum(sinh(eta), f32(1e-20))  # U_{t-1}
+    u_before = np.concatenate([np.zeros(1, f32), u[:-1]])  # U_{t-2}
+    numerator = (u - u_before) * k0 + u * a
+    denominator = u * k0 + (u * (a + f32(1)) - u_before)
+    return np.clip(numerator / denominator, f32(1e-6), f32(1 - 1e-6))
 
 
 def assert_matches_reference(z, mask, q, r, x0, p0):
@@ -136,6 +159,44 @@ def test_posterior_variance_equals_r_times_gain_and_cached_results_cannot_be_cor
     torch.testing.assert_close(variances, 1.0 * gains, rtol=1e-12, atol=0)
     gains.zero_()
     assert kalman_gains(1e-6, 1.0, 0.0, 1000)[0][-1] > 0
+
+
+@pytest.mark.parametrize("q", [1e-6, 1e-4])
+def test_authors_float32_gains_are_their_closed_form_bit_for_bit(q):
+    """Equal to the step-by-step float32 evaluation of the authors' formula at T = 4,096, and a gain does not depend
+    on how many are asked for."""
+    reference = torch.from_numpy(authors_gains_step_by_step(q, 1.0, 0.0, 4096)).double()
+    for steps in (1, 37, 1000, 4096):
+        gains, variances = kalman_gains(q, 1.0, 0.0, steps, gains="authors_float32")
+        assert torch.equal(gains, reference[:steps]) and torch.equal(variances, gains)
+
+
+@pytest.mark.parametrize("q, low, high", [(1e-6, 0.01, 0.03), (1e-4, 1e-4, 1e-3)])
+def test_authors_float32_gains_drift_from_the_exact_ones_by_the_documented_amount(q, low, high):
+    """docs/algorithms.md: up to 2.4% above the exact gain by token 4,096 at Q 1e-6, 0.06% at Q 1e-4."""
+    exact = kalman_gains(q, 1.0, 0.0, 4096)[0]
+    error = kalman_gains(q, 1.0, 0.0, 4096, gains="authors_float32")[0] / exact - 1
+    assert low < error.abs().max().item() < high
+    assert error[error.abs().argmax()] > 0
+
+
+# the rescaled cumulative sum, and the chunked scan (past float32's RESCALE_RANGE; float64's is past the overflow)
+@pytest.mark.parametrize("q, dtype, tolerance", [(1e-6, torch.float64, 1e-12), (1e-2, torch.float32, 1e-5)])
+def test_the_filter_with_the_authors_gains_is_the_sequential_filter_with_those_gains(q, dtype, tolerance):
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 500, generator=gen, dtype=dtype)
+    mask = torch.rand(3, 500, generator=gen) < 0.8  # gaps: each row's n-th valid token takes K_n
+    gains = kalman_gains(q, 1.0, 0.0, 500, gains="authors_float32")[0]
+    fast = kalman_filter(z, mask, q=q, r=1.0, x0=0.0, p0=0.0, gains="authors_float32")
+    reference = sequential_filter(z, mask, q, 1.0, 0.0, 0.0, gains=gains)
+    torch.testing.assert_close(fast.double(), reference, rtol=tolerance, atol=tolerance)
+
+
+def test_unknown_gains_and_overflowing_authors_gains_are_refused():
+    with pytest.raises(ValueError, match="unknown Kalman gains 'float32'"):
+        kalman_filter(torch.zeros(1, 3), q=1.0, r=1.0, gains="float32")
+    with pytest.raises(ValueError, match="authors' float32 gains overflow"):  # sinh(t eta) > 3.4e38 for t > 92
+        kalman_gains(1.0, 1.0, 0.0, 100, gains="authors_float32")
 
 
 @pytest.mark.parametrize("q, r, p0", [(-1.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 1.0, -1.0), (math.inf, 1.0, 0.0)])

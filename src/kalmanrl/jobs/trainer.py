@@ -597,7 +597,7 @@ def mini_batch_backward(policy, batch: RolloutBatch, mini: torch.Tensor, setting
 
 
 def _record(sums, metrics: dict, z: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor,
-            noise_filter: Mapping[str, float]) -> None:
+            noise_filter: Mapping[str, float | str]) -> None:
     for key, value in metrics.items():
         sums[key].append(float(value))
     sums["entropy"].append(((entropy * mask).sum() / mask.sum().clamp(min=1)).item())
