@@ -80,7 +80,8 @@ def test_kpo_is_the_papers_kpo_clipped_and_kpo_unclipped_its_unclipped_row():
     assert (clipped["clip"], clipped["eps_low"], clipped["eps_high"], clipped["ratio_params"]["q"]) == (
         True, 3e-4, 4e-4, 1e-6)
     assert (unclipped["ratio"], unclipped["clip"], unclipped["ratio_params"]) == (
-        "kpo", False, {"q": 1e-4, "r": 1.0, "x0": 0.0, "p0": 0.0})
+        "kpo", False, {"q": 1e-4, "r": 1.0, "x0": 0.0, "p0": 0.0, "gains": "authors_float32"})
+    assert clipped["ratio_params"]["gains"] == "authors_float32"  # their float32 closed-form gains (core:1501-1551)
 
 
 def test_kpo_baselines_are_verls_losses():
