@@ -7,6 +7,7 @@ import copy
 import random
 from collections import Counter
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from kalmanrl.policy.rollout import (
     push_weights,
     sleep_mode_available,
     vllm_available,
+    vllm_completion,
 )
 
 PROMPTS = ["What is 1 + 2?", "Solve 3*4 =", "7 - 9"]
@@ -339,6 +341,25 @@ def test_each_ranks_vllm_engine_is_started_for_its_own_device(monkeypatch, tiny_
         return
     with pytest.raises(ValueError, match="rollout.tensor_parallel_size = 2 under torchrun"):
         make_engine("vllm", policy=None, tokenizer=tokenizer, model_dir=tiny_model_dir, tensor_parallel_size=2)
+
+
+def vllm_output(finish_reason: str) -> SimpleNamespace:
+    """A vLLM CompletionOutput's fields the engine reads: two tokens, each with its raw log-prob."""
+    return SimpleNamespace(token_ids=[5, 2], logprobs=[{5: SimpleNamespace(logprob=-1.0)},
+                                                       {2: SimpleNamespace(logprob=-2.0)}],
+                           finish_reason=finish_reason)
+
+
+@pytest.mark.parametrize("reason", ["abort", "error"])
+def test_a_vllm_completion_the_engine_aborted_or_failed_raises(policy, reason):
+    """vLLM's offline generate hands back an aborted or failed request like a finished one, cut short: it was
+    counted as a stop (judged and trained as the policy's own end); stop and length are the only reasons kept."""
+    tokenizer = policy[1]
+    assert vllm_completion(vllm_output("stop"), tokenizer).finish_reason == "stop"
+    completion = vllm_completion(vllm_output("length"), tokenizer)
+    assert (completion.finish_reason, completion.token_ids, completion.logprobs) == ("length", [5, 2], [-1.0, -2.0])
+    with pytest.raises(RuntimeError, match=f"vLLM finished a completion with reason '{reason}'"):
+        vllm_completion(vllm_output(reason), tokenizer)
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])

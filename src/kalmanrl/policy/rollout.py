@@ -459,10 +459,7 @@ class VLLMEngine(_ContextManaged):
                                  detokenize=False) for i in range(len(prompt_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=False)
-        return [[make_completion(list(o.token_ids),
-                                 [step[t].logprob for step, t in zip(o.logprobs, o.token_ids, strict=True)],
-                                 self.tokenizer, stopped=o.finish_reason != "length")
-                 for o in request.outputs] for request in outputs]
+        return [[vllm_completion(o, self.tokenizer) for o in request.outputs] for request in outputs]
 
     def sleep(self) -> None:
         if self.sleep_mode and not self.asleep:
@@ -482,6 +479,19 @@ class VLLMEngine(_ContextManaged):
 
     def close(self) -> None:
         del self.llm
+
+
+def vllm_completion(output, tokenizer) -> Completion:
+    """One vLLM completion output as a `Completion`. vLLM's offline `generate` returns a request it aborted or that
+    failed (finish reason `abort`, `error`) like any other, its tokens cut short: counted as a stop, it would be judged
+    and trained as if the policy had ended its answer there, so it raises."""
+    if output.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a completion with reason {output.finish_reason!r} after "
+                           f"{len(output.token_ids)} tokens (not 'stop' or 'length'): the engine aborted or failed the "
+                           "request; its log above says why")
+    return make_completion(list(output.token_ids),
+                           [step[t].logprob for step, t in zip(output.logprobs, output.token_ids, strict=True)],
+                           tokenizer, stopped=output.finish_reason == "stop")
 
 
 def executor_options(tensor_parallel_size: int, env: dict[str, str] | None = None) -> dict[str, str]:
