@@ -174,10 +174,15 @@ def test_a_local_run_whose_gpu_jobs_could_not_get_devices_is_refused_before_any_
     with the advice; a dry run only warns (it also plans cluster runs); with --resources gpu=2 the run may go on."""
     config = write_config(tmp_path, {"resources": {"train": {"gpus": 1}, "evaluate": {"gpus": 1}}})
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
-    base = ["snakemake", "-s", str(repo_root / "Snakefile"), "-d", str(tmp_path), "--configfile", str(config)]
-    refused = subprocess.run([*base, "--cores", "1"], capture_output=True, text=True, env=env)
-    assert refused.returncode != 0 and "run with --resources gpu=2" in refused.stderr, refused.stderr[-3000:]
-    assert not (tmp_path / "results").exists(), "a job ran before the refusal"
+    # --configfile=: one file, so that a target may follow
+    base = ["snakemake", "-s", str(repo_root / "Snakefile"), "-d", str(tmp_path), f"--configfile={config}"]
+    # `-j 1`: with the default profile's `cores: all` Snakemake also sets nodes, yet the run is local. The target, a
+    # dataset, is the quickest job a run that is not refused would start.
+    for jobs in (["--cores", "1"], ["-j", "1"]):
+        refused = subprocess.run([*base, *jobs, "results/data/arithmetic_easy.parquet"], capture_output=True,
+                                 text=True, env=env)
+        assert refused.returncode != 0 and "run with --resources gpu=2" in refused.stderr, refused.stderr[-3000:]
+        assert not (tmp_path / "results").exists(), "a job ran before the refusal"
     dry = subprocess.run([*base, "-n", "--quiet"], capture_output=True, text=True, env=env)
     assert dry.returncode == 0 and "a local run would refuse to start" in dry.stderr, dry.stderr[-3000:]
     planned = subprocess.run([*base, "-n", "--quiet", "--resources", "gpu=2"], capture_output=True, text=True, env=env)

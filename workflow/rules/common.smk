@@ -47,25 +47,26 @@ def scaled(stage, key):
     return lambda wildcards, attempt: min(base * attempt, cap)
 
 
-def check_local_gpus():
-    """Refuse, before any job starts, a local run whose GPU jobs could not all get devices (kalmanrl.runtime.devices.
-    local_gpu_problem); a dry run only warns, since it also plans cluster runs from a login node without GPUs.
-    Skipped in cluster runs (Snakemake's --jobs sets nodes there) and in the jobs they start."""
-    if not workflow.is_main_process or workflow.resource_settings.nodes is not None:
-        return
+def local_gpu_refusal():
+    """Why a local run could not give all its GPU jobs devices (kalmanrl.runtime.devices.local_gpu_problem), or None."""
     needs = {stage: res(stage, "gpus") for stage in ("sft", "train", "evaluate") if res(stage, "gpus")}
     granted = workflow.global_resources.get("gpu")
     available = len(machine_devices()) if needs else 0  # NVML / nvidia-smi only when a stage needs GPUs
-    problem = local_gpu_problem(needs, None if granted is None else granted.value, available)
-    if problem is None:
-        return
-    if workflow.output_settings.dryrun:
-        print(f"kalmanrl: WARNING: a local run would refuse to start: {problem}", file=sys.stderr)
-    else:
-        raise WorkflowError(f"kalmanrl: {problem}")
+    return local_gpu_problem(needs, None if granted is None else granted.value, available)
 
 
-check_local_gpus()
+# A dry run only warns, since it also plans cluster runs from a login node without GPUs (a cluster run sets nodes
+# through --jobs). Not in the jobs a cluster run starts.
+if workflow.is_main_process and workflow.output_settings.dryrun and workflow.resource_settings.nodes is None:
+    if (_problem := local_gpu_refusal()) is not None:
+        print(f"kalmanrl: WARNING: a local run would refuse to start: {_problem}", file=sys.stderr)
+
+
+onstart:
+    # Refuse a local run before any job starts. Here, not when the Snakefile is read: only now is the executor known,
+    # and `snakemake -j N` with the default profile's `cores: all` sets nodes for a local run too.
+    if workflow.is_main_process and workflow.local_exec and (_problem := local_gpu_refusal()) is not None:
+        raise WorkflowError(f"kalmanrl: {_problem}")
 
 
 def flavour(stage):
