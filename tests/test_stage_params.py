@@ -5,12 +5,14 @@ the dataset builds."""
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import yaml
 
 from kalmanrl.configuration.config import stage_settings, validate_config
-from smoke_runs import snakemake
+from smoke_runs import smoke_config, smoke_workdir, snakemake
 
 TARGET = "results/data/arithmetic_laptop.train.parquet"
 
@@ -47,3 +49,49 @@ def test_toggling_decontaminate_reruns_only_the_decontaminate_job(repo_root, tmp
     assert "Params have changed" in dry.stdout
     snakemake(tmp_path, "--configfile", str(tmp_path / "off.yaml"), "--cores", "1", TARGET)
     assert dataset.stat().st_mtime_ns == built
+
+
+# A stand-in `kalmanrl` that creates what each stage's command names as its outputs and computes nothing: the workflow's
+# rerun decisions (params, inputs, mtimes) in seconds, without a model.
+STUB = """#!/usr/bin/env python3
+import sys
+from pathlib import Path
+
+stage, args = sys.argv[1], sys.argv[2:]
+out = Path(args[args.index("--out") + 1])
+if stage in ("data", "decontaminate"):
+    out.write_text(stage)
+elif stage in ("model", "sft"):
+    out.mkdir(parents=True)
+elif stage == "train":
+    (out / "final").mkdir(parents=True)
+    (out / "metrics.parquet").write_text(stage)
+else:
+    sys.exit(f"stand-in kalmanrl: no {stage} stage")
+"""
+RUN = "results/runs/tiny/arithmetic_easy/krpo/seed0/metrics.parquet"
+
+
+def planned(workdir: Path, env: dict, **overrides: dict) -> str:
+    """A dry run of RUN with the smoke config's sections updated by `overrides`."""
+    changed = workdir / "changed.yaml"
+    changed.write_text(yaml.safe_dump(smoke_config(["krpo"], **overrides)))
+    result = snakemake(workdir, "-n", RUN, f"--configfile={changed}", env=env)
+    return result.stdout + result.stderr
+
+
+def test_the_ranks_of_a_training_job_do_not_rerun_it(tmp_path):
+    """resources.train.gpus and cpu_ranks spread a run over devices; they do not change what it computes (N ranks
+    train like one, and a checkpoint resumes on any number of ranks). Raising them, as `kalmanrl plan` advises for a
+    job that does not fit, must not rerun the finished runs and every evaluation after them; a training setting
+    does rerun them."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "kalmanrl").write_text(STUB)
+    (tmp_path / "bin" / "kalmanrl").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    workdir = smoke_workdir(tmp_path / "work", ["krpo"])
+    snakemake(workdir, "--cores", "1", RUN, env=env)
+
+    for train in ({"cpu_ranks": 2}, {"gpus": 2}, {"gpus": 2, "nodes": 2}):
+        assert "Nothing to be done" in planned(workdir, env, resources={"train": train}), train
+    assert "rule train:" in planned(workdir, env, train={"lr": 1.0e-3})

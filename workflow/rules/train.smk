@@ -13,8 +13,6 @@ rule train:
     params:
         settings=lambda wc: settings("train", **wc),
         run_dir=lambda wc: TREE.run_dir(**wc),
-        gpus=res("train", "gpus"),
-        cpu_ranks=res("train", "cpu_ranks"),
     container:
         image("train")
     conda:
@@ -32,11 +30,15 @@ rule train:
         # count; `--gpus` under SLURM). Several nodes: each node's GPUs as a per-node GRES. Without GPUs: one task
         # per CPU rank (`--ntasks`), which kalmanrl fills with srun.
         nodes=res("train", "nodes"),
+        # The rank counts for the command: resources, not params, since N ranks train like one (a param would rerun
+        # every finished run, and all its evaluations, when a job is given more GPUs).
+        gpus_per_node=res("train", "gpus"),
+        cpu_ranks=res("train", "cpu_ranks"),
         tasks_per_gpu=0,
         **({"gpu": res("train", "gpus")} if res("train", "nodes") == 1 or not res("train", "gpus")
            else {"gres": f"gpu:{res('train', 'gpus')}"}),
         **({} if res("train", "gpus") else {"tasks": res("train", "cpu_ranks") * res("train", "nodes")}),
     shell:
         "kalmanrl train --settings {params.settings:q} --model {input.model:q} --dataset {input.dataset:q}"
-        " --out {params.run_dir:q} --threads {threads} --gpus {params.gpus} --nodes {resources.nodes}"
-        " --cpu-ranks {params.cpu_ranks} --validation-data {input.validation:q} > {log:q} 2>&1"
+        " --out {params.run_dir:q} --threads {threads} --gpus {resources.gpus_per_node} --nodes {resources.nodes}"
+        " --cpu-ranks {resources.cpu_ranks} --validation-data {input.validation:q} > {log:q} 2>&1"
