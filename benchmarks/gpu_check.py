@@ -180,6 +180,7 @@ def generation_cost(policy, shape: plan.ModelShape, *, rows: int, prompt_len: in
 
     device = next(policy.parameters()).device
     cuda = device.type == "cuda"
+    precision = resolve_precision("auto", device.type)
     head = policy.get_output_embeddings().weight
     saved = head.detach().clone()
     engine = HFEngine(policy, _EndToken())
@@ -195,7 +196,7 @@ def generation_cost(policy, shape: plan.ModelShape, *, rows: int, prompt_len: in
             torch.cuda.reset_peak_memory_stats()
         held = torch.cuda.memory_allocated() if cuda else 0
         start = time.perf_counter()
-        with resolve_precision("auto", device.type).generating(engine):
+        with precision.generating(engine):
             out = engine.generate(prompts, sampling)
         if cuda:
             torch.cuda.synchronize()
@@ -204,9 +205,8 @@ def generation_cost(policy, shape: plan.ModelShape, *, rows: int, prompt_len: in
         with torch.no_grad():
             head.copy_(saved)
     tokens = sum(len(c.token_ids) for group in out for c in group)
-    dtype = plan.generation_cache_dtype(resolve_precision("auto", device.type).name)
-    planned = plan.hf_generate_bytes(shape, rows, prompt_len + completion_len, dtype,
-                                     batch_size=engine.batch_size) / GIB
+    planned = plan.hf_generate_bytes(shape, rows, prompt_len + completion_len,
+                                     plan.generation_cache_dtype(precision.name), batch_size=engine.batch_size) / GIB
     measured = (torch.cuda.max_memory_allocated() - held) / GIB if cuda else None
     return {"rows": rows, "prompt_len": prompt_len, "completion_len": completion_len, "tokens": tokens,
             "seconds": seconds, "tokens_per_s": tokens / seconds, "measured_gib": measured, "planned_gib": planned,
